@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Benchmark: warm latency p50/p95 (≥ 20 runs) natively (Flex CPU, wgpu on lavapipe) and in
+# headless Chromium (our WebGPU path on SwiftShader, our CPU fallback), with ONNX Runtime Web
+# on the same weights and input as the reference. Prints tables and ratios.
+#   scripts/bench.sh [RUNS]   (default 20)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${COMPRESSLAB_CACHE:-$HOME/.cache/compresslab}/target}
+RUNS=${1:-20}
+scripts/setup.sh --tests
+cargo build --release --quiet --bin compresslab
+CLI=$CARGO_TARGET_DIR/release/compresslab
+echo "== native"
+"$CLI" bench --runs "$RUNS" assets/models assets/samples/coffee.png
+DATA=$CARGO_TARGET_DIR/bench-data
+"$CLI" export-onnx assets/models assets/samples/coffee.png "$DATA"
+[[ -f dist/index.html ]] || scripts/build-site.sh
+echo "== browser"
+node tests/bench/browser-bench.mjs "$DATA" "$RUNS"

@@ -1,0 +1,15 @@
+//! compresslab engine: models, preprocessing, weights I/O. No web dependencies; runs on any
+//! burn device (WebGPU/Vulkan through wgpu, or the Flex CPU backend).
+
+pub mod classifier;
+#[cfg(feature = "native")]
+pub mod decode;
+pub mod efficientnet;
+pub mod error;
+pub mod labels;
+pub mod onnx;
+pub mod preprocess;
+pub mod torch_legacy;
+pub mod weights;
+
+pub use error::{EngineError, Result};

@@ -1,0 +1,104 @@
+// Shared browser-test harness: serves dist/ on a free localhost port and launches
+// Debian's chromium through playwright-core (no browser download), with WebGPU on
+// SwiftShader unless asked otherwise.
+import { spawn } from 'node:child_process';
+import { createServer } from 'node:net';
+import { readFileSync, mkdirSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+export const OUT = path.join(ROOT, 'tests/e2e/out');
+mkdirSync(OUT, { recursive: true });
+
+const BASE_FLAGS = [
+  '--headless', '--no-sandbox', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+];
+export const WEBGPU_FLAGS = ['--enable-unsafe-webgpu', '--use-webgpu-adapter=swiftshader'];
+// No WebGPU at all: the page must fall back to its CPU path and say why.
+export const NO_WEBGPU_FLAGS = ['--disable-features=WebGPU'];
+
+async function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+    srv.on('error', reject);
+  });
+}
+
+export async function serveSite() {
+  const port = await freePort();
+  const proc = spawn('python3', [path.join(ROOT, 'scripts/serve.py'), path.join(ROOT, 'dist'), String(port)], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  await new Promise((resolve, reject) => {
+    proc.stdout.on('data', (d) => { if (String(d).includes('serving')) resolve(); });
+    proc.on('exit', (code) => reject(new Error(`server exited with ${code}`)));
+  });
+  return { url: `http://127.0.0.1:${port}/`, close: () => proc.kill() };
+}
+
+export async function launch(flags) {
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    args: [...BASE_FLAGS, ...flags],
+    headless: true,
+  });
+  const context = await browser.newContext({ viewport: { width: 1100, height: 1000 } });
+  const page = await context.newPage();
+  const logs = [];
+  page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()}`));
+  page.on('pageerror', (e) => logs.push(`[pageerror] ${e.message}`));
+  return { browser, page, logs };
+}
+
+/** Drops files on the page the way a person's drag and drop does (a real DataTransfer). */
+export async function dropFiles(page, files) {
+  const payload = files.map((f) => ({
+    name: f.name,
+    type: f.type ?? '',
+    b64: Buffer.from(f.bytes).toString('base64'),
+  }));
+  const dataTransfer = await page.evaluateHandle((items) => {
+    const dt = new DataTransfer();
+    for (const it of items) {
+      const bin = Uint8Array.from(atob(it.b64), (c) => c.charCodeAt(0));
+      dt.items.add(new File([bin], it.name, { type: it.type }));
+    }
+    return dt;
+  }, payload);
+  await page.dispatchEvent('main', 'dragover', { dataTransfer });
+  await page.dispatchEvent('main', 'drop', { dataTransfer });
+}
+
+export function sample(name) {
+  return readFileSync(path.join(ROOT, 'assets/samples', name));
+}
+
+/** Waits for the model to be ready; returns the backend the page reports. */
+export async function waitReady(page, timeout = 300_000) {
+  await page.waitForSelector('#status[data-state="ready"]', { timeout });
+  return page.getAttribute('#status', 'data-backend');
+}
+
+/** Top-5 of the newest finished card whose file name is `name`. */
+export async function resultFor(page, name, timeout = 600_000) {
+  const card = page.locator('article.result', { has: page.locator('h3.name', { hasText: name }) }).first();
+  await card.locator(':scope[data-state="done"], :scope[data-state="error"]').waitFor({ timeout });
+  const state = await card.getAttribute('data-state');
+  if (state === 'error') return { error: await card.locator('.error').innerText() };
+  const labels = await card.locator('.prediction .label').allInnerTexts();
+  const probs = (await card.locator('.prediction .prob').allInnerTexts()).map((p) => parseFloat(p));
+  const classes = await card.locator('.prediction').evaluateAll((els) => els.map((e) => Number(e.dataset.class)));
+  const timing = card.locator('.timing');
+  return {
+    labels, probs, classes,
+    ms: parseFloat(await timing.getAttribute('data-ms')),
+    cold: (await timing.getAttribute('data-cold')) === 'true',
+  };
+}

@@ -1,0 +1,809 @@
+//! The page: drop zone, file picker, paste, sample photos, results with top-5 bars,
+//! latency and the backend that ran. Model work happens in the worker (`worker.rs`);
+//! this side only queues images and renders what the worker reports.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+
+use compresslab::labels::Prediction;
+use leptos::ev;
+use leptos::prelude::*;
+use serde::Deserialize;
+use wasm_bindgen::JsCast;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::{JsFuture, spawn_local};
+use web_sys::{Blob, MessageEvent, Response, Url, Worker, WorkerOptions, WorkerType};
+
+use crate::error::WebError;
+use crate::messages::{BackendInfo, BackendKind, FromWorker, ToWorker};
+
+/// At most this many images are taken from one drop, paste or pick.
+pub const MAX_BATCH: usize = 50;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    Loading {
+        stage: String,
+        loaded: f64,
+        total: Option<f64>,
+    },
+    Ready {
+        backend: BackendInfo,
+        parameters: usize,
+        weights_bytes: usize,
+        from_cache: bool,
+        load_ms: f64,
+    },
+    Failed(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub top5: Vec<Prediction>,
+    pub preprocess_ms: f64,
+    pub inference_ms: f64,
+    pub cold: bool,
+    pub backend: String,
+    pub width: u32,
+    pub height: u32,
+    pub downscaled: bool,
+    pub model_input: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ItemState {
+    Queued,
+    Running,
+    Done(Outcome),
+    Error(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub id: u32,
+    pub name: String,
+    pub preview_url: Option<String>,
+    pub state: RwSignal<ItemState>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BenchState {
+    Idle,
+    Running(u32),
+    Done {
+        runs: u32,
+        p50_ms: f64,
+        p95_ms: f64,
+        min_ms: f64,
+        mean_ms: f64,
+        backend: String,
+    },
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Sample {
+    pub file: String,
+    pub title: String,
+}
+
+/// Everything the page keeps outside the reactive graph (JS handles are not `Send`).
+struct Controller {
+    worker: Option<Worker>,
+    queue: VecDeque<(u32, Blob)>,
+    in_flight: Option<(u32, Blob)>,
+    next_id: u32,
+    on_cpu_because: Option<String>,
+    status: RwSignal<Status>,
+    items: RwSignal<Vec<Item>>,
+    notice: RwSignal<Option<String>>,
+    bench: RwSignal<BenchState>,
+    _handlers: Vec<Closure<dyn FnMut(JsValue)>>,
+}
+
+thread_local! {
+    static CONTROLLER: RefCell<Option<Controller>> = const { RefCell::new(None) };
+}
+
+fn with_controller<R>(f: impl FnOnce(&mut Controller) -> R) -> Option<R> {
+    CONTROLLER.with(|c| c.borrow_mut().as_mut().map(f))
+}
+
+fn asset_base() -> String {
+    let base = web_sys::window()
+        .and_then(|w| w.document())
+        .and_then(|d| d.base_uri().ok().flatten())
+        .unwrap_or_default();
+    Url::new_with_base("assets", &base)
+        .map(|u| u.href())
+        .unwrap_or_else(|_| "assets".into())
+}
+
+/// `?backend=cpu` in the page URL forces the CPU fallback (for comparisons and tests).
+fn cpu_requested_in_url() -> Option<String> {
+    let search = web_sys::window()?.location().search().ok()?;
+    let params = web_sys::UrlSearchParams::new_with_str(&search).ok()?;
+    (params.get("backend").as_deref() == Some("cpu"))
+        .then(|| "CPU requested in the page URL (?backend=cpu)".to_string())
+}
+
+fn spawn_worker(force_cpu: Option<String>) {
+    let options = WorkerOptions::new();
+    options.set_type(WorkerType::Classic);
+    let worker = match Worker::new_with_options("./worker_loader.js", &options) {
+        Ok(w) => w,
+        Err(e) => {
+            let msg = WebError::js("could not start the model worker", e).to_string();
+            with_controller(|c| c.status.set(Status::Failed(msg)));
+            return;
+        }
+    };
+    let on_message = Closure::<dyn FnMut(JsValue)>::new(|event: JsValue| {
+        let event: MessageEvent = event.unchecked_into();
+        match serde_wasm_bindgen::from_value::<FromWorker>(event.data()) {
+            Ok(msg) => on_worker_message(msg),
+            Err(e) => web_sys::console::error_1(&format!("bad worker message: {e}").into()),
+        }
+    });
+    let on_error = Closure::<dyn FnMut(JsValue)>::new(|event: JsValue| {
+        let message = event
+            .dyn_ref::<web_sys::ErrorEvent>()
+            .map(|e| e.message())
+            .unwrap_or_else(|| "the model worker stopped".into());
+        on_worker_message(FromWorker::Crashed { message });
+    });
+    worker.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+    worker.set_onerror(Some(on_error.as_ref().unchecked_ref()));
+    with_controller(|c| {
+        if let Some(old) = c.worker.take() {
+            old.terminate();
+        }
+        c.worker = Some(worker);
+        c.on_cpu_because = force_cpu;
+        c._handlers = vec![on_message, on_error];
+        c.status.set(Status::Loading {
+            stage: "Starting the model worker".into(),
+            loaded: 0.0,
+            total: None,
+        });
+    });
+}
+
+fn set_item(c: &Controller, id: u32, state: ItemState) {
+    if let Some(item) = c.items.get_untracked().iter().find(|i| i.id == id) {
+        item.state.set(state);
+    }
+}
+
+fn on_worker_message(msg: FromWorker) {
+    let mut respawn: Option<String> = None;
+    with_controller(|c| match msg {
+        FromWorker::Started => {
+            let init = ToWorker::Init {
+                asset_base: asset_base(),
+                force_cpu: c.on_cpu_because.clone(),
+            };
+            if let (Some(worker), Ok(msg)) = (&c.worker, serde_wasm_bindgen::to_value(&init)) {
+                if let Err(e) = worker.post_message(&js_sys::Array::of1(&msg)) {
+                    let msg = WebError::js("could not start the model", e).to_string();
+                    c.status.set(Status::Failed(msg));
+                }
+            }
+        }
+        FromWorker::Progress {
+            stage,
+            loaded,
+            total,
+        } => c.status.set(Status::Loading {
+            stage,
+            loaded,
+            total,
+        }),
+        FromWorker::Ready {
+            backend,
+            parameters,
+            weights_bytes,
+            from_cache,
+            load_ms,
+        } => c.status.set(Status::Ready {
+            backend,
+            parameters,
+            weights_bytes,
+            from_cache,
+            load_ms,
+        }),
+        FromWorker::InitFailed { message, on_gpu } => {
+            if on_gpu {
+                respawn = Some(format!("WebGPU failed to start: {message}"));
+            } else {
+                c.status.set(Status::Failed(message));
+            }
+        }
+        FromWorker::Classified {
+            id,
+            top5,
+            preprocess_ms,
+            inference_ms,
+            cold,
+            width,
+            height,
+            downscaled,
+            model_input,
+        } => {
+            let backend = match c.status.get_untracked() {
+                Status::Ready { backend, .. } => backend_label(&backend),
+                _ => String::new(),
+            };
+            set_item(
+                c,
+                id,
+                ItemState::Done(Outcome {
+                    top5,
+                    preprocess_ms,
+                    inference_ms,
+                    cold,
+                    backend,
+                    width,
+                    height,
+                    downscaled,
+                    model_input,
+                }),
+            );
+            c.in_flight = None;
+        }
+        FromWorker::Failed { id, message } => {
+            set_item(c, id, ItemState::Error(message));
+            c.in_flight = None;
+        }
+        FromWorker::Benchmarked {
+            runs,
+            p50_ms,
+            p95_ms,
+            min_ms,
+            mean_ms,
+            backend,
+        } => c.bench.set(BenchState::Done {
+            runs,
+            p50_ms,
+            p95_ms,
+            min_ms,
+            mean_ms,
+            backend,
+        }),
+        FromWorker::BenchmarkFailed { message } => c.bench.set(BenchState::Failed(message)),
+        FromWorker::Crashed { message } => {
+            let on_gpu = c.on_cpu_because.is_none();
+            match c.in_flight.take() {
+                // On WebGPU, retry the image on the CPU; on the CPU, the image itself is at fault.
+                Some(job) if on_gpu => c.queue.push_front(job),
+                Some((id, _)) => set_item(
+                    c,
+                    id,
+                    ItemState::Error(format!("the model crashed: {message}")),
+                ),
+                None => {}
+            }
+            respawn = Some(if on_gpu {
+                format!("the WebGPU device was lost or failed: {message}")
+            } else {
+                c.on_cpu_because.clone().unwrap_or_default()
+            });
+        }
+    });
+    if let Some(reason) = respawn {
+        spawn_worker(Some(reason));
+    }
+    pump();
+}
+
+fn backend_label(b: &BackendInfo) -> String {
+    match b.kind {
+        BackendKind::WebGpu => format!("WebGPU ({})", b.description),
+        BackendKind::Cpu => "CPU fallback".into(),
+    }
+}
+
+/// Sends the next queued image when the worker is ready and idle.
+fn pump() {
+    with_controller(|c| {
+        if c.in_flight.is_some() || !matches!(c.status.get_untracked(), Status::Ready { .. }) {
+            return;
+        }
+        let (Some(worker), Some((id, blob))) = (c.worker.as_ref(), c.queue.pop_front()) else {
+            return;
+        };
+        let Ok(msg) = serde_wasm_bindgen::to_value(&ToWorker::Classify { id }) else {
+            return;
+        };
+        match worker.post_message(&js_sys::Array::of2(&msg, &blob)) {
+            Ok(()) => {
+                set_item(c, id, ItemState::Running);
+                c.in_flight = Some((id, blob));
+            }
+            Err(e) => set_item(
+                c,
+                id,
+                ItemState::Error(WebError::js("could not send the image", e).to_string()),
+            ),
+        }
+    });
+}
+
+/// Starts an in-page benchmark of `runs` warm runs (when the model is idle).
+pub fn start_benchmark(runs: u32) {
+    with_controller(|c| {
+        if c.in_flight.is_some() || !c.queue.is_empty() {
+            c.bench.set(BenchState::Failed(
+                "wait until the queued photos are classified".into(),
+            ));
+            return;
+        }
+        let (Some(worker), Ok(msg)) = (
+            c.worker.as_ref(),
+            serde_wasm_bindgen::to_value(&ToWorker::Benchmark { runs }),
+        ) else {
+            return;
+        };
+        match worker.post_message(&js_sys::Array::of1(&msg)) {
+            Ok(()) => c.bench.set(BenchState::Running(runs)),
+            Err(e) => c.bench.set(BenchState::Failed(
+                WebError::js("could not start the benchmark", e).to_string(),
+            )),
+        }
+    });
+}
+
+/// Queues images (files, pasted or fetched blobs); each gets its own card.
+pub fn add_images(images: Vec<(String, Blob)>) {
+    let total = images.len();
+    with_controller(|c| {
+        c.notice.set(
+            (total > MAX_BATCH)
+                .then(|| format!("{total} files at once: classifying the first {MAX_BATCH}.")),
+        );
+        let mut new_items = Vec::new();
+        for (name, blob) in images.into_iter().take(MAX_BATCH) {
+            let id = c.next_id;
+            c.next_id += 1;
+            let empty = blob.size() == 0.0;
+            let state = if empty {
+                ItemState::Error("the file is empty (0 bytes)".into())
+            } else {
+                ItemState::Queued
+            };
+            let preview_url = (!empty)
+                .then(|| Url::create_object_url_with_blob(&blob).ok())
+                .flatten();
+            new_items.push(Item {
+                id,
+                name,
+                preview_url,
+                state: RwSignal::new(state),
+            });
+            if !empty {
+                c.queue.push_back((id, blob));
+            }
+        }
+        c.items.update(|items| {
+            new_items.reverse();
+            new_items.append(items);
+            *items = new_items;
+        });
+    });
+    pump();
+}
+
+fn files_to_images(files: Option<web_sys::FileList>) -> Vec<(String, Blob)> {
+    let Some(files) = files else {
+        return Vec::new();
+    };
+    (0..files.length())
+        .filter_map(|i| files.get(i))
+        .map(|f| (f.name(), f.unchecked_into::<Blob>()))
+        .collect()
+}
+
+async fn fetch_blob(url: &str) -> Result<Blob, WebError> {
+    let window = web_sys::window().ok_or_else(|| WebError::Message("no window".into()))?;
+    let resp: Response = JsFuture::from(window.fetch_with_str(url))
+        .await
+        .map_err(|e| WebError::js("fetch", e))?
+        .unchecked_into();
+    if !resp.ok() {
+        return Err(WebError::Http {
+            url: url.into(),
+            status: resp.status(),
+        });
+    }
+    let blob = JsFuture::from(resp.blob().map_err(|e| WebError::js("fetch", e))?)
+        .await
+        .map_err(|e| WebError::js("fetch", e))?;
+    Ok(blob.unchecked_into())
+}
+
+async fn load_samples() -> Result<Vec<Sample>, WebError> {
+    let blob = fetch_blob("assets/samples/index.json").await?;
+    let text = JsFuture::from(blob.text())
+        .await
+        .map_err(|e| WebError::js("samples", e))?
+        .as_string()
+        .unwrap_or_default();
+    let value = js_sys::JSON::parse(&text).map_err(|e| WebError::js("samples", e))?;
+    serde_wasm_bindgen::from_value(value).map_err(|e| WebError::Message(e.to_string()))
+}
+
+#[component]
+pub fn App() -> impl IntoView {
+    let status = RwSignal::new(Status::Loading {
+        stage: "Starting".into(),
+        loaded: 0.0,
+        total: None,
+    });
+    let items: RwSignal<Vec<Item>> = RwSignal::new(Vec::new());
+    let notice: RwSignal<Option<String>> = RwSignal::new(None);
+    let samples: RwSignal<Vec<Sample>> = RwSignal::new(Vec::new());
+    let dragging = RwSignal::new(false);
+    let bench = RwSignal::new(BenchState::Idle);
+
+    CONTROLLER.with(|c| {
+        *c.borrow_mut() = Some(Controller {
+            worker: None,
+            queue: VecDeque::new(),
+            in_flight: None,
+            next_id: 1,
+            on_cpu_because: None,
+            status,
+            items,
+            notice,
+            bench,
+            _handlers: Vec::new(),
+        })
+    });
+    spawn_worker(cpu_requested_in_url());
+    spawn_local(async move {
+        match load_samples().await {
+            Ok(list) => samples.set(list),
+            Err(e) => notice.set(Some(format!("Sample photos are unavailable: {e}"))),
+        }
+    });
+
+    // The whole page is a drop zone.
+    let _ = window_event_listener(ev::dragover, move |e| {
+        e.prevent_default();
+        dragging.set(true);
+    });
+    let _ = window_event_listener(ev::dragleave, move |e| {
+        if e.related_target().is_none() {
+            dragging.set(false);
+        }
+    });
+    let _ = window_event_listener(ev::drop, move |e| {
+        e.prevent_default();
+        dragging.set(false);
+        let files = e.data_transfer().and_then(|dt| dt.files());
+        let images = files_to_images(files);
+        if images.is_empty() {
+            notice.set(Some(
+                "Nothing to classify in that drop: drop image files.".into(),
+            ));
+        } else {
+            add_images(images);
+        }
+    });
+    let _ = window_event_listener(ev::paste, move |e| {
+        let files = e.clipboard_data().and_then(|dt| dt.files());
+        let images = files_to_images(files);
+        if images.is_empty() {
+            notice.set(Some("The clipboard holds no image to classify.".into()));
+        } else {
+            e.prevent_default();
+            add_images(images);
+        }
+    });
+
+    let on_pick = move |e: ev::Event| {
+        let input: web_sys::HtmlInputElement = event_target(&e);
+        add_images(files_to_images(input.files()));
+        input.set_value("");
+    };
+
+    view! {
+        <main class:dragging=move || dragging.get()>
+            <header>
+                <h1>"compresslab"</h1>
+                <p class="tagline">
+                    "EfficientNet-Lite0 running in your browser, on WebGPU when it can. "
+                    "Drop a photo anywhere on the page, paste one, or pick a file: it never leaves your machine."
+                </p>
+            </header>
+            <StatusBar status=status/>
+            <BenchPanel status=status bench=bench items=items/>
+            <section class="inputs">
+                <label class="picker">
+                    "Choose images…"
+                    <input id="file-input" type="file" accept="image/*" multiple on:change=on_pick/>
+                </label>
+                <span class="hint">"or drag & drop / paste (Ctrl+V)"</span>
+                <div class="samples">
+                    <For each=move || samples.get() key=|s| s.file.clone() let:sample>
+                        <SampleButton sample=sample notice=notice/>
+                    </For>
+                </div>
+            </section>
+            <Show when=move || notice.get().is_some()>
+                <p class="notice" id="notice">{move || notice.get().unwrap_or_default()}</p>
+            </Show>
+            <section id="results" class="results">
+                <For each=move || items.get() key=|i| i.id let:item>
+                    <ResultCard item=item/>
+                </For>
+            </section>
+            <div class="drop-overlay">"Drop images to classify"</div>
+        </main>
+    }
+}
+
+#[component]
+fn SampleButton(sample: Sample, notice: RwSignal<Option<String>>) -> impl IntoView {
+    let file = sample.file.clone();
+    let title = sample.title.clone();
+    let on_click = move |_| {
+        let file = file.clone();
+        spawn_local(async move {
+            match fetch_blob(&format!("assets/samples/{file}")).await {
+                Ok(blob) => add_images(vec![(file, blob)]),
+                Err(e) => notice.set(Some(format!("Could not load the sample: {e}"))),
+            }
+        });
+    };
+    view! {
+        <button class="sample" data-sample=sample.file.clone() on:click=on_click>
+            <img src=format!("assets/samples/{}", sample.file) alt=title.clone() loading="lazy"/>
+            <span>{title}</span>
+        </button>
+    }
+}
+
+fn megabytes(bytes: f64) -> String {
+    format!("{:.1} MB", bytes / 1_048_576.0)
+}
+
+#[component]
+fn StatusBar(status: RwSignal<Status>) -> impl IntoView {
+    move || match status.get() {
+        Status::Loading {
+            stage,
+            loaded,
+            total,
+        } => {
+            let detail = match total {
+                Some(t) if t > 0.0 => format!("{} of {}", megabytes(loaded), megabytes(t)),
+                _ if loaded > 0.0 => megabytes(loaded),
+                _ => String::new(),
+            };
+            let bar = match total {
+                Some(t) if t > 0.0 => view! { <progress max=t value=loaded></progress> }.into_any(),
+                _ => view! { <progress></progress> }.into_any(),
+            };
+            view! {
+                <section id="status" class="status loading" data-state="loading">
+                    <span class="stage">{stage}</span>
+                    {bar}
+                    <span class="detail">{detail}</span>
+                </section>
+            }
+            .into_any()
+        }
+        Status::Ready {
+            backend,
+            parameters,
+            weights_bytes,
+            from_cache,
+            load_ms,
+        } => {
+            let kind = match backend.kind {
+                BackendKind::WebGpu => "webgpu",
+                BackendKind::Cpu => "cpu",
+            };
+            let badge = match backend.kind {
+                BackendKind::WebGpu => "WebGPU".to_string(),
+                BackendKind::Cpu => "CPU fallback".to_string(),
+            };
+            let reason = backend.fallback_reason.clone();
+            let limits = backend
+                .limits
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let features = backend.features.join(", ");
+            view! {
+                <section id="status" class="status ready" data-state="ready" data-backend=kind>
+                    <span class=format!("badge {kind}") id="backend-badge">{badge}</span>
+                    <span class="adapter" id="adapter">{backend.description.clone()}</span>
+                    {reason.map(|r| view! { <span class="reason" id="fallback-reason">"Why: " {r}</span> })}
+                    <span class="model">
+                        {format!(
+                            "EfficientNet-Lite0 · {:.2} M parameters · {} weights {} · ready in {:.1} s",
+                            parameters as f64 / 1e6,
+                            megabytes(weights_bytes as f64),
+                            if from_cache { "(from cache)" } else { "(downloaded)" },
+                            load_ms / 1000.0
+                        )}
+                    </span>
+                    {(!limits.is_empty()).then(|| view! {
+                        <details class="limits">
+                            <summary>"Adapter limits and features"</summary>
+                            <p>{limits}</p>
+                            <p>{features}</p>
+                        </details>
+                    })}
+                </section>
+            }
+            .into_any()
+        }
+        Status::Failed(message) => view! {
+            <section id="status" class="status failed" data-state="failed">
+                <span class="error">"The model could not be loaded: " {message}</span>
+            </section>
+        }
+        .into_any(),
+    }
+}
+
+#[component]
+fn ResultCard(item: Item) -> impl IntoView {
+    let state = item.state;
+    let preview = item.preview_url.clone();
+    view! {
+        <article class="result" data-id=item.id data-state=move || match state.get() {
+            ItemState::Queued => "queued",
+            ItemState::Running => "running",
+            ItemState::Done(_) => "done",
+            ItemState::Error(_) => "error",
+        }>
+            <div class="thumb">
+                {move || match (&preview, state.get()) {
+                    (Some(url), ItemState::Done(_) | ItemState::Running | ItemState::Queued) => {
+                        view! { <img src=url.clone() alt=""/> }.into_any()
+                    }
+                    _ => view! { <div class="no-preview">"✕"</div> }.into_any(),
+                }}
+            </div>
+            <div class="body">
+                <h3 class="name">{item.name.clone()}</h3>
+                {move || match state.get() {
+                    ItemState::Queued => view! { <p class="pending">"Waiting for the model…"</p> }.into_any(),
+                    ItemState::Running => view! { <p class="pending">"Classifying…"</p> }.into_any(),
+                    ItemState::Error(message) => view! { <p class="error">{message}</p> }.into_any(),
+                    ItemState::Done(outcome) => view! { <OutcomeView outcome=outcome/> }.into_any(),
+                }}
+            </div>
+        </article>
+    }
+}
+
+#[component]
+fn OutcomeView(outcome: Outcome) -> impl IntoView {
+    let timing = format!(
+        "{:.0} ms {} on {} · decode + preprocess {:.0} ms · {}×{}{}",
+        outcome.inference_ms,
+        if outcome.cold {
+            "(cold: first run, includes shader compilation and set-up)"
+        } else {
+            "(warm)"
+        },
+        outcome.backend,
+        outcome.preprocess_ms,
+        outcome.width,
+        outcome.height,
+        if outcome.downscaled {
+            " (downsampled while decoding)"
+        } else {
+            ""
+        }
+    );
+    let canvas = NodeRef::<leptos::html::Canvas>::new();
+    let pixels = outcome.model_input.clone();
+    Effect::new(move |_| {
+        if let Some(canvas) = canvas.get() {
+            draw_rgb(&canvas, &pixels, 224, 224);
+        }
+    });
+    view! {
+        <figure class="model-input">
+            <canvas node_ref=canvas width="224" height="224" class="model-input-canvas"></canvas>
+            <figcaption>"What the model sees (224×224)"</figcaption>
+        </figure>
+        <ol class="top5">
+            {outcome
+                .top5
+                .into_iter()
+                .map(|p| {
+                    let pct = p.probability * 100.0;
+                    view! {
+                        <li class="prediction" data-class=p.class>
+                            <span class="label">{p.label.clone()}</span>
+                            <span class="bar"><span class="fill" style=format!("width: {pct:.1}%")></span></span>
+                            <span class="prob">{format!("{pct:.1}%")}</span>
+                        </li>
+                    }
+                })
+                .collect_view()}
+        </ol>
+        <p class="timing" data-cold=outcome.cold.to_string() data-ms=format!("{:.1}", outcome.inference_ms)>{timing}</p>
+    }
+}
+
+/// Developers' timing: warm p50/p95 of the model alone on the current backend.
+#[component]
+fn BenchPanel(
+    status: RwSignal<Status>,
+    bench: RwSignal<BenchState>,
+    items: RwSignal<Vec<Item>>,
+) -> impl IntoView {
+    let runs = RwSignal::new(20u32);
+    let can_run = move || {
+        matches!(status.get(), Status::Ready { .. })
+            && !matches!(bench.get(), BenchState::Running(_))
+            && items
+                .get()
+                .iter()
+                .any(|i| matches!(i.state.get(), ItemState::Done(_)))
+    };
+    view! {
+        <section class="bench" id="bench">
+            <label>
+                "Benchmark "
+                <input id="bench-runs" type="number" min="1" max="1000"
+                    prop:value=move || runs.get().to_string()
+                    on:change=move |e| {
+                        if let Ok(n) = event_target_value(&e).parse::<u32>() {
+                            runs.set(n.clamp(1, 1000));
+                        }
+                    }/>
+                " warm runs"
+            </label>
+            <button id="bench-run" disabled=move || !can_run() on:click=move |_| start_benchmark(runs.get_untracked())>
+                "Run"
+            </button>
+            <span class="bench-result" id="bench-result" data-state=move || match bench.get() {
+                BenchState::Idle => "idle",
+                BenchState::Running(_) => "running",
+                BenchState::Done { .. } => "done",
+                BenchState::Failed(_) => "failed",
+            }>
+                {move || match bench.get() {
+                    BenchState::Idle => "Times the model on the last photo (after one is classified).".to_string(),
+                    BenchState::Running(n) => format!("Running {n} warm runs…"),
+                    BenchState::Failed(m) => format!("Benchmark failed: {m}"),
+                    BenchState::Done { runs, p50_ms, p95_ms, min_ms, mean_ms, backend } => format!(
+                        "{backend}: warm p50 {p50_ms:.1} ms · p95 {p95_ms:.1} ms · min {min_ms:.1} ms · mean {mean_ms:.1} ms over {runs} runs"
+                    ),
+                }}
+            </span>
+        </section>
+    }
+}
+
+/// Paints 8-bit RGB pixels onto a canvas.
+fn draw_rgb(canvas: &web_sys::HtmlCanvasElement, rgb: &[u8], width: u32, height: u32) {
+    if rgb.len() != (width * height * 3) as usize {
+        return;
+    }
+    let rgba: Vec<u8> = rgb
+        .chunks_exact(3)
+        .flat_map(|p| [p[0], p[1], p[2], 255])
+        .collect();
+    let Ok(Some(ctx)) = canvas.get_context("2d") else {
+        return;
+    };
+    let ctx: web_sys::CanvasRenderingContext2d = ctx.unchecked_into();
+    if let Ok(data) = web_sys::ImageData::new_with_u8_clamped_array_and_sh(
+        wasm_bindgen::Clamped(&rgba),
+        width,
+        height,
+    ) {
+        let _ = ctx.put_image_data(&data, 0.0, 0.0);
+    }
+}

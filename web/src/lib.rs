@@ -1,0 +1,7 @@
+//! compresslab's site: leptos components for the page, and the web worker that runs
+//! the engine. Errors become UI text only here, at this boundary.
+
+pub mod app;
+pub mod error;
+pub mod messages;
+pub mod worker;

@@ -1,0 +1,531 @@
+//! The model worker. It owns the engine: downloads (and caches) the weights, brings up
+//! WebGPU or the CPU fallback, decodes images with the browser's decoder and classifies
+//! them. The page only ever talks to it through `messages`.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use burn::prelude::*;
+use compresslab::classifier::ImageClassifier;
+use compresslab::labels::Labels;
+use compresslab::preprocess::{RgbImage, imagenet_crop, to_nchw};
+use compresslab::weights::TensorStore;
+use js_sys::{Array, Reflect, Uint8Array};
+use wasm_bindgen::JsCast;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::{JsFuture, spawn_local};
+use web_sys::{
+    Blob, Cache, ColorSpaceConversion, DedicatedWorkerGlobalScope, ImageBitmap, ImageBitmapOptions,
+    ImageOrientation, MessageEvent, OffscreenCanvas, OffscreenCanvasRenderingContext2d,
+    PremultiplyAlpha, ResizeQuality, Response,
+};
+
+use crate::error::{WebError, WebResult};
+use crate::messages::{BackendInfo, BackendKind, FromWorker, ToWorker};
+
+pub const WEIGHTS_FILE: &str = "efficientnet-lite0.safetensors";
+pub const LABELS_FILE: &str = "imagenet-labels.json";
+const CACHE_NAME: &str = "compresslab-models";
+/// Above this many pixels the browser downsamples while decoding (shorter side → 1024).
+const DECODE_PIXEL_LIMIT: u64 = 40_000_000;
+const DOWNSCALED_SHORTER_SIDE: f64 = 1024.0;
+
+struct Loaded {
+    classifier: ImageClassifier,
+    backend: BackendInfo,
+    warm: Cell<bool>,
+    /// The last preprocessed image, reused by the benchmark.
+    last_input: RefCell<Option<Vec<f32>>>,
+}
+
+thread_local! {
+    static MODEL: RefCell<Option<Rc<Loaded>>> = const { RefCell::new(None) };
+}
+
+fn scope() -> DedicatedWorkerGlobalScope {
+    js_sys::global().unchecked_into()
+}
+
+fn post(msg: &FromWorker) {
+    match serde_wasm_bindgen::to_value(msg) {
+        Ok(v) => {
+            if let Err(e) = scope().post_message(&v) {
+                web_sys::console::error_2(&"postMessage failed".into(), &e);
+            }
+        }
+        Err(e) => web_sys::console::error_1(&format!("serialise: {e}").into()),
+    }
+}
+
+fn now() -> f64 {
+    scope().performance().map_or(0.0, |p| p.now())
+}
+
+/// Installs the message handler. Requests are handled one at a time by the page's queue.
+pub fn start() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info.to_string();
+        web_sys::console::error_1(&message.clone().into());
+        post(&FromWorker::Crashed { message });
+    }));
+    let handler = Closure::<dyn FnMut(MessageEvent)>::new(|event: MessageEvent| {
+        spawn_local(handle(event.data()));
+    });
+    scope().set_onmessage(Some(handler.as_ref().unchecked_ref()));
+    handler.forget();
+    post(&FromWorker::Started);
+}
+
+async fn handle(data: JsValue) {
+    let parts: Array = data.unchecked_into();
+    let msg: ToWorker = match serde_wasm_bindgen::from_value(parts.get(0)) {
+        Ok(m) => m,
+        Err(e) => {
+            web_sys::console::error_1(&format!("bad message: {e}").into());
+            return;
+        }
+    };
+    match msg {
+        ToWorker::Init {
+            asset_base,
+            force_cpu,
+        } => {
+            let on_gpu = force_cpu.is_none();
+            if let Err(e) = init(&asset_base, force_cpu).await {
+                post(&FromWorker::InitFailed {
+                    message: e.to_string(),
+                    on_gpu,
+                });
+            }
+        }
+        ToWorker::Benchmark { runs } => {
+            if let Err(e) = benchmark(runs).await {
+                post(&FromWorker::BenchmarkFailed {
+                    message: e.to_string(),
+                });
+            }
+        }
+        ToWorker::Classify { id } => {
+            let blob: Blob = parts.get(1).unchecked_into();
+            let result = classify(id, &blob).await;
+            if let Err(e) = result {
+                post(&FromWorker::Failed {
+                    id,
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+}
+
+async fn init(asset_base: &str, force_cpu: Option<String>) -> WebResult<()> {
+    let start = now();
+    let manifest = fetch_bytes(&format!("{asset_base}/models/manifest.json"), None).await?;
+    let version = manifest_version(&manifest);
+    let (weights, weights_cached) = fetch_cached(
+        &format!("{asset_base}/models/{WEIGHTS_FILE}?v={version}"),
+        "Downloading EfficientNet-Lite0 weights",
+    )
+    .await?;
+    let (labels, _) = fetch_cached(
+        &format!("{asset_base}/models/{LABELS_FILE}?v={version}"),
+        "Downloading ImageNet labels",
+    )
+    .await?;
+    post(&FromWorker::Progress {
+        stage: "Initialising the backend".into(),
+        loaded: 0.0,
+        total: None,
+    });
+    let store = TensorStore::from_safetensors(&weights)?;
+    let labels = Labels::from_json(&labels)?;
+    let (device, backend) = match force_cpu {
+        Some(reason) => cpu_backend(reason),
+        None => match webgpu_backend().await {
+            Ok(found) => found,
+            Err(reason) => cpu_backend(reason),
+        },
+    };
+    let classifier = ImageClassifier::new(&store, labels, &device)?;
+    MODEL.with(|m| {
+        *m.borrow_mut() = Some(Rc::new(Loaded {
+            classifier,
+            backend: backend.clone(),
+            warm: Cell::new(false),
+            last_input: RefCell::new(None),
+        }))
+    });
+    post(&FromWorker::Ready {
+        backend,
+        parameters: store.parameter_count(),
+        weights_bytes: weights.len(),
+        from_cache: weights_cached,
+        load_ms: now() - start,
+    });
+    Ok(())
+}
+
+/// The manifest's content hash of the weights, used to version the cache entry.
+fn manifest_version(manifest: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Manifest {
+        weights_sha256: String,
+    }
+    serde_json_lite(manifest)
+        .map(|m: Manifest| m.weights_sha256.chars().take(16).collect())
+        .unwrap_or_else(|| "unversioned".into())
+}
+
+fn serde_json_lite<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let value = js_sys::JSON::parse(text).ok()?;
+    serde_wasm_bindgen::from_value(value).ok()
+}
+
+fn cpu_backend(reason: String) -> (Device, BackendInfo) {
+    (
+        Device::flex(),
+        BackendInfo {
+            kind: BackendKind::Cpu,
+            description: "burn Flex (Rust CPU backend, wasm SIMD128)".into(),
+            fallback_reason: Some(reason),
+            limits: Vec::new(),
+            features: Vec::new(),
+        },
+    )
+}
+
+/// Brings up WebGPU, or says in one sentence why it could not.
+async fn webgpu_backend() -> Result<(Device, BackendInfo), String> {
+    let navigator = scope().navigator();
+    let gpu = Reflect::get(&navigator, &"gpu".into()).unwrap_or(JsValue::UNDEFINED);
+    if gpu.is_undefined() || gpu.is_null() {
+        return Err("navigator.gpu is missing: this browser offers no WebGPU here".into());
+    }
+    // Ask for an adapter ourselves first: a clear reason beats a failure deep in wgpu.
+    let request = Reflect::get(&gpu, &"requestAdapter".into())
+        .ok()
+        .and_then(|f| f.dyn_into::<js_sys::Function>().ok())
+        .ok_or("navigator.gpu.requestAdapter is missing")?;
+    let promise: js_sys::Promise = request
+        .call0(&gpu)
+        .map_err(|e| format!("requestAdapter threw: {}", WebError::js("WebGPU", e)))?
+        .unchecked_into();
+    let adapter = JsFuture::from(promise)
+        .await
+        .map_err(|e| format!("requestAdapter failed: {}", WebError::js("WebGPU", e)))?;
+    if adapter.is_null() || adapter.is_undefined() {
+        return Err(
+            "WebGPU is present but offered no adapter (blocklisted or disabled GPU)".into(),
+        );
+    }
+    let info = Reflect::get(&adapter, &"info".into()).unwrap_or(JsValue::UNDEFINED);
+    let field = |name: &str| {
+        Reflect::get(&info, &name.into())
+            .ok()
+            .and_then(|v| v.as_string())
+            .filter(|s| !s.is_empty())
+    };
+    let description = [field("description"), field("vendor"), field("architecture")]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" · ");
+    let limits_js = Reflect::get(&adapter, &"limits".into()).unwrap_or(JsValue::UNDEFINED);
+    let limits = [
+        "maxBufferSize",
+        "maxStorageBufferBindingSize",
+        "maxComputeWorkgroupStorageSize",
+        "maxComputeInvocationsPerWorkgroup",
+        "maxComputeWorkgroupSizeX",
+        "maxStorageBuffersPerShaderStage",
+    ]
+    .iter()
+    .filter_map(|name| {
+        Reflect::get(&limits_js, &(*name).into())
+            .ok()
+            .and_then(|v| v.as_f64())
+            .map(|v| (name.to_string(), v as u64))
+    })
+    .collect();
+    let mut features: Vec<String> = Reflect::get(&adapter, &"features".into())
+        .ok()
+        .and_then(|set| js_sys::try_iter(&set).ok().flatten())
+        .map(|it| {
+            it.filter_map(|v| v.ok().and_then(|v| v.as_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    features.sort();
+
+    let (device, _setup) = Device::wgpu_options()
+        .init_with_setup_async()
+        .await
+        .map_err(|e| format!("burn-wgpu could not start on the adapter: {e}"))?;
+    Ok((
+        device,
+        BackendInfo {
+            kind: BackendKind::WebGpu,
+            description: if description.is_empty() {
+                "WebGPU adapter (no description given)".into()
+            } else {
+                description
+            },
+            fallback_reason: None,
+            limits,
+            features,
+        },
+    ))
+}
+
+async fn fetch_response(url: &str) -> WebResult<Response> {
+    let resp = JsFuture::from(scope().fetch_with_str(url))
+        .await
+        .map_err(|e| WebError::js("fetch", e))?;
+    let resp: Response = resp.unchecked_into();
+    if !resp.ok() {
+        return Err(WebError::Http {
+            url: url.to_string(),
+            status: resp.status(),
+        });
+    }
+    Ok(resp)
+}
+
+/// Downloads `url`, reporting progress under `stage` when given.
+async fn fetch_bytes(url: &str, stage: Option<&str>) -> WebResult<Vec<u8>> {
+    let resp = fetch_response(url).await?;
+    let total = resp
+        .headers()
+        .get("content-length")
+        .ok()
+        .flatten()
+        .and_then(|v| v.parse::<f64>().ok());
+    let Some(body) = resp.body() else {
+        return Ok(Vec::new());
+    };
+    let reader: web_sys::ReadableStreamDefaultReader = body.get_reader().unchecked_into();
+    let mut bytes = Vec::with_capacity(total.unwrap_or(0.0) as usize);
+    let mut last_report = 0.0;
+    loop {
+        let chunk = JsFuture::from(reader.read())
+            .await
+            .map_err(|e| WebError::js("download", e))?;
+        let done = Reflect::get(&chunk, &"done".into())
+            .ok()
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true);
+        if done {
+            break;
+        }
+        let value: Uint8Array = Reflect::get(&chunk, &"value".into())
+            .map_err(|e| WebError::js("download", e))?
+            .unchecked_into();
+        let start = bytes.len();
+        bytes.resize(start + value.length() as usize, 0);
+        value.copy_to(&mut bytes[start..]);
+        if let Some(stage) = stage {
+            let t = now();
+            if t - last_report > 100.0 {
+                last_report = t;
+                post(&FromWorker::Progress {
+                    stage: stage.into(),
+                    loaded: bytes.len() as f64,
+                    total,
+                });
+            }
+        }
+    }
+    Ok(bytes)
+}
+
+/// Serves `url` from the Cache API when present, else downloads and stores it.
+/// Returns the bytes and whether they came from the cache.
+async fn fetch_cached(url: &str, stage: &str) -> WebResult<(Vec<u8>, bool)> {
+    let cache: Option<Cache> = match scope().caches() {
+        Ok(storage) => JsFuture::from(storage.open(CACHE_NAME))
+            .await
+            .ok()
+            .map(|c| c.unchecked_into()),
+        Err(_) => None, // no Cache API (e.g. an insecure origin): just download
+    };
+    if let Some(cache) = &cache {
+        let hit = JsFuture::from(cache.match_with_str(url)).await.ok();
+        if let Some(resp) = hit.filter(|r| !r.is_undefined()) {
+            let resp: Response = resp.unchecked_into();
+            post(&FromWorker::Progress {
+                stage: format!("{stage} (from cache)"),
+                loaded: 0.0,
+                total: None,
+            });
+            let buf = JsFuture::from(resp.array_buffer().map_err(|e| WebError::js("cache", e))?)
+                .await
+                .map_err(|e| WebError::js("cache", e))?;
+            return Ok((Uint8Array::new(&buf).to_vec(), true));
+        }
+    }
+    let bytes = fetch_bytes(url, Some(stage)).await?;
+    if let Some(cache) = &cache {
+        let array = Uint8Array::from(bytes.as_slice());
+        if let Ok(resp) = Response::new_with_opt_buffer_source(Some(&array)) {
+            // A failed cache write (quota) only costs the next reload a download.
+            let _ = JsFuture::from(cache.put_with_str(url, &resp)).await;
+        }
+    }
+    Ok((bytes, false))
+}
+
+struct Decoded {
+    image: RgbImage,
+    width: u32,
+    height: u32,
+    downscaled: bool,
+}
+
+/// Decodes with the browser's own decoder (JPEG/PNG/WebP/AVIF/GIF first frame, EXIF
+/// orientation). Colour management is off so pixels match the native decoder's.
+async fn decode_blob(blob: &Blob) -> WebResult<Decoded> {
+    if blob.size() == 0.0 {
+        return Err(WebError::Decode {
+            hint: ": the file is empty (0 bytes)".into(),
+        });
+    }
+    let head = blob
+        .slice_with_f64_and_f64(0.0, 1_048_576.0)
+        .map_err(|e| WebError::js("read file", e))?;
+    let head = JsFuture::from(head.array_buffer())
+        .await
+        .map_err(|e| WebError::js("read file", e))?;
+    let head = Uint8Array::new(&head).to_vec();
+    let header_dims = imagesize::blob_size(&head).ok();
+
+    let options = ImageBitmapOptions::new();
+    options.set_image_orientation(ImageOrientation::FromImage);
+    options.set_color_space_conversion(ColorSpaceConversion::None);
+    options.set_premultiply_alpha(PremultiplyAlpha::None);
+    let mut downscaled = false;
+    if let Some(size) = &header_dims {
+        let (w, h) = (size.width as f64, size.height as f64);
+        if w * h > DECODE_PIXEL_LIMIT as f64 {
+            let scale = DOWNSCALED_SHORTER_SIDE / w.min(h);
+            options.set_resize_width((w * scale).round().max(1.0) as u32);
+            options.set_resize_height((h * scale).round().max(1.0) as u32);
+            options.set_resize_quality(ResizeQuality::High);
+            downscaled = true;
+        }
+    }
+    let promise = scope()
+        .create_image_bitmap_with_blob_and_image_bitmap_options(blob, &options)
+        .map_err(|e| WebError::js("createImageBitmap", e))?;
+    let bitmap: ImageBitmap = JsFuture::from(promise)
+        .await
+        .map_err(|_| WebError::Decode {
+            hint: match &header_dims {
+                Some(s) => format!(
+                    " (its header says {}×{}, but the data is corrupt, truncated or too large)",
+                    s.width, s.height
+                ),
+                None => " (not a supported image format, or a corrupt file)".into(),
+            },
+        })?
+        .unchecked_into();
+    let (width, height) = header_dims
+        .map(|s| (s.width as u32, s.height as u32))
+        .unwrap_or((bitmap.width(), bitmap.height()));
+    let (bw, bh) = (bitmap.width(), bitmap.height());
+    let rgba = draw_pixels(&bitmap, bw, bh);
+    bitmap.close();
+    let image = RgbImage::from_rgba(bw as usize, bh as usize, &rgba?)?;
+    Ok(Decoded {
+        image,
+        width,
+        height,
+        downscaled,
+    })
+}
+
+fn draw_pixels(bitmap: &ImageBitmap, w: u32, h: u32) -> WebResult<Vec<u8>> {
+    let canvas = OffscreenCanvas::new(w, h).map_err(|e| WebError::js("canvas", e))?;
+    let ctx: OffscreenCanvasRenderingContext2d = canvas
+        .get_context("2d")
+        .map_err(|e| WebError::js("canvas", e))?
+        .ok_or_else(|| WebError::Js {
+            context: "canvas",
+            message: "no 2d context".into(),
+        })?
+        .unchecked_into();
+    ctx.draw_image_with_image_bitmap(bitmap, 0.0, 0.0)
+        .map_err(|e| WebError::js("canvas", e))?;
+    let data = ctx
+        .get_image_data(0.0, 0.0, w as f64, h as f64)
+        .map_err(|e| WebError::js("canvas", e))?;
+    Ok(data.data().0)
+}
+
+async fn classify(id: u32, blob: &Blob) -> WebResult<()> {
+    let loaded = MODEL
+        .with(|m| m.borrow().clone())
+        .ok_or_else(|| WebError::Message("the model is not loaded yet".into()))?;
+    let t0 = now();
+    let decoded = decode_blob(blob).await?;
+    let crop = imagenet_crop(&decoded.image);
+    let input = to_nchw(&crop);
+    let t1 = now();
+    let top5 = loaded.classifier.classify(&input, 5).await?;
+    let t2 = now();
+    let cold = !loaded.warm.replace(true);
+    loaded.last_input.replace(Some(input));
+    post(&FromWorker::Classified {
+        id,
+        top5,
+        preprocess_ms: t1 - t0,
+        inference_ms: t2 - t1,
+        cold,
+        width: decoded.width,
+        height: decoded.height,
+        downscaled: decoded.downscaled,
+        model_input: crop.pixels,
+    });
+    Ok(())
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Warm latency of the model alone (input upload, forward, result read-back).
+async fn benchmark(runs: u32) -> WebResult<()> {
+    let loaded = MODEL
+        .with(|m| m.borrow().clone())
+        .ok_or_else(|| WebError::Message("the model is not loaded yet".into()))?;
+    let input = loaded
+        .last_input
+        .borrow()
+        .clone()
+        .ok_or_else(|| WebError::Message("classify a photo first".into()))?;
+    let runs = runs.clamp(1, 1000);
+    if !loaded.warm.replace(true) {
+        loaded.classifier.logits(&input).await?;
+    }
+    let mut times = Vec::with_capacity(runs as usize);
+    for _ in 0..runs {
+        let start = now();
+        loaded.classifier.logits(&input).await?;
+        times.push(now() - start);
+    }
+    times.sort_by(f64::total_cmp);
+    post(&FromWorker::Benchmarked {
+        runs,
+        p50_ms: percentile(&times, 50.0),
+        p95_ms: percentile(&times, 95.0),
+        min_ms: times[0],
+        mean_ms: times.iter().sum::<f64>() / times.len() as f64,
+        backend: match loaded.backend.kind {
+            BackendKind::WebGpu => format!("WebGPU ({})", loaded.backend.description),
+            BackendKind::Cpu => "CPU fallback".into(),
+        },
+    });
+    Ok(())
+}
