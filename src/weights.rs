@@ -6,6 +6,9 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::error::{EngineError, Result};
 
+/// Metadata key holding the tensors' original order, one name per line.
+const ORDER_KEY: &str = "compresslab.order";
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct NamedTensor {
     pub name: String,
@@ -88,15 +91,43 @@ impl TensorStore {
                     .map_err(|e| EngineError::Weights(e.to_string()))
             })
             .collect::<Result<Vec<_>>>()?;
-        safetensors::serialize(views, None).map_err(|e| EngineError::Weights(e.to_string()))
+        // safetensors stores tensors sorted for alignment; keep ours in the metadata.
+        let order = self
+            .tensors
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let metadata = HashMap::from([(ORDER_KEY.to_string(), order)]);
+        safetensors::serialize(views, Some(metadata))
+            .map_err(|e| EngineError::Weights(e.to_string()))
     }
 
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self> {
+        let (_, header) =
+            SafeTensors::read_metadata(bytes).map_err(|e| EngineError::Weights(e.to_string()))?;
         let st =
             SafeTensors::deserialize(bytes).map_err(|e| EngineError::Weights(e.to_string()))?;
-        // Keep the file's own order (the header lists tensors by offset).
+        let rank: HashMap<String, usize> = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(ORDER_KEY))
+            .map(|order| {
+                order
+                    .split('\n')
+                    .enumerate()
+                    .map(|(i, n)| (n.to_string(), i))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Our own order when recorded, else the file's (by data offset).
         let mut named: Vec<_> = st.tensors();
-        named.sort_by_key(|(_, v)| v.data().as_ptr() as usize);
+        named.sort_by_key(|(name, v)| {
+            (
+                rank.get(name).copied().unwrap_or(usize::MAX),
+                v.data().as_ptr() as usize,
+            )
+        });
         let mut store = TensorStore::default();
         for (name, view) in named {
             if view.dtype() != Dtype::F32 {

@@ -183,11 +183,11 @@ fn on_worker_message(msg: FromWorker) {
                 asset_base: asset_base(),
                 force_cpu: c.on_cpu_because.clone(),
             };
-            if let (Some(worker), Ok(msg)) = (&c.worker, serde_wasm_bindgen::to_value(&init)) {
-                if let Err(e) = worker.post_message(&js_sys::Array::of1(&msg)) {
-                    let msg = WebError::js("could not start the model", e).to_string();
-                    c.status.set(Status::Failed(msg));
-                }
+            if let (Some(worker), Ok(msg)) = (&c.worker, serde_wasm_bindgen::to_value(&init))
+                && let Err(e) = worker.post_message(&js_sys::Array::of1(&msg))
+            {
+                let msg = WebError::js("could not start the model", e).to_string();
+                c.status.set(Status::Failed(msg));
             }
         }
         FromWorker::Progress {
