@@ -2,37 +2,51 @@
 
 use burn::prelude::*;
 
+use crate::cpu::CpuEfficientNet;
 use crate::efficientnet::{BatchNormMode, EfficientNetLite, INPUT_SIZE};
 use crate::error::{EngineError, Result};
 use crate::labels::{Labels, Prediction, top_k};
 use crate::weights::TensorStore;
 
+/// Which implementation runs the network.
+enum Runner {
+    /// The burn model on a burn device (WebGPU, Vulkan, or burn's CPU backend).
+    Burn {
+        model: EfficientNetLite,
+        device: Device,
+    },
+    /// The dedicated channels-last CPU path (`cpu.rs`).
+    Cpu(CpuEfficientNet),
+}
+
 pub struct ImageClassifier {
-    model: EfficientNetLite,
+    runner: Runner,
     labels: Labels,
-    device: Device,
 }
 
 impl ImageClassifier {
+    /// The burn model on `device`.
     pub fn new(weights: &TensorStore, labels: Labels, device: &Device) -> Result<Self> {
         let model = EfficientNetLite::from_store(weights, device, BatchNormMode::Folded)?;
         Ok(Self {
-            model,
+            runner: Runner::Burn {
+                model,
+                device: device.clone(),
+            },
             labels,
-            device: device.clone(),
+        })
+    }
+
+    /// The dedicated CPU path (the browser's fallback).
+    pub fn new_cpu(weights: &TensorStore, labels: Labels) -> Result<Self> {
+        Ok(Self {
+            runner: Runner::Cpu(CpuEfficientNet::from_store(weights)?),
+            labels,
         })
     }
 
     pub fn labels(&self) -> &Labels {
         &self.labels
-    }
-
-    pub fn model(&self) -> &EfficientNetLite {
-        &self.model
-    }
-
-    pub fn device(&self) -> &Device {
-        &self.device
     }
 
     /// Logits for one preprocessed image (`[3, 224, 224]` planar values).
@@ -45,12 +59,15 @@ impl ImageClassifier {
                 expected,
             });
         }
+        let (model, device) = match &self.runner {
+            Runner::Cpu(cpu) => return cpu.forward(input, INPUT_SIZE, INPUT_SIZE),
+            Runner::Burn { model, device } => (model, device),
+        };
         let x = Tensor::<4>::from_data(
             TensorData::new(input.to_vec(), [1, 3, INPUT_SIZE, INPUT_SIZE]),
-            &self.device,
+            device,
         );
-        let data = self
-            .model
+        let data = model
             .forward(x)
             .into_data_async()
             .await

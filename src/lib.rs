@@ -2,6 +2,7 @@
 //! burn device (WebGPU/Vulkan through wgpu, or the Flex CPU backend).
 
 pub mod classifier;
+pub mod cpu;
 #[cfg(feature = "native")]
 pub mod decode;
 pub mod efficientnet;

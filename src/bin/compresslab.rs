@@ -17,7 +17,7 @@ use compresslab::{EngineError, Result};
 
 const USAGE: &str = "usage:
   compresslab convert <checkpoint.pth> <imagenet1k_label_to_names.json> <out-dir>
-  compresslab classify [--device cpu|wgpu] <assets-dir> <image>...
+  compresslab classify [--device cpu|flex|wgpu] <assets-dir> <image>...
   compresslab bench [--runs N] <assets-dir> <image>
   compresslab preprocess <image> <out.rgb>
       writes the 224×224 8-bit RGB crop the model sees (raw bytes, row-major)
@@ -91,29 +91,27 @@ fn convert(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn load(assets: &Path, device: &Device) -> Result<ImageClassifier> {
+/// `cpu`: our channels-last CPU path; `flex`: burn's CPU backend; `wgpu`: burn on wgpu.
+fn load(assets: &Path, backend: &str) -> Result<ImageClassifier> {
     let store = TensorStore::from_safetensors(&read(&assets.join(WEIGHTS_FILE))?)?;
     let labels = Labels::from_json(&read(&assets.join(LABELS_FILE))?)?;
-    ImageClassifier::new(&store, labels, device)
-}
-
-fn device_named(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::flex()),
-        "wgpu" => Ok(Device::wgpu(DeviceKind::DefaultDevice)),
-        other => Err(usage_error(&format!("unknown device {other}"))),
+    match backend {
+        "cpu" => ImageClassifier::new_cpu(&store, labels),
+        "flex" => ImageClassifier::new(&store, labels, &Device::flex()),
+        "wgpu" => ImageClassifier::new(&store, labels, &Device::wgpu(DeviceKind::DefaultDevice)),
+        other => Err(usage_error(&format!("unknown backend {other}"))),
     }
 }
 
 fn classify(args: &[String]) -> Result<()> {
-    let (device, rest) = match args {
-        [flag, name, rest @ ..] if flag == "--device" => (device_named(name)?, rest),
-        rest => (Device::flex(), rest),
+    let (backend, rest) = match args {
+        [flag, name, rest @ ..] if flag == "--device" => (name.as_str(), rest),
+        rest => ("cpu", rest),
     };
     let [assets, images @ ..] = rest else {
         return Err(usage_error("classify needs an assets dir and images"));
     };
-    let classifier = load(Path::new(assets), &device)?;
+    let classifier = load(Path::new(assets), backend)?;
     for image in images {
         let input = imagenet_input(&decode_file(Path::new(image))?);
         let start = Instant::now();
@@ -153,9 +151,8 @@ fn bench(args: &[String]) -> Result<()> {
     println!("| backend | cold ms | warm p50 ms | warm p95 ms | runs |");
     println!("|---|---|---|---|---|");
     let mut reference: Option<Vec<f32>> = None;
-    for name in ["cpu", "wgpu"] {
-        let device = device_named(name)?;
-        let classifier = load(Path::new(assets), &device)?;
+    for name in ["cpu", "flex", "wgpu"] {
+        let classifier = load(Path::new(assets), name)?;
         let start = Instant::now();
         let logits = futures_lite::future::block_on(classifier.logits(&input))?;
         let cold = start.elapsed().as_secs_f64() * 1e3;
@@ -197,7 +194,7 @@ fn export_onnx(args: &[String]) -> Result<()> {
     let input = imagenet_input(&decode_file(Path::new(image))?);
     let raw: Vec<u8> = input.iter().flat_map(|v| v.to_le_bytes()).collect();
     write(&out.join("input.bin"), &raw)?;
-    let classifier = load(assets, &Device::flex())?;
+    let classifier = load(assets, "cpu")?;
     let logits = futures_lite::future::block_on(classifier.logits(&input))?;
     let json = serde_json::to_string(&logits).map_err(|e| EngineError::Weights(e.to_string()))?;
     write(&out.join("logits.json"), json.as_bytes())?;

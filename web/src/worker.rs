@@ -139,14 +139,17 @@ async fn init(asset_base: &str, force_cpu: Option<String>) -> WebResult<()> {
     });
     let store = TensorStore::from_safetensors(&weights)?;
     let labels = Labels::from_json(&labels)?;
-    let (device, backend) = match force_cpu {
-        Some(reason) => cpu_backend(reason),
-        None => match webgpu_backend().await {
-            Ok(found) => found,
-            Err(reason) => cpu_backend(reason),
-        },
+    let gpu = match force_cpu {
+        Some(reason) => Err(reason),
+        None => webgpu_backend().await,
     };
-    let classifier = ImageClassifier::new(&store, labels, &device)?;
+    let (classifier, backend) = match gpu {
+        Ok((device, backend)) => (ImageClassifier::new(&store, labels, &device)?, backend),
+        Err(reason) => (
+            ImageClassifier::new_cpu(&store, labels)?,
+            cpu_backend(reason),
+        ),
+    };
     MODEL.with(|m| {
         *m.borrow_mut() = Some(Rc::new(Loaded {
             classifier,
@@ -182,17 +185,14 @@ fn serde_json_lite<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
     serde_wasm_bindgen::from_value(value).ok()
 }
 
-fn cpu_backend(reason: String) -> (Device, BackendInfo) {
-    (
-        Device::flex(),
-        BackendInfo {
-            kind: BackendKind::Cpu,
-            description: "burn Flex (Rust CPU backend, wasm SIMD128)".into(),
-            fallback_reason: Some(reason),
-            limits: Vec::new(),
-            features: Vec::new(),
-        },
-    )
+fn cpu_backend(reason: String) -> BackendInfo {
+    BackendInfo {
+        kind: BackendKind::Cpu,
+        description: "compresslab CPU kernels (channels-last, wasm SIMD128, 1 thread)".into(),
+        fallback_reason: Some(reason),
+        limits: Vec::new(),
+        features: Vec::new(),
+    }
 }
 
 /// Brings up WebGPU, or says in one sentence why it could not.

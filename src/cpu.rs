@@ -1,0 +1,326 @@
+//! A dedicated CPU inference path for EfficientNet-Lite (the browser's CPU fallback).
+//!
+//! burn's generic CPU backend runs this network at ~2.4× ONNX Runtime Web's wasm time,
+//! mostly in layout changes and grouped (depthwise) convolutions. Here the activations stay
+//! channels-last (NHWC) from start to end, so every 1×1 convolution is one GEMM (the `gemm`
+//! crate, SIMD128 on wasm), depthwise convolutions are direct loops over contiguous channels
+//! (which the compiler vectorises), and bias, ReLU6 and residual adds are fused into the
+//! passes that already touch the data. BatchNorm is folded into the weights at load time.
+//! The result matches the burn model to float tolerance (tested).
+
+use crate::efficientnet::{BATCH_NORM_EPS, BnParams, block_strides};
+use crate::error::{EngineError, Result};
+use crate::weights::TensorStore;
+
+/// TF "SAME" padding before the first element, and the output size.
+fn same_padding(size: usize, kernel: usize, stride: usize) -> (usize, usize) {
+    let out = size.div_ceil(stride);
+    let total = ((out - 1) * stride + kernel).saturating_sub(size);
+    (total / 2, out)
+}
+
+/// A 1×1 convolution as a GEMM: `[pixels, cin] · [cin, cout]`.
+struct Pointwise {
+    cin: usize,
+    cout: usize,
+    /// PyTorch layout `[cout, cin]`, read transposed by the GEMM.
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    relu6: bool,
+}
+
+impl Pointwise {
+    fn forward(&self, input: &[f32], pixels: usize, residual: Option<&[f32]>) -> Vec<f32> {
+        let mut out = Vec::with_capacity(pixels * self.cout);
+        for _ in 0..pixels {
+            out.extend_from_slice(&self.bias);
+        }
+        // SAFETY: the pointers cover `pixels × cin`, `cout × cin` and `pixels × cout`
+        // elements with the strides given, as the asserts check.
+        assert_eq!(input.len(), pixels * self.cin);
+        assert_eq!(self.weight.len(), self.cout * self.cin);
+        unsafe {
+            gemm::gemm(
+                pixels,
+                self.cout,
+                self.cin,
+                out.as_mut_ptr(),
+                1,
+                self.cout as isize,
+                true,
+                input.as_ptr(),
+                1,
+                self.cin as isize,
+                self.weight.as_ptr(),
+                self.cin as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        if self.relu6 {
+            out.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
+        }
+        if let Some(res) = residual {
+            out.iter_mut().zip(res).for_each(|(o, r)| *o += r);
+        }
+        out
+    }
+}
+
+/// A k×k depthwise convolution with ReLU6, channels-last.
+struct Depthwise {
+    channels: usize,
+    kernel: usize,
+    stride: usize,
+    /// `[k·k, channels]`: one contiguous row of channel weights per tap.
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl Depthwise {
+    fn forward(&self, input: &[f32], h: usize, w: usize) -> (Vec<f32>, usize, usize) {
+        let c = self.channels;
+        let k = self.kernel;
+        let (pad_y, oh) = same_padding(h, k, self.stride);
+        let (pad_x, ow) = same_padding(w, k, self.stride);
+        let mut out = vec![0f32; oh * ow * c];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let acc = &mut out[(oy * ow + ox) * c..(oy * ow + ox + 1) * c];
+                acc.copy_from_slice(&self.bias);
+                for ky in 0..k {
+                    let iy = (oy * self.stride + ky) as isize - pad_y as isize;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    for kx in 0..k {
+                        let ix = (ox * self.stride + kx) as isize - pad_x as isize;
+                        if ix < 0 || ix >= w as isize {
+                            continue;
+                        }
+                        let at = (iy as usize * w + ix as usize) * c;
+                        let src = &input[at..at + c];
+                        let wt = &self.weight[(ky * k + kx) * c..(ky * k + kx + 1) * c];
+                        for ((a, s), w) in acc.iter_mut().zip(src).zip(wt) {
+                            *a += s * w;
+                        }
+                    }
+                }
+                acc.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
+            }
+        }
+        (out, oh, ow)
+    }
+}
+
+struct Block {
+    expand: Option<Pointwise>,
+    depthwise: Depthwise,
+    project: Pointwise,
+    skip: bool,
+}
+
+/// The stem: a dense 3×3 stride-2 convolution on 3 channels, as im2col + GEMM.
+struct Stem {
+    kernel: usize,
+    stride: usize,
+    cin: usize,
+    /// Weights `[cout, k·k·cin]` with the inner order (ky, kx, ci) of the im2col rows.
+    as_pointwise: Pointwise,
+}
+
+impl Stem {
+    fn forward(&self, input: &[f32], h: usize, w: usize) -> (Vec<f32>, usize, usize) {
+        let (k, c) = (self.kernel, self.cin);
+        let (pad_y, oh) = same_padding(h, k, self.stride);
+        let (pad_x, ow) = same_padding(w, k, self.stride);
+        let row = k * k * c;
+        let mut cols = vec![0f32; oh * ow * row];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let dst = &mut cols[(oy * ow + ox) * row..(oy * ow + ox + 1) * row];
+                for ky in 0..k {
+                    let iy = (oy * self.stride + ky) as isize - pad_y as isize;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    for kx in 0..k {
+                        let ix = (ox * self.stride + kx) as isize - pad_x as isize;
+                        if ix < 0 || ix >= w as isize {
+                            continue;
+                        }
+                        let at = (iy as usize * w + ix as usize) * c;
+                        dst[(ky * k + kx) * c..(ky * k + kx + 1) * c]
+                            .copy_from_slice(&input[at..at + c]);
+                    }
+                }
+            }
+        }
+        (self.as_pointwise.forward(&cols, oh * ow, None), oh, ow)
+    }
+}
+
+/// EfficientNet-Lite on the CPU, from the same lukemelas-named weights as the burn model.
+pub struct CpuEfficientNet {
+    stem: Stem,
+    blocks: Vec<Block>,
+    head: Pointwise,
+    classifier: Pointwise,
+}
+
+fn folded(store: &TensorStore, conv: &str, bn: &str) -> Result<(Vec<usize>, Vec<f32>, Vec<f32>)> {
+    let w = store.get(&format!("{conv}.weight"))?;
+    if w.shape.len() != 4 {
+        return Err(EngineError::ShapeMismatch {
+            name: w.name.clone(),
+            found: w.shape.clone(),
+            expected: vec![0; 4],
+        });
+    }
+    let (fw, fb) = BnParams::from_store(store, bn, w.shape[0])?.fold_into(&w.data, BATCH_NORM_EPS);
+    Ok((w.shape.clone(), fw, fb))
+}
+
+fn pointwise(store: &TensorStore, conv: &str, bn: &str, relu6: bool) -> Result<Pointwise> {
+    let (shape, weight, bias) = folded(store, conv, bn)?;
+    Ok(Pointwise {
+        cout: shape[0],
+        cin: shape[1],
+        weight,
+        bias,
+        relu6,
+    })
+}
+
+impl CpuEfficientNet {
+    pub fn from_store(store: &TensorStore) -> Result<Self> {
+        let (shape, w, bias) = folded(store, "_conv_stem", "_bn0")?;
+        let (cout, cin, k) = (shape[0], shape[1], shape[2]);
+        // [cout][ci][ky][kx] → [cout][ky][kx][ci] to match the im2col rows.
+        let mut weight = vec![0f32; w.len()];
+        for o in 0..cout {
+            for ci in 0..cin {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        weight[((o * k + ky) * k + kx) * cin + ci] =
+                            w[((o * cin + ci) * k + ky) * k + kx];
+                    }
+                }
+            }
+        }
+        let stem = Stem {
+            kernel: k,
+            stride: 2,
+            cin,
+            as_pointwise: Pointwise {
+                cin: k * k * cin,
+                cout,
+                weight,
+                bias,
+                relu6: true,
+            },
+        };
+        let mut blocks = Vec::new();
+        for (i, &stride) in block_strides().iter().enumerate() {
+            let p = format!("_blocks.{i}.");
+            let expand = if store.contains(&format!("{p}_expand_conv.weight")) {
+                Some(pointwise(
+                    store,
+                    &format!("{p}_expand_conv"),
+                    &format!("{p}_bn0"),
+                    true,
+                )?)
+            } else {
+                None
+            };
+            let (shape, w, bias) =
+                folded(store, &format!("{p}_depthwise_conv"), &format!("{p}_bn1"))?;
+            let (channels, k) = (shape[0], shape[2]);
+            let mut weight = vec![0f32; w.len()];
+            for c in 0..channels {
+                for t in 0..k * k {
+                    weight[t * channels + c] = w[c * k * k + t];
+                }
+            }
+            let depthwise = Depthwise {
+                channels,
+                kernel: k,
+                stride,
+                weight,
+                bias,
+            };
+            let project = pointwise(
+                store,
+                &format!("{p}_project_conv"),
+                &format!("{p}_bn2"),
+                false,
+            )?;
+            let cin = expand.as_ref().map_or(channels, |e| e.cin);
+            blocks.push(Block {
+                skip: stride == 1 && cin == project.cout,
+                expand,
+                depthwise,
+                project,
+            });
+        }
+        let head = pointwise(store, "_conv_head", "_bn1", true)?;
+        let fc_w = store.get("_fc.weight")?;
+        let fc_b = store.get("_fc.bias")?;
+        let classifier = Pointwise {
+            cout: fc_w.shape[0],
+            cin: fc_w.shape[1],
+            weight: fc_w.data.clone(),
+            bias: fc_b.data.clone(),
+            relu6: false,
+        };
+        Ok(Self {
+            stem,
+            blocks,
+            head,
+            classifier,
+        })
+    }
+
+    /// Logits for one NCHW image `[3, h, w]` (the engine's preprocessed input).
+    pub fn forward(&self, nchw: &[f32], h: usize, w: usize) -> Result<Vec<f32>> {
+        let c = self.stem.cin;
+        if nchw.len() != c * h * w {
+            return Err(EngineError::PixelBuffer {
+                found: nchw.len(),
+                expected: c * h * w,
+            });
+        }
+        let plane = h * w;
+        let mut nhwc = vec![0f32; nchw.len()];
+        for (i, px) in nhwc.chunks_exact_mut(c).enumerate() {
+            for (ch, v) in px.iter_mut().enumerate() {
+                *v = nchw[ch * plane + i];
+            }
+        }
+        let (mut x, mut h, mut w) = self.stem.forward(&nhwc, h, w);
+        for block in &self.blocks {
+            let expanded = match &block.expand {
+                Some(e) => e.forward(&x, h * w, None),
+                None => x.clone(),
+            };
+            let (d, oh, ow) = block.depthwise.forward(&expanded, h, w);
+            let residual = block.skip.then_some(x.as_slice());
+            x = block.project.forward(&d, oh * ow, residual);
+            (h, w) = (oh, ow);
+        }
+        let features = self.head.forward(&x, h * w, None);
+        let cf = self.head.cout;
+        let mut pooled = vec![0f32; cf];
+        for px in features.chunks_exact(cf) {
+            pooled.iter_mut().zip(px).for_each(|(p, v)| *p += v);
+        }
+        let n = (h * w) as f32;
+        pooled.iter_mut().for_each(|p| *p /= n);
+        Ok(self.classifier.forward(&pooled, 1, None))
+    }
+}
