@@ -12,7 +12,7 @@ use crate::weights::TensorStore;
 enum Runner {
     /// The burn model on a burn device (WebGPU, Vulkan, or burn's CPU backend).
     Burn {
-        model: EfficientNetLite,
+        model: Box<EfficientNetLite>,
         device: Device,
     },
     /// The dedicated channels-last CPU path (`cpu.rs`).
@@ -30,7 +30,7 @@ impl ImageClassifier {
         let model = EfficientNetLite::from_store(weights, device, BatchNormMode::Folded)?;
         Ok(Self {
             runner: Runner::Burn {
-                model,
+                model: Box::new(model),
                 device: device.clone(),
             },
             labels,

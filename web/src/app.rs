@@ -15,7 +15,7 @@ use wasm_bindgen_futures::{JsFuture, spawn_local};
 use web_sys::{Blob, MessageEvent, Response, Url, Worker, WorkerOptions, WorkerType};
 
 use crate::error::WebError;
-use crate::messages::{BackendInfo, BackendKind, FromWorker, ToWorker};
+use crate::messages::{BackendInfo, BackendKind, BenchReport, FromWorker, ModelReady, ToWorker};
 
 /// At most this many images are taken from one drop, paste or pick.
 pub const MAX_BATCH: usize = 50;
@@ -27,13 +27,7 @@ pub enum Status {
         loaded: f64,
         total: Option<f64>,
     },
-    Ready {
-        backend: BackendInfo,
-        parameters: usize,
-        weights_bytes: usize,
-        from_cache: bool,
-        load_ms: f64,
-    },
+    Ready(ModelReady),
     Failed(String),
 }
 
@@ -70,14 +64,7 @@ pub struct Item {
 pub enum BenchState {
     Idle,
     Running(u32),
-    Done {
-        runs: u32,
-        p50_ms: f64,
-        p95_ms: f64,
-        min_ms: f64,
-        mean_ms: f64,
-        backend: String,
-    },
+    Done(BenchReport),
     Failed(String),
 }
 
@@ -199,19 +186,7 @@ fn on_worker_message(msg: FromWorker) {
             loaded,
             total,
         }),
-        FromWorker::Ready {
-            backend,
-            parameters,
-            weights_bytes,
-            from_cache,
-            load_ms,
-        } => c.status.set(Status::Ready {
-            backend,
-            parameters,
-            weights_bytes,
-            from_cache,
-            load_ms,
-        }),
+        FromWorker::Ready(ready) => c.status.set(Status::Ready(ready)),
         FromWorker::InitFailed { message, on_gpu } => {
             if on_gpu {
                 respawn = Some(format!("WebGPU failed to start: {message}"));
@@ -231,7 +206,7 @@ fn on_worker_message(msg: FromWorker) {
             model_input,
         } => {
             let backend = match c.status.get_untracked() {
-                Status::Ready { backend, .. } => backend_label(&backend),
+                Status::Ready(ready) => backend_label(&ready.backend),
                 _ => String::new(),
             };
             set_item(
@@ -255,21 +230,7 @@ fn on_worker_message(msg: FromWorker) {
             set_item(c, id, ItemState::Error(message));
             c.in_flight = None;
         }
-        FromWorker::Benchmarked {
-            runs,
-            p50_ms,
-            p95_ms,
-            min_ms,
-            mean_ms,
-            backend,
-        } => c.bench.set(BenchState::Done {
-            runs,
-            p50_ms,
-            p95_ms,
-            min_ms,
-            mean_ms,
-            backend,
-        }),
+        FromWorker::Benchmarked(report) => c.bench.set(BenchState::Done(report)),
         FromWorker::BenchmarkFailed { message } => c.bench.set(BenchState::Failed(message)),
         FromWorker::Crashed { message } => {
             let on_gpu = c.on_cpu_because.is_none();
@@ -306,7 +267,7 @@ fn backend_label(b: &BackendInfo) -> String {
 /// Sends the next queued image when the worker is ready and idle.
 fn pump() {
     with_controller(|c| {
-        if c.in_flight.is_some() || !matches!(c.status.get_untracked(), Status::Ready { .. }) {
+        if c.in_flight.is_some() || !matches!(c.status.get_untracked(), Status::Ready(_)) {
             return;
         }
         let (Some(worker), Some((id, blob))) = (c.worker.as_ref(), c.queue.pop_front()) else {
@@ -594,13 +555,13 @@ fn StatusBar(status: RwSignal<Status>) -> impl IntoView {
             }
             .into_any()
         }
-        Status::Ready {
+        Status::Ready(ModelReady {
             backend,
             parameters,
             weights_bytes,
             from_cache,
             load_ms,
-        } => {
+        }) => {
             let kind = match backend.kind {
                 BackendKind::WebGpu => "webgpu",
                 BackendKind::Cpu => "cpu",
@@ -744,7 +705,7 @@ fn BenchPanel(
 ) -> impl IntoView {
     let runs = RwSignal::new(20u32);
     let can_run = move || {
-        matches!(status.get(), Status::Ready { .. })
+        matches!(status.get(), Status::Ready(_))
             && !matches!(bench.get(), BenchState::Running(_))
             && items
                 .get()
@@ -770,15 +731,16 @@ fn BenchPanel(
             <span class="bench-result" id="bench-result" data-state=move || match bench.get() {
                 BenchState::Idle => "idle",
                 BenchState::Running(_) => "running",
-                BenchState::Done { .. } => "done",
+                BenchState::Done(_) => "done",
                 BenchState::Failed(_) => "failed",
             }>
                 {move || match bench.get() {
                     BenchState::Idle => "Times the model on the last photo (after one is classified).".to_string(),
                     BenchState::Running(n) => format!("Running {n} warm runs…"),
                     BenchState::Failed(m) => format!("Benchmark failed: {m}"),
-                    BenchState::Done { runs, p50_ms, p95_ms, min_ms, mean_ms, backend } => format!(
-                        "{backend}: warm p50 {p50_ms:.1} ms · p95 {p95_ms:.1} ms · min {min_ms:.1} ms · mean {mean_ms:.1} ms over {runs} runs"
+                    BenchState::Done(r) => format!(
+                        "{}: warm p50 {:.1} ms · p95 {:.1} ms · min {:.1} ms · mean {:.1} ms over {} runs",
+                        r.backend, r.p50_ms, r.p95_ms, r.min_ms, r.mean_ms, r.runs
                     ),
                 }}
             </span>

@@ -36,6 +36,27 @@ pub struct BackendInfo {
     pub features: Vec<String>,
 }
 
+/// The loaded model and where it runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelReady {
+    pub backend: BackendInfo,
+    pub parameters: usize,
+    pub weights_bytes: usize,
+    pub from_cache: bool,
+    pub load_ms: f64,
+}
+
+/// Warm latency of the model alone over `runs` runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BenchReport {
+    pub runs: u32,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub min_ms: f64,
+    pub mean_ms: f64,
+    pub backend: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum FromWorker {
@@ -46,13 +67,7 @@ pub enum FromWorker {
         loaded: f64,
         total: Option<f64>,
     },
-    Ready {
-        backend: BackendInfo,
-        parameters: usize,
-        weights_bytes: usize,
-        from_cache: bool,
-        load_ms: f64,
-    },
+    Ready(ModelReady),
     /// Loading failed on WebGPU; the page restarts the worker on the CPU.
     InitFailed {
         message: String,
@@ -78,14 +93,7 @@ pub enum FromWorker {
         id: u32,
         message: String,
     },
-    Benchmarked {
-        runs: u32,
-        p50_ms: f64,
-        p95_ms: f64,
-        min_ms: f64,
-        mean_ms: f64,
-        backend: String,
-    },
+    Benchmarked(BenchReport),
     BenchmarkFailed {
         message: String,
     },

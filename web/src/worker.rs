@@ -21,7 +21,7 @@ use web_sys::{
 };
 
 use crate::error::{WebError, WebResult};
-use crate::messages::{BackendInfo, BackendKind, FromWorker, ToWorker};
+use crate::messages::{BackendInfo, BackendKind, BenchReport, FromWorker, ModelReady, ToWorker};
 
 pub const WEIGHTS_FILE: &str = "efficientnet-lite0.safetensors";
 pub const LABELS_FILE: &str = "imagenet-labels.json";
@@ -158,13 +158,13 @@ async fn init(asset_base: &str, force_cpu: Option<String>) -> WebResult<()> {
             last_input: RefCell::new(None),
         }))
     });
-    post(&FromWorker::Ready {
+    post(&FromWorker::Ready(ModelReady {
         backend,
         parameters: store.parameter_count(),
         weights_bytes: weights.len(),
         from_cache: weights_cached,
         load_ms: now() - start,
-    });
+    }));
     Ok(())
 }
 
@@ -516,7 +516,7 @@ async fn benchmark(runs: u32) -> WebResult<()> {
         times.push(now() - start);
     }
     times.sort_by(f64::total_cmp);
-    post(&FromWorker::Benchmarked {
+    post(&FromWorker::Benchmarked(BenchReport {
         runs,
         p50_ms: percentile(&times, 50.0),
         p95_ms: percentile(&times, 95.0),
@@ -526,6 +526,6 @@ async fn benchmark(runs: u32) -> WebResult<()> {
             BackendKind::WebGpu => format!("WebGPU ({})", loaded.backend.description),
             BackendKind::Cpu => "CPU fallback".into(),
         },
-    });
+    }));
     Ok(())
 }
