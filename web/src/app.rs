@@ -649,10 +649,10 @@ fn OutcomeView(outcome: Outcome) -> impl IntoView {
     let timing = format!(
         "{:.0} ms {} on {} · decode + preprocess {:.0} ms · {}×{}{}",
         outcome.inference_ms,
-        if outcome.cold {
-            "(cold: first run, includes shader compilation and set-up)"
-        } else {
-            "(warm)"
+        match (outcome.cold, outcome.backend.starts_with("WebGPU")) {
+            (true, true) => "(cold: first run, includes shader compilation and set-up)",
+            (true, false) => "(cold: first run, includes memory set-up)",
+            (false, _) => "(warm)",
         },
         outcome.backend,
         outcome.preprocess_ms,
