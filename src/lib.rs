@@ -10,6 +10,7 @@ pub mod error;
 pub mod labels;
 pub mod onnx;
 pub mod preprocess;
+pub mod quant;
 pub mod torch_legacy;
 pub mod weights;
 
