@@ -19,6 +19,21 @@ fn same_padding(size: usize, kernel: usize, stride: usize) -> (usize, usize) {
     (total / 2, out)
 }
 
+/// The kernel taps of output position `o` that land inside the input (the rest read
+/// SAME padding, i.e. zeros), and the input index of tap 0 (`o·stride − pad`).
+fn valid_taps(
+    o: usize,
+    stride: usize,
+    pad: usize,
+    kernel: usize,
+    size: usize,
+) -> (std::ops::Range<usize>, isize) {
+    let origin = (o * stride) as isize - pad as isize;
+    let first = (-origin).max(0) as usize;
+    let last = (size as isize - origin).clamp(0, kernel as isize) as usize;
+    (first..last.max(first), origin)
+}
+
 /// A 1×1 convolution as a GEMM: `[pixels, cin] · [cin, cout]`.
 struct Pointwise {
     cin: usize,
@@ -93,17 +108,13 @@ impl Depthwise {
             for ox in 0..ow {
                 let acc = &mut out[(oy * ow + ox) * c..(oy * ow + ox + 1) * c];
                 acc.copy_from_slice(&self.bias);
-                for ky in 0..k {
-                    let iy = (oy * self.stride + ky) as isize - pad_y as isize;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    for kx in 0..k {
-                        let ix = (ox * self.stride + kx) as isize - pad_x as isize;
-                        if ix < 0 || ix >= w as isize {
-                            continue;
-                        }
-                        let at = (iy as usize * w + ix as usize) * c;
+                let (ys, y0) = valid_taps(oy, self.stride, pad_y, k, h);
+                let (xs, x0) = valid_taps(ox, self.stride, pad_x, k, w);
+                for ky in ys {
+                    let iy = (y0 + ky as isize) as usize;
+                    for kx in xs.clone() {
+                        let ix = (x0 + kx as isize) as usize;
+                        let at = (iy * w + ix) * c;
                         let src = &input[at..at + c];
                         let wt = &self.weight[(ky * k + kx) * c..(ky * k + kx + 1) * c];
                         for ((a, s), w) in acc.iter_mut().zip(src).zip(wt) {
@@ -144,17 +155,13 @@ impl Stem {
         for oy in 0..oh {
             for ox in 0..ow {
                 let dst = &mut cols[(oy * ow + ox) * row..(oy * ow + ox + 1) * row];
-                for ky in 0..k {
-                    let iy = (oy * self.stride + ky) as isize - pad_y as isize;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    for kx in 0..k {
-                        let ix = (ox * self.stride + kx) as isize - pad_x as isize;
-                        if ix < 0 || ix >= w as isize {
-                            continue;
-                        }
-                        let at = (iy as usize * w + ix as usize) * c;
+                let (ys, y0) = valid_taps(oy, self.stride, pad_y, k, h);
+                let (xs, x0) = valid_taps(ox, self.stride, pad_x, k, w);
+                for ky in ys {
+                    let iy = (y0 + ky as isize) as usize;
+                    for kx in xs.clone() {
+                        let ix = (x0 + kx as isize) as usize;
+                        let at = (iy * w + ix) * c;
                         dst[(ky * k + kx) * c..(ky * k + kx + 1) * c]
                             .copy_from_slice(&input[at..at + c]);
                     }
@@ -322,5 +329,20 @@ impl CpuEfficientNet {
         let n = (h * w) as f32;
         pooled.iter_mut().for_each(|p| *p /= n);
         Ok(self.classifier.forward(&pooled, 1, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn taps_clip_to_the_input() {
+        // 3×3 stride 2 at 224: pad 0 before, so the last output's third tap is padding.
+        assert_eq!(valid_taps(0, 2, 0, 3, 224), (0..3, 0));
+        assert_eq!(valid_taps(111, 2, 0, 3, 224), (0..2, 222));
+        // 5×5 stride 1, pad 2: the first output skips two taps.
+        assert_eq!(valid_taps(0, 1, 2, 5, 7), (2..5, -2));
+        assert_eq!(valid_taps(6, 1, 2, 5, 7), (0..3, 4));
     }
 }
