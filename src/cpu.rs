@@ -8,8 +8,10 @@
 //! passes that already touch the data. BatchNorm is folded into the weights at load time.
 //! The result matches the burn model to float tolerance (tested).
 
-use crate::efficientnet::{BATCH_NORM_EPS, BnParams, block_strides};
+use crate::compress::{ActivationParams, CompressedLayer, CompressedModel};
+use crate::efficientnet::{block_strides, folded_conv};
 use crate::error::{EngineError, Result};
+use crate::int8_cpu::Int8Pointwise;
 use crate::weights::TensorStore;
 
 /// TF "SAME" padding before the first element, and the output size.
@@ -42,10 +44,25 @@ struct Pointwise {
     weight: Vec<f32>,
     bias: Vec<f32>,
     relu6: bool,
+    /// Static quantization of the input (fake-quant on the float path).
+    input_quant: Option<ActivationParams>,
+    /// Integer weights: when present the layer runs on [`Int8Pointwise`].
+    int8: Option<Int8Pointwise>,
 }
 
 impl Pointwise {
     fn forward(&self, input: &[f32], pixels: usize, residual: Option<&[f32]>) -> Vec<f32> {
+        if let Some(int8) = &self.int8 {
+            return int8.forward(input, pixels, &self.bias, self.relu6, residual);
+        }
+        let quantized;
+        let input = match &self.input_quant {
+            Some(q) => {
+                quantized = fake_quantize_all(input, q);
+                &quantized[..]
+            }
+            None => input,
+        };
         let mut out = Vec::with_capacity(pixels * self.cout);
         for _ in 0..pixels {
             out.extend_from_slice(&self.bias);
@@ -95,10 +112,19 @@ struct Depthwise {
     /// `[k·k, channels]`: one contiguous row of channel weights per tap.
     weight: Vec<f32>,
     bias: Vec<f32>,
+    input_quant: Option<ActivationParams>,
 }
 
 impl Depthwise {
     fn forward(&self, input: &[f32], h: usize, w: usize) -> (Vec<f32>, usize, usize) {
+        let quantized;
+        let input = match &self.input_quant {
+            Some(q) => {
+                quantized = fake_quantize_all(input, q);
+                &quantized[..]
+            }
+            None => input,
+        };
         let c = self.channels;
         let k = self.kernel;
         let (pad_y, oh) = same_padding(h, k, self.stride);
@@ -141,12 +167,21 @@ struct Stem {
     kernel: usize,
     stride: usize,
     cin: usize,
+    input_quant: Option<ActivationParams>,
     /// Weights `[cout, k·k·cin]` with the inner order (ky, kx, ci) of the im2col rows.
     as_pointwise: Pointwise,
 }
 
 impl Stem {
     fn forward(&self, input: &[f32], h: usize, w: usize) -> (Vec<f32>, usize, usize) {
+        let quantized;
+        let input = match &self.input_quant {
+            Some(q) => {
+                quantized = fake_quantize_all(input, q);
+                &quantized[..]
+            }
+            None => input,
+        };
         let (k, c) = (self.kernel, self.cin);
         let (pad_y, oh) = same_padding(h, k, self.stride);
         let (pad_x, ow) = same_padding(w, k, self.stride);
@@ -181,16 +216,15 @@ pub struct CpuEfficientNet {
 }
 
 fn folded(store: &TensorStore, conv: &str, bn: &str) -> Result<(Vec<usize>, Vec<f32>, Vec<f32>)> {
-    let w = store.get(&format!("{conv}.weight"))?;
-    if w.shape.len() != 4 {
+    let (shape, w, b) = folded_conv(store, conv, bn)?;
+    if shape.len() != 4 {
         return Err(EngineError::ShapeMismatch {
-            name: w.name.clone(),
-            found: w.shape.clone(),
+            name: format!("{conv}.weight"),
+            found: shape,
             expected: vec![0; 4],
         });
     }
-    let (fw, fb) = BnParams::from_store(store, bn, w.shape[0])?.fold_into(&w.data, BATCH_NORM_EPS);
-    Ok((w.shape.clone(), fw, fb))
+    Ok((shape, w, b))
 }
 
 fn pointwise(store: &TensorStore, conv: &str, bn: &str, relu6: bool) -> Result<Pointwise> {
@@ -201,7 +235,14 @@ fn pointwise(store: &TensorStore, conv: &str, bn: &str, relu6: bool) -> Result<P
         weight,
         bias,
         relu6,
+        input_quant: None,
+        int8: None,
     })
+}
+
+/// Fake-quantizes every value (the float reference for a quantized input).
+fn fake_quantize_all(input: &[f32], q: &ActivationParams) -> Vec<f32> {
+    input.iter().map(|&x| q.fake_quantize(x)).collect()
 }
 
 impl CpuEfficientNet {
@@ -224,12 +265,15 @@ impl CpuEfficientNet {
             kernel: k,
             stride: 2,
             cin,
+            input_quant: None,
             as_pointwise: Pointwise {
                 cin: k * k * cin,
                 cout,
                 weight,
                 bias,
                 relu6: true,
+                input_quant: None,
+                int8: None,
             },
         };
         let mut blocks = Vec::new();
@@ -260,6 +304,7 @@ impl CpuEfficientNet {
                 stride,
                 weight,
                 bias,
+                input_quant: None,
             };
             let project = pointwise(
                 store,
@@ -284,6 +329,8 @@ impl CpuEfficientNet {
             weight: fc_w.data.clone(),
             bias: fc_b.data.clone(),
             relu6: false,
+            input_quant: None,
+            int8: None,
         };
         Ok(Self {
             stem,
@@ -293,8 +340,52 @@ impl CpuEfficientNet {
         })
     }
 
+    /// The compressed model: float layers with its (pruned, dequantized) weights, inputs
+    /// fake-quantized where calibrated, and 1×1 convolutions and the classifier on the
+    /// integer kernel where both weights and inputs are int8 (unless `integer_kernels` is
+    /// false: then everything runs as the float fake-quant reference).
+    pub fn from_compressed(model: &CompressedModel, integer_kernels: bool) -> Result<Self> {
+        let mut net = Self::from_store(&model.store)?;
+        let mut quant = model.layers.iter();
+        let mut next = || {
+            quant
+                .next()
+                .ok_or_else(|| EngineError::Weights("layer table shorter than the network".into()))
+        };
+        let attach = |p: &mut Pointwise, layer: &CompressedLayer| -> Result<()> {
+            p.input_quant = layer.activation;
+            if let (true, Some(q), Some(a)) = (integer_kernels, &layer.weights, &layer.activation) {
+                p.int8 = Int8Pointwise::new(q, a, p.cin, p.cout)?;
+            }
+            Ok(())
+        };
+        net.stem.input_quant = next()?.activation;
+        for block in &mut net.blocks {
+            if let Some(e) = &mut block.expand {
+                attach(e, next()?)?;
+            }
+            block.depthwise.input_quant = next()?.activation;
+            attach(&mut block.project, next()?)?;
+        }
+        attach(&mut net.head, next()?)?;
+        attach(&mut net.classifier, next()?)?;
+        Ok(net)
+    }
+
     /// Logits for one NCHW image `[3, h, w]` (the engine's preprocessed input).
     pub fn forward(&self, nchw: &[f32], h: usize, w: usize) -> Result<Vec<f32>> {
+        self.forward_observed(nchw, h, w, &mut |_, _| {})
+    }
+
+    /// [`Self::forward`], showing every weight layer's input (channels-last) to `observe`
+    /// with the layer's index in [`crate::efficientnet::weight_layers`] order.
+    pub fn forward_observed(
+        &self,
+        nchw: &[f32],
+        h: usize,
+        w: usize,
+        observe: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<Vec<f32>> {
         let c = self.stem.cin;
         if nchw.len() != c * h * w {
             return Err(EngineError::PixelBuffer {
@@ -309,17 +400,29 @@ impl CpuEfficientNet {
                 *v = nchw[ch * plane + i];
             }
         }
+        let mut layer = 0;
+        let mut seen = |x: &[f32]| {
+            observe(layer, x);
+            layer += 1;
+        };
+        seen(&nhwc);
         let (mut x, mut h, mut w) = self.stem.forward(&nhwc, h, w);
         for block in &self.blocks {
             let expanded = match &block.expand {
-                Some(e) => e.forward(&x, h * w, None),
+                Some(e) => {
+                    seen(&x);
+                    e.forward(&x, h * w, None)
+                }
                 None => x.clone(),
             };
+            seen(&expanded);
             let (d, oh, ow) = block.depthwise.forward(&expanded, h, w);
             let residual = block.skip.then_some(x.as_slice());
+            seen(&d);
             x = block.project.forward(&d, oh * ow, residual);
             (h, w) = (oh, ow);
         }
+        seen(&x);
         let features = self.head.forward(&x, h * w, None);
         let cf = self.head.cout;
         let mut pooled = vec![0f32; cf];
@@ -328,6 +431,7 @@ impl CpuEfficientNet {
         }
         let n = (h * w) as f32;
         pooled.iter_mut().for_each(|p| *p /= n);
+        seen(&pooled);
         Ok(self.classifier.forward(&pooled, 1, None))
     }
 }

@@ -275,13 +275,19 @@ fn conv_unit(
         }
     };
     let in_ch = in_per_group * groups;
-    let bn = BnParams::from_store(store, bn_name, out_ch)?;
     let config = Conv2dConfig::new([in_ch, out_ch], [kh, kw])
         .with_stride([stride, stride])
         .with_groups(groups)
         .with_padding(PaddingConfig2d::Same);
+    // A folded store (conv bias, no BatchNorm) can only be built folded.
+    let mode = if store.contains(&format!("{conv_name}.bias")) {
+        BatchNormMode::Folded
+    } else {
+        mode
+    };
     match mode {
         BatchNormMode::Separate => {
+            let bn = BnParams::from_store(store, bn_name, out_ch)?;
             let mut conv = config.with_bias(false).init(device);
             conv.weight = Param::from_tensor(tensor(w, device)?);
             let mut norm = BatchNormConfig::new(out_ch)
@@ -300,7 +306,7 @@ fn conv_unit(
             })
         }
         BatchNormMode::Folded => {
-            let (fw, fb) = bn.fold_into(&w.data, BATCH_NORM_EPS);
+            let (_, fw, fb) = folded_conv(store, conv_name, bn_name)?;
             let mut conv = config.with_bias(true).init(device);
             conv.weight = Param::from_tensor(Tensor::from_data(
                 TensorData::new(fw, w.shape.clone()),
@@ -317,4 +323,119 @@ fn conv_unit(
             })
         }
     }
+}
+
+/// A convolution's weight shape, weight and bias with its BatchNorm folded in. A store that
+/// is already folded (see [`fold_batch_norms`]) carries `{conv}.bias` and no BatchNorm.
+pub fn folded_conv(
+    store: &TensorStore,
+    conv: &str,
+    bn: &str,
+) -> Result<(Vec<usize>, Vec<f32>, Vec<f32>)> {
+    let w = store.get(&format!("{conv}.weight"))?;
+    let out_ch = w.shape.first().copied().unwrap_or(0);
+    if let Ok(bias) = store.get_shaped(&format!("{conv}.bias"), &[out_ch]) {
+        return Ok((w.shape.clone(), w.data.clone(), bias.data.clone()));
+    }
+    let (fw, fb) = BnParams::from_store(store, bn, out_ch)?.fold_into(&w.data, BATCH_NORM_EPS);
+    Ok((w.shape.clone(), fw, fb))
+}
+
+/// The role of a weight layer in the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum LayerKind {
+    Stem,
+    Expand,
+    Depthwise,
+    Project,
+    Head,
+    Classifier,
+}
+
+/// One weight layer: its convolution (or linear) name and the BatchNorm that follows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerRef {
+    /// Tensor name prefix, e.g. `_blocks.3._expand_conv` or `_fc`.
+    pub name: String,
+    /// BatchNorm prefix (`None` for the classifier).
+    pub bn: Option<String>,
+    pub kind: LayerKind,
+    pub block: Option<usize>,
+}
+
+/// Every weight layer of the network in execution order.
+pub fn weight_layers(store: &TensorStore) -> Vec<LayerRef> {
+    let layer = |name: String, bn: Option<String>, kind, block| LayerRef {
+        name,
+        bn,
+        kind,
+        block,
+    };
+    let mut out = vec![layer(
+        "_conv_stem".into(),
+        Some("_bn0".into()),
+        LayerKind::Stem,
+        None,
+    )];
+    for i in 0..BLOCK_STRIDES.len() {
+        let p = format!("_blocks.{i}.");
+        if store.contains(&format!("{p}_expand_conv.weight")) {
+            out.push(layer(
+                format!("{p}_expand_conv"),
+                Some(format!("{p}_bn0")),
+                LayerKind::Expand,
+                Some(i),
+            ));
+        }
+        out.push(layer(
+            format!("{p}_depthwise_conv"),
+            Some(format!("{p}_bn1")),
+            LayerKind::Depthwise,
+            Some(i),
+        ));
+        out.push(layer(
+            format!("{p}_project_conv"),
+            Some(format!("{p}_bn2")),
+            LayerKind::Project,
+            Some(i),
+        ));
+    }
+    out.push(layer(
+        "_conv_head".into(),
+        Some("_bn1".into()),
+        LayerKind::Head,
+        None,
+    ));
+    out.push(layer("_fc".into(), None, LayerKind::Classifier, None));
+    out
+}
+
+/// The same network with every BatchNorm folded into its convolution: each conv gets a
+/// `{conv}.bias` and the BatchNorm tensors are dropped (the deployable form that pruning
+/// masks and quantization apply to).
+pub fn fold_batch_norms(store: &TensorStore) -> Result<TensorStore> {
+    let mut out = TensorStore::default();
+    for layer in weight_layers(store) {
+        match &layer.bn {
+            Some(bn) => {
+                let (shape, w, b) = folded_conv(store, &layer.name, bn)?;
+                let out_ch = shape[0];
+                out.push(NamedTensor {
+                    name: format!("{}.weight", layer.name),
+                    shape,
+                    data: w,
+                });
+                out.push(NamedTensor {
+                    name: format!("{}.bias", layer.name),
+                    shape: vec![out_ch],
+                    data: b,
+                });
+            }
+            None => {
+                out.push(store.get(&format!("{}.weight", layer.name))?.clone());
+                out.push(store.get(&format!("{}.bias", layer.name))?.clone());
+            }
+        }
+    }
+    Ok(out)
 }

@@ -2,14 +2,17 @@
 //! burn device (WebGPU/Vulkan through wgpu, or the Flex CPU backend).
 
 pub mod classifier;
+pub mod compress;
 pub mod cpu;
 #[cfg(feature = "native")]
 pub mod decode;
 pub mod efficientnet;
 pub mod error;
+mod int8_cpu;
 pub mod labels;
 pub mod onnx;
 pub mod preprocess;
+pub mod prune;
 pub mod quant;
 pub mod torch_legacy;
 pub mod weights;

@@ -2,7 +2,7 @@
 //! protobuf encoder. Used to run the *same* weights in other runtimes (ONNX Runtime Web in
 //! the benchmark) and offered to developers as an export format.
 
-use crate::efficientnet::{BATCH_NORM_EPS, BnParams, INPUT_SIZE, block_strides};
+use crate::efficientnet::{INPUT_SIZE, block_strides, folded_conv};
 use crate::error::{EngineError, Result};
 use crate::weights::TensorStore;
 
@@ -135,10 +135,9 @@ impl Graph {
         relu6: bool,
         size: usize,
     ) -> Result<String> {
-        let w = store.get(&format!("{conv}.weight"))?;
-        let (out_ch, k) = (w.shape[0], w.shape[2]);
-        let (fw, fb) = BnParams::from_store(store, bn, out_ch)?.fold_into(&w.data, BATCH_NORM_EPS);
-        self.init(&format!("{conv}.w"), &w.shape, &fw);
+        let (shape, fw, fb) = folded_conv(store, conv, bn)?;
+        let (out_ch, k) = (shape[0], shape[2]);
+        self.init(&format!("{conv}.w"), &shape, &fw);
         self.init(&format!("{conv}.b"), &[out_ch], &fb);
         let out = size.div_ceil(stride);
         let total = ((out - 1) * stride + k).saturating_sub(size) as i64;

@@ -128,6 +128,53 @@ impl QuantizedTensor {
         }
     }
 
+    /// Rebuilds a tensor from its stored parts (checked for consistency).
+    pub fn from_parts(
+        shape: &[usize],
+        scheme: QuantScheme,
+        values: Vec<i8>,
+        scales: Vec<f32>,
+        zero_points: Vec<i8>,
+    ) -> Option<Self> {
+        let n: usize = shape.iter().product();
+        let (group_len, row_len) = layout(shape, scheme.granularity);
+        let mut groups = 0;
+        for_each_group(n, group_len, row_len, |_| groups += 1);
+        let (qmin, qmax) = scheme.qrange();
+        let in_range = values
+            .iter()
+            .chain(&zero_points)
+            .all(|&v| (qmin..=qmax).contains(&(v as i32)));
+        (values.len() == n
+            && scales.len() == groups
+            && zero_points.len() == groups
+            && in_range
+            && scales.iter().all(|s| s.is_finite() && *s > 0.0))
+        .then_some(Self {
+            shape: shape.to_vec(),
+            scheme,
+            values,
+            scales,
+            zero_points,
+            group_len,
+            row_len,
+        })
+    }
+
+    /// Group length and row length of the grouping (see [`layout`]).
+    pub fn grouping(&self) -> (usize, usize) {
+        (self.group_len, self.row_len)
+    }
+
+    /// The element ranges of each group, in group order.
+    pub fn group_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        let mut out = Vec::with_capacity(self.scales.len());
+        for_each_group(self.values.len(), self.group_len, self.row_len, |r| {
+            out.push(r)
+        });
+        out
+    }
+
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.values.len()];
         let mut g = 0;

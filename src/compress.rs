@@ -1,0 +1,765 @@
+//! A compression recipe applied to the model: channel pruning → BatchNorm folding →
+//! magnitude pruning → weight quantization → activation calibration. The result keeps the
+//! integer weights (for size accounting, export and the integer kernels) next to the
+//! dequantized float weights (for the float executors), plus per-layer statistics.
+
+use std::collections::HashMap;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::cpu::CpuEfficientNet;
+use crate::efficientnet::{INPUT_SIZE, LayerKind, block_strides, fold_batch_norms, weight_layers};
+use crate::error::{EngineError, Result};
+use crate::prune::{ChannelPruning, MagnitudePruning, magnitude_prune, prune_channels};
+use crate::quant::{
+    Granularity, QuantScheme, QuantizedTensor, group_params, pack_int4, round_half_even, sqnr_db,
+    unpack_int4,
+};
+use crate::weights::{NamedTensor, TensorStore};
+
+/// How activation ranges are observed during calibration.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Observer {
+    /// The full range seen on the calibration images.
+    MinMax,
+    /// The given percentile of |values| (e.g. 99.99), ignoring rare outliers.
+    Percentile(f32),
+}
+
+/// Static (calibrated) per-tensor quantization of each layer's input activations.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ActivationQuant {
+    pub bits: u8,
+    pub symmetric: bool,
+    pub observer: Observer,
+}
+
+/// Everything the user chose; serialised as the JSON recipe next to an export.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Recipe {
+    pub channel_pruning: Option<ChannelPruning>,
+    pub magnitude_pruning: Option<MagnitudePruning>,
+    pub weights: Option<QuantScheme>,
+    pub activations: Option<ActivationQuant>,
+    /// Layers left in fp32 (mixed precision): neither weights nor inputs quantized.
+    pub keep_fp32: Vec<String>,
+}
+
+impl Recipe {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    pub fn from_json(text: &str) -> Result<Self> {
+        serde_json::from_str(text).map_err(|e| EngineError::Config(format!("recipe: {e}")))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if let Some(w) = &self.weights {
+            check_scheme("weights", w.bits, w.granularity)?;
+        }
+        if let Some(a) = &self.activations {
+            check_scheme("activations", a.bits, Granularity::PerTensor)?;
+            if let Observer::Percentile(p) = a.observer
+                && !(50.0..=100.0).contains(&p)
+            {
+                return Err(EngineError::Config(format!(
+                    "percentile must be between 50 and 100, got {p}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_scheme(what: &str, bits: u8, granularity: Granularity) -> Result<()> {
+    if bits != 8 && bits != 4 {
+        return Err(EngineError::Config(format!(
+            "{what}: {bits} bits (use 8 or 4)"
+        )));
+    }
+    if let Granularity::PerBlock(0) = granularity {
+        return Err(EngineError::Config(format!("{what}: block size 0")));
+    }
+    Ok(())
+}
+
+/// Quantization parameters of one layer's input: x̂ = (clamp(round(x/s) + zp) − zp)·s.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ActivationParams {
+    pub scale: f32,
+    pub zero_point: i32,
+    pub qmin: i32,
+    pub qmax: i32,
+}
+
+impl ActivationParams {
+    pub fn quantize(&self, x: f32) -> i32 {
+        (round_half_even(x / self.scale) as i32 + self.zero_point).clamp(self.qmin, self.qmax)
+    }
+
+    pub fn fake_quantize(&self, x: f32) -> f32 {
+        (self.quantize(x) - self.zero_point) as f32 * self.scale
+    }
+}
+
+/// One weight layer after compression.
+#[derive(Debug, Clone)]
+pub struct CompressedLayer {
+    pub name: String,
+    pub kind: LayerKind,
+    pub weights: Option<QuantizedTensor>,
+    pub activation: Option<ActivationParams>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CompressedModel {
+    pub recipe: Recipe,
+    /// Folded weights as float executors see them (pruned, dequantized).
+    pub store: TensorStore,
+    /// In [`weight_layers`] order.
+    pub layers: Vec<CompressedLayer>,
+}
+
+/// Progress callback: (stage description, fraction done 0–1).
+pub type Progress<'a> = &'a mut dyn FnMut(&str, f32);
+
+/// Applies `recipe` to the original (raw or folded) weights. `calibration` holds
+/// preprocessed `[3, 224, 224]` images; it is needed only for activation quantization.
+pub fn compress(
+    original: &TensorStore,
+    recipe: &Recipe,
+    calibration: &[Vec<f32>],
+    progress: Progress,
+) -> Result<CompressedModel> {
+    recipe.validate()?;
+    progress("pruning channels", 0.05);
+    let mut store = match &recipe.channel_pruning {
+        Some(cfg) if cfg.ratio > 0.0 => prune_channels(original, cfg)?,
+        _ => original.clone(),
+    };
+    store = fold_batch_norms(&store)?;
+    progress("pruning weights", 0.15);
+    if let Some(cfg) = &recipe.magnitude_pruning
+        && cfg.sparsity > 0.0
+    {
+        store = magnitude_prune(&store, cfg)?;
+    }
+    progress("quantizing weights", 0.3);
+    let mut layers = Vec::new();
+    for layer in weight_layers(&store) {
+        let fp32 = recipe.keep_fp32.contains(&layer.name);
+        let weights = match (&recipe.weights, fp32) {
+            (Some(scheme), false) => {
+                let name = format!("{}.weight", layer.name);
+                let w = store.get(&name)?;
+                let q = QuantizedTensor::quantize(&w.data, &w.shape, *scheme);
+                let data = q.dequantize();
+                store.push(NamedTensor { data, ..w.clone() });
+                Some(q)
+            }
+            _ => None,
+        };
+        layers.push(CompressedLayer {
+            name: layer.name,
+            kind: layer.kind,
+            weights,
+            activation: None,
+        });
+    }
+    let mut model = CompressedModel {
+        recipe: recipe.clone(),
+        store,
+        layers,
+    };
+    if let Some(act) = &recipe.activations {
+        if calibration.is_empty() {
+            return Err(EngineError::Config(
+                "activation quantization needs at least one calibration image".into(),
+            ));
+        }
+        let params = calibrate(&model.store, act, calibration, progress)?;
+        for (layer, p) in model.layers.iter_mut().zip(params) {
+            if !recipe.keep_fp32.contains(&layer.name) {
+                layer.activation = Some(p);
+            }
+        }
+    }
+    progress("done", 1.0);
+    Ok(model)
+}
+
+/// At most this many values per image and layer feed a percentile observer.
+const PERCENTILE_SAMPLES: usize = 65_536;
+
+/// Observes every layer's input on the calibration images (float network, quantized
+/// weights) and derives per-tensor activation parameters.
+fn calibrate(
+    store: &TensorStore,
+    act: &ActivationQuant,
+    images: &[Vec<f32>],
+    progress: Progress,
+) -> Result<Vec<ActivationParams>> {
+    let net = CpuEfficientNet::from_store(store)?;
+    let n_layers = weight_layers(store).len();
+    let mut min = vec![0f32; n_layers];
+    let mut max = vec![0f32; n_layers];
+    let mut samples: Vec<Vec<f32>> = vec![Vec::new(); n_layers];
+    for (i, image) in images.iter().enumerate() {
+        progress(
+            &format!("calibrating activations ({}/{})", i + 1, images.len()),
+            0.4 + 0.55 * i as f32 / images.len() as f32,
+        );
+        net.forward_observed(image, INPUT_SIZE, INPUT_SIZE, &mut |layer, values| {
+            for &v in values {
+                min[layer] = min[layer].min(v);
+                max[layer] = max[layer].max(v);
+            }
+            if let Observer::Percentile(_) = act.observer {
+                let step = values.len().div_ceil(PERCENTILE_SAMPLES).max(1);
+                samples[layer].extend(values.iter().step_by(step));
+            }
+        })?;
+    }
+    let scheme = QuantScheme {
+        bits: act.bits,
+        symmetric: act.symmetric,
+        granularity: Granularity::PerTensor,
+    };
+    let (qmin, qmax) = scheme.qrange();
+    Ok((0..n_layers)
+        .map(|l| {
+            let (lo, hi) = match act.observer {
+                Observer::MinMax => (min[l], max[l]),
+                Observer::Percentile(p) => percentile_range(&mut samples[l], p),
+            };
+            let (scale, zero_point) = group_params(&[lo, hi], &scheme);
+            ActivationParams {
+                scale,
+                zero_point,
+                qmin,
+                qmax,
+            }
+        })
+        .collect())
+}
+
+/// The `p`-th percentile from below and `(100 − p)`-th from above (nearest rank).
+fn percentile_range(values: &mut [f32], p: f32) -> (f32, f32) {
+    if values.is_empty() {
+        return (0.0, 0.0);
+    }
+    values.sort_unstable_by(f32::total_cmp);
+    let n = values.len();
+    let rank = |q: f64| ((q / 100.0 * n as f64).ceil() as usize).clamp(1, n) - 1;
+    (values[rank(100.0 - p as f64)], values[rank(p as f64)])
+}
+
+/// Size and compute of a model (original or compressed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelStats {
+    pub parameters: usize,
+    pub nonzero_parameters: usize,
+    /// Bytes to store the weights: packed integers + scales + zero points for quantized
+    /// layers, 4 bytes per value otherwise (biases included).
+    pub weight_bytes: usize,
+    /// Multiply-accumulates for one 224×224 image with dense kernels.
+    pub macs: u64,
+    /// MACs whose weight is non-zero (what a sparse kernel would need).
+    pub nonzero_macs: u64,
+}
+
+/// Per-layer view for the panel's table and plots.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerStats {
+    pub name: String,
+    pub kind: LayerKind,
+    pub shape: Vec<usize>,
+    pub parameters: usize,
+    pub zeros: usize,
+    pub macs: u64,
+    pub weight_bytes: usize,
+    pub bits: Option<u8>,
+    /// Weight SQNR against the same layer before quantization (None when not quantized).
+    pub sqnr_db: Option<f64>,
+    /// Histogram of all weights.
+    pub histogram: Histogram,
+    /// The output channel with the smallest max|w|: its values and the grid it was
+    /// quantized on. Shows why per-tensor scales starve small channels.
+    pub narrowest_channel: Option<ChannelGrid>,
+    pub activation: Option<ActivationParams>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Histogram {
+    pub min: f32,
+    pub max: f32,
+    pub counts: Vec<u32>,
+}
+
+impl Histogram {
+    pub fn of(values: &[f32], bins: usize) -> Self {
+        let min = values.iter().copied().fold(f32::INFINITY, f32::min);
+        let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let (min, max) = if min.is_finite() && max > min {
+            (min, max)
+        } else {
+            (min.min(0.0).max(-1.0), max.max(min + 1e-6).min(1.0))
+        };
+        let mut counts = vec![0u32; bins];
+        let width = (max - min) / bins as f32;
+        for &v in values {
+            let b = (((v - min) / width) as usize).min(bins - 1);
+            counts[b] += 1;
+        }
+        Self { min, max, counts }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelGrid {
+    pub channel: usize,
+    pub histogram: Histogram,
+    /// Quantization levels (dequantized values) inside the channel's value range: how
+    /// finely its grid resolves it (a per-channel 8-bit grid gives ≥ 128).
+    pub levels: Vec<f32>,
+}
+
+/// Output size of every layer for a 224×224 input, in [`weight_layers`] order.
+fn output_sizes(store: &TensorStore) -> Vec<usize> {
+    let mut size = INPUT_SIZE;
+    weight_layers(store)
+        .iter()
+        .map(|l| {
+            match l.kind {
+                LayerKind::Stem => size = size.div_ceil(2),
+                LayerKind::Depthwise => {
+                    size = size.div_ceil(block_strides()[l.block.unwrap_or_default()])
+                }
+                LayerKind::Classifier => return 1,
+                _ => {}
+            }
+            size
+        })
+        .collect()
+}
+
+impl CompressedModel {
+    /// The uncompressed model in the same form (for "before" statistics).
+    pub fn original(store: &TensorStore) -> Result<Self> {
+        let store = fold_batch_norms(store)?;
+        let layers = weight_layers(&store)
+            .into_iter()
+            .map(|l| CompressedLayer {
+                name: l.name,
+                kind: l.kind,
+                weights: None,
+                activation: None,
+            })
+            .collect();
+        Ok(Self {
+            recipe: Recipe::default(),
+            store,
+            layers,
+        })
+    }
+
+    /// Per-layer statistics; `reference` is the folded store before quantization, for SQNR
+    /// (pass `None` after loading an export, where the float weights are gone).
+    pub fn layer_stats(
+        &self,
+        before_quantization: Option<&TensorStore>,
+    ) -> Result<Vec<LayerStats>> {
+        let sizes = output_sizes(&self.store);
+        self.layers
+            .iter()
+            .zip(sizes)
+            .map(|(layer, out_size)| {
+                let w = self.store.get(&format!("{}.weight", layer.name))?;
+                let bias = self.store.get(&format!("{}.bias", layer.name))?;
+                let per_output: usize = w.shape[1..].iter().product();
+                let pixels = (out_size * out_size) as u64;
+                let macs = pixels * w.data.len() as u64;
+                let weight_bytes = 4 * bias.data.len()
+                    + layer
+                        .weights
+                        .as_ref()
+                        .map_or(4 * w.data.len(), |q| q.storage_bytes());
+                let sqnr = match (&layer.weights, before_quantization) {
+                    (Some(_), Some(reference)) => {
+                        let r = reference.get(&w.name)?;
+                        (r.shape == w.shape).then(|| sqnr_db(&r.data, &w.data))
+                    }
+                    _ => None,
+                };
+                let source = match before_quantization {
+                    Some(r) => &r.get(&w.name)?.data,
+                    None => &w.data,
+                };
+                let narrowest_channel = narrowest_channel(source, per_output, layer);
+                Ok(LayerStats {
+                    name: layer.name.clone(),
+                    kind: layer.kind,
+                    shape: w.shape.clone(),
+                    parameters: w.data.len() + bias.data.len(),
+                    zeros: w.data.iter().filter(|v| **v == 0.0).count(),
+                    macs,
+                    weight_bytes,
+                    bits: layer.weights.as_ref().map(|q| q.scheme.bits),
+                    sqnr_db: sqnr,
+                    histogram: Histogram::of(source, 64),
+                    narrowest_channel,
+                    activation: layer.activation,
+                })
+            })
+            .collect()
+    }
+
+    pub fn stats(&self) -> Result<ModelStats> {
+        let sizes = output_sizes(&self.store);
+        let mut s = ModelStats {
+            parameters: 0,
+            nonzero_parameters: 0,
+            weight_bytes: 0,
+            macs: 0,
+            nonzero_macs: 0,
+        };
+        for (layer, out_size) in self.layers.iter().zip(sizes) {
+            let w = self.store.get(&format!("{}.weight", layer.name))?;
+            let bias = self.store.get(&format!("{}.bias", layer.name))?;
+            let nonzero = w.data.iter().filter(|v| **v != 0.0).count();
+            let pixels = (out_size * out_size) as u64;
+            s.parameters += w.data.len() + bias.data.len();
+            s.nonzero_parameters += nonzero + bias.data.len();
+            s.weight_bytes += 4 * bias.data.len()
+                + layer
+                    .weights
+                    .as_ref()
+                    .map_or(4 * w.data.len(), |q| q.storage_bytes());
+            s.macs += pixels * w.data.len() as u64;
+            s.nonzero_macs += pixels * nonzero as u64;
+        }
+        Ok(s)
+    }
+
+    /// Safetensors with integer weights (I8, or U8 with two int4 per byte), F32 scales,
+    /// I8 zero points, F32 for everything kept in float; the recipe and the per-layer
+    /// quantization (schemes, activation parameters) in the metadata as JSON.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let mut entries: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let mut layer_meta = Vec::new();
+        for layer in &self.layers {
+            let w = self.store.get(&format!("{}.weight", layer.name))?;
+            let b = self.store.get(&format!("{}.bias", layer.name))?;
+            match &layer.weights {
+                Some(q) => {
+                    let (dtype, shape, raw) = if q.scheme.bits == 4 {
+                        let packed = pack_int4(&q.values);
+                        (Dtype::U8, vec![packed.len()], packed)
+                    } else {
+                        (
+                            Dtype::I8,
+                            q.shape.clone(),
+                            q.values.iter().map(|&v| v as u8).collect(),
+                        )
+                    };
+                    entries.push((format!("{}.weight.q", layer.name), dtype, shape, raw));
+                    entries.push((
+                        format!("{}.weight.scale", layer.name),
+                        Dtype::F32,
+                        vec![q.scales.len()],
+                        f32_bytes(&q.scales),
+                    ));
+                    entries.push((
+                        format!("{}.weight.zero_point", layer.name),
+                        Dtype::I8,
+                        vec![q.zero_points.len()],
+                        q.zero_points.iter().map(|&v| v as u8).collect(),
+                    ));
+                }
+                None => entries.push((
+                    w.name.clone(),
+                    Dtype::F32,
+                    w.shape.clone(),
+                    f32_bytes(&w.data),
+                )),
+            }
+            entries.push((
+                b.name.clone(),
+                Dtype::F32,
+                b.shape.clone(),
+                f32_bytes(&b.data),
+            ));
+            layer_meta.push(StoredLayer {
+                name: layer.name.clone(),
+                shape: w.shape.clone(),
+                scheme: layer.weights.as_ref().map(|q| q.scheme),
+                activation: layer.activation,
+            });
+        }
+        let views = entries
+            .iter()
+            .map(|(name, dtype, shape, raw)| {
+                TensorView::new(*dtype, shape.clone(), raw)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| EngineError::Weights(e.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let metadata = HashMap::from([
+            (RECIPE_KEY.to_string(), self.recipe.to_json()),
+            (
+                LAYERS_KEY.to_string(),
+                serde_json::to_string(&layer_meta)
+                    .map_err(|e| EngineError::Weights(e.to_string()))?,
+            ),
+        ]);
+        safetensors::serialize(views, Some(metadata))
+            .map_err(|e| EngineError::Weights(e.to_string()))
+    }
+
+    /// Reads what [`Self::to_safetensors`] wrote.
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Self> {
+        let bad = |m: String| EngineError::Weights(m);
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+        let meta = header
+            .metadata()
+            .as_ref()
+            .ok_or_else(|| bad("not a compresslab export (no metadata)".into()))?;
+        let recipe = Recipe::from_json(
+            meta.get(RECIPE_KEY)
+                .ok_or_else(|| bad("not a compresslab export (no recipe)".into()))?,
+        )?;
+        let stored: Vec<StoredLayer> = serde_json::from_str(
+            meta.get(LAYERS_KEY)
+                .ok_or_else(|| bad("not a compresslab export (no layer table)".into()))?,
+        )
+        .map_err(|e| bad(format!("layer table: {e}")))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+        let raw = |name: &str, dtype: Dtype| -> Result<Vec<u8>> {
+            let t = st
+                .tensor(name)
+                .map_err(|_| EngineError::MissingTensor { name: name.into() })?;
+            if t.dtype() != dtype {
+                return Err(bad(format!(
+                    "{name} is {:?}, expected {dtype:?}",
+                    t.dtype()
+                )));
+            }
+            Ok(t.data().to_vec())
+        };
+        let floats = |name: &str| -> Result<Vec<f32>> {
+            Ok(raw(name, Dtype::F32)?
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        };
+        let mut store = TensorStore::default();
+        let mut layers = Vec::new();
+        for l in &stored {
+            let kind =
+                layer_kind(&l.name).ok_or_else(|| bad(format!("unknown layer {}", l.name)))?;
+            let n: usize = l.shape.iter().product();
+            let weights = match l.scheme {
+                Some(scheme) => {
+                    let q = raw(
+                        &format!("{}.weight.q", l.name),
+                        if scheme.bits == 4 {
+                            Dtype::U8
+                        } else {
+                            Dtype::I8
+                        },
+                    )?;
+                    let values = if scheme.bits == 4 {
+                        unpack_int4(&q, n)
+                    } else {
+                        q.iter().map(|&v| v as i8).collect()
+                    };
+                    let scales = floats(&format!("{}.weight.scale", l.name))?;
+                    let zps = raw(&format!("{}.weight.zero_point", l.name), Dtype::I8)?
+                        .into_iter()
+                        .map(|v| v as i8)
+                        .collect();
+                    let q = QuantizedTensor::from_parts(&l.shape, scheme, values, scales, zps)
+                        .ok_or_else(|| {
+                            bad(format!("{}: inconsistent quantized weights", l.name))
+                        })?;
+                    store.push(NamedTensor {
+                        name: format!("{}.weight", l.name),
+                        shape: l.shape.clone(),
+                        data: q.dequantize(),
+                    });
+                    Some(q)
+                }
+                None => {
+                    let data = floats(&format!("{}.weight", l.name))?;
+                    if data.len() != n {
+                        return Err(bad(format!("{}.weight has the wrong size", l.name)));
+                    }
+                    store.push(NamedTensor {
+                        name: format!("{}.weight", l.name),
+                        shape: l.shape.clone(),
+                        data,
+                    });
+                    None
+                }
+            };
+            let bias = floats(&format!("{}.bias", l.name))?;
+            store.push(NamedTensor {
+                name: format!("{}.bias", l.name),
+                shape: vec![bias.len()],
+                data: bias,
+            });
+            layers.push(CompressedLayer {
+                name: l.name.clone(),
+                kind,
+                weights,
+                activation: l.activation,
+            });
+        }
+        let model = Self {
+            recipe,
+            store,
+            layers,
+        };
+        // The layer list must be exactly the network's (and loadable).
+        let expected: Vec<String> = weight_layers(&model.store)
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
+        let found: Vec<String> = model.layers.iter().map(|l| l.name.clone()).collect();
+        if expected != found {
+            return Err(bad(
+                "the layer table does not describe an EfficientNet-Lite".into(),
+            ));
+        }
+        CpuEfficientNet::from_store(&model.store)?;
+        Ok(model)
+    }
+}
+
+const RECIPE_KEY: &str = "compresslab.recipe";
+const LAYERS_KEY: &str = "compresslab.layers";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredLayer {
+    name: String,
+    shape: Vec<usize>,
+    scheme: Option<QuantScheme>,
+    activation: Option<ActivationParams>,
+}
+
+fn layer_kind(name: &str) -> Option<LayerKind> {
+    Some(match name {
+        "_conv_stem" => LayerKind::Stem,
+        "_conv_head" => LayerKind::Head,
+        "_fc" => LayerKind::Classifier,
+        n if n.ends_with("._expand_conv") => LayerKind::Expand,
+        n if n.ends_with("._depthwise_conv") => LayerKind::Depthwise,
+        n if n.ends_with("._project_conv") => LayerKind::Project,
+        _ => return None,
+    })
+}
+
+fn narrowest_channel(
+    weights: &[f32],
+    per_output: usize,
+    layer: &CompressedLayer,
+) -> Option<ChannelGrid> {
+    let rows = weights.len() / per_output.max(1);
+    if rows == 0 {
+        return None;
+    }
+    let max_abs = |r: usize| {
+        weights[r * per_output..(r + 1) * per_output]
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()))
+    };
+    let channel = (0..rows)
+        .filter(|&r| max_abs(r) > 0.0)
+        .min_by(|&a, &b| max_abs(a).total_cmp(&max_abs(b)))?;
+    let values = &weights[channel * per_output..(channel + 1) * per_output];
+    let histogram = Histogram::of(values, 32);
+    let levels = match &layer.weights {
+        Some(q) => {
+            let start = channel * per_output;
+            let ranges = q.group_ranges();
+            let g = ranges.iter().position(|r| r.contains(&start)).unwrap_or(0);
+            let (scale, zp) = (q.scales[g], q.zero_points[g] as i32);
+            let (qmin, qmax) = q.scheme.qrange();
+            let (lo, hi) = values
+                .iter()
+                .fold((0f32, 0f32), |(a, b), &v| (a.min(v), b.max(v)));
+            // A small tolerance keeps the endpoint levels that equal min/max up to rounding.
+            let eps = (hi - lo) * 1e-4;
+            (qmin..=qmax)
+                .map(|v| (v - zp) as f32 * scale)
+                .filter(|x| *x >= lo - eps && *x <= hi + eps)
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    Some(ChannelGrid {
+        channel,
+        histogram,
+        levels,
+    })
+}
+
+/// Top-1 agreement and KL(reference ‖ variant) of two logit vectors.
+pub fn agreement(reference: &[f32], variant: &[f32]) -> (bool, f64) {
+    let p = crate::labels::softmax(reference);
+    let q = crate::labels::softmax(variant);
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+    };
+    let kl = p
+        .iter()
+        .zip(&q)
+        .filter(|(pi, _)| **pi > 0.0)
+        .map(|(&pi, &qi)| pi as f64 * ((pi as f64).ln() - (qi.max(1e-30) as f64).ln()))
+        .sum::<f64>()
+        .max(0.0);
+    (argmax(reference) == argmax(variant), kl)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_range_clips_outliers() {
+        let mut v: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+        v.push(1e6);
+        v.push(-1e6);
+        let (lo, hi) = percentile_range(&mut v, 99.0);
+        assert!(lo >= 0.0 && lo <= 20.0, "{lo}");
+        assert!(hi <= 999.0 && hi >= 980.0, "{hi}");
+    }
+
+    #[test]
+    fn activation_fake_quant_follows_the_definition() {
+        let p = ActivationParams {
+            scale: 0.5,
+            zero_point: -128,
+            qmin: -128,
+            qmax: 127,
+        };
+        assert_eq!(p.quantize(0.0), -128);
+        assert_eq!(p.fake_quantize(1.25), 1.0); // 2.5 rounds to 2
+        assert_eq!(p.fake_quantize(1000.0), 127.5); // clamped to qmax
+        assert_eq!(p.fake_quantize(-3.0), 0.0); // clamped to qmin = zero point
+    }
+
+    #[test]
+    fn agreement_measures_top1_and_kl() {
+        let (same, kl) = agreement(&[1.0, 2.0, 3.0], &[1.0, 2.0, 3.0]);
+        assert!(same && kl.abs() < 1e-12);
+        let (same, kl) = agreement(&[3.0, 2.0, 1.0], &[1.0, 2.0, 3.0]);
+        assert!(!same && kl > 0.5);
+    }
+}

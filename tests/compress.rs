@@ -1,0 +1,358 @@
+//! Pruning and quantization of the real EfficientNet-Lite0 (assets made by scripts/setup.sh):
+//! every numeric claim of the compression panel, checked natively on the CPU path and burn.
+
+use std::path::PathBuf;
+
+use burn::prelude::*;
+use compresslab::classifier::max_abs_diff;
+use compresslab::compress::{
+    ActivationQuant, CompressedModel, Observer, Recipe, agreement, compress,
+};
+use compresslab::cpu::CpuEfficientNet;
+use compresslab::decode::decode_file;
+use compresslab::efficientnet::{BatchNormMode, EfficientNetLite, fold_batch_norms};
+use compresslab::preprocess::imagenet_input;
+use compresslab::prune::{
+    ChannelPruning, ChannelRanking, MagnitudePruning, PruneScope, mask_channels, prune_channels,
+    sparsity_report,
+};
+use compresslab::quant::{Granularity, QuantScheme};
+use compresslab::weights::TensorStore;
+
+fn assets() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets");
+    assert!(
+        dir.join("models/manifest.json").exists(),
+        "model assets missing: run scripts/setup.sh first"
+    );
+    dir
+}
+
+fn store() -> TensorStore {
+    let bytes = std::fs::read(assets().join("models/efficientnet-lite0.safetensors")).unwrap();
+    TensorStore::from_safetensors(&bytes).unwrap()
+}
+
+fn samples() -> Vec<Vec<f32>> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(assets().join("samples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png" || e == "jpg"))
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|p| imagenet_input(&decode_file(p).unwrap()))
+        .collect()
+}
+
+fn cpu_logits(store: &TensorStore, input: &[f32]) -> Vec<f32> {
+    CpuEfficientNet::from_store(store)
+        .unwrap()
+        .forward(input, 224, 224)
+        .unwrap()
+}
+
+fn no_progress(_: &str, _: f32) {}
+
+#[test]
+fn channel_pruning_at_zero_is_the_original() {
+    let original = store();
+    let input = &samples()[0];
+    for ranking in [
+        ChannelRanking::L1,
+        ChannelRanking::L2,
+        ChannelRanking::BatchNormGamma,
+    ] {
+        let pruned = prune_channels(
+            &original,
+            &ChannelPruning {
+                ratio: 0.0,
+                ranking,
+            },
+        )
+        .unwrap();
+        assert_eq!(pruned.parameter_count(), original.parameter_count());
+        assert_eq!(cpu_logits(&pruned, input), cpu_logits(&original, input));
+    }
+}
+
+/// The physically smaller model computes exactly what the full model computes with the
+/// same channels zeroed, for every ranking and ratio, on the CPU path and on burn.
+#[test]
+fn channel_pruned_model_equals_the_masked_original() {
+    let original = store();
+    let input = &samples()[1];
+    for (ratio, ranking) in [
+        (0.25, ChannelRanking::L1),
+        (0.5, ChannelRanking::L2),
+        (0.5, ChannelRanking::BatchNormGamma),
+        (0.9, ChannelRanking::L1),
+    ] {
+        let cfg = ChannelPruning { ratio, ranking };
+        let pruned = prune_channels(&original, &cfg).unwrap();
+        let masked = mask_channels(&original, &cfg).unwrap();
+        let (a, b) = (cpu_logits(&pruned, input), cpu_logits(&masked, input));
+        let diff = max_abs_diff(&a, &b);
+        println!(
+            "{ratio:.2} {ranking:?}: {} → {} parameters, max |logit| pruned vs masked {diff:.2e}",
+            original.parameter_count(),
+            pruned.parameter_count()
+        );
+        assert!(pruned.parameter_count() < original.parameter_count());
+        assert!(diff < 1e-4, "{diff}");
+        // The masked model differs from the original (the test can fail).
+        assert!(max_abs_diff(&b, &cpu_logits(&original, input)) > 1e-2);
+        // burn builds the thinner model from the same store and agrees.
+        let device = Device::flex();
+        let model =
+            EfficientNetLite::from_store(&pruned, &device, BatchNormMode::Separate).unwrap();
+        let x = Tensor::<4>::from_data(TensorData::new(input.clone(), [1, 3, 224, 224]), &device);
+        let burn = model.forward(x).into_data().try_into_vec::<f32>().unwrap();
+        assert!(max_abs_diff(&burn, &a) < 1e-3);
+    }
+}
+
+#[test]
+fn magnitude_pruning_reaches_the_requested_sparsity() {
+    let folded = fold_batch_norms(&store()).unwrap();
+    let cfg = MagnitudePruning {
+        sparsity: 0.6,
+        scope: PruneScope::PerLayer,
+        exclude: vec!["_conv_stem".into(), "_fc".into()],
+    };
+    let pruned = compresslab::prune::magnitude_prune(&folded, &cfg).unwrap();
+    let before = sparsity_report(&folded).unwrap();
+    for (layer, untouched) in sparsity_report(&pruned).unwrap().iter().zip(&before) {
+        // Excluded layers keep whatever exact zeros the checkpoint has.
+        let want = if cfg.exclude.contains(&layer.layer) {
+            untouched.fraction()
+        } else {
+            0.6
+        };
+        assert!(
+            (layer.fraction() - want).abs() < 1.0 / layer.total as f64 + 1e-9,
+            "{}: {}",
+            layer.layer,
+            layer.fraction()
+        );
+    }
+    let global = compresslab::prune::magnitude_prune(
+        &folded,
+        &MagnitudePruning {
+            sparsity: 0.5,
+            scope: PruneScope::Global,
+            exclude: vec![],
+        },
+    )
+    .unwrap();
+    let report = sparsity_report(&global).unwrap();
+    let zeros: usize = report.iter().map(|l| l.zeros).sum();
+    let total: usize = report.iter().map(|l| l.total).sum();
+    let spread: Vec<f64> = report.iter().map(|l| l.fraction()).collect();
+    println!(
+        "global 50 %: overall {:.4}, per layer {:.2}…{:.2}",
+        zeros as f64 / total as f64,
+        spread.iter().cloned().fold(1.0, f64::min),
+        spread.iter().cloned().fold(0.0, f64::max)
+    );
+    assert_eq!(zeros, (0.5 * total as f64).round() as usize);
+    // A global threshold prunes layers unevenly.
+    assert!(
+        spread.iter().cloned().fold(0.0, f64::max) - spread.iter().cloned().fold(1.0, f64::min)
+            > 0.2
+    );
+}
+
+fn int8_recipe(granularity: Granularity, activations: bool) -> Recipe {
+    Recipe {
+        weights: Some(QuantScheme {
+            bits: 8,
+            symmetric: true,
+            granularity,
+        }),
+        activations: activations.then_some(ActivationQuant {
+            bits: 8,
+            symmetric: false,
+            observer: Observer::Percentile(99.99),
+        }),
+        ..Recipe::default()
+    }
+}
+
+/// W8A8 per-channel: the integer kernels equal the float fake-quant reference, and the
+/// model still agrees with the original on the sample photos.
+#[test]
+fn int8_integer_kernels_match_fake_quant_and_keep_top1() {
+    let original = store();
+    let images = samples();
+    let model = compress(
+        &original,
+        &int8_recipe(Granularity::PerChannel, true),
+        &images,
+        &mut no_progress,
+    )
+    .unwrap();
+    let int8 = CpuEfficientNet::from_compressed(&model, true).unwrap();
+    let reference = CpuEfficientNet::from_compressed(&model, false).unwrap();
+    let fp32 = CpuEfficientNet::from_store(&original).unwrap();
+    let mut agree = 0;
+    for image in &images {
+        let a = int8.forward(image, 224, 224).unwrap();
+        let b = reference.forward(image, 224, 224).unwrap();
+        // Layer by layer the kernel is exact (unit test); through 60 layers a float
+        // rounding difference can move a value across a quantization boundary, so the
+        // network-level check is agreement, not bit equality.
+        let diff = max_abs_diff(&a, &b);
+        let (same_as_reference, kl_reference) = agreement(&b, &a);
+        assert!(
+            same_as_reference && kl_reference < 1e-3,
+            "integer kernel vs fake-quant: {diff}, KL {kl_reference}"
+        );
+        let (same, kl) = agreement(&fp32.forward(image, 224, 224).unwrap(), &a);
+        println!(
+            "int8 W8A8 per-channel: max |logit| kernel vs fake-quant {diff:.1e} (KL {kl_reference:.1e}), vs fp32: top-1 same {same}, KL {kl:.4}"
+        );
+        agree += same as usize;
+        assert!(kl < 0.5, "{kl}");
+    }
+    assert!(agree + 1 >= images.len(), "{agree}/{}", images.len());
+    let s = model.stats().unwrap();
+    let o = CompressedModel::original(&original)
+        .unwrap()
+        .stats()
+        .unwrap();
+    println!(
+        "weight bytes fp32 {} → int8 {} ({:.2}×)",
+        o.weight_bytes,
+        s.weight_bytes,
+        o.weight_bytes as f64 / s.weight_bytes as f64
+    );
+    assert!(o.weight_bytes as f64 / s.weight_bytes as f64 > 3.5);
+}
+
+/// Educators' case: per-tensor int8 on folded depthwise weights starves small channels.
+#[test]
+fn per_tensor_int8_starves_small_depthwise_channels() {
+    let original = store();
+    let stats = |g| {
+        compress(&original, &int8_recipe(g, false), &[], &mut no_progress)
+            .unwrap()
+            .layer_stats(Some(&fold_batch_norms(&original).unwrap()))
+            .unwrap()
+    };
+    let (t, c) = (
+        stats(Granularity::PerTensor),
+        stats(Granularity::PerChannel),
+    );
+    let worst = |s: &[compresslab::compress::LayerStats]| {
+        s.iter()
+            .filter(|l| l.name.ends_with("_depthwise_conv"))
+            .map(|l| l.sqnr_db.unwrap())
+            .fold(f64::INFINITY, f64::min)
+    };
+    let levels = |s: &[compresslab::compress::LayerStats]| {
+        s.iter()
+            .filter(|l| l.name.ends_with("_depthwise_conv"))
+            .map(|l| l.narrowest_channel.as_ref().unwrap().levels.len())
+            .min()
+            .unwrap()
+    };
+    println!(
+        "folded depthwise, worst SQNR: per-tensor {:.1} dB, per-channel {:.1} dB; fewest grid levels across a channel's range: {} vs {}",
+        worst(&t),
+        worst(&c),
+        levels(&t),
+        levels(&c)
+    );
+    assert!(worst(&c) > worst(&t) + 15.0);
+    assert!(levels(&t) <= 8 && levels(&c) >= 128);
+}
+
+/// int4 weight-only per-block: ≥ 7× fewer weight bytes; export → import gives back the
+/// same model (same integers, same logits).
+#[test]
+fn int4_export_round_trip() {
+    let original = store();
+    let recipe = Recipe {
+        channel_pruning: Some(ChannelPruning {
+            ratio: 0.25,
+            ranking: ChannelRanking::L2,
+        }),
+        weights: Some(QuantScheme {
+            bits: 4,
+            symmetric: false,
+            granularity: Granularity::PerBlock(32),
+        }),
+        keep_fp32: vec!["_conv_stem".into()],
+        ..Recipe::default()
+    };
+    let model = compress(&original, &recipe, &[], &mut no_progress).unwrap();
+    let bytes = model.to_safetensors().unwrap();
+    let back = CompressedModel::from_safetensors(&bytes).unwrap();
+    assert_eq!(back.recipe, recipe);
+    let input = &samples()[2];
+    let a = CpuEfficientNet::from_compressed(&model, true)
+        .unwrap()
+        .forward(input, 224, 224)
+        .unwrap();
+    let b = CpuEfficientNet::from_compressed(&back, true)
+        .unwrap()
+        .forward(input, 224, 224)
+        .unwrap();
+    assert_eq!(a, b);
+    let fp32 = CompressedModel::original(&original)
+        .unwrap()
+        .stats()
+        .unwrap();
+    let int4 = model.stats().unwrap();
+    // Same architecture (pruned) in fp32 vs int4, to isolate the bit width.
+    let pruned_fp32 = compress(
+        &original,
+        &Recipe {
+            weights: None,
+            keep_fp32: vec![],
+            ..recipe.clone()
+        },
+        &[],
+        &mut no_progress,
+    )
+    .unwrap()
+    .stats()
+    .unwrap();
+    let ratio = pruned_fp32.weight_bytes as f64 / int4.weight_bytes as f64;
+    println!(
+        "int4 per-block(32): weight bytes {} → {} ({ratio:.2}× vs same-shape fp32), file {} bytes, original fp32 {}",
+        pruned_fp32.weight_bytes,
+        int4.weight_bytes,
+        bytes.len(),
+        fp32.weight_bytes
+    );
+    assert!(ratio >= 5.5);
+    // Per-channel symmetric int4 (one f32 scale per output channel): ≥ 7× smaller.
+    let per_channel = compress(
+        &original,
+        &Recipe {
+            weights: Some(QuantScheme {
+                bits: 4,
+                symmetric: true,
+                granularity: Granularity::PerChannel,
+            }),
+            ..Recipe::default()
+        },
+        &[],
+        &mut no_progress,
+    )
+    .unwrap()
+    .stats()
+    .unwrap();
+    let ratio = fp32.weight_bytes as f64 / per_channel.weight_bytes as f64;
+    println!(
+        "int4 per-channel: weight bytes {} → {} ({ratio:.2}×)",
+        fp32.weight_bytes, per_channel.weight_bytes
+    );
+    assert!(ratio >= 7.0);
+    // Corrupt exports are refused with an error, not a panic.
+    assert!(CompressedModel::from_safetensors(&bytes[..bytes.len() / 2]).is_err());
+    assert!(CompressedModel::from_safetensors(&original.to_safetensors().unwrap()).is_err());
+}
