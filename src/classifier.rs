@@ -2,6 +2,7 @@
 
 use burn::prelude::*;
 
+use crate::compress::CompressedModel;
 use crate::cpu::CpuEfficientNet;
 use crate::efficientnet::{BatchNormMode, EfficientNetLite, INPUT_SIZE};
 use crate::error::{EngineError, Result};
@@ -16,7 +17,7 @@ enum Runner {
         device: Device,
     },
     /// The dedicated channels-last CPU path (`cpu.rs`).
-    Cpu(CpuEfficientNet),
+    Cpu(Box<CpuEfficientNet>),
 }
 
 pub struct ImageClassifier {
@@ -37,10 +38,33 @@ impl ImageClassifier {
         })
     }
 
+    /// A compressed model on `device` (burn; dequantized weights, fake-quantized inputs).
+    pub fn new_compressed(
+        model: &CompressedModel,
+        labels: Labels,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            runner: Runner::Burn {
+                model: Box::new(EfficientNetLite::from_compressed(model, device)?),
+                device: device.clone(),
+            },
+            labels,
+        })
+    }
+
+    /// A compressed model on the dedicated CPU path, with its integer kernels.
+    pub fn new_compressed_cpu(model: &CompressedModel, labels: Labels) -> Result<Self> {
+        Ok(Self {
+            runner: Runner::Cpu(Box::new(CpuEfficientNet::from_compressed(model, true)?)),
+            labels,
+        })
+    }
+
     /// The dedicated CPU path (the browser's fallback).
     pub fn new_cpu(weights: &TensorStore, labels: Labels) -> Result<Self> {
         Ok(Self {
-            runner: Runner::Cpu(CpuEfficientNet::from_store(weights)?),
+            runner: Runner::Cpu(Box::new(CpuEfficientNet::from_store(weights)?)),
             labels,
         })
     }

@@ -13,8 +13,7 @@ use crate::efficientnet::{INPUT_SIZE, LayerKind, block_strides, fold_batch_norms
 use crate::error::{EngineError, Result};
 use crate::prune::{ChannelPruning, MagnitudePruning, magnitude_prune, prune_channels};
 use crate::quant::{
-    Granularity, QuantScheme, QuantizedTensor, group_params, pack_int4, round_half_even, sqnr_db,
-    unpack_int4,
+    Granularity, QuantScheme, QuantizedTensor, group_params, pack_int4, sqnr_db, unpack_int4,
 };
 use crate::weights::{NamedTensor, TensorStore};
 
@@ -95,8 +94,17 @@ pub struct ActivationParams {
 }
 
 impl ActivationParams {
+    /// q = clamp(round_half_even(x/s) + zp, qmin, qmax). Clamping x/s first to just past the
+    /// representable range changes nothing and keeps |x/s| small enough for the
+    /// add-and-subtract-1.5·2²³ rounding trick (exact round-half-even for |v| < 2²²; a libm
+    /// `roundeven` call per activation was the int8 path's bottleneck on x86).
     pub fn quantize(&self, x: f32) -> i32 {
-        (round_half_even(x / self.scale) as i32 + self.zero_point).clamp(self.qmin, self.qmax)
+        const MAGIC: f32 = 12_582_912.0;
+        let lo = (self.qmin - self.zero_point) as f32 - 1.0;
+        let hi = (self.qmax - self.zero_point) as f32 + 1.0;
+        let v = (x / self.scale).clamp(lo, hi);
+        let rounded = (v + MAGIC) - MAGIC;
+        (rounded as i32 + self.zero_point).clamp(self.qmin, self.qmax)
     }
 
     pub fn fake_quantize(&self, x: f32) -> f32 {
@@ -134,18 +142,8 @@ pub fn compress(
     progress: Progress,
 ) -> Result<CompressedModel> {
     recipe.validate()?;
-    progress("pruning channels", 0.05);
-    let mut store = match &recipe.channel_pruning {
-        Some(cfg) if cfg.ratio > 0.0 => prune_channels(original, cfg)?,
-        _ => original.clone(),
-    };
-    store = fold_batch_norms(&store)?;
-    progress("pruning weights", 0.15);
-    if let Some(cfg) = &recipe.magnitude_pruning
-        && cfg.sparsity > 0.0
-    {
-        store = magnitude_prune(&store, cfg)?;
-    }
+    progress("pruning", 0.05);
+    let mut store = pruned_and_folded(original, recipe)?;
     progress("quantizing weights", 0.3);
     let mut layers = Vec::new();
     for layer in weight_layers(&store) {
@@ -188,6 +186,22 @@ pub fn compress(
     }
     progress("done", 1.0);
     Ok(model)
+}
+
+/// The recipe's pruning applied and BatchNorm folded: the float model that quantization
+/// starts from (and that per-layer SQNR is measured against).
+pub fn pruned_and_folded(original: &TensorStore, recipe: &Recipe) -> Result<TensorStore> {
+    let mut store = match &recipe.channel_pruning {
+        Some(cfg) if cfg.ratio > 0.0 => prune_channels(original, cfg)?,
+        _ => original.clone(),
+    };
+    store = fold_batch_norms(&store)?;
+    if let Some(cfg) = &recipe.magnitude_pruning
+        && cfg.sparsity > 0.0
+    {
+        store = magnitude_prune(&store, cfg)?;
+    }
+    Ok(store)
 }
 
 /// At most this many values per image and layer feed a percentile observer.
@@ -305,7 +319,9 @@ impl Histogram {
         let (min, max) = if min.is_finite() && max > min {
             (min, max)
         } else {
-            (min.min(0.0).max(-1.0), max.max(min + 1e-6).min(1.0))
+            // Empty or constant: a unit-wide range around the value.
+            let centre = if min.is_finite() { min } else { 0.0 };
+            (centre - 0.5, centre + 0.5)
         };
         let mut counts = vec![0u32; bins];
         let width = (max - min) / bins as f32;
@@ -753,6 +769,18 @@ mod tests {
         assert_eq!(p.fake_quantize(1.25), 1.0); // 2.5 rounds to 2
         assert_eq!(p.fake_quantize(1000.0), 127.5); // clamped to qmax
         assert_eq!(p.fake_quantize(-3.0), 0.0); // clamped to qmin = zero point
+        // The fast rounding equals round_half_even everywhere in range.
+        let q = ActivationParams {
+            scale: 1.0,
+            zero_point: 3,
+            qmin: -128,
+            qmax: 127,
+        };
+        for i in -140_000..140_000 {
+            let x = i as f32 * 0.001 + 0.0005 * (i % 3) as f32;
+            let want = (round_half_even(x) as i32 + 3).clamp(-128, 127);
+            assert_eq!(q.quantize(x), want, "{x}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 
+use crate::compress::{ActivationParams, CompressedModel};
 use crate::error::{EngineError, Result};
 use crate::weights::{NamedTensor, TensorStore};
 
@@ -40,10 +41,27 @@ pub struct ConvUnit {
     pub conv: Conv2d,
     pub bn: Option<BatchNorm>,
     pub relu6: bool,
+    /// Static quantization of the input (fake-quant: the float reference of int8 compute).
+    #[module(skip)]
+    pub input_quant: Option<ActivationParams>,
+}
+
+/// x̂ = (clamp(round_half_even(x/s) + zp, qmin, qmax) − zp)·s, as on the CPU path.
+pub fn fake_quantize_tensor<const D: usize>(x: Tensor<D>, q: &ActivationParams) -> Tensor<D> {
+    x.div_scalar(q.scale)
+        .round()
+        .add_scalar(q.zero_point)
+        .clamp(q.qmin, q.qmax)
+        .sub_scalar(q.zero_point)
+        .mul_scalar(q.scale)
 }
 
 impl ConvUnit {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = match &self.input_quant {
+            Some(q) => fake_quantize_tensor(x, q),
+            None => x,
+        };
         let mut x = self.conv.forward(x);
         if let Some(bn) = &self.bn {
             x = bn.forward(x);
@@ -79,6 +97,8 @@ pub struct EfficientNetLite {
     pub blocks: Vec<MbConv>,
     pub head: ConvUnit,
     pub classifier: Linear,
+    #[module(skip)]
+    pub classifier_input_quant: Option<ActivationParams>,
 }
 
 impl EfficientNetLite {
@@ -149,13 +169,37 @@ impl EfficientNetLite {
             blocks,
             head,
             classifier,
+            classifier_input_quant: None,
         })
+    }
+
+    /// The compressed model (pruned, dequantized weights; calibrated inputs fake-quantized).
+    pub fn from_compressed(model: &CompressedModel, device: &Device) -> Result<Self> {
+        let mut net = Self::from_store(&model.store, device, BatchNormMode::Folded)?;
+        let mut quant = model.layers.iter().map(|l| l.activation);
+        let mut units: Vec<&mut ConvUnit> = vec![&mut net.stem];
+        for block in &mut net.blocks {
+            if let Some(e) = &mut block.expand {
+                units.push(e);
+            }
+            units.push(&mut block.depthwise);
+            units.push(&mut block.project);
+        }
+        units.push(&mut net.head);
+        for unit in units {
+            unit.input_quant = quant.next().flatten();
+        }
+        net.classifier_input_quant = quant.next().flatten();
+        Ok(net)
     }
 
     /// Logits `[batch, classes]` for a normalised NCHW batch.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         let x = self.features(x);
-        let pooled: Tensor<2> = x.mean_dim(3).mean_dim(2).flatten(1, 3);
+        let mut pooled: Tensor<2> = x.mean_dim(3).mean_dim(2).flatten(1, 3);
+        if let Some(q) = &self.classifier_input_quant {
+            pooled = fake_quantize_tensor(pooled, q);
+        }
         self.classifier.forward(pooled)
     }
 
@@ -303,6 +347,7 @@ fn conv_unit(
                 conv,
                 bn: Some(norm),
                 relu6,
+                input_quant: None,
             })
         }
         BatchNormMode::Folded => {
@@ -320,6 +365,7 @@ fn conv_unit(
                 conv,
                 bn: None,
                 relu6,
+                input_quant: None,
             })
         }
     }

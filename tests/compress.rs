@@ -196,6 +196,20 @@ fn int8_integer_kernels_match_fake_quant_and_keep_top1() {
     let int8 = CpuEfficientNet::from_compressed(&model, true).unwrap();
     let reference = CpuEfficientNet::from_compressed(&model, false).unwrap();
     let fp32 = CpuEfficientNet::from_store(&original).unwrap();
+    // burn (what WebGPU runs) fake-quantizes the same way.
+    let device = Device::flex();
+    let burn = EfficientNetLite::from_compressed(&model, &device).unwrap();
+    let x = Tensor::<4>::from_data(
+        TensorData::new(images[0].clone(), [1, 3, 224, 224]),
+        &device,
+    );
+    let burn_logits = burn.forward(x).into_data().try_into_vec::<f32>().unwrap();
+    let (same, kl) = agreement(
+        &reference.forward(&images[0], 224, 224).unwrap(),
+        &burn_logits,
+    );
+    println!("burn fake-quant vs CPU fake-quant: top-1 same {same}, KL {kl:.1e}");
+    assert!(same && kl < 1e-3);
     let mut agree = 0;
     for image in &images {
         let a = int8.forward(image, 224, 224).unwrap();

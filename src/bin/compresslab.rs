@@ -7,10 +7,16 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use compresslab::classifier::{ImageClassifier, max_abs_diff};
+use compresslab::compress::{
+    ActivationQuant, CompressedModel, Observer, Recipe, agreement, compress,
+};
+use compresslab::cpu::CpuEfficientNet;
 use compresslab::decode::decode_file;
 use compresslab::labels::Labels;
 use compresslab::onnx;
 use compresslab::preprocess::{imagenet_crop, imagenet_input};
+use compresslab::prune::{ChannelPruning, ChannelRanking};
+use compresslab::quant::{Granularity, QuantScheme};
 use compresslab::torch_legacy::read_legacy_state_dict;
 use compresslab::weights::TensorStore;
 use compresslab::{EngineError, Result};
@@ -19,6 +25,11 @@ const USAGE: &str = "usage:
   compresslab convert <checkpoint.pth> <imagenet1k_label_to_names.json> <out-dir>
   compresslab classify [--device cpu|flex|wgpu] <assets-dir> <image>...
   compresslab bench [--runs N] <assets-dir> <image>
+  compresslab compress <assets-dir> <recipe.json> <out.safetensors> [calibration images...]
+      applies a recipe (see README) and writes the compressed model with its recipe
+  compresslab bench-compress [--runs N] <assets-dir> <image>
+      fp32 vs int8 (weights + activations) vs int4 weight-only vs 50 % channel-pruned:
+      latency p50/p95 and ratios on the CPU path and wgpu, size and agreement
   compresslab preprocess <image> <out.rgb>
       writes the 224×224 8-bit RGB crop the model sees (raw bytes, row-major)
   compresslab export-onnx <assets-dir> <image> <out-dir>
@@ -36,6 +47,8 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("export-onnx") => export_onnx(&args[1..]),
         Some("preprocess") => preprocess(&args[1..]),
+        Some("compress") => compress_cmd(&args[1..]),
+        Some("bench-compress") => bench_compress(&args[1..]),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -211,4 +224,177 @@ fn preprocess(args: &[String]) -> Result<()> {
     };
     let crop = imagenet_crop(&decode_file(Path::new(image))?);
     write(Path::new(out), &crop.pixels)
+}
+
+fn load_store(assets: &Path) -> Result<TensorStore> {
+    TensorStore::from_safetensors(&read(&assets.join(WEIGHTS_FILE))?)
+}
+
+fn print_progress(stage: &str, fraction: f32) {
+    eprintln!("  [{:>3.0}%] {stage}", fraction * 100.0);
+}
+
+fn compress_cmd(args: &[String]) -> Result<()> {
+    let [assets, recipe, out, images @ ..] = args else {
+        return Err(usage_error(
+            "compress takes an assets dir, a recipe and an output file",
+        ));
+    };
+    let store = load_store(Path::new(assets))?;
+    let recipe_text = String::from_utf8_lossy(&read(Path::new(recipe))?).into_owned();
+    let recipe = Recipe::from_json(&recipe_text)?;
+    let calibration = images
+        .iter()
+        .map(|p| Ok(imagenet_input(&decode_file(Path::new(p))?)))
+        .collect::<Result<Vec<_>>>()?;
+    let model = compress(&store, &recipe, &calibration, &mut print_progress)?;
+    let stats = model.stats()?;
+    let original = CompressedModel::original(&store)?.stats()?;
+    write(Path::new(out), &model.to_safetensors()?)?;
+    println!(
+        "parameters {} → {}, weight bytes {} → {} ({:.2}× smaller), MACs {:.0} M → {:.0} M",
+        original.parameters,
+        stats.parameters,
+        original.weight_bytes,
+        stats.weight_bytes,
+        original.weight_bytes as f64 / stats.weight_bytes as f64,
+        original.macs as f64 / 1e6,
+        stats.macs as f64 / 1e6
+    );
+    Ok(())
+}
+
+/// The variants the issue's targets are stated for.
+fn bench_variants() -> Vec<(&'static str, Recipe)> {
+    let int8 = Recipe {
+        weights: Some(QuantScheme {
+            bits: 8,
+            symmetric: true,
+            granularity: Granularity::PerChannel,
+        }),
+        activations: Some(ActivationQuant {
+            bits: 8,
+            symmetric: false,
+            observer: Observer::Percentile(99.99),
+        }),
+        ..Recipe::default()
+    };
+    let int4 = Recipe {
+        weights: Some(QuantScheme {
+            bits: 4,
+            symmetric: true,
+            granularity: Granularity::PerChannel,
+        }),
+        ..Recipe::default()
+    };
+    let pruned = Recipe {
+        channel_pruning: Some(ChannelPruning {
+            ratio: 0.5,
+            ranking: ChannelRanking::L2,
+        }),
+        ..Recipe::default()
+    };
+    vec![
+        ("fp32", Recipe::default()),
+        ("int8 W8A8 per-channel", int8),
+        ("int4 weight-only per-channel", int4),
+        ("50 % channel-pruned", pruned),
+    ]
+}
+
+fn time_runs(
+    runs: usize,
+    mut f: impl FnMut() -> Result<Vec<f32>>,
+) -> Result<(f64, f64, f64, Vec<f32>)> {
+    let start = Instant::now();
+    let logits = f()?;
+    let cold = start.elapsed().as_secs_f64() * 1e3;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((
+        cold,
+        percentile(&times, 50.0),
+        percentile(&times, 95.0),
+        logits,
+    ))
+}
+
+fn bench_compress(args: &[String]) -> Result<()> {
+    let (runs, rest) = match args {
+        [flag, n, rest @ ..] if flag == "--runs" => (
+            n.parse::<usize>()
+                .map_err(|_| usage_error("--runs takes a number"))?,
+            rest,
+        ),
+        rest => (20, rest),
+    };
+    let [assets, image] = rest else {
+        return Err(usage_error(
+            "bench-compress needs an assets dir and one image",
+        ));
+    };
+    let assets = Path::new(assets);
+    let store = load_store(assets)?;
+    let input = imagenet_input(&decode_file(Path::new(image))?);
+    // Calibrate on the sample photos next to the models (assets/samples).
+    let samples_dir = assets.parent().unwrap_or(assets).join("samples");
+    let mut calibration = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&samples_dir) {
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for p in paths
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "png" || e == "jpg"))
+        {
+            calibration.push(imagenet_input(&decode_file(p)?));
+        }
+    }
+    if calibration.is_empty() {
+        calibration.push(input.clone());
+    }
+    println!(
+        "{} calibration images; {runs} warm runs each",
+        calibration.len()
+    );
+    println!(
+        "| variant | executor | cold ms | warm p50 ms | warm p95 ms | speed-up vs fp32 (p50) | weight bytes | size ratio | MACs (M) | top-1 same | KL |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let original = CompressedModel::original(&store)?.stats()?;
+    let mut fp32_p50: std::collections::HashMap<&str, f64> = Default::default();
+    let mut reference: Option<Vec<f32>> = None;
+    for (name, recipe) in bench_variants() {
+        let model = compress(&store, &recipe, &calibration, &mut |_, _| {})?;
+        let stats = model.stats()?;
+        let cpu = CpuEfficientNet::from_compressed(&model, true)?;
+        let wgpu = ImageClassifier::new_compressed(
+            &model,
+            Labels::default(),
+            &Device::wgpu(DeviceKind::DefaultDevice),
+        )?;
+        for executor in ["cpu", "wgpu"] {
+            let (cold, p50, p95, logits) = match executor {
+                "cpu" => time_runs(runs, || cpu.forward(&input, 224, 224))?,
+                _ => time_runs(runs.min(5), || {
+                    futures_lite::future::block_on(wgpu.logits(&input))
+                })?,
+            };
+            let base = *fp32_p50.entry(executor).or_insert(p50);
+            let reference = reference.get_or_insert_with(|| logits.clone());
+            let (same, kl) = agreement(reference, &logits);
+            println!(
+                "| {name} | {executor} | {cold:.1} | {p50:.1} | {p95:.1} | {:.2}× | {} | {:.2}× | {:.0} | {same} | {kl:.4} |",
+                base / p50,
+                stats.weight_bytes,
+                original.weight_bytes as f64 / stats.weight_bytes as f64,
+                stats.macs as f64 / 1e6,
+            );
+        }
+    }
+    Ok(())
 }

@@ -15,6 +15,7 @@ use wasm_bindgen_futures::{JsFuture, spawn_local};
 use web_sys::{Blob, MessageEvent, Response, Url, Worker, WorkerOptions, WorkerType};
 
 use crate::error::WebError;
+use crate::lab_panel::{LabPanel, LabState};
 use crate::messages::{BackendInfo, BackendKind, BenchReport, FromWorker, ModelReady, ToWorker};
 
 /// At most this many images are taken from one drop, paste or pick.
@@ -85,6 +86,7 @@ struct Controller {
     items: RwSignal<Vec<Item>>,
     notice: RwSignal<Option<String>>,
     bench: RwSignal<BenchState>,
+    lab: RwSignal<LabState>,
     _handlers: Vec<Closure<dyn FnMut(JsValue)>>,
 }
 
@@ -230,6 +232,22 @@ fn on_worker_message(msg: FromWorker) {
             set_item(c, id, ItemState::Error(message));
             c.in_flight = None;
         }
+        FromWorker::CompressProgress { stage, fraction } => {
+            c.lab.set(LabState::Running { stage, fraction })
+        }
+        FromWorker::Compressed(report) => c.lab.set(LabState::Done(report)),
+        FromWorker::CompressFailed { message } => c.lab.set(LabState::Failed(message)),
+        FromWorker::Exported {
+            weights,
+            recipe_json,
+        } => {
+            download(
+                "compressed-efficientnet-lite0.safetensors",
+                &weights,
+                "application/octet-stream",
+            );
+            download("recipe.json", recipe_json.as_bytes(), "application/json");
+        }
         FromWorker::Benchmarked(report) => c.bench.set(BenchState::Done(report)),
         FromWorker::BenchmarkFailed { message } => c.bench.set(BenchState::Failed(message)),
         FromWorker::Crashed { message } => {
@@ -243,6 +261,11 @@ fn on_worker_message(msg: FromWorker) {
                     ItemState::Error(format!("the model crashed: {message}")),
                 ),
                 None => {}
+            }
+            if matches!(c.lab.get_untracked(), LabState::Running { .. }) {
+                c.lab.set(LabState::Failed(format!(
+                    "the model worker crashed: {message}"
+                )));
             }
             respawn = Some(if on_gpu {
                 format!("the WebGPU device was lost or failed: {message}")
@@ -267,13 +290,23 @@ fn backend_label(b: &BackendInfo) -> String {
 /// Sends the next queued image when the worker is ready and idle.
 fn pump() {
     with_controller(|c| {
-        if c.in_flight.is_some() || !matches!(c.status.get_untracked(), Status::Ready(_)) {
+        if c.in_flight.is_some()
+            || !matches!(c.status.get_untracked(), Status::Ready(_))
+            || matches!(c.lab.get_untracked(), LabState::Running { .. })
+        {
             return;
         }
         let (Some(worker), Some((id, blob))) = (c.worker.as_ref(), c.queue.pop_front()) else {
             return;
         };
-        let Ok(msg) = serde_wasm_bindgen::to_value(&ToWorker::Classify { id }) else {
+        let name = c
+            .items
+            .get_untracked()
+            .iter()
+            .find(|i| i.id == id)
+            .map(|i| i.name.clone())
+            .unwrap_or_default();
+        let Ok(msg) = serde_wasm_bindgen::to_value(&ToWorker::Classify { id, name }) else {
             return;
         };
         match worker.post_message(&js_sys::Array::of2(&msg, &blob)) {
@@ -288,6 +321,68 @@ fn pump() {
             ),
         }
     });
+}
+
+/// Sends a lab request (compress, load, export) when the model is idle.
+pub fn send_lab(msg: ToWorker, blob: Option<Blob>) {
+    with_controller(|c| {
+        if c.in_flight.is_some() || !c.queue.is_empty() {
+            c.lab.set(LabState::Failed(
+                "wait until the queued photos are classified".into(),
+            ));
+            return;
+        }
+        let running = !matches!(msg, ToWorker::Export);
+        let (Some(worker), Ok(js)) = (c.worker.as_ref(), serde_wasm_bindgen::to_value(&msg)) else {
+            return;
+        };
+        let parts = match &blob {
+            Some(b) => js_sys::Array::of2(&js, b),
+            None => js_sys::Array::of1(&js),
+        };
+        match worker.post_message(&parts) {
+            Ok(()) if running => c.lab.set(LabState::Running {
+                stage: "Starting".into(),
+                fraction: 0.0,
+            }),
+            Ok(()) => {}
+            Err(e) => c.lab.set(LabState::Failed(
+                WebError::js("could not reach the model worker", e).to_string(),
+            )),
+        }
+    });
+}
+
+/// Offers `bytes` as a file download.
+fn download(name: &str, bytes: &[u8], mime: &str) {
+    let array = js_sys::Uint8Array::from(bytes);
+    let options = web_sys::BlobPropertyBag::new();
+    options.set_type(mime);
+    let Ok(blob) =
+        Blob::new_with_u8_array_sequence_and_options(&js_sys::Array::of1(&array), &options)
+    else {
+        return;
+    };
+    let Ok(url) = Url::create_object_url_with_blob(&blob) else {
+        return;
+    };
+    let anchor = web_sys::window()
+        .and_then(|w| w.document())
+        .and_then(|d| d.create_element("a").ok())
+        .and_then(|a| a.dyn_into::<web_sys::HtmlAnchorElement>().ok());
+    if let Some(a) = anchor {
+        a.set_href(&url);
+        a.set_download(name);
+        a.click();
+    }
+    // The download has started from the URL; it can be released on the next turn.
+    let revoke = Closure::once_into_js(move || {
+        let _ = Url::revoke_object_url(&url);
+    });
+    if let Some(w) = web_sys::window() {
+        let _ =
+            w.set_timeout_with_callback_and_timeout_and_arguments_0(revoke.unchecked_ref(), 1000);
+    }
 }
 
 /// Starts an in-page benchmark of `runs` warm runs (when the model is idle).
@@ -405,6 +500,7 @@ pub fn App() -> impl IntoView {
     let samples: RwSignal<Vec<Sample>> = RwSignal::new(Vec::new());
     let dragging = RwSignal::new(false);
     let bench = RwSignal::new(BenchState::Idle);
+    let lab = RwSignal::new(LabState::Idle);
 
     CONTROLLER.with(|c| {
         *c.borrow_mut() = Some(Controller {
@@ -417,6 +513,7 @@ pub fn App() -> impl IntoView {
             items,
             notice,
             bench,
+            lab,
             _handlers: Vec::new(),
         })
     });
@@ -499,6 +596,7 @@ pub fn App() -> impl IntoView {
                     <ResultCard item=item/>
                 </For>
             </section>
+            <LabPanel status=status lab=lab items=items/>
             <div class="drop-overlay">"Drop images to classify"</div>
         </main>
     }

@@ -3,5 +3,7 @@
 
 pub mod app;
 pub mod error;
+pub mod lab;
+pub mod lab_panel;
 pub mod messages;
 pub mod worker;

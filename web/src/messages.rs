@@ -1,6 +1,7 @@
 //! Messages between the page and the model worker (serialised with serde-wasm-bindgen).
 //! A classify request carries the image as a `Blob` next to the message, not inside it.
 
+use compresslab::compress::{LayerStats, ModelStats, Recipe};
 use compresslab::labels::Prediction;
 use serde::{Deserialize, Serialize};
 
@@ -13,9 +14,16 @@ pub enum ToWorker {
         force_cpu: Option<String>,
     },
     /// Classify the blob posted alongside this message.
-    Classify { id: u32 },
+    Classify { id: u32, name: String },
     /// Time `runs` warm runs of the model on the last classified image.
     Benchmark { runs: u32 },
+    /// Build the compressed variant from a recipe, evaluate it against the original and
+    /// time both (`runs` warm runs each).
+    Compress { recipe: Recipe, runs: u32 },
+    /// The same from an exported model (the `.safetensors` blob posted alongside).
+    LoadCompressed { name: String, runs: u32 },
+    /// Send back the current variant as safetensors + its JSON recipe.
+    Export,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -97,8 +105,68 @@ pub enum FromWorker {
     BenchmarkFailed {
         message: String,
     },
+    CompressProgress {
+        stage: String,
+        fraction: f32,
+    },
+    Compressed(Box<CompressReport>),
+    CompressFailed {
+        message: String,
+    },
+    Exported {
+        #[serde(with = "serde_bytes")]
+        weights: Vec<u8>,
+        recipe_json: String,
+    },
     /// The worker panicked; it is unusable and the page replaces it.
     Crashed {
         message: String,
     },
+}
+
+/// Latency of one model on the worker's executor.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Latency {
+    /// First run after the model was built (includes shader compilation on WebGPU).
+    pub cold_ms: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub runs: u32,
+}
+
+/// One side of the before/after panel.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VariantSummary {
+    pub stats: ModelStats,
+    pub latency: Latency,
+    /// Top-5 on the current photo.
+    pub top5: Vec<Prediction>,
+}
+
+/// The compressed variant run on the other executor (WebGPU vs CPU) on the same photo.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CrossCheck {
+    pub top1_same: bool,
+    pub max_abs_diff: f32,
+    pub kl: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CompressReport {
+    pub recipe: Recipe,
+    /// "recipe" or the name of the loaded file.
+    pub source: String,
+    pub executor: String,
+    pub before: VariantSummary,
+    pub after: VariantSummary,
+    /// The photo the top-5 and latency are measured on.
+    pub photo: String,
+    /// Agreement over the sample photos and the user's photos.
+    pub eval_images: usize,
+    pub top1_agreement: usize,
+    pub mean_kl: f64,
+    pub build_ms: f64,
+    pub layers: Vec<LayerStats>,
+    /// Only on WebGPU: the variant's WebGPU output against its CPU output.
+    pub cross_check: Option<CrossCheck>,
 }

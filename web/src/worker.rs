@@ -7,7 +7,7 @@ use std::rc::Rc;
 
 use burn::prelude::*;
 use compresslab::classifier::ImageClassifier;
-use compresslab::labels::Labels;
+use compresslab::labels::{Labels, top_k};
 use compresslab::preprocess::{RgbImage, imagenet_crop, to_nchw};
 use compresslab::weights::TensorStore;
 use js_sys::{Array, Reflect, Uint8Array};
@@ -21,6 +21,7 @@ use web_sys::{
 };
 
 use crate::error::{WebError, WebResult};
+use crate::lab::{self, EvalImage, percentile};
 use crate::messages::{BackendInfo, BackendKind, BenchReport, FromWorker, ModelReady, ToWorker};
 
 pub const WEIGHTS_FILE: &str = "efficientnet-lite0.safetensors";
@@ -30,12 +31,22 @@ const CACHE_NAME: &str = "compresslab-models";
 const DECODE_PIXEL_LIMIT: u64 = 40_000_000;
 const DOWNSCALED_SHORTER_SIDE: f64 = 1024.0;
 
-struct Loaded {
-    classifier: ImageClassifier,
-    backend: BackendInfo,
-    warm: Cell<bool>,
-    /// The last preprocessed image, reused by the benchmark.
-    last_input: RefCell<Option<Vec<f32>>>,
+pub struct Loaded {
+    pub classifier: ImageClassifier,
+    pub backend: BackendInfo,
+    pub warm: Cell<bool>,
+    /// The first run's latency (shader compilation on WebGPU).
+    pub cold_ms: Cell<Option<f64>>,
+    /// The last photo's name and preprocessed input, reused by benchmarks and the lab.
+    pub last: RefCell<Option<(String, Vec<f32>)>>,
+    /// The original weights, which every compression starts from.
+    pub store: TensorStore,
+    /// The WebGPU device (None on the CPU fallback).
+    pub device: Option<Device>,
+    pub asset_base: String,
+    /// Photos for agreement checks (samples + the user's), with the original's logits.
+    pub eval: RefCell<Vec<EvalImage>>,
+    pub samples_added: Cell<bool>,
 }
 
 thread_local! {
@@ -46,7 +57,7 @@ fn scope() -> DedicatedWorkerGlobalScope {
     js_sys::global().unchecked_into()
 }
 
-fn post(msg: &FromWorker) {
+pub fn post(msg: &FromWorker) {
     match serde_wasm_bindgen::to_value(msg) {
         Ok(v) => {
             if let Err(e) = scope().post_message(&v) {
@@ -57,7 +68,7 @@ fn post(msg: &FromWorker) {
     }
 }
 
-fn now() -> f64 {
+pub fn now() -> f64 {
     scope().performance().map_or(0.0, |p| p.now())
 }
 
@@ -105,9 +116,31 @@ async fn handle(data: JsValue) {
                 });
             }
         }
-        ToWorker::Classify { id } => {
+        ToWorker::Compress { recipe, runs } => {
+            if let Err(e) = with_model(|m| lab::run(m, Some(recipe), None, runs)).await {
+                post(&FromWorker::CompressFailed {
+                    message: e.to_string(),
+                });
+            }
+        }
+        ToWorker::LoadCompressed { name, runs } => {
             let blob: Blob = parts.get(1).unchecked_into();
-            let result = classify(id, &blob).await;
+            if let Err(e) = with_model(|m| lab::run(m, None, Some((name, blob)), runs)).await {
+                post(&FromWorker::CompressFailed {
+                    message: e.to_string(),
+                });
+            }
+        }
+        ToWorker::Export => {
+            if let Err(e) = lab::export() {
+                post(&FromWorker::CompressFailed {
+                    message: e.to_string(),
+                });
+            }
+        }
+        ToWorker::Classify { id, name } => {
+            let blob: Blob = parts.get(1).unchecked_into();
+            let result = classify(id, &name, &blob).await;
             if let Err(e) = result {
                 post(&FromWorker::Failed {
                     id,
@@ -116,6 +149,18 @@ async fn handle(data: JsValue) {
             }
         }
     }
+}
+
+/// Runs `f` on the loaded model (an error when it is not loaded yet).
+async fn with_model<F, Fut>(f: F) -> WebResult<()>
+where
+    F: FnOnce(Rc<Loaded>) -> Fut,
+    Fut: std::future::Future<Output = WebResult<()>>,
+{
+    let loaded = MODEL
+        .with(|m| m.borrow().clone())
+        .ok_or_else(|| WebError::Message("the model is not loaded yet".into()))?;
+    f(loaded).await
 }
 
 async fn init(asset_base: &str, force_cpu: Option<String>) -> WebResult<()> {
@@ -143,24 +188,36 @@ async fn init(asset_base: &str, force_cpu: Option<String>) -> WebResult<()> {
         Some(reason) => Err(reason),
         None => webgpu_backend().await,
     };
-    let (classifier, backend) = match gpu {
-        Ok((device, backend)) => (ImageClassifier::new(&store, labels, &device)?, backend),
+    let (classifier, backend, device) = match gpu {
+        Ok((device, backend)) => (
+            ImageClassifier::new(&store, labels, &device)?,
+            backend,
+            Some(device),
+        ),
         Err(reason) => (
             ImageClassifier::new_cpu(&store, labels)?,
             cpu_backend(reason),
+            None,
         ),
     };
+    let parameters = store.parameter_count();
     MODEL.with(|m| {
         *m.borrow_mut() = Some(Rc::new(Loaded {
             classifier,
             backend: backend.clone(),
             warm: Cell::new(false),
-            last_input: RefCell::new(None),
+            cold_ms: Cell::new(None),
+            last: RefCell::new(None),
+            store,
+            device,
+            asset_base: asset_base.to_string(),
+            eval: RefCell::new(Vec::new()),
+            samples_added: Cell::new(false),
         }))
     });
     post(&FromWorker::Ready(ModelReady {
         backend,
-        parameters: store.parameter_count(),
+        parameters,
         weights_bytes: weights.len(),
         from_cache: weights_cached,
         load_ms: now() - start,
@@ -278,7 +335,7 @@ async fn webgpu_backend() -> Result<(Device, BackendInfo), String> {
     ))
 }
 
-async fn fetch_response(url: &str) -> WebResult<Response> {
+pub async fn fetch_response(url: &str) -> WebResult<Response> {
     let resp = JsFuture::from(scope().fetch_with_str(url))
         .await
         .map_err(|e| WebError::js("fetch", e))?;
@@ -375,16 +432,16 @@ async fn fetch_cached(url: &str, stage: &str) -> WebResult<(Vec<u8>, bool)> {
     Ok((bytes, false))
 }
 
-struct Decoded {
-    image: RgbImage,
-    width: u32,
-    height: u32,
-    downscaled: bool,
+pub struct Decoded {
+    pub image: RgbImage,
+    pub width: u32,
+    pub height: u32,
+    pub downscaled: bool,
 }
 
 /// Decodes with the browser's own decoder (JPEG/PNG/WebP/AVIF/GIF first frame, EXIF
 /// orientation). Colour management is off so pixels match the native decoder's.
-async fn decode_blob(blob: &Blob) -> WebResult<Decoded> {
+pub async fn decode_blob(blob: &Blob) -> WebResult<Decoded> {
     if blob.size() == 0.0 {
         return Err(WebError::Decode {
             hint: ": the file is empty (0 bytes)".into(),
@@ -462,7 +519,7 @@ fn draw_pixels(bitmap: &ImageBitmap, w: u32, h: u32) -> WebResult<Vec<u8>> {
     Ok(data.data().0)
 }
 
-async fn classify(id: u32, blob: &Blob) -> WebResult<()> {
+async fn classify(id: u32, name: &str, blob: &Blob) -> WebResult<()> {
     let loaded = MODEL
         .with(|m| m.borrow().clone())
         .ok_or_else(|| WebError::Message("the model is not loaded yet".into()))?;
@@ -471,10 +528,15 @@ async fn classify(id: u32, blob: &Blob) -> WebResult<()> {
     let crop = imagenet_crop(&decoded.image);
     let input = to_nchw(&crop);
     let t1 = now();
-    let top5 = loaded.classifier.classify(&input, 5).await?;
+    let logits = loaded.classifier.logits(&input).await?;
+    let top5 = top_k(&logits, 5, loaded.classifier.labels());
     let t2 = now();
     let cold = !loaded.warm.replace(true);
-    loaded.last_input.replace(Some(input));
+    if cold {
+        loaded.cold_ms.set(Some(t2 - t1));
+    }
+    lab::remember(&loaded, name, input.clone(), logits);
+    loaded.last.replace(Some((name.to_string(), input)));
     post(&FromWorker::Classified {
         id,
         top5,
@@ -489,21 +551,16 @@ async fn classify(id: u32, blob: &Blob) -> WebResult<()> {
     Ok(())
 }
 
-/// Nearest-rank percentile of sorted samples.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 /// Warm latency of the model alone (input upload, forward, result read-back).
 async fn benchmark(runs: u32) -> WebResult<()> {
     let loaded = MODEL
         .with(|m| m.borrow().clone())
         .ok_or_else(|| WebError::Message("the model is not loaded yet".into()))?;
     let input = loaded
-        .last_input
+        .last
         .borrow()
         .clone()
+        .map(|(_, input)| input)
         .ok_or_else(|| WebError::Message("classify a photo first".into()))?;
     let runs = runs.clamp(1, 1000);
     if !loaded.warm.replace(true) {

@@ -1,0 +1,130 @@
+// The compression lab, end to end in headless Chromium: a person applies int8 per-channel
+// and 50 % channel pruning in the page, reads the before/after panel, exports the model
+// and loads it back. The CPU fallback runs the timing here (SwiftShader's WebGPU takes
+// seconds per run); a WebGPU test applies int8 once and checks WebGPU against the CPU.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { readFileSync } from 'node:fs';
+import { serveSite, launch, dropFiles, sample, waitReady, resultFor, WEBGPU_FLAGS, NO_WEBGPU_FLAGS, OUT } from './harness.mjs';
+
+let site;
+before(async () => { site = await serveSite(); });
+after(() => site?.close());
+
+/** The panel's comparison table as { metric: { before, after, change } }. */
+async function comparison(page) {
+  return page.locator('#lab-compare tbody tr').evaluateAll((rows) => Object.fromEntries(rows.map((r) => {
+    const cells = r.querySelectorAll('td');
+    return [r.dataset.metric, { before: cells[0].innerText, after: cells[1].innerText, change: cells[2].innerText }];
+  })));
+}
+
+async function applyAndWait(page, timeout = 600_000) {
+  await page.click('#lab-apply');
+  await page.waitForSelector('#lab-state[data-state="running"]', { timeout: 30_000 });
+  await page.waitForSelector('#lab-state[data-state="done"], #lab-state[data-state="failed"]', { timeout });
+  const state = await page.getAttribute('#lab-state', 'data-state');
+  if (state === 'failed') throw new Error(await page.innerText('#lab-error'));
+  return comparison(page);
+}
+
+const megabytes = (s) => parseFloat(s);
+const ms = (s) => parseFloat(s);
+
+test('lab on the CPU fallback: int8 per-channel, 50 % channels, export and reload', { timeout: 1_200_000 }, async () => {
+  const { browser, page, logs } = await launch(NO_WEBGPU_FLAGS);
+  try {
+    await page.goto(site.url);
+    assert.equal(await waitReady(page), 'cpu');
+    await dropFiles(page, [{ name: 'coffee.png', type: 'image/png', bytes: sample('coffee.png') }]);
+    assert.ok(!(await resultFor(page, 'coffee.png')).error);
+
+    // int8 weights + activations, per channel.
+    await page.click('button[data-preset="int8-channel"]');
+    await page.fill('#lab-runs', '10');
+    await page.dispatchEvent('#lab-runs', 'change');
+    const int8 = await applyAndWait(page);
+    console.log('int8 per-channel:', JSON.stringify(int8));
+    assert.match(int8.top1.before, /espresso/);
+    assert.match(int8.top1.after, /espresso/);
+    const [before, afterSize] = [megabytes(int8.size.before), megabytes(int8.size.after)];
+    assert.ok(afterSize < before / 3.5, `int8 size ${afterSize} MB vs ${before} MB`);
+    assert.ok(ms(int8.p50.after) > 0 && ms(int8.p50.before) > 0);
+    const [agree, total] = int8.agreement.after.match(/(\d+)\/(\d+)/).slice(1).map(Number);
+    assert.ok(total >= 7, `agreement over ${total} photos`);
+    assert.ok(agree >= total - 1, `int8 agreement ${agree}/${total}`);
+    // Per-layer table and SQNR chart: every layer listed, quantized ones with an SQNR.
+    const rows = await page.locator('#lab-layers tbody tr').count();
+    assert.equal(rows, 50);
+    const sqnr = await page.locator('#lab-layers td.sqnr').allInnerTexts();
+    assert.ok(sqnr.every((s) => /dB|exact/.test(s)), sqnr.join(','));
+    assert.equal(await page.locator("#sqnr-chart rect").count(), 50);
+    await page.screenshot({ path: path.join(OUT, 'lab-int8.png'), fullPage: true });
+
+    // Export: the download is a safetensors file that loads back into the lab.
+    const [weights] = await Promise.all([
+      page.waitForEvent('download', (d) => d.suggestedFilename().endsWith('.safetensors')),
+      page.click('#lab-export'),
+    ]);
+    const exported = path.join(OUT, 'compressed.safetensors');
+    await weights.saveAs(exported);
+    const bytes = readFileSync(exported);
+    console.log(`exported ${bytes.length} bytes`);
+    assert.ok(bytes.length < 6_000_000 && bytes.length > 4_000_000, `${bytes.length}`);
+
+    // 50 % channel pruning: a smaller dense model, faster on ordinary kernels.
+    await page.click('button[data-preset="channels-50"]');
+    const pruned = await applyAndWait(page);
+    console.log('50 % channels:', JSON.stringify(pruned));
+    assert.ok(megabytes(pruned.size.after) < megabytes(pruned.size.before) * 0.6);
+    const macs = pruned.macs.after.match(/[\d.]+/g).map(Number);
+    assert.ok(macs[0] < 0.6 * parseFloat(pruned.macs.before), pruned.macs.after);
+    console.log(`50 % channels: p50 ${pruned.p50.before} → ${pruned.p50.after}`);
+    // Speed is a benchmark's business (scripts/bench.sh); here the panel must show a measurement.
+    assert.ok(ms(pruned.p50.after) > 0 && ms(pruned.p95.after) >= ms(pruned.p50.after));
+
+    // Load the int8 export back: the panel shows it, and the controls show its recipe.
+    await page.setInputFiles('#lab-load', exported);
+    await page.waitForSelector('#lab-state[data-state="done"] #lab-recipe:has-text("Loaded")', { timeout: 600_000 });
+    const loaded = await comparison(page);
+    assert.equal(loaded.size.after, int8.size.after);
+    assert.equal(await page.inputValue('#weight-bits'), '8');
+    assert.equal(await page.inputValue('#channel-ratio'), '0');
+
+    // A corrupt file is refused with a message, and the page keeps working.
+    await page.setInputFiles('#lab-load', { name: 'broken.safetensors', mimeType: 'application/octet-stream', buffer: bytes.subarray(0, 1000) });
+    await page.waitForSelector('#lab-state[data-state="failed"]', { timeout: 60_000 });
+    console.log('corrupt export:', await page.innerText('#lab-error'));
+  } catch (e) {
+    console.log(logs.join('\n'));
+    throw e;
+  } finally {
+    await browser.close();
+  }
+});
+
+test('lab on WebGPU: int8 per-channel, checked against the CPU', { timeout: 1_800_000 }, async () => {
+  const { browser, page, logs } = await launch(WEBGPU_FLAGS);
+  try {
+    await page.goto(site.url);
+    assert.equal(await waitReady(page), 'webgpu');
+    await dropFiles(page, [{ name: 'coffee.png', type: 'image/png', bytes: sample('coffee.png') }]);
+    assert.ok(!(await resultFor(page, 'coffee.png')).error);
+    await page.click('button[data-preset="int8-channel"]');
+    await page.fill('#lab-runs', '1');
+    await page.dispatchEvent('#lab-runs', 'change');
+    const int8 = await applyAndWait(page, 1_500_000);
+    console.log('WebGPU int8 per-channel:', JSON.stringify(int8));
+    assert.match(int8.top1.after, /espresso/);
+    const hint = await page.innerText('#lab-report');
+    assert.match(hint, /WebGPU vs CPU for this variant: top-1 same true/);
+    assert.equal(await page.locator('#lab-warning').count(), 0);
+    await page.screenshot({ path: path.join(OUT, 'lab-webgpu.png'), fullPage: true });
+  } catch (e) {
+    console.log(logs.join('\n'));
+    throw e;
+  } finally {
+    await browser.close();
+  }
+});

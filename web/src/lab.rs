@@ -1,0 +1,290 @@
+//! The worker's compression lab: builds the compressed variant (from a recipe or an
+//! exported file), runs it next to the original on the same executor, and reports size,
+//! latency, agreement and per-layer statistics to the page.
+
+use std::cell::RefCell;
+
+use compresslab::classifier::{ImageClassifier, max_abs_diff};
+use compresslab::compress::{CompressedModel, Recipe, agreement, compress, pruned_and_folded};
+use compresslab::labels::top_k;
+use compresslab::preprocess::{imagenet_crop, to_nchw};
+use js_sys::Uint8Array;
+use serde::Deserialize;
+use wasm_bindgen_futures::JsFuture;
+use web_sys::Blob;
+
+use crate::error::{WebError, WebResult};
+use crate::messages::{CompressReport, CrossCheck, FromWorker, Latency, VariantSummary};
+use crate::worker::{Loaded, decode_blob, fetch_response, now, post};
+
+/// A photo used to compare the variant with the original.
+#[derive(Clone)]
+pub struct EvalImage {
+    pub name: String,
+    pub input: Vec<f32>,
+    /// The original model's logits for it.
+    pub logits: Vec<f32>,
+}
+
+/// The current compressed variant (kept for export).
+pub struct Variant {
+    pub model: CompressedModel,
+}
+
+/// Photos kept for agreement: the samples plus the most recent user photos.
+const MAX_EVAL_IMAGES: usize = 32;
+/// On WebGPU (SwiftShader here: seconds per run) fewer photos are compared.
+const MAX_EVAL_IMAGES_GPU: usize = 8;
+
+thread_local! {
+    pub static VARIANT: RefCell<Option<Variant>> = const { RefCell::new(None) };
+    static ORIGINAL_LATENCY: RefCell<Option<Latency>> = const { RefCell::new(None) };
+}
+
+fn progress(stage: &str, fraction: f32) {
+    post(&FromWorker::CompressProgress {
+        stage: stage.to_string(),
+        fraction,
+    });
+}
+
+/// Remembers a classified photo (and the original's logits) for agreement checks.
+pub fn remember(loaded: &Loaded, name: &str, input: Vec<f32>, logits: Vec<f32>) {
+    let mut eval = loaded.eval.borrow_mut();
+    eval.retain(|e| e.name != name);
+    eval.push(EvalImage {
+        name: name.to_string(),
+        input,
+        logits,
+    });
+    let excess = eval.len().saturating_sub(MAX_EVAL_IMAGES);
+    eval.drain(..excess);
+}
+
+#[derive(Deserialize)]
+struct SampleEntry {
+    file: String,
+}
+
+/// Adds the site's sample photos to the evaluation set (once).
+async fn ensure_samples(loaded: &Loaded) -> WebResult<()> {
+    if loaded.samples_added.replace(true) {
+        return Ok(());
+    }
+    let base = &loaded.asset_base;
+    let resp = fetch_response(&format!("{base}/samples/index.json")).await?;
+    let text = JsFuture::from(resp.text().map_err(|e| WebError::js("samples", e))?)
+        .await
+        .map_err(|e| WebError::js("samples", e))?
+        .as_string()
+        .unwrap_or_default();
+    let entries: Vec<SampleEntry> = serde_json_text(&text)?;
+    for (i, entry) in entries.iter().enumerate() {
+        progress(
+            &format!("Preparing sample photos ({}/{})", i + 1, entries.len()),
+            0.02 * i as f32 / entries.len().max(1) as f32,
+        );
+        let resp = fetch_response(&format!("{base}/samples/{}", entry.file)).await?;
+        let blob: Blob = JsFuture::from(resp.blob().map_err(|e| WebError::js("samples", e))?)
+            .await
+            .map_err(|e| WebError::js("samples", e))?
+            .into();
+        let decoded = decode_blob(&blob).await?;
+        let input = to_nchw(&imagenet_crop(&decoded.image));
+        let logits = loaded.classifier.logits(&input).await?;
+        remember(loaded, &entry.file, input, logits);
+    }
+    Ok(())
+}
+
+fn serde_json_text<T: serde::de::DeserializeOwned>(text: &str) -> WebResult<T> {
+    let value = js_sys::JSON::parse(text).map_err(|e| WebError::js("JSON", e))?;
+    serde_wasm_bindgen::from_value(value).map_err(|e| WebError::Message(e.to_string()))
+}
+
+/// Nearest-rank percentile of sorted samples.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Cold run (the first after building) plus `runs` warm runs.
+async fn time_model(
+    classifier: &ImageClassifier,
+    input: &[f32],
+    runs: u32,
+) -> WebResult<(Latency, Vec<f32>)> {
+    let start = now();
+    let logits = classifier.logits(input).await?;
+    let cold_ms = now() - start;
+    let mut times = Vec::with_capacity(runs as usize);
+    for _ in 0..runs {
+        let start = now();
+        classifier.logits(input).await?;
+        times.push(now() - start);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((
+        Latency {
+            cold_ms,
+            p50_ms: percentile(&times, 50.0),
+            p95_ms: percentile(&times, 95.0),
+            runs,
+        },
+        logits,
+    ))
+}
+
+async fn blob_bytes(blob: &Blob) -> WebResult<Vec<u8>> {
+    let buf = JsFuture::from(blob.array_buffer())
+        .await
+        .map_err(|e| WebError::js("read file", e))?;
+    Ok(Uint8Array::new(&buf).to_vec())
+}
+
+/// Builds the variant from `recipe` or from an exported file, then measures it.
+pub async fn run(
+    loaded: std::rc::Rc<Loaded>,
+    recipe: Option<Recipe>,
+    file: Option<(String, Blob)>,
+    runs: u32,
+) -> WebResult<()> {
+    let runs = runs.clamp(1, 200);
+    let start = now();
+    let loaded = &*loaded;
+    ensure_samples(loaded).await?;
+    let on_gpu = loaded.device.is_some();
+    let eval: Vec<EvalImage> = {
+        let all = loaded.eval.borrow();
+        let cap = if on_gpu {
+            MAX_EVAL_IMAGES_GPU
+        } else {
+            MAX_EVAL_IMAGES
+        };
+        // The newest photos first: the user's own come after the samples.
+        all.iter().rev().take(cap).cloned().collect()
+    };
+    let (model, source, reference) = match (recipe, file) {
+        (_, Some((name, blob))) => {
+            progress(&format!("Reading {name}"), 0.05);
+            let model = CompressedModel::from_safetensors(&blob_bytes(&blob).await?)?;
+            (model, name, None)
+        }
+        (Some(recipe), None) => {
+            let calibration: Vec<Vec<f32>> = if recipe.activations.is_some() {
+                eval.iter().map(|e| e.input.clone()).collect()
+            } else {
+                Vec::new()
+            };
+            let model = compress(&loaded.store, &recipe, &calibration, &mut |stage, f| {
+                progress(&format!("Compressing: {stage}"), 0.05 + 0.4 * f)
+            })?;
+            let reference = pruned_and_folded(&loaded.store, &recipe)?;
+            (model, "recipe".to_string(), Some(reference))
+        }
+        (None, None) => return Err(WebError::Message("nothing to compress".into())),
+    };
+    let build_ms = now() - start;
+    let labels = loaded.classifier.labels().clone();
+    progress("Building the compressed model on this backend", 0.5);
+    let variant = match &loaded.device {
+        Some(device) => ImageClassifier::new_compressed(&model, labels.clone(), device)?,
+        None => ImageClassifier::new_compressed_cpu(&model, labels.clone())?,
+    };
+    let (photo, input) = match loaded.last.borrow().clone() {
+        Some((name, input)) => (name, input),
+        None => eval
+            .first()
+            .map(|e| (e.name.clone(), e.input.clone()))
+            .ok_or_else(|| WebError::Message("no photo to measure on".into()))?,
+    };
+    progress("Timing the compressed model", 0.55);
+    let (after_latency, after_logits) = time_model(&variant, &input, runs).await?;
+    let cached = ORIGINAL_LATENCY.with(|l| l.borrow().clone());
+    let before_latency = match cached {
+        Some(l) if l.runs == runs => l,
+        _ => {
+            progress("Timing the original model", 0.7);
+            // Warm the original first so its cold number is not a first-ever run.
+            let (mut l, _) = time_model(&loaded.classifier, &input, runs).await?;
+            l.cold_ms = loaded.cold_ms.get().unwrap_or(l.cold_ms);
+            ORIGINAL_LATENCY.with(|c| *c.borrow_mut() = Some(l.clone()));
+            l
+        }
+    };
+    let before_logits = loaded.classifier.logits(&input).await?;
+    let mut agree = 0;
+    let mut kl_sum = 0.0;
+    for (i, e) in eval.iter().enumerate() {
+        progress(
+            &format!("Comparing with the original ({}/{})", i + 1, eval.len()),
+            0.8 + 0.15 * i as f32 / eval.len().max(1) as f32,
+        );
+        let logits = variant.logits(&e.input).await?;
+        let (same, kl) = agreement(&e.logits, &logits);
+        agree += same as usize;
+        kl_sum += kl;
+    }
+    let cross_check = if on_gpu {
+        progress("Checking WebGPU against the CPU", 0.96);
+        let cpu = ImageClassifier::new_compressed_cpu(&model, labels.clone())?;
+        let cpu_logits = cpu.logits(&input).await?;
+        let (top1_same, kl) = agreement(&cpu_logits, &after_logits);
+        Some(CrossCheck {
+            top1_same,
+            max_abs_diff: max_abs_diff(&cpu_logits, &after_logits),
+            kl,
+        })
+    } else {
+        None
+    };
+    let original = CompressedModel::original(&loaded.store)?;
+    let executor = match &loaded.device {
+        Some(_) => format!("WebGPU ({})", loaded.backend.description),
+        None => "CPU fallback".to_string(),
+    };
+    let report = CompressReport {
+        recipe: model.recipe.clone(),
+        source,
+        executor,
+        before: VariantSummary {
+            stats: original.stats()?,
+            latency: before_latency,
+            top5: top_k(&before_logits, 5, &labels),
+        },
+        after: VariantSummary {
+            stats: model.stats()?,
+            latency: after_latency,
+            top5: top_k(&after_logits, 5, &labels),
+        },
+        photo,
+        eval_images: eval.len(),
+        top1_agreement: agree,
+        mean_kl: kl_sum / eval.len().max(1) as f64,
+        build_ms,
+        layers: model.layer_stats(reference.as_ref())?,
+        cross_check,
+    };
+    VARIANT.with(|v| *v.borrow_mut() = Some(Variant { model }));
+    post(&FromWorker::Compressed(Box::new(report)));
+    Ok(())
+}
+
+/// The current variant as safetensors + recipe.
+pub fn export() -> WebResult<()> {
+    let (weights, recipe_json) = VARIANT.with(|v| -> WebResult<(Vec<u8>, String)> {
+        let v = v.borrow();
+        let variant = v
+            .as_ref()
+            .ok_or_else(|| WebError::Message("apply a compression first".into()))?;
+        Ok((
+            variant.model.to_safetensors()?,
+            variant.model.recipe.to_json(),
+        ))
+    })?;
+    post(&FromWorker::Exported {
+        weights,
+        recipe_json,
+    });
+    Ok(())
+}
