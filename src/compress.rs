@@ -753,8 +753,8 @@ mod tests {
         v.push(1e6);
         v.push(-1e6);
         let (lo, hi) = percentile_range(&mut v, 99.0);
-        assert!(lo >= 0.0 && lo <= 20.0, "{lo}");
-        assert!(hi <= 999.0 && hi >= 980.0, "{hi}");
+        assert!((0.0..=20.0).contains(&lo), "{lo}");
+        assert!((980.0..=999.0).contains(&hi), "{hi}");
     }
 
     #[test]
@@ -778,7 +778,7 @@ mod tests {
         };
         for i in -140_000..140_000 {
             let x = i as f32 * 0.001 + 0.0005 * (i % 3) as f32;
-            let want = (round_half_even(x) as i32 + 3).clamp(-128, 127);
+            let want = (crate::quant::round_half_even(x) as i32 + 3).clamp(-128, 127);
             assert_eq!(q.quantize(x), want, "{x}");
         }
     }
