@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark: warm latency p50/p95 (≥ 20 runs) natively (Flex CPU, wgpu on lavapipe) and in
 # headless Chromium (our WebGPU path on SwiftShader, our CPU fallback), with ONNX Runtime Web
-# on the same weights and input as the reference. Prints tables and ratios.
+# on the same weights and input as the reference; then the compressed variants against fp32.
+# Prints tables and ratios.
 #   scripts/bench.sh [RUNS]   (default 20)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,8 @@ cargo build --release --quiet --bin compresslab
 CLI=$CARGO_TARGET_DIR/release/compresslab
 echo "== native"
 "$CLI" bench --runs "$RUNS" assets/models assets/samples/coffee.png
+echo "== native, compressed variants (fp32 / int8 W8A8 / int4 weight-only / 50 % channels)"
+"$CLI" bench-compress --runs "$RUNS" assets/models assets/samples/coffee.png
 DATA=$CARGO_TARGET_DIR/bench-data
 "$CLI" export-onnx assets/models assets/samples/coffee.png "$DATA"
 [[ -f dist/index.html ]] || scripts/build-site.sh

@@ -6,6 +6,7 @@ use crate::compress::CompressedModel;
 use crate::cpu::CpuEfficientNet;
 use crate::efficientnet::{BatchNormMode, EfficientNetLite, INPUT_SIZE};
 use crate::error::{EngineError, Result};
+use crate::gpu_int::GpuCompressedNet;
 use crate::labels::{Labels, Prediction, top_k};
 use crate::weights::TensorStore;
 
@@ -14,6 +15,11 @@ enum Runner {
     /// The burn model on a burn device (WebGPU, Vulkan, or burn's CPU backend).
     Burn {
         model: Box<EfficientNetLite>,
+        device: Device,
+    },
+    /// A compressed model on wgpu with the integer kernels of `kernels/`.
+    GpuInt {
+        net: Box<GpuCompressedNet>,
         device: Device,
     },
     /// The dedicated channels-last CPU path (`cpu.rs`).
@@ -38,19 +44,35 @@ impl ImageClassifier {
         })
     }
 
-    /// A compressed model on `device` (burn; dequantized weights, fake-quantized inputs).
+    /// A compressed model on `device`. With `integer_kernels` (the device must be wgpu:
+    /// WebGPU or Vulkan) quantized 1×1 layers run on the WGSL integer kernels; the rest, or
+    /// everything without it, runs as burn ops on dequantized weights with inputs fake-quantized.
     pub fn new_compressed(
         model: &CompressedModel,
         labels: Labels,
         device: &Device,
+        integer_kernels: bool,
     ) -> Result<Self> {
-        Ok(Self {
-            runner: Runner::Burn {
+        let runner = if integer_kernels {
+            Runner::GpuInt {
+                net: Box::new(GpuCompressedNet::new(model, device)?),
+                device: device.clone(),
+            }
+        } else {
+            Runner::Burn {
                 model: Box::new(EfficientNetLite::from_compressed(model, device)?),
                 device: device.clone(),
-            },
-            labels,
-        })
+            }
+        };
+        Ok(Self { runner, labels })
+    }
+
+    /// Layers on integer kernels (int8, int4), when this runs a compressed model on wgpu.
+    pub fn integer_layers(&self) -> (usize, usize) {
+        match &self.runner {
+            Runner::GpuInt { net, .. } => net.integer_layers(),
+            _ => (0, 0),
+        }
     }
 
     /// A compressed model on the dedicated CPU path, with its integer kernels.
@@ -83,16 +105,19 @@ impl ImageClassifier {
                 expected,
             });
         }
-        let (model, device) = match &self.runner {
+        let shape = [1, 3, INPUT_SIZE, INPUT_SIZE];
+        let logits = match &self.runner {
             Runner::Cpu(cpu) => return cpu.forward(input, INPUT_SIZE, INPUT_SIZE),
-            Runner::Burn { model, device } => (model, device),
+            Runner::Burn { model, device } => model.forward(Tensor::from_data(
+                TensorData::new(input.to_vec(), shape),
+                device,
+            )),
+            Runner::GpuInt { net, device } => net.forward(Tensor::from_data(
+                TensorData::new(input.to_vec(), shape),
+                device,
+            ))?,
         };
-        let x = Tensor::<4>::from_data(
-            TensorData::new(input.to_vec(), [1, 3, INPUT_SIZE, INPUT_SIZE]),
-            device,
-        );
-        let data = model
-            .forward(x)
+        let data = logits
             .into_data_async()
             .await
             .map_err(|e| EngineError::Execution(format!("{e:?}")))?;

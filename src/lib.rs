@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod decode;
 pub mod efficientnet;
 pub mod error;
+pub mod gpu_int;
 mod int8_cpu;
 pub mod labels;
 pub mod onnx;

@@ -376,7 +376,10 @@ fn bench_compress(args: &[String]) -> Result<()> {
             &model,
             Labels::default(),
             &Device::wgpu(DeviceKind::DefaultDevice),
+            true,
         )?;
+        let (int8, int4) = wgpu.integer_layers();
+        eprintln!("{name}: {int8} int8 and {int4} int4 layers on the WGSL integer kernels");
         for executor in ["cpu", "wgpu"] {
             let (cold, p50, p95, logits) = match executor {
                 "cpu" => time_runs(runs, || cpu.forward(&input, 224, 224))?,

@@ -188,7 +188,7 @@ pub async fn run(
     let labels = loaded.classifier.labels().clone();
     progress("Building the compressed model on this backend", 0.5);
     let variant = match &loaded.device {
-        Some(device) => ImageClassifier::new_compressed(&model, labels.clone(), device)?,
+        Some(device) => ImageClassifier::new_compressed(&model, labels.clone(), device, true)?,
         None => ImageClassifier::new_compressed_cpu(&model, labels.clone())?,
     };
     let (photo, input) = match loaded.last.borrow().clone() {

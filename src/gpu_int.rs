@@ -1,0 +1,426 @@
+//! Integer kernels on burn's wgpu device (WebGPU in the browser, Vulkan natively): the WGSL
+//! files in `kernels/` launched through burn-wgpu's template mechanism on the tensors'
+//! own GPU buffers (no CPU round trip).
+//!
+//! - int8 weights + int8 inputs: `quantize_pack_i8` packs the input four channels per word,
+//!   `matmul_i8_dot4` multiplies with `dot4I8Packed` and applies scale, bias, ReLU6 and the
+//!   residual in one pass.
+//! - int4 weight-only: `matmul_int4_weight_only` reads the packed nibbles and unpacks them in
+//!   the kernel.
+//!
+//! These replace the 1×1 convolutions and the classifier; stem and depthwise layers run as
+//! burn ops on the dequantized weights (with inputs fake-quantized when calibrated).
+
+use burn::backend::Wgpu;
+use burn::backend::wgpu::{
+    CubeDim, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous,
+};
+use burn::cubecl::CubeCount;
+use burn::cubecl::prelude::KernelId;
+use burn::cubecl::server::{KernelArguments, MetadataBindingInfo};
+use burn::prelude::*;
+use burn::tensor::{DType, Shape};
+
+use crate::compress::{ActivationParams, CompressedModel};
+use crate::efficientnet::{ConvUnit, EfficientNetLite, LayerKind};
+use crate::error::{EngineError, Result};
+use crate::quant::{Granularity, QuantizedTensor};
+
+macro_rules! wgsl_kernel {
+    ($name:ident, $file:literal) => {
+        struct $name;
+        impl KernelSource for $name {
+            fn source(&self) -> SourceTemplate {
+                SourceTemplate::new(include_str!(concat!("../kernels/", $file)))
+            }
+            fn id(&self) -> KernelId {
+                KernelId::new::<Self>()
+            }
+            fn lang(&self) -> &'static str {
+                "wgsl"
+            }
+        }
+    };
+}
+
+wgsl_kernel!(QuantizePackI8, "quantize_pack_i8.wgsl");
+wgsl_kernel!(MatmulI8Dot4, "matmul_i8_dot4.wgsl");
+wgsl_kernel!(MatmulInt4WeightOnly, "matmul_int4_weight_only.wgsl");
+
+const WORKGROUP: u32 = 64;
+
+/// Uniform parameters as the 64-bit words cubecl uploads (two 32-bit fields each, little
+/// endian), padded to 16 bytes.
+fn uniform(words: &[u32]) -> MetadataBindingInfo {
+    let mut w = words.to_vec();
+    while w.len() % 4 != 0 {
+        w.push(0);
+    }
+    MetadataBindingInfo::custom(
+        w.chunks(2)
+            .map(|p| p[0] as u64 | (p[1] as u64) << 32)
+            .collect(),
+    )
+}
+
+fn cube(t: Tensor<1>) -> Result<CubeTensor> {
+    t.try_into_primitive::<Wgpu>()
+        .map(into_contiguous)
+        .map_err(|e| EngineError::Execution(format!("integer kernels need the wgpu device: {e:?}")))
+}
+
+fn cube_int(t: Tensor<1, Int>) -> Result<CubeTensor> {
+    t.try_into_primitive::<Wgpu>()
+        .map(into_contiguous)
+        .map_err(|e| EngineError::Execution(format!("integer kernels need the wgpu device: {e:?}")))
+}
+
+/// One layer's weights on the GPU, in the layout its kernel reads.
+#[derive(Debug)]
+enum IntLayer {
+    Int8 {
+        /// Packed weights `[outputs, channels4]` (i32 words).
+        weights: Tensor<1, Int>,
+        /// Per output: weight row sum, weight zero point.
+        ints: Tensor<1, Int>,
+        /// Per output: input scale × weight scale, bias.
+        epilogue: Tensor<1>,
+        input: ActivationParams,
+        channels: usize,
+        outputs: usize,
+    },
+    Int4 {
+        weights: Tensor<1, Int>,
+        scales: Tensor<1>,
+        zero_points: Tensor<1, Int>,
+        bias: Tensor<1>,
+        channels: usize,
+        outputs: usize,
+        words_per_row: usize,
+        group_len: usize,
+        groups: usize,
+    },
+}
+
+impl IntLayer {
+    /// The kernel form of a quantized 1×1 layer, or `None` when no kernel fits (it then runs
+    /// as float on the dequantized weights).
+    fn new(
+        q: &QuantizedTensor,
+        input: Option<ActivationParams>,
+        bias: &[f32],
+        device: &Device,
+    ) -> Option<Self> {
+        let outputs = q.shape[0];
+        let channels = q.values.len() / outputs.max(1);
+        let (group_len, _) = q.grouping();
+        // Per-tensor groups span rows; give every row the tensor's one scale.
+        let per_row_groups: Vec<(f32, i32)> = match q.scheme.granularity {
+            Granularity::PerTensor => {
+                vec![(q.scales[0], q.zero_points[0] as i32); outputs]
+            }
+            _ => q
+                .scales
+                .iter()
+                .zip(&q.zero_points)
+                .map(|(&s, &z)| (s, z as i32))
+                .collect(),
+        };
+        let groups = per_row_groups.len() / outputs.max(1);
+        match (q.scheme.bits, input) {
+            (8, Some(input)) if groups == 1 && input.qmin >= -128 && input.qmax <= 127 => {
+                let channels4 = channels.div_ceil(4);
+                let mut words = vec![0i32; outputs * channels4];
+                let mut ints = Vec::with_capacity(2 * outputs);
+                let mut epilogue = Vec::with_capacity(2 * outputs);
+                for o in 0..outputs {
+                    let row = &q.values[o * channels..(o + 1) * channels];
+                    for (k, &v) in row.iter().enumerate() {
+                        words[o * channels4 + k / 4] |= ((v as u8 as u32) << (8 * (k % 4))) as i32;
+                    }
+                    ints.push(row.iter().map(|&v| v as i32).sum());
+                    ints.push(per_row_groups[o].1);
+                    epilogue.push(per_row_groups[o].0 * input.scale);
+                    epilogue.push(bias[o]);
+                }
+                Some(Self::Int8 {
+                    weights: int_tensor(words, device),
+                    ints: int_tensor(ints, device),
+                    epilogue: float_tensor(epilogue, device),
+                    input,
+                    channels,
+                    outputs,
+                })
+            }
+            (4, None) => {
+                let group_len = if groups == 1 { channels } else { group_len };
+                let words_per_row = channels.div_ceil(8);
+                let mut words = vec![0i32; outputs * words_per_row];
+                for o in 0..outputs {
+                    for k in 0..channels {
+                        let nibble = (q.values[o * channels + k] as u8 & 0x0f) as u32;
+                        words[o * words_per_row + k / 8] |= (nibble << (4 * (k % 8))) as i32;
+                    }
+                }
+                Some(Self::Int4 {
+                    weights: int_tensor(words, device),
+                    scales: float_tensor(per_row_groups.iter().map(|g| g.0).collect(), device),
+                    zero_points: int_tensor(per_row_groups.iter().map(|g| g.1).collect(), device),
+                    bias: float_tensor(bias.to_vec(), device),
+                    channels,
+                    outputs,
+                    words_per_row,
+                    group_len,
+                    groups,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Runs the layer on `x` (`[channels, pixels]` contiguous); returns `[outputs, pixels]`.
+    fn forward(&self, x: Tensor<2>, relu6: bool, residual: Option<Tensor<2>>) -> Result<Tensor<2>> {
+        let [_, pixels] = x.dims();
+        let x = cube(x.reshape([-1]))?;
+        let (client, device) = (x.client.clone(), x.device.clone());
+        let flag = |b: bool| b as u32;
+        let grid_x = (pixels as u32).div_ceil(WORKGROUP);
+        let outputs = match self {
+            Self::Int8 { outputs, .. } | Self::Int4 { outputs, .. } => *outputs,
+        };
+        let res = residual.map(|r| cube(r.reshape([-1]))).transpose()?;
+        let has_residual = res.is_some();
+        // Without a residual the kernel never reads binding `res`, but it must be bound: a
+        // buffer of its own (WebGPU forbids aliasing writable bindings).
+        let res_binding = match res {
+            Some(r) => r.handle.binding(),
+            None => client.empty(16).binding(),
+        };
+        let out = client.empty(outputs * pixels * 4);
+        match self {
+            Self::Int8 {
+                weights,
+                ints,
+                epilogue,
+                input,
+                channels,
+                ..
+            } => {
+                let channels4 = channels.div_ceil(4);
+                let packed = client.empty(channels4 * pixels * 4);
+                client.launch(
+                    Box::new(SourceKernel::new(
+                        QuantizePackI8,
+                        CubeDim::new_1d(WORKGROUP),
+                    )),
+                    CubeCount::Static(grid_x, channels4 as u32, 1),
+                    KernelArguments::new()
+                        .with_buffer(x.handle.clone().binding())
+                        .with_buffer(packed.clone().binding())
+                        .with_info(uniform(&[
+                            *channels as u32,
+                            pixels as u32,
+                            channels4 as u32,
+                            input.zero_point as u32,
+                            input.scale.to_bits(),
+                            input.qmin as u32,
+                            input.qmax as u32,
+                        ])),
+                );
+                let (w, ints, epi) = (
+                    cube_int(weights.clone())?,
+                    cube_int(ints.clone())?,
+                    cube(epilogue.clone())?,
+                );
+                client.launch(
+                    Box::new(SourceKernel::new(MatmulI8Dot4, CubeDim::new_1d(WORKGROUP))),
+                    CubeCount::Static(grid_x, outputs as u32, 1),
+                    KernelArguments::new()
+                        .with_buffer(packed.binding())
+                        .with_buffer(w.handle.clone().binding())
+                        .with_buffer(ints.handle.clone().binding())
+                        .with_buffer(epi.handle.clone().binding())
+                        .with_buffer(res_binding)
+                        .with_buffer(out.clone().binding())
+                        .with_info(uniform(&[
+                            *channels as u32,
+                            channels4 as u32,
+                            pixels as u32,
+                            outputs as u32,
+                            input.zero_point as u32,
+                            flag(relu6),
+                            flag(has_residual),
+                        ])),
+                );
+            }
+            Self::Int4 {
+                weights,
+                scales,
+                zero_points,
+                bias,
+                channels,
+                words_per_row,
+                group_len,
+                groups,
+                ..
+            } => {
+                let (w, qp, zps, epi) = (
+                    cube_int(weights.clone())?,
+                    cube(scales.clone())?,
+                    cube_int(zero_points.clone())?,
+                    cube(bias.clone())?,
+                );
+                client.launch(
+                    Box::new(SourceKernel::new(
+                        MatmulInt4WeightOnly,
+                        CubeDim::new_1d(WORKGROUP),
+                    )),
+                    CubeCount::Static(grid_x, outputs as u32, 1),
+                    KernelArguments::new()
+                        .with_buffer(x.handle.clone().binding())
+                        .with_buffer(w.handle.clone().binding())
+                        .with_buffer(qp.handle.clone().binding())
+                        .with_buffer(zps.handle.clone().binding())
+                        .with_buffer(epi.handle.clone().binding())
+                        .with_buffer(res_binding)
+                        .with_buffer(out.clone().binding())
+                        .with_info(uniform(&[
+                            *channels as u32,
+                            pixels as u32,
+                            outputs as u32,
+                            *words_per_row as u32,
+                            *group_len as u32,
+                            *groups as u32,
+                            flag(relu6),
+                            flag(has_residual),
+                        ])),
+                );
+            }
+        }
+        let out = CubeTensor::new_contiguous(
+            client,
+            device,
+            Shape::new([outputs * pixels]),
+            out,
+            DType::F32,
+        );
+        Ok(Tensor::<1>::from_primitive::<Wgpu>(out).reshape([outputs, pixels]))
+    }
+}
+
+fn int_tensor(v: Vec<i32>, device: &Device) -> Tensor<1, Int> {
+    let n = v.len();
+    Tensor::from_data(TensorData::new(v, [n]), device)
+}
+
+fn float_tensor(v: Vec<f32>, device: &Device) -> Tensor<1> {
+    let n = v.len();
+    Tensor::from_data(TensorData::new(v, [n]), device)
+}
+
+/// The compressed model on the wgpu device with integer kernels where they apply.
+#[derive(Debug)]
+pub struct GpuCompressedNet {
+    net: EfficientNetLite,
+    /// In [`crate::efficientnet::weight_layers`] order.
+    int_layers: Vec<Option<IntLayer>>,
+}
+
+impl GpuCompressedNet {
+    pub fn new(model: &CompressedModel, device: &Device) -> Result<Self> {
+        let net = EfficientNetLite::from_compressed(model, device)?;
+        let int_layers = model
+            .layers
+            .iter()
+            .map(|l| {
+                let pointwise = matches!(
+                    l.kind,
+                    LayerKind::Expand
+                        | LayerKind::Project
+                        | LayerKind::Head
+                        | LayerKind::Classifier
+                );
+                let q = l.weights.as_ref().filter(|_| pointwise)?;
+                let bias = model.store.get(&format!("{}.bias", l.name)).ok()?;
+                IntLayer::new(q, l.activation, &bias.data, device)
+            })
+            .collect();
+        Ok(Self { net, int_layers })
+    }
+
+    /// How many layers run on an integer kernel (int8, int4).
+    pub fn integer_layers(&self) -> (usize, usize) {
+        let count =
+            |f: fn(&IntLayer) -> bool| self.int_layers.iter().flatten().filter(|l| f(l)).count();
+        (
+            count(|l| matches!(l, IntLayer::Int8 { .. })),
+            count(|l| matches!(l, IntLayer::Int4 { .. })),
+        )
+    }
+
+    fn pointwise(
+        &self,
+        index: usize,
+        unit: &ConvUnit,
+        x: Tensor<4>,
+        residual: Option<Tensor<4>>,
+    ) -> Result<Tensor<4>> {
+        match &self.int_layers[index] {
+            Some(layer) => {
+                let [n, c, h, w] = x.dims();
+                if n != 1 {
+                    return Err(EngineError::Execution(
+                        "integer kernels take one image".into(),
+                    ));
+                }
+                let res = residual.map(|r| r.reshape([-1, (h * w) as i32]));
+                let y = layer.forward(x.reshape([c, h * w]), unit.relu6, res)?;
+                let [outputs, _] = y.dims();
+                Ok(y.reshape([1, outputs, h, w]))
+            }
+            None => {
+                let y = unit.forward(x);
+                Ok(match residual {
+                    Some(r) => y + r,
+                    None => y,
+                })
+            }
+        }
+    }
+
+    /// Logits `[1, classes]` for one normalised image `[1, 3, 224, 224]`.
+    pub fn forward(&self, x: Tensor<4>) -> Result<Tensor<2>> {
+        let mut layer = 0;
+        let mut x = self.net.stem.forward(x);
+        layer += 1;
+        for block in &self.net.blocks {
+            let input = x.clone();
+            let mut h = x;
+            if let Some(expand) = &block.expand {
+                h = self.pointwise(layer, expand, h, None)?;
+                layer += 1;
+            }
+            h = block.depthwise.forward(h);
+            layer += 1;
+            x = self.pointwise(layer, &block.project, h, block.skip.then_some(input))?;
+            layer += 1;
+        }
+        x = self.pointwise(layer, &self.net.head, x, None)?;
+        layer += 1;
+        let pooled: Tensor<2> = x.mean_dim(3).mean_dim(2).flatten(1, 3);
+        match &self.int_layers[layer] {
+            Some(fc) => {
+                let [_, features] = pooled.dims();
+                let logits = fc.forward(pooled.reshape([features, 1]), false, None)?;
+                Ok(logits.reshape([1, -1]))
+            }
+            None => {
+                let pooled = match &self.net.classifier_input_quant {
+                    Some(q) => crate::efficientnet::fake_quantize_tensor(pooled, q),
+                    None => pooled,
+                };
+                Ok(self.net.classifier.forward(pooled))
+            }
+        }
+    }
+}

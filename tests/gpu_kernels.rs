@@ -1,0 +1,104 @@
+//! The WGSL integer kernels (kernels/) on native wgpu (lavapipe here: Vulkan on the CPU),
+//! checked against the float fake-quant reference of the same compressed model.
+
+use std::path::PathBuf;
+
+use compresslab::classifier::{ImageClassifier, max_abs_diff};
+use compresslab::compress::{ActivationQuant, Observer, Recipe, agreement, compress};
+use compresslab::cpu::CpuEfficientNet;
+use compresslab::decode::decode_file;
+use compresslab::labels::Labels;
+use compresslab::preprocess::imagenet_input;
+use compresslab::quant::{Granularity, QuantScheme};
+use compresslab::weights::TensorStore;
+use futures_lite::future::block_on;
+
+fn assets() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets")
+}
+
+fn check(name: &str, recipe: Recipe, expect_int8: bool, expect_int4: bool) {
+    let bytes = std::fs::read(assets().join("models/efficientnet-lite0.safetensors"))
+        .expect("model assets missing: run scripts/setup.sh first");
+    let store = TensorStore::from_safetensors(&bytes).unwrap();
+    let images: Vec<Vec<f32>> = ["coffee.png", "chelsea.png", "rocket.jpg"]
+        .iter()
+        .map(|n| imagenet_input(&decode_file(&assets().join("samples").join(n)).unwrap()))
+        .collect();
+    let model = compress(&store, &recipe, &images, &mut |_, _| {}).unwrap();
+    let device = burn::prelude::Device::wgpu(burn::prelude::DeviceKind::DefaultDevice);
+    let gpu = ImageClassifier::new_compressed(&model, Labels::default(), &device, true).unwrap();
+    let (int8, int4) = gpu.integer_layers();
+    println!("{name}: {int8} int8 layers, {int4} int4 layers on integer kernels");
+    assert_eq!(int8 > 0, expect_int8);
+    assert_eq!(int4 > 0, expect_int4);
+    let reference = CpuEfficientNet::from_compressed(&model, false).unwrap();
+    for image in &images {
+        let want = reference.forward(image, 224, 224).unwrap();
+        let got = block_on(gpu.logits(image)).unwrap();
+        let (same, kl) = agreement(&want, &got);
+        println!(
+            "{name}: kernels vs fake-quant reference: max |logit| {:.2e}, top-1 same {same}, KL {kl:.2e}",
+            max_abs_diff(&want, &got)
+        );
+        assert!(same && kl < 1e-3, "{name}: KL {kl}");
+    }
+}
+
+#[test]
+fn int8_dot4_kernel_matches_the_reference() {
+    check(
+        "int8 W8A8 per-channel",
+        Recipe {
+            weights: Some(QuantScheme {
+                bits: 8,
+                symmetric: true,
+                granularity: Granularity::PerChannel,
+            }),
+            activations: Some(ActivationQuant {
+                bits: 8,
+                symmetric: false,
+                observer: Observer::MinMax,
+            }),
+            ..Recipe::default()
+        },
+        true,
+        false,
+    );
+    // Asymmetric per-tensor weights exercise the zero-point correction terms.
+    check(
+        "int8 W8A8 asymmetric per-tensor",
+        Recipe {
+            weights: Some(QuantScheme {
+                bits: 8,
+                symmetric: false,
+                granularity: Granularity::PerTensor,
+            }),
+            activations: Some(ActivationQuant {
+                bits: 8,
+                symmetric: true,
+                observer: Observer::Percentile(99.9),
+            }),
+            ..Recipe::default()
+        },
+        true,
+        false,
+    );
+}
+
+#[test]
+fn int4_weight_only_kernel_matches_the_reference() {
+    check(
+        "int4 per-block(32) asymmetric",
+        Recipe {
+            weights: Some(QuantScheme {
+                bits: 4,
+                symmetric: false,
+                granularity: Granularity::PerBlock(32),
+            }),
+            ..Recipe::default()
+        },
+        false,
+        true,
+    );
+}
