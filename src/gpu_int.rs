@@ -53,7 +53,7 @@ const WORKGROUP: u32 = 64;
 /// endian), padded to 16 bytes.
 fn uniform(words: &[u32]) -> MetadataBindingInfo {
     let mut w = words.to_vec();
-    while w.len() % 4 != 0 {
+    while !w.len().is_multiple_of(4) {
         w.push(0);
     }
     MetadataBindingInfo::custom(
@@ -76,6 +76,8 @@ fn cube_int(t: Tensor<1, Int>) -> Result<CubeTensor> {
 }
 
 /// One layer's weights on the GPU, in the layout its kernel reads.
+// A few dozen of these exist per model, built once: the size gap between variants is moot.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum IntLayer {
     Int8 {
