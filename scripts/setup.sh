@@ -38,7 +38,7 @@ apt_install() {
   fi
 }
 
-apt_install unzip python3
+apt_install unzip python3 dataset-fashion-mnist
 if ((WITH_TESTS)); then
   apt_install chromium chromium-driver mesa-vulkan-drivers
 fi
@@ -111,4 +111,17 @@ for entry in "${sample_list[@]}"; do
   index+="{\"file\":\"$file\",\"title\":\"$title\"},"
 done
 printf '%s]\n' "${index%,}" > "$SAMPLES/index.json"
+
+say "Fashion-MNIST (Debian dataset-fashion-mnist) and our trained network"
+IDX=$CACHE/fashion-idx
+mkdir -p "$IDX"
+for f in t10k-images-idx3-ubyte t10k-labels-idx1-ubyte train-images-idx3-ubyte train-labels-idx1-ubyte; do
+  [[ -f $IDX/$f ]] || gzip -dc "/usr/share/datasets/fashion-mnist/$f.gz" > "$IDX/$f"
+done
+FASHION=$ROOT/assets/fashion
+if [[ ! -f $FASHION/test.bin || ! -f $FASHION/calibration.bin ]]; then
+  cargo run --release --quiet --bin compresslab -- fashion-assets "$IDX" "$FASHION"
+fi
+# The weights are ours (trained by `compresslab train-fashion`, see README) and committed.
+cp -f "$ROOT/models/fashion-mnist-cnn.safetensors" "$FASHION/"
 say "setup done"

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::cpu::CpuEfficientNet;
 use crate::efficientnet::{INPUT_SIZE, LayerKind, block_strides, fold_batch_norms, weight_layers};
 use crate::error::{EngineError, Result};
+use crate::fashion::is_fashion;
+use crate::fashion_cpu::CpuFashionNet;
 use crate::prune::{ChannelPruning, MagnitudePruning, magnitude_prune, prune_channels};
 use crate::quant::{
     Granularity, QuantScheme, QuantizedTensor, group_params, pack_int4, sqnr_db, unpack_int4,
@@ -48,6 +50,24 @@ pub struct Recipe {
 impl Recipe {
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// int8 symmetric weights at `granularity` and asymmetric int8 activations (W8A8),
+    /// the setting the integer kernels run.
+    pub fn w8a8(granularity: Granularity, observer: Observer) -> Self {
+        Self {
+            weights: Some(QuantScheme {
+                bits: 8,
+                symmetric: true,
+                granularity,
+            }),
+            activations: Some(ActivationQuant {
+                bits: 8,
+                symmetric: false,
+                observer,
+            }),
+            ..Self::default()
+        }
     }
 
     pub fn from_json(text: &str) -> Result<Self> {
@@ -134,7 +154,9 @@ pub struct CompressedModel {
 pub type Progress<'a> = &'a mut dyn FnMut(&str, f32);
 
 /// Applies `recipe` to the original (raw or folded) weights. `calibration` holds
-/// preprocessed `[3, 224, 224]` images; it is needed only for activation quantization.
+/// preprocessed images (`[3, 224, 224]` for EfficientNet; for the Fashion-MNIST network,
+/// normalised 28×28 images, any number per entry); it is needed only for activation
+/// quantization.
 pub fn compress(
     original: &TensorStore,
     recipe: &Recipe,
@@ -215,7 +237,15 @@ fn calibrate(
     images: &[Vec<f32>],
     progress: Progress,
 ) -> Result<Vec<ActivationParams>> {
-    let net = CpuEfficientNet::from_store(store)?;
+    enum Net {
+        EfficientNet(Box<CpuEfficientNet>),
+        Fashion(Box<CpuFashionNet>),
+    }
+    let net = if is_fashion(store) {
+        Net::Fashion(Box::new(CpuFashionNet::from_store(store)?))
+    } else {
+        Net::EfficientNet(Box::new(CpuEfficientNet::from_store(store)?))
+    };
     let n_layers = weight_layers(store).len();
     let mut min = vec![0f32; n_layers];
     let mut max = vec![0f32; n_layers];
@@ -225,7 +255,7 @@ fn calibrate(
             &format!("calibrating activations ({}/{})", i + 1, images.len()),
             0.4 + 0.55 * i as f32 / images.len() as f32,
         );
-        net.forward_observed(image, INPUT_SIZE, INPUT_SIZE, &mut |layer, values| {
+        let mut observe = |layer: usize, values: &[f32]| {
             for &v in values {
                 min[layer] = min[layer].min(v);
                 max[layer] = max[layer].max(v);
@@ -234,7 +264,15 @@ fn calibrate(
                 let step = values.len().div_ceil(PERCENTILE_SAMPLES).max(1);
                 samples[layer].extend(values.iter().step_by(step));
             }
-        })?;
+        };
+        match &net {
+            Net::EfficientNet(n) => {
+                n.forward_observed(image, INPUT_SIZE, INPUT_SIZE, &mut observe)?;
+            }
+            Net::Fashion(n) => {
+                n.forward_observed(image, &mut observe)?;
+            }
+        }
     }
     let scheme = QuantScheme {
         bits: act.bits,
@@ -342,8 +380,12 @@ pub struct ChannelGrid {
     pub levels: Vec<f32>,
 }
 
-/// Output size of every layer for a 224×224 input, in [`weight_layers`] order.
+/// Output size of every layer (for a 224×224 input to EfficientNet), in [`weight_layers`]
+/// order.
 fn output_sizes(store: &TensorStore) -> Vec<usize> {
+    if is_fashion(store) {
+        return crate::fashion::output_sides();
+    }
     let mut size = INPUT_SIZE;
     weight_layers(store)
         .iter()
@@ -647,10 +689,15 @@ impl CompressedModel {
         let found: Vec<String> = model.layers.iter().map(|l| l.name.clone()).collect();
         if expected != found {
             return Err(bad(
-                "the layer table does not describe an EfficientNet-Lite".into(),
+                "the layer table does not describe EfficientNet-Lite0 or the Fashion-MNIST network"
+                    .into(),
             ));
         }
-        CpuEfficientNet::from_store(&model.store)?;
+        if is_fashion(&model.store) {
+            CpuFashionNet::from_store(&model.store)?;
+        } else {
+            CpuEfficientNet::from_store(&model.store)?;
+        }
         Ok(model)
     }
 }
@@ -674,6 +721,9 @@ fn layer_kind(name: &str) -> Option<LayerKind> {
         n if n.ends_with("._expand_conv") => LayerKind::Expand,
         n if n.ends_with("._depthwise_conv") => LayerKind::Depthwise,
         n if n.ends_with("._project_conv") => LayerKind::Project,
+        "conv1" | "conv2" | "conv3" => LayerKind::Conv,
+        "fc1" => LayerKind::Dense,
+        "fc2" => LayerKind::Classifier,
         _ => return None,
     })
 }

@@ -36,10 +36,11 @@ fn valid_taps(
     (first..last.max(first), origin)
 }
 
-/// A 1×1 convolution as a GEMM: `[pixels, cin] · [cin, cout]`.
-struct Pointwise {
-    cin: usize,
-    cout: usize,
+/// A 1×1 convolution as a GEMM: `[pixels, cin] · [cin, cout]` (also a linear layer, and
+/// a k×k convolution after im2col).
+pub(crate) struct Pointwise {
+    pub(crate) cin: usize,
+    pub(crate) cout: usize,
     /// PyTorch layout `[cout, cin]`, read transposed by the GEMM.
     weight: Vec<f32>,
     bias: Vec<f32>,
@@ -51,7 +52,47 @@ struct Pointwise {
 }
 
 impl Pointwise {
-    fn forward(&self, input: &[f32], pixels: usize, residual: Option<&[f32]>) -> Vec<f32> {
+    /// A float layer from PyTorch-layout weights `[cout, cin]`.
+    pub(crate) fn new(
+        cin: usize,
+        cout: usize,
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        relu6: bool,
+    ) -> Self {
+        Self {
+            cin,
+            cout,
+            weight,
+            bias,
+            relu6,
+            input_quant: None,
+            int8: None,
+        }
+    }
+
+    /// Takes the layer's input quantization, and its integer kernel where both weights and
+    /// inputs are int8 (unless `integer_kernels` is false: then it stays the float
+    /// fake-quant reference).
+    pub(crate) fn attach(&mut self, layer: &CompressedLayer, integer_kernels: bool) -> Result<()> {
+        self.input_quant = layer.activation;
+        if let (true, Some(q), Some(a)) = (integer_kernels, &layer.weights, &layer.activation) {
+            self.int8 = Int8Pointwise::new(q, a, self.cin, self.cout)?;
+        }
+        Ok(())
+    }
+
+    /// Whether this layer runs on the int8 kernel.
+    pub(crate) fn is_integer(&self) -> bool {
+        self.int8.is_some()
+    }
+
+    pub(crate) fn forward(
+        &self,
+        input: &[f32],
+        pixels: usize,
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
         if let Some(int8) = &self.int8 {
             return int8.forward(input, pixels, &self.bias, self.relu6, residual);
         }
@@ -352,13 +393,7 @@ impl CpuEfficientNet {
                 .next()
                 .ok_or_else(|| EngineError::Weights("layer table shorter than the network".into()))
         };
-        let attach = |p: &mut Pointwise, layer: &CompressedLayer| -> Result<()> {
-            p.input_quant = layer.activation;
-            if let (true, Some(q), Some(a)) = (integer_kernels, &layer.weights, &layer.activation) {
-                p.int8 = Int8Pointwise::new(q, a, p.cin, p.cout)?;
-            }
-            Ok(())
-        };
+        let attach = |p: &mut Pointwise, layer: &CompressedLayer| p.attach(layer, integer_kernels);
         net.stem.input_quant = next()?.activation;
         for block in &mut net.blocks {
             if let Some(e) = &mut block.expand {

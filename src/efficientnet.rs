@@ -396,6 +396,10 @@ pub enum LayerKind {
     Project,
     Head,
     Classifier,
+    /// A full 3×3 convolution (the Fashion-MNIST network).
+    Conv,
+    /// A hidden fully connected layer (the Fashion-MNIST network).
+    Dense,
 }
 
 /// One weight layer: its convolution (or linear) name and the BatchNorm that follows it.
@@ -409,8 +413,12 @@ pub struct LayerRef {
     pub block: Option<usize>,
 }
 
-/// Every weight layer of the network in execution order.
+/// Every weight layer of the network in execution order (EfficientNet-Lite, or the
+/// Fashion-MNIST network when `store` holds that).
 pub fn weight_layers(store: &TensorStore) -> Vec<LayerRef> {
+    if crate::fashion::is_fashion(store) {
+        return crate::fashion::weight_layers();
+    }
     let layer = |name: String, bn: Option<String>, kind, block| LayerRef {
         name,
         bn,

@@ -30,6 +30,8 @@ pub enum EngineError {
     Execution(String),
     #[error("labels file is malformed: {0}")]
     Labels(String),
+    #[error("dataset is malformed: {0}")]
+    Dataset(String),
     #[error("invalid setting: {0}")]
     Config(String),
     #[error("I/O error on {path}: {source}")]

@@ -8,6 +8,8 @@ pub mod cpu;
 pub mod decode;
 pub mod efficientnet;
 pub mod error;
+pub mod fashion;
+pub mod fashion_cpu;
 pub mod gpu_int;
 mod int8_cpu;
 pub mod labels;
@@ -15,6 +17,7 @@ pub mod onnx;
 pub mod preprocess;
 pub mod prune;
 pub mod quant;
+pub mod sweep;
 pub mod torch_legacy;
 pub mod weights;
 

@@ -167,8 +167,11 @@ pub struct ChannelGroup {
     pub rows: Vec<String>,
     /// Tensors consuming the channels along axis 1 (the project conv, or the classifier).
     pub columns: Vec<String>,
-    /// The BatchNorm after the producer, for γ ranking.
+    /// The BatchNorm after the producer, for γ ranking (`None` once folded).
     pub batch_norm: Option<String>,
+    /// Whether the architecture puts a BatchNorm after the producer at all (a hidden
+    /// linear layer does not; γ ranking then uses the L1 norm of its weights).
+    pub has_batch_norm: bool,
     pub channels: usize,
 }
 
@@ -185,8 +188,29 @@ pub fn channel_groups(store: &TensorStore) -> Result<Vec<ChannelGroup>> {
         }
     };
     let mut groups = Vec::new();
+    let fashion = crate::fashion::is_fashion(store);
     for layer in weight_layers(store) {
         let (rows_from, columns, bn) = match layer.kind {
+            // Fashion-MNIST: each conv's channels feed the next conv (or, flattened, fc1);
+            // fc1's units feed the classifier.
+            LayerKind::Conv if fashion => {
+                let i: usize = layer.name[4..].parse().unwrap_or(1);
+                let consumer = if i < 3 {
+                    format!("conv{}.weight", i + 1)
+                } else {
+                    "fc1.weight".into()
+                };
+                (
+                    vec![layer.name.clone(), format!("bn{i}")],
+                    vec![consumer],
+                    format!("bn{i}"),
+                )
+            }
+            LayerKind::Dense => (
+                vec![layer.name.clone()],
+                vec!["fc2.weight".into()],
+                String::new(),
+            ),
             LayerKind::Expand => {
                 let p = format!("_blocks.{}.", layer.block.unwrap_or_default());
                 (
@@ -217,7 +241,8 @@ pub fn channel_groups(store: &TensorStore) -> Result<Vec<ChannelGroup>> {
             producer: layer.name.clone(),
             rows,
             columns,
-            batch_norm: store.contains(&bn_weight).then_some(bn),
+            batch_norm: store.contains(&bn_weight).then_some(bn.clone()),
+            has_batch_norm: !bn.is_empty(),
             channels,
         });
     }
@@ -233,13 +258,17 @@ pub fn select_channels(
     channel_groups(store)?
         .into_iter()
         .map(|g| {
-            let scores: Vec<f64> = match cfg.ranking {
+            let ranking = match (cfg.ranking, g.has_batch_norm) {
+                (ChannelRanking::BatchNormGamma, false) => ChannelRanking::L1,
+                (r, _) => r,
+            };
+            let scores: Vec<f64> = match ranking {
                 ChannelRanking::L1 | ChannelRanking::L2 => {
                     let w = store.get(&format!("{}.weight", g.producer))?;
                     let per = w.data.len() / g.channels.max(1);
                     w.data
                         .chunks(per.max(1))
-                        .map(|row| match cfg.ranking {
+                        .map(|row| match ranking {
                             ChannelRanking::L1 => row.iter().map(|v| v.abs() as f64).sum(),
                             _ => row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt(),
                         })
@@ -275,12 +304,16 @@ pub fn select_channels(
 /// Removes the unselected channels: a smaller dense model.
 pub fn prune_channels(store: &TensorStore, cfg: &ChannelPruning) -> Result<TensorStore> {
     let mut out = store.clone();
+    // Groups can share a tensor (fc1 consumes conv3's channels and produces its own
+    // units), so each gather reads the result of the previous ones.
     for (group, keep) in select_channels(store, cfg)? {
         for name in &group.rows {
-            out.push(gather(store.get(name)?, 0, &keep)?);
+            let t = gather(out.get(name)?, 0, &keep)?;
+            out.push(t);
         }
         for name in &group.columns {
-            out.push(gather(store.get(name)?, 1, &keep)?);
+            let t = gather_columns(out.get(name)?, group.channels, &keep)?;
+            out.push(t);
         }
     }
     Ok(out)
@@ -309,6 +342,24 @@ pub fn mask_channels(store: &TensorStore, cfg: &ChannelPruning) -> Result<Tensor
         }
     }
     Ok(out)
+}
+
+/// Keeps the input channels `keep` of a consumer. A linear layer after a flatten has
+/// `channels × plane` inputs per output (`[out, channels·plane]`): it keeps whole planes.
+fn gather_columns(t: &NamedTensor, channels: usize, keep: &[usize]) -> Result<NamedTensor> {
+    match t.shape[..] {
+        [out, flat] if flat != channels && channels > 0 && flat.is_multiple_of(channels) => {
+            let plane = flat / channels;
+            let view = NamedTensor {
+                shape: vec![out, channels, plane],
+                ..t.clone()
+            };
+            let mut g = gather(&view, 1, keep)?;
+            g.shape = vec![out, keep.len() * plane];
+            Ok(g)
+        }
+        _ => gather(t, 1, keep),
+    }
 }
 
 /// Keeps the indices `keep` along `axis` (0 or 1) of a row-major tensor.

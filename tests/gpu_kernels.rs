@@ -49,19 +49,7 @@ fn check(name: &str, recipe: Recipe, expect_int8: bool, expect_int4: bool) {
 fn int8_dot4_kernel_matches_the_reference() {
     check(
         "int8 W8A8 per-channel",
-        Recipe {
-            weights: Some(QuantScheme {
-                bits: 8,
-                symmetric: true,
-                granularity: Granularity::PerChannel,
-            }),
-            activations: Some(ActivationQuant {
-                bits: 8,
-                symmetric: false,
-                observer: Observer::MinMax,
-            }),
-            ..Recipe::default()
-        },
+        Recipe::w8a8(Granularity::PerChannel, Observer::MinMax),
         true,
         false,
     );

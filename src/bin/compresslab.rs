@@ -7,9 +7,7 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use compresslab::classifier::{ImageClassifier, max_abs_diff};
-use compresslab::compress::{
-    ActivationQuant, CompressedModel, Observer, Recipe, agreement, compress,
-};
+use compresslab::compress::{CompressedModel, Observer, Recipe, agreement, compress};
 use compresslab::cpu::CpuEfficientNet;
 use compresslab::decode::decode_file;
 use compresslab::labels::Labels;
@@ -30,6 +28,18 @@ const USAGE: &str = "usage:
   compresslab bench-compress [--runs N] <assets-dir> <image>
       fp32 vs int8 (weights + activations) vs int4 weight-only vs 50 % channel-pruned:
       latency p50/p95 and ratios on the CPU path and wgpu, size and agreement
+  compresslab fashion-assets <idx-dir> <out-dir>
+      writes the site's Fashion-MNIST assets from the dataset's (gunzipped) IDX files:
+      test.bin (all 10 000 test images) and calibration.bin (100 training images per class)
+  compresslab train-fashion [--epochs N] <idx-dir> <out.safetensors>
+      trains the Fashion-MNIST CNN from scratch (burn, Flex CPU backend, fixed seed) and
+      prints its test accuracy
+  compresslab fashion-eval <fashion-dir> [recipe.json]
+      accuracy, per-class accuracy and confusion matrix on the 10 000 test images (of the
+      trained network, or of it compressed by the recipe); <fashion-dir> is assets/fashion
+  compresslab sweep [--images N] <fashion-dir>
+      accuracy vs sparsity, channel ratio and weight bits × granularity (default: all
+      10 000 test images)
   compresslab preprocess <image> <out.rgb>
       writes the 224×224 8-bit RGB crop the model sees (raw bytes, row-major)
   compresslab export-onnx <assets-dir> <image> <out-dir>
@@ -49,6 +59,10 @@ fn main() -> ExitCode {
         Some("preprocess") => preprocess(&args[1..]),
         Some("compress") => compress_cmd(&args[1..]),
         Some("bench-compress") => bench_compress(&args[1..]),
+        Some("fashion-assets") => fashion_assets(&args[1..]),
+        Some("train-fashion") => train_fashion(&args[1..]),
+        Some("fashion-eval") => fashion_eval(&args[1..]),
+        Some("sweep") => sweep_cmd(&args[1..]),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -266,19 +280,7 @@ fn compress_cmd(args: &[String]) -> Result<()> {
 
 /// The variants the issue's targets are stated for.
 fn bench_variants() -> Vec<(&'static str, Recipe)> {
-    let int8 = Recipe {
-        weights: Some(QuantScheme {
-            bits: 8,
-            symmetric: true,
-            granularity: Granularity::PerChannel,
-        }),
-        activations: Some(ActivationQuant {
-            bits: 8,
-            symmetric: false,
-            observer: Observer::Percentile(99.99),
-        }),
-        ..Recipe::default()
-    };
+    let int8 = Recipe::w8a8(Granularity::PerChannel, Observer::Percentile(99.99));
     let int4 = Recipe {
         weights: Some(QuantScheme {
             bits: 4,
@@ -398,6 +400,223 @@ fn bench_compress(args: &[String]) -> Result<()> {
                 stats.macs as f64 / 1e6,
             );
         }
+    }
+    Ok(())
+}
+
+fn read_idx_pair(dir: &Path, split: &str) -> Result<compresslab::fashion::FashionSet> {
+    let read = |name: String| {
+        let path = dir.join(&name);
+        std::fs::read(&path).map_err(|source| EngineError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    compresslab::fashion::FashionSet::from_idx(
+        &read(format!("{split}-images-idx3-ubyte"))?,
+        &read(format!("{split}-labels-idx1-ubyte"))?,
+    )
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|source| EngineError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn fashion_assets(args: &[String]) -> Result<()> {
+    let [idx, out] = args else {
+        return Err(usage_error("fashion-assets needs <idx-dir> <out-dir>"));
+    };
+    let out = PathBuf::from(out);
+    std::fs::create_dir_all(&out).map_err(|source| EngineError::Io {
+        path: out.display().to_string(),
+        source,
+    })?;
+    let test = read_idx_pair(Path::new(idx), "t10k")?;
+    let calibration = read_idx_pair(Path::new(idx), "train")?.stratified(100);
+    write_file(&out.join("test.bin"), &test.to_bytes())?;
+    write_file(&out.join("calibration.bin"), &calibration.to_bytes())?;
+    println!(
+        "wrote {} test and {} calibration images to {}",
+        test.len(),
+        calibration.len(),
+        out.display()
+    );
+    Ok(())
+}
+
+fn train_fashion(args: &[String]) -> Result<()> {
+    use compresslab::fashion::{TrainConfig, train};
+    let mut cfg = TrainConfig::default();
+    let rest = match args {
+        [flag, n, rest @ ..] if flag == "--epochs" => {
+            cfg.epochs = n
+                .parse()
+                .map_err(|_| usage_error("--epochs needs a number"))?;
+            rest
+        }
+        rest => rest,
+    };
+    let [idx, out] = rest else {
+        return Err(usage_error(
+            "train-fashion needs <idx-dir> <out.safetensors>",
+        ));
+    };
+    let idx = Path::new(idx);
+    let train_set = read_idx_pair(idx, "train")?;
+    let test_set = read_idx_pair(idx, "t10k")?;
+    println!("training on {} images: {cfg:?}", train_set.len());
+    let device = Device::flex().autodiff();
+    let started = Instant::now();
+    let mut last_print = Instant::now();
+    let store = futures_lite::future::block_on(train(&train_set, &cfg, &device, &mut |p| {
+        if p.step + 1 == p.steps || last_print.elapsed().as_secs() >= 30 {
+            last_print = Instant::now();
+            println!(
+                "epoch {} step {}/{} loss {:.4} ({:.0} s)",
+                p.epoch + 1,
+                p.step + 1,
+                p.steps,
+                p.loss,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }))?;
+    let train_secs = started.elapsed().as_secs_f64();
+    let net = compresslab::fashion_cpu::CpuFashionNet::from_store(&store)?;
+    let eval = compresslab::fashion_cpu::evaluate(&net, &test_set)?;
+    write_file(Path::new(out), &store.to_safetensors()?)?;
+    println!(
+        "trained in {train_secs:.0} s ({:.0} images/s); test accuracy {:.2} % ({}/{}); wrote {out}",
+        (cfg.epochs * train_set.len()) as f64 / train_secs,
+        100.0 * eval.accuracy(),
+        eval.correct,
+        eval.images
+    );
+    Ok(())
+}
+
+/// The Fashion-MNIST assets the site serves: trained weights, test set, calibration set.
+struct FashionAssets {
+    weights: TensorStore,
+    test: compresslab::fashion::FashionSet,
+    calibration: Vec<Vec<f32>>,
+}
+
+pub const FASHION_WEIGHTS_FILE: &str = "fashion-mnist-cnn.safetensors";
+
+fn fashion_assets_from(dir: &str) -> Result<FashionAssets> {
+    use compresslab::fashion::FashionSet;
+    let read = |name: &str| {
+        let path = Path::new(dir).join(name);
+        std::fs::read(&path).map_err(|source| EngineError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    Ok(FashionAssets {
+        weights: TensorStore::from_safetensors(&read(FASHION_WEIGHTS_FILE)?)?,
+        test: FashionSet::from_bytes(&read("test.bin")?)?,
+        calibration: compresslab::sweep::calibration_batches(&FashionSet::from_bytes(&read(
+            "calibration.bin",
+        )?)?),
+    })
+}
+
+fn fashion_eval(args: &[String]) -> Result<()> {
+    use compresslab::fashion::CLASS_NAMES;
+    let (dir, recipe) = match args {
+        [dir] => (dir, Recipe::default()),
+        [dir, recipe] => {
+            let text = std::fs::read_to_string(recipe).map_err(|source| EngineError::Io {
+                path: recipe.clone(),
+                source,
+            })?;
+            (dir, Recipe::from_json(&text)?)
+        }
+        _ => {
+            return Err(usage_error(
+                "fashion-eval needs <fashion-dir> [recipe.json]",
+            ));
+        }
+    };
+    let a = fashion_assets_from(dir)?;
+    let started = Instant::now();
+    let model = compress(&a.weights, &recipe, &a.calibration, &mut |_, _| {})?;
+    let eval = compresslab::sweep::evaluate_model(&model, &a.test, a.test.len())?;
+    let secs = started.elapsed().as_secs_f64();
+    let stats = model.stats()?;
+    println!(
+        "accuracy {:.2} % ({}/{}), {} weight bytes, {} non-zero MACs; compress + evaluate {secs:.2} s",
+        100.0 * eval.accuracy(),
+        eval.correct,
+        eval.images,
+        stats.weight_bytes,
+        stats.nonzero_macs
+    );
+    println!(
+        "{:>12} {:>7}  confusion (rows: true class, columns: predicted)",
+        "class", "acc %"
+    );
+    for (c, row) in eval.confusion.iter().enumerate() {
+        let cells: Vec<String> = row.iter().map(|v| format!("{v:>4}")).collect();
+        println!(
+            "{:>12} {:>7.2}  {}",
+            CLASS_NAMES[c],
+            100.0 * eval.class_accuracy()[c],
+            cells.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn sweep_cmd(args: &[String]) -> Result<()> {
+    let (images, rest) = match args {
+        [flag, n, rest @ ..] if flag == "--images" => (
+            n.parse::<usize>()
+                .map_err(|_| usage_error("--images needs a number"))?,
+            rest,
+        ),
+        rest => (usize::MAX, rest),
+    };
+    let [dir] = rest else {
+        return Err(usage_error("sweep needs <fashion-dir>"));
+    };
+    let a = fashion_assets_from(dir)?;
+    let base = compresslab::sweep::run_case(
+        &a.weights,
+        &compresslab::sweep::SweepCase {
+            axis: compresslab::sweep::SweepAxis::Quantization,
+            label: "fp32".into(),
+            x: 32.0,
+            recipe: Recipe::default(),
+        },
+        &a.calibration,
+        &a.test,
+        images,
+    )?;
+    println!(
+        "fp32: accuracy {:.2} % on {} test images, {} weight bytes",
+        100.0 * base.accuracy,
+        base.images,
+        base.weight_bytes
+    );
+    println!(
+        "{:<26} {:>10} {:>9} {:>12} {:>7}",
+        "setting", "accuracy", "Δ pt", "weight bytes", "size ×"
+    );
+    for case in compresslab::sweep::sweep_cases() {
+        let p = compresslab::sweep::run_case(&a.weights, &case, &a.calibration, &a.test, images)?;
+        println!(
+            "{:<26} {:>9.2}% {:>+9.2} {:>12} {:>7.2}",
+            p.label,
+            100.0 * p.accuracy,
+            100.0 * (p.accuracy - base.accuracy),
+            p.weight_bytes,
+            base.weight_bytes as f64 / p.weight_bytes.max(1) as f64
+        );
     }
     Ok(())
 }

@@ -6,19 +6,11 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { readFileSync } from 'node:fs';
-import { serveSite, launch, dropFiles, sample, waitReady, resultFor, WEBGPU_FLAGS, NO_WEBGPU_FLAGS, OUT } from './harness.mjs';
+import { serveSite, launch, dropFiles, sample, waitReady, resultFor, WEBGPU_FLAGS, NO_WEBGPU_FLAGS, OUT, comparison } from './harness.mjs';
 
 let site;
 before(async () => { site = await serveSite(); });
 after(() => site?.close());
-
-/** The panel's comparison table as { metric: { before, after, change } }. */
-async function comparison(page) {
-  return page.locator('#lab-compare tbody tr').evaluateAll((rows) => Object.fromEntries(rows.map((r) => {
-    const cells = r.querySelectorAll('td');
-    return [r.dataset.metric, { before: cells[0].innerText, after: cells[1].innerText, change: cells[2].innerText }];
-  })));
-}
 
 async function applyAndWait(page, timeout = 600_000) {
   await page.click('#lab-apply');

@@ -102,3 +102,11 @@ export async function resultFor(page, name, timeout = 600_000) {
     cold: (await timing.getAttribute('data-cold')) === 'true',
   };
 }
+
+/** The lab's comparison table as { metric: { before, after, change } }. */
+export async function comparison(page) {
+  return page.locator('#lab-compare tbody tr').evaluateAll((rows) => Object.fromEntries(rows.map((r) => {
+    const cells = r.querySelectorAll('td');
+    return [r.dataset.metric, { before: cells[0].innerText, after: cells[1].innerText, change: cells[2].innerText }];
+  })));
+}

@@ -6,6 +6,7 @@ use std::cell::RefCell;
 
 use compresslab::classifier::{ImageClassifier, max_abs_diff};
 use compresslab::compress::{CompressedModel, Recipe, agreement, compress, pruned_and_folded};
+use compresslab::fashion::is_fashion;
 use compresslab::labels::top_k;
 use compresslab::preprocess::{imagenet_crop, to_nchw};
 use js_sys::Uint8Array;
@@ -168,6 +169,10 @@ pub async fn run(
         (_, Some((name, blob))) => {
             progress(&format!("Reading {name}"), 0.05);
             let model = CompressedModel::from_safetensors(&blob_bytes(&blob).await?)?;
+            if is_fashion(&model.store) {
+                return crate::fashion_lab::run(&loaded.asset_base, None, Some((name, model)))
+                    .await;
+            }
             (model, name, None)
         }
         (Some(recipe), None) => {
@@ -272,19 +277,27 @@ pub async fn run(
 
 /// The current variant as safetensors + recipe.
 pub fn export() -> WebResult<()> {
-    let (weights, recipe_json) = VARIANT.with(|v| -> WebResult<(Vec<u8>, String)> {
-        let v = v.borrow();
-        let variant = v
-            .as_ref()
-            .ok_or_else(|| WebError::Message("apply a compression first".into()))?;
-        Ok((
-            variant.model.to_safetensors()?,
-            variant.model.recipe.to_json(),
-        ))
-    })?;
+    let (weights, recipe_json, file_name) =
+        VARIANT.with(|v| -> WebResult<(Vec<u8>, String, String)> {
+            let v = v.borrow();
+            let variant = v
+                .as_ref()
+                .ok_or_else(|| WebError::Message("apply a compression first".into()))?;
+            let file_name = if is_fashion(&variant.model.store) {
+                "compressed-fashion-mnist-cnn.safetensors"
+            } else {
+                "compressed-efficientnet-lite0.safetensors"
+            };
+            Ok((
+                variant.model.to_safetensors()?,
+                variant.model.recipe.to_json(),
+                file_name.to_string(),
+            ))
+        })?;
     post(&FromWorker::Exported {
         weights,
         recipe_json,
+        file_name,
     });
     Ok(())
 }

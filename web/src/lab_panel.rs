@@ -2,7 +2,7 @@
 //! and the before/after panel (size, parameters, MACs, latency, agreement, top-5, and a
 //! per-layer table with SQNR and weight histograms drawn over the quantization grid).
 
-use compresslab::compress::{ActivationQuant, Histogram, LayerStats, Observer, Recipe};
+use compresslab::compress::{ActivationQuant, Histogram, LayerStats, ModelStats, Observer, Recipe};
 use compresslab::efficientnet::LayerKind;
 use compresslab::prune::{ChannelPruning, ChannelRanking, MagnitudePruning, PruneScope};
 use compresslab::quant::{Granularity, QuantScheme};
@@ -10,14 +10,35 @@ use leptos::ev;
 use leptos::prelude::*;
 
 use crate::app::{Item, ItemState, Status, send_lab};
-use crate::messages::{CompressReport, ToWorker};
+use crate::fashion_panel::FashionReportView;
+use crate::messages::{CompressReport, FashionReport, ToWorker};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum LabState {
     Idle,
     Running { stage: String, fraction: f32 },
     Done(Box<CompressReport>),
+    FashionDone(Box<FashionReport>),
     Failed(String),
+}
+
+/// Which model the page works on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelChoice {
+    /// EfficientNet-Lite0 on photos (agreement with the original).
+    Photos,
+    /// Our Fashion-MNIST network (exact accuracy on 10 000 labelled test images).
+    Fashion,
+}
+
+impl ModelChoice {
+    /// The first and last layers (left alone by "exclude ends").
+    fn ends(self) -> Vec<String> {
+        match self {
+            ModelChoice::Photos => vec!["_conv_stem".into(), "_fc".into()],
+            ModelChoice::Fashion => vec!["conv1".into(), "fc2".into()],
+        }
+    }
 }
 
 /// Every control of the lab, as signals.
@@ -59,7 +80,7 @@ impl Controls {
         }
     }
 
-    fn recipe(&self) -> Recipe {
+    fn recipe(&self, model: ModelChoice) -> Recipe {
         let ratio = self.channel_ratio.get_untracked();
         let sparsity = self.sparsity.get_untracked();
         let bits: Option<u8> = self.weight_bits.get_untracked().parse().ok();
@@ -79,7 +100,7 @@ impl Controls {
                     _ => PruneScope::PerLayer,
                 },
                 exclude: if self.prune_exclude_ends.get_untracked() {
-                    vec!["_conv_stem".into(), "_fc".into()]
+                    model.ends()
                 } else {
                     Vec::new()
                 },
@@ -186,8 +207,10 @@ pub fn LabPanel(
     status: RwSignal<Status>,
     lab: RwSignal<LabState>,
     items: RwSignal<Vec<Item>>,
+    model: RwSignal<ModelChoice>,
 ) -> impl IntoView {
     let c = Controls::new();
+    let fashion = move || model.get() == ModelChoice::Fashion;
     let busy = move || matches!(lab.get(), LabState::Running { .. });
     let ready = move || matches!(status.get(), Status::Ready(_));
     let queue_idle = move || {
@@ -198,21 +221,25 @@ pub fn LabPanel(
     };
     let can_apply = move || ready() && !busy() && queue_idle();
     // A loaded export's recipe is shown in the controls.
-    Effect::new(move |_| {
-        if let LabState::Done(r) = lab.get()
-            && r.source != "recipe"
-        {
+    Effect::new(move |_| match lab.get() {
+        LabState::Done(r) if r.source != "recipe" => c.show(&r.recipe),
+        LabState::FashionDone(r) if r.source != "recipe" => {
+            model.set(ModelChoice::Fashion);
             c.show(&r.recipe);
         }
+        _ => {}
     });
     let apply = move |_| {
-        send_lab(
-            ToWorker::Compress {
-                recipe: c.recipe(),
+        let choice = model.get_untracked();
+        let recipe = c.recipe(choice);
+        let msg = match choice {
+            ModelChoice::Photos => ToWorker::Compress {
+                recipe,
                 runs: c.runs.get_untracked(),
             },
-            None,
-        )
+            ModelChoice::Fashion => ToWorker::FashionCompress { recipe },
+        };
+        send_lab(msg, None)
     };
     let on_load = move |e: ev::Event| {
         let input: web_sys::HtmlInputElement = event_target(&e);
@@ -234,8 +261,11 @@ pub fn LabPanel(
         <section class="lab" id="lab">
             <h2>"Compression lab"</h2>
             <p class="hint">
-                "Prune and quantize this model here, in your browser, then compare it with the original: "
-                "same photo, same backend. Agreement is measured on the sample photos and the photos you classified."
+                {move || if fashion() {
+                    "Prune and quantize the Fashion-MNIST network here, in your browser, then measure its accuracy on all 10 000 labelled test images next to the original's (CPU, int8 kernels where weights and inputs are int8). Activations are calibrated on 1 000 training images."
+                } else {
+                    "Prune and quantize this model here, in your browser, then compare it with the original: same photo, same backend. Agreement is measured on the sample photos and the photos you classified."
+                }}
             </p>
             <div class="presets">
                 "Presets: "
@@ -252,7 +282,11 @@ pub fn LabPanel(
                             prop:value=move || c.channel_ratio.get().to_string()
                             on:input=move |e| c.channel_ratio.set(event_target_value(&e).parse().unwrap_or(0))/>
                         <output>{move || format!("{} %", c.channel_ratio.get())}</output>
-                        " of each block's expanded channels and of the head's"
+                        {move || if fashion() {
+                            " of each convolution's channels and of fc1's units"
+                        } else {
+                            " of each block's expanded channels and of the head's"
+                        }}
                     </label>
                     <label>"ranked by "
                         <select id="channel-ranking" prop:value=move || c.channel_ranking.get()
@@ -281,7 +315,7 @@ pub fn LabPanel(
                     </label>
                     <label><input id="prune-exclude" type="checkbox" prop:checked=move || c.prune_exclude_ends.get()
                         on:change=move |e| c.prune_exclude_ends.set(event_target_checked(&e))/>
-                        " leave the stem and classifier alone"</label>
+                        {move || if fashion() { " leave conv1 and the classifier alone" } else { " leave the stem and classifier alone" }}</label>
                 </fieldset>
                 <fieldset>
                     <legend>"Weight quantization"</legend>
@@ -316,7 +350,11 @@ pub fn LabPanel(
                     <legend>"Activation quantization (static int8)"</legend>
                     <label><input id="act-quant" type="checkbox" prop:checked=move || c.activations.get()
                         on:change=move |e| c.activations.set(event_target_checked(&e))/>
-                        " quantize every layer's input, calibrated on the evaluation photos"</label>
+                        {move || if fashion() {
+                            " quantize every layer's input, calibrated on 1 000 training images"
+                        } else {
+                            " quantize every layer's input, calibrated on the evaluation photos"
+                        }}</label>
                     <label>"observer "
                         <select id="act-observer" prop:value=move || c.observer.get()
                             on:change=move |e| c.observer.set(select_value(&e))>
@@ -341,7 +379,7 @@ pub fn LabPanel(
             </div>
             <div class="lab-actions">
                 <button id="lab-apply" class="primary" disabled=move || !can_apply() on:click=apply>"Apply"</button>
-                <label>"timing runs "
+                <label class:hidden=fashion>"timing runs "
                     <input id="lab-runs" type="number" min="1" max="200"
                         prop:value=move || c.runs.get().to_string()
                         on:change=move |e| {
@@ -350,7 +388,7 @@ pub fn LabPanel(
                             }
                         }/>
                 </label>
-                <button id="lab-export" disabled=move || !matches!(lab.get(), LabState::Done(_))
+                <button id="lab-export" disabled=move || !matches!(lab.get(), LabState::Done(_) | LabState::FashionDone(_))
                     on:click=move |_| send_lab(ToWorker::Export, None)>"Export (.safetensors + recipe.json)"</button>
                 <label class="picker small">"Load a compressed model…"
                     <input id="lab-load" type="file" accept=".safetensors" on:change=on_load disabled=move || !can_apply()/>
@@ -359,7 +397,7 @@ pub fn LabPanel(
             <div id="lab-state" data-state=move || match lab.get() {
                 LabState::Idle => "idle",
                 LabState::Running { .. } => "running",
-                LabState::Done(_) => "done",
+                LabState::Done(_) | LabState::FashionDone(_) => "done",
                 LabState::Failed(_) => "failed",
             }>
                 {move || match lab.get() {
@@ -370,17 +408,18 @@ pub fn LabPanel(
                     }.into_any(),
                     LabState::Failed(message) => view! { <p class="error" id="lab-error">{message}</p> }.into_any(),
                     LabState::Done(report) => view! { <Report report=*report keep_fp32=c.keep_fp32/> }.into_any(),
+                    LabState::FashionDone(report) => view! { <FashionReportView report=*report keep_fp32=c.keep_fp32/> }.into_any(),
                 }}
             </div>
         </section>
     }
 }
 
-fn mb(bytes: usize) -> String {
+pub(crate) fn mb(bytes: usize) -> String {
     format!("{:.2} MB", bytes as f64 / 1e6)
 }
 
-fn ratio(before: f64, after: f64) -> String {
+pub(crate) fn ratio(before: f64, after: f64) -> String {
     if after > 0.0 {
         format!("{:.2}×", before / after)
     } else {
@@ -388,7 +427,7 @@ fn ratio(before: f64, after: f64) -> String {
     }
 }
 
-fn recipe_summary(r: &Recipe) -> String {
+pub(crate) fn recipe_summary(r: &Recipe) -> String {
     let mut parts = Vec::new();
     if let Some(c) = r.channel_pruning {
         parts.push(format!(
@@ -442,7 +481,7 @@ fn Report(report: CompressReport, keep_fp32: RwSignal<Vec<String>>) -> impl Into
             .map(|p| format!("{} ({:.1} %)", p.label, p.probability * 100.0))
             .unwrap_or_default()
     };
-    let rows: Vec<(&str, &str, String, String, String)> = vec![
+    let mut rows: Vec<CompareRow> = vec![
         (
             "top1",
             "Top-1 on this photo",
@@ -471,26 +510,9 @@ fn Report(report: CompressReport, keep_fp32: RwSignal<Vec<String>>) -> impl Into
             format!("{:.1} ms", a.latency.cold_ms),
             String::new(),
         ),
-        (
-            "size",
-            "Weight bytes",
-            mb(b.stats.weight_bytes),
-            mb(a.stats.weight_bytes),
-            format!(
-                "{} smaller",
-                ratio(b.stats.weight_bytes as f64, a.stats.weight_bytes as f64)
-            ),
-        ),
-        (
-            "params",
-            "Parameters (non-zero)",
-            format!("{} ({})", b.stats.parameters, b.stats.nonzero_parameters),
-            format!("{} ({})", a.stats.parameters, a.stats.nonzero_parameters),
-            ratio(
-                b.stats.nonzero_parameters as f64,
-                a.stats.nonzero_parameters as f64,
-            ),
-        ),
+    ];
+    rows.extend(size_rows(&b.stats, &a.stats));
+    rows.extend([
         (
             "macs",
             "MACs per image (dense / non-zero)",
@@ -509,7 +531,7 @@ fn Report(report: CompressReport, keep_fp32: RwSignal<Vec<String>>) -> impl Into
             format!("{}/{} photos", r.top1_agreement, r.eval_images),
             format!("mean KL {:.4}", r.mean_kl),
         ),
-    ];
+    ]);
     let warning = r.cross_check.as_ref().and_then(|x| {
         (!x.top1_same || x.kl > 0.01).then(|| {
             format!(
@@ -538,14 +560,7 @@ fn Report(report: CompressReport, keep_fp32: RwSignal<Vec<String>>) -> impl Into
                 {format!("{} — {} — on {} — built in {:.0} ms", if r.source == "recipe" { "Applied".to_string() } else { format!("Loaded {}", r.source) }, recipe_summary(&r.recipe), r.executor, r.build_ms)}
             </p>
             {warning.map(|w| view! { <p class="warning" id="lab-warning">{w}</p> })}
-            <table class="compare" id="lab-compare">
-                <thead><tr><th></th><th>"Original"</th><th>"Compressed"</th><th>"Change"</th></tr></thead>
-                <tbody>
-                    {rows.into_iter().map(|(key, label, before, after, change)| view! {
-                        <tr data-metric=key><th>{label}</th><td class="before">{before}</td><td class="after">{after}</td><td>{change}</td></tr>
-                    }).collect_view()}
-                </tbody>
-            </table>
+            <CompareTable rows=rows/>
             <p class="hint">
                 {format!("Latency: {} timing runs each on “{}”. ", a.latency.runs, r.photo)}
                 {check}
@@ -559,6 +574,46 @@ fn Report(report: CompressReport, keep_fp32: RwSignal<Vec<String>>) -> impl Into
             <LayerDetail layers=layers_for_detail selected=selected/>
             <LayerTable layers=layers selected=selected keep_fp32=keep_fp32/>
         </div>
+    }
+}
+
+/// One row of an original-vs-compressed table: key, label, before, after, change.
+pub(crate) type CompareRow = (&'static str, &'static str, String, String, String);
+
+/// Weight bytes and parameters, before and after.
+pub(crate) fn size_rows(b: &ModelStats, a: &ModelStats) -> [CompareRow; 2] {
+    [
+        (
+            "size",
+            "Weight bytes",
+            mb(b.weight_bytes),
+            mb(a.weight_bytes),
+            format!(
+                "{} smaller",
+                ratio(b.weight_bytes as f64, a.weight_bytes as f64)
+            ),
+        ),
+        (
+            "params",
+            "Parameters (non-zero)",
+            format!("{} ({})", b.parameters, b.nonzero_parameters),
+            format!("{} ({})", a.parameters, a.nonzero_parameters),
+            ratio(b.nonzero_parameters as f64, a.nonzero_parameters as f64),
+        ),
+    ]
+}
+
+#[component]
+pub(crate) fn CompareTable(rows: Vec<CompareRow>) -> impl IntoView {
+    view! {
+        <table class="compare" id="lab-compare">
+            <thead><tr><th></th><th>"Original"</th><th>"Compressed"</th><th>"Change"</th></tr></thead>
+            <tbody>
+                {rows.into_iter().map(|(key, label, before, after, change)| view! {
+                    <tr data-metric=key><th>{label}</th><td class="before">{before}</td><td class="after">{after}</td><td>{change}</td></tr>
+                }).collect_view()}
+            </tbody>
+        </table>
     }
 }
 
@@ -588,7 +643,7 @@ fn short_name(name: &str) -> String {
 
 /// SQNR of every quantized layer as bars; depthwise layers in their own colour.
 #[component]
-fn SqnrChart(layers: Vec<LayerStats>, selected: RwSignal<usize>) -> impl IntoView {
+pub(crate) fn SqnrChart(layers: Vec<LayerStats>, selected: RwSignal<usize>) -> impl IntoView {
     let (w, h) = (720.0, 160.0);
     let n = layers.len().max(1) as f64;
     let max_db = layers
@@ -666,7 +721,7 @@ fn histogram_svg(hist: &Histogram, levels: &[f32], w: f64, h: f64) -> impl IntoV
 }
 
 #[component]
-fn LayerDetail(layers: Vec<LayerStats>, selected: RwSignal<usize>) -> impl IntoView {
+pub(crate) fn LayerDetail(layers: Vec<LayerStats>, selected: RwSignal<usize>) -> impl IntoView {
     move || {
         let Some(l) = layers.get(selected.get()).cloned() else {
             return view! { <div></div> }.into_any();
@@ -682,14 +737,17 @@ fn LayerDetail(layers: Vec<LayerStats>, selected: RwSignal<usize>) -> impl IntoV
                     </figure>
                     {channel.map(|ch| {
                         let levels = ch.levels.len();
-                        let caption = if l.bits.is_some() {
-                            format!("Narrowest channel (#{}): {} quantization levels fall inside its range (red lines).", ch.channel, levels)
-                        } else {
-                            format!("Narrowest channel (#{}), not quantized.", ch.channel)
+                        // More than 32 lines merge into a wash: draw every k-th level.
+                        let every = levels.div_ceil(32).max(1);
+                        let drawn: Vec<f32> = ch.levels.iter().copied().step_by(every).collect();
+                        let caption = match (l.bits.is_some(), every) {
+                            (false, _) => format!("Narrowest channel (#{}), not quantized.", ch.channel),
+                            (true, 1) => format!("Narrowest channel (#{}): {} quantization levels fall inside its range (red lines).", ch.channel, levels),
+                            (true, k) => format!("Narrowest channel (#{}): {} quantization levels fall inside its range (red lines: every {k}th).", ch.channel, levels),
                         };
                         view! {
                             <figure>
-                                {histogram_svg(&ch.histogram, if levels <= 300 { &ch.levels } else { &[] }, 340.0, 100.0)}
+                                {histogram_svg(&ch.histogram, &drawn, 340.0, 100.0)}
                                 <figcaption id="narrowest-caption">{caption}</figcaption>
                             </figure>
                         }
@@ -702,7 +760,7 @@ fn LayerDetail(layers: Vec<LayerStats>, selected: RwSignal<usize>) -> impl IntoV
 }
 
 #[component]
-fn LayerTable(
+pub(crate) fn LayerTable(
     layers: Vec<LayerStats>,
     selected: RwSignal<usize>,
     keep_fp32: RwSignal<Vec<String>>,

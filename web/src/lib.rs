@@ -3,6 +3,8 @@
 
 pub mod app;
 pub mod error;
+pub mod fashion_lab;
+pub mod fashion_panel;
 pub mod lab;
 pub mod lab_panel;
 pub mod messages;

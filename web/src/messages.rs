@@ -2,7 +2,9 @@
 //! A classify request carries the image as a `Blob` next to the message, not inside it.
 
 use compresslab::compress::{LayerStats, ModelStats, Recipe};
+use compresslab::fashion::Evaluation;
 use compresslab::labels::Prediction;
+use compresslab::sweep::SweepPoint;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -24,6 +26,11 @@ pub enum ToWorker {
     LoadCompressed { name: String, runs: u32 },
     /// Send back the current variant as safetensors + its JSON recipe.
     Export,
+    /// Fashion-MNIST: compress with `recipe` and measure accuracy on the whole test set,
+    /// next to the original network.
+    FashionCompress { recipe: Recipe },
+    /// Fashion-MNIST: every sweep case on the first `images` test images.
+    FashionSweep { images: u32 },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -117,6 +124,18 @@ pub enum FromWorker {
         #[serde(with = "serde_bytes")]
         weights: Vec<u8>,
         recipe_json: String,
+        file_name: String,
+    },
+    FashionCompressed(Box<FashionReport>),
+    SweepProgress {
+        stage: String,
+        done: u32,
+        total: u32,
+    },
+    SweepPoint(SweepPoint),
+    SweepDone,
+    SweepFailed {
+        message: String,
     },
     /// The worker panicked; it is unusable and the page replaces it.
     Crashed {
@@ -169,4 +188,42 @@ pub struct CompressReport {
     pub layers: Vec<LayerStats>,
     /// Only on WebGPU: the variant's WebGPU output against its CPU output.
     pub cross_check: Option<CrossCheck>,
+}
+
+/// One side of the Fashion-MNIST before/after panel.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FashionSide {
+    pub stats: ModelStats,
+    pub eval: Evaluation,
+    /// Wall time per test image, batched (100 images per GEMM).
+    pub ms_per_image: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FashionReport {
+    pub recipe: Recipe,
+    /// "recipe" or the name of the loaded file.
+    pub source: String,
+    pub before: FashionSide,
+    pub after: FashionSide,
+    /// Test images on which the compressed network predicts what the original does.
+    pub same_prediction: usize,
+    /// Layers running on the int8 kernel.
+    pub integer_layers: usize,
+    pub build_ms: f64,
+    pub layers: Vec<LayerStats>,
+    /// The first test images whose prediction compression changed.
+    pub changed: Vec<ChangedPrediction>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChangedPrediction {
+    /// Index in the test set.
+    pub index: u32,
+    pub label: u8,
+    pub before: u8,
+    pub after: u8,
+    /// 28×28 grey pixels.
+    #[serde(with = "serde_bytes")]
+    pub pixels: Vec<u8>,
 }

@@ -21,6 +21,7 @@ use web_sys::{
 };
 
 use crate::error::{WebError, WebResult};
+use crate::fashion_lab;
 use crate::lab::{self, EvalImage, percentile};
 use crate::messages::{BackendInfo, BackendKind, BenchReport, FromWorker, ModelReady, ToWorker};
 
@@ -127,6 +128,28 @@ async fn handle(data: JsValue) {
             let blob: Blob = parts.get(1).unchecked_into();
             if let Err(e) = with_model(|m| lab::run(m, None, Some((name, blob)), runs)).await {
                 post(&FromWorker::CompressFailed {
+                    message: e.to_string(),
+                });
+            }
+        }
+        ToWorker::FashionCompress { recipe } => {
+            let result =
+                with_model(
+                    |m| async move { fashion_lab::run(&m.asset_base, Some(recipe), None).await },
+                )
+                .await;
+            if let Err(e) = result {
+                post(&FromWorker::CompressFailed {
+                    message: e.to_string(),
+                });
+            }
+        }
+        ToWorker::FashionSweep { images } => {
+            let result =
+                with_model(|m| async move { fashion_lab::sweep(&m.asset_base, images).await })
+                    .await;
+            if let Err(e) = result {
+                post(&FromWorker::SweepFailed {
                     message: e.to_string(),
                 });
             }

@@ -1,0 +1,161 @@
+//! Accuracy sweeps on the Fashion-MNIST network: one compression setting varied at a time
+//! (unstructured sparsity, channel ratio, weight bit width × granularity), each point
+//! measured on the labelled test set. The page plots them; `compresslab sweep` prints them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::compress::{CompressedModel, Observer, Recipe, compress};
+use crate::error::Result;
+use crate::fashion::Evaluation;
+use crate::fashion::{FashionSet, PIXELS, normalize};
+use crate::fashion_cpu::{CpuFashionNet, EVAL_BATCH, evaluate_range};
+use crate::prune::{ChannelPruning, ChannelRanking, MagnitudePruning, PruneScope};
+use crate::quant::{Granularity, QuantScheme};
+use crate::weights::TensorStore;
+
+/// Which setting a sweep varies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SweepAxis {
+    /// Unstructured magnitude pruning, per-layer threshold (x = sparsity %).
+    Sparsity,
+    /// Structured channel pruning, L2 ranking (x = % of channels removed).
+    Channels,
+    /// Weight quantization (label = bits × granularity; W8A8 adds int8 activations).
+    Quantization,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepCase {
+    pub axis: SweepAxis,
+    pub label: String,
+    pub x: f32,
+    pub recipe: Recipe,
+}
+
+/// One measured point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepPoint {
+    pub axis: SweepAxis,
+    pub label: String,
+    pub x: f32,
+    pub accuracy: f64,
+    pub images: usize,
+    pub weight_bytes: usize,
+    pub macs: u64,
+}
+
+/// Sparsity and channel ratios swept, in %.
+pub const SWEEP_PERCENTS: [u32; 12] = [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 93, 95];
+
+/// Every case, in the order they are run.
+pub fn sweep_cases() -> Vec<SweepCase> {
+    let mut cases = Vec::new();
+    for axis in [SweepAxis::Sparsity, SweepAxis::Channels] {
+        for &p in &SWEEP_PERCENTS {
+            let f = p as f32 / 100.0;
+            let (label, recipe) = match axis {
+                SweepAxis::Sparsity => (
+                    format!("{p} % zero weights"),
+                    Recipe {
+                        magnitude_pruning: Some(MagnitudePruning {
+                            sparsity: f,
+                            scope: PruneScope::PerLayer,
+                            exclude: Vec::new(),
+                        }),
+                        ..Recipe::default()
+                    },
+                ),
+                _ => (
+                    format!("{p} % channels removed"),
+                    Recipe {
+                        channel_pruning: Some(ChannelPruning {
+                            ratio: f,
+                            ranking: ChannelRanking::L2,
+                        }),
+                        ..Recipe::default()
+                    },
+                ),
+            };
+            cases.push(SweepCase {
+                axis,
+                label,
+                x: p as f32,
+                recipe,
+            });
+        }
+    }
+    let granularities = [
+        ("per-tensor", Granularity::PerTensor),
+        ("per-channel", Granularity::PerChannel),
+        ("per-block 32", Granularity::PerBlock(32)),
+    ];
+    for bits in [8u8, 4] {
+        for (name, granularity) in granularities {
+            cases.push(SweepCase {
+                axis: SweepAxis::Quantization,
+                label: format!("int{bits} {name}"),
+                x: bits as f32,
+                recipe: Recipe {
+                    weights: Some(QuantScheme {
+                        bits,
+                        symmetric: true,
+                        granularity,
+                    }),
+                    ..Recipe::default()
+                },
+            });
+        }
+    }
+    cases.push(SweepCase {
+        axis: SweepAxis::Quantization,
+        label: "W8A8 per-channel".into(),
+        x: 8.0,
+        recipe: Recipe::w8a8(Granularity::PerChannel, Observer::MinMax),
+    });
+    cases
+}
+
+/// Calibration batches (normalised images, [`EVAL_BATCH`] per entry) from a labelled set.
+pub fn calibration_batches(set: &FashionSet) -> Vec<Vec<f32>> {
+    set.images
+        .chunks(EVAL_BATCH * PIXELS)
+        .map(normalize)
+        .collect()
+}
+
+/// Accuracy of a compressed model on the first `images` of `test` (integer kernels on).
+pub fn evaluate_model(
+    model: &CompressedModel,
+    test: &FashionSet,
+    images: usize,
+) -> Result<Evaluation> {
+    let net = CpuFashionNet::from_compressed(model, true)?;
+    let n = images.min(test.len());
+    let mut eval = Evaluation::new();
+    for start in (0..n).step_by(EVAL_BATCH) {
+        evaluate_range(&net, test, start..(start + EVAL_BATCH).min(n), &mut eval)?;
+    }
+    Ok(eval)
+}
+
+/// Compresses `original` with the case's recipe and measures it.
+pub fn run_case(
+    original: &TensorStore,
+    case: &SweepCase,
+    calibration: &[Vec<f32>],
+    test: &FashionSet,
+    images: usize,
+) -> Result<SweepPoint> {
+    let model = compress(original, &case.recipe, calibration, &mut |_, _| {})?;
+    let eval = evaluate_model(&model, test, images)?;
+    let stats = model.stats()?;
+    Ok(SweepPoint {
+        axis: case.axis,
+        label: case.label.clone(),
+        x: case.x,
+        accuracy: eval.accuracy(),
+        images: eval.images,
+        weight_bytes: stats.weight_bytes,
+        macs: stats.nonzero_macs,
+    })
+}

@@ -1,0 +1,227 @@
+//! The Fashion-MNIST network: the committed weights reach the stated accuracy, the CPU
+//! executor is the same network as the burn model we train, compression behaves, and the
+//! training command learns (assets made by scripts/setup.sh).
+
+use std::path::PathBuf;
+
+use burn::prelude::*;
+use compresslab::classifier::max_abs_diff;
+use compresslab::compress::{CompressedModel, Observer, Recipe, compress};
+use compresslab::fashion::{FashionCnn, FashionSet, PIXELS, SIDE, TrainConfig, normalize, train};
+use compresslab::fashion_cpu::{CpuFashionNet, evaluate};
+use compresslab::prune::{ChannelPruning, ChannelRanking, mask_channels, prune_channels};
+use compresslab::quant::{Granularity, QuantScheme};
+use compresslab::sweep::{calibration_batches, evaluate_model};
+use compresslab::weights::TensorStore;
+use futures_lite::future::block_on;
+
+/// The accuracy the README states for the committed weights.
+const STATED_ACCURACY: f64 = 0.90;
+
+fn dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/fashion");
+    assert!(
+        dir.join("test.bin").exists(),
+        "Fashion-MNIST assets missing: run scripts/setup.sh first"
+    );
+    dir
+}
+
+fn weights() -> TensorStore {
+    TensorStore::from_safetensors(
+        &std::fs::read(dir().join("fashion-mnist-cnn.safetensors")).unwrap(),
+    )
+    .unwrap()
+}
+
+fn set(name: &str) -> FashionSet {
+    FashionSet::from_bytes(&std::fs::read(dir().join(name)).unwrap()).unwrap()
+}
+
+fn w8(granularity: Granularity) -> QuantScheme {
+    QuantScheme {
+        bits: 8,
+        symmetric: true,
+        granularity,
+    }
+}
+
+#[test]
+fn trained_weights_reach_the_stated_accuracy_and_int8_costs_little() {
+    let store = weights();
+    let test = set("test.bin");
+    assert_eq!(test.len(), 10_000);
+    let fp32 = evaluate(&CpuFashionNet::from_store(&store).unwrap(), &test).unwrap();
+    println!(
+        "fp32 test accuracy {:.2} % ({}/{}), per class {:?}",
+        100.0 * fp32.accuracy(),
+        fp32.correct,
+        fp32.images,
+        fp32.class_accuracy()
+            .iter()
+            .map(|a| format!("{:.1}", 100.0 * a))
+            .collect::<Vec<_>>()
+    );
+    assert!(fp32.accuracy() >= STATED_ACCURACY, "{}", fp32.accuracy());
+
+    let calibration = calibration_batches(&set("calibration.bin"));
+    let recipes = [
+        (
+            "int8 per-channel weights",
+            Recipe {
+                weights: Some(w8(Granularity::PerChannel)),
+                ..Recipe::default()
+            },
+        ),
+        ("int8 per-channel W8A8 (integer kernels)", recipes_w8a8()),
+    ];
+    for (name, recipe) in recipes {
+        let model = compress(&store, &recipe, &calibration, &mut |_, _| {}).unwrap();
+        let eval = evaluate_model(&model, &test, test.len()).unwrap();
+        let cost = 100.0 * (fp32.accuracy() - eval.accuracy());
+        println!(
+            "{name}: {:.2} % ({cost:+.2} pt cost)",
+            100.0 * eval.accuracy()
+        );
+        assert!(cost <= 0.5, "{name} costs {cost:.2} pt");
+    }
+    // W8A8 really runs on the int8 kernel in every layer.
+    let model = compress(&store, &recipes_w8a8(), &calibration, &mut |_, _| {}).unwrap();
+    assert_eq!(
+        CpuFashionNet::from_compressed(&model, true)
+            .unwrap()
+            .integer_layers(),
+        5
+    );
+}
+
+fn recipes_w8a8() -> Recipe {
+    Recipe::w8a8(Granularity::PerChannel, Observer::MinMax)
+}
+
+#[test]
+fn cpu_executor_matches_the_burn_model() {
+    let store = weights();
+    let test = set("test.bin");
+    let n = 16;
+    let images = normalize(&test.images[..n * PIXELS]);
+    let cpu = CpuFashionNet::from_store(&store)
+        .unwrap()
+        .forward(&images)
+        .unwrap();
+    let device = Device::flex();
+    let net = FashionCnn::from_store(&store, &device).unwrap();
+    let x = Tensor::<4>::from_data(TensorData::new(images, [n, 1, SIDE, SIDE]), &device);
+    let burn: Vec<f32> = net.forward(x).into_data().try_into_vec().unwrap();
+    let diff = max_abs_diff(&cpu, &burn);
+    println!("CPU executor vs burn, max |logit| difference over {n} images: {diff:.2e}");
+    assert!(diff < 1e-3, "{diff}");
+    // And to_store gives back the same weights.
+    let again = block_on(net.to_store()).unwrap();
+    for t in store.iter() {
+        assert_eq!(again.get(&t.name).unwrap().data, t.data, "{}", t.name);
+    }
+}
+
+#[test]
+fn channel_pruning_through_the_flatten_matches_masking() {
+    let store = weights();
+    let test = set("test.bin");
+    let images = normalize(&test.images[..20 * PIXELS]);
+    for ratio in [0.25, 0.5, 0.9] {
+        let cfg = ChannelPruning {
+            ratio,
+            ranking: ChannelRanking::BatchNormGamma,
+        };
+        let pruned = prune_channels(&store, &cfg).unwrap();
+        let masked = mask_channels(&store, &cfg).unwrap();
+        assert!(pruned.parameter_count() < masked.parameter_count());
+        let a = CpuFashionNet::from_store(&pruned)
+            .unwrap()
+            .forward(&images)
+            .unwrap();
+        let b = CpuFashionNet::from_store(&masked)
+            .unwrap()
+            .forward(&images)
+            .unwrap();
+        let diff = max_abs_diff(&a, &b);
+        println!(
+            "{:.0} % channels: {} → {} parameters, pruned vs masked max |logit| difference {diff:.2e}",
+            ratio * 100.0,
+            store.parameter_count(),
+            pruned.parameter_count()
+        );
+        assert!(diff < 1e-4, "{diff}");
+    }
+}
+
+#[test]
+fn compressed_export_round_trip_keeps_the_predictions() {
+    let store = weights();
+    let test = set("test.bin");
+    let calibration = calibration_batches(&set("calibration.bin"));
+    let recipe = Recipe {
+        channel_pruning: Some(ChannelPruning {
+            ratio: 0.25,
+            ranking: ChannelRanking::L2,
+        }),
+        weights: Some(QuantScheme {
+            bits: 4,
+            symmetric: false,
+            granularity: Granularity::PerBlock(32),
+        }),
+        ..recipes_w8a8()
+    };
+    let model = compress(&store, &recipe, &calibration, &mut |_, _| {}).unwrap();
+    let back = CompressedModel::from_safetensors(&model.to_safetensors().unwrap()).unwrap();
+    let images = normalize(&test.images[..50 * PIXELS]);
+    let a = CpuFashionNet::from_compressed(&model, true)
+        .unwrap()
+        .forward(&images)
+        .unwrap();
+    let b = CpuFashionNet::from_compressed(&back, true)
+        .unwrap()
+        .forward(&images)
+        .unwrap();
+    assert_eq!(a, b);
+    let (before, after) = (
+        CompressedModel::original(&store).unwrap().stats().unwrap(),
+        model.stats().unwrap(),
+    );
+    println!(
+        "25 % channels + int4 per-block(32) weights + int8 activations: {} → {} weight bytes",
+        before.weight_bytes, after.weight_bytes
+    );
+    assert!(after.weight_bytes * 6 < before.weight_bytes);
+}
+
+#[test]
+fn training_learns_from_a_small_set() {
+    // 1 000 training images (the calibration subset), 3 epochs: far from the full run,
+    // but it must learn well beyond chance (10 %).
+    let data = set("calibration.bin");
+    let test = set("test.bin");
+    let cfg = TrainConfig {
+        epochs: 3,
+        batch_size: 50,
+        ..TrainConfig::default()
+    };
+    let mut losses = Vec::new();
+    let store = block_on(train(&data, &cfg, &Device::flex().autodiff(), &mut |p| {
+        if p.step + 1 == p.steps {
+            losses.push(p.loss)
+        }
+    }))
+    .unwrap();
+    let first_1000 = FashionSet {
+        images: test.images[..1000 * PIXELS].to_vec(),
+        labels: test.labels[..1000].to_vec(),
+    };
+    let eval = evaluate(&CpuFashionNet::from_store(&store).unwrap(), &first_1000).unwrap();
+    println!(
+        "epoch losses {losses:?}, accuracy on 1 000 test images {:.1} %",
+        100.0 * eval.accuracy()
+    );
+    assert!(losses[2] < losses[0] * 0.8, "{losses:?}");
+    assert!(eval.accuracy() > 0.6, "{}", eval.accuracy());
+}

@@ -1,0 +1,207 @@
+//! The worker's Fashion-MNIST lab: the trained network, its 10 000 test images and a
+//! calibration subset of the training set (fetched once), accuracy of the original and of
+//! each compressed variant on the whole test set, and the accuracy sweeps. Everything
+//! runs on the CPU executor (batched GEMMs, int8 kernels where quantized).
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use compresslab::compress::{CompressedModel, Recipe, compress, pruned_and_folded};
+use compresslab::fashion::{Evaluation, FashionSet, PIXELS, normalize};
+use compresslab::fashion_cpu::{CpuFashionNet, EVAL_BATCH, predictions};
+use compresslab::sweep::{calibration_batches, run_case, sweep_cases};
+use compresslab::weights::TensorStore;
+
+use crate::error::{WebError, WebResult};
+use crate::lab::{VARIANT, Variant};
+use crate::messages::{ChangedPrediction, FashionReport, FashionSide, FromWorker};
+use crate::worker::{fetch_response, now, post};
+
+pub const WEIGHTS_FILE: &str = "fashion-mnist-cnn.safetensors";
+/// Test images with a changed prediction shown on the page.
+const MAX_CHANGED_SHOWN: usize = 16;
+
+struct FashionAssets {
+    store: TensorStore,
+    test: FashionSet,
+    calibration: Vec<Vec<f32>>,
+}
+
+/// The original network's results, computed once.
+struct Original {
+    side: FashionSide,
+    predictions: Vec<usize>,
+}
+
+thread_local! {
+    static ASSETS: RefCell<Option<Rc<FashionAssets>>> = const { RefCell::new(None) };
+    static ORIGINAL: RefCell<Option<Rc<Original>>> = const { RefCell::new(None) };
+}
+
+fn progress(stage: &str, fraction: f32) {
+    post(&FromWorker::CompressProgress {
+        stage: stage.to_string(),
+        fraction,
+    });
+}
+
+async fn fetch_all(url: &str) -> WebResult<Vec<u8>> {
+    let resp = fetch_response(url).await?;
+    let buf = wasm_bindgen_futures::JsFuture::from(
+        resp.array_buffer()
+            .map_err(|e| WebError::js("download", e))?,
+    )
+    .await
+    .map_err(|e| WebError::js("download", e))?;
+    Ok(js_sys::Uint8Array::new(&buf).to_vec())
+}
+
+async fn assets(asset_base: &str) -> WebResult<Rc<FashionAssets>> {
+    if let Some(a) = ASSETS.with(|a| a.borrow().clone()) {
+        return Ok(a);
+    }
+    progress("Downloading the Fashion-MNIST network and test set", 0.01);
+    let base = format!("{asset_base}/fashion");
+    let store =
+        TensorStore::from_safetensors(&fetch_all(&format!("{base}/{WEIGHTS_FILE}")).await?)?;
+    let test = FashionSet::from_bytes(&fetch_all(&format!("{base}/test.bin")).await?)?;
+    let calibration = calibration_batches(&FashionSet::from_bytes(
+        &fetch_all(&format!("{base}/calibration.bin")).await?,
+    )?);
+    let a = Rc::new(FashionAssets {
+        store,
+        test,
+        calibration,
+    });
+    ASSETS.with(|s| *s.borrow_mut() = Some(a.clone()));
+    Ok(a)
+}
+
+/// Runs the whole test set through `net`, reporting progress in `[from, to]`.
+fn run_test_set(
+    net: &CpuFashionNet,
+    test: &FashionSet,
+    what: &str,
+    (from, to): (f32, f32),
+) -> WebResult<(Evaluation, Vec<usize>, f64)> {
+    let mut eval = Evaluation::new();
+    let mut preds = Vec::with_capacity(test.len());
+    let start = now();
+    for b in (0..test.len()).step_by(EVAL_BATCH) {
+        let end = (b + EVAL_BATCH).min(test.len());
+        if b % 1000 == 0 {
+            progress(
+                &format!("Evaluating {what} on the test set ({b}/{})", test.len()),
+                from + (to - from) * b as f32 / test.len() as f32,
+            );
+        }
+        let images = normalize(&test.images[b * PIXELS..end * PIXELS]);
+        let p = predictions(&net.forward(&images)?);
+        for (i, &pred) in p.iter().enumerate() {
+            eval.add(test.labels[b + i], pred);
+        }
+        preds.extend(p);
+    }
+    let ms = (now() - start) / test.len().max(1) as f64;
+    Ok((eval, preds, ms))
+}
+
+async fn original(a: &FashionAssets) -> WebResult<Rc<Original>> {
+    if let Some(o) = ORIGINAL.with(|o| o.borrow().clone()) {
+        return Ok(o);
+    }
+    let net = CpuFashionNet::from_store(&a.store)?;
+    let (eval, predictions, ms_per_image) =
+        run_test_set(&net, &a.test, "the original", (0.05, 0.4))?;
+    let o = Rc::new(Original {
+        side: FashionSide {
+            stats: CompressedModel::original(&a.store)?.stats()?,
+            eval,
+            ms_per_image,
+        },
+        predictions,
+    });
+    ORIGINAL.with(|s| *s.borrow_mut() = Some(o.clone()));
+    Ok(o)
+}
+
+/// Compresses with `recipe` (or takes a loaded export) and reports accuracy before/after.
+pub async fn run(
+    asset_base: &str,
+    recipe: Option<Recipe>,
+    loaded: Option<(String, CompressedModel)>,
+) -> WebResult<()> {
+    let a = assets(asset_base).await?;
+    let before = original(&a).await?;
+    let start = now();
+    let (model, source, reference) = match (recipe, loaded) {
+        (_, Some((name, model))) => (model, name, None),
+        (Some(recipe), None) => {
+            let model = compress(&a.store, &recipe, &a.calibration, &mut |stage, f| {
+                progress(&format!("Compressing: {stage}"), 0.4 + 0.1 * f)
+            })?;
+            let reference = pruned_and_folded(&a.store, &recipe)?;
+            (model, "recipe".to_string(), Some(reference))
+        }
+        (None, None) => return Err(WebError::Message("nothing to compress".into())),
+    };
+    let build_ms = now() - start;
+    let net = CpuFashionNet::from_compressed(&model, true)?;
+    let (eval, preds, ms_per_image) =
+        run_test_set(&net, &a.test, "the compressed network", (0.5, 0.98))?;
+    let same_prediction = preds
+        .iter()
+        .zip(&before.predictions)
+        .filter(|(a, b)| a == b)
+        .count();
+    let changed = preds
+        .iter()
+        .zip(&before.predictions)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .take(MAX_CHANGED_SHOWN)
+        .map(|(i, (&after, &before))| ChangedPrediction {
+            index: i as u32,
+            label: a.test.labels[i],
+            before: before as u8,
+            after: after as u8,
+            pixels: a.test.image(i).to_vec(),
+        })
+        .collect();
+    let report = FashionReport {
+        recipe: model.recipe.clone(),
+        source,
+        before: before.side.clone(),
+        after: FashionSide {
+            stats: model.stats()?,
+            eval,
+            ms_per_image,
+        },
+        same_prediction,
+        integer_layers: net.integer_layers(),
+        build_ms,
+        layers: model.layer_stats(reference.as_ref())?,
+        changed,
+    };
+    VARIANT.with(|v| *v.borrow_mut() = Some(Variant { model }));
+    post(&FromWorker::FashionCompressed(Box::new(report)));
+    Ok(())
+}
+
+/// Every sweep case on the first `images` test images, one point at a time.
+pub async fn sweep(asset_base: &str, images: u32) -> WebResult<()> {
+    let a = assets(asset_base).await?;
+    let cases = sweep_cases();
+    let total = cases.len() as u32;
+    for (i, case) in cases.iter().enumerate() {
+        post(&FromWorker::SweepProgress {
+            stage: case.label.clone(),
+            done: i as u32,
+            total,
+        });
+        let point = run_case(&a.store, case, &a.calibration, &a.test, images as usize)?;
+        post(&FromWorker::SweepPoint(point));
+    }
+    post(&FromWorker::SweepDone);
+    Ok(())
+}
