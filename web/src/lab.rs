@@ -153,6 +153,24 @@ pub async fn run(
     let runs = runs.clamp(1, 200);
     let start = now();
     let loaded = &*loaded;
+    // Read an uploaded file first: a Fashion-MNIST export goes to its own lab, without
+    // running the photo model on the sample photos (seconds each on SwiftShader).
+    let exported = match &file {
+        Some((name, blob)) => {
+            progress(&format!("Reading {name}"), 0.05);
+            let model = CompressedModel::from_safetensors(&blob_bytes(blob).await?)?;
+            if is_fashion(&model.store) {
+                return crate::fashion_lab::run(
+                    &loaded.asset_base,
+                    None,
+                    Some((name.clone(), model)),
+                )
+                .await;
+            }
+            Some((name.clone(), model))
+        }
+        None => None,
+    };
     ensure_samples(loaded).await?;
     let on_gpu = loaded.device.is_some();
     let eval: Vec<EvalImage> = {
@@ -165,16 +183,8 @@ pub async fn run(
         // The newest photos first: the user's own come after the samples.
         all.iter().rev().take(cap).cloned().collect()
     };
-    let (model, source, reference) = match (recipe, file) {
-        (_, Some((name, blob))) => {
-            progress(&format!("Reading {name}"), 0.05);
-            let model = CompressedModel::from_safetensors(&blob_bytes(&blob).await?)?;
-            if is_fashion(&model.store) {
-                return crate::fashion_lab::run(&loaded.asset_base, None, Some((name, model)))
-                    .await;
-            }
-            (model, name, None)
-        }
+    let (model, source, reference) = match (recipe, exported) {
+        (_, Some((name, model))) => (model, name, None),
         (Some(recipe), None) => {
             let calibration: Vec<Vec<f32>> = if recipe.activations.is_some() {
                 eval.iter().map(|e| e.input.clone()).collect()
