@@ -261,10 +261,15 @@ impl FashionCnn {
     /// Freshly initialised (burn's default Kaiming-uniform initialisation, seeded by the
     /// device).
     pub fn new(device: &Device) -> Self {
+        Self::with_widths(WIDTHS, HIDDEN, device)
+    }
+
+    /// The same network with other widths (a channel-pruned student).
+    pub fn with_widths(widths: [usize; 3], hidden: usize, device: &Device) -> Self {
         let mut cin = 1;
         let mut convs = Vec::new();
         let mut norms = Vec::new();
-        for &cout in &WIDTHS {
+        for &cout in &widths {
             convs.push(
                 Conv2dConfig::new([cin, cout], [3, 3])
                     .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
@@ -282,9 +287,9 @@ impl FashionCnn {
             convs,
             norms,
             pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
-            fc1: LinearConfig::new(cin * FLAT_SIDE * FLAT_SIDE, HIDDEN).init(device),
+            fc1: LinearConfig::new(cin * FLAT_SIDE * FLAT_SIDE, hidden).init(device),
             dropout: DropoutConfig::new(0.3).init(),
-            fc2: LinearConfig::new(HIDDEN, CLASSES).init(device),
+            fc2: LinearConfig::new(hidden, CLASSES).init(device),
         }
     }
 
@@ -348,9 +353,46 @@ impl FashionCnn {
         Ok(store)
     }
 
+    /// Multiplies each weight named in `masks` (PyTorch layout, flattened) by its mask. The
+    /// parameters keep their ids, so optimizer state carries over.
+    pub fn mask_weights(mut self, masks: &[(String, Vec<f32>)], device: &Device) -> Self {
+        let mask = |name: &str| masks.iter().find(|(n, _)| n == name).map(|(_, m)| m);
+        let vec1 =
+            |m: &Vec<f32>| Tensor::<1>::from_data(TensorData::new(m.clone(), [m.len()]), device);
+        for (i, conv) in self.convs.iter_mut().enumerate() {
+            if let Some(m) = mask(&format!("conv{}.weight", i + 1)) {
+                let m = vec1(m);
+                conv.weight = conv.weight.clone().map(|w| {
+                    let dims = w.dims();
+                    w.mul(m.reshape(dims)).detach().require_grad()
+                });
+            }
+        }
+        for (name, fc) in [("fc1", &mut self.fc1), ("fc2", &mut self.fc2)] {
+            if let Some(m) = mask(&format!("{name}.weight")) {
+                let m = vec1(m);
+                fc.weight = fc.weight.clone().map(|w| {
+                    let [cin, cout] = w.dims();
+                    // The mask is [out, in]; burn stores [in, out].
+                    let m: Tensor<2> = m.reshape([cout, cin]).transpose();
+                    w.mul(m).detach().require_grad()
+                });
+            }
+        }
+        self
+    }
+
     /// Loads weights written by [`Self::to_store`] (raw, not folded).
     pub fn from_store(store: &TensorStore, device: &Device) -> Result<Self> {
-        let mut net = Self::new(device);
+        let width = |name: &str| -> Result<usize> {
+            Ok(store.get(name)?.shape.first().copied().unwrap_or(0))
+        };
+        let widths = [
+            width("conv1.weight")?,
+            width("conv2.weight")?,
+            width("conv3.weight")?,
+        ];
+        let mut net = Self::with_widths(widths, width("fc1.weight")?, device);
         let param = |name: &str, shape: &[usize]| -> Result<Tensor<1>> {
             let t = store.get_shaped(name, shape)?;
             Ok(Tensor::from_data(

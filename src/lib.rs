@@ -6,6 +6,7 @@ pub mod compress;
 pub mod cpu;
 #[cfg(feature = "native")]
 pub mod decode;
+pub mod distill;
 pub mod efficientnet;
 pub mod error;
 pub mod fashion;

@@ -225,3 +225,76 @@ fn training_learns_from_a_small_set() {
     assert!(losses[2] < losses[0] * 0.8, "{losses:?}");
     assert!(eval.accuracy() > 0.6, "{}", eval.accuracy());
 }
+
+#[test]
+fn distillation_recovers_a_pruned_student() {
+    use compresslab::distill::{DistillConfig, distill_fashion, zero_masks};
+    use compresslab::prune::{MagnitudePruning, PruneScope, magnitude_prune};
+    let teacher = weights();
+    let test = set("test.bin");
+    let data = set("calibration.bin");
+    let first = FashionSet {
+        images: test.images[..2000 * PIXELS].to_vec(),
+        labels: test.labels[..2000].to_vec(),
+    };
+    let accuracy = |s: &TensorStore| {
+        evaluate(&CpuFashionNet::from_store(s).unwrap(), &first)
+            .unwrap()
+            .accuracy()
+    };
+    // Label-free: the teacher's soft outputs are the only target.
+    let cfg = DistillConfig {
+        alpha: 1.0,
+        epochs: 4,
+        batch_size: 50,
+        ..DistillConfig::default()
+    };
+    let device = Device::flex().autodiff();
+    let channels = prune_channels(
+        &teacher,
+        &ChannelPruning {
+            ratio: 0.5,
+            ranking: ChannelRanking::L2,
+        },
+    )
+    .unwrap();
+    let sparse = magnitude_prune(
+        &teacher,
+        &MagnitudePruning {
+            sparsity: 0.6,
+            scope: PruneScope::PerLayer,
+            exclude: Vec::new(),
+        },
+    )
+    .unwrap();
+    for (name, student) in [("50 % channels", channels), ("60 % sparsity", sparse)] {
+        let masks = zero_masks(&student);
+        let before = accuracy(&student);
+        let trained = block_on(distill_fashion(
+            &teacher,
+            &student,
+            &masks,
+            &data,
+            &cfg,
+            &device,
+            &mut |_| {},
+        ))
+        .unwrap();
+        let after = accuracy(&trained);
+        println!(
+            "{name}: {:.1} % → {:.1} % after label-free distillation on 1 000 images (teacher {:.1} %)",
+            100.0 * before,
+            100.0 * after,
+            100.0 * accuracy(&teacher)
+        );
+        assert!(after > before + 0.05, "{name}: {before} → {after}");
+        // Pruned weights stayed zero.
+        for (tensor, mask) in &masks {
+            let t = trained.get(tensor).unwrap();
+            assert!(
+                t.data.iter().zip(mask).all(|(v, m)| *m != 0.0 || *v == 0.0),
+                "{tensor} lost its mask"
+            );
+        }
+    }
+}
