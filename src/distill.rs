@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 use crate::fashion::{FashionCnn, FashionSet, PIXELS, SIDE, SplitMix, normalize};
+use crate::quant::{Granularity, QuantScheme};
 use crate::weights::TensorStore;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,6 +27,9 @@ pub struct DistillConfig {
     pub epochs: usize,
     pub batch_size: usize,
     pub seed: u64,
+    /// Quantization-aware training: weights fake-quantized with this scheme in the forward
+    /// pass, gradients passed straight through (STE).
+    pub weight_quant: Option<QuantScheme>,
 }
 
 impl Default for DistillConfig {
@@ -37,6 +41,7 @@ impl Default for DistillConfig {
             epochs: 3,
             batch_size: 64,
             seed: 7,
+            weight_quant: None,
         }
     }
 }
@@ -191,4 +196,46 @@ fn apply_masks(model: FashionCnn, masks: &[(String, Vec<f32>)], device: &Device)
         return model;
     }
     model.mask_weights(masks, device)
+}
+
+/// Fake quantization of an `[outputs, inputs]` weight matrix with `scheme`, with a
+/// straight-through gradient: the forward pass sees the quantized values, the backward
+/// pass the identity. Blocks that do not divide the row fall back to per-channel. (The
+/// deployed model quantizes BatchNorm-folded weights; per-channel symmetric grids are the
+/// same either way, since folding scales each row by a positive factor.)
+pub fn ste_fake_quant(w: Tensor<2>, scheme: &QuantScheme) -> Tensor<2> {
+    let [rows, cols] = w.dims();
+    let (qmin, qmax) = scheme.qrange();
+    let (qmin, qmax) = (qmin as f64, qmax as f64);
+    let groups: Tensor<2> = match scheme.granularity {
+        Granularity::PerTensor => w.clone().reshape([1, rows * cols]),
+        Granularity::PerBlock(b) if b > 0 && cols.is_multiple_of(b) => {
+            w.clone().reshape([rows * cols / b, b])
+        }
+        _ => w.clone(),
+    };
+    let q = if scheme.symmetric {
+        let scale = groups
+            .clone()
+            .abs()
+            .max_dim(1)
+            .div_scalar(qmax)
+            .clamp_min(1e-12);
+        groups
+            .div(scale.clone())
+            .round()
+            .clamp(qmin, qmax)
+            .mul(scale)
+    } else {
+        let lo = groups.clone().min_dim(1).clamp_max(0.0);
+        let hi = groups.clone().max_dim(1).clamp_min(0.0);
+        let scale = (hi - lo.clone()).div_scalar(qmax - qmin).clamp_min(1e-12);
+        let zp = lo.div(scale.clone()).neg().add_scalar(qmin).round();
+        (groups.div(scale.clone()).round() + zp.clone())
+            .clamp(qmin, qmax)
+            .sub(zp)
+            .mul(scale)
+    };
+    let q: Tensor<2> = q.reshape([rows, cols]);
+    w.clone() + (q - w).detach()
 }

@@ -306,6 +306,38 @@ impl FashionCnn {
         self.fc2.forward(x)
     }
 
+    /// [`Self::forward`] with every weight passed through `weights` first, as an
+    /// `[outputs, inputs]` matrix (PyTorch layout): quantization-aware training's fake quant.
+    pub fn forward_mapped(
+        &self,
+        x: Tensor<4>,
+        weights: &dyn Fn(Tensor<2>) -> Tensor<2>,
+    ) -> Tensor<2> {
+        use burn::tensor::module::conv2d;
+        use burn::tensor::ops::ConvOptions;
+        let mut x = x;
+        for (conv, norm) in self.convs.iter().zip(&self.norms) {
+            let w = conv.weight.val();
+            let dims = w.dims();
+            let w: Tensor<4> =
+                weights(w.reshape([dims[0], dims[1] * dims[2] * dims[3]])).reshape(dims);
+            let y = conv2d(x, w, None, ConvOptions::new([1, 1], [1, 1], [1, 1], 1));
+            x = self.pool.forward(norm.forward(y).clamp(0.0, 6.0));
+        }
+        let linear = |fc: &Linear, x: Tensor<2>| -> Tensor<2> {
+            // burn stores [in, out].
+            let w = weights(fc.weight.val().transpose()).transpose();
+            let y = x.matmul(w);
+            match &fc.bias {
+                Some(b) => y + b.val().unsqueeze_dim(0),
+                None => y,
+            }
+        };
+        let x: Tensor<2> = x.flatten(1, 3);
+        let x = self.dropout.forward(linear(&self.fc1, x).clamp(0.0, 6.0));
+        linear(&self.fc2, x)
+    }
+
     /// The weights in PyTorch layout and naming (BatchNorm kept separate).
     pub async fn to_store(&self) -> Result<TensorStore> {
         async fn values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {

@@ -298,3 +298,54 @@ fn distillation_recovers_a_pruned_student() {
         }
     }
 }
+
+// WIP (issue 4): fails today (88.3 % → 87.8 %). QAT fake-quantizes the unfolded weights,
+// but the deployed model quantizes BatchNorm-folded ones, and per-tensor grids differ under
+// folding. Next: train the student in folded form (conv bias, no BatchNorm) so QAT sees
+// exactly the deployed weights.
+#[test]
+#[ignore]
+fn quantization_aware_distillation_recovers_int4_per_tensor() {
+    use compresslab::distill::{DistillConfig, distill_fashion};
+    let teacher = weights();
+    let test = set("test.bin");
+    let data = set("calibration.bin");
+    let scheme = QuantScheme {
+        bits: 4,
+        symmetric: true,
+        granularity: Granularity::PerTensor,
+    };
+    let recipe = Recipe {
+        weights: Some(scheme),
+        ..Recipe::default()
+    };
+    let accuracy = |s: &TensorStore| {
+        let model = compress(s, &recipe, &[], &mut |_, _| {}).unwrap();
+        evaluate_model(&model, &test, 2000).unwrap().accuracy()
+    };
+    let before = accuracy(&teacher);
+    let cfg = DistillConfig {
+        alpha: 1.0,
+        epochs: 4,
+        batch_size: 50,
+        weight_quant: Some(scheme),
+        ..DistillConfig::default()
+    };
+    let trained = block_on(distill_fashion(
+        &teacher,
+        &teacher,
+        &[],
+        &data,
+        &cfg,
+        &Device::flex().autodiff(),
+        &mut |_| {},
+    ))
+    .unwrap();
+    let after = accuracy(&trained);
+    println!(
+        "int4 per-tensor: {:.1} % → {:.1} % after quantization-aware distillation",
+        100.0 * before,
+        100.0 * after
+    );
+    assert!(after > before + 0.01, "{before} → {after}");
+}
