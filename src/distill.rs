@@ -7,13 +7,15 @@
 //! Loss: α · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α) · CE(s, labels).
 
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams};
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, softmax};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
-use crate::fashion::{FashionCnn, FashionSet, PIXELS, SIDE, SplitMix, normalize};
+use crate::fashion::{
+    CLASSES, FashionCnn, FashionSet, PIXELS, SIDE, SplitMix, TrainLayers, normalize,
+};
 use crate::quant::{Granularity, QuantScheme};
 use crate::weights::TensorStore;
 
@@ -23,13 +25,20 @@ pub struct DistillConfig {
     pub temperature: f64,
     /// Weight α of the teacher term; 1.0 ignores the labels (label-free distillation).
     pub alpha: f64,
+    /// Adam's peak learning rate, decayed to 0 by a cosine over all steps.
     pub learning_rate: f64,
     pub epochs: usize,
     pub batch_size: usize,
     pub seed: u64,
+    /// Which layers learn; the others keep their compressed values.
+    pub layers: TrainLayers,
+    /// Random resized crops (70–100 % of the area) and horizontal flips.
+    pub augment: bool,
     /// Quantization-aware training: weights fake-quantized with this scheme in the forward
     /// pass, gradients passed straight through (STE).
     pub weight_quant: Option<QuantScheme>,
+    /// Layers QAT leaves in fp32 (the recipe's mixed precision).
+    pub fp32_layers: Vec<String>,
 }
 
 impl Default for DistillConfig {
@@ -41,8 +50,34 @@ impl Default for DistillConfig {
             epochs: 3,
             batch_size: 64,
             seed: 7,
+            layers: TrainLayers::All,
+            augment: true,
             weight_quant: None,
+            fp32_layers: Vec::new(),
         }
+    }
+}
+
+impl DistillConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 || self.epochs == 0 {
+            return Err(EngineError::Config(
+                "distillation needs a batch size and at least one epoch".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.alpha) || self.temperature <= 0.0 {
+            return Err(EngineError::Config(format!(
+                "α must be in 0–1 and T positive (got α {}, T {})",
+                self.alpha, self.temperature
+            )));
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
+            return Err(EngineError::Config(format!(
+                "learning rate {} is outside (0, 1)",
+                self.learning_rate
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -55,11 +90,40 @@ pub struct DistillProgress {
     pub loss: f64,
 }
 
-/// The distillation loss, averaged over the batch.
+/// One optimisation step's outcome.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    pub epoch: usize,
+    /// Step within the epoch (from 0) and steps per epoch.
+    pub step: usize,
+    pub steps: usize,
+    /// This batch's loss and the epoch's mean so far.
+    pub loss: f64,
+    pub epoch_loss: f64,
+    pub images: usize,
+    pub epoch_done: bool,
+}
+
+/// The student measured on a set of images, next to the teacher.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HeldOutReport {
+    pub images: usize,
+    /// The distillation loss (same T, α) without augmentation.
+    pub loss: f64,
+    /// On the labelled images, when there are any.
+    pub accuracy: Option<f64>,
+    pub teacher_accuracy: Option<f64>,
+    /// Share of images where the student's top-1 is the teacher's.
+    pub agreement: f64,
+}
+
+/// The distillation loss, averaged over the batch. `labels` holds each image's class
+/// (any value where unlabelled) and a 0/1 weight marking the labelled ones, with their
+/// count; cross-entropy averages over those.
 pub fn distillation_loss(
     student: Tensor<2>,
     teacher: Tensor<2>,
-    labels: Option<Tensor<1, Int>>,
+    labels: Option<(Tensor<1, Int>, Tensor<1>, usize)>,
     temperature: f64,
     alpha: f64,
 ) -> Tensor<1> {
@@ -70,10 +134,14 @@ pub fn distillation_loss(
     let kl: Tensor<1> = (p * (log_p - log_q)).sum_dim(1).mean().reshape([1]);
     let soft = kl.mul_scalar(alpha * t * t);
     match labels {
-        Some(y) if alpha < 1.0 => {
+        Some((y, weight, count)) if alpha < 1.0 && count > 0 => {
             let log_s = log_softmax(student, 1);
-            let picked: Tensor<2> = log_s.gather(1, y.unsqueeze_dim(1));
-            let ce: Tensor<1> = picked.mean().neg().reshape([1]);
+            let picked: Tensor<1> = log_s.gather(1, y.unsqueeze_dim(1)).flatten(0, 1);
+            let ce: Tensor<1> = (picked * weight)
+                .sum()
+                .div_scalar(count as f64)
+                .neg()
+                .reshape([1]);
             soft + ce.mul_scalar(1.0 - alpha)
         }
         _ => soft,
@@ -96,9 +164,313 @@ pub fn zero_masks(store: &TensorStore) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
-/// Distils `student` (raw weights: BatchNorm separate, possibly channel-pruned) from
-/// `teacher` on `data`. `device` must be an autodiff device; the teacher runs on its inner
-/// device. Returns the student's trained weights with `masks` applied.
+/// A random resized crop (70–100 % of the area, aspect 3:4–4:3, bilinear) and a coin-flip
+/// mirror of one 28×28 image, normalised.
+pub fn augment(pixels: &[u8], rng: &mut SplitMix) -> Vec<f32> {
+    let side = SIDE as f64;
+    let area = 0.7 + 0.3 * rng.unit();
+    let aspect = ((0.75f64).ln() + rng.unit() * ((4.0f64 / 3.0).ln() - (0.75f64).ln())).exp();
+    let w = (side * (area * aspect).sqrt()).min(side);
+    let h = (side * (area / aspect).sqrt()).min(side);
+    let (x0, y0) = (rng.unit() * (side - w), rng.unit() * (side - h));
+    let flip = rng.below(2) == 1;
+    let at = |x: isize, y: isize| -> f64 {
+        let x = x.clamp(0, SIDE as isize - 1) as usize;
+        let y = y.clamp(0, SIDE as isize - 1) as usize;
+        pixels[y * SIDE + x] as f64
+    };
+    let mut out = vec![0u8; PIXELS];
+    for oy in 0..SIDE {
+        let sy = y0 + (oy as f64 + 0.5) * h / side - 0.5;
+        let (fy, ty) = (sy.floor(), sy - sy.floor());
+        for ox in 0..SIDE {
+            let sx = x0 + (ox as f64 + 0.5) * w / side - 0.5;
+            let (fx, tx) = (sx.floor(), sx - sx.floor());
+            let (ix, iy) = (fx as isize, fy as isize);
+            let v = (1.0 - ty) * ((1.0 - tx) * at(ix, iy) + tx * at(ix + 1, iy))
+                + ty * ((1.0 - tx) * at(ix, iy + 1) + tx * at(ix + 1, iy + 1));
+            let dx = if flip { SIDE - 1 - ox } else { ox };
+            out[oy * SIDE + dx] = v.round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    normalize(&out)
+}
+
+async fn read_f32<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
+    t.into_data_async()
+        .await
+        .map_err(|e| EngineError::Execution(format!("{e:?}")))?
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| EngineError::Execution(format!("{e:?}")))
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i)
+}
+
+/// Images per forward pass when measuring (no gradients).
+const EVAL_BATCH: usize = 100;
+
+/// A distillation run, one step at a time, so the caller can report progress, pause,
+/// cancel or measure between steps. The student is built from its own (possibly pruned,
+/// possibly BatchNorm-folded) weights; the teacher runs on the plain device.
+pub struct Distiller {
+    cfg: DistillConfig,
+    device: Device,
+    plain: Device,
+    teacher: FashionCnn,
+    student: Option<FashionCnn>,
+    optim: ModuleOptimizer,
+    masks: Vec<(String, Vec<f32>)>,
+    train: FashionSet,
+    order: Vec<usize>,
+    rng: SplitMix,
+    epoch: usize,
+    step: usize,
+    epoch_loss_sum: f64,
+}
+
+impl Distiller {
+    /// `device` must be an autodiff device. `masks` (from [`zero_masks`]) keep pruned
+    /// weights at zero.
+    pub fn new(
+        teacher: &TensorStore,
+        student: &TensorStore,
+        masks: Vec<(String, Vec<f32>)>,
+        train: FashionSet,
+        cfg: DistillConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        if train.is_empty() {
+            return Err(EngineError::Config("distillation needs images".into()));
+        }
+        device.seed(cfg.seed);
+        let plain = device.clone().inner();
+        let teacher_net = FashionCnn::from_store(teacher, &plain)?;
+        let model = FashionCnn::from_store(student, device)?.freeze(cfg.layers);
+        let model = apply_masks(model, &masks, device);
+        let mut rng = SplitMix::new(cfg.seed);
+        let mut order: Vec<usize> = (0..train.len()).collect();
+        rng.shuffle(&mut order);
+        Ok(Self {
+            device: device.clone(),
+            plain,
+            teacher: teacher_net,
+            student: Some(model),
+            optim: AdamConfig::new().init(),
+            masks,
+            train,
+            order,
+            rng,
+            epoch: 0,
+            step: 0,
+            epoch_loss_sum: 0.0,
+            cfg,
+        })
+    }
+
+    pub fn steps_per_epoch(&self) -> usize {
+        self.train.len().div_ceil(self.cfg.batch_size)
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.steps_per_epoch() * self.cfg.epochs
+    }
+
+    pub fn steps_done(&self) -> usize {
+        self.epoch * self.steps_per_epoch() + self.step
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.epoch >= self.cfg.epochs
+    }
+
+    fn model(&self) -> Result<&FashionCnn> {
+        self.student
+            .as_ref()
+            .ok_or_else(|| EngineError::Execution("a failed step left no student".into()))
+    }
+
+    /// The student's logits, fake-quantized when training is quantization-aware.
+    fn student_logits(&self, model: &FashionCnn, x: Tensor<4>) -> Tensor<2> {
+        match &self.cfg.weight_quant {
+            Some(scheme) => model.forward_mapped(x, &|name, w| {
+                if self.cfg.fp32_layers.iter().any(|l| l == name) {
+                    w
+                } else {
+                    ste_fake_quant(w, scheme)
+                }
+            }),
+            None => model.forward(x),
+        }
+    }
+
+    /// One Adam step on the next batch.
+    pub async fn step(&mut self) -> Result<StepReport> {
+        if self.is_done() {
+            return Err(EngineError::Config("distillation already finished".into()));
+        }
+        let steps = self.steps_per_epoch();
+        let bs = self.cfg.batch_size;
+        let batch: Vec<usize> =
+            self.order[self.step * bs..((self.step + 1) * bs).min(self.order.len())].to_vec();
+        let n = batch.len();
+        let mut pixels = Vec::with_capacity(n * PIXELS);
+        let (mut labels, mut weights) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for &i in &batch {
+            if self.cfg.augment {
+                pixels.extend(augment(self.train.image(i), &mut self.rng));
+            } else {
+                pixels.extend(normalize(self.train.image(i)));
+            }
+            let label = self.train.labels[i];
+            let labelled = usize::from(label) < CLASSES;
+            labels.push(if labelled { i64::from(label) } else { 0 });
+            weights.push(labelled as u8 as f32);
+        }
+        let labelled = weights.iter().filter(|&&w| w > 0.0).count();
+        let shape = [n, 1, SIDE, SIDE];
+        let teacher = self.teacher.forward(Tensor::from_data(
+            TensorData::new(pixels.clone(), shape),
+            &self.plain,
+        ));
+        let teacher = Tensor::<2>::from_data(
+            TensorData::new(read_f32(teacher).await?, [n, CLASSES]),
+            &self.device,
+        );
+        let x = Tensor::<4>::from_data(TensorData::new(pixels, shape), &self.device);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [n]), &self.device);
+        let w = Tensor::<1>::from_data(TensorData::new(weights, [n]), &self.device);
+        let model = self
+            .student
+            .take()
+            .ok_or_else(|| EngineError::Execution("a failed step left no student".into()))?;
+        let loss = distillation_loss(
+            self.student_logits(&model, x),
+            teacher,
+            Some((y, w, labelled)),
+            self.cfg.temperature,
+            self.cfg.alpha,
+        );
+        let value = f64::from(
+            read_f32(loss.clone())
+                .await?
+                .first()
+                .copied()
+                .unwrap_or(f32::NAN),
+        );
+        if !value.is_finite() {
+            return Err(EngineError::Execution(format!(
+                "distillation loss became {value} at epoch {} step {}",
+                self.epoch + 1,
+                self.step + 1
+            )));
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let progress = self.steps_done() as f64 / self.total_steps() as f64;
+        let lr = self.cfg.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        self.student = Some(apply_masks(
+            self.optim.step(lr, model, grads),
+            &self.masks,
+            &self.device,
+        ));
+        self.epoch_loss_sum += value;
+        let report = StepReport {
+            epoch: self.epoch,
+            step: self.step,
+            steps,
+            loss: value,
+            epoch_loss: self.epoch_loss_sum / (self.step + 1) as f64,
+            images: n,
+            epoch_done: self.step + 1 == steps,
+        };
+        self.step += 1;
+        if self.step == steps {
+            self.step = 0;
+            self.epoch += 1;
+            self.epoch_loss_sum = 0.0;
+            self.rng.shuffle(&mut self.order);
+        }
+        Ok(report)
+    }
+
+    /// The student (as it stands, no augmentation, fake-quantized when QAT) on `set`.
+    pub async fn evaluate(&self, set: &FashionSet) -> Result<HeldOutReport> {
+        let model = self.model()?.valid();
+        let (mut loss_sum, mut correct, mut teacher_correct, mut labelled, mut agree) =
+            (0.0, 0, 0, 0, 0);
+        for start in (0..set.len()).step_by(EVAL_BATCH) {
+            let end = (start + EVAL_BATCH).min(set.len());
+            let n = end - start;
+            let pixels = normalize(&set.images[start * PIXELS..end * PIXELS]);
+            let x =
+                Tensor::<4>::from_data(TensorData::new(pixels, [n, 1, SIDE, SIDE]), &self.plain);
+            let t = self.teacher.forward(x.clone());
+            let s = self.student_logits(&model, x);
+            let batch_labels = &set.labels[start..end];
+            let ys: Vec<i64> = batch_labels
+                .iter()
+                .map(|&l| {
+                    if usize::from(l) < CLASSES {
+                        i64::from(l)
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            let ws: Vec<f32> = batch_labels
+                .iter()
+                .map(|&l| (usize::from(l) < CLASSES) as u8 as f32)
+                .collect();
+            let count = ws.iter().filter(|&&w| w > 0.0).count();
+            let y = Tensor::<1, Int>::from_data(TensorData::new(ys, [n]), &self.plain);
+            let w = Tensor::<1>::from_data(TensorData::new(ws, [n]), &self.plain);
+            let loss = distillation_loss(
+                s.clone(),
+                t.clone(),
+                Some((y, w, count)),
+                self.cfg.temperature,
+                self.cfg.alpha,
+            );
+            loss_sum +=
+                f64::from(read_f32(loss).await?.first().copied().unwrap_or(f32::NAN)) * n as f64;
+            let (sv, tv) = (read_f32(s).await?, read_f32(t).await?);
+            for (i, &label) in batch_labels.iter().enumerate() {
+                let sp = argmax(&sv[i * CLASSES..(i + 1) * CLASSES]);
+                let tp = argmax(&tv[i * CLASSES..(i + 1) * CLASSES]);
+                agree += (sp == tp) as usize;
+                if usize::from(label) < CLASSES {
+                    labelled += 1;
+                    correct += (sp == usize::from(label)) as usize;
+                    teacher_correct += (tp == usize::from(label)) as usize;
+                }
+            }
+        }
+        let images = set.len().max(1);
+        let share = |k: usize| (labelled > 0).then(|| k as f64 / labelled as f64);
+        Ok(HeldOutReport {
+            images: set.len(),
+            loss: loss_sum / images as f64,
+            accuracy: share(correct),
+            teacher_accuracy: share(teacher_correct),
+            agreement: agree as f64 / images as f64,
+        })
+    }
+
+    /// The student's weights as they stand (masks applied; the same form it was given:
+    /// raw or folded). QAT students are returned in float: quantize them with the recipe.
+    pub async fn student(&self) -> Result<TensorStore> {
+        self.model()?.valid().to_store().await
+    }
+}
+
+/// Distils `student` from `teacher` on `data` for `cfg.epochs` epochs and returns its
+/// trained weights.
 pub async fn distill_fashion(
     teacher: &TensorStore,
     student: &TensorStore,
@@ -108,86 +480,24 @@ pub async fn distill_fashion(
     device: &Device,
     progress: &mut dyn FnMut(DistillProgress),
 ) -> Result<TensorStore> {
-    if data.is_empty() || cfg.batch_size == 0 || cfg.epochs == 0 {
-        return Err(EngineError::Config(
-            "distillation needs images, a batch size and at least one epoch".into(),
-        ));
+    let mut run = Distiller::new(
+        teacher,
+        student,
+        masks.to_vec(),
+        data.clone(),
+        cfg.clone(),
+        device,
+    )?;
+    while !run.is_done() {
+        let r = run.step().await?;
+        progress(DistillProgress {
+            epoch: r.epoch,
+            step: r.step,
+            steps: r.steps,
+            loss: r.epoch_loss,
+        });
     }
-    if !(0.0..=1.0).contains(&cfg.alpha) || cfg.temperature <= 0.0 {
-        return Err(EngineError::Config(format!(
-            "α must be in 0–1 and T positive (got α {}, T {})",
-            cfg.alpha, cfg.temperature
-        )));
-    }
-    device.seed(cfg.seed);
-    let mut rng = SplitMix::new(cfg.seed);
-    let plain = device.clone().inner();
-    let teacher_net = FashionCnn::from_store(teacher, &plain)?;
-    let mut model = apply_masks(FashionCnn::from_store(student, device)?, masks, device);
-    let mut optim = AdamConfig::new().init();
-    let steps = data.len().div_ceil(cfg.batch_size);
-    let total = (steps * cfg.epochs) as f64;
-    let mut order: Vec<usize> = (0..data.len()).collect();
-    for epoch in 0..cfg.epochs {
-        rng.shuffle(&mut order);
-        let mut loss_sum = 0.0;
-        for (step, batch) in order.chunks(cfg.batch_size).enumerate() {
-            let mut pixels = Vec::with_capacity(batch.len() * PIXELS);
-            let mut labels = Vec::with_capacity(batch.len());
-            for &i in batch {
-                let img = normalize(data.image(i));
-                if rng.below(2) == 1 {
-                    for row in img.chunks_exact(SIDE) {
-                        pixels.extend(row.iter().rev());
-                    }
-                } else {
-                    pixels.extend_from_slice(&img);
-                }
-                labels.push(data.labels[i] as i64);
-            }
-            let shape = [batch.len(), 1, SIDE, SIDE];
-            let teacher_logits = teacher_net
-                .forward(Tensor::from_data(
-                    TensorData::new(pixels.clone(), shape),
-                    &plain,
-                ))
-                .into_data_async()
-                .await
-                .map_err(|e| EngineError::Execution(format!("{e:?}")))?;
-            let t = Tensor::<2>::from_data(teacher_logits, device);
-            let x = Tensor::<4>::from_data(TensorData::new(pixels, shape), device);
-            let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch.len()]), device);
-            let loss = distillation_loss(model.forward(x), t, Some(y), cfg.temperature, cfg.alpha);
-            let value = loss
-                .clone()
-                .into_data_async()
-                .await
-                .map_err(|e| EngineError::Execution(format!("{e:?}")))?
-                .convert::<f64>()
-                .try_into_vec::<f64>()
-                .map_err(|e| EngineError::Execution(format!("{e:?}")))?
-                .first()
-                .copied()
-                .unwrap_or(f64::NAN);
-            if !value.is_finite() {
-                return Err(EngineError::Execution(format!(
-                    "distillation loss became {value} at epoch {epoch} step {step}"
-                )));
-            }
-            loss_sum += value;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let progress_t = (epoch * steps + step) as f64 / total;
-            let lr = cfg.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress_t).cos());
-            model = apply_masks(optim.step(lr, model, grads), masks, device);
-            progress(DistillProgress {
-                epoch,
-                step,
-                steps,
-                loss: loss_sum / (step + 1) as f64,
-            });
-        }
-    }
-    model.valid().to_store().await
+    run.student().await
 }
 
 /// Zeroes the masked weights (the parameter keeps its id, so Adam's state follows it).

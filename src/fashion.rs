@@ -261,11 +261,18 @@ impl FashionCnn {
     /// Freshly initialised (burn's default Kaiming-uniform initialisation, seeded by the
     /// device).
     pub fn new(device: &Device) -> Self {
-        Self::with_widths(WIDTHS, HIDDEN, device)
+        Self::with_widths(WIDTHS, HIDDEN, true, device)
     }
 
-    /// The same network with other widths (a channel-pruned student).
-    pub fn with_widths(widths: [usize; 3], hidden: usize, device: &Device) -> Self {
+    /// The same network with other widths (a channel-pruned student). Without
+    /// `batch_norm` the convolutions carry a bias instead: the BatchNorm-folded form the
+    /// deployed model runs, which quantization-aware training must see.
+    pub fn with_widths(
+        widths: [usize; 3],
+        hidden: usize,
+        batch_norm: bool,
+        device: &Device,
+    ) -> Self {
         let mut cin = 1;
         let mut convs = Vec::new();
         let mut norms = Vec::new();
@@ -273,14 +280,16 @@ impl FashionCnn {
             convs.push(
                 Conv2dConfig::new([cin, cout], [3, 3])
                     .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                    .with_bias(false)
+                    .with_bias(!batch_norm)
                     .init(device),
             );
-            norms.push(
-                BatchNormConfig::new(cout)
-                    .with_epsilon(BATCH_NORM_EPS)
-                    .init(device),
-            );
+            if batch_norm {
+                norms.push(
+                    BatchNormConfig::new(cout)
+                        .with_epsilon(BATCH_NORM_EPS)
+                        .init(device),
+                );
+            }
             cin = cout;
         }
         Self {
@@ -296,10 +305,10 @@ impl FashionCnn {
     /// Logits `[batch, 10]` for normalised images `[batch, 1, 28, 28]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         let mut x = x;
-        for (conv, norm) in self.convs.iter().zip(&self.norms) {
+        for (i, conv) in self.convs.iter().enumerate() {
             x = self
                 .pool
-                .forward(norm.forward(conv.forward(x)).clamp(0.0, 6.0));
+                .forward(self.normed(i, conv.forward(x)).clamp(0.0, 6.0));
         }
         let x: Tensor<2> = x.flatten(1, 3);
         let x = self.dropout.forward(self.fc1.forward(x).clamp(0.0, 6.0));
@@ -311,22 +320,24 @@ impl FashionCnn {
     pub fn forward_mapped(
         &self,
         x: Tensor<4>,
-        weights: &dyn Fn(Tensor<2>) -> Tensor<2>,
+        weights: &dyn Fn(&str, Tensor<2>) -> Tensor<2>,
     ) -> Tensor<2> {
         use burn::tensor::module::conv2d;
         use burn::tensor::ops::ConvOptions;
         let mut x = x;
-        for (conv, norm) in self.convs.iter().zip(&self.norms) {
+        for (i, conv) in self.convs.iter().enumerate() {
             let w = conv.weight.val();
             let dims = w.dims();
+            let name = format!("conv{}", i + 1);
             let w: Tensor<4> =
-                weights(w.reshape([dims[0], dims[1] * dims[2] * dims[3]])).reshape(dims);
-            let y = conv2d(x, w, None, ConvOptions::new([1, 1], [1, 1], [1, 1], 1));
-            x = self.pool.forward(norm.forward(y).clamp(0.0, 6.0));
+                weights(&name, w.reshape([dims[0], dims[1] * dims[2] * dims[3]])).reshape(dims);
+            let bias = conv.bias.as_ref().map(|b| b.val());
+            let y = conv2d(x, w, bias, ConvOptions::new([1, 1], [1, 1], [1, 1], 1));
+            x = self.pool.forward(self.normed(i, y).clamp(0.0, 6.0));
         }
-        let linear = |fc: &Linear, x: Tensor<2>| -> Tensor<2> {
+        let linear = |name: &str, fc: &Linear, x: Tensor<2>| -> Tensor<2> {
             // burn stores [in, out].
-            let w = weights(fc.weight.val().transpose()).transpose();
+            let w = weights(name, fc.weight.val().transpose()).transpose();
             let y = x.matmul(w);
             match &fc.bias {
                 Some(b) => y + b.val().unsqueeze_dim(0),
@@ -334,8 +345,41 @@ impl FashionCnn {
             }
         };
         let x: Tensor<2> = x.flatten(1, 3);
-        let x = self.dropout.forward(linear(&self.fc1, x).clamp(0.0, 6.0));
-        linear(&self.fc2, x)
+        let x = self
+            .dropout
+            .forward(linear("fc1", &self.fc1, x).clamp(0.0, 6.0));
+        linear("fc2", &self.fc2, x)
+    }
+
+    /// The `i`-th convolution's output through its BatchNorm (none in folded form).
+    fn normed(&self, i: usize, y: Tensor<4>) -> Tensor<4> {
+        match self.norms.get(i) {
+            Some(norm) => norm.forward(y),
+            None => y,
+        }
+    }
+
+    /// Stops gradients to every layer that `layers` leaves out (they keep their values).
+    pub fn freeze(mut self, layers: TrainLayers) -> Self {
+        let trains = |index: usize| match layers {
+            TrainLayers::All => true,
+            TrainLayers::Classifier => index >= 3,
+            TrainLayers::LastLayer => index >= 4,
+        };
+        for (i, conv) in self.convs.iter_mut().enumerate() {
+            if !trains(i) {
+                *conv = conv.clone().no_grad();
+            }
+        }
+        for norm in self.norms.iter_mut() {
+            if !matches!(layers, TrainLayers::All) {
+                *norm = norm.clone().no_grad();
+            }
+        }
+        if !trains(3) {
+            self.fc1 = self.fc1.clone().no_grad();
+        }
+        self
     }
 
     /// The weights in PyTorch layout and naming (BatchNorm kept separate).
@@ -352,13 +396,24 @@ impl FashionCnn {
         let mut push = |name: String, shape: Vec<usize>, data: Vec<f32>| {
             store.push(NamedTensor { name, shape, data })
         };
-        for (i, (conv, norm)) in self.convs.iter().zip(&self.norms).enumerate() {
+        for (i, conv) in self.convs.iter().enumerate() {
             let w = conv.weight.val();
             push(
                 format!("conv{}.weight", i + 1),
                 w.dims().to_vec(),
                 values(w).await?,
             );
+            if let Some(b) = &conv.bias {
+                let b = b.val();
+                push(
+                    format!("conv{}.bias", i + 1),
+                    b.dims().to_vec(),
+                    values(b).await?,
+                );
+            }
+            let Some(norm) = self.norms.get(i) else {
+                continue;
+            };
             let c = norm.gamma.val().dims()[0];
             for (suffix, t) in [
                 ("weight", norm.gamma.val()),
@@ -396,7 +451,8 @@ impl FashionCnn {
                 let m = vec1(m);
                 conv.weight = conv.weight.clone().map(|w| {
                     let dims = w.dims();
-                    w.mul(m.reshape(dims)).detach().require_grad()
+                    let trains = w.is_require_grad();
+                    w.mul(m.reshape(dims)).detach().set_require_grad(trains)
                 });
             }
         }
@@ -405,16 +461,18 @@ impl FashionCnn {
                 let m = vec1(m);
                 fc.weight = fc.weight.clone().map(|w| {
                     let [cin, cout] = w.dims();
+                    let trains = w.is_require_grad();
                     // The mask is [out, in]; burn stores [in, out].
                     let m: Tensor<2> = m.reshape([cout, cin]).transpose();
-                    w.mul(m).detach().require_grad()
+                    w.mul(m).detach().set_require_grad(trains)
                 });
             }
         }
         self
     }
 
-    /// Loads weights written by [`Self::to_store`] (raw, not folded).
+    /// Loads weights written by [`Self::to_store`]: raw (BatchNorm separate) or folded
+    /// (conv biases, no BatchNorm), as [`crate::compress::pruned_and_folded`] gives.
     pub fn from_store(store: &TensorStore, device: &Device) -> Result<Self> {
         let width = |name: &str| -> Result<usize> {
             Ok(store.get(name)?.shape.first().copied().unwrap_or(0))
@@ -424,7 +482,8 @@ impl FashionCnn {
             width("conv2.weight")?,
             width("conv3.weight")?,
         ];
-        let mut net = Self::with_widths(widths, width("fc1.weight")?, device);
+        let batch_norm = store.contains("bn1.weight");
+        let mut net = Self::with_widths(widths, width("fc1.weight")?, batch_norm, device);
         let param = |name: &str, shape: &[usize]| -> Result<Tensor<1>> {
             let t = store.get_shaped(name, shape)?;
             Ok(Tensor::from_data(
@@ -432,11 +491,19 @@ impl FashionCnn {
                 device,
             ))
         };
-        for (i, (conv, norm)) in net.convs.iter_mut().zip(&mut net.norms).enumerate() {
+        for (i, conv) in net.convs.iter_mut().enumerate() {
             let dims = conv.weight.dims();
             conv.weight =
                 Param::from_tensor(param(&format!("conv{}.weight", i + 1), &dims)?.reshape(dims));
             let c = [dims[0]];
+            if !batch_norm {
+                conv.bias = Some(Param::from_tensor(param(
+                    &format!("conv{}.bias", i + 1),
+                    &c,
+                )?));
+                continue;
+            }
+            let norm = &mut net.norms[i];
             norm.gamma = Param::from_tensor(param(&format!("bn{}.weight", i + 1), &c)?);
             norm.beta = Param::from_tensor(param(&format!("bn{}.bias", i + 1), &c)?);
             norm.running_mean =
@@ -505,6 +572,11 @@ impl SplitMix {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// Uniform in `0..n`.
@@ -637,5 +709,128 @@ mod tests {
         assert!((e.accuracy() - 2.0 / 3.0).abs() < 1e-12);
         assert_eq!(e.class_accuracy()[1], 0.5);
         assert_eq!(e.confusion[1][2], 1);
+    }
+}
+
+/// Which layers a fine-tune updates; the others keep their values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum TrainLayers {
+    #[default]
+    All,
+    /// The fully connected layers (fc1 and fc2).
+    Classifier,
+    /// fc2 alone.
+    LastLayer,
+}
+
+/// The label of an image that has none (label-free distillation).
+pub const UNLABELLED: u8 = u8::MAX;
+
+/// The class a folder name stands for, ignoring case, spaces, punctuation and a plural
+/// "s": "T-shirt_top", "tshirt", "Ankle boots", "sneakers"; also "0"–"9" (the dataset's
+/// class indices) and a few common synonyms.
+pub fn class_for_name(name: &str) -> Option<u8> {
+    let key: String = name
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if let Ok(i) = key.parse::<u8>() {
+        return (usize::from(i) < CLASSES).then_some(i);
+    }
+    let find = |k: &str| -> Option<u8> {
+        let class = match k {
+            "tshirttop" | "tshirt" | "top" | "tee" => 0,
+            "trouser" | "pant" | "pants" | "jean" | "jeans" => 1,
+            "pullover" | "sweater" | "jumper" => 2,
+            "dress" => 3,
+            "coat" | "jacket" => 4,
+            "sandal" => 5,
+            "shirt" => 6,
+            "sneaker" | "trainer" => 7,
+            "bag" | "handbag" => 8,
+            "ankleboot" | "boot" => 9,
+            _ => return None,
+        };
+        Some(class)
+    };
+    find(&key).or_else(|| key.strip_suffix('s').and_then(find))
+}
+
+/// Fashion-MNIST-like pixels from an RGBA image already drawn at 28×28: grey (Rec. 601
+/// luma), inverted when the border is light, since the dataset shows light garments on
+/// a black background and photos usually show dark ones on a light background.
+pub fn pixels_from_rgba(rgba: &[u8]) -> Result<Vec<u8>> {
+    if rgba.len() != PIXELS * 4 {
+        return Err(EngineError::PixelBuffer {
+            found: rgba.len(),
+            expected: PIXELS * 4,
+        });
+    }
+    let grey: Vec<u8> = rgba
+        .chunks_exact(4)
+        .map(|p| {
+            let luma = 0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32;
+            // Transparent pixels count as background (black).
+            (luma * p[3] as f32 / 255.0).round() as u8
+        })
+        .collect();
+    let border: Vec<u8> = (0..PIXELS)
+        .filter(|i| {
+            let (y, x) = (i / SIDE, i % SIDE);
+            y == 0 || x == 0 || y == SIDE - 1 || x == SIDE - 1
+        })
+        .map(|i| grey[i])
+        .collect();
+    let border_mean = border.iter().map(|&v| v as f32).sum::<f32>() / border.len() as f32;
+    Ok(if border_mean > 127.0 {
+        grey.iter().map(|&v| 255 - v).collect()
+    } else {
+        grey
+    })
+}
+
+impl FashionSet {
+    /// The images at `indices`, in that order.
+    pub fn subset(&self, indices: &[usize]) -> Self {
+        let mut out = Self::default();
+        for &i in indices {
+            out.labels.push(self.labels[i]);
+            out.images.extend_from_slice(self.image(i));
+        }
+        out
+    }
+
+    /// Images per class (index `CLASSES` counts the unlabelled ones).
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; CLASSES + 1];
+        for &l in &self.labels {
+            counts[usize::from(l).min(CLASSES)] += 1;
+        }
+        counts
+    }
+
+    /// A stratified split: from each class (and from the unlabelled images) a
+    /// `heldout_fraction` share, rounded, at least one when the class has two or more
+    /// images, chosen by a seeded shuffle. Returns (training, held-out) indices.
+    pub fn stratified_split(&self, heldout_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+        let mut rng = SplitMix::new(seed);
+        let (mut train, mut heldout) = (Vec::new(), Vec::new());
+        for class in 0..=CLASSES {
+            let mut members: Vec<usize> = (0..self.len())
+                .filter(|&i| usize::from(self.labels[i]).min(CLASSES) == class)
+                .collect();
+            rng.shuffle(&mut members);
+            let n = members.len();
+            let mut take = (n as f64 * heldout_fraction).round() as usize;
+            if heldout_fraction > 0.0 && n >= 2 {
+                take = take.clamp(1, n - 1);
+            }
+            heldout.extend_from_slice(&members[..take.min(n)]);
+            train.extend_from_slice(&members[take.min(n)..]);
+        }
+        train.sort_unstable();
+        heldout.sort_unstable();
+        (train, heldout)
     }
 }

@@ -299,13 +299,12 @@ fn distillation_recovers_a_pruned_student() {
     }
 }
 
-// WIP (issue 4): fails today (88.3 % → 87.8 %). QAT fake-quantizes the unfolded weights,
-// but the deployed model quantizes BatchNorm-folded ones, and per-tensor grids differ under
-// folding. Next: train the student in folded form (conv bias, no BatchNorm) so QAT sees
-// exactly the deployed weights.
+// Quantization-aware distillation: the student trains in BatchNorm-folded form, so the
+// fake quantization in its forward pass sees exactly the weights the deployed model
+// quantizes; the result is re-quantized with the same recipe.
 #[test]
-#[ignore]
 fn quantization_aware_distillation_recovers_int4_per_tensor() {
+    use compresslab::compress::pruned_and_folded;
     use compresslab::distill::{DistillConfig, distill_fashion};
     let teacher = weights();
     let test = set("test.bin");
@@ -324,6 +323,8 @@ fn quantization_aware_distillation_recovers_int4_per_tensor() {
         evaluate_model(&model, &test, 2000).unwrap().accuracy()
     };
     let before = accuracy(&teacher);
+    let folded = pruned_and_folded(&teacher, &recipe).unwrap();
+    assert!(!folded.contains("bn1.weight"));
     let cfg = DistillConfig {
         alpha: 1.0,
         epochs: 4,
@@ -333,7 +334,7 @@ fn quantization_aware_distillation_recovers_int4_per_tensor() {
     };
     let trained = block_on(distill_fashion(
         &teacher,
-        &teacher,
+        &folded,
         &[],
         &data,
         &cfg,
@@ -343,9 +344,144 @@ fn quantization_aware_distillation_recovers_int4_per_tensor() {
     .unwrap();
     let after = accuracy(&trained);
     println!(
-        "int4 per-tensor: {:.1} % → {:.1} % after quantization-aware distillation",
+        "int4 per-tensor: {:.1} % → {:.1} % after quantization-aware distillation (folded student)",
         100.0 * before,
         100.0 * after
     );
     assert!(after > before + 0.01, "{before} → {after}");
+}
+
+// The page's path: partly labelled images, a stratified held-out split, a channel-pruned
+// student in folded form, step by step, measured on the held-out images.
+#[test]
+fn distiller_with_labels_and_a_held_out_split() {
+    use compresslab::compress::pruned_and_folded;
+    use compresslab::distill::{DistillConfig, Distiller};
+    use compresslab::fashion::{CLASSES, UNLABELLED};
+    let teacher = weights();
+    let mut data = set("calibration.bin");
+    // Every third image loses its label.
+    for (i, l) in data.labels.iter_mut().enumerate() {
+        if i % 3 == 0 {
+            *l = UNLABELLED;
+        }
+    }
+    let (train_idx, heldout_idx) = data.stratified_split(0.2, 11);
+    assert_eq!(train_idx.len() + heldout_idx.len(), data.len());
+    let heldout = data.subset(&heldout_idx);
+    let counts = heldout.class_counts();
+    let all = data.class_counts();
+    for c in 0..=CLASSES {
+        let expected = (all[c] as f64 * 0.2).round() as usize;
+        assert_eq!(counts[c], expected, "class {c}: {counts:?} of {all:?}");
+    }
+    // The same seed gives the same split.
+    assert_eq!(data.stratified_split(0.2, 11).1, heldout_idx);
+    let recipe = Recipe {
+        channel_pruning: Some(ChannelPruning {
+            ratio: 0.5,
+            ranking: ChannelRanking::L2,
+        }),
+        ..Recipe::default()
+    };
+    let student = pruned_and_folded(&teacher, &recipe).unwrap();
+    let cfg = DistillConfig {
+        alpha: 0.7,
+        epochs: 4,
+        batch_size: 50,
+        ..DistillConfig::default()
+    };
+    let mut run = Distiller::new(
+        &teacher,
+        &student,
+        Vec::new(),
+        data.subset(&train_idx),
+        cfg,
+        &Device::flex().autodiff(),
+    )
+    .unwrap();
+    let before = block_on(run.evaluate(&heldout)).unwrap();
+    let mut losses = Vec::new();
+    while !run.is_done() {
+        let r = block_on(run.step()).unwrap();
+        if r.epoch_done {
+            losses.push(r.epoch_loss);
+        }
+    }
+    assert_eq!(run.steps_done(), run.total_steps());
+    let after = block_on(run.evaluate(&heldout)).unwrap();
+    println!(
+        "held-out ({} images): loss {:.3} → {:.3}, accuracy {:.1} % → {:.1} % (teacher {:.1} %), agreement {:.1} % → {:.1} %; epoch losses {losses:?}",
+        after.images,
+        before.loss,
+        after.loss,
+        100.0 * before.accuracy.unwrap(),
+        100.0 * after.accuracy.unwrap(),
+        100.0 * after.teacher_accuracy.unwrap(),
+        100.0 * before.agreement,
+        100.0 * after.agreement
+    );
+    assert!(after.loss < before.loss * 0.7, "{before:?} → {after:?}");
+    assert!(
+        after.agreement > before.agreement + 0.1,
+        "{before:?} → {after:?}"
+    );
+    assert!(after.accuracy.unwrap() > before.accuracy.unwrap() + 0.05);
+    assert!(losses.last() < losses.first(), "{losses:?}");
+    // The trained student is the pruned shape, and the CPU executor runs it.
+    let trained = block_on(run.student()).unwrap();
+    assert_eq!(
+        trained.get("conv2.weight").unwrap().shape,
+        student.get("conv2.weight").unwrap().shape
+    );
+    let net = CpuFashionNet::from_store(&trained).unwrap();
+    let eval = evaluate(
+        &net,
+        &heldout.subset(
+            &(0..heldout.len())
+                .filter(|&i| heldout.labels[i] != UNLABELLED)
+                .collect::<Vec<_>>(),
+        ),
+    )
+    .unwrap();
+    assert!(
+        (eval.accuracy() - after.accuracy.unwrap()).abs() < 0.02,
+        "{} vs {:?}",
+        eval.accuracy(),
+        after.accuracy
+    );
+}
+
+#[test]
+fn folder_names_and_photos_become_fashion_inputs() {
+    use compresslab::fashion::{class_for_name, pixels_from_rgba};
+    assert_eq!(class_for_name("T-shirt_top"), Some(0));
+    assert_eq!(class_for_name("tshirt"), Some(0));
+    assert_eq!(class_for_name("Shirt"), Some(6));
+    assert_eq!(class_for_name("Ankle boots"), Some(9));
+    assert_eq!(class_for_name("sneakers"), Some(7));
+    assert_eq!(class_for_name("7"), Some(7));
+    assert_eq!(class_for_name("Bags"), Some(8));
+    assert_eq!(class_for_name("cats"), None);
+    assert_eq!(class_for_name("12"), None);
+    // A dark square on white (a photo) becomes a light square on black (the dataset's look).
+    let mut rgba = vec![255u8; PIXELS * 4];
+    for y in 10..18 {
+        for x in 10..18 {
+            rgba[(y * SIDE + x) * 4..(y * SIDE + x) * 4 + 3].fill(0);
+        }
+    }
+    let grey = pixels_from_rgba(&rgba).unwrap();
+    assert_eq!(grey[0], 0);
+    assert_eq!(grey[14 * SIDE + 14], 255);
+    // Already dark backgrounds are kept.
+    let again = pixels_from_rgba(
+        &grey
+            .iter()
+            .flat_map(|&v| [v, v, v, 255])
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    assert_eq!(again, grey);
+    assert!(pixels_from_rgba(&[0; 10]).is_err());
 }
