@@ -124,4 +124,10 @@ if [[ ! -f $FASHION/test.bin || ! -f $FASHION/calibration.bin ]]; then
 fi
 # The weights are ours (trained by `compresslab train-fashion`, see README) and committed.
 cp -f "$ROOT/models/fashion-mnist-cnn.safetensors" "$FASHION/"
+# A labelled folder of PNGs (one folder per class) to try the page's distillation with;
+# outside assets/, so the site does not ship it.
+SAMPLE_FOLDER=$ROOT/.cache/fashion-folder
+if [[ ! -d $SAMPLE_FOLDER ]]; then
+  cargo run --release --quiet --bin compresslab -- fashion-folder --per-class 20 "$FASHION" "$SAMPLE_FOLDER"
+fi
 say "setup done"

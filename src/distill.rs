@@ -12,12 +12,16 @@ use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, softmax};
 use serde::{Deserialize, Serialize};
 
+use crate::compress::{CompressedModel, Recipe, compress, pruned_and_folded};
 use crate::error::{EngineError, Result};
 use crate::fashion::{
     CLASSES, FashionCnn, FashionSet, PIXELS, SIDE, SplitMix, TrainLayers, normalize,
 };
 use crate::quant::{Granularity, QuantScheme};
 use crate::weights::TensorStore;
+
+/// Per weight tensor (by name), 1 where the weight may train and 0 where it stays zero.
+pub type Masks = Vec<(String, Vec<f32>)>;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DistillConfig {
@@ -150,7 +154,7 @@ pub fn distillation_loss(
 
 /// 1 where a weight may train, 0 where pruning zeroed it, for every tensor of `store`
 /// that has zeros (by name; the student's own shapes).
-pub fn zero_masks(store: &TensorStore) -> Vec<(String, Vec<f32>)> {
+pub fn zero_masks(store: &TensorStore) -> Masks {
     store
         .iter()
         .filter(|t| t.name.ends_with(".weight") && t.shape.len() > 1)
@@ -506,6 +510,40 @@ fn apply_masks(model: FashionCnn, masks: &[(String, Vec<f32>)], device: &Device)
         return model;
     }
     model.mask_weights(masks, device)
+}
+
+/// Share of each class held out to measure a fine-tune, and the split's seed (the page
+/// and the command line use the same).
+pub const HELDOUT_FRACTION: f64 = 0.2;
+pub const SPLIT_SEED: u64 = 2024;
+
+/// The student a recipe makes of `teacher`: channel-pruned, BatchNorm-folded and
+/// magnitude-pruned (the float network quantization starts from), with the masks that
+/// keep its pruned weights at zero.
+pub fn student_for(teacher: &TensorStore, recipe: &Recipe) -> Result<(TensorStore, Masks)> {
+    let student = pruned_and_folded(teacher, recipe)?;
+    let masks = match &recipe.magnitude_pruning {
+        Some(m) if m.sparsity > 0.0 => zero_masks(&student),
+        _ => Vec::new(),
+    };
+    Ok((student, masks))
+}
+
+/// The fine-tuned student quantized as `recipe` says; its pruning is already in it, so
+/// only the quantization steps run. The result carries the whole recipe.
+pub fn requantize(
+    trained: &TensorStore,
+    recipe: &Recipe,
+    calibration: &[Vec<f32>],
+) -> Result<CompressedModel> {
+    let quantize_only = Recipe {
+        channel_pruning: None,
+        magnitude_pruning: None,
+        ..recipe.clone()
+    };
+    let mut model = compress(trained, &quantize_only, calibration, &mut |_, _| {})?;
+    model.recipe = recipe.clone();
+    Ok(model)
 }
 
 /// Fake quantization of an `[outputs, inputs]` weight matrix with `scheme`, with a

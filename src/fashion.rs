@@ -834,3 +834,60 @@ impl FashionSet {
         (train, heldout)
     }
 }
+
+/// The size an image of `width` × `height` is drawn at before [`pixels_from_fitted`]:
+/// its longer side 28, aspect kept.
+pub fn fitted_size(width: usize, height: usize) -> (usize, usize) {
+    let long = width.max(height).max(1) as f64;
+    let scale = SIDE as f64 / long;
+    (
+        ((width as f64 * scale).round() as usize).clamp(1, SIDE),
+        ((height as f64 * scale).round() as usize).clamp(1, SIDE),
+    )
+}
+
+/// [`pixels_from_rgba`] for an RGBA image drawn at [`fitted_size`]: centred on a 28×28
+/// canvas padded with the mean colour of its own border, so the padding looks like its
+/// background.
+pub fn pixels_from_fitted(rgba: &[u8], width: usize, height: usize) -> Result<Vec<u8>> {
+    if width == 0 || height == 0 || width > SIDE || height > SIDE {
+        return Err(EngineError::ImageSize {
+            width: width as u32,
+            height: height as u32,
+            reason: "a fitted image must be at most 28×28",
+        });
+    }
+    if rgba.len() != width * height * 4 {
+        return Err(EngineError::PixelBuffer {
+            found: rgba.len(),
+            expected: width * height * 4,
+        });
+    }
+    let mut sum = [0u64; 4];
+    let mut count = 0u64;
+    for y in 0..height {
+        for x in 0..width {
+            if y == 0 || x == 0 || y == height - 1 || x == width - 1 {
+                let p = &rgba[(y * width + x) * 4..(y * width + x) * 4 + 4];
+                for (s, &v) in sum.iter_mut().zip(p) {
+                    *s += u64::from(v);
+                }
+                count += 1;
+            }
+        }
+    }
+    let background: Vec<u8> = sum.iter().map(|&s| (s / count.max(1)) as u8).collect();
+    let mut canvas: Vec<u8> = background
+        .iter()
+        .copied()
+        .cycle()
+        .take(PIXELS * 4)
+        .collect();
+    let (x0, y0) = ((SIDE - width) / 2, (SIDE - height) / 2);
+    for y in 0..height {
+        let from = &rgba[y * width * 4..(y + 1) * width * 4];
+        let at = ((y0 + y) * SIDE + x0) * 4;
+        canvas[at..at + width * 4].copy_from_slice(from);
+    }
+    pixels_from_rgba(&canvas)
+}

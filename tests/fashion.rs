@@ -484,4 +484,19 @@ fn folder_names_and_photos_become_fashion_inputs() {
     .unwrap();
     assert_eq!(again, grey);
     assert!(pixels_from_rgba(&[0; 10]).is_err());
+    // A wide photo is centred and padded with its own background colour.
+    use compresslab::fashion::{fitted_size, pixels_from_fitted};
+    assert_eq!(fitted_size(640, 320), (28, 14));
+    assert_eq!(fitted_size(10, 10), (28, 28));
+    let (w, h) = (28, 14);
+    let mut wide = vec![250u8; w * h * 4];
+    for x in 12..16 {
+        for y in 5..9 {
+            wide[(y * w + x) * 4..(y * w + x) * 4 + 3].fill(10);
+        }
+    }
+    let grey = pixels_from_fitted(&wide, w, h).unwrap();
+    assert_eq!(grey[0], 5, "padding takes the (inverted) background");
+    assert_eq!(grey[14 * SIDE + 13], 245);
+    assert!(pixels_from_fitted(&wide, 40, 7).is_err());
 }

@@ -40,6 +40,14 @@ const USAGE: &str = "usage:
   compresslab sweep [--images N] <fashion-dir>
       accuracy vs sparsity, channel ratio and weight bits × granularity (default: all
       10 000 test images)
+  compresslab fashion-folder [--per-class N] <fashion-dir> <out-dir>
+      writes N (default 10) training images per class as PNGs in one folder per class
+      (the folder names are the labels), to try the page's distillation with
+  compresslab distil [--epochs N] [--images <folder>] <fashion-dir> <recipe.json> <out.safetensors>
+      the page's fine-tune: compresses with the recipe, distils the student from the
+      original (folder names = labels; default images: the 1 000-image training sample),
+      re-quantizes, prints held-out and test accuracy before/after and training images/s,
+      and writes the fine-tuned compressed model
   compresslab preprocess <image> <out.rgb>
       writes the 224×224 8-bit RGB crop the model sees (raw bytes, row-major)
   compresslab export-onnx <assets-dir> <image> <out-dir>
@@ -63,6 +71,8 @@ fn main() -> ExitCode {
         Some("train-fashion") => train_fashion(&args[1..]),
         Some("fashion-eval") => fashion_eval(&args[1..]),
         Some("sweep") => sweep_cmd(&args[1..]),
+        Some("fashion-folder") => fashion_folder(&args[1..]),
+        Some("distil") => distil_cmd(&args[1..]),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -502,6 +512,7 @@ fn train_fashion(args: &[String]) -> Result<()> {
 struct FashionAssets {
     weights: TensorStore,
     test: compresslab::fashion::FashionSet,
+    training_sample: compresslab::fashion::FashionSet,
     calibration: Vec<Vec<f32>>,
 }
 
@@ -516,12 +527,12 @@ fn fashion_assets_from(dir: &str) -> Result<FashionAssets> {
             source,
         })
     };
+    let training_sample = FashionSet::from_bytes(&read("calibration.bin")?)?;
     Ok(FashionAssets {
         weights: TensorStore::from_safetensors(&read(FASHION_WEIGHTS_FILE)?)?,
         test: FashionSet::from_bytes(&read("test.bin")?)?,
-        calibration: compresslab::sweep::calibration_batches(&FashionSet::from_bytes(&read(
-            "calibration.bin",
-        )?)?),
+        calibration: compresslab::sweep::calibration_batches(&training_sample),
+        training_sample,
     })
 }
 
@@ -618,5 +629,198 @@ fn sweep_cmd(args: &[String]) -> Result<()> {
             base.weight_bytes as f64 / p.weight_bytes.max(1) as f64
         );
     }
+    Ok(())
+}
+
+/// `--flag value` at the front of `args`, parsed.
+fn leading_flag<'a, T: std::str::FromStr>(
+    args: &'a [String],
+    flag: &str,
+) -> Result<(Option<T>, &'a [String])> {
+    match args {
+        [f, v, rest @ ..] if f == flag => Ok((
+            Some(
+                v.parse()
+                    .map_err(|_| usage_error(&format!("{flag} needs a value")))?,
+            ),
+            rest,
+        )),
+        rest => Ok((None, rest)),
+    }
+}
+
+fn fashion_folder(args: &[String]) -> Result<()> {
+    use compresslab::fashion::{CLASS_NAMES, SIDE};
+    let (per_class, rest) = leading_flag::<usize>(args, "--per-class")?;
+    let per_class = per_class.unwrap_or(10);
+    let [dir, out] = rest else {
+        return Err(usage_error("fashion-folder needs <fashion-dir> <out-dir>"));
+    };
+    let a = fashion_assets_from(dir)?;
+    let sample = a.training_sample.stratified(per_class);
+    let mut written = 0;
+    for i in 0..sample.len() {
+        let class = CLASS_NAMES[usize::from(sample.labels[i])].replace('/', "_");
+        let folder = Path::new(out).join(&class);
+        std::fs::create_dir_all(&folder).map_err(|source| EngineError::Io {
+            path: folder.display().to_string(),
+            source,
+        })?;
+        let image = image::GrayImage::from_raw(SIDE as u32, SIDE as u32, sample.image(i).to_vec())
+            .ok_or_else(|| EngineError::Dataset("image buffer size".into()))?;
+        let path = folder.join(format!("{i:04}.png"));
+        image
+            .save(&path)
+            .map_err(|e| EngineError::Decode(format!("{}: {e}", path.display())))?;
+        written += 1;
+    }
+    println!(
+        "wrote {written} PNGs in {} class folders under {out}",
+        CLASS_NAMES.len()
+    );
+    Ok(())
+}
+
+/// Every image under `dir` (recursively) as Fashion-MNIST pixels, labelled by its parent
+/// folder's name when that is a class.
+fn read_image_folder(dir: &Path) -> Result<compresslab::fashion::FashionSet> {
+    use compresslab::fashion::{
+        FashionSet, UNLABELLED, class_for_name, fitted_size, pixels_from_fitted,
+    };
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        let entries = std::fs::read_dir(dir).map_err(|source| EngineError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, out)?;
+            } else {
+                out.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(dir, &mut files)?;
+    files.sort();
+    let mut set = FashionSet::default();
+    for path in files {
+        let Ok(img) = image::open(&path) else {
+            eprintln!("skipped {} (not an image)", path.display());
+            continue;
+        };
+        let rgba = img.to_rgba8();
+        let (w, h) = fitted_size(rgba.width() as usize, rgba.height() as usize);
+        let small = image::imageops::resize(
+            &rgba,
+            w as u32,
+            h as u32,
+            image::imageops::FilterType::Triangle,
+        );
+        let label = path
+            .parent()
+            .filter(|p| *p != dir)
+            .and_then(|p| p.file_name())
+            .and_then(|n| class_for_name(&n.to_string_lossy()))
+            .unwrap_or(UNLABELLED);
+        set.labels.push(label);
+        set.images.extend(pixels_from_fitted(small.as_raw(), w, h)?);
+    }
+    Ok(set)
+}
+
+fn distil_cmd(args: &[String]) -> Result<()> {
+    use compresslab::distill::{
+        DistillConfig, Distiller, HELDOUT_FRACTION, SPLIT_SEED, requantize, student_for,
+    };
+    use compresslab::fashion::UNLABELLED;
+    let (epochs, rest) = leading_flag::<usize>(args, "--epochs")?;
+    let (images, rest) = leading_flag::<String>(rest, "--images")?;
+    let [dir, recipe, out] = rest else {
+        return Err(usage_error(
+            "distil needs <fashion-dir> <recipe.json> <out.safetensors>",
+        ));
+    };
+    let recipe =
+        Recipe::from_json(
+            &std::fs::read_to_string(recipe).map_err(|source| EngineError::Io {
+                path: recipe.clone(),
+                source,
+            })?,
+        )?;
+    let a = fashion_assets_from(dir)?;
+    let data = match &images {
+        Some(folder) => read_image_folder(Path::new(folder))?,
+        None => a.training_sample.clone(),
+    };
+    let (train_idx, heldout_idx) = data.stratified_split(HELDOUT_FRACTION, SPLIT_SEED);
+    let (train, heldout) = (data.subset(&train_idx), data.subset(&heldout_idx));
+    let (student, masks) = student_for(&a.weights, &recipe)?;
+    let cfg = DistillConfig {
+        epochs: epochs.unwrap_or(3),
+        batch_size: 32,
+        alpha: 0.7,
+        weight_quant: recipe.weights,
+        fp32_layers: recipe.keep_fp32.clone(),
+        ..DistillConfig::default()
+    };
+    println!(
+        "{} training and {} held-out images ({} unlabelled); {cfg:?}",
+        train.len(),
+        heldout.len(),
+        data.labels.iter().filter(|&&l| l == UNLABELLED).count()
+    );
+    let mut run = Distiller::new(
+        &a.weights,
+        &student,
+        masks,
+        train.clone(),
+        cfg,
+        &Device::flex().autodiff(),
+    )?;
+    let before = futures_lite::future::block_on(run.evaluate(&heldout))?;
+    let started = Instant::now();
+    while !run.is_done() {
+        let r = futures_lite::future::block_on(run.step())?;
+        if r.epoch_done {
+            let h = futures_lite::future::block_on(run.evaluate(&heldout))?;
+            println!(
+                "epoch {}: training loss {:.4}, held-out loss {:.4}, agreement {:.1} %",
+                r.epoch + 1,
+                r.epoch_loss,
+                h.loss,
+                100.0 * h.agreement
+            );
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let trained = futures_lite::future::block_on(run.student())?;
+    let before_model = compress(&a.weights, &recipe, &a.calibration, &mut |_, _| {})?;
+    let after_model = requantize(&trained, &recipe, &a.calibration)?;
+    let labelled: Vec<usize> = (0..heldout.len())
+        .filter(|&i| heldout.labels[i] != UNLABELLED)
+        .collect();
+    let labelled = heldout.subset(&labelled);
+    for (name, model) in [("compressed", &before_model), ("fine-tuned", &after_model)] {
+        let test = compresslab::sweep::evaluate_model(model, &a.test, a.test.len())?;
+        let held = compresslab::sweep::evaluate_model(model, &labelled, labelled.len())?;
+        println!(
+            "{name:>10}: test accuracy {:.2} %, held-out accuracy {:.1} % ({} labelled), {} weight bytes",
+            100.0 * test.accuracy(),
+            100.0 * held.accuracy(),
+            labelled.len(),
+            model.stats()?.weight_bytes
+        );
+    }
+    let trained_images = train.len() * run.total_steps() / run.steps_per_epoch().max(1);
+    println!(
+        "held-out loss {:.4} before training; {trained_images} training images in {secs:.1} s: {:.0} images/s (Flex CPU, batch 32, 28×28)",
+        before.loss,
+        trained_images as f64 / secs
+    );
+    write_file(Path::new(out), &after_model.to_safetensors()?)?;
+    println!("wrote {out}");
     Ok(())
 }

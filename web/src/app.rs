@@ -14,6 +14,7 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, spawn_local};
 use web_sys::{Blob, MessageEvent, Response, Url, Worker, WorkerOptions, WorkerType};
 
+use crate::distil_panel::{DistilPanel, DistilState};
 use crate::error::WebError;
 use crate::fashion_panel::{SweepPanel, SweepState};
 use crate::lab_panel::{LabPanel, LabState, ModelChoice};
@@ -89,6 +90,7 @@ struct Controller {
     bench: RwSignal<BenchState>,
     lab: RwSignal<LabState>,
     sweep: RwSignal<SweepState>,
+    distil: RwSignal<DistilState>,
     _handlers: Vec<Closure<dyn FnMut(JsValue)>>,
 }
 
@@ -249,6 +251,42 @@ fn on_worker_message(msg: FromWorker) {
             s.error = Some(message);
         }),
         FromWorker::CompressFailed { message } => c.lab.set(LabState::Failed(message)),
+        FromWorker::DistilLoading { done, total } => {
+            c.distil.update(|s| s.loading = Some((done, total)))
+        }
+        FromWorker::DistilData(data) => c.distil.update(|s| {
+            s.loading = None;
+            s.data = Some(data);
+            s.message = None;
+        }),
+        FromWorker::DistilStarted {
+            total_steps,
+            backend,
+        } => c.distil.update(|s| {
+            s.running = true;
+            s.total_steps = total_steps;
+            s.backend = Some(backend);
+        }),
+        FromWorker::DistilStep(step) => c.distil.update(|s| {
+            s.losses.push((step.step, step.loss));
+            s.step = Some(step);
+        }),
+        FromWorker::DistilEpoch(epoch) => c.distil.update(|s| s.epochs.push(epoch)),
+        FromWorker::DistilPaused { paused } => c.distil.update(|s| s.paused = paused),
+        FromWorker::DistilDone(report) => {
+            c.distil.update(|s| {
+                s.running = false;
+                s.paused = false;
+                s.report = Some(*report);
+            });
+            // The lab panel shows the fine-tuned network's full report (posted just before).
+        }
+        FromWorker::DistilStopped { message, .. } => c.distil.update(|s| {
+            s.running = false;
+            s.paused = false;
+            s.loading = None;
+            s.message = Some(message);
+        }),
         FromWorker::Exported {
             weights,
             recipe_json,
@@ -280,6 +318,13 @@ fn on_worker_message(msg: FromWorker) {
                 c.sweep.update(|s| {
                     s.running = None;
                     s.error = Some(format!("the model worker crashed: {message}"));
+                });
+            }
+            if c.distil.get_untracked().running || c.distil.get_untracked().loading.is_some() {
+                c.distil.update(|s| {
+                    s.running = false;
+                    s.loading = None;
+                    s.message = Some(format!("the model worker crashed: {message}"));
                 });
             }
             respawn = Some(if on_gpu {
@@ -353,6 +398,11 @@ pub fn send_lab(msg: ToWorker, blob: Option<Blob>) {
                 .set(LabState::Failed("wait until the sweeps finish".into()));
             return;
         }
+        if c.distil.get_untracked().running {
+            c.lab
+                .set(LabState::Failed("wait until the fine-tune finishes".into()));
+            return;
+        }
         let running = !matches!(msg, ToWorker::Export);
         let (Some(worker), Ok(js)) = (c.worker.as_ref(), serde_wasm_bindgen::to_value(&msg)) else {
             return;
@@ -370,6 +420,27 @@ pub fn send_lab(msg: ToWorker, blob: Option<Blob>) {
             Err(e) => c.lab.set(LabState::Failed(
                 WebError::js("could not reach the model worker", e).to_string(),
             )),
+        }
+    });
+}
+
+/// Sends a distillation request (images, start, pause / resume / cancel), with the image
+/// files alongside when there are any.
+pub fn send_distil(msg: ToWorker, files: Option<js_sys::Array>) {
+    with_controller(|c| {
+        let (Some(worker), Ok(js)) = (c.worker.as_ref(), serde_wasm_bindgen::to_value(&msg)) else {
+            return;
+        };
+        let parts = match &files {
+            Some(f) => js_sys::Array::of2(&js, f),
+            None => js_sys::Array::of1(&js),
+        };
+        if let Err(e) = worker.post_message(&parts) {
+            c.distil.update(|s| {
+                s.running = false;
+                s.loading = None;
+                s.message = Some(WebError::js("could not reach the model worker", e).to_string());
+            });
         }
     });
 }
@@ -544,6 +615,7 @@ pub fn App() -> impl IntoView {
     let bench = RwSignal::new(BenchState::Idle);
     let lab = RwSignal::new(LabState::Idle);
     let sweep = RwSignal::new(SweepState::default());
+    let distil = RwSignal::new(DistilState::default());
     let model = RwSignal::new(ModelChoice::Photos);
 
     CONTROLLER.with(|c| {
@@ -559,6 +631,7 @@ pub fn App() -> impl IntoView {
             bench,
             lab,
             sweep,
+            distil,
             _handlers: Vec::new(),
         })
     });
@@ -662,6 +735,13 @@ pub fn App() -> impl IntoView {
             </section>
             </div>
             <LabPanel status=status lab=lab items=items model=model/>
+            <Show when=move || model.get() == ModelChoice::Fashion>
+                <DistilPanel distil=distil lab=lab can_run=Signal::derive(move || {
+                    matches!(status.get(), Status::Ready(_))
+                        && !matches!(lab.get(), LabState::Running { .. })
+                        && sweep.get().running.is_none()
+                })/>
+            </Show>
             <div class="drop-overlay">"Drop images to classify"</div>
         </main>
     }

@@ -21,16 +21,18 @@ pub const WEIGHTS_FILE: &str = "fashion-mnist-cnn.safetensors";
 /// Test images with a changed prediction shown on the page.
 const MAX_CHANGED_SHOWN: usize = 16;
 
-struct FashionAssets {
-    store: TensorStore,
-    test: FashionSet,
-    calibration: Vec<Vec<f32>>,
+pub(crate) struct FashionAssets {
+    pub store: TensorStore,
+    pub test: FashionSet,
+    /// 100 labelled training images per class.
+    pub training_sample: FashionSet,
+    pub calibration: Vec<Vec<f32>>,
 }
 
 /// The original network's results, computed once.
-struct Original {
-    side: FashionSide,
-    predictions: Vec<usize>,
+pub(crate) struct Original {
+    pub side: FashionSide,
+    pub predictions: Vec<usize>,
 }
 
 thread_local! {
@@ -56,7 +58,7 @@ async fn fetch_all(url: &str) -> WebResult<Vec<u8>> {
     Ok(js_sys::Uint8Array::new(&buf).to_vec())
 }
 
-async fn assets(asset_base: &str) -> WebResult<Rc<FashionAssets>> {
+pub(crate) async fn assets(asset_base: &str) -> WebResult<Rc<FashionAssets>> {
     if let Some(a) = ASSETS.with(|a| a.borrow().clone()) {
         return Ok(a);
     }
@@ -65,12 +67,13 @@ async fn assets(asset_base: &str) -> WebResult<Rc<FashionAssets>> {
     let store =
         TensorStore::from_safetensors(&fetch_all(&format!("{base}/{WEIGHTS_FILE}")).await?)?;
     let test = FashionSet::from_bytes(&fetch_all(&format!("{base}/test.bin")).await?)?;
-    let calibration = calibration_batches(&FashionSet::from_bytes(
-        &fetch_all(&format!("{base}/calibration.bin")).await?,
-    )?);
+    let training_sample =
+        FashionSet::from_bytes(&fetch_all(&format!("{base}/calibration.bin")).await?)?;
+    let calibration = calibration_batches(&training_sample);
     let a = Rc::new(FashionAssets {
         store,
         test,
+        training_sample,
         calibration,
     });
     ASSETS.with(|s| *s.borrow_mut() = Some(a.clone()));
@@ -106,7 +109,7 @@ fn run_test_set(
     Ok((eval, preds, ms))
 }
 
-async fn original(a: &FashionAssets) -> WebResult<Rc<Original>> {
+pub(crate) async fn original(a: &FashionAssets) -> WebResult<Rc<Original>> {
     if let Some(o) = ORIGINAL.with(|o| o.borrow().clone()) {
         return Ok(o);
     }
@@ -145,8 +148,29 @@ pub async fn run(
         }
         (None, None) => return Err(WebError::Message("nothing to compress".into())),
     };
-    let build_ms = now() - start;
-    let net = CpuFashionNet::from_compressed(&model, true)?;
+    let report = evaluate_variant(
+        &a,
+        &before,
+        &model,
+        source,
+        reference.as_ref(),
+        now() - start,
+    )?;
+    VARIANT.with(|v| *v.borrow_mut() = Some(Variant { model }));
+    post(&FromWorker::FashionCompressed(Box::new(report)));
+    Ok(())
+}
+
+/// The whole test set through `model`, next to the original network.
+pub(crate) fn evaluate_variant(
+    a: &FashionAssets,
+    before: &Original,
+    model: &CompressedModel,
+    source: String,
+    reference: Option<&TensorStore>,
+    build_ms: f64,
+) -> WebResult<FashionReport> {
+    let net = CpuFashionNet::from_compressed(model, true)?;
     let (eval, preds, ms_per_image) =
         run_test_set(&net, &a.test, "the compressed network", (0.5, 0.98))?;
     let same_prediction = preds
@@ -168,7 +192,7 @@ pub async fn run(
             pixels: a.test.image(i).to_vec(),
         })
         .collect();
-    let report = FashionReport {
+    Ok(FashionReport {
         recipe: model.recipe.clone(),
         source,
         before: before.side.clone(),
@@ -180,12 +204,9 @@ pub async fn run(
         same_prediction,
         integer_layers: net.integer_layers(),
         build_ms,
-        layers: model.layer_stats(reference.as_ref())?,
+        layers: model.layer_stats(reference)?,
         changed,
-    };
-    VARIANT.with(|v| *v.borrow_mut() = Some(Variant { model }));
-    post(&FromWorker::FashionCompressed(Box::new(report)));
-    Ok(())
+    })
 }
 
 /// Every sweep case on the first `images` test images, one point at a time.

@@ -144,7 +144,7 @@ fn ChangedGallery(changed: Vec<ChangedPrediction>, total: usize) -> impl IntoVie
 }
 
 /// A 28×28 8-bit grey image as a BMP data URL (no canvas needed).
-fn grey_bmp_url(pixels: &[u8]) -> String {
+pub(crate) fn grey_bmp_url(pixels: &[u8]) -> String {
     let side = 28u32;
     let palette = 256 * 4;
     let offset = 14 + 40 + palette;

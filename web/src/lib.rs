@@ -2,6 +2,8 @@
 //! the engine. Errors become UI text only here, at this boundary.
 
 pub mod app;
+pub mod distil;
+pub mod distil_panel;
 pub mod error;
 pub mod fashion_lab;
 pub mod fashion_panel;

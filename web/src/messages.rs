@@ -2,10 +2,13 @@
 //! A classify request carries the image as a `Blob` next to the message, not inside it.
 
 use compresslab::compress::{LayerStats, ModelStats, Recipe};
+use compresslab::distill::HeldOutReport;
 use compresslab::fashion::Evaluation;
+use compresslab::fashion::TrainLayers;
 use compresslab::labels::Prediction;
 use compresslab::sweep::SweepPoint;
 use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type")]
@@ -16,21 +19,150 @@ pub enum ToWorker {
         force_cpu: Option<String>,
     },
     /// Classify the blob posted alongside this message.
-    Classify { id: u32, name: String },
+    Classify {
+        id: u32,
+        name: String,
+    },
     /// Time `runs` warm runs of the model on the last classified image.
-    Benchmark { runs: u32 },
+    Benchmark {
+        runs: u32,
+    },
     /// Build the compressed variant from a recipe, evaluate it against the original and
     /// time both (`runs` warm runs each).
-    Compress { recipe: Recipe, runs: u32 },
+    Compress {
+        recipe: Recipe,
+        runs: u32,
+    },
     /// The same from an exported model (the `.safetensors` blob posted alongside).
-    LoadCompressed { name: String, runs: u32 },
+    LoadCompressed {
+        name: String,
+        runs: u32,
+    },
     /// Send back the current variant as safetensors + its JSON recipe.
     Export,
     /// Fashion-MNIST: compress with `recipe` and measure accuracy on the whole test set,
     /// next to the original network.
-    FashionCompress { recipe: Recipe },
+    FashionCompress {
+        recipe: Recipe,
+    },
     /// Fashion-MNIST: every sweep case on the first `images` test images.
-    FashionSweep { images: u32 },
+    FashionSweep {
+        images: u32,
+    },
+    /// Distillation data: the image files posted alongside (an array of blobs), with
+    /// their paths (`folder/…/file`: the parent folder's name is the label).
+    DistilImages {
+        paths: Vec<String>,
+    },
+    /// Distillation data: the site's 1 000 labelled Fashion-MNIST training images.
+    DistilBuiltin,
+    /// Fine-tune the network `recipe` compresses by distillation from the original.
+    Distil {
+        recipe: Recipe,
+        settings: DistilSettings,
+    },
+    DistilControl {
+        action: DistilAction,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub enum DistilAction {
+    Pause,
+    Resume,
+    Cancel,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DistilSettings {
+    pub temperature: f64,
+    pub alpha: f64,
+    pub learning_rate: f64,
+    pub epochs: u32,
+    pub batch_size: u32,
+    pub layers: TrainLayers,
+    /// Quantization-aware training (when the recipe quantizes weights).
+    pub qat: bool,
+}
+
+impl Default for DistilSettings {
+    fn default() -> Self {
+        Self {
+            temperature: 4.0,
+            alpha: 0.7,
+            learning_rate: 1e-3,
+            epochs: 3,
+            batch_size: 32,
+            layers: TrainLayers::All,
+            qat: true,
+        }
+    }
+}
+
+/// The images the worker holds for distillation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DistilData {
+    pub source: String,
+    pub images: u32,
+    /// Per class, then the unlabelled images last: training and held-out counts.
+    pub train_counts: Vec<u32>,
+    pub heldout_counts: Vec<u32>,
+    /// Folder names that are not a Fashion-MNIST class (their images are unlabelled).
+    pub unmatched: Vec<String>,
+    /// Files that could not be read, with the reason (the first few).
+    pub rejected: Vec<String>,
+    pub rejected_count: u32,
+    /// A few of the images as the network sees them (28×28 grey), with their labels.
+    pub preview: Vec<(u8, ByteBuf)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DistilStep {
+    /// Steps done (from 1) and in all.
+    pub step: u32,
+    pub total: u32,
+    pub epoch: u32,
+    pub epochs: u32,
+    pub loss: f64,
+    pub images_per_s: f64,
+    pub eta_s: f64,
+}
+
+/// The held-out measurement after an epoch (epoch 0: before training).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DistilEpoch {
+    pub epoch: u32,
+    pub step: u32,
+    pub train_loss: Option<f64>,
+    pub heldout: HeldOutReport,
+}
+
+/// One network in the distillation before/after panel, as deployed (quantized weights,
+/// CPU executor).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DistilSide {
+    pub heldout_accuracy: Option<f64>,
+    pub heldout_agreement: f64,
+    pub test_accuracy: f64,
+    pub test_agreement: f64,
+    pub ms_per_image: f64,
+    pub stats: ModelStats,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DistilReport {
+    pub recipe: Recipe,
+    pub settings: DistilSettings,
+    pub backend: String,
+    pub train_images: u32,
+    pub heldout_images: u32,
+    pub seconds: f64,
+    pub images_per_s: f64,
+    /// Whether the student trained with fake-quantized weights.
+    pub qat: bool,
+    pub teacher: DistilSide,
+    pub before: DistilSide,
+    pub after: DistilSide,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -136,6 +268,26 @@ pub enum FromWorker {
     SweepDone,
     SweepFailed {
         message: String,
+    },
+    DistilLoading {
+        done: u32,
+        total: u32,
+    },
+    DistilData(DistilData),
+    DistilStarted {
+        total_steps: u32,
+        backend: String,
+    },
+    DistilStep(DistilStep),
+    DistilEpoch(DistilEpoch),
+    DistilPaused {
+        paused: bool,
+    },
+    DistilDone(Box<DistilReport>),
+    /// Failed, or cancelled by the user.
+    DistilStopped {
+        message: String,
+        cancelled: bool,
     },
     /// The worker panicked; it is unusable and the page replaces it.
     Crashed {

@@ -21,9 +21,9 @@ use web_sys::{
 };
 
 use crate::error::{WebError, WebResult};
-use crate::fashion_lab;
 use crate::lab::{self, EvalImage, percentile};
 use crate::messages::{BackendInfo, BackendKind, BenchReport, FromWorker, ModelReady, ToWorker};
+use crate::{distil, fashion_lab};
 
 pub const WEIGHTS_FILE: &str = "efficientnet-lite0.safetensors";
 pub const LABELS_FILE: &str = "imagenet-labels.json";
@@ -54,7 +54,7 @@ thread_local! {
     static MODEL: RefCell<Option<Rc<Loaded>>> = const { RefCell::new(None) };
 }
 
-fn scope() -> DedicatedWorkerGlobalScope {
+pub fn scope() -> DedicatedWorkerGlobalScope {
     js_sys::global().unchecked_into()
 }
 
@@ -154,6 +154,34 @@ async fn handle(data: JsValue) {
                 });
             }
         }
+        ToWorker::DistilImages { paths } => {
+            let blobs: Array = parts.get(1).unchecked_into();
+            if let Err(e) = distil::load_images(paths, blobs).await {
+                post(&FromWorker::DistilStopped {
+                    message: e.to_string(),
+                    cancelled: false,
+                });
+            }
+        }
+        ToWorker::DistilBuiltin => {
+            let result =
+                with_model(|m| async move { distil::load_builtin(&m.asset_base).await }).await;
+            if let Err(e) = result {
+                post(&FromWorker::DistilStopped {
+                    message: e.to_string(),
+                    cancelled: false,
+                });
+            }
+        }
+        ToWorker::Distil { recipe, settings } => {
+            if let Err(e) = with_model(|m| distil::run(m, recipe, settings)).await {
+                post(&FromWorker::DistilStopped {
+                    message: e.to_string(),
+                    cancelled: false,
+                });
+            }
+        }
+        ToWorker::DistilControl { action } => distil::control(action),
         ToWorker::Export => {
             if let Err(e) = lab::export() {
                 post(&FromWorker::CompressFailed {

@@ -1,0 +1,465 @@
+//! The worker's distillation: the user's images (or the site's training sample) become a
+//! labelled / unlabelled set with a stratified held-out split; the network a recipe
+//! compresses is fine-tuned from the original (burn autodiff, on WebGPU when the worker
+//! runs there), step by step so the page can follow, pause and cancel; at the end it is
+//! re-quantized with the recipe and measured as deployed.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use burn::prelude::*;
+use compresslab::compress::{CompressedModel, Recipe, compress};
+use compresslab::distill::{
+    DistillConfig, Distiller, HELDOUT_FRACTION, SPLIT_SEED, requantize, student_for,
+};
+use compresslab::fashion::{
+    CLASSES, FashionSet, PIXELS, UNLABELLED, class_for_name, fitted_size, normalize,
+    pixels_from_fitted,
+};
+use compresslab::fashion_cpu::{CpuFashionNet, EVAL_BATCH, predictions};
+use js_sys::Array;
+use wasm_bindgen::JsCast;
+use wasm_bindgen_futures::JsFuture;
+use web_sys::{
+    Blob, ImageBitmap, ImageBitmapOptions, OffscreenCanvas, OffscreenCanvasRenderingContext2d,
+    ResizeQuality,
+};
+
+use crate::error::{WebError, WebResult};
+use crate::fashion_lab::{self, FashionAssets, Original};
+use crate::lab::{VARIANT, Variant};
+use crate::messages::{
+    DistilAction, DistilData, DistilEpoch, DistilReport, DistilSettings, DistilSide, DistilStep,
+    FashionReport, FromWorker,
+};
+use crate::worker::{Loaded, now, post, scope};
+
+/// At most this many images are kept (784 bytes each), however many are dropped.
+pub const MAX_IMAGES: usize = 20_000;
+const REJECTIONS_LISTED: usize = 5;
+const PREVIEW_IMAGES: usize = 12;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Control {
+    Run,
+    Pause,
+    Cancel,
+}
+
+struct UserData {
+    source: String,
+    set: FashionSet,
+}
+
+thread_local! {
+    static DATA: RefCell<Option<Rc<UserData>>> = const { RefCell::new(None) };
+    static CONTROL: Cell<Control> = const { Cell::new(Control::Run) };
+    static RUNNING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Resolves after `ms` milliseconds, letting the worker handle other messages meanwhile.
+async fn sleep_ms(ms: i32) {
+    let promise = js_sys::Promise::new(&mut |resolve, _| {
+        let _ = scope().set_timeout_with_callback_and_timeout_and_arguments_0(&resolve, ms);
+    });
+    let _ = JsFuture::from(promise).await;
+}
+
+/// The label a file's path gives: its parent folder's name, when that is a class.
+fn label_of(path: &str) -> (u8, Option<String>) {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    match parts.len().checked_sub(2).and_then(|i| parts.get(i)) {
+        Some(folder) => match class_for_name(folder) {
+            Some(class) => (class, None),
+            None => (UNLABELLED, Some(folder.to_string())),
+        },
+        None => (UNLABELLED, None),
+    }
+}
+
+/// One image file as the network's 28×28 grey input (the browser decodes and scales).
+async fn fashion_pixels(blob: &Blob) -> WebResult<Vec<u8>> {
+    let bitmap: ImageBitmap = JsFuture::from(
+        scope()
+            .create_image_bitmap_with_blob(blob)
+            .map_err(|e| WebError::js("createImageBitmap", e))?,
+    )
+    .await
+    .map_err(|_| WebError::Decode {
+        hint: " (not a supported image format, or a corrupt file)".into(),
+    })?
+    .unchecked_into();
+    let (w, h) = fitted_size(bitmap.width() as usize, bitmap.height() as usize);
+    bitmap.close();
+    // A second decode scaled by the browser's high-quality resampler (no aliasing).
+    let options = ImageBitmapOptions::new();
+    options.set_resize_width(w as u32);
+    options.set_resize_height(h as u32);
+    options.set_resize_quality(ResizeQuality::High);
+    let small: ImageBitmap = JsFuture::from(
+        scope()
+            .create_image_bitmap_with_blob_and_image_bitmap_options(blob, &options)
+            .map_err(|e| WebError::js("createImageBitmap", e))?,
+    )
+    .await
+    .map_err(|e| WebError::js("createImageBitmap", e))?
+    .unchecked_into();
+    let canvas = OffscreenCanvas::new(w as u32, h as u32).map_err(|e| WebError::js("canvas", e))?;
+    let ctx: OffscreenCanvasRenderingContext2d = canvas
+        .get_context("2d")
+        .map_err(|e| WebError::js("canvas", e))?
+        .ok_or_else(|| WebError::Message("no 2d canvas context".into()))?
+        .unchecked_into();
+    ctx.draw_image_with_image_bitmap(&small, 0.0, 0.0)
+        .map_err(|e| WebError::js("canvas", e))?;
+    small.close();
+    let rgba = ctx
+        .get_image_data(0.0, 0.0, w as f64, h as f64)
+        .map_err(|e| WebError::js("canvas", e))?
+        .data()
+        .0;
+    Ok(pixels_from_fitted(&rgba, w, h)?)
+}
+
+fn summary(
+    data: &UserData,
+    unmatched: Vec<String>,
+    rejected: Vec<String>,
+    rejected_count: usize,
+) -> DistilData {
+    let (train, heldout) = data.set.stratified_split(HELDOUT_FRACTION, SPLIT_SEED);
+    let counts = |idx: &[usize]| -> Vec<u32> {
+        let mut c = vec![0u32; CLASSES + 1];
+        for &i in idx {
+            c[usize::from(data.set.labels[i]).min(CLASSES)] += 1;
+        }
+        c
+    };
+    DistilData {
+        source: data.source.clone(),
+        images: data.set.len() as u32,
+        train_counts: counts(&train),
+        heldout_counts: counts(&heldout),
+        unmatched,
+        rejected,
+        rejected_count: rejected_count as u32,
+        preview: (0..data.set.len().min(PREVIEW_IMAGES))
+            .map(|i| {
+                // Spread over the set, so several folders show.
+                let j = i * data.set.len() / data.set.len().clamp(1, PREVIEW_IMAGES);
+                (data.set.labels[j], data.set.image(j).to_vec().into())
+            })
+            .collect(),
+    }
+}
+
+/// Decodes the dropped files into the distillation set.
+pub async fn load_images(paths: Vec<String>, blobs: Array) -> WebResult<()> {
+    if RUNNING.get() {
+        return Err(WebError::Message(
+            "a fine-tune is running: cancel it before changing the images".into(),
+        ));
+    }
+    let total = paths.len().min(blobs.length() as usize);
+    let mut set = FashionSet::default();
+    let mut unmatched: Vec<String> = Vec::new();
+    let (mut rejected, mut rejected_count) = (Vec::new(), 0);
+    for (i, path) in paths.iter().take(total).enumerate() {
+        if set.len() >= MAX_IMAGES {
+            rejected_count += total - i;
+            rejected.push(format!(
+                "{} more files left out: at most {MAX_IMAGES} images are kept",
+                total - i
+            ));
+            break;
+        }
+        if i % 16 == 0 {
+            post(&FromWorker::DistilLoading {
+                done: i as u32,
+                total: total as u32,
+            });
+        }
+        let blob: Blob = blobs.get(i as u32).unchecked_into();
+        match fashion_pixels(&blob).await {
+            Ok(pixels) => {
+                let (label, folder) = label_of(path);
+                if let Some(f) = folder
+                    && !unmatched.contains(&f)
+                {
+                    unmatched.push(f);
+                }
+                set.labels.push(label);
+                set.images.extend_from_slice(&pixels);
+            }
+            Err(e) => {
+                rejected_count += 1;
+                if rejected.len() < REJECTIONS_LISTED {
+                    rejected.push(format!("{path}: {e}"));
+                }
+            }
+        }
+    }
+    if set.is_empty() {
+        return Err(WebError::Message(format!(
+            "none of the {total} files could be read as an image"
+        )));
+    }
+    let data = UserData {
+        source: format!("{} dropped images", set.len()),
+        set,
+    };
+    post(&FromWorker::DistilData(summary(
+        &data,
+        unmatched,
+        rejected,
+        rejected_count,
+    )));
+    DATA.with(|d| *d.borrow_mut() = Some(Rc::new(data)));
+    Ok(())
+}
+
+/// Uses the site's labelled training sample (100 images per class).
+pub async fn load_builtin(asset_base: &str) -> WebResult<()> {
+    if RUNNING.get() {
+        return Err(WebError::Message(
+            "a fine-tune is running: cancel it before changing the images".into(),
+        ));
+    }
+    let a = fashion_lab::assets(asset_base).await?;
+    let data = UserData {
+        source: format!("{} Fashion-MNIST training images", a.training_sample.len()),
+        set: a.training_sample.clone(),
+    };
+    post(&FromWorker::DistilData(summary(
+        &data,
+        Vec::new(),
+        Vec::new(),
+        0,
+    )));
+    DATA.with(|d| *d.borrow_mut() = Some(Rc::new(data)));
+    Ok(())
+}
+
+pub fn control(action: DistilAction) {
+    if !RUNNING.get() {
+        return;
+    }
+    CONTROL.set(match action {
+        DistilAction::Pause => Control::Pause,
+        DistilAction::Resume => Control::Run,
+        DistilAction::Cancel => Control::Cancel,
+    });
+    if action != DistilAction::Cancel {
+        post(&FromWorker::DistilPaused {
+            paused: action == DistilAction::Pause,
+        });
+    }
+}
+
+/// Predictions of `net` on `set` (normalised in batches).
+fn predict(net: &CpuFashionNet, set: &FashionSet) -> WebResult<Vec<usize>> {
+    let mut out = Vec::with_capacity(set.len());
+    for start in (0..set.len()).step_by(EVAL_BATCH) {
+        let end = (start + EVAL_BATCH).min(set.len());
+        out.extend(predictions(
+            &net.forward(&normalize(&set.images[start * PIXELS..end * PIXELS]))?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Accuracy on the labelled images and agreement with `teacher`'s predictions.
+fn heldout_scores(preds: &[usize], teacher: &[usize], set: &FashionSet) -> (Option<f64>, f64) {
+    let labelled: Vec<usize> = (0..set.len())
+        .filter(|&i| set.labels[i] != UNLABELLED)
+        .collect();
+    let accuracy = (!labelled.is_empty()).then(|| {
+        labelled
+            .iter()
+            .filter(|&&i| preds[i] == usize::from(set.labels[i]))
+            .count() as f64
+            / labelled.len() as f64
+    });
+    let agree = preds.iter().zip(teacher).filter(|(a, b)| a == b).count();
+    (accuracy, agree as f64 / preds.len().max(1) as f64)
+}
+
+/// The deployed network's numbers: held-out and whole test set.
+fn side(
+    a: &FashionAssets,
+    original: &Original,
+    model: &CompressedModel,
+    heldout: &FashionSet,
+    teacher_heldout: &[usize],
+) -> WebResult<(DistilSide, FashionReport)> {
+    let net = CpuFashionNet::from_compressed(model, true)?;
+    let (heldout_accuracy, heldout_agreement) =
+        heldout_scores(&predict(&net, heldout)?, teacher_heldout, heldout);
+    let report = fashion_lab::evaluate_variant(a, original, model, "distilled".into(), None, 0.0)?;
+    Ok((
+        DistilSide {
+            heldout_accuracy,
+            heldout_agreement,
+            test_accuracy: report.after.eval.accuracy(),
+            test_agreement: report.same_prediction as f64 / a.test.len().max(1) as f64,
+            ms_per_image: report.after.ms_per_image,
+            stats: report.after.stats.clone(),
+        },
+        report,
+    ))
+}
+
+fn stage(text: &str, fraction: f32) {
+    post(&FromWorker::CompressProgress {
+        stage: text.to_string(),
+        fraction,
+    });
+}
+
+/// Fine-tunes the network `recipe` compresses, from the original, on the loaded images.
+pub async fn run(loaded: Rc<Loaded>, recipe: Recipe, settings: DistilSettings) -> WebResult<()> {
+    if RUNNING.replace(true) {
+        return Err(WebError::Message("a fine-tune is already running".into()));
+    }
+    CONTROL.set(Control::Run);
+    let result = train(&loaded, recipe, settings).await;
+    RUNNING.set(false);
+    result
+}
+
+async fn train(loaded: &Loaded, recipe: Recipe, settings: DistilSettings) -> WebResult<()> {
+    let data = DATA.with(|d| d.borrow().clone()).ok_or_else(|| {
+        WebError::Message("choose images first (or use the training sample)".into())
+    })?;
+    let a = fashion_lab::assets(&loaded.asset_base).await?;
+    let original = fashion_lab::original(&a).await?;
+    let (train_idx, heldout_idx) = data.set.stratified_split(HELDOUT_FRACTION, SPLIT_SEED);
+    if train_idx.is_empty() || heldout_idx.is_empty() {
+        return Err(WebError::Message(format!(
+            "{} images are too few: distillation needs some to train on and some to hold out (at least 2 per folder)",
+            data.set.len()
+        )));
+    }
+    let train = data.set.subset(&train_idx);
+    let heldout = data.set.subset(&heldout_idx);
+
+    let (student, masks) = student_for(&a.store, &recipe)?;
+    let qat = settings.qat && recipe.weights.is_some();
+    let cfg = DistillConfig {
+        temperature: settings.temperature,
+        alpha: settings.alpha,
+        learning_rate: settings.learning_rate,
+        epochs: settings.epochs as usize,
+        batch_size: settings.batch_size as usize,
+        seed: 7,
+        layers: settings.layers,
+        augment: true,
+        weight_quant: if qat { recipe.weights } else { None },
+        fp32_layers: recipe.keep_fp32.clone(),
+    };
+    let (device, backend) = match &loaded.device {
+        Some(d) => (
+            d.clone().autodiff(),
+            format!("WebGPU · {}", loaded.backend.description),
+        ),
+        None => (
+            Device::flex().autodiff(),
+            format!("CPU · {}", loaded.backend.description),
+        ),
+    };
+    let mut run = Distiller::new(&a.store, &student, masks, train, cfg, &device)?;
+    let total = run.total_steps() as u32;
+    post(&FromWorker::DistilStarted {
+        total_steps: total,
+        backend: backend.clone(),
+    });
+    post(&FromWorker::DistilEpoch(DistilEpoch {
+        epoch: 0,
+        step: 0,
+        train_loss: None,
+        heldout: run.evaluate(&heldout).await?,
+    }));
+    let start = now();
+    let (mut train_ms, mut images) = (0.0, 0usize);
+    while !run.is_done() {
+        loop {
+            match CONTROL.get() {
+                Control::Run => break,
+                Control::Pause => sleep_ms(100).await,
+                Control::Cancel => {
+                    post(&FromWorker::DistilStopped {
+                        message: format!(
+                            "Cancelled after {} of {total} steps; the compressed network is unchanged.",
+                            run.steps_done()
+                        ),
+                        cancelled: true,
+                    });
+                    return Ok(());
+                }
+            }
+        }
+        let t0 = now();
+        let r = run.step().await?;
+        train_ms += now() - t0;
+        images += r.images;
+        let done = run.steps_done() as u32;
+        let per_step = train_ms / f64::from(done.max(1));
+        post(&FromWorker::DistilStep(DistilStep {
+            step: done,
+            total,
+            epoch: r.epoch as u32 + 1,
+            epochs: settings.epochs,
+            loss: r.loss,
+            images_per_s: images as f64 / (train_ms / 1000.0).max(1e-9),
+            eta_s: per_step * f64::from(total - done) / 1000.0,
+        }));
+        if r.epoch_done {
+            post(&FromWorker::DistilEpoch(DistilEpoch {
+                epoch: r.epoch as u32 + 1,
+                step: done,
+                train_loss: Some(r.epoch_loss),
+                heldout: run.evaluate(&heldout).await?,
+            }));
+        }
+        // Lets pause / cancel messages in between steps.
+        sleep_ms(0).await;
+    }
+    let seconds = (now() - start) / 1000.0;
+    stage("Re-quantizing the fine-tuned network", 0.1);
+    let trained = run.student().await?;
+    let after_model = requantize(&trained, &recipe, &a.calibration)?;
+    let before_model = compress(&a.store, &recipe, &a.calibration, &mut |_, _| {})?;
+
+    stage("Measuring the networks as deployed", 0.3);
+    let teacher_net = CpuFashionNet::from_store(&a.store)?;
+    let teacher_heldout = predict(&teacher_net, &heldout)?;
+    let (teacher_accuracy, _) = heldout_scores(&teacher_heldout, &teacher_heldout, &heldout);
+    let teacher = DistilSide {
+        heldout_accuracy: teacher_accuracy,
+        heldout_agreement: 1.0,
+        test_accuracy: original.side.eval.accuracy(),
+        test_agreement: 1.0,
+        ms_per_image: original.side.ms_per_image,
+        stats: original.side.stats.clone(),
+    };
+    let (before, _) = side(&a, &original, &before_model, &heldout, &teacher_heldout)?;
+    let (after, lab_report) = side(&a, &original, &after_model, &heldout, &teacher_heldout)?;
+    let report = DistilReport {
+        recipe,
+        settings,
+        backend,
+        train_images: train_idx.len() as u32,
+        heldout_images: heldout_idx.len() as u32,
+        seconds,
+        images_per_s: images as f64 / (train_ms / 1000.0).max(1e-9),
+        qat,
+        teacher,
+        before,
+        after,
+    };
+    // The fine-tuned network becomes the lab's current variant (its report, its export).
+    VARIANT.with(|v| *v.borrow_mut() = Some(Variant { model: after_model }));
+    post(&FromWorker::FashionCompressed(Box::new(lab_report)));
+    post(&FromWorker::DistilDone(Box::new(report)));
+    Ok(())
+}

@@ -1,0 +1,514 @@
+//! The distillation panel (Fashion-MNIST tab): images in (folders, files, drops or the
+//! site's training sample), settings, live progress with a loss curve, and the
+//! before/after panel of the deployed networks.
+
+use compresslab::fashion::{CLASS_NAMES, TrainLayers};
+use js_sys::{Array, Reflect};
+use leptos::ev;
+use leptos::prelude::*;
+use wasm_bindgen::JsCast;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::{JsFuture, spawn_local};
+
+use crate::app::send_distil;
+use crate::fashion_panel::grey_bmp_url;
+use crate::lab_panel::{LabState, mb, recipe_summary};
+use crate::messages::{
+    DistilAction, DistilData, DistilEpoch, DistilReport, DistilSettings, DistilSide, DistilStep,
+    ToWorker,
+};
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DistilState {
+    /// (files decoded, files) while the worker reads dropped images.
+    pub loading: Option<(u32, u32)>,
+    pub data: Option<DistilData>,
+    pub running: bool,
+    pub paused: bool,
+    pub backend: Option<String>,
+    pub total_steps: u32,
+    pub step: Option<DistilStep>,
+    /// (step, batch loss) for the curve.
+    pub losses: Vec<(u32, f64)>,
+    pub epochs: Vec<DistilEpoch>,
+    pub report: Option<DistilReport>,
+    /// Why the last run or load stopped (an error, or a cancel).
+    pub message: Option<String>,
+}
+
+#[wasm_bindgen(inline_js = r#"
+export function collectDropped(dataTransfer) {
+  // Entries must be taken while the drop event is live; the walk can be async.
+  const entries = [...(dataTransfer.items || [])]
+    .filter(i => i.kind === 'file')
+    .map(i => (i.webkitGetAsEntry ? i.webkitGetAsEntry() : null));
+  const loose = entries.every(e => !e) ? [...(dataTransfer.files || [])] : [];
+  const out = [];
+  async function walk(entry, prefix) {
+    if (!entry) return;
+    if (entry.isFile) {
+      const file = await new Promise((res, rej) => entry.file(res, rej));
+      out.push([prefix + entry.name, file]);
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      for (;;) {
+        const batch = await new Promise((res, rej) => reader.readEntries(res, rej));
+        if (!batch.length) break;
+        for (const e of batch) await walk(e, prefix + entry.name + '/');
+      }
+    }
+  }
+  return (async () => {
+    for (const e of entries) await walk(e, '');
+    for (const f of loose) out.push([f.name, f]);
+    return out;
+  })();
+}
+"#)]
+extern "C" {
+    /// `[[path, File], …]` for everything dropped, folders walked recursively.
+    #[wasm_bindgen(js_name = collectDropped)]
+    fn collect_dropped(data_transfer: &web_sys::DataTransfer) -> js_sys::Promise;
+}
+
+fn is_image_name(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    [".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".avif"]
+        .iter()
+        .any(|ext| lower.ends_with(ext))
+}
+
+/// Sends `(path, file)` pairs that look like images to the worker.
+fn send_files(files: Vec<(String, JsValue)>, state: RwSignal<DistilState>) {
+    let files: Vec<(String, JsValue)> = files
+        .into_iter()
+        .filter(|(path, _)| is_image_name(path))
+        .collect();
+    if files.is_empty() {
+        state.update(|s| {
+            s.message =
+                Some("No image files (PNG, JPEG, WebP, GIF, BMP, AVIF) in that selection.".into())
+        });
+        return;
+    }
+    let blobs = Array::new();
+    let mut paths = Vec::with_capacity(files.len());
+    for (path, file) in files {
+        paths.push(path);
+        blobs.push(&file);
+    }
+    state.update(|s| {
+        s.loading = Some((0, paths.len() as u32));
+        s.message = None;
+    });
+    send_distil(ToWorker::DistilImages { paths }, Some(blobs));
+}
+
+fn files_of_input(input: &web_sys::HtmlInputElement) -> Vec<(String, JsValue)> {
+    let Some(list) = input.files() else {
+        return Vec::new();
+    };
+    (0..list.length())
+        .filter_map(|i| list.get(i))
+        .map(|f| {
+            let relative = Reflect::get(&f, &"webkitRelativePath".into())
+                .ok()
+                .and_then(|v| v.as_string())
+                .filter(|p| !p.is_empty());
+            (relative.unwrap_or_else(|| f.name()), JsValue::from(f))
+        })
+        .collect()
+}
+
+fn clock(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    format!("{}:{:02}", s / 60, s % 60)
+}
+
+fn pct(v: f64) -> String {
+    format!("{:.1} %", 100.0 * v)
+}
+
+#[component]
+pub fn DistilPanel(
+    distil: RwSignal<DistilState>,
+    lab: RwSignal<LabState>,
+    can_run: Signal<bool>,
+) -> impl IntoView {
+    let defaults = DistilSettings::default();
+    let temperature = RwSignal::new(defaults.temperature);
+    let alpha = RwSignal::new(defaults.alpha);
+    let learning_rate = RwSignal::new(defaults.learning_rate);
+    let epochs = RwSignal::new(defaults.epochs);
+    let batch_size = RwSignal::new(defaults.batch_size);
+    let layers = RwSignal::new("all".to_string());
+    let qat = RwSignal::new(true);
+    let dragging = RwSignal::new(false);
+
+    let recipe = move || match lab.get() {
+        LabState::FashionDone(r) => Some(r.recipe.clone()),
+        _ => None,
+    };
+    let running = move || distil.get().running;
+    let can_start =
+        move || can_run.get() && !running() && recipe().is_some() && distil.get().data.is_some();
+    let start = move |_| {
+        let Some(recipe) = recipe() else {
+            return;
+        };
+        let settings = DistilSettings {
+            temperature: temperature.get_untracked(),
+            alpha: alpha.get_untracked(),
+            learning_rate: learning_rate.get_untracked(),
+            epochs: epochs.get_untracked().max(1),
+            batch_size: batch_size.get_untracked().max(1),
+            layers: match layers.get_untracked().as_str() {
+                "classifier" => TrainLayers::Classifier,
+                "last" => TrainLayers::LastLayer,
+                _ => TrainLayers::All,
+            },
+            qat: qat.get_untracked(),
+        };
+        distil.update(|s| {
+            s.running = true;
+            s.paused = false;
+            s.message = None;
+            s.report = None;
+            s.losses.clear();
+            s.epochs.clear();
+            s.step = None;
+        });
+        send_distil(ToWorker::Distil { recipe, settings }, None);
+    };
+    let on_pick = move |e: ev::Event| {
+        let input: web_sys::HtmlInputElement = event_target(&e);
+        send_files(files_of_input(&input), distil);
+        input.set_value("");
+    };
+    let on_drop = move |e: ev::DragEvent| {
+        e.prevent_default();
+        // The page's own drop handler classifies photos; this zone takes training images.
+        e.stop_propagation();
+        dragging.set(false);
+        let Some(dt) = e.data_transfer() else {
+            return;
+        };
+        let promise = collect_dropped(&dt);
+        spawn_local(async move {
+            match JsFuture::from(promise).await {
+                Ok(list) => {
+                    let files = Array::from(&list)
+                        .iter()
+                        .filter_map(|pair| {
+                            let pair: Array = pair.dyn_into().ok()?;
+                            Some((pair.get(0).as_string()?, pair.get(1)))
+                        })
+                        .collect();
+                    send_files(files, distil);
+                }
+                Err(_) => distil.update(|s| {
+                    s.message = Some("The browser could not read the dropped folder.".into())
+                }),
+            }
+        });
+    };
+    let number = |signal: RwSignal<f64>| {
+        move |e: ev::Event| {
+            if let Ok(v) = event_target_value(&e).parse::<f64>() {
+                signal.set(v);
+            }
+        }
+    };
+    let integer = |signal: RwSignal<u32>| {
+        move |e: ev::Event| {
+            if let Ok(v) = event_target_value(&e).parse::<u32>() {
+                signal.set(v);
+            }
+        }
+    };
+
+    view! {
+        <section class="distil" id="distil">
+            <h2>"Fine-tune the compressed network by distillation"</h2>
+            <p class="hint">
+                "The original network is the teacher, the compressed one (the recipe applied above) the student. The student learns the teacher's "
+                "softened outputs, and the labels when your folders name Fashion-MNIST classes, while keeping its compression: removed channels stay removed, "
+                "pruned weights stay zero, quantized layers train with fake quantization. It runs in the model worker, on WebGPU when the page uses it; "
+                "your images never leave the browser. 20 % of each class is held out to measure the result."
+            </p>
+            <div class="distil-inputs">
+                <label class="picker">"Choose a folder…"
+                    <input id="distil-folder" type="file" prop:webkitdirectory=true multiple on:change=on_pick/>
+                </label>
+                <label class="picker">"Choose images…"
+                    <input id="distil-files" type="file" accept="image/*" multiple on:change=on_pick/>
+                </label>
+                <button id="distil-builtin" prop:disabled=move || !can_run.get() || running()
+                    on:click=move |_| {
+                        distil.update(|s| { s.loading = Some((0, 1)); s.message = None; });
+                        send_distil(ToWorker::DistilBuiltin, None);
+                    }>"Use 1 000 Fashion-MNIST training images"</button>
+                <div id="distil-drop" class="dropzone" class:over=move || dragging.get()
+                    on:dragover=move |e: ev::DragEvent| { e.prevent_default(); e.stop_propagation(); dragging.set(true); }
+                    on:dragleave=move |_| dragging.set(false)
+                    on:drop=on_drop>
+                    "Drop images or folders here (folder names = labels: T-shirt, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot)"
+                </div>
+            </div>
+            {move || distil.get().loading.map(|(done, total)| view! {
+                <p class="distil-loading">{format!("Reading images… {done}/{total}")}</p>
+            })}
+            {move || distil.get().data.map(|d| view! { <DataSummary data=d/> })}
+            <fieldset class="distil-settings" id="distil-settings" prop:disabled=running>
+                <label>"Temperature T " <input id="distil-t" type="number" min="1" max="20" step="0.5"
+                    prop:value=move || temperature.get().to_string() on:change=number(temperature)/></label>
+                <label>"α (teacher weight) " <input id="distil-alpha" type="number" min="0" max="1" step="0.1"
+                    prop:value=move || alpha.get().to_string() on:change=number(alpha)/></label>
+                <label>"Learning rate " <input id="distil-lr" type="number" min="0.00001" max="0.1" step="0.0005"
+                    prop:value=move || learning_rate.get().to_string() on:change=number(learning_rate)/></label>
+                <label>"Epochs " <input id="distil-epochs" type="number" min="1" max="50"
+                    prop:value=move || epochs.get().to_string() on:change=integer(epochs)/></label>
+                <label>"Batch " <input id="distil-batch" type="number" min="1" max="256"
+                    prop:value=move || batch_size.get().to_string() on:change=integer(batch_size)/></label>
+                <label>"Layers that learn "
+                    <select id="distil-layers" on:change=move |e| layers.set(event_target_value(&e))>
+                        <option value="all" selected>"all"</option>
+                        <option value="classifier">"classifier (fc1, fc2)"</option>
+                        <option value="last">"last layer (fc2)"</option>
+                    </select>
+                </label>
+                <label><input id="distil-qat" type="checkbox" prop:checked=move || qat.get()
+                    prop:disabled=move || recipe().is_none_or(|r| r.weights.is_none())
+                    on:change=move |e| qat.set(event_target_checked(&e))/>
+                    " quantization-aware (fake-quantized weights, straight-through gradients; when the recipe quantizes weights)"</label>
+            </fieldset>
+            <div class="distil-actions">
+                <button id="distil-start" class="primary" prop:disabled=move || !can_start() on:click=start>"Fine-tune"</button>
+                <button id="distil-pause" prop:disabled=move || !running() || distil.get().step.is_none()
+                    on:click=move |_| {
+                        let action = if distil.get_untracked().paused { DistilAction::Resume } else { DistilAction::Pause };
+                        send_distil(ToWorker::DistilControl { action }, None);
+                    }>{move || if distil.get().paused { "Resume" } else { "Pause" }}</button>
+                <button id="distil-cancel" prop:disabled=move || !running()
+                    on:click=move |_| send_distil(ToWorker::DistilControl { action: DistilAction::Cancel }, None)>"Cancel"</button>
+                <span class="hint">{move || match recipe() {
+                    Some(r) => format!("Student: {}", recipe_summary(&r)),
+                    None => "Apply a compression above first: that network is the student.".into(),
+                }}</span>
+            </div>
+            {move || distil.get().message.map(|m| view! { <p class="notice" id="distil-message">{m}</p> })}
+            <Progress distil=distil/>
+            <Show when=move || !distil.get().losses.is_empty() || !distil.get().epochs.is_empty()>
+                <LossChart distil=distil/>
+            </Show>
+            {move || distil.get().report.map(|r| view! { <DistilResult report=r/> })}
+        </section>
+    }
+}
+
+#[component]
+fn DataSummary(data: DistilData) -> impl IntoView {
+    let mut names: Vec<String> = CLASS_NAMES.iter().map(|s| s.to_string()).collect();
+    names.push("unlabelled".into());
+    let rows = names
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| data.train_counts[*i] + data.heldout_counts[*i] > 0)
+        .map(|(i, name)| {
+            view! {
+                <tr><th>{name}</th><td class="train">{data.train_counts[i]}</td><td class="heldout">{data.heldout_counts[i]}</td></tr>
+            }
+        })
+        .collect_view();
+    let unmatched = (!data.unmatched.is_empty()).then(|| {
+        view! {
+            <p class="hint" id="distil-unmatched">{format!(
+                "Folders that are not Fashion-MNIST classes (their images train label-free, on the teacher's outputs alone): {}",
+                data.unmatched.join(", ")
+            )}</p>
+        }
+    });
+    let rejected = (data.rejected_count > 0).then(|| {
+        view! {
+            <p class="notice" id="distil-rejected">{format!("{} files skipped: {}", data.rejected_count, data.rejected.join("; "))}</p>
+        }
+    });
+    let preview = data
+        .preview
+        .iter()
+        .map(|(label, pixels)| {
+            let title = CLASS_NAMES
+                .get(usize::from(*label))
+                .copied()
+                .unwrap_or("unlabelled");
+            view! { <img class="thumb" src=grey_bmp_url(pixels) title=title alt=title/> }
+        })
+        .collect_view();
+    view! {
+        <div class="distil-data" id="distil-data">
+            <p><strong>{data.source.clone()}</strong>" · as the network sees them:"</p>
+            <div class="distil-preview">{preview}</div>
+            <table class="distil-counts" id="distil-counts">
+                <thead><tr><th>"class"</th><th>"training"</th><th>"held out"</th></tr></thead>
+                <tbody>{rows}</tbody>
+            </table>
+            {unmatched}
+            {rejected}
+        </div>
+    }
+}
+
+#[component]
+fn Progress(distil: RwSignal<DistilState>) -> impl IntoView {
+    view! {
+        {move || {
+            let s = distil.get();
+            if !s.running {
+                return None;
+            }
+            let text = match &s.step {
+                Some(p) => format!(
+                    "Epoch {}/{} · step {}/{} · loss {:.3} · {:.0} images/s · ETA {}{}",
+                    p.epoch, p.epochs, p.step, p.total, p.loss, p.images_per_s, clock(p.eta_s),
+                    if s.paused { " · paused" } else { "" }
+                ),
+                None => "Preparing the student and measuring it on the held-out images (the first step compiles the training shaders)…".into(),
+            };
+            let fraction = s.step.as_ref().map_or(0.0, |p| f64::from(p.step) / f64::from(p.total.max(1)));
+            Some(view! {
+                <div class="distil-progress">
+                    <progress id="distil-progress" max="1" value=fraction.to_string()></progress>
+                    <span id="distil-status">{text}</span>
+                    {s.backend.map(|b| view! { <span class="hint">{format!(" on {b}")}</span> })}
+                </div>
+            })
+        }}
+    }
+}
+
+const W: f64 = 520.0;
+const H: f64 = 220.0;
+const PAD: f64 = 40.0;
+
+#[component]
+fn LossChart(distil: RwSignal<DistilState>) -> impl IntoView {
+    view! {
+        {move || {
+            let s = distil.get();
+            let total = s.total_steps.max(1) as f64;
+            let top = s
+                .losses
+                .iter()
+                .map(|l| l.1)
+                .chain(s.epochs.iter().map(|e| e.heldout.loss))
+                .fold(0.0f64, f64::max)
+                .max(1e-3)
+                * 1.05;
+            let x = move |step: f64| PAD + step / total * (W - PAD - 10.0);
+            let y = move |loss: f64| H - PAD - (loss / top).clamp(0.0, 1.0) * (H - PAD - 10.0);
+            let train: String = s
+                .losses
+                .iter()
+                .map(|&(step, loss)| format!("{:.1},{:.1}", x(f64::from(step)), y(loss)))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let heldout: Vec<(f64, f64)> = s
+                .epochs
+                .iter()
+                .map(|e| (x(f64::from(e.step)), y(e.heldout.loss)))
+                .collect();
+            let heldout_path = heldout
+                .iter()
+                .map(|(a, b)| format!("{a:.1},{b:.1}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let ticks = (0..=4)
+                .map(|i| {
+                    let v = top * f64::from(i) / 4.0;
+                    view! {
+                        <line class="tick" x1=PAD.to_string() x2=(W - 10.0).to_string() y1=format!("{:.1}", y(v)) y2=format!("{:.1}", y(v))/>
+                        <text class="axis" x="2" y=format!("{:.1}", y(v) + 4.0)>{format!("{v:.2}")}</text>
+                    }
+                })
+                .collect_view();
+            let accuracy = s.epochs.last().and_then(|e| {
+                e.heldout.accuracy.map(|a| format!("held-out accuracy {} (teacher {})", pct(a), e.heldout.teacher_accuracy.map(pct).unwrap_or_default()))
+            });
+            let train_values = s.losses.iter().map(|l| format!("{:.4}", l.1)).collect::<Vec<_>>().join(",");
+            let heldout_values = s.epochs.iter().map(|e| format!("{:.4}", e.heldout.loss)).collect::<Vec<_>>().join(",");
+            let agreement = s.epochs.last().map(|e| format!("agreement with the teacher {}", pct(e.heldout.agreement)));
+            view! {
+                <figure class="chart distil-chart">
+                    <svg id="distil-loss" viewBox=format!("0 0 {W} {H}") role="img"
+                        data-train=train_values data-heldout=heldout_values>
+                        {ticks}
+                        <text class="axis" x=(W / 2.0 - 20.0).to_string() y=(H - 8.0).to_string()>"training step"</text>
+                        <polyline class="series train" points=train/>
+                        <polyline class="series heldout" points=heldout_path/>
+                        {heldout.into_iter().map(|(a, b)| view! { <circle class="dot heldout" cx=format!("{a:.1}") cy=format!("{b:.1}") r="3.5"/> }).collect_view()}
+                    </svg>
+                    <figcaption>
+                        <span class="key train">"■ training loss (per batch, augmented)"</span>" "
+                        <span class="key heldout">"● held-out loss (per epoch)"</span>
+                        <br/>
+                        {[accuracy, agreement].into_iter().flatten().collect::<Vec<_>>().join(" · ")}
+                    </figcaption>
+                </figure>
+            }
+        }}
+    }
+}
+
+#[component]
+fn DistilResult(report: DistilReport) -> impl IntoView {
+    let r = report;
+    type Row = (&'static str, &'static str, fn(&DistilSide) -> String);
+    let rows: [Row; 6] = [
+        ("heldout-accuracy", "Held-out accuracy", |s| {
+            s.heldout_accuracy
+                .map(pct)
+                .unwrap_or_else(|| "– (no labels)".into())
+        }),
+        (
+            "heldout-agreement",
+            "Held-out agreement with the teacher",
+            |s| pct(s.heldout_agreement),
+        ),
+        ("test-accuracy", "Test accuracy (10 000 images)", |s| {
+            format!("{:.2} %", 100.0 * s.test_accuracy)
+        }),
+        ("test-agreement", "Test agreement with the teacher", |s| {
+            format!("{:.2} %", 100.0 * s.test_agreement)
+        }),
+        ("latency", "CPU time per image (batched)", |s| {
+            format!("{:.3} ms", s.ms_per_image)
+        }),
+        ("size", "Weight bytes", |s| mb(s.stats.weight_bytes)),
+    ];
+    let body = rows
+        .iter()
+        .map(|(key, label, f)| {
+            view! {
+                <tr data-metric=*key><th>{*label}</th>
+                    <td class="teacher">{f(&r.teacher)}</td>
+                    <td class="before">{f(&r.before)}</td>
+                    <td class="after">{f(&r.after)}</td></tr>
+            }
+        })
+        .collect_view();
+    view! {
+        <div class="distil-result" id="distil-result">
+            <h3>"Before and after fine-tuning (as deployed: re-quantized, CPU executor)"</h3>
+            <table class="compare">
+                <thead><tr><th></th><th>"Teacher (original)"</th><th>"Compressed"</th><th>"Fine-tuned"</th></tr></thead>
+                <tbody>{body}</tbody>
+            </table>
+            <p class="hint">{format!(
+                "{} training and {} held-out images · {:.1} s on {} · {:.0} training images/s{} · T {} · α {} · lr {} · batch {}",
+                r.train_images, r.heldout_images, r.seconds, r.backend, r.images_per_s,
+                if r.qat { " · quantization-aware" } else { "" },
+                r.settings.temperature, r.settings.alpha, r.settings.learning_rate, r.settings.batch_size
+            )}</p>
+        </div>
+    }
+}
