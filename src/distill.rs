@@ -200,7 +200,41 @@ pub fn augment(pixels: &[u8], rng: &mut SplitMix) -> Vec<f32> {
     normalize(&out)
 }
 
-async fn read_f32<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
+/// Class tensors for [`distillation_loss`]: each image's class (0 where unknown), a 0/1
+/// weight marking the known ones, and their count.
+pub fn label_tensors(
+    labels: &[Option<usize>],
+    device: &Device,
+) -> (Tensor<1, Int>, Tensor<1>, usize) {
+    let n = labels.len();
+    let ys: Vec<i64> = labels.iter().map(|l| l.unwrap_or(0) as i64).collect();
+    let ws: Vec<f32> = labels.iter().map(|l| l.is_some() as u8 as f32).collect();
+    (
+        Tensor::from_data(TensorData::new(ys, [n]), device),
+        Tensor::from_data(TensorData::new(ws, [n]), device),
+        labels.iter().filter(|l| l.is_some()).count(),
+    )
+}
+
+/// The loss's value, or an error saying at which step (`at`) when it is not finite.
+pub(crate) async fn loss_value(loss: Tensor<1>, at: impl Fn() -> String) -> Result<f64> {
+    let value = f64::from(read_f32(loss).await?.first().copied().unwrap_or(f32::NAN));
+    if !value.is_finite() {
+        return Err(EngineError::Execution(format!(
+            "distillation loss became {value} at {}",
+            at()
+        )));
+    }
+    Ok(value)
+}
+
+/// `peak` decayed to 0 by a cosine over `total` steps.
+pub(crate) fn cosine_lr(peak: f64, done: usize, total: usize) -> f64 {
+    let t = (done as f64 / total.max(1) as f64).min(1.0);
+    peak * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+}
+
+pub(crate) async fn read_f32<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
     t.into_data_async()
         .await
         .map_err(|e| EngineError::Execution(format!("{e:?}")))?
@@ -325,19 +359,16 @@ impl Distiller {
             self.order[self.step * bs..((self.step + 1) * bs).min(self.order.len())].to_vec();
         let n = batch.len();
         let mut pixels = Vec::with_capacity(n * PIXELS);
-        let (mut labels, mut weights) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut labels = Vec::with_capacity(n);
         for &i in &batch {
             if self.cfg.augment {
                 pixels.extend(augment(self.train.image(i), &mut self.rng));
             } else {
                 pixels.extend(normalize(self.train.image(i)));
             }
-            let label = self.train.labels[i];
-            let labelled = usize::from(label) < CLASSES;
-            labels.push(if labelled { i64::from(label) } else { 0 });
-            weights.push(labelled as u8 as f32);
+            let label = usize::from(self.train.labels[i]);
+            labels.push((label < CLASSES).then_some(label));
         }
-        let labelled = weights.iter().filter(|&&w| w > 0.0).count();
         let shape = [n, 1, SIDE, SIDE];
         let teacher = self.teacher.forward(Tensor::from_data(
             TensorData::new(pixels.clone(), shape),
@@ -348,8 +379,6 @@ impl Distiller {
             &self.device,
         );
         let x = Tensor::<4>::from_data(TensorData::new(pixels, shape), &self.device);
-        let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [n]), &self.device);
-        let w = Tensor::<1>::from_data(TensorData::new(weights, [n]), &self.device);
         let model = self
             .student
             .take()
@@ -357,27 +386,18 @@ impl Distiller {
         let loss = distillation_loss(
             self.student_logits(&model, x),
             teacher,
-            Some((y, w, labelled)),
+            Some(label_tensors(&labels, &self.device)),
             self.cfg.temperature,
             self.cfg.alpha,
         );
-        let value = f64::from(
-            read_f32(loss.clone())
-                .await?
-                .first()
-                .copied()
-                .unwrap_or(f32::NAN),
-        );
-        if !value.is_finite() {
-            return Err(EngineError::Execution(format!(
-                "distillation loss became {value} at epoch {} step {}",
-                self.epoch + 1,
-                self.step + 1
-            )));
-        }
+        let (epoch, step) = (self.epoch + 1, self.step + 1);
+        let value = loss_value(loss.clone(), || format!("epoch {epoch} step {step}")).await?;
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let progress = self.steps_done() as f64 / self.total_steps() as f64;
-        let lr = self.cfg.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        let lr = cosine_lr(
+            self.cfg.learning_rate,
+            self.steps_done(),
+            self.total_steps(),
+        );
         self.student = Some(apply_masks(
             self.optim.step(lr, model, grads),
             &self.masks,
@@ -417,27 +437,14 @@ impl Distiller {
             let t = self.teacher.forward(x.clone());
             let s = self.student_logits(&model, x);
             let batch_labels = &set.labels[start..end];
-            let ys: Vec<i64> = batch_labels
+            let labels: Vec<Option<usize>> = batch_labels
                 .iter()
-                .map(|&l| {
-                    if usize::from(l) < CLASSES {
-                        i64::from(l)
-                    } else {
-                        0
-                    }
-                })
+                .map(|&l| (usize::from(l) < CLASSES).then_some(usize::from(l)))
                 .collect();
-            let ws: Vec<f32> = batch_labels
-                .iter()
-                .map(|&l| (usize::from(l) < CLASSES) as u8 as f32)
-                .collect();
-            let count = ws.iter().filter(|&&w| w > 0.0).count();
-            let y = Tensor::<1, Int>::from_data(TensorData::new(ys, [n]), &self.plain);
-            let w = Tensor::<1>::from_data(TensorData::new(ws, [n]), &self.plain);
             let loss = distillation_loss(
                 s.clone(),
                 t.clone(),
-                Some((y, w, count)),
+                Some(label_tensors(&labels, &self.plain)),
                 self.cfg.temperature,
                 self.cfg.alpha,
             );

@@ -7,6 +7,7 @@ pub mod cpu;
 #[cfg(feature = "native")]
 pub mod decode;
 pub mod distill;
+pub mod distill_photo;
 pub mod efficientnet;
 pub mod error;
 pub mod fashion;

@@ -33,17 +33,18 @@ fn store() -> TensorStore {
     TensorStore::from_safetensors(&bytes).unwrap()
 }
 
-fn samples() -> Vec<Vec<f32>> {
+fn sample_photos() -> Vec<compresslab::preprocess::RgbImage> {
     let mut names: Vec<PathBuf> = std::fs::read_dir(assets().join("samples"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "png" || e == "jpg"))
         .collect();
     names.sort();
-    names
-        .iter()
-        .map(|p| imagenet_input(&decode_file(p).unwrap()))
-        .collect()
+    names.iter().map(|p| decode_file(p).unwrap()).collect()
+}
+
+fn samples() -> Vec<Vec<f32>> {
+    sample_photos().iter().map(imagenet_input).collect()
 }
 
 fn cpu_logits(store: &TensorStore, input: &[f32]) -> Vec<f32> {
@@ -369,4 +370,106 @@ fn int4_export_round_trip() {
     // Corrupt exports are refused with an error, not a panic.
     assert!(CompressedModel::from_safetensors(&bytes[..bytes.len() / 2]).is_err());
     assert!(CompressedModel::from_safetensors(&original.to_safetensors().unwrap()).is_err());
+}
+
+// Distillation of the photo model: a channel- and magnitude-pruned EfficientNet-Lite0
+// student learns back the teacher's outputs on the sample photos (random resized crops
+// and flips of them), at 224² on burn's Flex CPU backend; pruned weights stay zero.
+#[test]
+fn photo_distillation_recovers_a_pruned_student() {
+    use compresslab::distill::{DistillConfig, requantize, student_for};
+    use compresslab::distill_photo::{PhotoDistiller, augment_photo};
+    use compresslab::fashion::SplitMix;
+    let teacher = store();
+    let photos = sample_photos();
+    let inputs = samples();
+    let recipe = Recipe {
+        channel_pruning: Some(ChannelPruning {
+            ratio: 0.2,
+            ranking: ChannelRanking::L2,
+        }),
+        magnitude_pruning: Some(MagnitudePruning {
+            sparsity: 0.3,
+            scope: PruneScope::PerLayer,
+            exclude: vec!["_conv_stem".into(), "_fc".into()],
+        }),
+        ..Recipe::default()
+    };
+    let (student, masks) = student_for(&teacher, &recipe).unwrap();
+    assert!(!masks.is_empty());
+    let reference: Vec<Vec<f32>> = inputs.iter().map(|x| cpu_logits(&teacher, x)).collect();
+    let score = |s: &TensorStore| -> (usize, f64) {
+        let mut agree = 0;
+        let mut kl = 0.0;
+        for (x, r) in inputs.iter().zip(&reference) {
+            let (same, k) = agreement(r, &cpu_logits(s, x));
+            agree += same as usize;
+            kl += k;
+        }
+        (agree, kl / inputs.len() as f64)
+    };
+    let before = score(&student);
+    let cfg = DistillConfig {
+        alpha: 1.0,
+        temperature: 2.0,
+        learning_rate: 5e-4,
+        batch_size: 4,
+        ..DistillConfig::default()
+    };
+    let steps = 24;
+    let mut run = PhotoDistiller::new(
+        &teacher,
+        &student,
+        masks.clone(),
+        cfg,
+        steps,
+        &Device::flex().autodiff(),
+    )
+    .unwrap();
+    let mut rng = SplitMix::new(3);
+    let mut losses = Vec::new();
+    for _ in 0..steps {
+        let batch: Vec<f32> = (0..4)
+            .flat_map(|_| augment_photo(&photos[rng.below(photos.len())], &mut rng))
+            .collect();
+        losses.push(futures_lite::future::block_on(run.step(batch, &[None; 4])).unwrap());
+    }
+    let trained = futures_lite::future::block_on(run.student()).unwrap();
+    let after = score(&trained);
+    println!(
+        "photo student (20 % channels + 30 % zero weights): top-1 agreement {}/{} → {}/{}, mean KL {:.3} → {:.3} on the {} sample photos; batch losses {losses:.3?}",
+        before.0,
+        inputs.len(),
+        after.0,
+        inputs.len(),
+        before.1,
+        after.1,
+        inputs.len()
+    );
+    assert!(after.1 < before.1 * 0.7, "{before:?} → {after:?}");
+    assert!(after.0 >= before.0);
+    for (tensor, mask) in &masks {
+        let t = trained.get(tensor).unwrap();
+        assert!(
+            t.data.iter().zip(mask).all(|(v, m)| *m != 0.0 || *v == 0.0),
+            "{tensor} lost its mask"
+        );
+    }
+    // The fine-tuned student re-quantizes and runs on the CPU executor.
+    let int8 = requantize(
+        &trained,
+        &Recipe {
+            weights: Some(QuantScheme {
+                bits: 8,
+                symmetric: true,
+                granularity: Granularity::PerChannel,
+            }),
+            ..recipe.clone()
+        },
+        &[],
+    )
+    .unwrap();
+    let net = CpuEfficientNet::from_compressed(&int8, false).unwrap();
+    let (same, kl) = agreement(&reference[0], &net.forward(&inputs[0], 224, 224).unwrap());
+    println!("re-quantized int8: top-1 same {same}, KL {kl:.3} on the first photo");
 }

@@ -48,6 +48,10 @@ const USAGE: &str = "usage:
       original (folder names = labels; default images: the 1 000-image training sample),
       re-quantizes, prints held-out and test accuracy before/after and training images/s,
       and writes the fine-tuned compressed model
+  compresslab bench-distil [--batch B] [--steps N] <assets-dir> <image>
+      EfficientNet-Lite0 at 224²: distillation training images/s (teacher forward +
+      student forward/backward + Adam) next to inference images/s, on burn's Flex CPU
+      backend and on wgpu
   compresslab preprocess <image> <out.rgb>
       writes the 224×224 8-bit RGB crop the model sees (raw bytes, row-major)
   compresslab export-onnx <assets-dir> <image> <out-dir>
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
         Some("sweep") => sweep_cmd(&args[1..]),
         Some("fashion-folder") => fashion_folder(&args[1..]),
         Some("distil") => distil_cmd(&args[1..]),
+        Some("bench-distil") => bench_distil(&args[1..]),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -822,5 +827,73 @@ fn distil_cmd(args: &[String]) -> Result<()> {
     );
     write_file(Path::new(out), &after_model.to_safetensors()?)?;
     println!("wrote {out}");
+    Ok(())
+}
+
+fn bench_distil(args: &[String]) -> Result<()> {
+    use compresslab::distill::DistillConfig;
+    use compresslab::distill_photo::{PhotoDistiller, augment_photo};
+    use compresslab::efficientnet::{BatchNormMode, EfficientNetLite, fold_batch_norms};
+    use compresslab::fashion::SplitMix;
+    use compresslab::preprocess::CROP;
+    let (batch, rest) = leading_flag::<usize>(args, "--batch")?;
+    let (steps, rest) = leading_flag::<usize>(rest, "--steps")?;
+    let (batch, steps) = (batch.unwrap_or(4).max(1), steps.unwrap_or(3).max(1));
+    let [assets, image] = rest else {
+        return Err(usage_error("bench-distil needs <assets-dir> <image>"));
+    };
+    let store = TensorStore::from_safetensors(&read(
+        &Path::new(assets).join("models").join(WEIGHTS_FILE),
+    )?)?;
+    let folded = fold_batch_norms(&store)?;
+    let photo = decode_file(Path::new(image))?;
+    let mut rng = SplitMix::new(1);
+    let mut inputs = || -> Vec<f32> {
+        (0..batch)
+            .flat_map(|_| augment_photo(&photo, &mut rng))
+            .collect()
+    };
+    let read_back = |t: Tensor<2>| futures_lite::future::block_on(t.into_data_async());
+    for (name, device) in [
+        ("Flex CPU", Device::flex()),
+        ("wgpu", Device::wgpu(DeviceKind::DefaultDevice)),
+    ] {
+        let net = EfficientNetLite::from_store(&folded, &device, BatchNormMode::Folded)?;
+        let shape = [batch, 3, CROP, CROP];
+        // Inference: one warm-up batch (shader compilation on wgpu), then `steps` batches.
+        let _ =
+            read_back(net.forward(Tensor::from_data(TensorData::new(inputs(), shape), &device)));
+        let started = Instant::now();
+        for _ in 0..steps {
+            let _ = read_back(
+                net.forward(Tensor::from_data(TensorData::new(inputs(), shape), &device)),
+            );
+        }
+        let infer = (batch * steps) as f64 / started.elapsed().as_secs_f64();
+        let cfg = DistillConfig {
+            batch_size: batch,
+            ..DistillConfig::default()
+        };
+        let mut run = PhotoDistiller::new(
+            &store,
+            &folded,
+            Vec::new(),
+            cfg,
+            steps + 1,
+            &device.clone().autodiff(),
+        )?;
+        let labels = vec![None; batch];
+        futures_lite::future::block_on(run.step(inputs(), &labels))?;
+        let started = Instant::now();
+        let mut last = 0.0;
+        for _ in 0..steps {
+            last = futures_lite::future::block_on(run.step(inputs(), &labels))?;
+        }
+        let train = (batch * steps) as f64 / started.elapsed().as_secs_f64();
+        println!(
+            "{name:>8}: inference {infer:.2} images/s, distillation training {train:.2} images/s ({:.1}× the time per image; batch {batch}, {steps} timed steps, last loss {last:.4})",
+            infer / train
+        );
+    }
     Ok(())
 }

@@ -18,7 +18,9 @@ use crate::distil_panel::{DistilPanel, DistilState};
 use crate::error::WebError;
 use crate::fashion_panel::{SweepPanel, SweepState};
 use crate::lab_panel::{LabPanel, LabState, ModelChoice};
-use crate::messages::{BackendInfo, BackendKind, BenchReport, FromWorker, ModelReady, ToWorker};
+use crate::messages::{
+    BackendInfo, BackendKind, BenchReport, DistilBench, FromWorker, ModelReady, ToWorker,
+};
 
 /// At most this many images are taken from one drop, paste or pick.
 pub const MAX_BATCH: usize = 50;
@@ -68,6 +70,9 @@ pub enum BenchState {
     Idle,
     Running(u32),
     Done(BenchReport),
+    /// Timing distillation training of the photo model.
+    RunningTraining,
+    TrainingDone(DistilBench),
     Failed(String),
 }
 
@@ -296,6 +301,7 @@ fn on_worker_message(msg: FromWorker) {
             download("recipe.json", recipe_json.as_bytes(), "application/json");
         }
         FromWorker::Benchmarked(report) => c.bench.set(BenchState::Done(report)),
+        FromWorker::DistilBenchmarked(report) => c.bench.set(BenchState::TrainingDone(report)),
         FromWorker::BenchmarkFailed { message } => c.bench.set(BenchState::Failed(message)),
         FromWorker::Crashed { message } => {
             let on_gpu = c.on_cpu_because.is_none();
@@ -499,7 +505,7 @@ fn download(name: &str, bytes: &[u8], mime: &str) {
 }
 
 /// Starts an in-page benchmark of `runs` warm runs (when the model is idle).
-pub fn start_benchmark(runs: u32) {
+pub fn start_benchmark(request: ToWorker) {
     with_controller(|c| {
         if c.in_flight.is_some() || !c.queue.is_empty() {
             c.bench.set(BenchState::Failed(
@@ -507,14 +513,16 @@ pub fn start_benchmark(runs: u32) {
             ));
             return;
         }
-        let (Some(worker), Ok(msg)) = (
-            c.worker.as_ref(),
-            serde_wasm_bindgen::to_value(&ToWorker::Benchmark { runs }),
-        ) else {
+        let running = match &request {
+            ToWorker::Benchmark { runs } => BenchState::Running(*runs),
+            _ => BenchState::RunningTraining,
+        };
+        let (Some(worker), Ok(msg)) = (c.worker.as_ref(), serde_wasm_bindgen::to_value(&request))
+        else {
             return;
         };
         match worker.post_message(&js_sys::Array::of1(&msg)) {
-            Ok(()) => c.bench.set(BenchState::Running(runs)),
+            Ok(()) => c.bench.set(running),
             Err(e) => c.bench.set(BenchState::Failed(
                 WebError::js("could not start the benchmark", e).to_string(),
             )),
@@ -949,7 +957,10 @@ fn BenchPanel(
     let runs = RwSignal::new(20u32);
     let can_run = move || {
         matches!(status.get(), Status::Ready(_))
-            && !matches!(bench.get(), BenchState::Running(_))
+            && !matches!(
+                bench.get(),
+                BenchState::Running(_) | BenchState::RunningTraining
+            )
             && items
                 .get()
                 .iter()
@@ -968,18 +979,30 @@ fn BenchPanel(
                     }/>
                 " warm runs"
             </label>
-            <button id="bench-run" disabled=move || !can_run() on:click=move |_| start_benchmark(runs.get_untracked())>
+            <button id="bench-run" disabled=move || !can_run() on:click=move |_| start_benchmark(ToWorker::Benchmark { runs: runs.get_untracked() })>
                 "Run"
+            </button>
+            <button id="bench-distil" disabled=move || !can_run()
+                on:click=move |_| start_benchmark(ToWorker::BenchDistil { batch: 2, steps: 2 })
+                title="Distillation training steps at 224² (batch 2, random crops of the last photo) next to inference">
+                "Time training"
             </button>
             <span class="bench-result" id="bench-result" data-state=move || match bench.get() {
                 BenchState::Idle => "idle",
-                BenchState::Running(_) => "running",
-                BenchState::Done(_) => "done",
+                BenchState::Running(_) | BenchState::RunningTraining => "running",
+                BenchState::Done(_) | BenchState::TrainingDone(_) => "done",
                 BenchState::Failed(_) => "failed",
             }>
                 {move || match bench.get() {
                     BenchState::Idle => "Times the model on the last photo (after one is classified).".to_string(),
                     BenchState::Running(n) => format!("Running {n} warm runs…"),
+                    BenchState::RunningTraining => "Timing distillation training at 224² (the first step compiles the training shaders)…".to_string(),
+                    BenchState::TrainingDone(r) => format!(
+                        "{}: distillation training {:.2} images/s vs inference {:.2} images/s ({:.1}× the time per image; batch {}, {} timed steps, first step {:.1} s)",
+                        r.backend, r.training_images_per_s, r.inference_images_per_s,
+                        r.inference_images_per_s / r.training_images_per_s.max(1e-9),
+                        r.batch, r.steps, r.first_step_ms / 1000.0
+                    ),
                     BenchState::Failed(m) => format!("Benchmark failed: {m}"),
                     BenchState::Done(r) => format!(
                         "{}: warm p50 {:.1} ms · p95 {:.1} ms · min {:.1} ms · mean {:.1} ms over {} runs",

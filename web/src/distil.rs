@@ -29,8 +29,8 @@ use crate::error::{WebError, WebResult};
 use crate::fashion_lab::{self, FashionAssets, Original};
 use crate::lab::{VARIANT, Variant};
 use crate::messages::{
-    DistilAction, DistilData, DistilEpoch, DistilReport, DistilSettings, DistilSide, DistilStep,
-    FashionReport, FromWorker,
+    DistilAction, DistilBench, DistilData, DistilEpoch, DistilReport, DistilSettings, DistilSide,
+    DistilStep, FashionReport, FromWorker,
 };
 use crate::worker::{Loaded, now, post, scope};
 
@@ -364,7 +364,7 @@ async fn train(loaded: &Loaded, recipe: Recipe, settings: DistilSettings) -> Web
         ),
         None => (
             Device::flex().autodiff(),
-            format!("CPU · {}", loaded.backend.description),
+            "CPU · burn Flex (wasm SIMD128)".to_string(),
         ),
     };
     let mut run = Distiller::new(&a.store, &student, masks, train, cfg, &device)?;
@@ -461,5 +461,84 @@ async fn train(loaded: &Loaded, recipe: Recipe, settings: DistilSettings) -> Web
     VARIANT.with(|v| *v.borrow_mut() = Some(Variant { model: after_model }));
     post(&FromWorker::FashionCompressed(Box::new(lab_report)));
     post(&FromWorker::DistilDone(Box::new(report)));
+    Ok(())
+}
+
+/// Times distillation training steps of the photo model (teacher and student both the
+/// original, batches of random crops of the last photo) and its inference, on the
+/// worker's backend.
+pub async fn bench_photo(loaded: Rc<Loaded>, batch: u32, steps: u32) -> WebResult<()> {
+    use compresslab::distill_photo::{PhotoDistiller, augment_photo};
+    use compresslab::efficientnet::fold_batch_norms;
+    use compresslab::fashion::SplitMix;
+    use compresslab::preprocess::{CROP, RgbImage};
+    let input = loaded.last_input()?;
+    let (batch, steps) = (batch.clamp(1, 16) as usize, steps.clamp(1, 20) as usize);
+    // Back to 8-bit RGB (the crop the model saw), to augment it.
+    let plane = CROP * CROP;
+    let pixels: Vec<u8> = (0..plane)
+        .flat_map(|i| (0..3).map(move |c| (c, i)))
+        .map(|(c, i)| {
+            (input[c * plane + i] * 128.0 + 127.0)
+                .round()
+                .clamp(0.0, 255.0) as u8
+        })
+        .collect();
+    let photo = RgbImage::new(CROP, CROP, pixels)?;
+    let mut rng = SplitMix::new(5);
+    let mut batch_of = || -> Vec<f32> {
+        (0..batch)
+            .flat_map(|_| augment_photo(&photo, &mut rng))
+            .collect()
+    };
+    // Inference: warm runs of the page's own executor on this backend.
+    if !loaded.warm.replace(true) {
+        loaded.classifier.logits(&input).await?;
+    }
+    let start = now();
+    for _ in 0..steps {
+        loaded.classifier.logits(&input).await?;
+    }
+    let inference_images_per_s = steps as f64 / ((now() - start) / 1000.0).max(1e-9);
+    let (device, backend) = match &loaded.device {
+        Some(d) => (
+            d.clone(),
+            format!("WebGPU · {}", loaded.backend.description),
+        ),
+        None => (
+            Device::flex(),
+            "CPU · burn Flex (training), compresslab CPU kernels (inference)".to_string(),
+        ),
+    };
+    let folded = fold_batch_norms(&loaded.store)?;
+    let cfg = DistillConfig {
+        batch_size: batch,
+        ..DistillConfig::default()
+    };
+    let mut run = PhotoDistiller::new(
+        &loaded.store,
+        &folded,
+        Vec::new(),
+        cfg,
+        steps + 1,
+        &device.autodiff(),
+    )?;
+    let labels = vec![None; batch];
+    let t0 = now();
+    run.step(batch_of(), &labels).await?;
+    let first_step_ms = now() - t0;
+    let start = now();
+    for _ in 0..steps {
+        run.step(batch_of(), &labels).await?;
+    }
+    let training_images_per_s = (batch * steps) as f64 / ((now() - start) / 1000.0).max(1e-9);
+    post(&FromWorker::DistilBenchmarked(DistilBench {
+        backend,
+        batch: batch as u32,
+        steps: steps as u32,
+        first_step_ms,
+        training_images_per_s,
+        inference_images_per_s,
+    }));
     Ok(())
 }

@@ -64,6 +64,12 @@ pub enum ToWorker {
     DistilControl {
         action: DistilAction,
     },
+    /// Time distillation training of the photo model at 224² (batches of `batch` crops of
+    /// the last photo) next to its inference.
+    BenchDistil {
+        batch: u32,
+        steps: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -97,6 +103,18 @@ impl Default for DistilSettings {
             qat: true,
         }
     }
+}
+
+/// Distillation training speed of the photo model, next to its inference.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DistilBench {
+    pub backend: String,
+    pub batch: u32,
+    pub steps: u32,
+    /// The first step (shader compilation on WebGPU), not counted below.
+    pub first_step_ms: f64,
+    pub training_images_per_s: f64,
+    pub inference_images_per_s: f64,
 }
 
 /// The images the worker holds for distillation.
@@ -241,6 +259,7 @@ pub enum FromWorker {
         message: String,
     },
     Benchmarked(BenchReport),
+    DistilBenchmarked(DistilBench),
     BenchmarkFailed {
         message: String,
     },

@@ -50,6 +50,17 @@ pub struct Loaded {
     pub samples_added: Cell<bool>,
 }
 
+impl Loaded {
+    /// The last classified photo's preprocessed input (benchmarks run on it).
+    pub fn last_input(&self) -> WebResult<Vec<f32>> {
+        self.last
+            .borrow()
+            .as_ref()
+            .map(|(_, input)| input.clone())
+            .ok_or_else(|| WebError::Message("classify a photo first".into()))
+    }
+}
+
 thread_local! {
     static MODEL: RefCell<Option<Rc<Loaded>>> = const { RefCell::new(None) };
 }
@@ -182,6 +193,13 @@ async fn handle(data: JsValue) {
             }
         }
         ToWorker::DistilControl { action } => distil::control(action),
+        ToWorker::BenchDistil { batch, steps } => {
+            if let Err(e) = with_model(|m| distil::bench_photo(m, batch, steps)).await {
+                post(&FromWorker::BenchmarkFailed {
+                    message: e.to_string(),
+                });
+            }
+        }
         ToWorker::Export => {
             if let Err(e) = lab::export() {
                 post(&FromWorker::CompressFailed {
@@ -607,12 +625,7 @@ async fn benchmark(runs: u32) -> WebResult<()> {
     let loaded = MODEL
         .with(|m| m.borrow().clone())
         .ok_or_else(|| WebError::Message("the model is not loaded yet".into()))?;
-    let input = loaded
-        .last
-        .borrow()
-        .clone()
-        .map(|(_, input)| input)
-        .ok_or_else(|| WebError::Message("classify a photo first".into()))?;
+    let input = loaded.last_input()?;
     let runs = runs.clamp(1, 1000);
     if !loaded.warm.replace(true) {
         loaded.classifier.logits(&input).await?;
