@@ -489,7 +489,8 @@ fn folder_names_and_photos_become_fashion_inputs() {
     assert_eq!(fitted_size(640, 320), (28, 14));
     assert_eq!(fitted_size(10, 10), (28, 28));
     let (w, h) = (28, 14);
-    let mut wide = vec![250u8; w * h * 4];
+    // Opaque light grey (alpha 255).
+    let mut wide: Vec<u8> = [250, 250, 250, 255].repeat(w * h);
     for x in 12..16 {
         for y in 5..9 {
             wide[(y * w + x) * 4..(y * w + x) * 4 + 3].fill(10);
