@@ -20,6 +20,7 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::distill::{cosine_lr, read_f32};
 use crate::efficientnet::{BATCH_NORM_EPS, LayerKind, LayerRef};
 use crate::error::{EngineError, Result};
 use crate::weights::{NamedTensor, TensorStore};
@@ -384,14 +385,6 @@ impl FashionCnn {
 
     /// The weights in PyTorch layout and naming (BatchNorm kept separate).
     pub async fn to_store(&self) -> Result<TensorStore> {
-        async fn values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
-            t.into_data_async()
-                .await
-                .map_err(|e| EngineError::Execution(format!("{e:?}")))?
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .map_err(|e| EngineError::Execution(format!("{e:?}")))
-        }
         let mut store = TensorStore::default();
         let mut push = |name: String, shape: Vec<usize>, data: Vec<f32>| {
             store.push(NamedTensor { name, shape, data })
@@ -401,14 +394,14 @@ impl FashionCnn {
             push(
                 format!("conv{}.weight", i + 1),
                 w.dims().to_vec(),
-                values(w).await?,
+                read_f32(w).await?,
             );
             if let Some(b) = &conv.bias {
                 let b = b.val();
                 push(
                     format!("conv{}.bias", i + 1),
                     b.dims().to_vec(),
-                    values(b).await?,
+                    read_f32(b).await?,
                 );
             }
             let Some(norm) = self.norms.get(i) else {
@@ -421,7 +414,7 @@ impl FashionCnn {
                 ("running_mean", norm.running_mean.value()),
                 ("running_var", norm.running_var.value()),
             ] {
-                push(format!("bn{}.{suffix}", i + 1), vec![c], values(t).await?);
+                push(format!("bn{}.{suffix}", i + 1), vec![c], read_f32(t).await?);
             }
         }
         for (name, fc) in [("fc1", &self.fc1), ("fc2", &self.fc2)] {
@@ -430,11 +423,15 @@ impl FashionCnn {
             push(
                 format!("{name}.weight"),
                 w.dims().to_vec(),
-                values(w).await?,
+                read_f32(w).await?,
             );
             if let Some(b) = &fc.bias {
                 let b = b.val();
-                push(format!("{name}.bias"), b.dims().to_vec(), values(b).await?);
+                push(
+                    format!("{name}.bias"),
+                    b.dims().to_vec(),
+                    read_f32(b).await?,
+                );
             }
         }
         Ok(store)
@@ -614,7 +611,6 @@ pub async fn train(
         .init();
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let steps = data.len().div_ceil(cfg.batch_size);
-    let total = (steps * cfg.epochs) as f64;
     let mut order: Vec<usize> = (0..data.len()).collect();
     for epoch in 0..cfg.epochs {
         rng.shuffle(&mut order);
@@ -639,17 +635,13 @@ pub async fn train(
             );
             let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch.len()]), device);
             let loss = loss_fn.forward(model.forward(x), y);
-            let loss_value: f64 = loss
-                .clone()
-                .into_data_async()
-                .await
-                .map_err(|e| EngineError::Execution(format!("{e:?}")))?
-                .convert::<f64>()
-                .try_into_vec::<f64>()
-                .map_err(|e| EngineError::Execution(format!("{e:?}")))?
-                .first()
-                .copied()
-                .unwrap_or(f64::NAN);
+            let loss_value = f64::from(
+                read_f32(loss.clone())
+                    .await?
+                    .first()
+                    .copied()
+                    .unwrap_or(f32::NAN),
+            );
             if !loss_value.is_finite() {
                 return Err(EngineError::Execution(format!(
                     "loss became {loss_value} at epoch {epoch} step {step}"
@@ -657,8 +649,7 @@ pub async fn train(
             }
             loss_sum += loss_value;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let t = (epoch * steps + step) as f64 / total;
-            let lr = cfg.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
+            let lr = cosine_lr(cfg.learning_rate, epoch * steps + step, steps * cfg.epochs);
             model = optim.step(lr, model, grads);
             progress(TrainProgress {
                 epoch,
