@@ -555,19 +555,29 @@ pub fn requantize(
 
 /// Fake quantization of an `[outputs, inputs]` weight matrix with `scheme`, with a
 /// straight-through gradient: the forward pass sees the quantized values, the backward
-/// pass the identity. Blocks that do not divide the row fall back to per-channel. (The
+/// pass the identity. A row's last block may be shorter, as in [`crate::quant`]. (The
 /// deployed model quantizes BatchNorm-folded weights; per-channel symmetric grids are the
 /// same either way, since folding scales each row by a positive factor.)
 pub fn ste_fake_quant(w: Tensor<2>, scheme: &QuantScheme) -> Tensor<2> {
     let [rows, cols] = w.dims();
     let (qmin, qmax) = scheme.qrange();
     let (qmin, qmax) = (qmin as f64, qmax as f64);
+    // Zero padding completes a ragged last block without moving its range (the grids
+    // below always include 0).
+    let padded_cols = match scheme.granularity {
+        Granularity::PerBlock(b) if b > 0 => cols.div_ceil(b) * b,
+        _ => cols,
+    };
+    let padded = if padded_cols > cols {
+        let zeros = Tensor::<2>::zeros([rows, padded_cols - cols], &w.device());
+        Tensor::cat(vec![w.clone(), zeros], 1)
+    } else {
+        w.clone()
+    };
     let groups: Tensor<2> = match scheme.granularity {
-        Granularity::PerTensor => w.clone().reshape([1, rows * cols]),
-        Granularity::PerBlock(b) if b > 0 && cols.is_multiple_of(b) => {
-            w.clone().reshape([rows * cols / b, b])
-        }
-        _ => w.clone(),
+        Granularity::PerTensor => padded.reshape([1, rows * cols]),
+        Granularity::PerBlock(b) if b > 0 => padded.reshape([rows * padded_cols / b, b]),
+        _ => padded,
     };
     let q = if scheme.symmetric {
         let scale = groups
@@ -591,6 +601,53 @@ pub fn ste_fake_quant(w: Tensor<2>, scheme: &QuantScheme) -> Tensor<2> {
             .sub(zp)
             .mul(scale)
     };
-    let q: Tensor<2> = q.reshape([rows, cols]);
+    let q: Tensor<2> = q.reshape([rows, padded_cols]);
+    let q = if padded_cols > cols {
+        q.slice([0..rows, 0..cols])
+    } else {
+        q
+    };
     w.clone() + (q - w).detach()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::fake_quantize;
+
+    // The straight-through forward pass must be the deployed quantization, ragged blocks
+    // included (rows of 40 in blocks of 32).
+    #[test]
+    fn fake_quant_matches_the_deployed_grid() {
+        let device = Device::flex();
+        let (rows, cols) = (3, 40);
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+            .collect();
+        for granularity in [
+            Granularity::PerTensor,
+            Granularity::PerChannel,
+            Granularity::PerBlock(32),
+            Granularity::PerBlock(8),
+        ] {
+            for symmetric in [true, false] {
+                let scheme = QuantScheme {
+                    bits: 4,
+                    symmetric,
+                    granularity,
+                };
+                let w =
+                    Tensor::<2>::from_data(TensorData::new(data.clone(), [rows, cols]), &device);
+                let ours =
+                    futures_lite::future::block_on(read_f32(ste_fake_quant(w, &scheme))).unwrap();
+                let deployed = fake_quantize(&data, &[rows, cols], scheme);
+                let worst = ours
+                    .iter()
+                    .zip(&deployed)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(worst < 1e-4, "{scheme:?}: off by {worst}");
+            }
+        }
+    }
 }

@@ -2,20 +2,29 @@
 //! (fp32) is the teacher, the compressed one (pruned, BatchNorm-folded, as
 //! [`crate::distill::student_for`] makes it) the student. The same loss and the same
 //! step-at-a-time shape as the Fashion-MNIST [`crate::distill::Distiller`]; which layers
-//! learn is all, the head (last 1×1 conv + classifier), or the classifier alone.
-//! The student trains in float and is re-quantized with its recipe afterwards.
+//! learn is all, the last N MBConv blocks and what follows, the head (last 1×1 conv +
+//! classifier), or the classifier alone. Quantized students train with fake-quantized
+//! weights (straight-through gradients) and are re-quantized with their recipe afterwards.
+//!
+//! For the user's own classes, [`fit_head`] first trains a new classifier on the teacher's
+//! pooled features (transfer learning); teacher and student then both carry that head.
 
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 
+use burn::nn::LinearConfig;
+use burn::tensor::activation::log_softmax;
+
 use crate::distill::{
-    DistillConfig, Masks, cosine_lr, distillation_loss, label_tensors, loss_value, read_f32,
+    DistillConfig, HeldOutReport, Masks, cosine_lr, distillation_loss, label_tensors, loss_value,
+    read_f32, ste_fake_quant,
 };
 use crate::efficientnet::{BatchNormMode, ConvUnit, EfficientNetLite};
 use crate::error::{EngineError, Result};
 use crate::fashion::{SplitMix, TrainLayers};
 use crate::preprocess::{CROP, RgbImage, box_reduce, to_nchw};
+use crate::quant::QuantScheme;
 use crate::weights::{NamedTensor, TensorStore};
 
 /// The lukemelas names of every conv unit of `net`, in execution order, with the unit.
@@ -104,15 +113,71 @@ fn apply_masks(mut net: EfficientNetLite, masks: &Masks, device: &Device) -> Eff
 
 /// Stops gradients to the layers `layers` leaves out.
 fn freeze(mut net: EfficientNetLite, layers: TrainLayers) -> EfficientNetLite {
-    if layers == TrainLayers::All {
-        return net;
+    let blocks = net.blocks.len();
+    let first_trained_block = match layers {
+        TrainLayers::All => return net,
+        TrainLayers::LastBlocks(n) => blocks.saturating_sub(usize::from(n)),
+        TrainLayers::Classifier | TrainLayers::LastLayer => blocks,
+    };
+    if first_trained_block > 0 {
+        net.stem = net.stem.no_grad();
     }
-    net.stem = net.stem.no_grad();
-    net.blocks = net.blocks.into_iter().map(|b| b.no_grad()).collect();
+    net.blocks = net
+        .blocks
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| {
+            if i < first_trained_block {
+                b.no_grad()
+            } else {
+                b
+            }
+        })
+        .collect();
     if layers == TrainLayers::LastLayer {
         net.head = net.head.no_grad();
     }
     net
+}
+
+/// `net` with every weight passed through `f(layer name, [outputs, inputs] matrix)` for
+/// one forward pass; gradients reach the original parameters through `f`.
+fn mapped(net: &EfficientNetLite, f: &dyn Fn(&str, Tensor<2>) -> Tensor<2>) -> EfficientNetLite {
+    let mut net = net.clone();
+    for (name, unit) in units_mut(&mut net) {
+        unit.conv.weight = unit.conv.weight.clone().map(|w| {
+            let dims = w.dims();
+            let rows: Tensor<2> = w.reshape([dims[0], dims[1] * dims[2] * dims[3]]);
+            f(&name, rows).reshape(dims)
+        });
+    }
+    net.classifier.weight = net
+        .classifier
+        .weight
+        .clone()
+        .map(|w| f("_fc", w.transpose()).transpose());
+    net
+}
+
+/// The student's forward pass: weights fake-quantized (straight-through) when `quant` is
+/// set, except the layers `fp32` names.
+fn student_forward(
+    net: &EfficientNetLite,
+    x: Tensor<4>,
+    quant: Option<&QuantScheme>,
+    fp32: &[String],
+) -> Tensor<2> {
+    match quant {
+        Some(scheme) => mapped(net, &|name, w| {
+            if fp32.iter().any(|l| l == name) {
+                w
+            } else {
+                ste_fake_quant(w, scheme)
+            }
+        })
+        .forward(x),
+        None => net.forward(x),
+    }
 }
 
 /// A random resized crop (35–100 % of the area, aspect 3:4–4:3, bilinear) of `img` at
@@ -180,11 +245,6 @@ impl PhotoDistiller {
         device: &Device,
     ) -> Result<Self> {
         cfg.validate()?;
-        if cfg.weight_quant.is_some() {
-            return Err(EngineError::Config(
-                "quantization-aware training is not available for the photo model yet: it trains in float and is re-quantized".into(),
-            ));
-        }
         device.seed(cfg.seed);
         let plain = device.clone().inner();
         let teacher = EfficientNetLite::from_store(teacher, &plain, BatchNormMode::Folded)?;
@@ -234,7 +294,12 @@ impl PhotoDistiller {
             .ok_or_else(|| EngineError::Execution("a failed step left no student".into()))?;
         let x = Tensor::<4>::from_data(TensorData::new(images, shape), &self.device);
         let loss = distillation_loss(
-            model.forward(x),
+            student_forward(
+                &model,
+                x,
+                self.cfg.weight_quant.as_ref(),
+                &self.cfg.fp32_layers,
+            ),
             teacher,
             Some(label_tensors(labels, &self.device)),
             self.cfg.temperature,
@@ -243,7 +308,11 @@ impl PhotoDistiller {
         let step = self.steps_done + 1;
         let value = loss_value(loss.clone(), || format!("step {step}")).await?;
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let lr = cosine_lr(self.cfg.learning_rate, self.steps_done, self.total_steps);
+        // A linear warm-up over the first tenth: Adam's first steps move every weight by
+        // about the full rate, which jolts a pretrained network.
+        let warmup = (self.total_steps / 10).max(1);
+        let lr = cosine_lr(self.cfg.learning_rate, self.steps_done, self.total_steps)
+            * ((self.steps_done + 1) as f64 / warmup as f64).min(1.0);
         self.student = Some(apply_masks(
             self.optim.step(lr, model, grads),
             &self.masks,
@@ -253,7 +322,8 @@ impl PhotoDistiller {
         Ok(value)
     }
 
-    /// Student and teacher logits for `n` preprocessed images (no gradients).
+    /// Student (fake-quantized when training is quantization-aware) and teacher logits
+    /// for `n` preprocessed images, without gradients.
     pub async fn logits(&self, images: Vec<f32>, n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         let student = self
             .student
@@ -261,10 +331,60 @@ impl PhotoDistiller {
             .ok_or_else(|| EngineError::Execution("a failed step left no student".into()))?
             .valid();
         let x = Tensor::<4>::from_data(TensorData::new(images, [n, 3, CROP, CROP]), &self.plain);
-        Ok((
-            read_f32(student.forward(x.clone())).await?,
-            read_f32(self.teacher.forward(x)).await?,
-        ))
+        let s = student_forward(
+            &student,
+            x.clone(),
+            self.cfg.weight_quant.as_ref(),
+            &self.cfg.fp32_layers,
+        );
+        Ok((read_f32(s).await?, read_f32(self.teacher.forward(x)).await?))
+    }
+
+    /// The student as it stands on preprocessed images (one `[3, 224, 224]` input each),
+    /// next to the teacher: the distillation loss without augmentation, accuracy on the
+    /// labelled ones and top-1 agreement.
+    pub async fn evaluate(
+        &self,
+        inputs: &[Vec<f32>],
+        labels: &[Option<usize>],
+    ) -> Result<HeldOutReport> {
+        let (mut loss_sum, mut correct, mut teacher_correct, mut agree) = (0.0, 0, 0, 0);
+        let labelled = labels.iter().flatten().count();
+        for (batch, batch_labels) in inputs.chunks(EVAL_BATCH).zip(labels.chunks(EVAL_BATCH)) {
+            let n = batch.len();
+            let (s, t) = self.logits(batch.concat(), n).await?;
+            let classes = s.len() / n.max(1);
+            let tensor = |v: &[f32]| {
+                Tensor::<2>::from_data(TensorData::new(v.to_vec(), [n, classes]), &self.plain)
+            };
+            let loss = distillation_loss(
+                tensor(&s),
+                tensor(&t),
+                Some(label_tensors(batch_labels, &self.plain)),
+                self.cfg.temperature,
+                self.cfg.alpha,
+            );
+            loss_sum +=
+                f64::from(read_f32(loss).await?.first().copied().unwrap_or(f32::NAN)) * n as f64;
+            for (i, label) in batch_labels.iter().enumerate() {
+                let sp = argmax(&s[i * classes..(i + 1) * classes]);
+                let tp = argmax(&t[i * classes..(i + 1) * classes]);
+                agree += (sp == tp) as usize;
+                if let Some(y) = *label {
+                    correct += (sp == y) as usize;
+                    teacher_correct += (tp == y) as usize;
+                }
+            }
+        }
+        let images = inputs.len().max(1);
+        let share = |k: usize| (labelled > 0).then(|| k as f64 / labelled as f64);
+        Ok(HeldOutReport {
+            images: inputs.len(),
+            loss: loss_sum / images as f64,
+            accuracy: share(correct),
+            teacher_accuracy: share(teacher_correct),
+            agreement: agree as f64 / images as f64,
+        })
     }
 
     /// The student's weights (folded, masks applied), to re-quantize with its recipe.
@@ -276,4 +396,101 @@ impl PhotoDistiller {
             .valid();
         folded_store(&net).await
     }
+}
+
+/// Images per forward pass when measuring (no gradients).
+const EVAL_BATCH: usize = 8;
+
+/// Index of the largest value.
+pub fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i)
+}
+
+/// Full-batch Adam steps [`fit_head`] takes.
+const HEAD_STEPS: usize = 300;
+const HEAD_LEARNING_RATE: f64 = 5e-3;
+
+/// A new classifier for the user's own `classes` (transfer learning): trained with
+/// cross-entropy on the pooled features `teacher` computes for each preprocessed input
+/// and its mirror image, the backbone unchanged. Returns `_fc.weight` `[classes, 1280]`
+/// and `_fc.bias`; [`with_head`] puts them on a network. Runs on `device` (autodiff).
+pub async fn fit_head(
+    teacher: &TensorStore,
+    inputs: &[Vec<f32>],
+    labels: &[usize],
+    classes: usize,
+    device: &Device,
+) -> Result<(NamedTensor, NamedTensor)> {
+    if classes < 2 || inputs.is_empty() || inputs.len() != labels.len() {
+        return Err(EngineError::Config(format!(
+            "a new head needs two or more classes and a label per image (got {classes} classes, {} images, {} labels)",
+            inputs.len(),
+            labels.len()
+        )));
+    }
+    if let Some(&bad) = labels.iter().find(|&&y| y >= classes) {
+        return Err(EngineError::Config(format!(
+            "label {bad} is not one of {classes} classes"
+        )));
+    }
+    device.seed(11);
+    let plain = device.clone().inner();
+    let backbone = EfficientNetLite::from_store(teacher, &plain, BatchNormMode::Folded)?;
+    let mut features = Vec::new();
+    let mut ys = Vec::new();
+    for (batch, batch_labels) in inputs.chunks(EVAL_BATCH).zip(labels.chunks(EVAL_BATCH)) {
+        let n = batch.len();
+        let x = Tensor::<4>::from_data(TensorData::new(batch.concat(), [n, 3, CROP, CROP]), &plain);
+        for x in [x.clone(), x.flip([3])] {
+            let pooled: Tensor<2> = backbone.features(x).mean_dim(3).mean_dim(2).flatten(1, 3);
+            features.extend(read_f32(pooled).await?);
+            ys.extend(batch_labels.iter().map(|&y| y as i64));
+        }
+    }
+    let rows = ys.len();
+    let width = features.len() / rows;
+    let x = Tensor::<2>::from_data(TensorData::new(features, [rows, width]), device);
+    let y = Tensor::<1, Int>::from_data(TensorData::new(ys, [rows]), device);
+    let mut head = LinearConfig::new(width, classes).init(device);
+    let mut optim = AdamConfig::new().init();
+    for step in 0..HEAD_STEPS {
+        let log_p = log_softmax(head.forward(x.clone()), 1);
+        let loss: Tensor<1> = log_p
+            .gather(1, y.clone().unsqueeze_dim(1))
+            .mean()
+            .neg()
+            .reshape([1]);
+        let grads = GradientsParams::from_grads(loss.backward(), &head);
+        let lr = cosine_lr(HEAD_LEARNING_RATE, step, HEAD_STEPS);
+        head = optim.step(lr, head, grads);
+    }
+    let head = head.valid();
+    let w = head.weight.val().transpose();
+    let weight = NamedTensor {
+        name: "_fc.weight".into(),
+        shape: w.dims().to_vec(),
+        data: read_f32(w).await?,
+    };
+    let b = head
+        .bias
+        .as_ref()
+        .ok_or_else(|| EngineError::Execution("the new head has no bias".into()))?
+        .val();
+    let bias = NamedTensor {
+        name: "_fc.bias".into(),
+        shape: b.dims().to_vec(),
+        data: read_f32(b).await?,
+    };
+    Ok((weight, bias))
+}
+
+/// `store` with its classifier replaced by `head` (from [`fit_head`]).
+pub fn with_head(store: &TensorStore, head: &(NamedTensor, NamedTensor)) -> TensorStore {
+    let mut out = store.clone();
+    out.push(head.0.clone());
+    out.push(head.1.clone());
+    out
 }

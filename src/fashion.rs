@@ -366,14 +366,15 @@ impl FashionCnn {
             TrainLayers::All => true,
             TrainLayers::Classifier => index >= 3,
             TrainLayers::LastLayer => index >= 4,
+            TrainLayers::LastBlocks(n) => index + usize::from(n).min(3) >= 3,
         };
         for (i, conv) in self.convs.iter_mut().enumerate() {
             if !trains(i) {
                 *conv = conv.clone().no_grad();
             }
         }
-        for norm in self.norms.iter_mut() {
-            if !matches!(layers, TrainLayers::All) {
+        for (i, norm) in self.norms.iter_mut().enumerate() {
+            if !trains(i) {
                 *norm = norm.clone().no_grad();
             }
         }
@@ -712,6 +713,9 @@ pub enum TrainLayers {
     Classifier,
     /// fc2 alone.
     LastLayer,
+    /// The last N blocks (conv blocks here, MBConv blocks of the photo model) and
+    /// everything after them.
+    LastBlocks(u8),
 }
 
 /// The label of an image that has none (label-free distillation).
@@ -805,25 +809,45 @@ impl FashionSet {
     /// `heldout_fraction` share, rounded, at least one when the class has two or more
     /// images, chosen by a seeded shuffle. Returns (training, held-out) indices.
     pub fn stratified_split(&self, heldout_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
-        let mut rng = SplitMix::new(seed);
-        let (mut train, mut heldout) = (Vec::new(), Vec::new());
-        for class in 0..=CLASSES {
-            let mut members: Vec<usize> = (0..self.len())
-                .filter(|&i| usize::from(self.labels[i]).min(CLASSES) == class)
-                .collect();
-            rng.shuffle(&mut members);
-            let n = members.len();
-            let mut take = (n as f64 * heldout_fraction).round() as usize;
-            if heldout_fraction > 0.0 && n >= 2 {
-                take = take.clamp(1, n - 1);
-            }
-            heldout.extend_from_slice(&members[..take.min(n)]);
-            train.extend_from_slice(&members[take.min(n)..]);
-        }
-        train.sort_unstable();
-        heldout.sort_unstable();
-        (train, heldout)
+        let labels: Vec<Option<usize>> = self
+            .labels
+            .iter()
+            .map(|&l| (usize::from(l) < CLASSES).then_some(usize::from(l)))
+            .collect();
+        stratified_split(&labels, heldout_fraction, seed)
     }
+}
+
+/// Image indices split into (training, held out): `heldout_fraction` of each class (and
+/// of the unlabelled images, a stratum of their own) held out, at least one of every
+/// stratum that has two or more images, shuffled by `seed`; both lists sorted.
+pub fn stratified_split(
+    labels: &[Option<usize>],
+    heldout_fraction: f64,
+    seed: u64,
+) -> (Vec<usize>, Vec<usize>) {
+    let mut rng = SplitMix::new(seed);
+    let mut strata: Vec<Option<usize>> = labels.iter().copied().flatten().map(Some).collect();
+    strata.sort_unstable();
+    strata.dedup();
+    strata.push(None);
+    let (mut train, mut heldout) = (Vec::new(), Vec::new());
+    for stratum in strata {
+        let mut members: Vec<usize> = (0..labels.len())
+            .filter(|&i| labels[i] == stratum)
+            .collect();
+        rng.shuffle(&mut members);
+        let n = members.len();
+        let mut take = (n as f64 * heldout_fraction).round() as usize;
+        if heldout_fraction > 0.0 && n >= 2 {
+            take = take.clamp(1, n - 1);
+        }
+        heldout.extend_from_slice(&members[..take.min(n)]);
+        train.extend_from_slice(&members[take.min(n)..]);
+    }
+    train.sort_unstable();
+    heldout.sort_unstable();
+    (train, heldout)
 }
 
 /// The size an image of `width` × `height` is drawn at before [`pixels_from_fitted`]:

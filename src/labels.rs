@@ -53,9 +53,39 @@ impl Labels {
         self.names.len()
     }
 
+    /// From class names in order (the user's own classes).
+    pub fn from_names(names: Vec<String>) -> Result<Self> {
+        if names.is_empty() {
+            return Err(EngineError::Labels("no class names".into()));
+        }
+        Ok(Self { names })
+    }
+
+    /// The class a folder name stands for, ignoring case, spaces, `_`, `-` and other
+    /// punctuation, and a plural "s" or "es": "Egyptian_cat", "espresso", "golden
+    /// retrievers". The first class wins where two share a name.
+    pub fn class_for_name(&self, name: &str) -> Option<usize> {
+        let key = name_key(name);
+        if key.is_empty() {
+            return None;
+        }
+        let find = |k: &str| self.names.iter().position(|n| name_key(n) == k);
+        find(&key)
+            .or_else(|| key.strip_suffix("es").and_then(find))
+            .or_else(|| key.strip_suffix('s').and_then(find))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
     }
+}
+
+/// Lower-case letters and digits of `name` (what folder-name matching compares).
+fn name_key(name: &str) -> String {
+    name.chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,5 +142,20 @@ mod tests {
         assert_eq!(l.name(0), "tench");
         assert_eq!(l.name(1), "goldfish");
         assert!(Labels::from_label_to_names_json(br#"{"5":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn folder_names_match_class_names() {
+        let l = Labels::from_json(
+            br#"["tench","Egyptian cat","golden retriever","espresso","crane","crane","box turtle"]"#,
+        )
+        .unwrap();
+        assert_eq!(l.class_for_name("Egyptian_cat"), Some(1));
+        assert_eq!(l.class_for_name("golden-retrievers"), Some(2));
+        assert_eq!(l.class_for_name("ESPRESSO"), Some(3));
+        assert_eq!(l.class_for_name("crane"), Some(4));
+        assert_eq!(l.class_for_name("box turtles"), Some(6));
+        assert_eq!(l.class_for_name("my holiday"), None);
+        assert_eq!(l.class_for_name("__"), None);
     }
 }

@@ -12,6 +12,7 @@ pub mod efficientnet;
 pub mod error;
 pub mod fashion;
 pub mod fashion_cpu;
+pub mod finetune_photo;
 pub mod gpu_int;
 mod int8_cpu;
 pub mod labels;

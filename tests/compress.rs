@@ -473,3 +473,84 @@ fn photo_distillation_recovers_a_pruned_student() {
     let (same, kl) = agreement(&reference[0], &net.forward(&inputs[0], 224, 224).unwrap());
     println!("re-quantized int8: top-1 same {same}, KL {kl:.3} on the first photo");
 }
+
+// The user's own classes: a new head fitted on the teacher's features (transfer
+// learning), then an int4 per-block student (ragged blocks on every depthwise layer)
+// distilled with fake-quantized weights; measured as deployed (re-quantized, CPU).
+#[test]
+fn own_classes_head_and_quantization_aware_photo_distillation() {
+    use compresslab::distill::{DistillConfig, requantize, student_for};
+    use compresslab::distill_photo::{PhotoDistiller, argmax, augment_photo, fit_head, with_head};
+    use compresslab::fashion::SplitMix;
+    let photos = sample_photos();
+    let inputs = samples();
+    // astronaut, chelsea, china, coffee, flower, motorcycle, rocket: living or not.
+    let labels = [0, 0, 1, 1, 0, 1, 1];
+    assert_eq!(labels.len(), photos.len());
+    let device = Device::flex().autodiff();
+    let head =
+        futures_lite::future::block_on(fit_head(&store(), &inputs, &labels, 2, &device)).unwrap();
+    assert_eq!(head.0.shape, vec![2, 1280]);
+    let teacher = with_head(&store(), &head);
+    let reference: Vec<Vec<f32>> = inputs.iter().map(|x| cpu_logits(&teacher, x)).collect();
+    let fitted = reference
+        .iter()
+        .zip(labels)
+        .filter(|(l, y)| argmax(l) == *y)
+        .count();
+    println!("own head: {fitted}/{} training photos right", labels.len());
+    assert_eq!(fitted, labels.len(), "the head did not fit 7 photos");
+
+    let recipe = Recipe {
+        weights: Some(QuantScheme {
+            bits: 4,
+            symmetric: true,
+            granularity: Granularity::PerBlock(32),
+        }),
+        keep_fp32: vec!["_conv_stem".into()],
+        ..Recipe::default()
+    };
+    let (student, masks) = student_for(&teacher, &recipe).unwrap();
+    let kl_of = |model: &CompressedModel| -> f64 {
+        let net = CpuEfficientNet::from_compressed(model, false).unwrap();
+        inputs
+            .iter()
+            .zip(&reference)
+            .map(|(x, r)| agreement(r, &net.forward(x, 224, 224).unwrap()).1)
+            .sum::<f64>()
+            / inputs.len() as f64
+    };
+    let before = kl_of(&compress(&teacher, &recipe, &[], &mut no_progress).unwrap());
+    let cfg = DistillConfig {
+        alpha: 0.5,
+        temperature: 2.0,
+        learning_rate: 2e-4,
+        batch_size: 4,
+        weight_quant: recipe.weights,
+        fp32_layers: recipe.keep_fp32.clone(),
+        ..DistillConfig::default()
+    };
+    let steps = 16;
+    let mut run = PhotoDistiller::new(&teacher, &student, masks, cfg, steps, &device).unwrap();
+    let held = futures_lite::future::block_on(run.evaluate(&inputs, &labels.map(Some))).unwrap();
+    let mut rng = SplitMix::new(3);
+    for _ in 0..steps {
+        let picks: Vec<usize> = (0..4).map(|_| rng.below(photos.len())).collect();
+        let batch: Vec<f32> = picks
+            .iter()
+            .flat_map(|&i| augment_photo(&photos[i], &mut rng))
+            .collect();
+        let ys: Vec<Option<usize>> = picks.iter().map(|&i| Some(labels[i])).collect();
+        futures_lite::future::block_on(run.step(batch, &ys)).unwrap();
+    }
+    let held_after =
+        futures_lite::future::block_on(run.evaluate(&inputs, &labels.map(Some))).unwrap();
+    let trained = futures_lite::future::block_on(run.student()).unwrap();
+    let after = kl_of(&requantize(&trained, &recipe, &[]).unwrap());
+    println!(
+        "int4 per-block 32 student, own 2-class head: deployed mean KL to the teacher {before:.4} → {after:.4}; fake-quantized loss {:.4} → {:.4}, accuracy {:?} → {:?}",
+        held.loss, held_after.loss, held.accuracy, held_after.accuracy
+    );
+    assert!(held_after.loss < held.loss, "{held:?} → {held_after:?}");
+    assert!(after < before * 0.8, "{before} → {after}");
+}

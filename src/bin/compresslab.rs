@@ -48,6 +48,12 @@ const USAGE: &str = "usage:
       original (folder names = labels; default images: the 1 000-image training sample),
       re-quantizes, prints held-out and test accuracy before/after and training images/s,
       and writes the fine-tuned compressed model
+  compresslab distil-photos [--epochs N] [--batch B] <assets-dir> <recipe.json> <photo-folder> <out.safetensors>
+      the page's photo fine-tune: folder names that are ImageNet classes train the
+      1000-way head, other folder names become your own classes (a head is fitted on the
+      original first), no folders train label-free; 20 % held out; quantization-aware when
+      the recipe quantizes weights; prints held-out loss per epoch and the deployed networks'
+      accuracy / agreement before and after, and writes the fine-tuned compressed model
   compresslab bench-distil [--batch B] [--steps N] <assets-dir> <image>
       EfficientNet-Lite0 at 224²: distillation training images/s (teacher forward +
       student forward/backward + Adam) next to inference images/s, on burn's Flex CPU
@@ -77,6 +83,7 @@ fn main() -> ExitCode {
         Some("sweep") => sweep_cmd(&args[1..]),
         Some("fashion-folder") => fashion_folder(&args[1..]),
         Some("distil") => distil_cmd(&args[1..]),
+        Some("distil-photos") => distil_photos(&args[1..]),
         Some("bench-distil") => bench_distil(&args[1..]),
         _ => {
             eprintln!("{USAGE}");
@@ -688,10 +695,8 @@ fn fashion_folder(args: &[String]) -> Result<()> {
 
 /// Every image under `dir` (recursively) as Fashion-MNIST pixels, labelled by its parent
 /// folder's name when that is a class.
-fn read_image_folder(dir: &Path) -> Result<compresslab::fashion::FashionSet> {
-    use compresslab::fashion::{
-        FashionSet, UNLABELLED, class_for_name, fitted_size, pixels_from_fitted,
-    };
+/// Every file under `dir` (recursively), sorted.
+fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let entries = std::fs::read_dir(dir).map_err(|source| EngineError::Io {
             path: dir.display().to_string(),
@@ -710,6 +715,14 @@ fn read_image_folder(dir: &Path) -> Result<compresslab::fashion::FashionSet> {
     let mut files = Vec::new();
     walk(dir, &mut files)?;
     files.sort();
+    Ok(files)
+}
+
+fn read_image_folder(dir: &Path) -> Result<compresslab::fashion::FashionSet> {
+    use compresslab::fashion::{
+        FashionSet, UNLABELLED, class_for_name, fitted_size, pixels_from_fitted,
+    };
+    let files = files_under(dir)?;
     let mut set = FashionSet::default();
     for path in files {
         let Ok(img) = image::open(&path) else {
@@ -748,13 +761,7 @@ fn distil_cmd(args: &[String]) -> Result<()> {
             "distil needs <fashion-dir> <recipe.json> <out.safetensors>",
         ));
     };
-    let recipe =
-        Recipe::from_json(
-            &std::fs::read_to_string(recipe).map_err(|source| EngineError::Io {
-                path: recipe.clone(),
-                source,
-            })?,
-        )?;
+    let recipe = read_recipe(recipe)?;
     let a = fashion_assets_from(dir)?;
     let data = match &images {
         Some(folder) => read_image_folder(Path::new(folder))?,
@@ -896,4 +903,138 @@ fn bench_distil(args: &[String]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn distil_photos(args: &[String]) -> Result<()> {
+    use compresslab::distill::DistillConfig;
+    use compresslab::finetune_photo::{PhotoFineTune, PhotoSet, folder_of, stored_photo};
+    use std::sync::Arc;
+    let (epochs, rest) = leading_flag::<usize>(args, "--epochs")?;
+    let (batch, rest) = leading_flag::<usize>(rest, "--batch")?;
+    let [assets, recipe, folder, out] = rest else {
+        return Err(usage_error(
+            "distil-photos needs <assets-dir> <recipe.json> <photo-folder> <out.safetensors>",
+        ));
+    };
+    let recipe = read_recipe(recipe)?;
+    let assets = Path::new(assets);
+    let store = load_store(assets)?;
+    let imagenet = Labels::from_json(&read(&assets.join(LABELS_FILE))?)?;
+    let folder = Path::new(folder);
+    // Paths as the page sees a chosen folder: "<folder>/<class>/<file>".
+    let base = folder.parent().unwrap_or(folder);
+    let (mut images, mut folders) = (Vec::new(), Vec::new());
+    for path in files_under(folder)? {
+        match decode_file(&path) {
+            Ok(img) => {
+                images.push(stored_photo(&img));
+                let relative = path.strip_prefix(base).unwrap_or(&path);
+                folders.push(folder_of(&relative.to_string_lossy().replace('\\', "/")));
+            }
+            Err(e) => eprintln!("skipped {}: {e}", path.display()),
+        }
+    }
+    let set = Arc::new(PhotoSet::from_folders(images, &folders, &imagenet));
+    println!("{} photos; labels: {}", set.len(), set.mode.describe());
+    let cfg = DistillConfig {
+        temperature: 2.0,
+        alpha: 0.7,
+        learning_rate: 2e-4,
+        epochs: epochs.unwrap_or(3),
+        batch_size: batch.unwrap_or(8),
+        weight_quant: recipe.weights,
+        fp32_layers: recipe.keep_fp32.clone(),
+        ..DistillConfig::default()
+    };
+    let device = Device::flex().autodiff();
+    let mut run = futures_lite::future::block_on(PhotoFineTune::new(
+        set.clone(),
+        &store,
+        &recipe,
+        cfg,
+        &device,
+        &device,
+        &mut |stage| println!("{stage}"),
+    ))?;
+    println!(
+        "{} training and {} held-out photos, {} steps",
+        run.train_images(),
+        run.heldout_images(),
+        run.total_steps()
+    );
+    let h = futures_lite::future::block_on(run.evaluate())?;
+    println!(
+        "before: held-out loss {:.4}, agreement {:.1} %",
+        h.loss,
+        100.0 * h.agreement
+    );
+    let started = Instant::now();
+    let mut images = 0;
+    while !run.is_done() {
+        let r = futures_lite::future::block_on(run.step())?;
+        images += r.images;
+        if r.epoch_done {
+            let h = futures_lite::future::block_on(run.evaluate())?;
+            println!(
+                "epoch {}: training loss {:.4}, held-out loss {:.4}, agreement {:.1} %{}",
+                r.epoch + 1,
+                r.epoch_loss,
+                h.loss,
+                100.0 * h.agreement,
+                h.accuracy
+                    .map(|a| format!(", accuracy {:.1} %", 100.0 * a))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let (before, after, _) = futures_lite::future::block_on(run.finish(&recipe))?;
+    let labels = match set.own_classes() {
+        Some(names) => Labels::from_names(names.to_vec())?,
+        None => imagenet,
+    };
+    let teacher = ImageClassifier::new_cpu(run.teacher(), labels.clone())?;
+    let teacher_preds = futures_lite::future::block_on(run.heldout_predictions(&teacher))?;
+    if let (Some(accuracy), _) = run.scores(&teacher_preds, &teacher_preds) {
+        println!(
+            "   teacher: held-out accuracy {:.1} %, {} weight bytes",
+            100.0 * accuracy,
+            CompressedModel::original(run.teacher())?
+                .stats()?
+                .weight_bytes
+        );
+    }
+    for (name, model) in [("compressed", &before), ("fine-tuned", &after)] {
+        let net = ImageClassifier::new_compressed_cpu(model, labels.clone())?;
+        let preds = futures_lite::future::block_on(run.heldout_predictions(&net))?;
+        let (accuracy, agreement) = run.scores(&preds, &teacher_preds);
+        println!(
+            "{name:>10} (deployed, CPU): held-out agreement with the teacher {:.1} %{}, {} weight bytes",
+            100.0 * agreement,
+            accuracy
+                .map(|a| format!(", accuracy {:.1} %", 100.0 * a))
+                .unwrap_or_default(),
+            model.stats()?.weight_bytes
+        );
+    }
+    println!(
+        "{images} training images in {secs:.1} s ({:.2} images/s)",
+        images as f64 / secs.max(1e-9)
+    );
+    let bytes = after.to_safetensors()?;
+    std::fs::write(out, bytes).map_err(|source| EngineError::Io {
+        path: out.clone(),
+        source,
+    })?;
+    println!("wrote {out}");
+    Ok(())
+}
+
+fn read_recipe(path: &str) -> Result<Recipe> {
+    Recipe::from_json(
+        &std::fs::read_to_string(path).map_err(|source| EngineError::Io {
+            path: path.to_string(),
+            source,
+        })?,
+    )
 }

@@ -19,7 +19,8 @@ use crate::error::WebError;
 use crate::fashion_panel::{SweepPanel, SweepState};
 use crate::lab_panel::{LabPanel, LabState, ModelChoice};
 use crate::messages::{
-    BackendInfo, BackendKind, BenchReport, DistilBench, FromWorker, ModelReady, ToWorker,
+    BackendInfo, BackendKind, BenchReport, DistilBench, DistilTarget, FromWorker, ModelReady,
+    ToWorker,
 };
 
 /// At most this many images are taken from one drop, paste or pick.
@@ -95,8 +96,25 @@ struct Controller {
     bench: RwSignal<BenchState>,
     lab: RwSignal<LabState>,
     sweep: RwSignal<SweepState>,
+    /// Distillation panels: Fashion-MNIST and photos; the worker reports on the one it
+    /// was last asked about.
     distil: RwSignal<DistilState>,
+    photo_distil: RwSignal<DistilState>,
+    distil_target: DistilTarget,
     _handlers: Vec<Closure<dyn FnMut(JsValue)>>,
+}
+
+impl Controller {
+    fn distil_state(&self) -> RwSignal<DistilState> {
+        match self.distil_target {
+            DistilTarget::Fashion => self.distil,
+            DistilTarget::Photos => self.photo_distil,
+        }
+    }
+
+    fn distilling(&self) -> bool {
+        self.distil.get_untracked().running || self.photo_distil.get_untracked().running
+    }
 }
 
 thread_local! {
@@ -257,9 +275,9 @@ fn on_worker_message(msg: FromWorker) {
         }),
         FromWorker::CompressFailed { message } => c.lab.set(LabState::Failed(message)),
         FromWorker::DistilLoading { done, total } => {
-            c.distil.update(|s| s.loading = Some((done, total)))
+            c.distil_state().update(|s| s.loading = Some((done, total)))
         }
-        FromWorker::DistilData(data) => c.distil.update(|s| {
+        FromWorker::DistilData(data) => c.distil_state().update(|s| {
             s.loading = None;
             s.data = Some(data);
             s.message = None;
@@ -267,27 +285,31 @@ fn on_worker_message(msg: FromWorker) {
         FromWorker::DistilStarted {
             total_steps,
             backend,
-        } => c.distil.update(|s| {
+        } => c.distil_state().update(|s| {
             s.running = true;
             s.total_steps = total_steps;
             s.backend = Some(backend);
         }),
-        FromWorker::DistilStep(step) => c.distil.update(|s| {
+        FromWorker::DistilStage { text } => c.distil_state().update(|s| s.stage = Some(text)),
+        FromWorker::DistilStep(step) => c.distil_state().update(|s| {
+            s.stage = None;
             s.losses.push((step.step, step.loss));
             s.step = Some(step);
         }),
-        FromWorker::DistilEpoch(epoch) => c.distil.update(|s| s.epochs.push(epoch)),
-        FromWorker::DistilPaused { paused } => c.distil.update(|s| s.paused = paused),
+        FromWorker::DistilEpoch(epoch) => c.distil_state().update(|s| s.epochs.push(epoch)),
+        FromWorker::DistilPaused { paused } => c.distil_state().update(|s| s.paused = paused),
         FromWorker::DistilDone(report) => {
-            c.distil.update(|s| {
+            c.distil_state().update(|s| {
                 s.running = false;
                 s.paused = false;
+                s.stage = None;
                 s.report = Some(*report);
             });
             // The lab panel shows the fine-tuned network's full report (posted just before).
         }
-        FromWorker::DistilStopped { message, .. } => c.distil.update(|s| {
+        FromWorker::DistilStopped { message, .. } => c.distil_state().update(|s| {
             s.running = false;
+            s.stage = None;
             s.paused = false;
             s.loading = None;
             s.message = Some(message);
@@ -326,12 +348,14 @@ fn on_worker_message(msg: FromWorker) {
                     s.error = Some(format!("the model worker crashed: {message}"));
                 });
             }
-            if c.distil.get_untracked().running || c.distil.get_untracked().loading.is_some() {
-                c.distil.update(|s| {
-                    s.running = false;
-                    s.loading = None;
-                    s.message = Some(format!("the model worker crashed: {message}"));
-                });
+            for state in [c.distil, c.photo_distil] {
+                if state.get_untracked().running || state.get_untracked().loading.is_some() {
+                    state.update(|s| {
+                        s.running = false;
+                        s.loading = None;
+                        s.message = Some(format!("the model worker crashed: {message}"));
+                    });
+                }
             }
             respawn = Some(if on_gpu {
                 format!("the WebGPU device was lost or failed: {message}")
@@ -404,7 +428,7 @@ pub fn send_lab(msg: ToWorker, blob: Option<Blob>) {
                 .set(LabState::Failed("wait until the sweeps finish".into()));
             return;
         }
-        if c.distil.get_untracked().running {
+        if c.distilling() {
             c.lab
                 .set(LabState::Failed("wait until the fine-tune finishes".into()));
             return;
@@ -434,6 +458,12 @@ pub fn send_lab(msg: ToWorker, blob: Option<Blob>) {
 /// files alongside when there are any.
 pub fn send_distil(msg: ToWorker, files: Option<js_sys::Array>) {
     with_controller(|c| {
+        match &msg {
+            ToWorker::DistilImages { target, .. }
+            | ToWorker::DistilBuiltin { target }
+            | ToWorker::Distil { target, .. } => c.distil_target = *target,
+            _ => {}
+        }
         let (Some(worker), Ok(js)) = (c.worker.as_ref(), serde_wasm_bindgen::to_value(&msg)) else {
             return;
         };
@@ -442,7 +472,7 @@ pub fn send_distil(msg: ToWorker, files: Option<js_sys::Array>) {
             None => js_sys::Array::of1(&js),
         };
         if let Err(e) = worker.post_message(&parts) {
-            c.distil.update(|s| {
+            c.distil_state().update(|s| {
                 s.running = false;
                 s.loading = None;
                 s.message = Some(WebError::js("could not reach the model worker", e).to_string());
@@ -624,6 +654,7 @@ pub fn App() -> impl IntoView {
     let lab = RwSignal::new(LabState::Idle);
     let sweep = RwSignal::new(SweepState::default());
     let distil = RwSignal::new(DistilState::default());
+    let photo_distil = RwSignal::new(DistilState::default());
     let model = RwSignal::new(ModelChoice::Photos);
 
     CONTROLLER.with(|c| {
@@ -640,6 +671,8 @@ pub fn App() -> impl IntoView {
             lab,
             sweep,
             distil,
+            photo_distil,
+            distil_target: DistilTarget::Fashion,
             _handlers: Vec::new(),
         })
     });
@@ -743,11 +776,19 @@ pub fn App() -> impl IntoView {
             </section>
             </div>
             <LabPanel status=status lab=lab items=items model=model/>
+            <Show when=move || model.get() == ModelChoice::Photos>
+                <DistilPanel distil=photo_distil lab=lab target=DistilTarget::Photos can_run=Signal::derive(move || {
+                    matches!(status.get(), Status::Ready(_))
+                        && !matches!(lab.get(), LabState::Running { .. })
+                        && !distil.get().running
+                })/>
+            </Show>
             <Show when=move || model.get() == ModelChoice::Fashion>
-                <DistilPanel distil=distil lab=lab can_run=Signal::derive(move || {
+                <DistilPanel distil=distil lab=lab target=DistilTarget::Fashion can_run=Signal::derive(move || {
                     matches!(status.get(), Status::Ready(_))
                         && !matches!(lab.get(), LabState::Running { .. })
                         && sweep.get().running.is_none()
+                        && !photo_distil.get().running
                 })/>
             </Show>
             <div class="drop-overlay">"Drop images to classify"</div>

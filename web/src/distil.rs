@@ -10,13 +10,15 @@ use std::rc::Rc;
 use burn::prelude::*;
 use compresslab::compress::{CompressedModel, Recipe, compress};
 use compresslab::distill::{
-    DistillConfig, Distiller, HELDOUT_FRACTION, SPLIT_SEED, requantize, student_for,
+    DistillConfig, Distiller, HELDOUT_FRACTION, HeldOutReport, SPLIT_SEED, StepReport, requantize,
+    student_for,
 };
 use compresslab::fashion::{
     CLASSES, FashionSet, PIXELS, UNLABELLED, class_for_name, fitted_size, normalize,
     pixels_from_fitted,
 };
 use compresslab::fashion_cpu::{CpuFashionNet, EVAL_BATCH, predictions};
+use compresslab::finetune_photo::PhotoFineTune;
 use js_sys::Array;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
@@ -30,7 +32,7 @@ use crate::fashion_lab::{self, FashionAssets, Original};
 use crate::lab::{VARIANT, Variant};
 use crate::messages::{
     DistilAction, DistilBench, DistilData, DistilEpoch, DistilReport, DistilSettings, DistilSide,
-    DistilStep, FashionReport, FromWorker,
+    DistilStep, DistilTarget, FashionReport, FromWorker,
 };
 use crate::worker::{Loaded, now, post, scope};
 
@@ -40,7 +42,7 @@ const REJECTIONS_LISTED: usize = 5;
 const PREVIEW_IMAGES: usize = 12;
 
 #[derive(Clone, Copy, PartialEq)]
-enum Control {
+pub(crate) enum Control {
     Run,
     Pause,
     Cancel,
@@ -53,12 +55,12 @@ struct UserData {
 
 thread_local! {
     static DATA: RefCell<Option<Rc<UserData>>> = const { RefCell::new(None) };
-    static CONTROL: Cell<Control> = const { Cell::new(Control::Run) };
-    static RUNNING: Cell<bool> = const { Cell::new(false) };
+    pub(crate) static CONTROL: Cell<Control> = const { Cell::new(Control::Run) };
+    pub(crate) static RUNNING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Resolves after `ms` milliseconds, letting the worker handle other messages meanwhile.
-async fn sleep_ms(ms: i32) {
+pub(crate) async fn sleep_ms(ms: i32) {
     let promise = js_sys::Promise::new(&mut |resolve, _| {
         let _ = scope().set_timeout_with_callback_and_timeout_and_arguments_0(&resolve, ms);
     });
@@ -143,6 +145,9 @@ fn summary(
         unmatched,
         rejected,
         rejected_count: rejected_count as u32,
+        class_names: Vec::new(),
+        label_mode: String::new(),
+        thumbs: Vec::new(),
         preview: (0..data.set.len().min(PREVIEW_IMAGES))
             .map(|i| {
                 // Spread over the set, so several folders show.
@@ -300,8 +305,8 @@ fn side(
         DistilSide {
             heldout_accuracy,
             heldout_agreement,
-            test_accuracy: report.after.eval.accuracy(),
-            test_agreement: report.same_prediction as f64 / a.test.len().max(1) as f64,
+            test_accuracy: Some(report.after.eval.accuracy()),
+            test_agreement: Some(report.same_prediction as f64 / a.test.len().max(1) as f64),
             ms_per_image: report.after.ms_per_image,
             stats: report.after.stats.clone(),
         },
@@ -309,7 +314,7 @@ fn side(
     ))
 }
 
-fn stage(text: &str, fraction: f32) {
+pub(crate) fn stage(text: &str, fraction: f32) {
     post(&FromWorker::CompressProgress {
         stage: text.to_string(),
         fraction,
@@ -317,14 +322,191 @@ fn stage(text: &str, fraction: f32) {
 }
 
 /// Fine-tunes the network `recipe` compresses, from the original, on the loaded images.
-pub async fn run(loaded: Rc<Loaded>, recipe: Recipe, settings: DistilSettings) -> WebResult<()> {
+pub async fn run(
+    loaded: Rc<Loaded>,
+    recipe: Recipe,
+    settings: DistilSettings,
+    target: DistilTarget,
+) -> WebResult<()> {
     if RUNNING.replace(true) {
         return Err(WebError::Message("a fine-tune is already running".into()));
     }
     CONTROL.set(Control::Run);
-    let result = train(&loaded, recipe, settings).await;
+    let result = match target {
+        DistilTarget::Fashion => train(&loaded, recipe, settings).await,
+        DistilTarget::Photos => crate::distil_photo::train(&loaded, recipe, settings).await,
+    };
     RUNNING.set(false);
     result
+}
+
+/// Waits while paused; true when the run was cancelled (after `done` of `total` steps,
+/// which the page is told).
+pub(crate) async fn cancelled(done: usize, total: u32) -> bool {
+    loop {
+        match CONTROL.get() {
+            Control::Run => return false,
+            Control::Pause => sleep_ms(100).await,
+            Control::Cancel => {
+                post(&FromWorker::DistilStopped {
+                    message: format!(
+                        "Cancelled after {done} of {total} steps; the compressed network is unchanged."
+                    ),
+                    cancelled: true,
+                });
+                return true;
+            }
+        }
+    }
+}
+
+/// The engine's configuration for the page's settings, and whether it is
+/// quantization-aware (when asked and the recipe quantizes weights).
+pub(crate) fn engine_config(settings: &DistilSettings, recipe: &Recipe) -> (DistillConfig, bool) {
+    let qat = settings.qat && recipe.weights.is_some();
+    let cfg = DistillConfig {
+        temperature: settings.temperature,
+        alpha: settings.alpha,
+        learning_rate: settings.learning_rate,
+        epochs: settings.epochs as usize,
+        batch_size: settings.batch_size as usize,
+        seed: 7,
+        layers: settings.layers,
+        augment: true,
+        weight_quant: if qat { recipe.weights } else { None },
+        fp32_layers: recipe.keep_fp32.clone(),
+    };
+    (cfg, qat)
+}
+
+/// The autodiff device training runs on (the page's WebGPU device, else burn's Flex CPU
+/// backend) and how the page names it.
+pub(crate) fn training_device(loaded: &Loaded) -> (Device, String) {
+    match &loaded.device {
+        Some(d) => (
+            d.clone().autodiff(),
+            format!("WebGPU · {}", loaded.backend.description),
+        ),
+        None => (
+            Device::flex().autodiff(),
+            "CPU · burn Flex (wasm SIMD128)".to_string(),
+        ),
+    }
+}
+
+/// A fine-tune the worker drives one step at a time (either network).
+pub(crate) trait StepwiseRun {
+    fn is_done(&self) -> bool;
+    fn steps_done(&self) -> usize;
+    fn total_steps(&self) -> usize;
+    async fn step(&mut self) -> compresslab::Result<StepReport>;
+    /// The student on the held-out images.
+    async fn evaluate(&self) -> compresslab::Result<HeldOutReport>;
+}
+
+/// The Fashion-MNIST distiller with its held-out set.
+struct FashionRun {
+    run: Distiller,
+    heldout: FashionSet,
+}
+
+impl StepwiseRun for FashionRun {
+    fn is_done(&self) -> bool {
+        self.run.is_done()
+    }
+    fn steps_done(&self) -> usize {
+        self.run.steps_done()
+    }
+    fn total_steps(&self) -> usize {
+        self.run.total_steps()
+    }
+    async fn step(&mut self) -> compresslab::Result<StepReport> {
+        self.run.step().await
+    }
+    async fn evaluate(&self) -> compresslab::Result<HeldOutReport> {
+        self.run.evaluate(&self.heldout).await
+    }
+}
+
+impl StepwiseRun for PhotoFineTune {
+    fn is_done(&self) -> bool {
+        PhotoFineTune::is_done(self)
+    }
+    fn steps_done(&self) -> usize {
+        PhotoFineTune::steps_done(self)
+    }
+    fn total_steps(&self) -> usize {
+        PhotoFineTune::total_steps(self)
+    }
+    async fn step(&mut self) -> compresslab::Result<StepReport> {
+        PhotoFineTune::step(self).await
+    }
+    async fn evaluate(&self) -> compresslab::Result<HeldOutReport> {
+        PhotoFineTune::evaluate(self).await
+    }
+}
+
+/// What a finished run reports: wall-clock seconds and training images per second.
+pub(crate) struct Trained {
+    pub seconds: f64,
+    pub images_per_s: f64,
+}
+
+/// Runs `run` to its end, posting the start, every step and every epoch's held-out
+/// measurement (epoch 0: before training), pausing and yielding between steps. `None`
+/// when the page cancelled it.
+pub(crate) async fn drive(
+    run: &mut impl StepwiseRun,
+    epochs: u32,
+    backend: &str,
+) -> WebResult<Option<Trained>> {
+    let total = run.total_steps() as u32;
+    post(&FromWorker::DistilStarted {
+        total_steps: total,
+        backend: backend.to_string(),
+    });
+    post(&FromWorker::DistilEpoch(DistilEpoch {
+        epoch: 0,
+        step: 0,
+        train_loss: None,
+        heldout: run.evaluate().await?,
+    }));
+    let start = now();
+    let (mut train_ms, mut images) = (0.0, 0usize);
+    while !run.is_done() {
+        if cancelled(run.steps_done(), total).await {
+            return Ok(None);
+        }
+        let t0 = now();
+        let r = run.step().await?;
+        train_ms += now() - t0;
+        images += r.images;
+        let done = run.steps_done() as u32;
+        let per_step = train_ms / f64::from(done.max(1));
+        post(&FromWorker::DistilStep(DistilStep {
+            step: done,
+            total,
+            epoch: r.epoch as u32 + 1,
+            epochs,
+            loss: r.loss,
+            images_per_s: images as f64 / (train_ms / 1000.0).max(1e-9),
+            eta_s: per_step * f64::from(total - done) / 1000.0,
+        }));
+        if r.epoch_done {
+            post(&FromWorker::DistilEpoch(DistilEpoch {
+                epoch: r.epoch as u32 + 1,
+                step: done,
+                train_loss: Some(r.epoch_loss),
+                heldout: run.evaluate().await?,
+            }));
+        }
+        // Lets pause / cancel messages in between steps.
+        sleep_ms(0).await;
+    }
+    Ok(Some(Trained {
+        seconds: (now() - start) / 1000.0,
+        images_per_s: images as f64 / (train_ms / 1000.0).max(1e-9),
+    }))
 }
 
 async fn train(loaded: &Loaded, recipe: Recipe, settings: DistilSettings) -> WebResult<()> {
@@ -344,87 +526,17 @@ async fn train(loaded: &Loaded, recipe: Recipe, settings: DistilSettings) -> Web
     let heldout = data.set.subset(&heldout_idx);
 
     let (student, masks) = student_for(&a.store, &recipe)?;
-    let qat = settings.qat && recipe.weights.is_some();
-    let cfg = DistillConfig {
-        temperature: settings.temperature,
-        alpha: settings.alpha,
-        learning_rate: settings.learning_rate,
-        epochs: settings.epochs as usize,
-        batch_size: settings.batch_size as usize,
-        seed: 7,
-        layers: settings.layers,
-        augment: true,
-        weight_quant: if qat { recipe.weights } else { None },
-        fp32_layers: recipe.keep_fp32.clone(),
+    let (cfg, qat) = engine_config(&settings, &recipe);
+    let (device, backend) = training_device(loaded);
+    let mut run = FashionRun {
+        run: Distiller::new(&a.store, &student, masks, train, cfg, &device)?,
+        heldout,
     };
-    let (device, backend) = match &loaded.device {
-        Some(d) => (
-            d.clone().autodiff(),
-            format!("WebGPU · {}", loaded.backend.description),
-        ),
-        None => (
-            Device::flex().autodiff(),
-            "CPU · burn Flex (wasm SIMD128)".to_string(),
-        ),
+    let Some(trained_run) = drive(&mut run, settings.epochs, &backend).await? else {
+        return Ok(());
     };
-    let mut run = Distiller::new(&a.store, &student, masks, train, cfg, &device)?;
-    let total = run.total_steps() as u32;
-    post(&FromWorker::DistilStarted {
-        total_steps: total,
-        backend: backend.clone(),
-    });
-    post(&FromWorker::DistilEpoch(DistilEpoch {
-        epoch: 0,
-        step: 0,
-        train_loss: None,
-        heldout: run.evaluate(&heldout).await?,
-    }));
-    let start = now();
-    let (mut train_ms, mut images) = (0.0, 0usize);
-    while !run.is_done() {
-        loop {
-            match CONTROL.get() {
-                Control::Run => break,
-                Control::Pause => sleep_ms(100).await,
-                Control::Cancel => {
-                    post(&FromWorker::DistilStopped {
-                        message: format!(
-                            "Cancelled after {} of {total} steps; the compressed network is unchanged.",
-                            run.steps_done()
-                        ),
-                        cancelled: true,
-                    });
-                    return Ok(());
-                }
-            }
-        }
-        let t0 = now();
-        let r = run.step().await?;
-        train_ms += now() - t0;
-        images += r.images;
-        let done = run.steps_done() as u32;
-        let per_step = train_ms / f64::from(done.max(1));
-        post(&FromWorker::DistilStep(DistilStep {
-            step: done,
-            total,
-            epoch: r.epoch as u32 + 1,
-            epochs: settings.epochs,
-            loss: r.loss,
-            images_per_s: images as f64 / (train_ms / 1000.0).max(1e-9),
-            eta_s: per_step * f64::from(total - done) / 1000.0,
-        }));
-        if r.epoch_done {
-            post(&FromWorker::DistilEpoch(DistilEpoch {
-                epoch: r.epoch as u32 + 1,
-                step: done,
-                train_loss: Some(r.epoch_loss),
-                heldout: run.evaluate(&heldout).await?,
-            }));
-        }
-        // Lets pause / cancel messages in between steps.
-        sleep_ms(0).await;
-    }
-    let seconds = (now() - start) / 1000.0;
+    let heldout = run.heldout;
+    let run = run.run;
     stage("Re-quantizing the fine-tuned network", 0.1);
     let trained = run.student().await?;
     let after_model = requantize(&trained, &recipe, &a.calibration)?;
@@ -437,8 +549,8 @@ async fn train(loaded: &Loaded, recipe: Recipe, settings: DistilSettings) -> Web
     let teacher = DistilSide {
         heldout_accuracy: teacher_accuracy,
         heldout_agreement: 1.0,
-        test_accuracy: original.side.eval.accuracy(),
-        test_agreement: 1.0,
+        test_accuracy: Some(original.side.eval.accuracy()),
+        test_agreement: Some(1.0),
         ms_per_image: original.side.ms_per_image,
         stats: original.side.stats.clone(),
     };
@@ -450,9 +562,15 @@ async fn train(loaded: &Loaded, recipe: Recipe, settings: DistilSettings) -> Web
         backend,
         train_images: train_idx.len() as u32,
         heldout_images: heldout_idx.len() as u32,
-        seconds,
-        images_per_s: images as f64 / (train_ms / 1000.0).max(1e-9),
+        seconds: trained_run.seconds,
+        images_per_s: trained_run.images_per_s,
         qat,
+        target: DistilTarget::Fashion,
+        label_mode: if data.set.labels.iter().all(|&l| l == UNLABELLED) {
+            "none: the teacher's outputs alone".into()
+        } else {
+            "Fashion-MNIST classes".into()
+        },
         teacher,
         before,
         after,

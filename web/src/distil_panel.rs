@@ -15,7 +15,7 @@ use crate::fashion_panel::grey_bmp_url;
 use crate::lab_panel::{LabState, mb, recipe_summary};
 use crate::messages::{
     DistilAction, DistilData, DistilEpoch, DistilReport, DistilSettings, DistilSide, DistilStep,
-    ToWorker,
+    DistilTarget, ToWorker,
 };
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -28,6 +28,8 @@ pub struct DistilState {
     pub backend: Option<String>,
     pub total_steps: u32,
     pub step: Option<DistilStep>,
+    /// Work outside the training steps (fitting a head, measuring), while it runs.
+    pub stage: Option<String>,
     /// (step, batch loss) for the curve.
     pub losses: Vec<(u32, f64)>,
     pub epochs: Vec<DistilEpoch>,
@@ -79,7 +81,8 @@ fn is_image_name(path: &str) -> bool {
 }
 
 /// Sends `(path, file)` pairs that look like images to the worker.
-fn send_files(files: Vec<(String, JsValue)>, state: RwSignal<DistilState>) {
+fn send_files(files: Vec<(String, JsValue)>, state: RwSignal<DistilState>, target: DistilTarget) {
+    let total = files.len();
     let files: Vec<(String, JsValue)> = files
         .into_iter()
         .filter(|(path, _)| is_image_name(path))
@@ -91,6 +94,7 @@ fn send_files(files: Vec<(String, JsValue)>, state: RwSignal<DistilState>) {
         });
         return;
     }
+    let skipped = total - files.len();
     let blobs = Array::new();
     let mut paths = Vec::with_capacity(files.len());
     for (path, file) in files {
@@ -99,9 +103,14 @@ fn send_files(files: Vec<(String, JsValue)>, state: RwSignal<DistilState>) {
     }
     state.update(|s| {
         s.loading = Some((0, paths.len() as u32));
-        s.message = None;
+        s.message = (skipped > 0).then(|| {
+            format!(
+                "{skipped} {} not an image by its name, left out.",
+                if skipped == 1 { "file is" } else { "files are" }
+            )
+        });
     });
-    send_distil(ToWorker::DistilImages { paths }, Some(blobs));
+    send_distil(ToWorker::DistilImages { paths, target }, Some(blobs));
 }
 
 fn files_of_input(input: &web_sys::HtmlInputElement) -> Vec<(String, JsValue)> {
@@ -129,13 +138,46 @@ fn pct(v: f64) -> String {
     format!("{:.1} %", 100.0 * v)
 }
 
+/// The layer choices of each network: (value, text).
+fn layer_choices(target: DistilTarget) -> &'static [(&'static str, &'static str)] {
+    match target {
+        DistilTarget::Fashion => &[
+            ("all", "all"),
+            ("blocks:1", "last conv block and the classifier"),
+            ("classifier", "classifier (fc1, fc2)"),
+            ("last", "last layer (fc2)"),
+        ],
+        DistilTarget::Photos => &[
+            ("all", "all"),
+            ("blocks:8", "last 8 MBConv blocks and the head"),
+            ("blocks:4", "last 4 MBConv blocks and the head"),
+            ("blocks:2", "last 2 MBConv blocks and the head"),
+            ("classifier", "head (last 1×1 conv + classifier)"),
+            ("last", "classifier (fc) only"),
+        ],
+    }
+}
+
+fn parse_layers(value: &str) -> TrainLayers {
+    match value {
+        "classifier" => TrainLayers::Classifier,
+        "last" => TrainLayers::LastLayer,
+        v => match v.strip_prefix("blocks:").and_then(|n| n.parse().ok()) {
+            Some(n) => TrainLayers::LastBlocks(n),
+            None => TrainLayers::All,
+        },
+    }
+}
+
 #[component]
 pub fn DistilPanel(
     distil: RwSignal<DistilState>,
     lab: RwSignal<LabState>,
     can_run: Signal<bool>,
+    target: DistilTarget,
 ) -> impl IntoView {
-    let defaults = DistilSettings::default();
+    let photos = target == DistilTarget::Photos;
+    let defaults = DistilSettings::for_target(target);
     let temperature = RwSignal::new(defaults.temperature);
     let alpha = RwSignal::new(defaults.alpha);
     let learning_rate = RwSignal::new(defaults.learning_rate);
@@ -145,8 +187,9 @@ pub fn DistilPanel(
     let qat = RwSignal::new(true);
     let dragging = RwSignal::new(false);
 
-    let recipe = move || match lab.get() {
-        LabState::FashionDone(r) => Some(r.recipe.clone()),
+    let recipe = move || match (lab.get(), target) {
+        (LabState::FashionDone(r), DistilTarget::Fashion) => Some(r.recipe.clone()),
+        (LabState::Done(r), DistilTarget::Photos) => Some(r.recipe.clone()),
         _ => None,
     };
     let running = move || distil.get().running;
@@ -162,11 +205,7 @@ pub fn DistilPanel(
             learning_rate: learning_rate.get_untracked(),
             epochs: epochs.get_untracked().max(1),
             batch_size: batch_size.get_untracked().max(1),
-            layers: match layers.get_untracked().as_str() {
-                "classifier" => TrainLayers::Classifier,
-                "last" => TrainLayers::LastLayer,
-                _ => TrainLayers::All,
-            },
+            layers: parse_layers(&layers.get_untracked()),
             qat: qat.get_untracked(),
         };
         distil.update(|s| {
@@ -177,12 +216,20 @@ pub fn DistilPanel(
             s.losses.clear();
             s.epochs.clear();
             s.step = None;
+            s.stage = None;
         });
-        send_distil(ToWorker::Distil { recipe, settings }, None);
+        send_distil(
+            ToWorker::Distil {
+                recipe,
+                settings,
+                target,
+            },
+            None,
+        );
     };
     let on_pick = move |e: ev::Event| {
         let input: web_sys::HtmlInputElement = event_target(&e);
-        send_files(files_of_input(&input), distil);
+        send_files(files_of_input(&input), distil, target);
         input.set_value("");
     };
     let on_drop = move |e: ev::DragEvent| {
@@ -204,7 +251,7 @@ pub fn DistilPanel(
                             Some((pair.get(0).as_string()?, pair.get(1)))
                         })
                         .collect();
-                    send_files(files, distil);
+                    send_files(files, distil, target);
                 }
                 Err(_) => distil.update(|s| {
                     s.message = Some("The browser could not read the dropped folder.".into())
@@ -227,15 +274,40 @@ pub fn DistilPanel(
         }
     };
 
+    let intro = if photos {
+        "The original EfficientNet-Lite0 is the teacher, the compressed one (the recipe applied above) the student. Folder names that are ImageNet classes "
+    } else {
+        "The original network is the teacher, the compressed one (the recipe applied above) the student. The student learns the teacher's "
+    };
+    let intro_rest = if photos {
+        "(espresso, tabby, golden retriever…) train the 1000-way head; other folder names become your own classes: a new head is first fitted on the original's features, and the student, with its own copy, learns from that teacher. Without folders the teacher's outputs are the only target. The student keeps its compression (removed channels stay removed, pruned weights zero, quantized layers train with fake quantization), in the model worker, on WebGPU when the page uses it; your photos never leave the browser. 20 % of each class is held out to measure the result; training crops are random resized 224² crops and mirror images."
+    } else {
+        "softened outputs, and the labels when your folders name Fashion-MNIST classes, while keeping its compression: removed channels stay removed, pruned weights stay zero, quantized layers train with fake quantization. It runs in the model worker, on WebGPU when the page uses it; your images never leave the browser. 20 % of each class is held out to measure the result."
+    };
+    let builtin_text = if photos {
+        "Use the site's sample photos (unlabelled)"
+    } else {
+        "Use 1 000 Fashion-MNIST training images"
+    };
+    let drop_text = if photos {
+        "Drop photos or folders here (folder names = labels: ImageNet classes, or your own classes; at most 1 000 photos)"
+    } else {
+        "Drop images or folders here (folder names = labels: T-shirt, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot)"
+    };
+    let title = if photos {
+        "Fine-tune the compressed photo model by distillation"
+    } else {
+        "Fine-tune the compressed network by distillation"
+    };
+    let layer_options = layer_choices(target)
+        .iter()
+        .map(|(value, text)| view! { <option value=*value selected=*value == "all">{*text}</option> })
+        .collect_view();
+
     view! {
-        <section class="distil" id="distil">
-            <h2>"Fine-tune the compressed network by distillation"</h2>
-            <p class="hint">
-                "The original network is the teacher, the compressed one (the recipe applied above) the student. The student learns the teacher's "
-                "softened outputs, and the labels when your folders name Fashion-MNIST classes, while keeping its compression: removed channels stay removed, "
-                "pruned weights stay zero, quantized layers train with fake quantization. It runs in the model worker, on WebGPU when the page uses it; "
-                "your images never leave the browser. 20 % of each class is held out to measure the result."
-            </p>
+        <section class="distil" id="distil" data-target=if photos { "photos" } else { "fashion" }>
+            <h2>{title}</h2>
+            <p class="hint">{intro}{intro_rest}</p>
             <div class="distil-inputs">
                 <label class="picker">"Choose a folder…"
                     <input id="distil-folder" type="file" prop:webkitdirectory=true multiple on:change=on_pick/>
@@ -246,13 +318,13 @@ pub fn DistilPanel(
                 <button id="distil-builtin" prop:disabled=move || !can_run.get() || running()
                     on:click=move |_| {
                         distil.update(|s| { s.loading = Some((0, 1)); s.message = None; });
-                        send_distil(ToWorker::DistilBuiltin, None);
-                    }>"Use 1 000 Fashion-MNIST training images"</button>
+                        send_distil(ToWorker::DistilBuiltin { target }, None);
+                    }>{builtin_text}</button>
                 <div id="distil-drop" class="dropzone" class:over=move || dragging.get()
                     on:dragover=move |e: ev::DragEvent| { e.prevent_default(); e.stop_propagation(); dragging.set(true); }
                     on:dragleave=move |_| dragging.set(false)
                     on:drop=on_drop>
-                    "Drop images or folders here (folder names = labels: T-shirt, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot)"
+                    {drop_text}
                 </div>
             </div>
             {move || distil.get().loading.map(|(done, total)| view! {
@@ -272,9 +344,7 @@ pub fn DistilPanel(
                     prop:value=move || batch_size.get().to_string() on:change=integer(batch_size)/></label>
                 <label>"Layers that learn "
                     <select id="distil-layers" on:change=move |e| layers.set(event_target_value(&e))>
-                        <option value="all" selected>"all"</option>
-                        <option value="classifier">"classifier (fc1, fc2)"</option>
-                        <option value="last">"last layer (fc2)"</option>
+                        {layer_options}
                     </select>
                 </label>
                 <label><input id="distil-qat" type="checkbox" prop:checked=move || qat.get()
@@ -293,7 +363,7 @@ pub fn DistilPanel(
                     on:click=move |_| send_distil(ToWorker::DistilControl { action: DistilAction::Cancel }, None)>"Cancel"</button>
                 <span class="hint">{move || match recipe() {
                     Some(r) => format!("Student: {}", recipe_summary(&r)),
-                    None => "Apply a compression above first: that network is the student.".into(),
+                    None => "Apply a compression in the lab above first: that network is the student.".into(),
                 }}</span>
             </div>
             {move || distil.get().message.map(|m| view! { <p class="notice" id="distil-message">{m}</p> })}
@@ -302,18 +372,29 @@ pub fn DistilPanel(
                 <LossChart distil=distil/>
             </Show>
             {move || distil.get().report.map(|r| view! { <DistilResult report=r/> })}
+            {photos.then(|| view! {
+                <p class="hint">"With ImageNet classes (or none) the fine-tuned network becomes the lab's variant above: its full report, per-layer effects and Export. With your own classes it is measured here; it answers in your classes, not ImageNet's."</p>
+            })}
         </section>
     }
 }
 
 #[component]
 fn DataSummary(data: DistilData) -> impl IntoView {
-    let mut names: Vec<String> = CLASS_NAMES.iter().map(|s| s.to_string()).collect();
+    let mut names: Vec<String> = if data.class_names.is_empty() {
+        CLASS_NAMES.iter().map(|s| s.to_string()).collect()
+    } else {
+        data.class_names.clone()
+    };
     names.push("unlabelled".into());
     let rows = names
         .into_iter()
         .enumerate()
-        .filter(|(i, _)| data.train_counts[*i] + data.heldout_counts[*i] > 0)
+        .filter(|(i, _)| {
+            data.train_counts.get(*i).copied().unwrap_or(0)
+                + data.heldout_counts.get(*i).copied().unwrap_or(0)
+                > 0
+        })
         .map(|(i, name)| {
             view! {
                 <tr><th>{name}</th><td class="train">{data.train_counts[i]}</td><td class="heldout">{data.heldout_counts[i]}</td></tr>
@@ -328,9 +409,23 @@ fn DataSummary(data: DistilData) -> impl IntoView {
             )}</p>
         }
     });
-    let rejected = (data.rejected_count > 0).then(|| {
+    let mode = (!data.label_mode.is_empty()).then(|| {
+        view! { <p class="hint" id="distil-mode">{format!("Labels: {}.", data.label_mode)}</p> }
+    });
+    let heldout: u32 = data.heldout_counts.iter().sum();
+    let small = (heldout < 20).then(|| {
         view! {
-            <p class="notice" id="distil-rejected">{format!("{} files skipped: {}", data.rejected_count, data.rejected.join("; "))}</p>
+            <p class="hint" id="distil-small">{format!(
+                "Only {heldout} held-out {}: the before/after numbers move in steps of {:.0} %, so read them as a rough check; more images per folder make them firm.",
+                if heldout == 1 { "image" } else { "images" },
+                100.0 / f64::from(heldout.max(1))
+            )}</p>
+        }
+    });
+    let rejected = (data.rejected_count > 0).then(|| {
+        let files = if data.rejected_count == 1 { "file" } else { "files" };
+        view! {
+            <p class="notice" id="distil-rejected">{format!("{} {files} skipped: {}", data.rejected_count, data.rejected.join("; "))}</p>
         }
     });
     let preview = data
@@ -344,18 +439,53 @@ fn DataSummary(data: DistilData) -> impl IntoView {
             view! { <img class="thumb" src=grey_bmp_url(pixels) title=title alt=title/> }
         })
         .collect_view();
+    let thumbs = data
+        .thumbs
+        .iter()
+        .map(|(label, side, rgb)| {
+            let src = rgb_bmp_url(rgb, *side as usize);
+            view! { <img class="thumb photo" src=src title=label.clone() alt=label.clone()/> }
+        })
+        .collect_view();
     view! {
         <div class="distil-data" id="distil-data">
             <p><strong>{data.source.clone()}</strong>" · as the network sees them:"</p>
-            <div class="distil-preview">{preview}</div>
+            <div class="distil-preview">{preview}{thumbs}</div>
+            {mode}
             <table class="distil-counts" id="distil-counts">
                 <thead><tr><th>"class"</th><th>"training"</th><th>"held out"</th></tr></thead>
                 <tbody>{rows}</tbody>
             </table>
+            {small}
             {unmatched}
             {rejected}
         </div>
     }
+}
+
+/// A `data:` URL of a square 24-bit BMP from `side`² RGB bytes.
+fn rgb_bmp_url(rgb: &[u8], side: usize) -> String {
+    let row = (side * 3).div_ceil(4) * 4;
+    let offset = 14 + 40;
+    let size = (offset + row * side) as u32;
+    let mut b = Vec::with_capacity(size as usize);
+    b.extend_from_slice(b"BM");
+    b.extend_from_slice(&size.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&(offset as u32).to_le_bytes());
+    b.extend_from_slice(&40u32.to_le_bytes());
+    b.extend_from_slice(&(side as u32).to_le_bytes());
+    b.extend_from_slice(&(side as u32).to_le_bytes()); // positive height: rows bottom-up
+    b.extend_from_slice(&1u16.to_le_bytes());
+    b.extend_from_slice(&24u16.to_le_bytes());
+    b.extend_from_slice(&[0; 24]);
+    for line in rgb.chunks(side * 3).rev() {
+        for px in line.chunks(3) {
+            b.extend_from_slice(&[px[2], px[1], px[0]]); // BMP stores BGR
+        }
+        b.resize(b.len() + row - side * 3, 0);
+    }
+    format!("data:image/bmp;base64,{}", crate::fashion_panel::base64(&b))
 }
 
 #[component]
@@ -366,13 +496,14 @@ fn Progress(distil: RwSignal<DistilState>) -> impl IntoView {
             if !s.running {
                 return None;
             }
-            let text = match &s.step {
-                Some(p) => format!(
+            let text = match (&s.stage, &s.step) {
+                (Some(stage), _) => format!("{stage}…"),
+                (None, Some(p)) => format!(
                     "Epoch {}/{} · step {}/{} · loss {:.3} · {:.0} images/s · ETA {}{}",
                     p.epoch, p.epochs, p.step, p.total, p.loss, p.images_per_s, clock(p.eta_s),
                     if s.paused { " · paused" } else { "" }
                 ),
-                None => "Preparing the student and measuring it on the held-out images (the first step compiles the training shaders)…".into(),
+                (None, None) => "Preparing the student and measuring it on the held-out images (the first step compiles the training shaders)…".into(),
             };
             let fraction = s.step.as_ref().map_or(0.0, |p| f64::from(p.step) / f64::from(p.total.max(1)));
             Some(view! {
@@ -475,18 +606,24 @@ fn DistilResult(report: DistilReport) -> impl IntoView {
             |s| pct(s.heldout_agreement),
         ),
         ("test-accuracy", "Test accuracy (10 000 images)", |s| {
-            format!("{:.2} %", 100.0 * s.test_accuracy)
+            s.test_accuracy
+                .map(|v| format!("{:.2} %", 100.0 * v))
+                .unwrap_or_default()
         }),
         ("test-agreement", "Test agreement with the teacher", |s| {
-            format!("{:.2} %", 100.0 * s.test_agreement)
+            s.test_agreement
+                .map(|v| format!("{:.2} %", 100.0 * v))
+                .unwrap_or_default()
         }),
-        ("latency", "CPU time per image (batched)", |s| {
+        ("latency", "CPU time per image", |s| {
             format!("{:.3} ms", s.ms_per_image)
         }),
         ("size", "Weight bytes", |s| mb(s.stats.weight_bytes)),
     ];
+    let photos = r.target == DistilTarget::Photos;
     let body = rows
         .iter()
+        .filter(|(key, _, _)| !(photos && key.starts_with("test-")))
         .map(|(key, label, f)| {
             view! {
                 <tr data-metric=*key><th>{*label}</th>
@@ -496,13 +633,19 @@ fn DistilResult(report: DistilReport) -> impl IntoView {
             }
         })
         .collect_view();
+    let teacher_title = if r.label_mode.starts_with("your own") {
+        "Teacher (original + fitted head)"
+    } else {
+        "Teacher (original)"
+    };
     view! {
         <div class="distil-result" id="distil-result">
             <h3>"Before and after fine-tuning (as deployed: re-quantized, CPU executor)"</h3>
             <table class="compare">
-                <thead><tr><th></th><th>"Teacher (original)"</th><th>"Compressed"</th><th>"Fine-tuned"</th></tr></thead>
+                <thead><tr><th></th><th>{teacher_title}</th><th>"Compressed"</th><th>"Fine-tuned"</th></tr></thead>
                 <tbody>{body}</tbody>
             </table>
+            <p class="hint" id="distil-label-mode">{format!("Labels: {}.", r.label_mode)}</p>
             <p class="hint">{format!(
                 "{} training and {} held-out images · {:.1} s on {} · {:.0} training images/s{} · T {} · α {} · lr {} · batch {}",
                 r.train_images, r.heldout_images, r.seconds, r.backend, r.images_per_s,

@@ -75,7 +75,7 @@ pub fn FashionReportView(report: FashionReport, keep_fp32: RwSignal<Vec<String>>
         <div class="report" id="fashion-report">
             <p class="recipe" id="lab-recipe">
                 {format!("{} — {} — CPU, {} of 5 layers on the int8 kernel — built in {:.0} ms",
-                    if r.source == "recipe" { "Applied".to_string() } else { format!("Loaded {}", r.source) },
+                    crate::lab_panel::source_text(&r.source),
                     recipe_summary(&r.recipe), r.integer_layers, r.build_ms)}
             </p>
             <CompareTable rows=rows/>
@@ -171,7 +171,7 @@ pub(crate) fn grey_bmp_url(pixels: &[u8]) -> String {
     format!("data:image/bmp;base64,{}", base64(&b))
 }
 
-fn base64(bytes: &[u8]) -> String {
+pub(crate) fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {

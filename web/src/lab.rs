@@ -171,18 +171,7 @@ pub async fn run(
         }
         None => None,
     };
-    ensure_samples(loaded).await?;
-    let on_gpu = loaded.device.is_some();
-    let eval: Vec<EvalImage> = {
-        let all = loaded.eval.borrow();
-        let cap = if on_gpu {
-            MAX_EVAL_IMAGES_GPU
-        } else {
-            MAX_EVAL_IMAGES
-        };
-        // The newest photos first: the user's own come after the samples.
-        all.iter().rev().take(cap).cloned().collect()
-    };
+    let eval = eval_images(loaded).await?;
     let (model, source, reference) = match (recipe, exported) {
         (_, Some((name, model))) => (model, name, None),
         (Some(recipe), None) => {
@@ -199,7 +188,40 @@ pub async fn run(
         }
         (None, None) => return Err(WebError::Message("nothing to compress".into())),
     };
-    let build_ms = now() - start;
+    measure(loaded, model, source, reference, runs, now() - start, &eval).await
+}
+
+/// The photos a variant is compared on: the newest first (the user's own come after the
+/// samples), fewer on WebGPU.
+pub async fn eval_images(loaded: &Loaded) -> WebResult<Vec<EvalImage>> {
+    ensure_samples(loaded).await?;
+    let cap = if loaded.device.is_some() {
+        MAX_EVAL_IMAGES_GPU
+    } else {
+        MAX_EVAL_IMAGES
+    };
+    Ok(loaded
+        .eval
+        .borrow()
+        .iter()
+        .rev()
+        .take(cap)
+        .cloned()
+        .collect())
+}
+
+/// Builds `model` on the page's executor, times it next to the original, compares them on
+/// `eval`, makes it the current variant and reports it to the page.
+pub async fn measure(
+    loaded: &Loaded,
+    model: CompressedModel,
+    source: String,
+    reference: Option<compresslab::weights::TensorStore>,
+    runs: u32,
+    build_ms: f64,
+    eval: &[EvalImage],
+) -> WebResult<()> {
+    let on_gpu = loaded.device.is_some();
     let labels = loaded.classifier.labels().clone();
     progress("Building the compressed model on this backend", 0.5);
     let variant = match &loaded.device {

@@ -23,6 +23,15 @@ pub enum LabState {
 }
 
 /// Which model the page works on.
+/// How the variant came to be, for its report's first line.
+pub(crate) fn source_text(source: &str) -> String {
+    match source {
+        "recipe" => "Applied".into(),
+        "distilled" => "Fine-tuned by distillation".into(),
+        file => format!("Loaded {file}"),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelChoice {
     /// EfficientNet-Lite0 on photos (agreement with the original).
@@ -557,7 +566,7 @@ fn Report(report: CompressReport, keep_fp32: RwSignal<Vec<String>>) -> impl Into
     view! {
         <div class="report" id="lab-report">
             <p class="recipe" id="lab-recipe">
-                {format!("{} — {} — on {} — built in {:.0} ms", if r.source == "recipe" { "Applied".to_string() } else { format!("Loaded {}", r.source) }, recipe_summary(&r.recipe), r.executor, r.build_ms)}
+                {format!("{} — {} — on {} — built in {:.0} ms", source_text(&r.source), recipe_summary(&r.recipe), r.executor, r.build_ms)}
             </p>
             {warning.map(|w| view! { <p class="warning" id="lab-warning">{w}</p> })}
             <CompareTable rows=rows/>

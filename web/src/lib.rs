@@ -4,6 +4,7 @@
 pub mod app;
 pub mod distil;
 pub mod distil_panel;
+pub mod distil_photo;
 pub mod error;
 pub mod fashion_lab;
 pub mod fashion_panel;

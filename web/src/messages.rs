@@ -53,13 +53,18 @@ pub enum ToWorker {
     /// their paths (`folder/…/file`: the parent folder's name is the label).
     DistilImages {
         paths: Vec<String>,
+        target: DistilTarget,
     },
-    /// Distillation data: the site's 1 000 labelled Fashion-MNIST training images.
-    DistilBuiltin,
+    /// Distillation data of the site: 1 000 labelled Fashion-MNIST training images, or
+    /// the sample photos (unlabelled).
+    DistilBuiltin {
+        target: DistilTarget,
+    },
     /// Fine-tune the network `recipe` compresses by distillation from the original.
     Distil {
         recipe: Recipe,
         settings: DistilSettings,
+        target: DistilTarget,
     },
     DistilControl {
         action: DistilAction,
@@ -70,6 +75,15 @@ pub enum ToWorker {
         batch: u32,
         steps: u32,
     },
+}
+
+/// Which network a distillation fine-tunes.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum DistilTarget {
+    #[default]
+    Fashion,
+    /// EfficientNet-Lite0 at 224².
+    Photos,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -91,16 +105,29 @@ pub struct DistilSettings {
     pub qat: bool,
 }
 
-impl Default for DistilSettings {
-    fn default() -> Self {
-        Self {
-            temperature: 4.0,
-            alpha: 0.7,
-            learning_rate: 1e-3,
-            epochs: 3,
-            batch_size: 32,
-            layers: TrainLayers::All,
-            qat: true,
+impl DistilSettings {
+    /// Defaults that suit each network: the small CNN takes big batches and a high rate;
+    /// the pretrained photo model small batches (224² activations) and a gentle rate.
+    pub fn for_target(target: DistilTarget) -> Self {
+        match target {
+            DistilTarget::Fashion => Self {
+                temperature: 4.0,
+                alpha: 0.7,
+                learning_rate: 1e-3,
+                epochs: 3,
+                batch_size: 32,
+                layers: TrainLayers::All,
+                qat: true,
+            },
+            DistilTarget::Photos => Self {
+                temperature: 2.0,
+                alpha: 0.7,
+                learning_rate: 2e-4,
+                epochs: 3,
+                batch_size: 8,
+                layers: TrainLayers::All,
+                qat: true,
+            },
         }
     }
 }
@@ -132,6 +159,12 @@ pub struct DistilData {
     pub rejected_count: u32,
     /// A few of the images as the network sees them (28×28 grey), with their labels.
     pub preview: Vec<(u8, ByteBuf)>,
+    /// Photos: class names of the counts (without the unlabelled row; empty for
+    /// Fashion-MNIST, whose classes are fixed), what the labels train, and thumbnails
+    /// (label, side, RGB bytes).
+    pub class_names: Vec<String>,
+    pub label_mode: String,
+    pub thumbs: Vec<(String, u32, ByteBuf)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -161,8 +194,9 @@ pub struct DistilEpoch {
 pub struct DistilSide {
     pub heldout_accuracy: Option<f64>,
     pub heldout_agreement: f64,
-    pub test_accuracy: f64,
-    pub test_agreement: f64,
+    /// Fashion-MNIST: on its 10 000 test images (photos have no test set).
+    pub test_accuracy: Option<f64>,
+    pub test_agreement: Option<f64>,
     pub ms_per_image: f64,
     pub stats: ModelStats,
 }
@@ -178,6 +212,9 @@ pub struct DistilReport {
     pub images_per_s: f64,
     /// Whether the student trained with fake-quantized weights.
     pub qat: bool,
+    pub target: DistilTarget,
+    /// What the labels trained (ImageNet classes, own classes, none).
+    pub label_mode: String,
     pub teacher: DistilSide,
     pub before: DistilSide,
     pub after: DistilSide,
@@ -293,6 +330,10 @@ pub enum FromWorker {
         total: u32,
     },
     DistilData(DistilData),
+    /// What a fine-tune is doing outside its training steps (fitting a head, measuring).
+    DistilStage {
+        text: String,
+    },
     DistilStarted {
         total_steps: u32,
         backend: String,

@@ -22,8 +22,10 @@ use web_sys::{
 
 use crate::error::{WebError, WebResult};
 use crate::lab::{self, EvalImage, percentile};
-use crate::messages::{BackendInfo, BackendKind, BenchReport, FromWorker, ModelReady, ToWorker};
-use crate::{distil, fashion_lab};
+use crate::messages::{
+    BackendInfo, BackendKind, BenchReport, DistilTarget, FromWorker, ModelReady, ToWorker,
+};
+use crate::{distil, distil_photo, fashion_lab};
 
 pub const WEIGHTS_FILE: &str = "efficientnet-lite0.safetensors";
 pub const LABELS_FILE: &str = "imagenet-labels.json";
@@ -63,6 +65,13 @@ impl Loaded {
 
 thread_local! {
     static MODEL: RefCell<Option<Rc<Loaded>>> = const { RefCell::new(None) };
+}
+
+/// The ImageNet class names (once the model is loaded).
+pub fn imagenet_labels() -> WebResult<compresslab::labels::Labels> {
+    MODEL
+        .with(|m| m.borrow().as_ref().map(|l| l.classifier.labels().clone()))
+        .ok_or_else(|| WebError::Message("the model is not loaded yet".into()))
 }
 
 pub fn scope() -> DedicatedWorkerGlobalScope {
@@ -165,18 +174,12 @@ async fn handle(data: JsValue) {
                 });
             }
         }
-        ToWorker::DistilImages { paths } => {
+        ToWorker::DistilImages { paths, target } => {
             let blobs: Array = parts.get(1).unchecked_into();
-            if let Err(e) = distil::load_images(paths, blobs).await {
-                post(&FromWorker::DistilStopped {
-                    message: e.to_string(),
-                    cancelled: false,
-                });
-            }
-        }
-        ToWorker::DistilBuiltin => {
-            let result =
-                with_model(|m| async move { distil::load_builtin(&m.asset_base).await }).await;
+            let result = match target {
+                DistilTarget::Fashion => distil::load_images(paths, blobs).await,
+                DistilTarget::Photos => distil_photo::load_images(paths, blobs).await,
+            };
             if let Err(e) = result {
                 post(&FromWorker::DistilStopped {
                     message: e.to_string(),
@@ -184,8 +187,27 @@ async fn handle(data: JsValue) {
                 });
             }
         }
-        ToWorker::Distil { recipe, settings } => {
-            if let Err(e) = with_model(|m| distil::run(m, recipe, settings)).await {
+        ToWorker::DistilBuiltin { target } => {
+            let result = with_model(|m| async move {
+                match target {
+                    DistilTarget::Fashion => distil::load_builtin(&m.asset_base).await,
+                    DistilTarget::Photos => distil_photo::load_samples(&m.asset_base).await,
+                }
+            })
+            .await;
+            if let Err(e) = result {
+                post(&FromWorker::DistilStopped {
+                    message: e.to_string(),
+                    cancelled: false,
+                });
+            }
+        }
+        ToWorker::Distil {
+            recipe,
+            settings,
+            target,
+        } => {
+            if let Err(e) = with_model(|m| distil::run(m, recipe, settings, target)).await {
                 post(&FromWorker::DistilStopped {
                     message: e.to_string(),
                     cancelled: false,
