@@ -43,6 +43,16 @@ pub struct DistillConfig {
     pub weight_quant: Option<QuantScheme>,
     /// Layers QAT leaves in fp32 (the recipe's mixed precision).
     pub fp32_layers: Vec<String>,
+    /// Photo model: MBConv blocks (0–15) whose outputs the student also matches, by mean
+    /// squared error to the teacher's, added to the loss with weight `feature_weight`.
+    #[serde(default)]
+    pub feature_blocks: Vec<usize>,
+    #[serde(default = "one")]
+    pub feature_weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Default for DistillConfig {
@@ -58,6 +68,8 @@ impl Default for DistillConfig {
             augment: true,
             weight_quant: None,
             fp32_layers: Vec::new(),
+            feature_blocks: Vec::new(),
+            feature_weight: 1.0,
         }
     }
 }
@@ -73,6 +85,12 @@ impl DistillConfig {
             return Err(EngineError::Config(format!(
                 "α must be in 0–1 and T positive (got α {}, T {})",
                 self.alpha, self.temperature
+            )));
+        }
+        if !(self.feature_weight >= 0.0 && self.feature_weight.is_finite()) {
+            return Err(EngineError::Config(format!(
+                "the feature-matching weight must be 0 or more, got {}",
+                self.feature_weight
             )));
         }
         if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
@@ -286,6 +304,12 @@ impl Distiller {
         cfg.validate()?;
         if train.is_empty() {
             return Err(EngineError::Config("distillation needs images".into()));
+        }
+        if !cfg.feature_blocks.is_empty() {
+            // Its conv outputs are what channel pruning narrows: no common width to match.
+            return Err(EngineError::Config(
+                "feature matching is for the photo model's blocks; the Fashion-MNIST network distils on its outputs".into(),
+            ));
         }
         device.seed(cfg.seed);
         let plain = device.clone().inner();

@@ -20,7 +20,7 @@ use crate::distill::{
     DistillConfig, HeldOutReport, Masks, cosine_lr, distillation_loss, label_tensors, loss_value,
     read_f32, ste_fake_quant,
 };
-use crate::efficientnet::{BatchNormMode, ConvUnit, EfficientNetLite};
+use crate::efficientnet::{BatchNormMode, ConvUnit, EfficientNetLite, block_strides};
 use crate::error::{EngineError, Result};
 use crate::fashion::{SplitMix, TrainLayers};
 use crate::preprocess::{CROP, RgbImage, box_reduce, to_nchw};
@@ -159,14 +159,15 @@ fn mapped(net: &EfficientNetLite, f: &dyn Fn(&str, Tensor<2>) -> Tensor<2>) -> E
     net
 }
 
-/// The student's forward pass: weights fake-quantized (straight-through) when `quant` is
-/// set, except the layers `fp32` names.
+/// The student's forward pass (logits and the outputs of the blocks `taps`): weights
+/// fake-quantized (straight-through) when `quant` is set, except the layers `fp32` names.
 fn student_forward(
     net: &EfficientNetLite,
     x: Tensor<4>,
     quant: Option<&QuantScheme>,
     fp32: &[String],
-) -> Tensor<2> {
+    taps: &[usize],
+) -> (Tensor<2>, Vec<Tensor<4>>) {
     match quant {
         Some(scheme) => mapped(net, &|name, w| {
             if fp32.iter().any(|l| l == name) {
@@ -175,8 +176,8 @@ fn student_forward(
                 ste_fake_quant(w, scheme)
             }
         })
-        .forward(x),
-        None => net.forward(x),
+        .forward_tapped(x, taps),
+        None => net.forward_tapped(x, taps),
     }
 }
 
@@ -245,6 +246,19 @@ impl PhotoDistiller {
         device: &Device,
     ) -> Result<Self> {
         cfg.validate()?;
+        let mut cfg = cfg;
+        cfg.feature_blocks.sort_unstable();
+        cfg.feature_blocks.dedup();
+        if let Some(&b) = cfg
+            .feature_blocks
+            .iter()
+            .find(|&&b| b >= block_strides().len())
+        {
+            return Err(EngineError::Config(format!(
+                "feature matching at block {b}: the network has blocks 0–{}",
+                block_strides().len() - 1
+            )));
+        }
         device.seed(cfg.seed);
         let plain = device.clone().inner();
         let teacher = EfficientNetLite::from_store(teacher, &plain, BatchNormMode::Folded)?;
@@ -279,10 +293,11 @@ impl PhotoDistiller {
             )));
         }
         let shape = [n, 3, CROP, CROP];
-        let teacher = self.teacher.forward(Tensor::from_data(
-            TensorData::new(images.clone(), shape),
-            &self.plain,
-        ));
+        let taps = &self.cfg.feature_blocks;
+        let (teacher, teacher_features) = self.teacher.forward_tapped(
+            Tensor::from_data(TensorData::new(images.clone(), shape), &self.plain),
+            taps,
+        );
         let [_, classes] = teacher.dims();
         let teacher = Tensor::<2>::from_data(
             TensorData::new(read_f32(teacher).await?, [n, classes]),
@@ -293,18 +308,31 @@ impl PhotoDistiller {
             .take()
             .ok_or_else(|| EngineError::Execution("a failed step left no student".into()))?;
         let x = Tensor::<4>::from_data(TensorData::new(images, shape), &self.device);
-        let loss = distillation_loss(
-            student_forward(
-                &model,
-                x,
-                self.cfg.weight_quant.as_ref(),
-                &self.cfg.fp32_layers,
-            ),
+        let (logits, features) = student_forward(
+            &model,
+            x,
+            self.cfg.weight_quant.as_ref(),
+            &self.cfg.fp32_layers,
+            taps,
+        );
+        let mut loss = distillation_loss(
+            logits,
             teacher,
             Some(label_tensors(labels, &self.device)),
             self.cfg.temperature,
             self.cfg.alpha,
         );
+        if !taps.is_empty() {
+            // Mean squared error of each tapped block's output, averaged over the blocks.
+            let weight = self.cfg.feature_weight / taps.len() as f64;
+            for (s, t) in features.into_iter().zip(teacher_features) {
+                let dims = t.dims();
+                let t =
+                    Tensor::<4>::from_data(TensorData::new(read_f32(t).await?, dims), &self.device);
+                let mse: Tensor<1> = (s - t).powf_scalar(2.0).mean().reshape([1]);
+                loss = loss + mse.mul_scalar(weight);
+            }
+        }
         let step = self.steps_done + 1;
         let value = loss_value(loss.clone(), || format!("step {step}")).await?;
         let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -331,18 +359,20 @@ impl PhotoDistiller {
             .ok_or_else(|| EngineError::Execution("a failed step left no student".into()))?
             .valid();
         let x = Tensor::<4>::from_data(TensorData::new(images, [n, 3, CROP, CROP]), &self.plain);
-        let s = student_forward(
+        let (s, _) = student_forward(
             &student,
             x.clone(),
             self.cfg.weight_quant.as_ref(),
             &self.cfg.fp32_layers,
+            &[],
         );
         Ok((read_f32(s).await?, read_f32(self.teacher.forward(x)).await?))
     }
 
     /// The student as it stands on preprocessed images (one `[3, 224, 224]` input each),
-    /// next to the teacher: the distillation loss without augmentation, accuracy on the
-    /// labelled ones and top-1 agreement.
+    /// next to the teacher: the distillation loss without augmentation (the output terms:
+    /// feature matching only guides training), accuracy on the labelled ones and top-1
+    /// agreement.
     pub async fn evaluate(
         &self,
         inputs: &[Vec<f32>],

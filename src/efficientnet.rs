@@ -195,8 +195,26 @@ impl EfficientNetLite {
 
     /// Logits `[batch, classes]` for a normalised NCHW batch.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let x = self.features(x);
-        let mut pooled: Tensor<2> = x.mean_dim(3).mean_dim(2).flatten(1, 3);
+        self.classify(self.features(x))
+    }
+
+    /// Logits and the outputs of the MBConv blocks `taps` (in block order), for matching
+    /// intermediate features. Block outputs keep their width under channel pruning.
+    pub fn forward_tapped(&self, x: Tensor<4>, taps: &[usize]) -> (Tensor<2>, Vec<Tensor<4>>) {
+        let mut x = self.stem.forward(x);
+        let mut tapped = Vec::with_capacity(taps.len());
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(x);
+            if taps.contains(&i) {
+                tapped.push(x.clone());
+            }
+        }
+        (self.classify(self.head.forward(x)), tapped)
+    }
+
+    /// Pooling and the classifier on the last feature map.
+    fn classify(&self, features: Tensor<4>) -> Tensor<2> {
+        let mut pooled: Tensor<2> = features.mean_dim(3).mean_dim(2).flatten(1, 3);
         if let Some(q) = &self.classifier_input_quant {
             pooled = fake_quantize_tensor(pooled, q);
         }

@@ -48,11 +48,12 @@ const USAGE: &str = "usage:
       original (folder names = labels; default images: the 1 000-image training sample),
       re-quantizes, prints held-out and test accuracy before/after and training images/s,
       and writes the fine-tuned compressed model
-  compresslab distil-photos [--epochs N] [--batch B] <assets-dir> <recipe.json> <photo-folder> <out.safetensors>
+  compresslab distil-photos [--epochs N] [--batch B] [--features 5,10,15] <assets-dir> <recipe.json> <photo-folder> <out.safetensors>
       the page's photo fine-tune: folder names that are ImageNet classes train the
       1000-way head, other folder names become your own classes (a head is fitted on the
       original first), no folders train label-free; 20 % held out; quantization-aware when
-      the recipe quantizes weights; prints held-out loss per epoch and the deployed networks'
+      the recipe quantizes weights; --features also matches those MBConv blocks' outputs
+      (mean squared error); prints held-out loss per epoch and the deployed networks'
       accuracy / agreement before and after, and writes the fine-tuned compressed model
   compresslab bench-distil [--batch B] [--steps N] <assets-dir> <image>
       EfficientNet-Lite0 at 224²: distillation training images/s (teacher forward +
@@ -911,6 +912,15 @@ fn distil_photos(args: &[String]) -> Result<()> {
     use std::sync::Arc;
     let (epochs, rest) = leading_flag::<usize>(args, "--epochs")?;
     let (batch, rest) = leading_flag::<usize>(rest, "--batch")?;
+    let (features, rest) = leading_flag::<String>(rest, "--features")?;
+    let feature_blocks = match features {
+        Some(list) => list
+            .split(',')
+            .map(|b| b.trim().parse::<usize>())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|_| usage_error("--features needs block numbers, e.g. 5,10,15"))?,
+        None => Vec::new(),
+    };
     let [assets, recipe, folder, out] = rest else {
         return Err(usage_error(
             "distil-photos needs <assets-dir> <recipe.json> <photo-folder> <out.safetensors>",
@@ -942,6 +952,7 @@ fn distil_photos(args: &[String]) -> Result<()> {
         learning_rate: 2e-4,
         epochs: epochs.unwrap_or(3),
         batch_size: batch.unwrap_or(8),
+        feature_blocks,
         weight_quant: recipe.weights,
         fp32_layers: recipe.keep_fp32.clone(),
         ..DistillConfig::default()

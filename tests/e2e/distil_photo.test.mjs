@@ -3,15 +3,15 @@
 // into classes of one's own (Bag, Sneaker, Trouser: Fashion-MNIST images written by
 // scripts/setup.sh; no ImageNet class has these names), fine-tune quantization-aware, and
 // read the before/after panel; then fine-tune label-free on the site's sample photos,
-// which makes the result the lab's variant. The CPU fallback runs
-// it (SwiftShader's WebGPU takes seconds per 224² image; the Fashion-MNIST test covers
-// training on WebGPU).
+// matching two blocks' features too, which makes the result the lab's variant. The CPU
+// fallback runs these (SwiftShader's WebGPU takes seconds per 224² image); a last, tiny
+// run trains on WebGPU.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { mkdtempSync, mkdirSync, copyFileSync, rmSync, readdirSync, existsSync } from 'node:fs';
 import os from 'node:os';
-import { serveSite, launch, waitReady, NO_WEBGPU_FLAGS, OUT, ROOT } from './harness.mjs';
+import { serveSite, launch, waitReady, WEBGPU_FLAGS, NO_WEBGPU_FLAGS, OUT, ROOT } from './harness.mjs';
 
 const FASHION = path.join(ROOT, '.cache/fashion-folder');
 const CLASSES = ['Bag', 'Sneaker', 'Trouser'];
@@ -104,10 +104,12 @@ test('photo distillation on the CPU fallback: own classes with QAT, then label-f
     assert.match(await page.innerText('#distil-mode'), /label-free/);
     await set(page, '#distil-epochs', 1);
     await set(page, '#distil-batch', 3);
+    await set(page, '#distil-features', '10, 15');
     await page.click('#distil-start');
     await waitForResult(page);
     await page.waitForFunction(() => /^Fine-tuned by distillation/.test(document.querySelector('#lab-recipe')?.innerText ?? ''), null, { timeout: 600_000 });
     const free = await result(page);
+    assert.match(await page.innerText('#distil-result'), /features matched at blocks 10, 15/);
     console.log('label-free on the samples:', JSON.stringify(free));
     assert.equal(free['heldout-accuracy'][2], '– (no labels)');
     assert.match(free['heldout-agreement'][2], /%$/);
@@ -115,5 +117,44 @@ test('photo distillation on the CPU fallback: own classes with QAT, then label-f
     assert.deepEqual(logs.filter((l) => l.startsWith('pageerror')), []);
   } finally {
     await browser.close();
+  }
+});
+
+test('photo distillation on WebGPU (SwiftShader): one quantization-aware step on a tiny folder', { timeout: 1_800_000 }, async () => {
+  const small = mkdtempSync(path.join(os.tmpdir(), 'own-classes-gpu-'));
+  const { browser, page, logs } = await launch(WEBGPU_FLAGS);
+  try {
+    for (const name of ['Bag', 'Trouser']) {
+      mkdirSync(path.join(small, name));
+      for (const f of readdirSync(path.join(FASHION, name)).sort().slice(0, 3)) {
+        copyFileSync(path.join(FASHION, name, f), path.join(small, name, f));
+      }
+    }
+    await page.goto(site.url);
+    assert.equal(await waitReady(page), 'webgpu');
+    await page.click('button[data-preset="int4-block"]');
+    await page.click('#lab-apply');
+    await page.waitForSelector('#lab-state[data-state="done"], #lab-state[data-state="failed"]', { timeout: 900_000 });
+    assert.equal(await page.getAttribute('#lab-state', 'data-state'), 'done');
+    await page.setInputFiles('#distil-folder', small);
+    await page.waitForSelector('#distil-counts', { timeout: 120_000 });
+    await set(page, '#distil-epochs', 1);
+    await set(page, '#distil-batch', 4);
+    await page.selectOption('#distil-layers', 'last');
+    await page.click('#distil-start');
+    await waitForResult(page);
+    const train = await numbers(page, 'data-train');
+    const heldout = await numbers(page, 'data-heldout');
+    const hint = await page.innerText('#distil-result');
+    console.log('WebGPU: training losses', train, '| held-out', heldout, '|', hint.split('\n').pop());
+    assert.equal(train.length, 1);
+    assert.ok(train.every(Number.isFinite) && heldout.every(Number.isFinite));
+    assert.match(hint, /on WebGPU/);
+    assert.match(hint, /quantization-aware/);
+    await page.screenshot({ path: path.join(OUT, 'distil-photo-webgpu.png'), fullPage: true });
+    assert.deepEqual(logs.filter((l) => l.startsWith('pageerror')), []);
+  } finally {
+    await browser.close();
+    rmSync(small, { recursive: true, force: true });
   }
 });

@@ -375,6 +375,12 @@ pub(crate) fn engine_config(settings: &DistilSettings, recipe: &Recipe) -> (Dist
         augment: true,
         weight_quant: if qat { recipe.weights } else { None },
         fp32_layers: recipe.keep_fp32.clone(),
+        feature_blocks: settings
+            .feature_blocks
+            .iter()
+            .map(|&b| usize::from(b))
+            .collect(),
+        feature_weight: settings.feature_weight,
     };
     (cfg, qat)
 }

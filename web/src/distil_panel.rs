@@ -158,6 +158,13 @@ fn layer_choices(target: DistilTarget) -> &'static [(&'static str, &'static str)
     }
 }
 
+/// Block numbers from "5, 10 15" (anything that is not a number separates them).
+fn parse_blocks(text: &str) -> Vec<u8> {
+    text.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
 fn parse_layers(value: &str) -> TrainLayers {
     match value {
         "classifier" => TrainLayers::Classifier,
@@ -185,6 +192,8 @@ pub fn DistilPanel(
     let batch_size = RwSignal::new(defaults.batch_size);
     let layers = RwSignal::new("all".to_string());
     let qat = RwSignal::new(true);
+    let feature_blocks = RwSignal::new(String::new());
+    let feature_weight = RwSignal::new(defaults.feature_weight);
     let dragging = RwSignal::new(false);
 
     let recipe = move || match (lab.get(), target) {
@@ -207,6 +216,12 @@ pub fn DistilPanel(
             batch_size: batch_size.get_untracked().max(1),
             layers: parse_layers(&layers.get_untracked()),
             qat: qat.get_untracked(),
+            feature_blocks: if photos {
+                parse_blocks(&feature_blocks.get_untracked())
+            } else {
+                Vec::new()
+            },
+            feature_weight: feature_weight.get_untracked(),
         };
         distil.update(|s| {
             s.running = true;
@@ -347,6 +362,15 @@ pub fn DistilPanel(
                         {layer_options}
                     </select>
                 </label>
+                {photos.then(|| view! {
+                    <label title="Mean squared error between the student's and the teacher's outputs of these MBConv blocks (0–15), added to the loss">
+                        "Match features at blocks "
+                        <input id="distil-features" type="text" placeholder="e.g. 5, 10, 15" size="10"
+                            prop:value=move || feature_blocks.get() on:change=move |e| feature_blocks.set(event_target_value(&e))/>
+                    </label>
+                    <label>"weight " <input id="distil-feature-weight" type="number" min="0" max="100" step="0.1"
+                        prop:value=move || feature_weight.get().to_string() on:change=number(feature_weight)/></label>
+                })}
                 <label><input id="distil-qat" type="checkbox" prop:checked=move || qat.get()
                     prop:disabled=move || recipe().is_none_or(|r| r.weights.is_none())
                     on:change=move |e| qat.set(event_target_checked(&e))/>
@@ -633,6 +657,20 @@ fn DistilResult(report: DistilReport) -> impl IntoView {
             }
         })
         .collect_view();
+    let features = if r.settings.feature_blocks.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " · features matched at blocks {} (weight {})",
+            r.settings
+                .feature_blocks
+                .iter()
+                .map(u8::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            r.settings.feature_weight
+        )
+    };
     let teacher_title = if r.label_mode.starts_with("your own") {
         "Teacher (original + fitted head)"
     } else {
@@ -647,9 +685,10 @@ fn DistilResult(report: DistilReport) -> impl IntoView {
             </table>
             <p class="hint" id="distil-label-mode">{format!("Labels: {}.", r.label_mode)}</p>
             <p class="hint">{format!(
-                "{} training and {} held-out images · {:.1} s on {} · {:.0} training images/s{} · T {} · α {} · lr {} · batch {}",
+                "{} training and {} held-out images · {:.1} s on {} · {:.0} training images/s{}{} · T {} · α {} · lr {} · batch {}",
                 r.train_images, r.heldout_images, r.seconds, r.backend, r.images_per_s,
                 if r.qat { " · quantization-aware" } else { "" },
+                features,
                 r.settings.temperature, r.settings.alpha, r.settings.learning_rate, r.settings.batch_size
             )}</p>
         </div>

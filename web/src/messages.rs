@@ -103,6 +103,12 @@ pub struct DistilSettings {
     pub layers: TrainLayers,
     /// Quantization-aware training (when the recipe quantizes weights).
     pub qat: bool,
+    /// Photo model: MBConv blocks whose outputs are matched (mean squared error), and the
+    /// weight of that term.
+    #[serde(default)]
+    pub feature_blocks: Vec<u8>,
+    #[serde(default)]
+    pub feature_weight: f64,
 }
 
 impl DistilSettings {
@@ -118,6 +124,8 @@ impl DistilSettings {
                 batch_size: 32,
                 layers: TrainLayers::All,
                 qat: true,
+                feature_blocks: Vec::new(),
+                feature_weight: 1.0,
             },
             DistilTarget::Photos => Self {
                 temperature: 2.0,
@@ -127,6 +135,8 @@ impl DistilSettings {
                 batch_size: 8,
                 layers: TrainLayers::All,
                 qat: true,
+                feature_blocks: Vec::new(),
+                feature_weight: 1.0,
             },
         }
     }
