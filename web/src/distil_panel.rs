@@ -134,6 +134,16 @@ fn clock(seconds: f64) -> String {
     format!("{}:{:02}", s / 60, s % 60)
 }
 
+/// Images per second: whole numbers when fast, two decimals when slow (224² on a
+/// software GPU runs well under one per second).
+fn rate(v: f64) -> String {
+    if v < 10.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
 fn pct(v: f64) -> String {
     format!("{:.1} %", 100.0 * v)
 }
@@ -523,8 +533,8 @@ fn Progress(distil: RwSignal<DistilState>) -> impl IntoView {
             let text = match (&s.stage, &s.step) {
                 (Some(stage), _) => format!("{stage}…"),
                 (None, Some(p)) => format!(
-                    "Epoch {}/{} · step {}/{} · loss {:.3} · {:.0} images/s · ETA {}{}",
-                    p.epoch, p.epochs, p.step, p.total, p.loss, p.images_per_s, clock(p.eta_s),
+                    "Epoch {}/{} · step {}/{} · loss {:.3} · {} images/s · ETA {}{}",
+                    p.epoch, p.epochs, p.step, p.total, p.loss, rate(p.images_per_s), clock(p.eta_s),
                     if s.paused { " · paused" } else { "" }
                 ),
                 (None, None) => "Preparing the student and measuring it on the held-out images (the first step compiles the training shaders)…".into(),
@@ -685,8 +695,8 @@ fn DistilResult(report: DistilReport) -> impl IntoView {
             </table>
             <p class="hint" id="distil-label-mode">{format!("Labels: {}.", r.label_mode)}</p>
             <p class="hint">{format!(
-                "{} training and {} held-out images · {:.1} s on {} · {:.0} training images/s{}{} · T {} · α {} · lr {} · batch {}",
-                r.train_images, r.heldout_images, r.seconds, r.backend, r.images_per_s,
+                "{} training and {} held-out images · {:.1} s on {} · {} training images/s{}{} · T {} · α {} · lr {} · batch {}",
+                r.train_images, r.heldout_images, r.seconds, r.backend, rate(r.images_per_s),
                 if r.qat { " · quantization-aware" } else { "" },
                 features,
                 r.settings.temperature, r.settings.alpha, r.settings.learning_rate, r.settings.batch_size
