@@ -102,6 +102,9 @@ test('photo distillation on the CPU fallback: own classes with QAT, then label-f
     await page.click('#distil-builtin');
     await page.waitForFunction(() => /sample photos/.test(document.querySelector('#distil-data')?.innerText ?? ''), null, { timeout: 120_000 });
     assert.match(await page.innerText('#distil-mode'), /label-free/);
+    const freeCounts = await page.locator('#distil-counts tbody tr').evaluateAll((rows) =>
+      rows.map((r) => [r.cells[0].innerText, Number(r.cells[1].innerText), Number(r.cells[2].innerText)]));
+    assert.deepEqual(freeCounts, [['unlabelled', 6, 1]]);
     await set(page, '#distil-epochs', 1);
     await set(page, '#distil-batch', 3);
     await set(page, '#distil-features', '10, 15');

@@ -415,10 +415,12 @@ pub fn DistilPanel(
 
 #[component]
 fn DataSummary(data: DistilData) -> impl IntoView {
-    let mut names: Vec<String> = if data.class_names.is_empty() {
-        CLASS_NAMES.iter().map(|s| s.to_string()).collect()
-    } else {
+    // Photo data names its classes (none when label-free); Fashion-MNIST's are fixed.
+    let photos = !data.label_mode.is_empty();
+    let mut names: Vec<String> = if photos {
         data.class_names.clone()
+    } else {
+        CLASS_NAMES.iter().map(|s| s.to_string()).collect()
     };
     names.push("unlabelled".into());
     let rows = names
