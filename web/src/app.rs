@@ -458,11 +458,27 @@ pub fn send_lab(msg: ToWorker, blob: Option<Blob>) {
 /// files alongside when there are any.
 pub fn send_distil(msg: ToWorker, files: Option<js_sys::Array>) {
     with_controller(|c| {
-        match &msg {
-            ToWorker::DistilImages { target, .. }
-            | ToWorker::DistilBuiltin { target }
-            | ToWorker::Distil { target, .. } => c.distil_target = *target,
-            _ => {}
+        if let ToWorker::DistilImages { target, .. }
+        | ToWorker::DistilBuiltin { target }
+        | ToWorker::Distil { target, .. } = &msg
+        {
+            // The worker reports on the last-asked network: never switch under a run.
+            if c.distilling() && c.distil_target != *target {
+                let asking = match target {
+                    DistilTarget::Fashion => c.distil,
+                    DistilTarget::Photos => c.photo_distil,
+                };
+                asking.update(|s| {
+                    s.loading = None;
+                    s.running = false;
+                    s.message = Some(
+                        "A fine-tune is running on the other tab: wait for it or cancel it first."
+                            .into(),
+                    );
+                });
+                return;
+            }
+            c.distil_target = *target;
         }
         let (Some(worker), Ok(js)) = (c.worker.as_ref(), serde_wasm_bindgen::to_value(&msg)) else {
             return;
