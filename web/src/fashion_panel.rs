@@ -168,26 +168,17 @@ pub(crate) fn grey_bmp_url(pixels: &[u8]) -> String {
     for row in pixels.chunks(side as usize).rev() {
         b.extend_from_slice(row); // 28 bytes: already a multiple of 4
     }
-    format!("data:image/bmp;base64,{}", base64(&b))
+    bmp_data_url(&b)
 }
 
-pub(crate) fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &b)| n | (b as u32) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+/// A `data:` URL of a BMP file, base64-encoded by the browser's own `btoa`.
+pub(crate) fn bmp_data_url(bmp: &[u8]) -> String {
+    // `btoa` takes a "binary string": one UTF-16 code unit per byte, which U+0000–U+00FF are.
+    let binary: String = bmp.iter().map(|&b| char::from(b)).collect();
+    let encoded = web_sys::window()
+        .and_then(|w| w.btoa(&binary).ok())
+        .unwrap_or_default();
+    format!("data:image/bmp;base64,{encoded}")
 }
 
 /// Rows: true class; columns: predicted class; shade by the share of the row.
@@ -399,18 +390,5 @@ fn SweepTable(points: Vec<SweepPoint>) -> impl IntoView {
                 }).collect_view()}
             </tbody>
         </table>
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base64_pads_like_the_standard() {
-        assert_eq!(base64(b"Man"), "TWFu");
-        assert_eq!(base64(b"Ma"), "TWE=");
-        assert_eq!(base64(b"M"), "TQ==");
-        assert_eq!(base64(b""), "");
     }
 }

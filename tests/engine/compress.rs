@@ -19,19 +19,7 @@ use compresslab::prune::{
 use compresslab::quant::{Granularity, QuantScheme};
 use compresslab::weights::TensorStore;
 
-fn assets() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets");
-    assert!(
-        dir.join("models/manifest.json").exists(),
-        "model assets missing: run scripts/setup.sh first"
-    );
-    dir
-}
-
-fn store() -> TensorStore {
-    let bytes = std::fs::read(assets().join("models/efficientnet-lite0.safetensors")).unwrap();
-    TensorStore::from_safetensors(&bytes).unwrap()
-}
+use crate::{assets, store};
 
 fn sample_photos() -> Vec<compresslab::preprocess::RgbImage> {
     let mut names: Vec<PathBuf> = std::fs::read_dir(assets().join("samples"))

@@ -9,22 +9,9 @@ use compresslab::efficientnet::{BatchNormMode, EfficientNetLite};
 use compresslab::labels::{Labels, top_k};
 use compresslab::preprocess::imagenet_input;
 use compresslab::torch_legacy::read_legacy_state_dict;
-use compresslab::weights::TensorStore;
+
+use crate::{assets, store};
 use futures_lite::future::block_on;
-
-fn assets() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets");
-    assert!(
-        dir.join("models/manifest.json").exists(),
-        "model assets missing: run scripts/setup.sh first"
-    );
-    dir
-}
-
-fn store() -> TensorStore {
-    let bytes = std::fs::read(assets().join("models/efficientnet-lite0.safetensors")).unwrap();
-    TensorStore::from_safetensors(&bytes).unwrap()
-}
 
 fn labels() -> Labels {
     Labels::from_json(&std::fs::read(assets().join("models/imagenet-labels.json")).unwrap())

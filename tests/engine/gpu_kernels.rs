@@ -1,8 +1,6 @@
 //! The WGSL integer kernels (kernels/) on native wgpu (lavapipe here: Vulkan on the CPU),
 //! checked against the float fake-quant reference of the same compressed model.
 
-use std::path::PathBuf;
-
 use compresslab::classifier::{ImageClassifier, max_abs_diff};
 use compresslab::compress::{ActivationQuant, Observer, Recipe, agreement, compress};
 use compresslab::cpu::CpuEfficientNet;
@@ -10,17 +8,12 @@ use compresslab::decode::decode_file;
 use compresslab::labels::Labels;
 use compresslab::preprocess::imagenet_input;
 use compresslab::quant::{Granularity, QuantScheme};
-use compresslab::weights::TensorStore;
 use futures_lite::future::block_on;
 
-fn assets() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets")
-}
+use crate::{assets, store};
 
 fn check(name: &str, recipe: Recipe, expect_int8: bool, expect_int4: bool) {
-    let bytes = std::fs::read(assets().join("models/efficientnet-lite0.safetensors"))
-        .expect("model assets missing: run scripts/setup.sh first");
-    let store = TensorStore::from_safetensors(&bytes).unwrap();
+    let store = store();
     let images: Vec<Vec<f32>> = ["coffee.png", "chelsea.png", "rocket.jpg"]
         .iter()
         .map(|n| imagenet_input(&decode_file(&assets().join("samples").join(n)).unwrap()))

@@ -1,16 +1,8 @@
 //! Quantization numerics on the real EfficientNet-Lite0 weights.
 
-use std::path::PathBuf;
-
 use compresslab::quant::{Granularity, QuantScheme, fake_quantize, sqnr_db};
-use compresslab::weights::TensorStore;
 
-fn store() -> TensorStore {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("assets/models/efficientnet-lite0.safetensors");
-    let bytes = std::fs::read(&path).expect("model assets missing: run scripts/setup.sh first");
-    TensorStore::from_safetensors(&bytes).unwrap()
-}
+use crate::store;
 
 /// Why per-tensor int8 hurts depthwise layers and per-channel does not: their channels'
 /// ranges differ by orders of magnitude.

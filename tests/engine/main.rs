@@ -1,0 +1,29 @@
+//! The engine's integration tests, as modules of one test binary: each test binary links the
+//! whole of burn's generic code again, so one binary instead of five saves most of the native
+//! build (see scripts/test.sh's timing lines).
+
+use std::path::PathBuf;
+
+use compresslab::weights::TensorStore;
+
+mod compress;
+mod efficientnet;
+mod fashion;
+mod gpu_kernels;
+mod quant;
+
+/// `assets/`, written by scripts/setup.sh.
+pub fn assets() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets");
+    assert!(
+        dir.join("models/manifest.json").exists(),
+        "model assets missing: run scripts/setup.sh first"
+    );
+    dir
+}
+
+/// The converted EfficientNet-Lite0 weights.
+pub fn store() -> TensorStore {
+    let bytes = std::fs::read(assets().join("models/efficientnet-lite0.safetensors")).unwrap();
+    TensorStore::from_safetensors(&bytes).unwrap()
+}
