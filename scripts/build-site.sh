@@ -25,10 +25,6 @@ bindgen() {
 }
 page=$(bindgen compresslab-web web)
 worker=$(bindgen worker no-modules)
-if [[ -d $STAGE/snippets ]]; then
-  echo "wasm-bindgen wrote JS snippets; the worker's no-modules glue cannot load them" >&2
-  exit 1
-fi
 # The page starts the worker as ./worker_loader.js (web/src/app.rs): a fixed name, so the
 # page's wasm need not know the worker's hash.
 printf 'importScripts("./worker-%s.js");wasm_bindgen("./worker-%s_bg.wasm");\n' "$worker" "$worker" \

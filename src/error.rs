@@ -34,6 +34,15 @@ pub enum EngineError {
     Dataset(String),
     #[error("invalid setting: {0}")]
     Config(String),
+    #[error("ONNX model: {0}")]
+    Onnx(String),
+    #[error("ONNX operator {op} (node `{node}`, opset {opset}) cannot be imported: {why}")]
+    UnsupportedOp {
+        op: String,
+        node: String,
+        opset: i64,
+        why: String,
+    },
     #[error("I/O error on {path}: {source}")]
     Io {
         path: String,

@@ -10,6 +10,7 @@ mod compress;
 mod efficientnet;
 mod fashion;
 mod gpu_kernels;
+mod graph;
 mod quant;
 
 /// `assets/`, written by scripts/setup.sh.

@@ -19,7 +19,13 @@ use compresslab::torch_legacy::read_legacy_state_dict;
 use compresslab::weights::TensorStore;
 use compresslab::{EngineError, Result};
 
+mod models;
+
 const USAGE: &str = "usage:
+  compresslab inspect <model.onnx> [--shape NxCxHxW]
+      any ONNX CNN: operators, parameters, MACs, input/output shapes, or why it does not import
+  compresslab run <model.onnx> <in.npy> <out.npy> [--device cpu]
+      runs any imported ONNX model on an NCHW float32 batch and writes its first output
   compresslab convert <checkpoint.pth> <imagenet1k_label_to_names.json> <out-dir>
   compresslab classify [--device cpu|flex|wgpu] <assets-dir> <image>...
   compresslab bench [--runs N] <assets-dir> <image>
@@ -71,6 +77,8 @@ pub const LABELS_FILE: &str = "imagenet-labels.json";
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
+        Some("inspect") => models::inspect(&args[1..]),
+        Some("run") => models::run(&args[1..]),
         Some("convert") => convert(&args[1..]),
         Some("classify") => classify(&args[1..]),
         Some("bench") => bench(&args[1..]),

@@ -1,0 +1,160 @@
+//! The graph engine on ONNX files: our test graphs (residual projection, DenseNet concat,
+//! grouped conv + channel shuffle, MobileNetV3 pieces) and a real third-party CNN (the
+//! text-direction classifier of rapidocr), each imported and run by the CPU interpreter and
+//! compared with ONNX Runtime on the same inputs (files made by scripts/setup.sh --tests).
+
+use std::path::PathBuf;
+
+use compresslab::EngineError;
+use compresslab::exec::{CpuExecutor, Tensor};
+use compresslab::graph::{Op, import_onnx};
+use compresslab::npy::read_npy;
+
+fn models() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/onnx-models");
+    assert!(
+        dir.join("textdir.onnx").exists(),
+        "ONNX test models missing: run scripts/setup.sh --tests first"
+    );
+    dir
+}
+
+fn npy(name: &str) -> Tensor {
+    read_npy(&std::fs::read(models().join(name)).unwrap()).unwrap()
+}
+
+/// max |ours − reference| relative to the largest reference magnitude.
+fn relative_difference(ours: &Tensor, reference: &Tensor) -> f32 {
+    assert_eq!(ours.dims, reference.dims);
+    let scale = reference
+        .data
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()))
+        .max(1e-12);
+    let diff = ours
+        .data
+        .iter()
+        .zip(&reference.data)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    diff / scale
+}
+
+fn run(name: &str) -> (Tensor, Tensor) {
+    let graph =
+        import_onnx(&std::fs::read(models().join(format!("{name}.onnx"))).unwrap()).unwrap();
+    let executor = CpuExecutor::new(&graph).unwrap();
+    let outputs = executor.run(&npy(&format!("{name}.input.npy"))).unwrap();
+    (
+        outputs.into_iter().next().unwrap(),
+        npy(&format!("{name}.output.npy")),
+    )
+}
+
+#[test]
+fn every_test_graph_matches_onnx_runtime() {
+    for name in ["resnet", "densenet", "shufflenet", "mobilenet", "textdir"] {
+        let (ours, reference) = run(name);
+        let diff = relative_difference(&ours, &reference);
+        println!(
+            "{name}: output {:?}, max relative difference to ONNX Runtime {diff:.2e}",
+            ours.dims
+        );
+        assert!(diff <= 1e-4, "{name}: {diff}");
+    }
+}
+
+#[test]
+fn the_text_direction_model_reads_rendered_lines() {
+    let (ours, _) = run("textdir");
+    let labels = npy("textdir.labels.npy");
+    let classes = ours.dims[1];
+    let right = ours
+        .data
+        .chunks(classes)
+        .zip(&labels.data)
+        .filter(|(p, label)| {
+            let best = if p[1] > p[0] { 1.0 } else { 0.0 };
+            best == **label
+        })
+        .count();
+    println!(
+        "text direction: {right}/{} rendered lines right (upright and rotated 180°)",
+        labels.data.len()
+    );
+    // ONNX Runtime gets all 12 right on these lines (tests/models/make_models.py prints it).
+    assert_eq!(right, labels.data.len());
+}
+
+#[test]
+fn import_folds_shape_arithmetic_and_fuses_hard_swish() {
+    let bytes = std::fs::read(models().join("textdir.onnx")).unwrap();
+    let graph = import_onnx(&bytes).unwrap();
+    let count = |f: &dyn Fn(&Op) -> bool| graph.nodes.iter().filter(|n| f(&n.op)).count();
+    // 18 Add→Clip→Mul→Div hard-swishes in the file; Div appears nowhere else.
+    assert_eq!(count(&|op| *op == Op::HardSwish), 18);
+    assert_eq!(count(&|op| *op == Op::Div), 0);
+    assert_eq!(count(&|op| matches!(op, Op::Conv(_))), 53);
+    assert_eq!(count(&|op| matches!(op, Op::BatchNorm { .. })), 35);
+    // The flatten idiom became one Reshape that copies the batch dim.
+    assert!(graph.nodes.iter().any(|n| n.op
+        == Op::Reshape {
+            shape: vec![0, 200]
+        }));
+    assert_eq!(graph.opset, 11);
+    assert_eq!(graph.input().unwrap().dims.len(), 4);
+    let summary = graph
+        .summary(&compresslab::graph::known_dims(&[1, 3, 48, 192]))
+        .unwrap();
+    println!("textdir: {summary:?}");
+    assert_eq!(summary.parameters, 133_628);
+    assert!(summary.macs.unwrap() > 1_000_000);
+}
+
+#[test]
+fn unsupported_and_malformed_files_are_errors_that_say_why() {
+    let bytes = std::fs::read(models().join("unsupported.onnx")).unwrap();
+    match import_onnx(&bytes) {
+        Err(EngineError::UnsupportedOp {
+            op, node, opset, ..
+        }) => {
+            assert_eq!(
+                (op.as_str(), node.as_str(), opset),
+                ("ConvTranspose", "upsample", 13)
+            );
+        }
+        other => panic!("expected an unsupported-op error, got {other:?}"),
+    }
+    assert!(import_onnx(b"").is_err());
+    assert!(import_onnx(b"GIF89a not a model").is_err());
+
+    // Every truncation of a real model, and bit flips anywhere in it, give an error or a
+    // graph, never a panic; whatever imports also runs or fails cleanly.
+    let bytes = std::fs::read(models().join("shufflenet.onnx")).unwrap();
+    let input = npy("shufflenet.input.npy");
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut imported = 0;
+    for case in 0..1500 {
+        let mut mutated = bytes.clone();
+        if case < 300 {
+            mutated.truncate((next() as usize) % bytes.len());
+        } else {
+            for _ in 0..1 + case % 4 {
+                let at = (next() as usize) % mutated.len();
+                mutated[at] ^= 1 << (next() % 8);
+            }
+        }
+        if let Ok(graph) = import_onnx(&mutated) {
+            imported += 1;
+            if let Ok(executor) = CpuExecutor::new(&graph) {
+                let _ = executor.run(&input);
+            }
+        }
+    }
+    println!("mutated files: {imported}/1500 still imported");
+}
