@@ -5,13 +5,13 @@
 // read the before/after panel; then fine-tune label-free on the site's sample photos,
 // matching two blocks' features too, which makes the result the lab's variant. The CPU
 // fallback runs these (SwiftShader's WebGPU takes seconds per 224² image); a last, tiny
-// run trains on WebGPU.
+// run trains on WebGPU, on the int8 variant the WebGPU lab check builds.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { mkdtempSync, mkdirSync, copyFileSync, rmSync, readdirSync, existsSync } from 'node:fs';
 import os from 'node:os';
-import { serveSite, launch, waitReady, WEBGPU_FLAGS, NO_WEBGPU_FLAGS, OUT, ROOT } from './harness.mjs';
+import { serveSite, launch, waitReady, dropFiles, sample, resultFor, comparison, WEBGPU_FLAGS, NO_WEBGPU_FLAGS, OUT, ROOT } from './harness.mjs';
 
 const FASHION = path.join(ROOT, '.cache/fashion-folder');
 const CLASSES = ['Bag', 'Sneaker', 'Trouser'];
@@ -123,7 +123,10 @@ test('photo distillation on the CPU fallback: own classes with QAT, then label-f
   }
 });
 
-test('photo distillation on WebGPU (SwiftShader): one quantization-aware step on a tiny folder', { timeout: 1_800_000 }, async () => {
+// One WebGPU session for the lab and the photo fine-tune: SwiftShader takes seconds per 224²
+// image, so the int8 variant the lab builds on WebGPU (and checks against the CPU) is the one
+// that is then fine-tuned, rather than loading the page and compressing twice.
+test('photo lab and fine-tune on WebGPU (SwiftShader): int8 per-channel checked against the CPU, then one quantization-aware step', { timeout: 1_800_000 }, async () => {
   const small = mkdtempSync(path.join(os.tmpdir(), 'own-classes-gpu-'));
   const { browser, page, logs } = await launch(WEBGPU_FLAGS);
   try {
@@ -135,10 +138,20 @@ test('photo distillation on WebGPU (SwiftShader): one quantization-aware step on
     }
     await page.goto(site.url);
     assert.equal(await waitReady(page), 'webgpu');
-    await page.click('button[data-preset="int4-block"]');
+    await dropFiles(page, [{ name: 'coffee.png', type: 'image/png', bytes: sample('coffee.png') }]);
+    assert.ok(!(await resultFor(page, 'coffee.png')).error);
+    await page.click('button[data-preset="int8-channel"]');
+    await set(page, '#lab-runs', 1);
     await page.click('#lab-apply');
-    await page.waitForSelector('#lab-state[data-state="done"], #lab-state[data-state="failed"]', { timeout: 900_000 });
-    assert.equal(await page.getAttribute('#lab-state', 'data-state'), 'done');
+    await page.waitForSelector('#lab-state[data-state="done"], #lab-state[data-state="failed"]', { timeout: 1_500_000 });
+    if (await page.getAttribute('#lab-state', 'data-state') === 'failed') throw new Error(await page.innerText('#lab-error'));
+    const int8 = await comparison(page);
+    console.log('WebGPU int8 per-channel:', JSON.stringify(int8));
+    assert.match(int8.top1.after, /espresso/);
+    assert.match(await page.innerText('#lab-report'), /WebGPU vs CPU for this variant: top-1 same true/);
+    assert.equal(await page.locator('#lab-warning').count(), 0);
+    await page.screenshot({ path: path.join(OUT, 'lab-webgpu.png'), fullPage: true });
+
     await page.setInputFiles('#distil-folder', small);
     await page.waitForSelector('#distil-counts', { timeout: 120_000 });
     await set(page, '#distil-epochs', 1);
@@ -156,6 +169,9 @@ test('photo distillation on WebGPU (SwiftShader): one quantization-aware step on
     assert.match(hint, /quantization-aware/);
     await page.screenshot({ path: path.join(OUT, 'distil-photo-webgpu.png'), fullPage: true });
     assert.deepEqual(logs.filter((l) => l.startsWith('pageerror')), []);
+  } catch (e) {
+    console.log(logs.join('\n'));
+    throw e;
   } finally {
     await browser.close();
     rmSync(small, { recursive: true, force: true });
