@@ -4,17 +4,12 @@
 # (the page as an ES module, the worker as a classic script for `importScripts`), and every
 # file name carries a hash of its content so a browser never mixes an old file with a new one.
 # No bundler: this is all trunk did for us, and trunk took 7–18 minutes to install.
-#   scripts/build-site.sh [--compile-only]   (--compile-only: the cargo build alone)
-# The wasm build has a target directory of its own, so it can run beside a native build
-# (cargo locks a target directory for the whole of a build; they share no artifacts anyway).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
-SITE_TARGET_DIR=${SITE_TARGET_DIR:-${COMPRESSLAB_CACHE:-$HOME/.cache/compresslab}/target-site}
-cargo build --profile site --target wasm32-unknown-unknown -p compresslab-web --bins \
-  --target-dir "$SITE_TARGET_DIR"
-[[ "${1:-}" == "--compile-only" ]] && exit 0
-WASM=$SITE_TARGET_DIR/wasm32-unknown-unknown/site
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${COMPRESSLAB_CACHE:-$HOME/.cache/compresslab}/target}
+cargo build --profile site --target wasm32-unknown-unknown -p compresslab-web --bins
+WASM=$CARGO_TARGET_DIR/wasm32-unknown-unknown/site
 
 STAGE=$(mktemp -d dist.XXXXXX)
 trap 'rm -rf "$STAGE"' EXIT

@@ -22,10 +22,6 @@ phase() { # phase NAME COMMAND...: runs COMMAND and records how long it took
 }
 report() {
   local status=$?
-  if [[ -n ${SITE_PID:-} ]] && kill -0 "$SITE_PID" 2>/dev/null; then
-    pkill -P "$SITE_PID" 2>/dev/null || true
-    kill "$SITE_PID" 2>/dev/null || true
-  fi
   printf '\n==== timing\n'
   for t in "${TIMINGS[@]}"; do echo "phase $t"; done
   [[ -n $CURRENT ]] && echo "phase $CURRENT failed"
@@ -46,30 +42,9 @@ native_tests() {
   cargo test --release -- --nocapture 2>&1 | tee "$CARGO_TARGET_DIR/native-tests.log"
 }
 
-# The site's wasm compile (the longest single build) runs in the background from the start,
-# beside the set-up's native build, the lints and the native tests: on 2 cores the two builds
-# fill each other's idle time (single-threaded crates, links). It needs only the wasm32 target.
-rustup target list --installed | grep -q wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
-mkdir -p "$CARGO_TARGET_DIR"
-SITE_LOG=$CARGO_TARGET_DIR/site-compile.log
-site_start=$SECONDS
-scripts/build-site.sh --compile-only > "$SITE_LOG" 2>&1 &
-SITE_PID=$!
-site_compile() {
-  local status=0
-  wait "$SITE_PID" || status=$?
-  tail -n 3 "$SITE_LOG"
-  if ((status)); then
-    cat "$SITE_LOG"
-    return "$status"
-  fi
-  echo "site compile: $((SECONDS - site_start)) s from the start, in the background"
-}
-
 phase setup scripts/setup.sh --tests
 phase lint lint
 phase native-build cargo test --release --no-run
 phase native-tests native_tests
-phase site-compile-wait site_compile
 phase site-build scripts/build-site.sh
 phase browser-tests node --test --test-concurrency=1 tests/e2e/

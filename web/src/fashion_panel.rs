@@ -10,7 +10,7 @@ use leptos::prelude::*;
 use crate::app::send_sweep;
 use crate::lab_panel::{
     CompareRow, CompareTable, LayerDetail, LayerTable, SqnrChart, mb, ratio, recipe_summary,
-    size_rows,
+    size_rows, speed_change,
 };
 use crate::messages::{ChangedPrediction, FashionReport};
 
@@ -58,7 +58,7 @@ pub fn FashionReportView(report: FashionReport, keep_fp32: RwSignal<Vec<String>>
             "CPU time per image (batches of 100)",
             format!("{:.3} ms", b.ms_per_image),
             format!("{:.3} ms", a.ms_per_image),
-            format!("{} faster", ratio(b.ms_per_image, a.ms_per_image)),
+            speed_change(b.ms_per_image, a.ms_per_image),
         ),
     ];
     rows.splice(2..2, size_rows(&b.stats, &a.stats));

@@ -428,6 +428,15 @@ pub(crate) fn mb(bytes: usize) -> String {
     format!("{:.2} MB", bytes as f64 / 1e6)
 }
 
+/// "1.54× faster" or "1.77× slower": a slower variant never reads "0.56× faster".
+pub(crate) fn speed_change(before_ms: f64, after_ms: f64) -> String {
+    if before_ms > 0.0 && after_ms > before_ms {
+        format!("{} slower", ratio(after_ms, before_ms))
+    } else {
+        format!("{} faster", ratio(before_ms, after_ms))
+    }
+}
+
 pub(crate) fn ratio(before: f64, after: f64) -> String {
     if after > 0.0 {
         format!("{:.2}×", before / after)
@@ -503,14 +512,14 @@ fn Report(report: CompressReport, keep_fp32: RwSignal<Vec<String>>) -> impl Into
             "Warm latency p50",
             format!("{:.1} ms", b.latency.p50_ms),
             format!("{:.1} ms", a.latency.p50_ms),
-            format!("{} faster", ratio(b.latency.p50_ms, a.latency.p50_ms)),
+            speed_change(b.latency.p50_ms, a.latency.p50_ms),
         ),
         (
             "p95",
             "Warm latency p95",
             format!("{:.1} ms", b.latency.p95_ms),
             format!("{:.1} ms", a.latency.p95_ms),
-            format!("{} faster", ratio(b.latency.p95_ms, a.latency.p95_ms)),
+            speed_change(b.latency.p95_ms, a.latency.p95_ms),
         ),
         (
             "cold",
