@@ -3,12 +3,14 @@
 //! executor. Names are kept for display only: nothing outside the model builders relies on
 //! a particular tensor name.
 
+mod fold;
 mod import;
 mod proto;
 mod shape;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+pub use fold::fold_batch_norms;
 pub use import::{MAX_MODEL_BYTES, import_onnx, transpose};
 pub use shape::{Dim, Shapes, concrete as concrete_dims, element_count, known as known_dims};
 

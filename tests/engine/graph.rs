@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use compresslab::EngineError;
 use compresslab::exec::{CpuExecutor, Tensor};
-use compresslab::graph::{Op, import_onnx};
+use compresslab::graph::{Op, fold_batch_norms, import_onnx};
 use compresslab::npy::read_npy;
 
 fn models() -> PathBuf {
@@ -157,4 +157,39 @@ fn unsupported_and_malformed_files_are_errors_that_say_why() {
         }
     }
     println!("mutated files: {imported}/1500 still imported");
+}
+
+#[test]
+fn folding_batch_norms_keeps_the_outputs() {
+    for (name, expected) in [("resnet", 6), ("mobilenet", 1), ("textdir", 35)] {
+        let mut graph =
+            import_onnx(&std::fs::read(models().join(format!("{name}.onnx"))).unwrap()).unwrap();
+        let input = npy(&format!("{name}.input.npy"));
+        let before = CpuExecutor::new(&graph)
+            .unwrap()
+            .run(&input)
+            .unwrap()
+            .remove(0);
+        let nodes = graph.nodes.len();
+        let folded = fold_batch_norms(&mut graph);
+        let after = CpuExecutor::new(&graph)
+            .unwrap()
+            .run(&input)
+            .unwrap()
+            .remove(0);
+        let diff = relative_difference(&after, &before);
+        println!(
+            "{name}: {folded} BatchNorms folded, {nodes} → {} nodes, max relative change {diff:.2e}",
+            graph.nodes.len()
+        );
+        assert_eq!(folded, expected);
+        assert_eq!(graph.nodes.len(), nodes - folded);
+        assert!(
+            !graph
+                .nodes
+                .iter()
+                .any(|n| matches!(n.op, Op::BatchNorm { .. }))
+        );
+        assert!(diff <= 1e-5, "{name}: {diff}");
+    }
 }
