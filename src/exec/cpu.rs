@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use super::{MAX_ACTIVATION_ELEMENTS, Tensor};
 use crate::error::{EngineError, Result};
-use crate::graph::{Conv, Graph, Node, Op, Pool, transpose};
+use crate::graph::{Conv, Graph, Node, Op, Pool, batch_norm_affine, transpose};
 
 /// A value while the graph runs: logical dims (NCHW for 4-D) and its physical layout.
 #[derive(Debug, Clone)]
@@ -623,19 +623,7 @@ impl CpuExecutor {
                     if [b, m, v].iter().any(|p| p.data.len() != g.data.len()) {
                         return Err(exec_err(node, "BatchNorm parameters differ in length"));
                     }
-                    let scale: Vec<f32> = g
-                        .data
-                        .iter()
-                        .zip(&v.data)
-                        .map(|(g, v)| g / (v + epsilon).sqrt())
-                        .collect();
-                    let shift = b
-                        .data
-                        .iter()
-                        .zip(&m.data)
-                        .zip(&scale)
-                        .map(|((b, m), s)| b - m * s)
-                        .collect();
+                    let (scale, shift) = batch_norm_affine(g, b, m, v, *epsilon);
                     Kernel::Affine { scale, shift }
                 }
                 Op::Gemm {

@@ -3,6 +3,31 @@
 
 use super::{Constant, Graph, Op};
 
+/// Inference BatchNorm as `y = x·scale + shift` per channel: `scale = γ/√(σ² + ε)`,
+/// `shift = β − μ·scale`.
+pub fn batch_norm_affine(
+    gamma: &Constant,
+    beta: &Constant,
+    mean: &Constant,
+    var: &Constant,
+    epsilon: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let scale: Vec<f32> = gamma
+        .data
+        .iter()
+        .zip(&var.data)
+        .map(|(g, v)| g / (v + epsilon).sqrt())
+        .collect();
+    let shift = beta
+        .data
+        .iter()
+        .zip(&mean.data)
+        .zip(&scale)
+        .map(|((b, m), s)| b - m * s)
+        .collect();
+    (scale, shift)
+}
+
 /// Folds every BatchNormalization whose input is a Conv read by nothing else into that
 /// Conv's weights and bias: `w' = w · γ/√(σ² + ε)`, `b' = (b − μ) · γ/√(σ² + ε) + β`.
 /// Returns how many were folded. Constants shared with other nodes are copied, not changed.
@@ -58,12 +83,7 @@ pub fn fold_batch_norms(graph: &mut Graph) -> usize {
             Some(_) => continue,
             None => vec![0.0; cout],
         };
-        let scale: Vec<f32> = g
-            .data
-            .iter()
-            .zip(&v.data)
-            .map(|(g, v)| g / (v + epsilon).sqrt())
-            .collect();
+        let (scale, shift) = batch_norm_affine(g, b, m, v, epsilon);
         let per_channel = w.data.len() / cout;
         let weight: Vec<f32> = w
             .data
@@ -71,9 +91,7 @@ pub fn fold_batch_norms(graph: &mut Graph) -> usize {
             .enumerate()
             .map(|(i, &x)| x * scale[i / per_channel])
             .collect();
-        let new_bias: Vec<f32> = (0..cout)
-            .map(|c| (bias[c] - m.data[c]) * scale[c] + b.data[c])
-            .collect();
+        let new_bias: Vec<f32> = (0..cout).map(|c| bias[c] * scale[c] + shift[c]).collect();
         let w_dims = w.dims.clone();
         // Fresh names: the originals may be read elsewhere (a shared weight).
         let base = bn.outputs[0].clone();

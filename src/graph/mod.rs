@@ -10,7 +10,7 @@ mod shape;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-pub use fold::fold_batch_norms;
+pub use fold::{batch_norm_affine, fold_batch_norms};
 pub use import::{MAX_MODEL_BYTES, import_onnx, transpose};
 pub use shape::{Dim, Shapes, concrete as concrete_dims, element_count, known as known_dims};
 
