@@ -233,12 +233,7 @@ impl ConvKernel {
                 nhwc: true,
             });
         }
-        let (pad_y, _) = c
-            .padding
-            .resolve(0, h, c.kernel[0], c.strides[0], c.dilations[0]);
-        let (pad_x, _) = c
-            .padding
-            .resolve(1, w, c.kernel[1], c.strides[1], c.dilations[1]);
+        let [pad_y, pad_x] = c.padding.leading([h, w], c.kernel, c.strides, c.dilations);
         let [kh, kw] = c.kernel;
         // Input row/column of tap `k` for output `o`, or None in the padding.
         let src = |o: usize, k: usize, axis: usize, pad: usize, size: usize| -> Option<usize> {
@@ -449,12 +444,7 @@ fn pool(node: &Node, p: &Pool, max: bool, x: Value, out_dims: &[usize]) -> Resul
     let [n, c, h, w] = [x.dims[0], x.dims[1], x.dims[2], x.dims[3]];
     let [oh, ow] = [out_dims[2], out_dims[3]];
     let len = checked_len(node, out_dims)?;
-    let (pad_y, _) = p
-        .padding
-        .resolve(0, h, p.kernel[0], p.strides[0], p.dilations[0]);
-    let (pad_x, _) = p
-        .padding
-        .resolve(1, w, p.kernel[1], p.strides[1], p.dilations[1]);
+    let [pad_y, pad_x] = p.padding.leading([h, w], p.kernel, p.strides, p.dilations);
     let mut out = Vec::with_capacity(len);
     let mut acc = vec![0f32; c];
     for b in 0..n {

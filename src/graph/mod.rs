@@ -42,6 +42,20 @@ pub enum Padding {
 }
 
 impl Padding {
+    /// Padding before the first row and the first column of an `h`×`w` input.
+    pub fn leading(
+        &self,
+        [h, w]: [usize; 2],
+        kernel: [usize; 2],
+        strides: [usize; 2],
+        dilations: [usize; 2],
+    ) -> [usize; 2] {
+        [
+            self.resolve(0, h, kernel[0], strides[0], dilations[0]).0,
+            self.resolve(1, w, kernel[1], strides[1], dilations[1]).0,
+        ]
+    }
+
     /// `(before, after)` padding of one spatial axis of size `size`.
     pub fn resolve(
         &self,
