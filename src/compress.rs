@@ -36,8 +36,10 @@ pub struct ActivationQuant {
     pub observer: Observer,
 }
 
-/// Everything the user chose; serialised as the JSON recipe next to an export.
+/// Everything the user chose; serialised as the JSON recipe next to an export. Missing
+/// fields take their defaults (nothing applied).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Recipe {
     pub channel_pruning: Option<ChannelPruning>,
     pub magnitude_pruning: Option<MagnitudePruning>,
@@ -227,7 +229,7 @@ pub fn pruned_and_folded(original: &TensorStore, recipe: &Recipe) -> Result<Tens
 }
 
 /// At most this many values per image and layer feed a percentile observer.
-const PERCENTILE_SAMPLES: usize = 65_536;
+pub(crate) const PERCENTILE_SAMPLES: usize = 65_536;
 
 /// Observes every layer's input on the calibration images (float network, quantized
 /// weights) and derives per-tensor activation parameters.
@@ -298,7 +300,7 @@ fn calibrate(
 }
 
 /// The `p`-th percentile from below and `(100 − p)`-th from above (nearest rank).
-fn percentile_range(values: &mut [f32], p: f32) -> (f32, f32) {
+pub(crate) fn percentile_range(values: &mut [f32], p: f32) -> (f32, f32) {
     if values.is_empty() {
         return (0.0, 0.0);
     }

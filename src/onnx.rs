@@ -4,56 +4,14 @@
 
 use crate::efficientnet::{INPUT_SIZE, block_strides, folded_conv};
 use crate::error::{EngineError, Result};
+use crate::graph::ProtoMessage as Proto;
 use crate::weights::TensorStore;
 
 const ONNX_FLOAT: i64 = 1;
 
-/// Protobuf wire-format writer for the handful of ONNX messages we emit.
-#[derive(Default)]
-struct Proto(Vec<u8>);
-
-impl Proto {
-    fn varint(&mut self, mut v: u64) {
-        loop {
-            let byte = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                self.0.push(byte);
-                break;
-            }
-            self.0.push(byte | 0x80);
-        }
-    }
-    fn key(&mut self, field: u32, wire: u8) {
-        self.varint(((field as u64) << 3) | wire as u64);
-    }
-    fn int(&mut self, field: u32, v: i64) -> &mut Self {
-        self.key(field, 0);
-        self.varint(v as u64);
-        self
-    }
-    fn bytes(&mut self, field: u32, b: &[u8]) -> &mut Self {
-        self.key(field, 2);
-        self.varint(b.len() as u64);
-        self.0.extend_from_slice(b);
-        self
-    }
-    fn str(&mut self, field: u32, s: &str) -> &mut Self {
-        self.bytes(field, s.as_bytes())
-    }
-    fn msg(&mut self, field: u32, m: Proto) -> &mut Self {
-        self.bytes(field, &m.0)
-    }
-    fn float(&mut self, field: u32, v: f32) -> &mut Self {
-        self.key(field, 5);
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-}
-
 fn attr_ints(name: &str, values: &[i64]) -> Proto {
     let mut a = Proto::default();
-    a.str(1, name);
+    a.string(1, name);
     for &v in values {
         a.int(8, v);
     }
@@ -63,7 +21,7 @@ fn attr_ints(name: &str, values: &[i64]) -> Proto {
 
 fn attr_int(name: &str, v: i64) -> Proto {
     let mut a = Proto::default();
-    a.str(1, name).int(3, v).int(20, 2); // INT
+    a.string(1, name).int(3, v).int(20, 2); // INT
     a
 }
 
@@ -72,7 +30,7 @@ fn tensor_proto(name: &str, dims: &[usize], data: &[f32]) -> Proto {
     for &d in dims {
         t.int(1, d as i64);
     }
-    t.int(2, ONNX_FLOAT).str(8, name);
+    t.int(2, ONNX_FLOAT).string(8, name);
     let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
     t.bytes(9, &raw);
     t
@@ -83,14 +41,14 @@ fn value_info(name: &str, dims: &[usize]) -> Proto {
     for &d in dims {
         let mut dim = Proto::default();
         dim.int(1, d as i64);
-        shape.msg(1, dim);
+        shape.message(1, &dim);
     }
     let mut tensor_type = Proto::default();
-    tensor_type.int(1, ONNX_FLOAT).msg(2, shape);
+    tensor_type.int(1, ONNX_FLOAT).message(2, &shape);
     let mut ty = Proto::default();
-    ty.msg(1, tensor_type);
+    ty.message(1, &tensor_type);
     let mut vi = Proto::default();
-    vi.str(1, name).msg(2, ty);
+    vi.string(1, name).message(2, &ty);
     vi
 }
 
@@ -106,20 +64,21 @@ impl Graph {
         let out = format!("t{}", self.counter);
         let mut n = Proto::default();
         for i in inputs {
-            n.str(1, i);
+            n.string(1, i);
         }
-        n.str(2, &out)
-            .str(3, &format!("{op}_{}", self.counter))
-            .str(4, op);
+        n.string(2, &out)
+            .string(3, &format!("{op}_{}", self.counter))
+            .string(4, op);
         for a in attrs {
-            n.msg(5, a);
+            n.message(5, &a);
         }
-        self.nodes.msg(1, n);
+        self.nodes.message(1, &n);
         out
     }
 
     fn init(&mut self, name: &str, dims: &[usize], data: &[f32]) {
-        self.initializers.msg(5, tensor_proto(name, dims, data));
+        self.initializers
+            .message(5, &tensor_proto(name, dims, data));
     }
 
     /// Folded conv (+ ReLU6) with TF "SAME" pads for a `size`×`size` input; returns the output name.
@@ -233,33 +192,35 @@ pub fn export_onnx(store: &TensorStore) -> Result<Vec<u8>> {
     // Gemm with transB: PyTorch's [out, in] weight as it is.
     let mut gemm = Proto::default();
     for i in [flat.as_str(), "_fc.weight", "_fc.bias"] {
-        gemm.str(1, i);
+        gemm.string(1, i);
     }
-    gemm.str(2, "logits").str(3, "classifier").str(4, "Gemm");
+    gemm.string(2, "logits")
+        .string(3, "classifier")
+        .string(4, "Gemm");
     let mut trans_b = Proto::default();
-    trans_b.str(1, "transB").int(3, 1).int(20, 2);
-    gemm.msg(5, trans_b);
+    trans_b.string(1, "transB").int(3, 1).int(20, 2);
+    gemm.message(5, &trans_b);
     let mut alpha = Proto::default();
-    alpha.str(1, "alpha").float(2, 1.0).int(20, 1);
-    gemm.msg(5, alpha);
-    g.nodes.msg(1, gemm);
+    alpha.string(1, "alpha").float(2, 1.0).int(20, 1);
+    gemm.message(5, &alpha);
+    g.nodes.message(1, &gemm);
 
     let mut graph = Proto::default();
     graph.0.extend_from_slice(&g.nodes.0);
-    graph.str(2, "efficientnet_lite0");
+    graph.string(2, "efficientnet_lite0");
     graph.0.extend_from_slice(&g.initializers.0);
-    graph.msg(11, value_info("input", &[1, 3, INPUT_SIZE, INPUT_SIZE]));
-    graph.msg(12, value_info("logits", &[1, classes]));
+    graph.message(11, &value_info("input", &[1, 3, INPUT_SIZE, INPUT_SIZE]));
+    graph.message(12, &value_info("logits", &[1, classes]));
 
     let mut opset = Proto::default();
-    opset.str(1, "").int(2, 13);
+    opset.string(1, "").int(2, 13);
     let mut model = Proto::default();
     model
         .int(1, 8)
-        .str(2, "compresslab")
-        .str(3, env!("CARGO_PKG_VERSION"))
-        .msg(7, graph)
-        .msg(8, opset);
+        .string(2, "compresslab")
+        .string(3, env!("CARGO_PKG_VERSION"))
+        .message(7, &graph)
+        .message(8, &opset);
     if model.0.len() > i32::MAX as usize {
         return Err(EngineError::Weights("model too large for protobuf".into()));
     }

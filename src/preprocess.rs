@@ -3,7 +3,10 @@
 //! → centre-crop 224×224 → `(x − 127) / 128` → NCHW f32.
 //!
 //! Only decoding differs between the paths (the browser's decoder vs the `image` crate);
-//! everything from decoded pixels on is this one function.
+//! everything from decoded pixels on is this one function. A user's own model says how its
+//! input is made with an [`InputSpec`] (size, resize mode, normalisation, channel order).
+
+use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 
@@ -159,30 +162,35 @@ pub fn resize_and_crop(img: &RgbImage, resize: usize, crop: usize) -> RgbImage {
     let (rw, rh) = (rw.max(crop), rh.max(crop));
     let left = round_half_even((rw - crop) as f64 / 2.0);
     let top = round_half_even((rh - crop) as f64 / 2.0);
-    let xt = taps(img.width, rw, left..left + crop);
-    let yt = taps(img.height, rh, top..top + crop);
+    resample_window(img, (rw, rh), (left, top), (crop, crop))
+}
 
-    // Vertical pass first, over only the source rows the crop needs.
-    let row_lo = yt.first().map_or(0, |t| t.start);
-    let row_hi = yt
-        .last()
-        .map_or(0, |t| t.start + t.weights.len())
-        .max(row_lo);
+/// The `(cw, ch)` window at `(left, top)` of `img` resized (antialiased bicubic, as PIL) to
+/// `(rw, rh)`; only the window is computed.
+pub fn resample_window(
+    img: &RgbImage,
+    (rw, rh): (usize, usize),
+    (left, top): (usize, usize),
+    (cw, ch): (usize, usize),
+) -> RgbImage {
+    let xt = taps(img.width, rw, left..left + cw);
+    let yt = taps(img.height, rh, top..top + ch);
+
+    // Vertical pass first, over only the source rows the window needs.
     let w = img.width;
-    let mut vert = vec![0f32; crop * w * 3];
+    let mut vert = vec![0f32; ch * w * 3];
     for (oy, t) in yt.iter().enumerate() {
         let out = &mut vert[oy * w * 3..(oy + 1) * w * 3];
         for (k, &wt) in t.weights.iter().enumerate() {
             let sy = t.start + k;
-            debug_assert!(sy >= row_lo && sy < row_hi);
             let src = &img.pixels[sy * w * 3..(sy + 1) * w * 3];
             for (o, &s) in out.iter_mut().zip(src) {
                 *o += wt * s as f32;
             }
         }
     }
-    let mut pixels = Vec::with_capacity(crop * crop * 3);
-    for oy in 0..crop {
+    let mut pixels = Vec::with_capacity(cw * ch * 3);
+    for oy in 0..ch {
         let row = &vert[oy * w * 3..(oy + 1) * w * 3];
         for t in &xt {
             let mut acc = [0f32; 3];
@@ -196,8 +204,8 @@ pub fn resize_and_crop(img: &RgbImage, resize: usize, crop: usize) -> RgbImage {
         }
     }
     RgbImage {
-        width: crop,
-        height: crop,
+        width: cw,
+        height: ch,
         pixels,
     }
 }
@@ -322,5 +330,114 @@ mod tests {
         assert!(RgbImage::new(2, 2, vec![0; 11]).is_err());
         assert!(RgbImage::from_rgba(2, 2, &[0; 15]).is_err());
         assert!(RgbImage::new(20_000, 20_000, vec![]).is_err());
+    }
+}
+
+/// How an image is brought to a model's input size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResizeMode {
+    /// Shorter side to `size / 0.875` (256 for 224), then the centre `height`×`width`.
+    ShorterSideCentreCrop,
+    /// Scaled to the input height, the width following the aspect ratio up to the input
+    /// width (squeezed beyond), the rest padded on the right with zeros after normalisation:
+    /// how PaddleOCR-style text-line models are fed.
+    HeightAndPadRight,
+    /// Stretched to `height`×`width`.
+    Stretch,
+}
+
+/// How 8-bit values become the model's numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Normalization {
+    /// `(x/255 − mean)/std` with ImageNet's mean and std per channel.
+    ImageNet,
+    /// `(x − 127.5)/127.5`: [−1, 1].
+    MinusOneToOne,
+    /// `x/255`: [0, 1].
+    ZeroToOne,
+    /// `x`: [0, 255].
+    Raw,
+}
+
+/// What a user tells the page about their model's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputSpec {
+    pub height: usize,
+    pub width: usize,
+    pub resize: ResizeMode,
+    pub normalization: Normalization,
+    /// Channels in BGR order (OpenCV-trained models).
+    pub bgr: bool,
+}
+
+impl Default for InputSpec {
+    /// ImageNet's evaluation transform at 224×224.
+    fn default() -> Self {
+        Self {
+            height: CROP,
+            width: CROP,
+            resize: ResizeMode::ShorterSideCentreCrop,
+            normalization: Normalization::ImageNet,
+            bgr: false,
+        }
+    }
+}
+
+/// The largest input side the page accepts for a user's model.
+pub const MAX_INPUT_SIDE: usize = 4096;
+
+impl InputSpec {
+    /// `[1, 3, height, width]` values for `img`.
+    pub fn tensor(&self, img: &RgbImage) -> Result<Vec<f32>> {
+        let (h, w) = (self.height, self.width);
+        if !(1..=MAX_INPUT_SIDE).contains(&h) || !(1..=MAX_INPUT_SIDE).contains(&w) {
+            return Err(EngineError::Config(format!(
+                "input size {h}×{w}: each side must be 1–{MAX_INPUT_SIDE}"
+            )));
+        }
+        let (placed, valid_w, valid_h) = match self.resize {
+            ResizeMode::Stretch => (resample_window(img, (w, h), (0, 0), (w, h)), w, h),
+            ResizeMode::ShorterSideCentreCrop => {
+                let side = ((h.max(w) as f64) / 0.875).round() as usize;
+                let reduced = box_reduce(img, side);
+                let (rw, rh) = resized_dims(reduced.width, reduced.height, side);
+                let (rw, rh) = (rw.max(w), rh.max(h));
+                let left = round_half_even((rw - w) as f64 / 2.0);
+                let top = round_half_even((rh - h) as f64 / 2.0);
+                (
+                    resample_window(&reduced, (rw, rh), (left, top), (w, h)),
+                    w,
+                    h,
+                )
+            }
+            ResizeMode::HeightAndPadRight => {
+                let aspect = img.width as f64 / img.height.max(1) as f64;
+                let fw = ((h as f64 * aspect).round() as usize).clamp(1, w);
+                (resample_window(img, (fw, h), (0, 0), (fw, h)), fw, h)
+            }
+        };
+        const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+        const STD: [f32; 3] = [0.229, 0.224, 0.225];
+        let norm = |v: u8, c: usize| -> f32 {
+            let x = f32::from(v);
+            match self.normalization {
+                Normalization::ImageNet => (x / 255.0 - MEAN[c]) / STD[c],
+                Normalization::MinusOneToOne => (x - 127.5) / 127.5,
+                Normalization::ZeroToOne => x / 255.0,
+                Normalization::Raw => x,
+            }
+        };
+        let plane = h * w;
+        let mut out = vec![0f32; 3 * plane];
+        for y in 0..valid_h {
+            for x in 0..valid_w {
+                let p = &placed.pixels[(y * valid_w + x) * 3..(y * valid_w + x) * 3 + 3];
+                for c in 0..3 {
+                    let source = if self.bgr { 2 - c } else { c };
+                    out[c * plane + y * w + x] = norm(p[source], source);
+                }
+            }
+        }
+        Ok(out)
     }
 }

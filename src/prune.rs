@@ -127,7 +127,7 @@ pub fn magnitude_prune(store: &TensorStore, cfg: &MagnitudePruning) -> Result<Te
 }
 
 /// Sets the `k` smallest |values| across `slices` to zero (ties: earlier positions first).
-fn zero_smallest(slices: &mut [&mut [f32]], k: usize) {
+pub(crate) fn zero_smallest(slices: &mut [&mut [f32]], k: usize) {
     let total: usize = slices.iter().map(|s| s.len()).sum();
     if k == 0 || total == 0 {
         return;

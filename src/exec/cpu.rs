@@ -353,6 +353,7 @@ fn unary(op: &Op, v: f32) -> f32 {
         Op::Sigmoid => 1.0 / (1.0 + (-v).exp()),
         Op::HardSigmoid { alpha, beta } => (alpha * v + beta).clamp(0.0, 1.0),
         Op::HardSwish => v * (v / 6.0 + 0.5).clamp(0.0, 1.0),
+        Op::QuantizeDequantize(p) => p.fake_quantize(v),
         _ => v,
     }
 }
@@ -699,6 +700,17 @@ impl CpuExecutor {
 
     /// Runs the graph on one NCHW input; returns the outputs in the graph's order.
     pub fn run(&self, input: &Tensor) -> Result<Vec<Tensor>> {
+        self.run_observed(input, &mut |_, _| {})
+    }
+
+    /// [`Self::run`], showing `observe` every value as it is computed (the input too), by
+    /// name, in whatever element order the interpreter keeps it (calibration only needs the
+    /// values).
+    pub fn run_observed(
+        &self,
+        input: &Tensor,
+        observe: &mut dyn FnMut(&str, &[f32]),
+    ) -> Result<Vec<Tensor>> {
         let info = self.graph.input()?;
         if input.dims.len() != info.dims.len() {
             return Err(EngineError::Execution(format!(
@@ -724,6 +736,7 @@ impl CpuExecutor {
         }
         let shapes = self.graph.shapes(&crate::graph::known_dims(&input.dims))?;
         let mut values: HashMap<&str, Value> = HashMap::new();
+        observe(&info.name, &input.data);
         values.insert(
             info.name.as_str(),
             Value::plain(input.dims.clone(), input.data.clone()).into_nhwc(),
@@ -740,6 +753,7 @@ impl CpuExecutor {
                     format!("computed {:?}, expected {out_dims:?}", out.dims),
                 ));
             }
+            observe(&node.outputs[0], &out.data);
             values.insert(node.outputs[0].as_str(), out);
         }
         self.graph

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use super::proto::{Field, Reader, malformed};
 use super::shape::{self, Dim, element_count, known};
-use super::{Constant, Conv, Graph, Node, Op, Padding, Pool, ValueInfo};
+use super::{ActivationParams, Constant, Conv, Graph, Node, Op, Padding, Pool, ValueInfo};
 use crate::error::{EngineError, Result};
 
 /// The largest model file we read (the browser worker holds it and its weights).
@@ -29,6 +29,8 @@ enum Values {
 struct RawTensor {
     name: String,
     dims: Vec<usize>,
+    /// ONNX `TensorProto.DataType` (the integer width of quantized weights and zero points).
+    data_type: i64,
     values: Values,
 }
 
@@ -178,6 +180,32 @@ fn read_tensor(buf: &[u8]) -> Result<RawTensor> {
             Values::I64(ints32)
         }
         (3, true) => Values::I64(from_raw(1)?.iter().map(|&b| i64::from(b as i8)).collect()),
+        // int4 / uint4: two per byte, the first in the low nibble.
+        (22 | 21, true) => {
+            let bytes = raw.unwrap_or_default();
+            if bytes.len() != count.div_ceil(2) {
+                return Err(malformed(format!(
+                    "tensor `{name}` of shape {dims:?} holds {} bytes of 4-bit values, not {}",
+                    bytes.len(),
+                    count.div_ceil(2)
+                )));
+            }
+            let signed = data_type == 22;
+            let nibble = |n: u8| {
+                if signed {
+                    i64::from(((n << 4) as i8) >> 4)
+                } else {
+                    i64::from(n)
+                }
+            };
+            Values::I64(
+                bytes
+                    .iter()
+                    .flat_map(|&b| [nibble(b & 0x0f), nibble(b >> 4)])
+                    .take(count)
+                    .collect(),
+            )
+        }
         (2 | 9, true) => Values::I64(from_raw(1)?.iter().map(|&b| i64::from(b)).collect()),
         (other, _) => {
             return Err(malformed(format!(
@@ -186,7 +214,12 @@ fn read_tensor(buf: &[u8]) -> Result<RawTensor> {
             )));
         }
     };
-    Ok(RawTensor { name, dims, values })
+    Ok(RawTensor {
+        name,
+        dims,
+        data_type,
+        values,
+    })
 }
 
 fn data_type_name(t: i64) -> String {
@@ -337,10 +370,15 @@ impl Folded {
 enum Value {
     Const(Folded),
     Act(Vec<Dim>),
+    /// The integers a QuantizeLinear writes (in our graph: its fake-quantized floats);
+    /// only a DequantizeLinear with the same parameters may read them.
+    Quantized(Vec<Dim>, ActivationParams),
 }
 
 struct Importer<'a> {
     opset: i64,
+    /// Data types of integer constants (zero points say which integers a QDQ pair uses).
+    types: &'a HashMap<String, i64>,
     values: HashMap<String, Value>,
     graph: Graph,
     node: &'a RawNode,
@@ -396,6 +434,7 @@ impl Importer<'_> {
     fn act(&self, i: usize) -> Result<Vec<Dim>> {
         match self.value(i)? {
             Value::Act(d) => Ok(d.clone()),
+            Value::Quantized(..) => Err(self.reads_integers()),
             Value::Const(Folded::F32(c)) => Ok(known(&c.dims)),
             Value::Const(Folded::Int { .. }) => {
                 Err(self.fail("integer tensors are only supported as shapes"))
@@ -406,7 +445,9 @@ impl Importer<'_> {
     fn folded(&self, i: usize) -> Result<&Folded> {
         match self.value(i)? {
             Value::Const(f) => Ok(f),
-            Value::Act(_) => Err(self.fail(format!("input {i} must be a constant"))),
+            Value::Act(_) | Value::Quantized(..) => {
+                Err(self.fail(format!("input {i} must be a constant")))
+            }
         }
     }
 
@@ -593,7 +634,7 @@ impl Importer<'_> {
             .filter(|&i| self.input_name(i).is_some())
             .map(|i| match self.value(i) {
                 Ok(Value::Const(f)) => Ok(Some(f)),
-                Ok(Value::Act(_)) => Ok(None),
+                Ok(Value::Act(_) | Value::Quantized(..)) => Ok(None),
                 Err(e) => Err(e),
             })
             .collect::<Result<Option<Vec<_>>>>()?
@@ -754,6 +795,9 @@ impl Importer<'_> {
                     .ok_or_else(|| self.fail("needs two inputs"))?;
                 self.fold_binary(a, b)?
             }
+            ("DequantizeLinear", Some(Folded::Int { dims, data })) => {
+                Folded::F32(self.dequantize_constant(data, dims)?)
+            }
             ("Transpose", Some(Folded::F32(c))) => {
                 let perm = self.perm(c.dims.len())?;
                 let (dims, data) = transpose(&c.dims, &c.data, &perm);
@@ -838,6 +882,115 @@ impl Importer<'_> {
         Ok(perm)
     }
 
+    fn reads_integers(&self) -> EngineError {
+        self.fail("reads the integers a QuantizeLinear wrote; only a DequantizeLinear may")
+    }
+
+    /// Scale, zero point and integer range of a QuantizeLinear / DequantizeLinear pair.
+    fn quantization(&self) -> Result<ActivationParams> {
+        let scale = self.const_scalar(1)?.ok_or_else(|| self.fail("no scale"))?;
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(self.fail(format!("scale {scale} is not a positive number")));
+        }
+        let zero_point = self.const_scalar(2)?.unwrap_or(0.0) as i32;
+        let data_type = match self.input_name(2) {
+            Some(zp) => self.types.get(zp).copied().unwrap_or(2),
+            None => self.int("output_dtype", 2),
+        };
+        let (qmin, qmax) = match data_type {
+            2 => (0, 255),
+            3 => (-128, 127),
+            21 => (0, 15),
+            22 => (-8, 7),
+            other => {
+                return Err(self.fail(format!(
+                    "quantization to data type {other} (8- and 4-bit integers are supported)"
+                )));
+            }
+        };
+        if !(qmin..=qmax).contains(&zero_point) {
+            return Err(self.fail(format!("zero point {zero_point} outside {qmin}..={qmax}")));
+        }
+        Ok(ActivationParams {
+            scale,
+            zero_point,
+            qmin,
+            qmax,
+        })
+    }
+
+    /// A DequantizeLinear of integer weights: `(q − zero_point)·scale` per tensor, per slice
+    /// along `axis`, or per block of `block_size` along `axis`.
+    fn dequantize_constant(&self, q: &[SymInt], dims: &[usize]) -> Result<Constant> {
+        let ints = |i: usize| -> Result<Vec<i64>> {
+            if self.input_name(i).is_none() {
+                return Ok(Vec::new());
+            }
+            self.const_ints(i)
+        };
+        let values: Vec<i64> = q
+            .iter()
+            .map(|v| match v {
+                SymInt::Known(k) => Ok(*k),
+                SymInt::Dim(_) => Err(self.fail("weights that depend on the input's size")),
+            })
+            .collect::<Result<_>>()?;
+        let scale = match self.folded(1)? {
+            Folded::F32(c) => c.clone(),
+            Folded::Int { .. } => return Err(self.fail("an integer scale")),
+        };
+        let zero_points = ints(2)?;
+        let rank = dims.len();
+        // Per tensor: one scale. Per axis: scale[e]. Blocked: scale has x's shape with the
+        // axis divided into blocks, scale[o][e / block][k].
+        let per_axis = scale.data.len() > 1 && self.int("block_size", 0) == 0;
+        let (outer, extent, inner, block) = if scale.data.len() == 1 {
+            (1, values.len(), 1, values.len().max(1))
+        } else {
+            let axis = self.axis(self.int("axis", 1), rank)?;
+            let block = match self.int("block_size", 0) {
+                0 => 1,
+                b => usize::try_from(b).map_err(|_| self.fail("negative block_size"))?,
+            };
+            (
+                element_count(&dims[..axis])?,
+                dims[axis],
+                element_count(&dims[axis + 1..])?,
+                block,
+            )
+        };
+        let blocks = extent.div_ceil(block.max(1));
+        let groups = if per_axis {
+            Some(extent)
+        } else {
+            outer.checked_mul(blocks).and_then(|g| g.checked_mul(inner))
+        }
+        .ok_or_else(|| self.fail("too many scales"))?;
+        if scale.data.len() != groups || !(zero_points.is_empty() || zero_points.len() == groups) {
+            return Err(self.fail(format!(
+                "{} scales and {} zero points for a {dims:?} tensor ({groups} expected)",
+                scale.data.len(),
+                zero_points.len()
+            )));
+        }
+        let mut data = Vec::with_capacity(values.len());
+        for (i, &v) in values.iter().enumerate() {
+            let (o, rest) = (i / (extent * inner).max(1), i % (extent * inner).max(1));
+            let (e, k) = (rest / inner.max(1), rest % inner.max(1));
+            let g = if per_axis {
+                e
+            } else {
+                (o * blocks + e / block.max(1)) * inner + k
+            };
+            let zp = zero_points.get(g).copied().unwrap_or(0);
+            data.push((v - zp) as f32 * scale.data[g]);
+        }
+        Ok(Constant {
+            dims: dims.to_vec(),
+            data,
+        })
+    }
+
     /// A stand-in node for error messages of shape rules used while folding.
     fn fake_node(&self) -> Node {
         Node {
@@ -851,7 +1004,23 @@ impl Importer<'_> {
     /// The typed node for this ONNX node (its inputs are activations).
     fn convert(&mut self) -> Result<Node> {
         let n = self.node;
-        let x = self.act(0)?;
+        if n.op_type == "DequantizeLinear" {
+            // QuantizeLinear → DequantizeLinear with the same parameters is one
+            // QuantizeDequantize node: this half passes its values on.
+            let Value::Quantized(_, quantized) = self.value(0)? else {
+                return Err(self.fail("dequantizes a float activation"));
+            };
+            let p = self.quantization()?;
+            if (p.scale, p.zero_point) != (quantized.scale, quantized.zero_point) {
+                return Err(
+                    self.fail("dequantizes with other parameters than its QuantizeLinear used")
+                );
+            }
+        }
+        let x = match (n.op_type.as_str(), self.value(0)?) {
+            ("DequantizeLinear", Value::Quantized(d, _)) => d.clone(),
+            _ => self.act(0)?,
+        };
         let mut inputs = vec![self.input_name(0).unwrap_or_default().to_string()];
         let op = match n.op_type.as_str() {
             "Conv" => {
@@ -924,6 +1093,7 @@ impl Importer<'_> {
                     inputs.push(match self.value(i)? {
                         Value::Act(_) => self.input_name(i).unwrap_or_default().to_string(),
                         Value::Const(_) => self.use_constant(i)?,
+                        Value::Quantized(..) => return Err(self.reads_integers()),
                     });
                 }
                 // A constant first operand: the executors want the activation first.
@@ -943,6 +1113,7 @@ impl Importer<'_> {
                     inputs.push(match self.value(i)? {
                         Value::Act(_) => self.input_name(i).unwrap_or_default().to_string(),
                         Value::Const(_) => self.use_constant(i)?,
+                        Value::Quantized(..) => return Err(self.reads_integers()),
                     });
                 }
                 Op::Concat {
@@ -1018,6 +1189,13 @@ impl Importer<'_> {
                     legacy,
                 }
             }
+            "QuantizeLinear" => {
+                if self.const_scalar(1).is_err() {
+                    return Err(self.fail("per-channel activation quantization"));
+                }
+                Op::QuantizeDequantize(self.quantization()?)
+            }
+            "DequantizeLinear" => Op::Identity,
             "Identity" | "Dropout" => {
                 if n.outputs.get(1).is_some_and(|o| !o.is_empty()) {
                     return Err(self.fail("Dropout's mask output"));
@@ -1189,6 +1367,35 @@ fn fuse_hard_swish(graph: &mut Graph) {
     }
 }
 
+/// The Identity nodes that stand for the DequantizeLinear half of a QDQ pair: their readers
+/// read the QuantizeDequantize node's output directly.
+fn drop_dequantize_halves(graph: &mut Graph) {
+    let qdq: std::collections::HashSet<String> = graph
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::QuantizeDequantize(_)))
+        .map(|n| n.outputs[0].clone())
+        .collect();
+    let outputs: std::collections::HashSet<&String> =
+        graph.outputs.iter().map(|o| &o.name).collect();
+    let mut alias: HashMap<String, String> = HashMap::new();
+    graph.nodes.retain(|n| {
+        let drop =
+            n.op == Op::Identity && qdq.contains(&n.inputs[0]) && !outputs.contains(&n.outputs[0]);
+        if drop {
+            alias.insert(n.outputs[0].clone(), n.inputs[0].clone());
+        }
+        !drop
+    });
+    for node in &mut graph.nodes {
+        for input in &mut node.inputs {
+            if let Some(a) = alias.get(input) {
+                *input = a.clone();
+            }
+        }
+    }
+}
+
 /// Reads an ONNX model file.
 pub fn import_onnx(bytes: &[u8]) -> Result<Graph> {
     if bytes.len() > MAX_MODEL_BYTES {
@@ -1246,7 +1453,17 @@ pub fn import_onnx(bytes: &[u8]) -> Result<Graph> {
     let opset = opset.ok_or_else(|| malformed("the model declares no default-domain opset"))?;
 
     let mut values: HashMap<String, Value> = HashMap::new();
+    let mut types: HashMap<String, i64> = HashMap::new();
+    for node in raw.nodes.iter().filter(|n| n.op_type == "Constant") {
+        if let (Some(t), Some(out)) = (
+            node.attrs.get("value").and_then(|a| a.t.as_ref()),
+            node.outputs.first(),
+        ) {
+            types.insert(out.clone(), t.data_type);
+        }
+    }
     for t in raw.initializers {
+        types.insert(t.name.clone(), t.data_type);
         values.insert(t.name.clone(), Value::Const(folded_from(t)));
     }
     let mut graph = Graph {
@@ -1282,6 +1499,7 @@ pub fn import_onnx(bytes: &[u8]) -> Result<Graph> {
         }
         let mut im = Importer {
             opset,
+            types: &types,
             values,
             graph,
             node,
@@ -1320,7 +1538,7 @@ pub fn import_onnx(bytes: &[u8]) -> Result<Graph> {
                     .inputs
                     .iter()
                     .map(|i| match im.values.get(i) {
-                        Some(Value::Act(d)) => Ok(d.clone()),
+                        Some(Value::Act(d) | Value::Quantized(d, _)) => Ok(d.clone()),
                         _ => im.graph.constant(i).map(|c| known(&c.dims)).ok_or_else(|| {
                             im.fail(format!("`{i}` is not computed before this node"))
                         }),
@@ -1328,8 +1546,12 @@ pub fn import_onnx(bytes: &[u8]) -> Result<Graph> {
                     .collect::<Result<_>>()?;
             let refs: Vec<&[Dim]> = input_dims.iter().map(Vec::as_slice).collect();
             let out = shape::node_output(&im.graph, &typed, &refs)?;
+            let value = match typed.op {
+                Op::QuantizeDequantize(p) => Value::Quantized(out, p),
+                _ => Value::Act(out),
+            };
             im.graph.nodes.push(typed);
-            Ok(Value::Act(out))
+            Ok(value)
         })();
         let value = result?;
         values = im.values;
@@ -1339,6 +1561,12 @@ pub fn import_onnx(bytes: &[u8]) -> Result<Graph> {
     for out in raw.outputs {
         match values.get(&out.name) {
             Some(Value::Act(_)) => graph.outputs.push(out),
+            Some(Value::Quantized(..)) => {
+                return Err(EngineError::Onnx(format!(
+                    "output `{}` holds the integers of a QuantizeLinear",
+                    out.name
+                )));
+            }
             Some(Value::Const(_)) => {
                 return Err(EngineError::Onnx(format!(
                     "output `{}` is a constant",
@@ -1355,6 +1583,7 @@ pub fn import_onnx(bytes: &[u8]) -> Result<Graph> {
     }
     graph.input()?;
     fuse_hard_swish(&mut graph);
+    drop_dequantize_halves(&mut graph);
     graph.prune_unused();
     let input_dims = graph.input()?.dims.clone();
     graph.shapes(&input_dims)?;

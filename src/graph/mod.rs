@@ -3,6 +3,9 @@
 //! executor. Names are kept for display only: nothing outside the model builders relies on
 //! a particular tensor name.
 
+mod compress;
+mod depgraph;
+mod export;
 mod fold;
 mod import;
 mod proto;
@@ -10,10 +13,17 @@ mod shape;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+pub use compress::{CompressedGraph, GraphLayer, GraphStats, compress_graph, weight_nodes};
+pub use depgraph::{ChannelGroup, channel_groups, mask_channels, prune_channels};
+pub use export::export_onnx;
 pub use fold::{batch_norm_affine, fold_batch_norms};
 pub use import::{MAX_MODEL_BYTES, import_onnx, transpose};
-pub use shape::{Dim, Shapes, concrete as concrete_dims, element_count, known as known_dims};
+pub(crate) use proto::Message as ProtoMessage;
+pub use shape::{
+    Dim, Shapes, concrete as concrete_dims, element_count, known as known_dims, node_macs,
+};
 
+pub use crate::compress::ActivationParams;
 use crate::error::{EngineError, Result};
 
 /// A weight or other constant, stored as f32 (ONNX's integer constants are folded away at
@@ -167,6 +177,9 @@ pub enum Op {
     },
     /// Identity and Dropout (inference).
     Identity,
+    /// Static activation quantization as it runs in float: QuantizeLinear then
+    /// DequantizeLinear, `(clamp(round(x/s) + zp, qmin, qmax) − zp)·s`.
+    QuantizeDequantize(ActivationParams),
 }
 
 impl Op {
@@ -181,6 +194,7 @@ impl Op {
                 | Op::HardSigmoid { .. }
                 | Op::HardSwish
                 | Op::Identity
+                | Op::QuantizeDequantize(_)
         )
     }
 
@@ -211,6 +225,7 @@ impl Op {
             Op::MatMul => "MatMul",
             Op::Softmax { .. } => "Softmax",
             Op::Identity => "Identity",
+            Op::QuantizeDequantize(_) => "QuantizeLinear+DequantizeLinear",
         }
     }
 }
@@ -303,6 +318,19 @@ impl Graph {
         map
     }
 
+    /// Class names an exporter left in the metadata (`labels`, `classes`, `class_names`,
+    /// `names`, `id2label`): a JSON list, a JSON or Python dict from index to name, or one
+    /// name per line / comma. Empty when there are none.
+    pub fn class_names(&self) -> Vec<String> {
+        const KEYS: [&str; 5] = ["labels", "classes", "class_names", "names", "id2label"];
+        self.metadata
+            .iter()
+            .filter(|(k, _)| KEYS.contains(&k.to_ascii_lowercase().as_str()))
+            .map(|(_, v)| parse_class_names(v))
+            .find(|names| !names.is_empty())
+            .unwrap_or_default()
+    }
+
     pub fn summary(&self, input: &[Dim]) -> Result<Summary> {
         let mut ops: BTreeMap<String, usize> = BTreeMap::new();
         for node in &self.nodes {
@@ -330,4 +358,43 @@ impl Graph {
             outputs,
         })
     }
+}
+
+/// Reads class names written in any of the usual ways (see [`Graph::class_names`]).
+pub fn parse_class_names(text: &str) -> Vec<String> {
+    let text = text.trim();
+    if let Ok(list) = serde_json::from_str::<Vec<String>>(text) {
+        return list;
+    }
+    if let Ok(map) = serde_json::from_str::<BTreeMap<String, String>>(text) {
+        let mut entries: Vec<(usize, String)> = map
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.trim().parse().ok()?, v)))
+            .collect();
+        entries.sort();
+        return entries.into_iter().map(|(_, v)| v).collect();
+    }
+    if text.starts_with('{') {
+        // A Python dict: {0: 'person', 1: "it's"}.
+        let mut names = Vec::new();
+        let mut rest = text.trim_start_matches('{');
+        while let Some(colon) = rest.find(':') {
+            let after = rest[colon + 1..].trim_start();
+            let Some(quote) = after.chars().next().filter(|c| *c == '\'' || *c == '"') else {
+                break;
+            };
+            let body = &after[1..];
+            let Some(end) = body.find(quote) else {
+                break;
+            };
+            names.push(body[..end].to_string());
+            rest = &body[end + 1..];
+        }
+        return names;
+    }
+    let separator = if text.contains('\n') { '\n' } else { ',' };
+    text.split(separator)
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
 }

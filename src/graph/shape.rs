@@ -314,7 +314,8 @@ pub(crate) fn node_output(graph: &Graph, node: &Node, inputs: &[&[Dim]]) -> Resu
         | Op::Sigmoid
         | Op::HardSigmoid { .. }
         | Op::HardSwish
-        | Op::Identity => x.to_vec(),
+        | Op::Identity
+        | Op::QuantizeDequantize(_) => x.to_vec(),
         Op::Add | Op::Sub | Op::Mul | Op::Div | Op::Sum => {
             let mut out = x.to_vec();
             for other in &inputs[1..] {
@@ -448,18 +449,22 @@ pub(crate) fn infer(graph: &Graph, input: &[Dim]) -> Result<Shapes> {
 
 /// Multiply-accumulates of convolutions and matrix products (None while a dim is unknown).
 pub(crate) fn macs(graph: &Graph, shapes: &Shapes) -> Option<u64> {
-    let mut total = 0u64;
-    for node in &graph.nodes {
-        let out = concrete(shapes.get(node.outputs.first()?)?)?;
-        let w = node.inputs.get(1).and_then(|n| graph.constant(n));
-        let per_output = match (&node.op, w) {
-            (Op::Conv(_), Some(w)) => w.dims.iter().skip(1).product::<usize>(),
-            (Op::Gemm { trans_b, .. }, Some(w)) => *w.dims.get(usize::from(*trans_b))?,
-            (Op::MatMul, Some(w)) => *w.dims.first()?,
-            _ => continue,
-        };
-        let outputs = element_count(&out).ok()?;
-        total = total.checked_add((outputs as u64).checked_mul(per_output as u64)?)?;
-    }
-    Some(total)
+    graph.nodes.iter().try_fold(0u64, |total, node| {
+        total.checked_add(node_macs(graph, shapes, node)?)
+    })
+}
+
+/// Multiply-accumulates of one node (0 for nodes without weights); `None` when a dim is
+/// unknown.
+pub fn node_macs(graph: &Graph, shapes: &Shapes, node: &Node) -> Option<u64> {
+    let w = node.inputs.get(1).and_then(|n| graph.constant(n));
+    let per_output = match (&node.op, w) {
+        (Op::Conv(_), Some(w)) => w.dims.iter().skip(1).product::<usize>(),
+        (Op::Gemm { trans_b, .. }, Some(w)) => *w.dims.get(usize::from(*trans_b))?,
+        (Op::MatMul, Some(w)) => *w.dims.first()?,
+        _ => return Some(0),
+    };
+    let out = concrete(shapes.get(node.outputs.first()?)?)?;
+    let outputs = element_count(&out).ok()?;
+    (outputs as u64).checked_mul(per_output as u64)
 }

@@ -10,7 +10,7 @@ use compresslab::exec::{CpuExecutor, Tensor};
 use compresslab::graph::{Op, fold_batch_norms, import_onnx};
 use compresslab::npy::read_npy;
 
-fn models() -> PathBuf {
+pub fn models() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/onnx-models");
     assert!(
         dir.join("textdir.onnx").exists(),
@@ -19,12 +19,12 @@ fn models() -> PathBuf {
     dir
 }
 
-fn npy(name: &str) -> Tensor {
+pub fn npy(name: &str) -> Tensor {
     read_npy(&std::fs::read(models().join(name)).unwrap()).unwrap()
 }
 
 /// max |ours − reference| relative to the largest reference magnitude.
-fn relative_difference(ours: &Tensor, reference: &Tensor) -> f32 {
+pub fn relative_difference(ours: &Tensor, reference: &Tensor) -> f32 {
     assert_eq!(ours.dims, reference.dims);
     let scale = reference
         .data
@@ -37,6 +37,37 @@ fn relative_difference(ours: &Tensor, reference: &Tensor) -> f32 {
         .zip(&reference.data)
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     diff / scale
+}
+
+/// Imports `cases` mutated copies of `bytes` (the first fifth truncated, the rest with 1–4
+/// flipped bits; fixed seed) and runs whatever imports on `input`: each step must give a
+/// result or an error, never a panic. Returns how many copies imported.
+pub fn import_mutations(bytes: &[u8], input: &Tensor, cases: usize, mut seed: u64) -> usize {
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut imported = 0;
+    for case in 0..cases {
+        let mut mutated = bytes.to_vec();
+        if case < cases / 5 {
+            mutated.truncate((next() as usize) % bytes.len());
+        } else {
+            for _ in 0..1 + case % 4 {
+                let at = (next() as usize) % mutated.len();
+                mutated[at] ^= 1 << (next() % 8);
+            }
+        }
+        if let Ok(graph) = import_onnx(&mutated) {
+            imported += 1;
+            if let Ok(executor) = CpuExecutor::new(&graph) {
+                let _ = executor.run(input);
+            }
+        }
+    }
+    imported
 }
 
 fn run(name: &str) -> (Tensor, Tensor) {
@@ -131,31 +162,7 @@ fn unsupported_and_malformed_files_are_errors_that_say_why() {
     // graph, never a panic; whatever imports also runs or fails cleanly.
     let bytes = std::fs::read(models().join("shufflenet.onnx")).unwrap();
     let input = npy("shufflenet.input.npy");
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
-    let mut imported = 0;
-    for case in 0..1500 {
-        let mut mutated = bytes.clone();
-        if case < 300 {
-            mutated.truncate((next() as usize) % bytes.len());
-        } else {
-            for _ in 0..1 + case % 4 {
-                let at = (next() as usize) % mutated.len();
-                mutated[at] ^= 1 << (next() % 8);
-            }
-        }
-        if let Ok(graph) = import_onnx(&mutated) {
-            imported += 1;
-            if let Ok(executor) = CpuExecutor::new(&graph) {
-                let _ = executor.run(&input);
-            }
-        }
-    }
+    let imported = import_mutations(&bytes, &input, 1500, 0x2545_f491_4f6c_dd1d);
     println!("mutated files: {imported}/1500 still imported");
 }
 

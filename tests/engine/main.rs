@@ -11,6 +11,7 @@ mod efficientnet;
 mod fashion;
 mod gpu_kernels;
 mod graph;
+mod graph_compress;
 mod quant;
 
 /// `assets/`, written by scripts/setup.sh.

@@ -149,9 +149,11 @@ def unsupported():
     return b.model("up")
 
 
-def render_lines(font_dir):
+def render_lines(font_dir, png_dir=None):
     """Text lines as the text-direction model sees them: height 48, width ≤ 192, right-padded
-    with zeros after (x/255 − 0.5)/0.5; each line upright (0) and rotated 180° (1)."""
+    with zeros after (x/255 − 0.5)/0.5; each line upright (0) and rotated 180° (1). With
+    png_dir, also the rendered lines as PNG files (line-K-0.png, line-K-180.png) for the
+    browser test to drop on the page."""
     texts = ["compresslab 2026", "Hello, world", "ONNX in the browser", "Rust + WebGPU", "int8 and int4", "Pruning channels"]
     fonts = ["DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf"]
     images, labels = [], []
@@ -162,6 +164,8 @@ def render_lines(font_dir):
         ImageDraw.Draw(img).text((8 - left, 8 - top), text, fill="black", font=font)
         for rotated in (0, 1):
             im = img.rotate(180) if rotated else img
+            if png_dir:
+                im.save(os.path.join(png_dir, f"line-{i}-{180 if rotated else 0}.png"))
             w = min(192, int(round(48 * im.width / im.height)))
             arr = np.asarray(im.resize((w, 48), Image.BILINEAR), dtype=np.float32)
             arr = (arr / 255.0 - 0.5) / 0.5
@@ -193,7 +197,9 @@ def main():
     path = os.path.join(out, "textdir.onnx")
     with open(rapidocr, "rb") as src, open(path, "wb") as dst:
         dst.write(src.read())
-    batch, labels = render_lines(font_dir)
+    lines = os.path.join(out, "lines")
+    os.makedirs(lines, exist_ok=True)
+    batch, labels = render_lines(font_dir, lines)
     np.save(os.path.join(out, "textdir.input.npy"), batch)
     np.save(os.path.join(out, "textdir.labels.npy"), labels)
     probs = reference(path, batch)

@@ -22,6 +22,7 @@ use crate::messages::{
     BackendInfo, BackendKind, BenchReport, DistilBench, DistilTarget, FromWorker, ModelReady,
     ToWorker,
 };
+use crate::user_model_panel::{self, UserModelPanel, UserModelState};
 
 /// At most this many images are taken from one drop, paste or pick.
 pub const MAX_BATCH: usize = 50;
@@ -101,6 +102,7 @@ struct Controller {
     distil: RwSignal<DistilState>,
     photo_distil: RwSignal<DistilState>,
     distil_target: DistilTarget,
+    user_model: RwSignal<UserModelState>,
     _handlers: Vec<Closure<dyn FnMut(JsValue)>>,
 }
 
@@ -321,7 +323,12 @@ fn on_worker_message(msg: FromWorker) {
         } => {
             download(&file_name, &weights, "application/octet-stream");
             download("recipe.json", recipe_json.as_bytes(), "application/json");
+            c.user_model.update(|s| s.busy = None);
         }
+        msg @ (FromWorker::UserModelLoaded(_)
+        | FromWorker::UserModelClassified(_)
+        | FromWorker::UserModelCompressed(_)
+        | FromWorker::UserModelFailed { .. }) => user_model_panel::on_message(c.user_model, msg),
         FromWorker::Benchmarked(report) => c.bench.set(BenchState::Done(report)),
         FromWorker::DistilBenchmarked(report) => c.bench.set(BenchState::TrainingDone(report)),
         FromWorker::BenchmarkFailed { message } => c.bench.set(BenchState::Failed(message)),
@@ -357,6 +364,7 @@ fn on_worker_message(msg: FromWorker) {
                     });
                 }
             }
+            user_model_panel::on_worker_lost(c.user_model, &message);
             respawn = Some(if on_gpu {
                 format!("the WebGPU device was lost or failed: {message}")
             } else {
@@ -492,6 +500,27 @@ pub fn send_distil(msg: ToWorker, files: Option<js_sys::Array>) {
                 s.running = false;
                 s.loading = None;
                 s.message = Some(WebError::js("could not reach the model worker", e).to_string());
+            });
+        }
+    });
+}
+
+/// Sends a request about the visitor's own model, with its file alongside when there is one.
+pub fn send_user_model(msg: ToWorker, blob: Option<Blob>) {
+    with_controller(|c| {
+        let (Some(worker), Ok(js)) = (c.worker.as_ref(), serde_wasm_bindgen::to_value(&msg)) else {
+            return;
+        };
+        let parts = match &blob {
+            Some(b) => js_sys::Array::of2(&js, b),
+            None => js_sys::Array::of1(&js),
+        };
+        if let Err(e) = worker.post_message(&parts) {
+            let message = WebError::js("could not reach the model worker", e).to_string();
+            c.user_model.update(|s| {
+                s.loading = None;
+                s.busy = None;
+                s.error = Some(message);
             });
         }
     });
@@ -672,6 +701,7 @@ pub fn App() -> impl IntoView {
     let distil = RwSignal::new(DistilState::default());
     let photo_distil = RwSignal::new(DistilState::default());
     let model = RwSignal::new(ModelChoice::Photos);
+    let user_model = RwSignal::new(UserModelState::default());
 
     CONTROLLER.with(|c| {
         *c.borrow_mut() = Some(Controller {
@@ -689,6 +719,7 @@ pub fn App() -> impl IntoView {
             distil,
             photo_distil,
             distil_target: DistilTarget::Fashion,
+            user_model,
             _handlers: Vec::new(),
         })
     });
@@ -715,7 +746,10 @@ pub fn App() -> impl IntoView {
         dragging.set(false);
         let files = e.data_transfer().and_then(|dt| dt.files());
         let images = files_to_images(files);
-        if images.is_empty() {
+        if model.get_untracked() == ModelChoice::Yours {
+            // On "Your model", a drop is a model, class names or images for it.
+            user_model_panel::take_files(user_model, images);
+        } else if images.is_empty() {
             notice.set(Some(
                 "Nothing to classify in that drop: drop image files.".into(),
             ));
@@ -755,7 +789,12 @@ pub fn App() -> impl IntoView {
                     on:click=move |_| model.set(ModelChoice::Photos)>"Photos · EfficientNet-Lite0"</button>
                 <button id="model-fashion" role="tab" class:active=move || model.get() == ModelChoice::Fashion
                     on:click=move |_| model.set(ModelChoice::Fashion)>"Fashion-MNIST · exact accuracy"</button>
+                <button id="model-yours" role="tab" class:active=move || model.get() == ModelChoice::Yours
+                    on:click=move |_| model.set(ModelChoice::Yours)>"Your model · ONNX"</button>
             </nav>
+            <Show when=move || model.get() == ModelChoice::Yours>
+                <UserModelPanel state=user_model/>
+            </Show>
             <Show when=move || model.get() == ModelChoice::Fashion>
                 <section class="fashion-intro" id="fashion-intro">
                     <p>
@@ -791,7 +830,9 @@ pub fn App() -> impl IntoView {
                 </For>
             </section>
             </div>
-            <LabPanel status=status lab=lab items=items model=model/>
+            <Show when=move || model.get() != ModelChoice::Yours>
+                <LabPanel status=status lab=lab items=items model=model/>
+            </Show>
             <Show when=move || model.get() == ModelChoice::Photos>
                 <DistilPanel distil=photo_distil lab=lab target=DistilTarget::Photos can_run=Signal::derive(move || {
                     matches!(status.get(), Status::Ready(_))
@@ -1072,7 +1113,7 @@ fn BenchPanel(
 }
 
 /// Paints 8-bit RGB pixels onto a canvas.
-fn draw_rgb(canvas: &web_sys::HtmlCanvasElement, rgb: &[u8], width: u32, height: u32) {
+pub(crate) fn draw_rgb(canvas: &web_sys::HtmlCanvasElement, rgb: &[u8], width: u32, height: u32) {
     if rgb.len() != (width * height * 3) as usize {
         return;
     }

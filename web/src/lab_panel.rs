@@ -38,6 +38,8 @@ pub enum ModelChoice {
     Photos,
     /// Our Fashion-MNIST network (exact accuracy on 10 000 labelled test images).
     Fashion,
+    /// The visitor's own ONNX model (its own panel; the built-in lab is hidden).
+    Yours,
 }
 
 impl ModelChoice {
@@ -46,6 +48,7 @@ impl ModelChoice {
         match self {
             ModelChoice::Photos => vec!["_conv_stem".into(), "_fc".into()],
             ModelChoice::Fashion => vec!["conv1".into(), "fc2".into()],
+            ModelChoice::Yours => Vec::new(),
         }
     }
 }
@@ -242,7 +245,7 @@ pub fn LabPanel(
         let choice = model.get_untracked();
         let recipe = c.recipe(choice);
         let msg = match choice {
-            ModelChoice::Photos => ToWorker::Compress {
+            ModelChoice::Photos | ModelChoice::Yours => ToWorker::Compress {
                 recipe,
                 runs: c.runs.get_untracked(),
             },

@@ -11,4 +11,6 @@ pub mod fashion_panel;
 pub mod lab;
 pub mod lab_panel;
 pub mod messages;
+pub mod user_model;
+pub mod user_model_panel;
 pub mod worker;

@@ -6,6 +6,7 @@ use compresslab::distill::HeldOutReport;
 use compresslab::fashion::Evaluation;
 use compresslab::fashion::TrainLayers;
 use compresslab::labels::Prediction;
+use compresslab::preprocess::InputSpec;
 use compresslab::sweep::SweepPoint;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -75,6 +76,25 @@ pub enum ToWorker {
         batch: u32,
         steps: u32,
     },
+    /// "Your model": import the `.onnx` blob posted alongside (replaces any earlier one).
+    UserModelLoad {
+        name: String,
+    },
+    /// Classify the image blob posted alongside with the user's model (and its compressed
+    /// variant, when there is one), prepared as `spec` says.
+    UserModelClassify {
+        id: u32,
+        name: String,
+        spec: InputSpec,
+    },
+    /// Compress the user's model; the images classified so far calibrate (first half) and
+    /// measure agreement (second half).
+    UserModelCompress {
+        recipe: Recipe,
+        runs: u32,
+    },
+    /// Send back the compressed variant (or the original) as ONNX.
+    UserModelExport,
 }
 
 /// Which network a distillation fine-tunes.
@@ -359,6 +379,15 @@ pub enum FromWorker {
         message: String,
         cancelled: bool,
     },
+    UserModelLoaded(Box<UserModelInfo>),
+    UserModelClassified(UserClassification),
+    UserModelCompressed(Box<UserCompressReport>),
+    /// A load, compression or export of the user's model failed (`id`: the image, when
+    /// classifying one failed).
+    UserModelFailed {
+        id: Option<u32>,
+        message: String,
+    },
     /// The worker panicked; it is unusable and the page replaces it.
     Crashed {
         message: String,
@@ -448,4 +477,83 @@ pub struct ChangedPrediction {
     /// 28×28 grey pixels.
     #[serde(with = "serde_bytes")]
     pub pixels: Vec<u8>,
+}
+
+/// What the page shows about an imported model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UserModelInfo {
+    pub name: String,
+    pub file_bytes: usize,
+    pub producer: String,
+    pub opset: i64,
+    /// Declared dims, `?`-style names for unknown ones.
+    pub input: Vec<String>,
+    pub outputs: Vec<String>,
+    pub nodes: usize,
+    pub ops: Vec<(String, usize)>,
+    pub parameters: usize,
+    /// For one input of the declared size (batch 1); None when a size is unknown.
+    pub macs: Option<u64>,
+    /// Fixed input height and width, when the model declares them.
+    pub input_size: Option<(usize, usize)>,
+    /// Class names found in the model's metadata (empty when none).
+    pub labels: Vec<String>,
+    pub prunable_groups: usize,
+    pub fixed_groups: usize,
+}
+
+/// One image through the user's model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UserClassification {
+    pub id: u32,
+    /// `(class, probability)`, best first (softmax of the outputs unless they already are
+    /// probabilities).
+    pub top: Vec<(usize, f32)>,
+    pub ms: f64,
+    pub variant_top: Option<Vec<(usize, f32)>>,
+    pub variant_ms: Option<f64>,
+    /// The input as the model saw it (8-bit RGB, height × width), for the card.
+    #[serde(with = "serde_bytes")]
+    pub seen: Vec<u8>,
+    pub seen_width: u32,
+    pub seen_height: u32,
+}
+
+/// Size and compute of one side.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UserSide {
+    pub parameters: usize,
+    pub weight_bytes: usize,
+    pub macs: Option<u64>,
+    pub p50_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UserLayer {
+    pub node: String,
+    pub op: String,
+    pub shape: Vec<usize>,
+    pub parameters: usize,
+    pub zeros: usize,
+    pub bits: Option<u8>,
+    pub sqnr_db: Option<f64>,
+    pub activation_bits: Option<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UserCompressReport {
+    pub recipe: Recipe,
+    pub before: UserSide,
+    pub after: UserSide,
+    /// Timing runs per side (interleaved, on the last image).
+    pub runs: u32,
+    pub calibration_images: usize,
+    /// Images not used to calibrate, on which agreement is measured.
+    pub held_out: usize,
+    /// Held-out images whose top-1 class is unchanged (None: too few images).
+    pub top1_same: Option<usize>,
+    pub layers: Vec<UserLayer>,
+    /// What ran, in words (the interpreter, and that the arithmetic is float).
+    pub executor: String,
+    pub build_ms: f64,
 }

@@ -25,7 +25,7 @@ use crate::lab::{self, EvalImage, percentile};
 use crate::messages::{
     BackendInfo, BackendKind, BenchReport, DistilTarget, FromWorker, ModelReady, ToWorker,
 };
-use crate::{distil, distil_photo, fashion_lab};
+use crate::{distil, distil_photo, fashion_lab, user_model};
 
 pub const WEIGHTS_FILE: &str = "efficientnet-lite0.safetensors";
 pub const LABELS_FILE: &str = "imagenet-labels.json";
@@ -225,6 +225,40 @@ async fn handle(data: JsValue) {
         ToWorker::Export => {
             if let Err(e) = lab::export() {
                 post(&FromWorker::CompressFailed {
+                    message: e.to_string(),
+                });
+            }
+        }
+        ToWorker::UserModelLoad { name } => {
+            let blob: Blob = parts.get(1).unchecked_into();
+            if let Err(e) = user_model::load(name, &blob).await {
+                post(&FromWorker::UserModelFailed {
+                    id: None,
+                    message: e.to_string(),
+                });
+            }
+        }
+        ToWorker::UserModelClassify { id, spec, .. } => {
+            let blob: Blob = parts.get(1).unchecked_into();
+            if let Err(e) = user_model::classify(id, spec, &blob).await {
+                post(&FromWorker::UserModelFailed {
+                    id: Some(id),
+                    message: e.to_string(),
+                });
+            }
+        }
+        ToWorker::UserModelCompress { recipe, runs } => {
+            if let Err(e) = user_model::compress(recipe, runs) {
+                post(&FromWorker::UserModelFailed {
+                    id: None,
+                    message: e.to_string(),
+                });
+            }
+        }
+        ToWorker::UserModelExport => {
+            if let Err(e) = user_model::export() {
+                post(&FromWorker::UserModelFailed {
+                    id: None,
                     message: e.to_string(),
                 });
             }

@@ -26,6 +26,10 @@ const USAGE: &str = "usage:
       any ONNX CNN: operators, parameters, MACs, input/output shapes, or why it does not import
   compresslab run <model.onnx> <in.npy> <out.npy> [--device cpu]
       runs any imported ONNX model on an NCHW float32 batch and writes its first output
+  compresslab compress <model.onnx> <recipe.json> <out.onnx> [--calibration <in.npy>]
+      the lab's recipe (same JSON, missing fields default) on any imported model: channel
+      pruning by dependency groups, BatchNorm folding, magnitude pruning, int8/int4 weights,
+      calibrated activations; writes ONNX (QDQ, int4 blocks via DequantizeLinear block_size)
   compresslab convert <checkpoint.pth> <imagenet1k_label_to_names.json> <out-dir>
   compresslab classify [--device cpu|flex|wgpu] <assets-dir> <image>...
   compresslab bench [--runs N] <assets-dir> <image>
@@ -84,6 +88,9 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("export-onnx") => export_onnx(&args[1..]),
         Some("preprocess") => preprocess(&args[1..]),
+        Some("compress") if args.get(1).is_some_and(|m| m.ends_with(".onnx")) => {
+            models::compress(&args[1..])
+        }
         Some("compress") => compress_cmd(&args[1..]),
         Some("bench-compress") => bench_compress(&args[1..]),
         Some("fashion-assets") => fashion_assets(&args[1..]),

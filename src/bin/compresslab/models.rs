@@ -1,10 +1,11 @@
-//! Subcommands on any ONNX model: `inspect` and `run` (the graph engine).
+//! Subcommands on any ONNX model: `inspect`, `run` and `compress` (the graph engine).
 
 use std::path::Path;
 use std::time::Instant;
 
+use compresslab::compress::Recipe;
 use compresslab::exec::CpuExecutor;
-use compresslab::graph::{Dim, import_onnx};
+use compresslab::graph::{Dim, channel_groups, compress_graph, export_onnx, import_onnx};
 use compresslab::npy::{read_npy, write_npy};
 use compresslab::{EngineError, Result};
 
@@ -108,5 +109,85 @@ pub fn run(args: &[String]) -> Result<()> {
         "{:?} → {:?} in {ms:.1} ms on the CPU interpreter; wrote {output}",
         input.dims, first.dims
     );
+    Ok(())
+}
+
+/// `compress MODEL.onnx RECIPE.json OUT.onnx [--calibration IN.npy]`: the lab's recipe on any
+/// imported model, written as ONNX.
+pub fn compress(args: &[String]) -> Result<()> {
+    let (model, recipe, out, calibration) = match args {
+        [m, r, o] => (m, r, o, None),
+        [m, r, o, flag, c] if flag == "--calibration" => (m, r, o, Some(c)),
+        _ => {
+            return Err(usage_error(
+                "compress takes MODEL.onnx RECIPE.json OUT.onnx [--calibration IN.npy]",
+            ));
+        }
+    };
+    let graph = import_onnx(&read(Path::new(model))?)?;
+    let text = String::from_utf8_lossy(&read(Path::new(recipe))?).into_owned();
+    let recipe = Recipe::from_json(&text)?;
+    let calibration = match calibration {
+        Some(path) => vec![read_npy(&read(Path::new(path))?)?],
+        None => Vec::new(),
+    };
+    if recipe.channel_pruning.is_some() {
+        let groups = channel_groups(&graph)?;
+        let prunable = groups.iter().filter(|g| g.fixed.is_none()).count();
+        println!(
+            "channel groups: {} ({prunable} prunable, {} fixed)",
+            groups.len(),
+            groups.len() - prunable
+        );
+    }
+    let compressed = compress_graph(&graph, &recipe, &calibration, &mut |_, _| {})?;
+    // MACs for one input of the calibration batch's size when the model leaves it open.
+    let fed: Vec<Dim> = match calibration.first() {
+        Some(t) => std::iter::once(Dim::Known(1))
+            .chain(t.dims.iter().skip(1).map(|&d| Dim::Known(d)))
+            .collect(),
+        None => {
+            let mut dims = graph.input()?.dims.clone();
+            if let Some(batch) = dims.first_mut() {
+                *batch = Dim::Known(1);
+            }
+            dims
+        }
+    };
+    let before = graph.stats_at(&fed, &Default::default())?;
+    let after = compressed.graph.stats_at(&fed, &compressed.weights)?;
+    for layer in &compressed.layers {
+        println!(
+            "  {:<32} {:<5} {:>9} params  {:>5.1} % zero  {}{}",
+            layer.node,
+            layer.op,
+            layer.parameters,
+            100.0 * layer.zeros as f64 / layer.parameters.max(1) as f64,
+            layer
+                .bits
+                .map_or("fp32".to_string(), |b| format!("int{b} weights")),
+            match layer.activation {
+                Some(a) => format!(", activations scale {:.3e} zp {}", a.scale, a.zero_point),
+                None => String::new(),
+            }
+        );
+    }
+    let show_macs = |m: Option<u64>| m.map_or("unknown".into(), |m| m.to_string());
+    println!(
+        "parameters {} → {}, weight bytes {} → {}, MACs {} → {}",
+        before.parameters,
+        after.parameters,
+        before.weight_bytes,
+        after.weight_bytes,
+        show_macs(before.macs),
+        show_macs(after.macs)
+    );
+    let bytes = export_onnx(
+        &compressed.graph,
+        &compressed.weights,
+        &[("compresslab.recipe".to_string(), recipe.to_json())],
+    )?;
+    write(Path::new(out), &bytes)?;
+    println!("wrote {out} ({} bytes)", bytes.len());
     Ok(())
 }

@@ -1,0 +1,341 @@
+//! Compression on the graph, for every test model: channel groups found by walking the graph
+//! (pruned = masked, 0 % = identical), the lab's recipe (W8A8 agreement on inputs that were
+//! not used to calibrate), and the exported ONNX read back by our importer and by ONNX
+//! Runtime with matching outputs.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use compresslab::compress::{Observer, Recipe};
+use compresslab::exec::{CpuExecutor, Tensor};
+use compresslab::graph::{
+    Graph, Op, channel_groups, compress_graph, export_onnx, import_onnx, mask_channels,
+    prune_channels,
+};
+use compresslab::npy::{read_npy, write_npy};
+use compresslab::prune::{ChannelPruning, ChannelRanking};
+use compresslab::quant::{Granularity, QuantScheme};
+
+use super::graph::{import_mutations, models, npy, relative_difference};
+
+const MODELS: [&str; 5] = ["resnet", "densenet", "shufflenet", "mobilenet", "textdir"];
+
+fn load(name: &str) -> Graph {
+    import_onnx(&std::fs::read(models().join(format!("{name}.onnx"))).unwrap()).unwrap()
+}
+
+fn run(graph: &Graph, input: &Tensor) -> Tensor {
+    CpuExecutor::new(graph)
+        .unwrap()
+        .run(input)
+        .unwrap()
+        .remove(0)
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i)
+}
+
+/// Fraction of rows whose top-1 class is the same.
+fn top1_agreement(a: &Tensor, b: &Tensor) -> f64 {
+    let classes = a.dims[1];
+    let same = a
+        .data
+        .chunks(classes)
+        .zip(b.data.chunks(classes))
+        .filter(|(x, y)| argmax(x) == argmax(y))
+        .count();
+    same as f64 / (a.data.len() / classes) as f64
+}
+
+/// Standard-normal inputs of the model's input shape with a seed of their own: calibration
+/// data the evaluated inputs are not part of.
+fn random_like(t: &Tensor, mut seed: u64) -> Tensor {
+    let mut uniform = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let data = (0..t.data.len())
+        .map(|_| {
+            let (u, v) = (uniform().max(1e-12), uniform());
+            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+        })
+        .collect();
+    Tensor {
+        dims: t.dims.clone(),
+        data,
+    }
+}
+
+/// `(calibration, evaluation)` for a model: the text-direction lines split in two halves
+/// (different texts), the synthetic models' reference batch against a random batch.
+fn calibration_and_evaluation(name: &str) -> (Tensor, Tensor) {
+    let input = npy(&format!("{name}.input.npy"));
+    if name != "textdir" {
+        return (random_like(&input, 99), input);
+    }
+    let half = input.data.len() / 2;
+    let mut dims = input.dims.clone();
+    dims[0] /= 2;
+    let part = |data: &[f32]| Tensor {
+        dims: dims.clone(),
+        data: data.to_vec(),
+    };
+    (part(&input.data[..half]), part(&input.data[half..]))
+}
+
+#[test]
+fn channel_groups_follow_the_topology() {
+    let summary = |name: &str| {
+        let groups = channel_groups(&load(name)).unwrap();
+        for g in &groups {
+            println!(
+                "{name}: {:?} {} channels{}",
+                g.producers,
+                g.channels,
+                g.fixed
+                    .as_ref()
+                    .map_or(String::new(), |w| format!(", fixed: {w}"))
+            );
+        }
+        groups
+    };
+    // ResNet: the stem and the first block's second conv are residual partners; the second
+    // block's second conv and its projection shortcut are; the classifier's outputs are the
+    // model's.
+    let resnet = summary("resnet");
+    let coupled: Vec<(usize, usize)> = resnet
+        .iter()
+        .filter(|g| g.fixed.is_none() && g.producers.len() > 1)
+        .map(|g| (g.producers.len(), g.channels))
+        .collect();
+    assert_eq!(coupled, vec![(2, 16), (2, 32)]);
+    assert!(
+        resnet
+            .iter()
+            .any(|g| g.channels == 10 && g.fixed.as_deref() == Some("the model's output"))
+    );
+    // MobileNet: the stem, the squeeze-excite expansion (through the gate's Mul), the
+    // depthwise branch (passes channels through) and the 1×1 branch all meet in one Sum.
+    let mobilenet = summary("mobilenet");
+    assert!(
+        mobilenet
+            .iter()
+            .any(|g| g.fixed.is_none() && g.producers.len() == 3 && g.channels == 12)
+    );
+    // ShuffleNet: grouped convolutions and the channel shuffle fix their channels; the
+    // dilated conv before the MatMul head stays prunable.
+    let shufflenet = summary("shufflenet");
+    assert!(
+        shufflenet
+            .iter()
+            .any(|g| g.fixed.as_deref() == Some("grouped convolution"))
+    );
+    assert!(
+        shufflenet
+            .iter()
+            .any(|g| g.fixed.is_none() && g.channels == 12)
+    );
+    // DenseNet: every conv's channels stay their own through the concatenations.
+    let densenet = summary("densenet");
+    assert_eq!(densenet.iter().filter(|g| g.fixed.is_none()).count(), 7);
+    let textdir = summary("textdir");
+    assert!(textdir.iter().filter(|g| g.fixed.is_none()).count() >= 10);
+}
+
+#[test]
+fn pruned_channels_compute_what_masked_channels_compute() {
+    for name in MODELS {
+        let graph = load(name);
+        let input = npy(&format!("{name}.input.npy"));
+        let original = run(&graph, &input);
+        let none = ChannelPruning {
+            ratio: 0.0,
+            ranking: ChannelRanking::L1,
+        };
+        let same = prune_channels(&graph, &none).unwrap();
+        assert_eq!(
+            same.constants, graph.constants,
+            "{name}: 0 % changed weights"
+        );
+        assert_eq!(
+            run(&same, &input).data,
+            original.data,
+            "{name}: 0 % changed outputs"
+        );
+        for ranking in [
+            ChannelRanking::L1,
+            ChannelRanking::L2,
+            ChannelRanking::BatchNormGamma,
+        ] {
+            let cfg = ChannelPruning {
+                ratio: 0.5,
+                ranking,
+            };
+            let pruned = prune_channels(&graph, &cfg).unwrap();
+            let masked = mask_channels(&graph, &cfg).unwrap();
+            let (p, m) = (run(&pruned, &input), run(&masked, &input));
+            let diff = relative_difference(&p, &m);
+            let params = |g: &Graph| g.constants.values().map(|c| c.data.len()).sum::<usize>();
+            println!(
+                "{name} {ranking:?} 50 %: parameters {} → {}, pruned vs masked {diff:.2e}, changed vs original {:.2e}",
+                params(&graph),
+                params(&pruned),
+                relative_difference(&p, &original)
+            );
+            assert!(diff <= 1e-5, "{name} {ranking:?}: {diff}");
+            assert!(
+                params(&pruned) < params(&graph) * 9 / 10,
+                "{name}: little removed"
+            );
+        }
+    }
+}
+
+#[test]
+fn w8a8_on_the_graph_agrees_with_fp32_on_held_out_inputs() {
+    let recipe = Recipe::w8a8(Granularity::PerChannel, Observer::MinMax);
+    for name in MODELS {
+        let graph = load(name);
+        let (calibration, evaluation) = calibration_and_evaluation(name);
+        let compressed = compress_graph(&graph, &recipe, &[calibration], &mut |_, _| {}).unwrap();
+        let quantizers = compressed
+            .graph
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.op, Op::QuantizeDequantize(_)))
+            .count();
+        let fp32 = run(&graph, &evaluation);
+        let int8 = run(&compressed.graph, &evaluation);
+        let agreement = top1_agreement(&fp32, &int8);
+        let diff = relative_difference(&int8, &fp32);
+        let quantized = compressed
+            .layers
+            .iter()
+            .filter(|l| l.bits == Some(8))
+            .count();
+        println!(
+            "{name}: {quantized}/{} layers int8, {quantizers} activation quantizers, top-1 agreement {:.0} % on {} held-out inputs, max relative output change {diff:.1e}",
+            compressed.layers.len(),
+            100.0 * agreement,
+            evaluation.dims[0]
+        );
+        assert_eq!(quantized, compressed.layers.len());
+        assert!(compressed.layers.iter().all(|l| l.activation.is_some()));
+        assert!(agreement >= 0.99, "{name}: {agreement}");
+    }
+}
+
+fn python() -> Option<PathBuf> {
+    let cache = std::env::var("COMPRESSLAB_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/compresslab")
+        });
+    let python = cache.join("venv/bin/python");
+    python.exists().then_some(python)
+}
+
+/// ONNX Runtime's first output for `model` on `input` (the venv from scripts/setup.sh --tests).
+fn onnx_runtime(model: &[u8], input: &Tensor, tag: &str) -> Tensor {
+    let python = python().expect("the ONNX Runtime venv is missing: run scripts/setup.sh --tests");
+    let dir = std::env::temp_dir().join(format!("compresslab-export-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (m, i, o) = (
+        dir.join(format!("{tag}.onnx")),
+        dir.join(format!("{tag}.in.npy")),
+        dir.join(format!("{tag}.out.npy")),
+    );
+    std::fs::write(&m, model).unwrap();
+    std::fs::write(&i, write_npy(input)).unwrap();
+    let status = Command::new(python)
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/models/run_ort.py"))
+        .args([&m, &i, &o])
+        .status()
+        .unwrap();
+    assert!(status.success(), "{tag}: ONNX Runtime failed on the export");
+    read_npy(&std::fs::read(&o).unwrap()).unwrap()
+}
+
+#[test]
+fn exported_onnx_runs_in_onnx_runtime_and_reimports() {
+    let int4 = Recipe {
+        weights: Some(QuantScheme {
+            bits: 4,
+            symmetric: false,
+            granularity: Granularity::PerBlock(20),
+        }),
+        ..Recipe::default()
+    };
+    let pruned_int8 = Recipe {
+        channel_pruning: Some(ChannelPruning {
+            ratio: 0.3,
+            ranking: ChannelRanking::L1,
+        }),
+        ..Recipe::w8a8(Granularity::PerChannel, Observer::Percentile(99.99))
+    };
+    let fp32 = Recipe::default();
+    for name in MODELS {
+        let graph = load(name);
+        let (calibration, evaluation) = calibration_and_evaluation(name);
+        for (tag, recipe) in [
+            ("fp32", &fp32),
+            ("int4-block20", &int4),
+            ("pruned-w8a8", &pruned_int8),
+        ] {
+            let compressed = compress_graph(
+                &graph,
+                recipe,
+                std::slice::from_ref(&calibration),
+                &mut |_, _| {},
+            )
+            .unwrap();
+            let ours = run(&compressed.graph, &evaluation);
+            let bytes = export_onnx(&compressed.graph, &compressed.weights, &[]).unwrap();
+            let reimported = run(&import_onnx(&bytes).unwrap(), &evaluation);
+            let round_trip = relative_difference(&reimported, &ours);
+            let ort = onnx_runtime(&bytes, &evaluation, &format!("{name}-{tag}"));
+            let vs_ort = relative_difference(&ort, &ours);
+            let agreement = top1_agreement(&ort, &ours);
+            let stats = compressed.graph.stats(&compressed.weights).unwrap();
+            println!(
+                "{name} {tag}: {} bytes of ONNX, {} weight bytes; re-imported vs ours {round_trip:.1e}, ONNX Runtime vs ours {vs_ort:.1e}, top-1 same on {:.0} % of {}",
+                bytes.len(),
+                stats.weight_bytes,
+                100.0 * agreement,
+                evaluation.dims[0]
+            );
+            assert!(round_trip <= 1e-5, "{name} {tag}: {round_trip}");
+            assert!(agreement >= 0.99, "{name} {tag}: {agreement}");
+            // Float arithmetic on the same (dequantized) weights: 4e-7 at most measured; with
+            // activation rounding, a value on a rounding edge can land one level apart
+            // (2.5e-3 measured on the text-direction model).
+            let limit = if tag == "pruned-w8a8" { 1e-2 } else { 1e-4 };
+            assert!(vs_ort <= limit, "{name} {tag}: {vs_ort}");
+        }
+    }
+}
+
+#[test]
+fn mutated_compressed_exports_fail_cleanly() {
+    // Truncated and bit-flipped copies of a QDQ + int4 export (integer initializers,
+    // DequantizeLinear folding, QuantizeLinear pairs) import or fail with an error, and
+    // whatever imports runs or fails with an error: never a panic.
+    let graph = load("mobilenet");
+    let (calibration, evaluation) = calibration_and_evaluation("mobilenet");
+    let mut recipe = Recipe::w8a8(Granularity::PerBlock(8), Observer::MinMax);
+    recipe.weights = Some(QuantScheme {
+        bits: 4,
+        symmetric: false,
+        granularity: Granularity::PerBlock(8),
+    });
+    let compressed = compress_graph(&graph, &recipe, &[calibration], &mut |_, _| {}).unwrap();
+    let bytes = export_onnx(&compressed.graph, &compressed.weights, &[]).unwrap();
+    let imported = import_mutations(&bytes, &evaluation, 1000, 0x9e37_79b9_7f4a_7c15);
+    println!("mutated QDQ/int4 exports: {imported}/1000 still imported");
+}

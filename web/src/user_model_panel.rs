@@ -1,0 +1,505 @@
+//! "Your model", page side: drop or pick an `.onnx` file, see what it is, say how images
+//! become its input, classify images, compress it with a recipe (agreement measured on
+//! images that did not calibrate it) and download the compressed ONNX.
+
+use compresslab::compress::{Observer, Recipe};
+use compresslab::graph::parse_class_names;
+use compresslab::preprocess::{InputSpec, Normalization, ResizeMode};
+use compresslab::prune::{ChannelPruning, ChannelRanking, MagnitudePruning, PruneScope};
+use compresslab::quant::{Granularity, QuantScheme};
+use leptos::ev;
+use leptos::prelude::*;
+use wasm_bindgen::JsCast;
+use wasm_bindgen_futures::JsFuture;
+use web_sys::Blob;
+
+use crate::app::{draw_rgb, send_user_model};
+use crate::lab_panel::speed_change;
+use crate::messages::{
+    FromWorker, ToWorker, UserClassification, UserCompressReport, UserModelInfo,
+};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserImage {
+    pub id: u32,
+    pub name: String,
+    pub result: Option<UserClassification>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct UserModelState {
+    /// The file being imported.
+    pub loading: Option<String>,
+    pub info: Option<UserModelInfo>,
+    pub labels: Vec<String>,
+    pub labels_from: Option<String>,
+    pub images: Vec<UserImage>,
+    pub next_id: u32,
+    /// A compression or export in progress.
+    pub busy: Option<String>,
+    pub report: Option<UserCompressReport>,
+    pub error: Option<String>,
+    /// How the next images are prepared (the form's current settings).
+    pub spec: InputSpec,
+}
+
+impl UserModelState {
+    fn pending(&self) -> bool {
+        self.images
+            .iter()
+            .any(|i| i.result.is_none() && i.error.is_none())
+    }
+}
+
+/// Applies a worker message about the user's model to the panel's state.
+pub fn on_message(state: RwSignal<UserModelState>, msg: FromWorker) {
+    state.update(|s| match msg {
+        FromWorker::UserModelLoaded(info) => {
+            s.loading = None;
+            s.error = None;
+            s.report = None;
+            s.images.clear();
+            if !info.labels.is_empty() {
+                s.labels = info.labels.clone();
+                s.labels_from = Some("the model's metadata".into());
+            } else if s.labels_from.as_deref() == Some("the model's metadata") {
+                s.labels.clear();
+                s.labels_from = None;
+            }
+            s.info = Some(*info);
+        }
+        FromWorker::UserModelClassified(result) => {
+            if let Some(image) = s.images.iter_mut().find(|i| i.id == result.id) {
+                image.result = Some(result);
+            }
+        }
+        FromWorker::UserModelCompressed(report) => {
+            s.busy = None;
+            s.error = None;
+            s.report = Some(*report);
+        }
+        FromWorker::Exported { .. } => s.busy = None,
+        FromWorker::UserModelFailed {
+            id: Some(id),
+            message,
+        } => {
+            if let Some(image) = s.images.iter_mut().find(|i| i.id == id) {
+                image.error = Some(message);
+            }
+        }
+        FromWorker::UserModelFailed { id: None, message } => {
+            s.loading = None;
+            s.busy = None;
+            s.error = Some(message);
+        }
+        _ => {}
+    });
+}
+
+/// The worker was replaced: whatever it held of the user's model is gone.
+pub fn on_worker_lost(state: RwSignal<UserModelState>, message: &str) {
+    state.update(|s| {
+        if s.info.is_some() || s.loading.is_some() || s.busy.is_some() {
+            s.error = Some(format!(
+                "the model worker crashed ({message}); load your model again"
+            ));
+        }
+        s.loading = None;
+        s.busy = None;
+        s.info = None;
+        s.report = None;
+        for image in s.images.iter_mut().filter(|i| i.result.is_none()) {
+            image.error = Some("the model worker crashed".into());
+        }
+    });
+}
+
+/// Routes dropped or picked files: `.onnx` loads a model, `.txt` gives class names, images
+/// are classified.
+pub fn take_files(state: RwSignal<UserModelState>, files: Vec<(String, Blob)>) {
+    let spec = state.with_untracked(|s| s.spec);
+    for (name, blob) in files {
+        let lower = name.to_ascii_lowercase();
+        if lower.ends_with(".onnx") {
+            state.update(|s| {
+                s.loading = Some(name.clone());
+                s.error = None;
+            });
+            send_user_model(ToWorker::UserModelLoad { name }, Some(blob));
+        } else if lower.ends_with(".txt") || lower.ends_with(".json") {
+            wasm_bindgen_futures::spawn_local(async move {
+                let text = JsFuture::from(blob.text())
+                    .await
+                    .ok()
+                    .and_then(|t| t.as_string());
+                let labels = parse_class_names(&text.unwrap_or_default());
+                state.update(|s| {
+                    if labels.is_empty() {
+                        s.error = Some(format!("{name} holds no class names (one per line)"));
+                    } else {
+                        s.labels = labels;
+                        s.labels_from = Some(name.clone());
+                    }
+                });
+            });
+        } else {
+            if state.with_untracked(|s| s.info.is_none()) {
+                state.update(|s| s.error = Some("load an .onnx model first, then images".into()));
+                return;
+            }
+            let mut id = 0;
+            state.update(|s| {
+                s.next_id += 1;
+                id = s.next_id;
+                s.images.insert(
+                    0,
+                    UserImage {
+                        id,
+                        name: name.clone(),
+                        result: None,
+                        error: None,
+                    },
+                );
+            });
+            send_user_model(ToWorker::UserModelClassify { id, name, spec }, Some(blob));
+        }
+    }
+}
+
+fn files_of(input: &web_sys::HtmlInputElement) -> Vec<(String, Blob)> {
+    let Some(files) = input.files() else {
+        return Vec::new();
+    };
+    (0..files.length())
+        .filter_map(|i| files.get(i))
+        .map(|f| (f.name(), f.unchecked_into::<Blob>()))
+        .collect()
+}
+
+fn recipe_for(preset: &str) -> Recipe {
+    let w8a8 = Recipe::w8a8(Granularity::PerChannel, Observer::MinMax);
+    let channels = Some(ChannelPruning {
+        ratio: 0.3,
+        ranking: ChannelRanking::L1,
+    });
+    match preset {
+        "int4" => Recipe {
+            weights: Some(QuantScheme {
+                bits: 4,
+                symmetric: false,
+                granularity: Granularity::PerBlock(32),
+            }),
+            ..Recipe::default()
+        },
+        "channels30" => Recipe {
+            channel_pruning: channels,
+            ..Recipe::default()
+        },
+        "channels30-w8a8" => Recipe {
+            channel_pruning: channels,
+            ..w8a8
+        },
+        "sparse50" => Recipe {
+            magnitude_pruning: Some(MagnitudePruning {
+                sparsity: 0.5,
+                scope: PruneScope::PerLayer,
+                exclude: Vec::new(),
+            }),
+            ..Recipe::default()
+        },
+        _ => w8a8,
+    }
+}
+
+fn label_of(labels: &[String], class: usize) -> String {
+    labels
+        .get(class)
+        .cloned()
+        .unwrap_or_else(|| format!("class {class}"))
+}
+
+fn megabytes(bytes: usize) -> String {
+    format!("{:.2} MB", bytes as f64 / 1_048_576.0)
+}
+
+fn macs_text(m: Option<u64>) -> String {
+    m.map_or("unknown".into(), |m| format!("{:.1} M", m as f64 / 1e6))
+}
+
+#[component]
+pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
+    let height = RwSignal::new(224usize);
+    let width = RwSignal::new(224usize);
+    let resize = RwSignal::new("crop".to_string());
+    let normalization = RwSignal::new("imagenet".to_string());
+    let bgr = RwSignal::new(false);
+    let preset = RwSignal::new("w8a8".to_string());
+    // A model with a fixed input size sets the size fields.
+    Effect::new(move |_| {
+        if let Some((h, w)) = state.with(|s| s.info.as_ref().and_then(|i| i.input_size)) {
+            height.set(h);
+            width.set(w);
+        }
+    });
+    // The form's settings apply to the images added next (from the picker or a drop).
+    Effect::new(move |_| {
+        let spec = InputSpec {
+            height: height.get(),
+            width: width.get(),
+            resize: match resize.get().as_str() {
+                "pad" => ResizeMode::HeightAndPadRight,
+                "stretch" => ResizeMode::Stretch,
+                _ => ResizeMode::ShorterSideCentreCrop,
+            },
+            normalization: match normalization.get().as_str() {
+                "unit" => Normalization::MinusOneToOne,
+                "zero-one" => Normalization::ZeroToOne,
+                "raw" => Normalization::Raw,
+                _ => Normalization::ImageNet,
+            },
+            bgr: bgr.get(),
+        };
+        state.update_untracked(|s| s.spec = spec);
+    });
+    let on_model = move |e: ev::Event| {
+        let input: web_sys::HtmlInputElement = event_target(&e);
+        take_files(state, files_of(&input));
+        input.set_value("");
+    };
+    let on_images = on_model;
+    let on_labels = on_model;
+    let number = |signal: RwSignal<usize>| {
+        move |e: ev::Event| {
+            if let Ok(v) = event_target_value(&e).parse::<usize>() {
+                signal.set(v);
+            }
+        }
+    };
+    let compress = move |_| {
+        state.update(|s| {
+            s.busy = Some("Compressing".into());
+            s.error = None;
+        });
+        send_user_model(
+            ToWorker::UserModelCompress {
+                recipe: recipe_for(&preset.get_untracked()),
+                runs: 5,
+            },
+            None,
+        );
+    };
+    let export = move |_| {
+        state.update(|s| s.busy = Some("Exporting".into()));
+        send_user_model(ToWorker::UserModelExport, None);
+    };
+    let loaded = move || state.with(|s| s.info.is_some());
+    let idle = move || state.with(|s| s.busy.is_none() && s.loading.is_none() && !s.pending());
+
+    view! {
+        <section class="user-model" id="user-model">
+            <p class="intro">
+                "Bring your own CNN as an .onnx file (drop it anywhere on this tab or pick it). It is imported in your browser, "
+                "run by our CPU interpreter, compressed with the lab's recipes, and exported as ONNX (QDQ int8, int4 blocks) that ONNX Runtime and other runtimes load. "
+                "Nothing leaves your machine."
+            </p>
+            <div class="user-inputs">
+                <label class="picker">"Choose a model (.onnx)…"
+                    <input id="user-model-input" type="file" accept=".onnx" on:change=on_model/>
+                </label>
+                <label class="picker">"Class names (.txt)…"
+                    <input id="user-labels-input" type="file" accept=".txt,.json" on:change=on_labels/>
+                </label>
+            </div>
+            {move || state.with(|s| s.loading.clone()).map(|name| view! { <p class="status loading" id="user-loading">"Importing " {name} "…"</p> })}
+            {move || state.with(|s| s.error.clone()).map(|e| view! { <p class="notice error" id="user-error">{e}</p> })}
+            {move || state.with(|s| s.info.clone()).map(|info| view! { <ModelSummary info=info/> })}
+            {move || state.with(|s| s.labels_from.clone().map(|from| (from, s.labels.len()))).map(|(from, n)| view! {
+                <p class="labels-source" id="user-labels">{format!("{n} class names from {from}")}</p>
+            })}
+            <Show when=loaded>
+                <fieldset class="preprocessing" id="user-preprocessing">
+                    <legend>"How images become the model's input"</legend>
+                    <label>"Height " <input id="user-height" type="number" min="1" max="4096" prop:value=move || height.get().to_string() on:change=number(height)/></label>
+                    <label>"Width " <input id="user-width" type="number" min="1" max="4096" prop:value=move || width.get().to_string() on:change=number(width)/></label>
+                    <label>"Resize "
+                        <select id="user-resize" on:change=move |e| resize.set(event_target_value(&e)) prop:value=move || resize.get()>
+                            <option value="crop">"shorter side, centre crop (ImageNet style)"</option>
+                            <option value="pad">"to the height, pad right (text lines)"</option>
+                            <option value="stretch">"stretch to the size"</option>
+                        </select>
+                    </label>
+                    <label>"Normalise "
+                        <select id="user-normalization" on:change=move |e| normalization.set(event_target_value(&e)) prop:value=move || normalization.get()>
+                            <option value="imagenet">"ImageNet mean/std on [0, 1]"</option>
+                            <option value="unit">"(x − 127.5) / 127.5"</option>
+                            <option value="zero-one">"[0, 1]"</option>
+                            <option value="raw">"[0, 255]"</option>
+                        </select>
+                    </label>
+                    <label><input id="user-bgr" type="checkbox" prop:checked=move || bgr.get() on:change=move |e| bgr.set(event_target_checked(&e))/>" BGR channel order"</label>
+                </fieldset>
+                <div class="user-inputs">
+                    <label class="picker">"Classify images…"
+                        <input id="user-images-input" type="file" accept="image/*" multiple on:change=on_images/>
+                    </label>
+                    <span class="hint">"or drop them on this tab; the settings above apply to the images you add next"</span>
+                </div>
+                <fieldset class="user-compress">
+                    <legend>"Compress"</legend>
+                    <select id="user-recipe" on:change=move |e| preset.set(event_target_value(&e)) prop:value=move || preset.get()>
+                        <option value="w8a8">"int8 weights (per channel) + int8 activations (calibrated)"</option>
+                        <option value="int4">"int4 weights, blocks of 32 (weight-only)"</option>
+                        <option value="channels30">"30 % of channels removed (dependency groups, L1)"</option>
+                        <option value="channels30-w8a8">"30 % channels removed + int8 W8A8"</option>
+                        <option value="sparse50">"50 % of weights zeroed (magnitude, per layer)"</option>
+                    </select>
+                    <button id="user-compress" on:click=compress disabled=move || !idle()>"Compress"</button>
+                    <button id="user-export" on:click=export disabled=move || !idle()>"Export ONNX"</button>
+                    {move || state.with(|s| s.busy.clone()).map(|b| view! { <span class="busy">{b} "…"</span> })}
+                    <p class="hint">"Activation calibration uses the first half of the images you classified; agreement is measured on the other half."</p>
+                </fieldset>
+                {move || state.with(|s| s.report.clone()).map(|r| view! { <UserReport report=r/> })}
+                <section class="results" id="user-results">
+                    <For each=move || state.get().images key=|i| (i.id, i.result.is_some(), i.error.is_some()) let:image>
+                        <UserCard image=image labels=Signal::derive(move || state.with(|s| s.labels.clone()))/>
+                    </For>
+                </section>
+            </Show>
+        </section>
+    }
+}
+
+#[component]
+fn ModelSummary(info: UserModelInfo) -> impl IntoView {
+    let ops = info
+        .ops
+        .iter()
+        .map(|(op, n)| format!("{op} ×{n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    view! {
+        <div class="model-summary" id="user-summary">
+            <h3>{info.name.clone()}</h3>
+            <p>{format!(
+                "{} · producer {} · opset {} · {} nodes · {} parameters · {} · input [{}] → output {}",
+                megabytes(info.file_bytes),
+                if info.producer.is_empty() { "unknown" } else { &info.producer },
+                info.opset,
+                info.nodes,
+                info.parameters,
+                match info.macs {
+                    Some(m) => format!("{} MACs per image", macs_text(Some(m))),
+                    None => "MACs depend on the image size you choose (the model leaves it open)".into(),
+                },
+                info.input.join(", "),
+                info.outputs.join(", ")
+            )}</p>
+            <p class="ops" id="user-ops">{ops}</p>
+            <p class="groups">{format!(
+                "Channel dependency groups: {} prunable, {} fixed (model input/output, grouped convolutions, channel shuffles)",
+                info.prunable_groups, info.fixed_groups
+            )}</p>
+        </div>
+    }
+}
+
+#[component]
+fn UserCard(image: UserImage, labels: Signal<Vec<String>>) -> impl IntoView {
+    let canvas = NodeRef::<leptos::html::Canvas>::new();
+    let result = image.result.clone();
+    let seen = result
+        .as_ref()
+        .map(|r| (r.seen.clone(), r.seen_width, r.seen_height));
+    let (w, h) = seen.as_ref().map_or((1, 1), |s| (s.1, s.2));
+    Effect::new(move |_| {
+        if let (Some(c), Some((pixels, w, h))) = (canvas.get(), &seen) {
+            draw_rgb(&c, pixels, *w, *h);
+        }
+    });
+    let body = match (&result, &image.error) {
+        (_, Some(e)) => view! { <p class="error">{e.clone()}</p> }.into_any(),
+        (None, None) => view! { <p class="pending">"Classifying…"</p> }.into_any(),
+        (Some(r), None) => {
+            let r = r.clone();
+            view! {
+                <ol class="top5">
+                    {r.top.iter().map(|&(class, p)| view! {
+                        <li class="prediction" data-class=class>
+                            <span class="label">{move || label_of(&labels.get(), class)}</span>
+                            <span class="bar"><span class="fill" style=format!("width: {:.1}%", p * 100.0)></span></span>
+                            <span class="prob">{format!("{:.1}%", p * 100.0)}</span>
+                        </li>
+                    }).collect_view()}
+                </ol>
+                <p class="timing">{format!("{:.1} ms on the CPU interpreter", r.ms)}</p>
+                {r.variant_top.clone().map(|top| {
+                    let (class, p) = top.first().copied().unwrap_or((0, 0.0));
+                    view! {
+                        <p class="variant" data-class=class>{move || format!(
+                            "Compressed: {} ({:.1} %) in {:.1} ms",
+                            label_of(&labels.get(), class),
+                            p * 100.0,
+                            r.variant_ms.unwrap_or(0.0)
+                        )}</p>
+                    }
+                })}
+            }
+            .into_any()
+        }
+    };
+    view! {
+        <article class="card user-card" data-name=image.name.clone()>
+            <h4>{image.name.clone()}</h4>
+            <canvas node_ref=canvas width=w.to_string() height=h.to_string() class="model-input-canvas"></canvas>
+            {body}
+        </article>
+    }
+}
+
+#[component]
+fn UserReport(report: UserCompressReport) -> impl IntoView {
+    let (b, a) = (&report.before, &report.after);
+    let agreement = match report.top1_same {
+        Some(same) => format!(
+            "Top-1 unchanged on {same} of {} held-out images ({} calibrated the activations and are not counted).",
+            report.held_out, report.calibration_images
+        ),
+        None => "Too few images to measure agreement: classify images first (with activation quantization, at least 2: half calibrate, half measure).".into(),
+    };
+    view! {
+        <div class="user-report" id="user-report">
+            <table class="before-after">
+                <thead><tr><th></th><th>"Original"</th><th>"Compressed"</th></tr></thead>
+                <tbody>
+                    <tr><th>"Parameters"</th><td>{b.parameters}</td><td id="user-params-after">{a.parameters}</td></tr>
+                    <tr><th>"Weight storage"</th><td>{megabytes(b.weight_bytes)}</td><td id="user-bytes-after">{megabytes(a.weight_bytes)}</td></tr>
+                    <tr><th>"MACs per image"</th><td>{macs_text(b.macs)}</td><td>{macs_text(a.macs)}</td></tr>
+                    <tr><th>{format!("Latency p50 ({} interleaved runs)", report.runs)}</th>
+                        <td>{format!("{:.1} ms", b.p50_ms)}</td>
+                        <td>{format!("{:.1} ms ({})", a.p50_ms, speed_change(b.p50_ms, a.p50_ms))}</td></tr>
+                </tbody>
+            </table>
+            <p class="agreement" id="user-agreement" data-same=report.top1_same.map(|s| s.to_string()).unwrap_or_default()
+                data-held-out=report.held_out.to_string()>{agreement}</p>
+            <p class="executor">{"What ran: "}{report.executor.clone()}{format!(" · built in {:.0} ms", report.build_ms)}</p>
+            <table class="layers" id="user-layers">
+                <thead><tr><th>"Node"</th><th>"Op"</th><th>"Shape"</th><th>"Params"</th><th>"Zeros"</th><th>"Weights"</th><th>"SQNR"</th><th>"Input"</th></tr></thead>
+                <tbody>
+                    {report.layers.iter().map(|l| view! {
+                        <tr>
+                            <td>{l.node.clone()}</td>
+                            <td>{l.op.clone()}</td>
+                            <td>{format!("{:?}", l.shape)}</td>
+                            <td>{l.parameters}</td>
+                            <td>{format!("{:.0} %", 100.0 * l.zeros as f64 / l.parameters.max(1) as f64)}</td>
+                            <td>{l.bits.map_or("fp32".into(), |b| format!("int{b}"))}</td>
+                            <td>{l.sqnr_db.map_or("–".into(), |d| format!("{d:.1} dB"))}</td>
+                            <td>{l.activation_bits.map_or("fp32".into(), |b| format!("int{b}"))}</td>
+                        </tr>
+                    }).collect_view()}
+                </tbody>
+            </table>
+        </div>
+    }
+}
