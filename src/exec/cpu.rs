@@ -76,6 +76,32 @@ impl Value {
     }
 }
 
+/// The taps `k` of a window (0..kernel) that land inside an axis of `size` for output `o`
+/// (`o·stride + k·dilation − pad ∈ [0, size)`), and the input index of tap 0.
+fn tap_range(
+    o: usize,
+    stride: usize,
+    dilation: usize,
+    pad: usize,
+    kernel: usize,
+    size: usize,
+) -> (std::ops::Range<usize>, isize) {
+    let origin = (o * stride) as isize - pad as isize;
+    let d = dilation.max(1) as isize;
+    let first = if origin >= 0 {
+        0
+    } else {
+        ((-origin + d - 1) / d) as usize
+    };
+    let room = size as isize - origin;
+    let last = if room <= 0 {
+        0
+    } else {
+        (((room + d - 1) / d) as usize).min(kernel)
+    };
+    (first..last.max(first), origin)
+}
+
 fn exec_err(node: &Node, msg: impl std::fmt::Display) -> EngineError {
     EngineError::Execution(format!("{} node `{}`: {msg}", node.op.name(), node.name))
 }
@@ -162,6 +188,9 @@ struct ConvKernel {
     weight: Vec<f32>,
     bias: Vec<f32>,
     depthwise: bool,
+    /// The activation of the node after it, applied as the output is written (that node
+    /// then passes the value on).
+    epilogue: Option<Op>,
 }
 
 impl ConvKernel {
@@ -194,11 +223,27 @@ impl ConvKernel {
             weight,
             bias: bias.map_or_else(|| vec![0.0; cout], |b| b.data.clone()),
             depthwise,
+            epilogue: None,
         }
     }
 
-    fn forward(&self, node: &Node, x: Value, out_dims: &[usize]) -> Result<Value> {
-        let x = x.into_nhwc();
+    /// Reads `x` in place (a value other nodes still need is not copied).
+    fn forward(&self, node: &Node, x: &Value, out_dims: &[usize]) -> Result<Value> {
+        let converted;
+        let x = if x.nhwc || x.layout_free() || x.dims.len() != 4 {
+            x
+        } else {
+            converted = x.clone().into_nhwc();
+            &converted
+        };
+        if x.dims.len() != 4 {
+            return Err(exec_err(node, format!("a {}-D input", x.dims.len())));
+        }
+        let activate = |data: &mut [f32]| {
+            if let Some(op) = &self.epilogue {
+                apply_unary(op, data);
+            }
+        };
         let [n, _, h, w] = [x.dims[0], x.dims[1], x.dims[2], x.dims[3]];
         let [oh, ow] = [out_dims[2], out_dims[3]];
         let len = checked_len(node, out_dims)?;
@@ -227,6 +272,7 @@ impl ConvKernel {
                 self.cin,
                 1.0,
             )?;
+            activate(&mut out);
             return Ok(Value {
                 dims: out_dims.to_vec(),
                 data: out,
@@ -235,21 +281,23 @@ impl ConvKernel {
         }
         let [pad_y, pad_x] = c.padding.leading([h, w], c.kernel, c.strides, c.dilations);
         let [kh, kw] = c.kernel;
-        // Input row/column of tap `k` for output `o`, or None in the padding.
-        let src = |o: usize, k: usize, axis: usize, pad: usize, size: usize| -> Option<usize> {
-            (o * c.strides[axis] + k * c.dilations[axis])
-                .checked_sub(pad)
-                .filter(|&i| i < size)
-        };
+        // Per output column / row: the taps inside the input, and the input index of tap 0.
+        let columns: Vec<(std::ops::Range<usize>, isize)> = (0..ow)
+            .map(|ox| tap_range(ox, c.strides[1], c.dilations[1], pad_x, kw, w))
+            .collect();
+        let rows: Vec<(std::ops::Range<usize>, isize)> = (0..oh)
+            .map(|oy| tap_range(oy, c.strides[0], c.dilations[0], pad_y, kh, h))
+            .collect();
+        let [dy, dx] = [c.dilations[0] as isize, c.dilations[1] as isize];
         // (tap index ky·kw + kx, input pixel y·w + x) of the taps inside the input.
         let taps = |oy: usize, ox: usize| {
-            (0..kh)
-                .filter_map(move |ky| src(oy, ky, 0, pad_y, h).map(|iy| (ky, iy)))
-                .flat_map(move |(ky, iy)| {
-                    (0..kw).filter_map(move |kx| {
-                        src(ox, kx, 1, pad_x, w).map(|ix| (ky * kw + kx, iy * w + ix))
-                    })
-                })
+            let (ys, y0) = rows[oy].clone();
+            let (xs, x0) = columns[ox].clone();
+            ys.flat_map(move |ky| {
+                let iy = (y0 + ky as isize * dy) as usize;
+                xs.clone()
+                    .map(move |kx| (ky * kw + kx, iy * w + (x0 + kx as isize * dx) as usize))
+            })
         };
         let image = h * w * self.cin;
         let out_image = oh * ow * self.cout;
@@ -257,17 +305,23 @@ impl ConvKernel {
             let ch = self.cout;
             for b in 0..n {
                 let input = &x.data[b * image..(b + 1) * image];
-                for oy in 0..oh {
-                    for ox in 0..ow {
+                for (oy, (ys, y0)) in rows.iter().enumerate() {
+                    for (ox, (xs, x0)) in columns.iter().enumerate() {
                         let at = b * out_image + (oy * ow + ox) * ch;
                         let acc = &mut out[at..at + ch];
-                        for (tap, pixel) in taps(oy, ox) {
-                            let s = &input[pixel * ch..(pixel + 1) * ch];
-                            let wt = &self.weight[tap * ch..(tap + 1) * ch];
-                            for ((a, s), w) in acc.iter_mut().zip(s).zip(wt) {
-                                *a += s * w;
+                        for ky in ys.clone() {
+                            let iy = (y0 + ky as isize * dy) as usize;
+                            for kx in xs.clone() {
+                                let pixel = iy * w + (x0 + kx as isize * dx) as usize;
+                                let tap = ky * kw + kx;
+                                let s = &input[pixel * ch..(pixel + 1) * ch];
+                                let wt = &self.weight[tap * ch..(tap + 1) * ch];
+                                for ((a, s), w) in acc.iter_mut().zip(s).zip(wt) {
+                                    *a += s * w;
+                                }
                             }
                         }
+                        activate(acc);
                     }
                 }
             }
@@ -312,6 +366,7 @@ impl ConvKernel {
                 )?;
             }
         }
+        activate(&mut out);
         Ok(Value {
             dims: out_dims.to_vec(),
             data: out,
@@ -321,7 +376,7 @@ impl ConvKernel {
 }
 
 enum Kernel {
-    Conv(ConvKernel),
+    Conv(Box<ConvKernel>),
     /// `y = x·scale + shift` per channel (inference BatchNorm).
     Affine {
         scale: Vec<f32>,
@@ -336,6 +391,8 @@ enum Kernel {
         bias: Option<Vec<f32>>,
         trans_a: bool,
     },
+    /// An activation folded into the convolution before it: passes the value on.
+    Fused,
     Other,
 }
 
@@ -355,6 +412,17 @@ fn unary(op: &Op, v: f32) -> f32 {
         Op::HardSwish => v * (v / 6.0 + 0.5).clamp(0.0, 1.0),
         Op::QuantizeDequantize(p) => p.fake_quantize(v),
         _ => v,
+    }
+}
+
+/// [`unary`] over a buffer, with the operator matched once (the common activations then
+/// vectorise).
+fn apply_unary(op: &Op, data: &mut [f32]) {
+    match *op {
+        Op::Relu => data.iter_mut().for_each(|v| *v = v.max(0.0)),
+        Op::Clip { min, max } => data.iter_mut().for_each(|v| *v = v.max(min).min(max)),
+        Op::Identity => {}
+        ref other => data.iter_mut().for_each(|v| *v = unary(other, *v)),
     }
 }
 
@@ -606,7 +674,7 @@ impl CpuExecutor {
                             format!("weight {:?} does not fit the convolution", w.dims),
                         ));
                     }
-                    Kernel::Conv(ConvKernel::new(c, w, bias))
+                    Kernel::Conv(Box::new(ConvKernel::new(c, w, bias)))
                 }
                 Op::BatchNorm { epsilon } => {
                     let [g, b, m, v] = [1, 2, 3, 4].map(|i| constant(node, i));
@@ -673,6 +741,31 @@ impl CpuExecutor {
             });
         }
         let outputs: Vec<&str> = graph.outputs.iter().map(|o| o.name.as_str()).collect();
+        // A convolution whose only reader is an activation applies it as it writes.
+        let consumers = graph.consumers();
+        for (i, node) in graph.nodes.iter().enumerate() {
+            let out = node.outputs[0].as_str();
+            let Some(&[j]) = consumers.get(out).map(Vec::as_slice) else {
+                continue;
+            };
+            let activation = &graph.nodes[j].op;
+            let fusable = matches!(
+                activation,
+                Op::Relu
+                    | Op::Clip { .. }
+                    | Op::LeakyRelu { .. }
+                    | Op::Sigmoid
+                    | Op::HardSigmoid { .. }
+                    | Op::HardSwish
+            );
+            if let Kernel::Conv(k) = &mut kernels[i]
+                && fusable
+                && !outputs.contains(&out)
+            {
+                k.epilogue = Some(activation.clone());
+                kernels[j] = Kernel::Fused;
+            }
+        }
         let mut last_use: HashMap<&str, usize> = HashMap::new();
         for (i, node) in graph.nodes.iter().enumerate() {
             for input in &node.inputs {
@@ -753,7 +846,11 @@ impl CpuExecutor {
                     format!("computed {:?}, expected {out_dims:?}", out.dims),
                 ));
             }
-            observe(&node.outputs[0], &out.data);
+            // A convolution with a fused activation never holds its raw output.
+            let fused = matches!(kernel, Kernel::Conv(k) if k.epilogue.is_some());
+            if !fused {
+                observe(&node.outputs[0], &out.data);
+            }
             values.insert(node.outputs[0].as_str(), out);
         }
         self.graph
@@ -782,6 +879,17 @@ impl CpuExecutor {
         frees: &[String],
         out_dims: &[usize],
     ) -> Result<Value> {
+        // A convolution reads its input in place.
+        if let (Op::Conv(_), Kernel::Conv(k)) = (&node.op, kernel)
+            && let Some(name) = node.inputs.first()
+            && let Some(x) = values.get(name.as_str())
+        {
+            let out = k.forward(node, x, out_dims)?;
+            if frees.iter().any(|f| f == name) {
+                values.remove(name.as_str());
+            }
+            return Ok(out);
+        }
         // The first input is taken (moved) when this node is its last reader.
         let mut take = |i: usize| -> Result<Value> {
             let name = node
@@ -800,7 +908,8 @@ impl CpuExecutor {
             v.ok_or_else(|| exec_err(node, format!("`{name}` is not computed")))
         };
         let out = match (&node.op, kernel) {
-            (Op::Conv(_), Kernel::Conv(k)) => k.forward(node, take(0)?, out_dims)?,
+            (Op::Conv(_), Kernel::Conv(k)) => k.forward(node, &take(0)?, out_dims)?,
+            (_, Kernel::Fused) => take(0)?,
             (Op::BatchNorm { .. }, Kernel::Affine { scale, shift }) => {
                 let mut x = take(0)?.into_nhwc();
                 let c = scale.len();
@@ -829,9 +938,7 @@ impl CpuExecutor {
             }
             (op, _) if op.is_unary() => {
                 let mut x = take(0)?;
-                if node.op != Op::Identity {
-                    x.data.iter_mut().for_each(|v| *v = unary(&node.op, *v));
-                }
+                apply_unary(&node.op, &mut x.data);
                 x
             }
             (Op::Add | Op::Sub | Op::Mul | Op::Div | Op::Sum, _) => {

@@ -216,6 +216,7 @@ fn bench(args: &[String]) -> Result<()> {
     println!("| backend | cold ms | warm p50 ms | warm p95 ms | runs |");
     println!("|---|---|---|---|---|");
     let mut reference: Option<Vec<f32>> = None;
+    let mut dedicated_p50 = 0.0;
     for name in ["cpu", "flex", "wgpu"] {
         let classifier = load(Path::new(assets), name)?;
         let start = Instant::now();
@@ -234,13 +235,32 @@ fn bench(args: &[String]) -> Result<()> {
             percentile(&times, 95.0)
         );
         match &reference {
-            None => reference = Some(logits),
+            None => {
+                reference = Some(logits);
+                dedicated_p50 = percentile(&times, 50.0);
+            }
             Some(r) => println!(
                 "max |logit difference| native cpu vs {name}: {:.2e}",
                 max_abs_diff(r, &logits)
             ),
         }
     }
+    // The graph engine's interpreter on the same network (issue 13: it must be as fast as
+    // the dedicated path before the built-in networks move onto it).
+    let reference = reference.unwrap_or_default();
+    let store = load_store(Path::new(assets))?;
+    let (cold, times, diff) = models::graph_interpreter_timing(&store, &input, runs, &reference)?;
+    let p50 = percentile(&times, 50.0);
+    println!(
+        "| native graph interpreter (our ONNX export imported) | {cold:.1} | {p50:.1} | {:.1} | {runs} |",
+        percentile(&times, 95.0)
+    );
+    println!("max |logit difference| native cpu vs graph interpreter: {diff:.2e}");
+    let ratio = p50 / dedicated_p50.max(1e-9);
+    println!(
+        "target graph interpreter ≤ 1.05× the dedicated CPU path (native, warm p50): {ratio:.2}× (goal ≤ 1.05×) {}",
+        if ratio <= 1.05 { "met" } else { "not met" }
+    );
     Ok(())
 }
 

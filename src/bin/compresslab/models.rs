@@ -4,9 +4,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use compresslab::compress::Recipe;
-use compresslab::exec::CpuExecutor;
+use compresslab::exec::{CpuExecutor, Tensor};
 use compresslab::graph::{Dim, channel_groups, compress_graph, export_onnx, import_onnx};
 use compresslab::npy::{read_npy, write_npy};
+use compresslab::weights::TensorStore;
 use compresslab::{EngineError, Result};
 
 use super::{read, usage_error, write};
@@ -190,4 +191,35 @@ pub fn compress(args: &[String]) -> Result<()> {
     write(Path::new(out), &bytes)?;
     println!("wrote {out} ({} bytes)", bytes.len());
     Ok(())
+}
+
+/// EfficientNet-Lite0 imported from our own ONNX export and run by the graph engine's CPU
+/// interpreter: cold ms, sorted warm ms, and the largest |logit difference| to `reference`.
+pub fn graph_interpreter_timing(
+    store: &TensorStore,
+    input: &[f32],
+    runs: usize,
+    reference: &[f32],
+) -> Result<(f64, Vec<f64>, f32)> {
+    let graph = import_onnx(&compresslab::onnx::export_onnx(store)?)?;
+    let executor = CpuExecutor::new(&graph)?;
+    let tensor = Tensor {
+        dims: vec![1, 3, 224, 224],
+        data: input.to_vec(),
+    };
+    let start = Instant::now();
+    let logits = executor.run(&tensor)?.remove(0).data;
+    let cold = start.elapsed().as_secs_f64() * 1e3;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        executor.run(&tensor)?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    let diff = logits
+        .iter()
+        .zip(reference)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    Ok((cold, times, diff))
 }
