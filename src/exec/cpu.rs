@@ -643,6 +643,8 @@ pub struct CpuExecutor {
     kernels: Vec<Kernel>,
     /// For each node, the values whose last reader it is.
     frees: Vec<Vec<String>>,
+    /// Every value's dims for the last input size (inferred once per size, not per run).
+    shapes: std::sync::Mutex<Option<(Vec<usize>, std::sync::Arc<crate::graph::Shapes>)>>,
 }
 
 impl CpuExecutor {
@@ -784,11 +786,28 @@ impl CpuExecutor {
             graph,
             kernels,
             frees,
+            shapes: std::sync::Mutex::new(None),
         })
     }
 
     pub fn graph(&self) -> &Graph {
         &self.graph
+    }
+
+    /// Shape inference for an input of `dims`, cached for the last size seen.
+    fn shapes_for(&self, dims: &[usize]) -> Result<std::sync::Arc<crate::graph::Shapes>> {
+        let mut cache = self
+            .shapes
+            .lock()
+            .map_err(|_| EngineError::Execution("an earlier run panicked".into()))?;
+        if let Some((cached, shapes)) = cache.as_ref()
+            && cached == dims
+        {
+            return Ok(shapes.clone());
+        }
+        let shapes = std::sync::Arc::new(self.graph.shapes(&crate::graph::known_dims(dims))?);
+        *cache = Some((dims.to_vec(), shapes.clone()));
+        Ok(shapes)
     }
 
     /// Runs the graph on one NCHW input; returns the outputs in the graph's order.
@@ -827,7 +846,7 @@ impl CpuExecutor {
                 "input data does not match its dims".into(),
             ));
         }
-        let shapes = self.graph.shapes(&crate::graph::known_dims(&input.dims))?;
+        let shapes = self.shapes_for(&input.dims)?;
         let mut values: HashMap<&str, Value> = HashMap::new();
         observe(&info.name, &input.data);
         values.insert(
