@@ -193,6 +193,15 @@ test('a 20 000 × 20 000 image and 60 files at once leave the page usable', { ti
     const last = await resultFor(page, 'cat-49.png');
     assert.equal(last.classes[0], 282);
     assert.equal(await page.locator('article.result[data-state="done"]').count() >= 50, true);
+
+    // Clearing removes every finished card and releases its preview's object URL.
+    await page.waitForFunction(() => document.querySelectorAll('article.result[data-state="done"], article.result[data-state="error"]').length === 51, null, { timeout: 600_000 });
+    const preview = await page.locator('article.result img').first().getAttribute('src');
+    assert.match(preview, /^blob:/);
+    await page.click('#clear-results');
+    assert.equal(await page.locator('article.result').count(), 0);
+    const released = await page.evaluate((url) => fetch(url).then(() => false, () => true), preview);
+    assert.ok(released, `${preview} still readable after clearing`);
   } finally {
     await browser.close();
   }

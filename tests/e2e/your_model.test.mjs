@@ -110,6 +110,11 @@ test('your model: import a third-party ONNX CNN, classify, compress to int8, exp
     }
     console.log(`ONNX Runtime on the page's int8 export: ${ortRight}/${shape[0]} lines right, ${readFileSync(exported).length} bytes`);
     assert.ok(ortRight >= shape[0] - 1, `${ortRight}/${shape[0]}`);
+
+    // The finished cards can be cleared; the model and its compressed variant stay.
+    await page.click('#user-clear');
+    assert.equal(await page.locator('#user-results .user-card').count(), 0);
+    assert.ok(await page.$('#user-report'));
   } catch (e) {
     console.log(logs.join('\n'));
     throw e;

@@ -645,6 +645,26 @@ pub fn add_images(images: Vec<(String, Blob)>) {
     pump();
 }
 
+/// Removes the finished cards and releases their previews' object URLs; queued and running
+/// images keep theirs.
+fn clear_results() {
+    with_controller(|c| {
+        c.items.update(|items| {
+            items.retain(|item| {
+                let finished = matches!(
+                    item.state.get_untracked(),
+                    ItemState::Done(_) | ItemState::Error(_)
+                );
+                if finished && let Some(url) = &item.preview_url {
+                    let _ = Url::revoke_object_url(url);
+                }
+                !finished
+            })
+        });
+        c.notice.set(None);
+    });
+}
+
 fn files_to_images(files: Option<web_sys::FileList>) -> Vec<(String, Blob)> {
     let Some(files) = files else {
         return Vec::new();
@@ -823,6 +843,9 @@ pub fn App() -> impl IntoView {
             </section>
             <Show when=move || notice.get().is_some()>
                 <p class="notice" id="notice">{move || notice.get().unwrap_or_default()}</p>
+            </Show>
+            <Show when=move || items.with(|v| v.iter().any(|i| matches!(i.state.get(), ItemState::Done(_) | ItemState::Error(_))))>
+                <button id="clear-results" class="clear" on:click=move |_| clear_results()>"Clear finished results"</button>
             </Show>
             <section id="results" class="results">
                 <For each=move || items.get() key=|i| i.id let:item>

@@ -360,6 +360,11 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
                     <p class="hint">"Activation calibration uses the first half of the images you classified; agreement is measured on the other half."</p>
                 </fieldset>
                 {move || state.with(|s| s.report.clone()).map(|r| view! { <UserReport report=r/> })}
+                <Show when=move || state.with(|s| s.images.iter().any(|i| i.result.is_some() || i.error.is_some()))>
+                    <button id="user-clear" class="clear" on:click=move |_| state.update(|s| {
+                        s.images.retain(|i| i.result.is_none() && i.error.is_none())
+                    })>"Clear finished results"</button>
+                </Show>
                 <section class="results" id="user-results">
                     <For each=move || state.get().images key=|i| (i.id, i.result.is_some(), i.error.is_some()) let:image>
                         <UserCard image=image labels=Signal::derive(move || state.with(|s| s.labels.clone()))/>
