@@ -13,7 +13,8 @@ pub enum WebError {
     Http { url: String, status: u16 },
     #[error("the browser could not decode this file as an image{hint}")]
     Decode { hint: String },
-    #[error("bad message: {0}")]
+    /// Something the person can act on, said in plain words ("classify a photo first").
+    #[error("{0}")]
     Message(String),
 }
 

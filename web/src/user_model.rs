@@ -261,7 +261,13 @@ pub fn compress(recipe: Recipe, runs: u32) -> WebResult<()> {
             Some(t) => std::iter::once(Dim::Known(1))
                 .chain(t.dims.iter().skip(1).map(|&d| Dim::Known(d)))
                 .collect(),
-            None => m.graph.input()?.dims.clone(),
+            None => {
+                let mut dims = m.graph.input()?.dims.clone();
+                if let Some(batch) = dims.first_mut() {
+                    *batch = Dim::Known(1);
+                }
+                dims
+            }
         };
         let before = m.graph.stats_at(&fed, &Default::default())?;
         let after = compressed.graph.stats_at(&fed, &compressed.weights)?;

@@ -480,9 +480,15 @@ fn UserReport(report: UserCompressReport) -> impl IntoView {
                     <tr><th>"Parameters"</th><td>{b.parameters}</td><td id="user-params-after">{a.parameters}</td></tr>
                     <tr><th>"Weight storage"</th><td>{megabytes(b.weight_bytes)}</td><td id="user-bytes-after">{megabytes(a.weight_bytes)}</td></tr>
                     <tr><th>"MACs per image"</th><td>{macs_text(b.macs)}</td><td>{macs_text(a.macs)}</td></tr>
-                    <tr><th>{format!("Latency p50 ({} interleaved runs)", report.runs)}</th>
-                        <td>{format!("{:.1} ms", b.p50_ms)}</td>
-                        <td>{format!("{:.1} ms ({})", a.p50_ms, speed_change(b.p50_ms, a.p50_ms))}</td></tr>
+                    {if report.runs == 0 {
+                        view! { <tr><th>"Latency p50"</th><td colspan="2">"classify an image to time both"</td></tr> }.into_any()
+                    } else {
+                        view! {
+                            <tr><th>{format!("Latency p50 ({} interleaved runs)", report.runs)}</th>
+                                <td>{format!("{:.1} ms", b.p50_ms)}</td>
+                                <td>{format!("{:.1} ms ({})", a.p50_ms, speed_change(b.p50_ms, a.p50_ms))}</td></tr>
+                        }.into_any()
+                    }}
                 </tbody>
             </table>
             <p class="agreement" id="user-agreement" data-same=report.top1_same.map(|s| s.to_string()).unwrap_or_default()
