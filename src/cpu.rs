@@ -30,10 +30,7 @@ fn valid_taps(
     kernel: usize,
     size: usize,
 ) -> (std::ops::Range<usize>, isize) {
-    let origin = (o * stride) as isize - pad as isize;
-    let first = (-origin).max(0) as usize;
-    let last = (size as isize - origin).clamp(0, kernel as isize) as usize;
-    (first..last.max(first), origin)
+    crate::exec::tap_range(o, stride, 1, pad, kernel, size)
 }
 
 /// A 1×1 convolution as a GEMM: `[pixels, cin] · [cin, cout]` (also a linear layer, and

@@ -78,7 +78,7 @@ impl Value {
 
 /// The taps `k` of a window (0..kernel) that land inside an axis of `size` for output `o`
 /// (`o·stride + k·dilation − pad ∈ [0, size)`), and the input index of tap 0.
-fn tap_range(
+pub(crate) fn tap_range(
     o: usize,
     stride: usize,
     dilation: usize,
@@ -751,15 +751,7 @@ impl CpuExecutor {
                 continue;
             };
             let activation = &graph.nodes[j].op;
-            let fusable = matches!(
-                activation,
-                Op::Relu
-                    | Op::Clip { .. }
-                    | Op::LeakyRelu { .. }
-                    | Op::Sigmoid
-                    | Op::HardSigmoid { .. }
-                    | Op::HardSwish
-            );
+            let fusable = activation.is_activation();
             if let Kernel::Conv(k) = &mut kernels[i]
                 && fusable
                 && !outputs.contains(&out)

@@ -4,6 +4,7 @@
 pub mod cpu;
 
 pub use cpu::CpuExecutor;
+pub(crate) use cpu::tap_range;
 
 /// A dense f32 tensor in row-major (NCHW for images) order: what executors take and return.
 #[derive(Debug, Clone, PartialEq)]

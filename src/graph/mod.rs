@@ -183,8 +183,8 @@ pub enum Op {
 }
 
 impl Op {
-    /// An elementwise function of one input (the shape passes through).
-    pub fn is_unary(&self) -> bool {
+    /// An activation function (what a convolution can apply as it writes its output).
+    pub fn is_activation(&self) -> bool {
         matches!(
             self,
             Op::Relu
@@ -193,9 +193,12 @@ impl Op {
                 | Op::Sigmoid
                 | Op::HardSigmoid { .. }
                 | Op::HardSwish
-                | Op::Identity
-                | Op::QuantizeDequantize(_)
         )
+    }
+
+    /// An elementwise function of one input (the shape passes through).
+    pub fn is_unary(&self) -> bool {
+        self.is_activation() || matches!(self, Op::Identity | Op::QuantizeDequantize(_))
     }
 
     /// The ONNX operator this node runs as.

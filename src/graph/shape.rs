@@ -308,6 +308,7 @@ pub(crate) fn node_output(graph: &Graph, node: &Node, inputs: &[&[Dim]]) -> Resu
             }
             x.to_vec()
         }
+        // Elementwise: listed one by one so that a new operator must say its shape rule.
         Op::Relu
         | Op::Clip { .. }
         | Op::LeakyRelu { .. }

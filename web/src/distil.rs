@@ -254,10 +254,10 @@ pub fn control(action: DistilAction) {
         DistilAction::Resume => Control::Run,
         DistilAction::Cancel => Control::Cancel,
     });
-    if action != DistilAction::Cancel {
-        post(&FromWorker::DistilPaused {
-            paused: action == DistilAction::Pause,
-        });
+    // "Paused" is said by the run itself at its next step boundary (see `cancelled`), so no
+    // step still on its way can arrive after it.
+    if action == DistilAction::Resume {
+        post(&FromWorker::DistilPaused { paused: false });
     }
 }
 
@@ -343,10 +343,17 @@ pub async fn run(
 /// Waits while paused; true when the run was cancelled (after `done` of `total` steps,
 /// which the page is told).
 pub(crate) async fn cancelled(done: usize, total: u32) -> bool {
+    let mut told = false;
     loop {
         match CONTROL.get() {
             Control::Run => return false,
-            Control::Pause => sleep_ms(100).await,
+            Control::Pause => {
+                if !told {
+                    post(&FromWorker::DistilPaused { paused: true });
+                    told = true;
+                }
+                sleep_ms(100).await
+            }
             Control::Cancel => {
                 post(&FromWorker::DistilStopped {
                     message: format!(
