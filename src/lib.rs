@@ -13,6 +13,7 @@ pub mod error;
 pub mod exec;
 pub mod fashion;
 pub mod fashion_cpu;
+pub mod finetune_graph;
 pub mod finetune_photo;
 pub mod gpu_int;
 pub mod graph;

@@ -161,6 +161,43 @@ impl QuantizedTensor {
         })
     }
 
+    /// `data` (same shape) on this tensor's grid: the same scales and zero points, new
+    /// integers. Quantization-aware fine-tuning trains on a fixed grid, and this is its result.
+    pub fn requantize(&self, data: &[f32]) -> Option<Self> {
+        if data.len() != self.values.len() {
+            return None;
+        }
+        let (qmin, qmax) = self.scheme.qrange();
+        let mut values = vec![0i8; data.len()];
+        let mut g = 0;
+        for_each_group(data.len(), self.group_len, self.row_len, |range| {
+            let (scale, zp) = (self.scales[g], self.zero_points[g] as i32);
+            for i in range {
+                values[i] = quantize_value(data[i], scale, zp, qmin, qmax);
+            }
+            g += 1;
+        });
+        Some(Self {
+            values,
+            ..self.clone()
+        })
+    }
+
+    /// Each element's scale and zero point (the grid as two dense arrays).
+    pub fn element_grid(&self) -> (Vec<f32>, Vec<f32>) {
+        let mut scales = vec![0f32; self.values.len()];
+        let mut zero_points = vec![0f32; self.values.len()];
+        let mut g = 0;
+        for_each_group(self.values.len(), self.group_len, self.row_len, |range| {
+            for i in range {
+                scales[i] = self.scales[g];
+                zero_points[i] = f32::from(self.zero_points[g]);
+            }
+            g += 1;
+        });
+        (scales, zero_points)
+    }
+
     /// Group length and row length of the grouping (see [`layout`]).
     pub fn grouping(&self) -> (usize, usize) {
         (self.group_len, self.row_len)

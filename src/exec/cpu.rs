@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use super::{MAX_ACTIVATION_ELEMENTS, Tensor};
+use super::{MAX_ACTIVATION_ELEMENTS, ShapeCache, Tensor};
 use crate::error::{EngineError, Result};
 use crate::graph::{Conv, Graph, Node, Op, Pool, batch_norm_affine, transpose};
 
@@ -643,8 +643,7 @@ pub struct CpuExecutor {
     kernels: Vec<Kernel>,
     /// For each node, the values whose last reader it is.
     frees: Vec<Vec<String>>,
-    /// Every value's dims for the last input size (inferred once per size, not per run).
-    shapes: std::sync::Mutex<Option<(Vec<usize>, std::sync::Arc<crate::graph::Shapes>)>>,
+    shapes: ShapeCache,
 }
 
 impl CpuExecutor {
@@ -760,46 +759,17 @@ impl CpuExecutor {
                 kernels[j] = Kernel::Fused;
             }
         }
-        let mut last_use: HashMap<&str, usize> = HashMap::new();
-        for (i, node) in graph.nodes.iter().enumerate() {
-            for input in &node.inputs {
-                if graph.constant(input).is_none() {
-                    last_use.insert(input, i);
-                }
-            }
-        }
-        let mut frees = vec![Vec::new(); graph.nodes.len()];
-        for (name, i) in last_use {
-            if !outputs.contains(&name) {
-                frees[i].push(name.to_string());
-            }
-        }
+        let frees = graph.last_readers();
         Ok(Self {
             graph,
             kernels,
             frees,
-            shapes: std::sync::Mutex::new(None),
+            shapes: ShapeCache::default(),
         })
     }
 
     pub fn graph(&self) -> &Graph {
         &self.graph
-    }
-
-    /// Shape inference for an input of `dims`, cached for the last size seen.
-    fn shapes_for(&self, dims: &[usize]) -> Result<std::sync::Arc<crate::graph::Shapes>> {
-        let mut cache = self
-            .shapes
-            .lock()
-            .map_err(|_| EngineError::Execution("an earlier run panicked".into()))?;
-        if let Some((cached, shapes)) = cache.as_ref()
-            && cached == dims
-        {
-            return Ok(shapes.clone());
-        }
-        let shapes = std::sync::Arc::new(self.graph.shapes(&crate::graph::known_dims(dims))?);
-        *cache = Some((dims.to_vec(), shapes.clone()));
-        Ok(shapes)
     }
 
     /// Runs the graph on one NCHW input; returns the outputs in the graph's order.
@@ -816,29 +786,13 @@ impl CpuExecutor {
         observe: &mut dyn FnMut(&str, &[f32]),
     ) -> Result<Vec<Tensor>> {
         let info = self.graph.input()?;
-        if input.dims.len() != info.dims.len() {
-            return Err(EngineError::Execution(format!(
-                "the model takes a rank-{} input, got {:?}",
-                info.dims.len(),
-                input.dims
-            )));
-        }
-        for (axis, (want, got)) in info.dims.iter().zip(&input.dims).enumerate() {
-            if let Some(want) = want.known()
-                && want != *got
-            {
-                return Err(EngineError::Execution(format!(
-                    "input dim {axis} must be {want}, got {got} (input {:?})",
-                    input.dims
-                )));
-            }
-        }
+        super::check_input_dims(&self.graph, &input.dims)?;
         if crate::graph::element_count(&input.dims)? != input.data.len() {
             return Err(EngineError::Execution(
                 "input data does not match its dims".into(),
             ));
         }
-        let shapes = self.shapes_for(&input.dims)?;
+        let shapes = self.shapes.get(&self.graph, &input.dims)?;
         let mut values: HashMap<&str, Value> = HashMap::new();
         observe(&info.name, &input.data);
         values.insert(

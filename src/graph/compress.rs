@@ -324,6 +324,51 @@ pub fn compress_graph(
     })
 }
 
+impl CompressedGraph {
+    /// This variant with its constants replaced by `tuned` (after fine-tuning): quantized
+    /// weights are quantized again on their grids (the SQNR is then against the tuned
+    /// floats), everything else is taken as it is. Activation quantizers are kept.
+    pub fn with_tuned_weights(
+        &self,
+        tuned: &BTreeMap<String, super::Constant>,
+    ) -> Result<CompressedGraph> {
+        let mut out = self.clone();
+        let mut sqnr = HashMap::new();
+        for (name, t) in tuned {
+            let Some(c) = out.graph.constants.get_mut(name) else {
+                continue;
+            };
+            if t.dims != c.dims || t.data.len() != c.data.len() {
+                return Err(EngineError::Execution(format!(
+                    "tuned `{name}` is {:?}, the variant's {:?}",
+                    t.dims, c.dims
+                )));
+            }
+            c.data = match out.weights.get_mut(name) {
+                Some(q) => {
+                    // Fine-tuning trained on this grid: keep its scales.
+                    *q = q.requantize(&t.data).ok_or_else(|| {
+                        EngineError::Execution(format!("tuned `{name}` does not fit its grid"))
+                    })?;
+                    let data = q.dequantize();
+                    sqnr.insert(name.clone(), sqnr_db(&t.data, &data));
+                    data
+                }
+                None => t.data.clone(),
+            };
+        }
+        for layer in &mut out.layers {
+            if let Some(c) = out.graph.constant(&layer.weight) {
+                layer.zeros = c.data.iter().filter(|v| **v == 0.0).count();
+            }
+            if layer.sqnr_db.is_some() {
+                layer.sqnr_db = sqnr.get(&layer.weight).copied();
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// Suffix of the value a `QuantizeDequantize` node writes.
 const QUANTIZED_SUFFIX: &str = ".quantized";
 

@@ -310,6 +310,27 @@ impl Graph {
         self.constants.retain(|name, _| needed.contains(name));
     }
 
+    /// For each node, the computed values whose last reader it is (never a graph output):
+    /// what an executor can free once the node has run.
+    pub fn last_readers(&self) -> Vec<Vec<String>> {
+        let outputs: HashSet<&str> = self.outputs.iter().map(|o| o.name.as_str()).collect();
+        let mut last_use: HashMap<&str, usize> = HashMap::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            for input in &node.inputs {
+                if self.constant(input).is_none() {
+                    last_use.insert(input, i);
+                }
+            }
+        }
+        let mut frees = vec![Vec::new(); self.nodes.len()];
+        for (name, i) in last_use {
+            if !outputs.contains(name) {
+                frees[i].push(name.to_string());
+            }
+        }
+        frees
+    }
+
     /// Which nodes read each value.
     pub fn consumers(&self) -> HashMap<&str, Vec<usize>> {
         let mut map: HashMap<&str, Vec<usize>> = HashMap::new();

@@ -1,15 +1,16 @@
 // "Your model", end to end in headless Chromium, as a developer would use it: drop a real
 // third-party ONNX CNN (rapidocr's text-direction classifier) on the page, add its class
 // names, set its preprocessing, classify rendered text lines (upright and rotated 180°),
-// compress it to int8 W8A8 (agreement on lines that did not calibrate it), export the
-// compressed ONNX and run that file in ONNX Runtime (Python).
+// compress it to int8 W8A8 (agreement on lines that did not calibrate it), fine-tune the
+// compressed model briefly, export it and run that file in ONNX Runtime (Python). Once on
+// the CPU fallback and once on WebGPU (SwiftShader).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { readFileSync, readdirSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import os from 'node:os';
-import { serveSite, launch, dropFiles, waitReady, NO_WEBGPU_FLAGS, OUT, ROOT } from './harness.mjs';
+import { serveSite, launch, dropFiles, waitReady, NO_WEBGPU_FLAGS, WEBGPU_FLAGS, OUT, ROOT } from './harness.mjs';
 
 const MODELS = path.join(ROOT, '.cache/onnx-models');
 const CACHE = process.env.COMPRESSLAB_CACHE || path.join(os.homedir(), '.cache/compresslab');
@@ -28,8 +29,8 @@ function readNpy(file) {
   return { shape, data };
 }
 
-test('your model: import a third-party ONNX CNN, classify, compress to int8, export and run it in ONNX Runtime', { timeout: 900_000 }, async () => {
-  const { browser, page, logs } = await launch(NO_WEBGPU_FLAGS);
+async function yourModel(flags, backend) {
+  const { browser, page, logs } = await launch(flags);
   try {
     await page.goto(site.url);
     await waitReady(page);
@@ -54,8 +55,12 @@ test('your model: import a third-party ONNX CNN, classify, compress to int8, exp
     await page.selectOption('#user-resize', 'pad');
     await page.selectOption('#user-normalization', 'unit');
 
-    const lines = readdirSync(path.join(MODELS, 'lines')).filter((f) => f.endsWith('.png')).sort();
-    assert.equal(lines.length, 12);
+    const all = readdirSync(path.join(MODELS, 'lines')).filter((f) => f.endsWith('.png')).sort();
+    assert.equal(all.length, 12);
+    // SwiftShader runs the model in seconds, not milliseconds: two texts there (the first
+    // calibrates and trains, the second measures), all six on the CPU.
+    const lines = backend === 'webgpu' ? all.filter((f) => /^line-[01]-/.test(f)) : all;
+    const half = lines.length / 2;
     await dropFiles(page, lines.map((name) => ({ name, type: 'image/png', bytes: readFileSync(path.join(MODELS, 'lines', name)) })));
     await page.waitForFunction((n) => document.querySelectorAll('#user-results .user-card .top5, #user-results .user-card .error').length === n, lines.length, { timeout: 120_000 });
     let right = 0;
@@ -66,12 +71,16 @@ test('your model: import a third-party ONNX CNN, classify, compress to int8, exp
       if (top === expected) right += 1;
       else console.log(`${name}: ${top}`);
     }
-    console.log(`text direction in the page: ${right}/${lines.length} lines right`);
+    const timing = await page.locator('#user-results .user-card .timing').last().innerText();
+    console.log(`text direction in the page (${timing}): ${right}/${lines.length} lines right`);
+    assert.match(timing, backend === 'webgpu' ? /on WebGPU/ : /on CPU interpreter/);
     // ONNX Runtime gets 12/12 on the same lines (tests/models/make_models.py); the page
     // resizes with its own bicubic filter, so allow one line of difference.
     assert.ok(right >= lines.length - 1, `${right}/${lines.length}`);
 
-    // int8 W8A8: the first 6 lines calibrate, the other 6 measure agreement.
+    // int8 W8A8: the first half of the lines calibrates, the other half measures agreement
+    // (measured 6/6 on the CPU, 2/2 on WebGPU; one miss in six allowed).
+    const enough = Math.ceil((half * 5) / 6);
     await page.selectOption('#user-recipe', 'w8a8');
     await page.click('#user-compress');
     await page.waitForSelector('#user-report, #user-error', { timeout: 300_000 });
@@ -80,13 +89,58 @@ test('your model: import a third-party ONNX CNN, classify, compress to int8, exp
     const same = Number(await agreement.getAttribute('data-same'));
     const heldOut = Number(await agreement.getAttribute('data-held-out'));
     console.log(await agreement.innerText());
-    assert.equal(heldOut, 6);
-    assert.ok(same >= 5, `int8 top-1 unchanged on ${same}/${heldOut}`);
+    assert.equal(heldOut, half);
+    assert.ok(same >= enough, `int8 top-1 unchanged on ${same}/${heldOut}`);
     const bytesAfter = parseFloat(await page.innerText('#user-bytes-after'));
     const rows = await page.locator('#user-layers tbody tr').count();
     assert.equal(rows, 54, 'one row per conv / Gemm');
     assert.ok(bytesAfter < 0.2, `${bytesAfter} MB of int8 weights`);
-    await page.screenshot({ path: path.join(OUT, 'your-model.png'), fullPage: true });
+    assert.match(await page.innerText('#user-report .executor'), backend === 'webgpu' ? /WebGPU/ : /CPU interpreter/);
+
+    // Fine-tune the int8 variant toward the original on the 6 lines that calibrated it;
+    // agreement is measured again on the other 6.
+    if (backend === 'cpu') {
+      // A long run stops at the next step when asked, and leaves the variant as it was.
+      await page.fill('#user-epochs', '50');
+      await page.dispatchEvent('#user-epochs', 'change');
+      await page.click('#user-finetune');
+      await page.waitForFunction(() => /step \d+ of/.test(document.querySelector('#user-busy')?.textContent ?? ''), null, { timeout: 120_000 });
+      await page.click('#user-tune-stop');
+      await page.waitForSelector('#user-error', { timeout: 60_000 });
+      const stopped = await page.innerText('#user-error');
+      console.log(stopped);
+      assert.match(stopped, /fine-tuning stopped after \d+ of 150 steps; the compressed variant is unchanged/);
+      assert.equal(await page.$('#user-fine-tuned'), null);
+    }
+    await page.fill('#user-epochs', '3');
+    await page.dispatchEvent('#user-epochs', 'change');
+    await page.click('#user-finetune');
+    await page.waitForSelector('#user-fine-tuned, #user-error', { timeout: 300_000 });
+    const guarded = await page.$('#user-error');
+    if (guarded) {
+      // W8A8 on two lines is already within rounding noise of the original (training loss
+      // ~1e-4): a step can land on either side, and the page must keep the variant and say
+      // so. Measured on SwiftShader: 1.27e-4 → 2.1e-3 at lr 1e-4. (On the CPU, with six
+      // lines, the loss goes down and that branch must not be taken.)
+      const message = await page.innerText('#user-error');
+      console.log(message);
+      assert.equal(backend, 'webgpu', message);
+      assert.match(message, /did not lower the distillation loss on the training images \(.* → .*\); the compressed variant is unchanged/);
+    } else {
+      const tuned = await page.innerText('#user-fine-tuned');
+      console.log(tuned);
+      // Each line and its 3 flipped copies, in batches of 8.
+      const steps = 3 * Math.ceil((4 * half) / 8);
+      assert.match(tuned, new RegExp(`3 epochs \\(${steps} steps\\) on the ${half} images`));
+      // The worker keeps the variant unchanged (and says so) unless the loss went down.
+      const loss = tuned.match(/loss on those images ([0-9.e+-]+) → ([0-9.e+-]+)/);
+      assert.ok(loss && Number(loss[2]) < Number(loss[1]), tuned);
+    }
+    const tunedSame = Number(await page.locator('#user-agreement').getAttribute('data-same'));
+    console.log(`after fine-tuning: ${await page.innerText('#user-agreement')}`);
+    assert.equal(Number(await page.locator('#user-agreement').getAttribute('data-held-out')), half);
+    assert.ok(tunedSame >= enough, `fine-tuned int8 top-1 unchanged on ${tunedSame}/${half}`);
+    await page.screenshot({ path: path.join(OUT, `your-model-${backend}.png`), fullPage: true });
 
     // The export is an ONNX file ONNX Runtime runs, and it still reads the text lines.
     const [download] = await Promise.all([
@@ -94,9 +148,9 @@ test('your model: import a third-party ONNX CNN, classify, compress to int8, exp
       page.click('#user-export'),
     ]);
     assert.equal(download.suggestedFilename(), 'textdir.compressed.onnx');
-    const exported = path.join(OUT, 'textdir.compressed.onnx');
+    const exported = path.join(OUT, `textdir.compressed.${backend}.onnx`);
     await download.saveAs(exported);
-    const out = path.join(OUT, 'textdir.compressed.out.npy');
+    const out = path.join(OUT, `textdir.compressed.${backend}.out.npy`);
     const run = spawnSync(path.join(CACHE, 'venv/bin/python'), [
       path.join(ROOT, 'tests/models/run_ort.py'), exported, path.join(MODELS, 'textdir.input.npy'), out,
     ], { encoding: 'utf8' });
@@ -121,4 +175,12 @@ test('your model: import a third-party ONNX CNN, classify, compress to int8, exp
   } finally {
     await browser.close();
   }
+}
+
+test('your model on the CPU fallback: import a third-party ONNX CNN, classify, compress to int8, fine-tune, export and run it in ONNX Runtime', { timeout: 900_000 }, async () => {
+  await yourModel(NO_WEBGPU_FLAGS, 'cpu');
+});
+
+test('your model on WebGPU (SwiftShader): the same, run and fine-tuned by the burn interpreter', { timeout: 900_000 }, async () => {
+  await yourModel(WEBGPU_FLAGS, 'webgpu');
 });

@@ -5,8 +5,9 @@
 
 use std::path::PathBuf;
 
+use burn::prelude::{Device, DeviceKind};
 use compresslab::EngineError;
-use compresslab::exec::{CpuExecutor, Tensor};
+use compresslab::exec::{CpuExecutor, GraphModel, Tensor};
 use compresslab::graph::{Op, fold_batch_norms, import_onnx};
 use compresslab::npy::read_npy;
 
@@ -92,6 +93,32 @@ fn every_test_graph_matches_onnx_runtime() {
         );
         assert!(diff <= 1e-4, "{name}: {diff}");
     }
+}
+
+/// The burn interpreter on `device`, on every test graph, against ONNX Runtime's outputs.
+fn burn_interpreter_matches_onnx_runtime(device: &Device, backend: &str) {
+    for name in ["resnet", "densenet", "shufflenet", "mobilenet", "textdir"] {
+        let graph =
+            import_onnx(&std::fs::read(models().join(format!("{name}.onnx"))).unwrap()).unwrap();
+        let model = GraphModel::new(&graph, device).unwrap();
+        let input = npy(&format!("{name}.input.npy"));
+        let outputs = futures_lite::future::block_on(model.run(&input, device)).unwrap();
+        let reference = npy(&format!("{name}.output.npy"));
+        let diff = relative_difference(&outputs[0], &reference);
+        println!("{name} on burn {backend}: max relative difference to ONNX Runtime {diff:.2e}");
+        assert!(diff <= 1e-4, "{name} on {backend}: {diff}");
+    }
+}
+
+#[test]
+fn the_burn_interpreter_on_flex_matches_onnx_runtime() {
+    burn_interpreter_matches_onnx_runtime(&Device::flex(), "Flex");
+}
+
+// wgpu natively is lavapipe here (Vulkan on the CPU): WebGPU's shaders, without a browser.
+#[test]
+fn the_burn_interpreter_on_wgpu_matches_onnx_runtime() {
+    burn_interpreter_matches_onnx_runtime(&Device::wgpu(DeviceKind::DefaultDevice), "wgpu");
 }
 
 #[test]

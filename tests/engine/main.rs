@@ -12,6 +12,7 @@ mod fashion;
 mod gpu_kernels;
 mod graph;
 mod graph_compress;
+mod graph_finetune;
 mod quant;
 
 /// `assets/`, written by scripts/setup.sh.

@@ -328,6 +328,7 @@ fn on_worker_message(msg: FromWorker) {
         msg @ (FromWorker::UserModelLoaded(_)
         | FromWorker::UserModelClassified(_)
         | FromWorker::UserModelCompressed(_)
+        | FromWorker::UserModelTuning { .. }
         | FromWorker::UserModelFailed { .. }) => user_model_panel::on_message(c.user_model, msg),
         FromWorker::Benchmarked(report) => c.bench.set(BenchState::Done(report)),
         FromWorker::DistilBenchmarked(report) => c.bench.set(BenchState::TrainingDone(report)),

@@ -95,6 +95,14 @@ pub enum ToWorker {
     },
     /// Send back the compressed variant (or the original) as ONNX.
     UserModelExport,
+    /// Fine-tune the compressed variant toward the original (label-free distillation through
+    /// its quantization) on the images that calibrated it (or the first half).
+    UserModelFineTune {
+        epochs: u32,
+        learning_rate: f64,
+    },
+    /// Stop a fine-tune at its next step; the variant stays as it was before.
+    UserModelStopTuning,
 }
 
 /// Which network a distillation fine-tunes.
@@ -382,6 +390,12 @@ pub enum FromWorker {
     UserModelLoaded(Box<UserModelInfo>),
     UserModelClassified(UserClassification),
     UserModelCompressed(Box<UserCompressReport>),
+    /// A fine-tuning step of the user's variant finished.
+    UserModelTuning {
+        done: usize,
+        total: usize,
+        loss: f64,
+    },
     /// A load, compression or export of the user's model failed (`id`: the image, when
     /// classifying one failed).
     UserModelFailed {
@@ -510,6 +524,10 @@ pub struct UserClassification {
     /// probabilities).
     pub top: Vec<(usize, f32)>,
     pub ms: f64,
+    /// Where it ran ("WebGPU", "CPU interpreter"); cold: the first run there (WebGPU
+    /// compiles its shaders then).
+    pub backend: String,
+    pub cold: bool,
     pub variant_top: Option<Vec<(usize, f32)>>,
     pub variant_ms: Option<f64>,
     /// The input as the model saw it (8-bit RGB, height × width), for the card.
@@ -556,4 +574,6 @@ pub struct UserCompressReport {
     /// What ran, in words (the interpreter, and that the arithmetic is float).
     pub executor: String,
     pub build_ms: f64,
+    /// After a fine-tune: what it did, in words (steps, images, loss, time).
+    pub fine_tuned: Option<String>,
 }

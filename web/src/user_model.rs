@@ -1,40 +1,134 @@
-//! "Your model", worker side: an imported ONNX graph on the CPU interpreter, its compressed
-//! variant, the inputs of the images classified so far (the first half calibrates, the
-//! second half measures agreement), and the ONNX export.
+//! "Your model", worker side: an imported ONNX graph on WebGPU (the burn interpreter) when
+//! the page runs there, else on the CPU interpreter; its compressed variant; the inputs of
+//! the images classified so far (the first half calibrates and fine-tunes, the rest measures
+//! agreement); fine-tuning; and the ONNX export.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 
+use burn::prelude::Device;
 use compresslab::compress::Recipe;
-use compresslab::exec::{CpuExecutor, Tensor};
+use compresslab::exec::{CpuExecutor, GraphModel, Tensor};
+use compresslab::finetune_graph::{GraphFineTuneConfig, GraphFineTuner, flipped_copies};
 use compresslab::graph::{
     CompressedGraph, Dim, Graph, MAX_MODEL_BYTES, channel_groups, compress_graph, export_onnx,
-    import_onnx,
+    fold_batch_norms, import_onnx,
 };
 use compresslab::preprocess::InputSpec;
 use js_sys::Uint8Array;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::Blob;
 
+use crate::distil::sleep_ms;
 use crate::error::{WebError, WebResult};
 use crate::lab::percentile;
 use crate::messages::{
     FromWorker, UserClassification, UserCompressReport, UserLayer, UserModelInfo, UserSide,
 };
-use crate::worker::{decode_blob, now, post};
+use crate::worker::{decode_blob, now, post, webgpu};
+
+/// After 3 timing pairs, no more are started once this much time has gone by.
+const TIMING_BUDGET_MS: f64 = 5000.0;
 
 /// Inputs kept for calibration and agreement (the oldest are dropped beyond this).
 const MAX_KEPT_INPUTS: usize = 64;
 
+/// One graph ready to run: on the CPU interpreter, and on WebGPU when the page has it.
+#[derive(Clone)]
+struct Runner {
+    cpu: Rc<CpuExecutor>,
+    gpu: Option<(GraphModel, Device)>,
+}
+
+impl Runner {
+    fn new(graph: &Graph) -> WebResult<Self> {
+        let gpu = match webgpu() {
+            Some((device, _)) => {
+                // BatchNorm folded into the convolutions: fewer dispatches, same outputs.
+                let mut folded = graph.clone();
+                fold_batch_norms(&mut folded);
+                Some((GraphModel::new(&folded, &device)?, device))
+            }
+            None => None,
+        };
+        Ok(Runner {
+            cpu: Rc::new(CpuExecutor::new(graph)?),
+            gpu,
+        })
+    }
+
+    /// The first output for one input, on WebGPU when there is one.
+    async fn run(&self, input: &Tensor) -> WebResult<Vec<f32>> {
+        let outputs = match &self.gpu {
+            Some((model, device)) => model.run(input, device).await?,
+            None => self.cpu.run(input)?,
+        };
+        let first = outputs
+            .into_iter()
+            .next()
+            .ok_or_else(|| WebError::Message("the model has no output".into()))?;
+        Ok(first.data)
+    }
+}
+
+/// The compressed model, and how many of the oldest kept inputs it calibrated or trained on.
+#[derive(Clone)]
+struct Variant {
+    compressed: CompressedGraph,
+    runner: Runner,
+    used: usize,
+    fine_tuned: Option<String>,
+}
+
 struct UserModel {
     name: String,
     graph: Graph,
-    executor: CpuExecutor,
-    inputs: Vec<Tensor>,
-    variant: Option<(CompressedGraph, CpuExecutor)>,
+    original: Runner,
+    inputs: RefCell<Vec<Tensor>>,
+    variant: RefCell<Option<Variant>>,
+    /// Whether WebGPU has run this model once (the first run compiles shaders).
+    warm: Cell<bool>,
 }
 
 thread_local! {
-    static USER: RefCell<Option<UserModel>> = const { RefCell::new(None) };
+    static USER: RefCell<Option<Rc<UserModel>>> = const { RefCell::new(None) };
+    static STOP_TUNING: Cell<bool> = const { Cell::new(false) };
+    /// The job queue's tickets: the next one handed out and the one being served.
+    static NEXT_TICKET: Cell<u64> = const { Cell::new(0) };
+    static SERVING: Cell<u64> = const { Cell::new(0) };
+}
+
+/// A place in the queue of this tab's jobs: they run one at a time in the order they came,
+/// so a latency is one model's run, not several interleaved at their awaits.
+struct Turn;
+
+impl Turn {
+    async fn wait() -> Turn {
+        let ticket = NEXT_TICKET.with(|n| n.replace(n.get() + 1));
+        while SERVING.get() != ticket {
+            sleep_ms(1).await;
+        }
+        Turn
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        SERVING.set(SERVING.get() + 1);
+    }
+}
+
+fn current() -> WebResult<Rc<UserModel>> {
+    USER.with(|u| u.borrow().clone())
+        .ok_or_else(|| WebError::Message("load an .onnx model first".into()))
+}
+
+/// Where models run on this page, in words.
+fn backend_name() -> String {
+    match webgpu() {
+        Some((_, adapter)) => format!("WebGPU ({adapter})"),
+        None => "CPU interpreter".into(),
+    }
 }
 
 fn dims_text(dims: &[Dim]) -> Vec<String> {
@@ -50,6 +144,7 @@ async fn blob_bytes(blob: &Blob) -> WebResult<Vec<u8>> {
 
 /// Imports the model file and reports what it is.
 pub async fn load(name: String, blob: &Blob) -> WebResult<()> {
+    let _turn = Turn::wait().await;
     if blob.size() > MAX_MODEL_BYTES as f64 {
         return Err(WebError::Message(format!(
             "{name} is {:.0} MB; models up to {} MB are read",
@@ -59,7 +154,7 @@ pub async fn load(name: String, blob: &Blob) -> WebResult<()> {
     }
     let bytes = blob_bytes(blob).await?;
     let graph = import_onnx(&bytes)?;
-    let executor = CpuExecutor::new(&graph)?;
+    let original = Runner::new(&graph)?;
     let declared = graph.input()?.dims.clone();
     let batch_one: Vec<Dim> = declared
         .iter()
@@ -106,13 +201,14 @@ pub async fn load(name: String, blob: &Blob) -> WebResult<()> {
         fixed_groups: groups.len() - prunable,
     };
     USER.with(|u| {
-        *u.borrow_mut() = Some(UserModel {
+        *u.borrow_mut() = Some(Rc::new(UserModel {
             name,
             graph,
-            executor,
-            inputs: Vec::new(),
-            variant: None,
-        })
+            original,
+            inputs: RefCell::new(Vec::new()),
+            variant: RefCell::new(None),
+            warm: Cell::new(false),
+        }))
     });
     post(&FromWorker::UserModelLoaded(Box::new(info)));
     Ok(())
@@ -133,24 +229,9 @@ fn ranked(outputs: &[f32], k: usize) -> Vec<(usize, f32)> {
     order.into_iter().take(k).map(|i| (i, p[i])).collect()
 }
 
-fn first_output(executor: &CpuExecutor, input: &Tensor) -> WebResult<Vec<f32>> {
-    let out = executor
-        .run(input)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| WebError::Message("the model has no output".into()))?;
-    Ok(out.data)
-}
-
-fn with_model<R>(f: impl FnOnce(&mut UserModel) -> WebResult<R>) -> WebResult<R> {
-    USER.with(|u| match u.borrow_mut().as_mut() {
-        Some(m) => f(m),
-        None => Err(WebError::Message("load an .onnx model first".into())),
-    })
-}
-
 /// Decodes, prepares and classifies one image with the model (and its variant).
 pub async fn classify(id: u32, spec: InputSpec, blob: &Blob) -> WebResult<()> {
+    let _turn = Turn::wait().await;
     let decoded = decode_blob(blob).await?;
     let data = spec.tensor(&decoded.image)?;
     let input = Tensor {
@@ -169,33 +250,42 @@ pub async fn classify(id: u32, spec: InputSpec, blob: &Blob) -> WebResult<()> {
             [0, 1, 2].map(|c| (255.0 * (channel(c) - lo) / (hi - lo).max(1e-6)).round() as u8)
         })
         .collect();
-    let result = with_model(|m| {
-        let start = now();
-        let outputs = first_output(&m.executor, &input)?;
-        let ms = now() - start;
-        let variant = match &m.variant {
-            Some((_, executor)) => {
-                let start = now();
-                let out = first_output(executor, &input)?;
-                Some((ranked(&out, 5), now() - start))
-            }
-            None => None,
-        };
-        if m.inputs.len() == MAX_KEPT_INPUTS {
-            m.inputs.remove(0);
+    let m = current()?;
+    let variant = m.variant.borrow().clone();
+    let cold = m.original.gpu.is_some() && !m.warm.replace(true);
+    let start = now();
+    let outputs = m.original.run(&input).await?;
+    let ms = now() - start;
+    let variant = match variant {
+        Some(v) => {
+            let start = now();
+            let out = v.runner.run(&input).await?;
+            Some((ranked(&out, 5), now() - start))
         }
-        m.inputs.push(input.clone());
-        Ok(UserClassification {
-            id,
-            top: ranked(&outputs, 5),
-            ms,
-            variant_top: variant.as_ref().map(|(t, _)| t.clone()),
-            variant_ms: variant.map(|(_, ms)| ms),
-            seen,
-            seen_width: spec.width as u32,
-            seen_height: spec.height as u32,
-        })
-    })?;
+        None => None,
+    };
+    {
+        let mut inputs = m.inputs.borrow_mut();
+        if inputs.len() == MAX_KEPT_INPUTS {
+            inputs.remove(0);
+            if let Some(v) = m.variant.borrow_mut().as_mut() {
+                v.used = v.used.saturating_sub(1);
+            }
+        }
+        inputs.push(input);
+    }
+    let result = UserClassification {
+        id,
+        top: ranked(&outputs, 5),
+        ms,
+        backend: backend_name(),
+        cold,
+        variant_top: variant.as_ref().map(|(t, _)| t.clone()),
+        variant_ms: variant.map(|(_, ms)| ms),
+        seen,
+        seen_width: spec.width as u32,
+        seen_height: spec.height as u32,
+    };
     post(&FromWorker::UserModelClassified(result));
     Ok(())
 }
@@ -207,119 +297,260 @@ fn argmax(v: &[f32]) -> usize {
         .map_or(0, |(i, _)| i)
 }
 
-/// Applies `recipe`, measures agreement on the images that did not calibrate, and times both
-/// models interleaved on the last image.
-pub fn compress(recipe: Recipe, runs: u32) -> WebResult<()> {
-    let report = with_model(|m| {
-        let start = now();
-        let n = m.inputs.len();
-        let calibrating = recipe.activations.is_some();
-        let split = if calibrating { n.div_ceil(2) } else { 0 };
-        if calibrating && n < 2 {
-            return Err(WebError::Message(
-                "activation quantization calibrates on the images you classified: classify at least 2 (half calibrate, half measure)".into(),
-            ));
-        }
-        let (calibration, held_out) = m.inputs.split_at(split);
-        m.variant = None;
-        let compressed = compress_graph(&m.graph, &recipe, calibration, &mut |_, _| {})?;
-        let executor = CpuExecutor::new(&compressed.graph)?;
-        let top1_same = if held_out.is_empty() {
-            None
-        } else {
-            let mut same = 0;
-            for input in held_out {
-                let a = first_output(&m.executor, input)?;
-                let b = first_output(&executor, input)?;
-                same += usize::from(argmax(&a) == argmax(&b));
-            }
-            Some(same)
-        };
-        let build_ms = now() - start;
-        let runs = runs.clamp(1, 100);
-        let mut times = (Vec::new(), Vec::new());
-        if let Some(input) = m.inputs.last() {
-            for _ in 0..runs {
-                let t = now();
-                first_output(&m.executor, input)?;
-                times.0.push(now() - t);
-                let t = now();
-                first_output(&executor, input)?;
-                times.1.push(now() - t);
-            }
-        }
-        let p50 = |t: &mut Vec<f64>| {
-            t.sort_by(f64::total_cmp);
-            if t.is_empty() {
-                0.0
-            } else {
-                percentile(t, 50.0)
-            }
-        };
-        // MACs for one image of the size the model is fed.
-        let fed: Vec<Dim> = match m.inputs.last() {
-            Some(t) => std::iter::once(Dim::Known(1))
-                .chain(t.dims.iter().skip(1).map(|&d| Dim::Known(d)))
-                .collect(),
-            None => {
-                let mut dims = m.graph.input()?.dims.clone();
-                if let Some(batch) = dims.first_mut() {
-                    *batch = Dim::Known(1);
-                }
-                dims
-            }
-        };
-        let before = m.graph.stats_at(&fed, &Default::default())?;
-        let after = compressed.graph.stats_at(&fed, &compressed.weights)?;
-        let layers = compressed
-            .layers
-            .iter()
-            .map(|l| UserLayer {
-                node: l.node.clone(),
-                op: l.op.to_string(),
-                shape: l.shape.clone(),
-                parameters: l.parameters,
-                zeros: l.zeros,
-                bits: l.bits,
-                sqnr_db: l.sqnr_db.filter(|v| v.is_finite()),
-                activation_bits: l.activation.map(|a| if a.qmax <= 7 { 4 } else { 8 }),
-            })
-            .collect();
-        let report = UserCompressReport {
-            recipe: recipe.clone(),
-            before: UserSide {
-                parameters: before.parameters,
-                weight_bytes: before.weight_bytes,
-                macs: before.macs,
-                p50_ms: p50(&mut times.0),
-            },
-            after: UserSide {
-                parameters: after.parameters,
-                weight_bytes: after.weight_bytes,
-                macs: after.macs,
-                p50_ms: p50(&mut times.1),
-            },
-            runs: if m.inputs.is_empty() { 0 } else { runs },
-            calibration_images: calibration.len(),
-            held_out: held_out.len(),
-            top1_same,
-            layers,
-            executor: "CPU interpreter: float arithmetic on the dequantized weights, activations rounded to their integer levels (what the exported QDQ model computes); no integer kernel runs for imported models yet".into(),
-            build_ms,
-        };
-        m.variant = Some((compressed, executor));
-        Ok(report)
-    })?;
+/// Applies `recipe`; the report measures agreement on the images that did not calibrate.
+pub async fn compress(recipe: Recipe, runs: u32) -> WebResult<()> {
+    let _turn = Turn::wait().await;
+    let m = current()?;
+    let start = now();
+    let inputs = m.inputs.borrow().clone();
+    let calibrating = recipe.activations.is_some();
+    if calibrating && inputs.len() < 2 {
+        return Err(WebError::Message(
+            "activation quantization calibrates on the images you classified: classify at least 2 (half calibrate, half measure)".into(),
+        ));
+    }
+    let used = if calibrating {
+        inputs.len().div_ceil(2)
+    } else {
+        0
+    };
+    m.variant.replace(None);
+    let compressed = compress_graph(&m.graph, &recipe, &inputs[..used], &mut |_, _| {})?;
+    let variant = Variant {
+        runner: Runner::new(&compressed.graph)?,
+        compressed,
+        used,
+        fine_tuned: None,
+    };
+    let report = report(&m, &variant, runs, now() - start).await?;
+    m.variant.replace(Some(variant));
     post(&FromWorker::UserModelCompressed(Box::new(report)));
     Ok(())
 }
 
+pub fn stop_tuning() {
+    STOP_TUNING.set(true);
+}
+
+/// Fine-tunes the variant toward the original on the images it calibrated on (or the first
+/// half of those classified), then reports it measured on the rest.
+pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WebResult<()> {
+    let _turn = Turn::wait().await;
+    let m = current()?;
+    let start = now();
+    let Some(variant) = m.variant.borrow().clone() else {
+        return Err(WebError::Message(
+            "compress the model first: fine-tuning trains the compressed variant".into(),
+        ));
+    };
+    let inputs = m.inputs.borrow().clone();
+    let used = if variant.used > 0 {
+        variant.used
+    } else {
+        inputs.len().div_ceil(2)
+    };
+    if used == 0 || inputs.len() <= used {
+        return Err(WebError::Message(format!(
+            "fine-tuning needs images to train on and others to measure on: classify at least 2 (you have {})",
+            inputs.len()
+        )));
+    }
+    let train = flipped_copies(&inputs[..used]);
+    let mut targets = Vec::with_capacity(train.len());
+    for input in &train {
+        targets.push(m.original.cpu.run(input)?.remove(0).data);
+    }
+    let cfg = GraphFineTuneConfig {
+        epochs: (epochs as usize).clamp(1, compresslab::finetune_graph::MAX_EPOCHS),
+        batch_size: 8,
+        learning_rate,
+        ..Default::default()
+    };
+    let device = match webgpu() {
+        Some((device, _)) => device.autodiff(),
+        None => Device::flex().autodiff(),
+    };
+    let epochs = cfg.epochs;
+    let mut tuner = GraphFineTuner::new(&variant.compressed, train, targets, cfg, &device)?;
+    STOP_TUNING.set(false);
+    let before = tuner.training_loss().await?;
+    while !tuner.is_done() {
+        // Lets a stop message in between steps.
+        sleep_ms(0).await;
+        if STOP_TUNING.replace(false) {
+            return Err(WebError::Message(format!(
+                "fine-tuning stopped after {} of {} steps; the compressed variant is unchanged",
+                tuner.steps_done(),
+                tuner.total_steps()
+            )));
+        }
+        let step = tuner.step().await?;
+        post(&FromWorker::UserModelTuning {
+            done: step.done,
+            total: step.total,
+            loss: step.loss,
+        });
+    }
+    let after = tuner.training_loss().await?;
+    if after >= before {
+        return Err(WebError::Message(format!(
+            "fine-tuning did not lower the distillation loss on the training images ({} → {}); the compressed variant is unchanged. A smaller learning rate may help.",
+            loss_text(before),
+            loss_text(after)
+        )));
+    }
+    let steps = tuner.total_steps();
+    let tuned = tuner.finish().await?;
+    let seconds = (now() - start) / 1e3;
+    let variant = Variant {
+        runner: Runner::new(&tuned.graph)?,
+        compressed: tuned,
+        used,
+        fine_tuned: Some(format!(
+            "fine-tuned for {} epochs ({steps} steps) on the {used} images that calibrated it and their flipped copies, toward the original's outputs (no labels), learning rate {learning_rate:e}, on {}: distillation loss on those images {} → {}, {seconds:.1} s in all",
+            epochs,
+            if webgpu().is_some() {
+                "WebGPU"
+            } else {
+                "the CPU (burn Flex)"
+            },
+            loss_text(before),
+            loss_text(after)
+        )),
+    };
+    let report = report(&m, &variant, 5, now() - start).await?;
+    m.variant.replace(Some(variant));
+    post(&FromWorker::UserModelCompressed(Box::new(report)));
+    Ok(())
+}
+
+/// A loss for people: 4 decimals, or 3 significant digits when smaller than that.
+fn loss_text(loss: f64) -> String {
+    if loss != 0.0 && loss.abs() < 1e-3 {
+        format!("{loss:.2e}")
+    } else {
+        format!("{loss:.4}")
+    }
+}
+
+/// Measures a variant against the original: agreement on the inputs it did not use,
+/// interleaved p50 latency on the last input, size and compute, per-layer table.
+async fn report(
+    m: &UserModel,
+    variant: &Variant,
+    runs: u32,
+    build_ms: f64,
+) -> WebResult<UserCompressReport> {
+    let inputs = m.inputs.borrow().clone();
+    let used = variant.used.min(inputs.len());
+    let held_out = &inputs[used..];
+    let top1_same = if held_out.is_empty() {
+        None
+    } else {
+        let mut same = 0;
+        for input in held_out {
+            let a = m.original.run(input).await?;
+            let b = variant.runner.run(input).await?;
+            same += usize::from(argmax(&a) == argmax(&b));
+        }
+        Some(same)
+    };
+    // Up to `runs` interleaved pairs; on a slow device (an emulated GPU) the timing stops
+    // after 3 pairs once it has taken 5 s, and the report says how many ran.
+    let runs = runs.clamp(1, 100);
+    let mut times = (Vec::new(), Vec::new());
+    if let Some(input) = inputs.last() {
+        let started = now();
+        for done in 0..runs {
+            if done >= 3 && now() - started > TIMING_BUDGET_MS {
+                break;
+            }
+            let t = now();
+            m.original.run(input).await?;
+            times.0.push(now() - t);
+            let t = now();
+            variant.runner.run(input).await?;
+            times.1.push(now() - t);
+        }
+    }
+    let runs = times.0.len() as u32;
+    let p50 = |t: &mut Vec<f64>| {
+        t.sort_by(f64::total_cmp);
+        if t.is_empty() {
+            0.0
+        } else {
+            percentile(t, 50.0)
+        }
+    };
+    // MACs for one image of the size the model is fed.
+    let fed: Vec<Dim> = match inputs.last() {
+        Some(t) => std::iter::once(Dim::Known(1))
+            .chain(t.dims.iter().skip(1).map(|&d| Dim::Known(d)))
+            .collect(),
+        None => {
+            let mut dims = m.graph.input()?.dims.clone();
+            if let Some(batch) = dims.first_mut() {
+                *batch = Dim::Known(1);
+            }
+            dims
+        }
+    };
+    let compressed = &variant.compressed;
+    let before = m.graph.stats_at(&fed, &Default::default())?;
+    let after = compressed.graph.stats_at(&fed, &compressed.weights)?;
+    let layers = compressed
+        .layers
+        .iter()
+        .map(|l| UserLayer {
+            node: l.node.clone(),
+            op: l.op.to_string(),
+            shape: l.shape.clone(),
+            parameters: l.parameters,
+            zeros: l.zeros,
+            bits: l.bits,
+            sqnr_db: l.sqnr_db.filter(|v| v.is_finite()),
+            activation_bits: l.activation.map(|a| if a.qmax <= 7 { 4 } else { 8 }),
+        })
+        .collect();
+    let executor = match &variant.runner.gpu {
+        Some(_) => format!(
+            "{} through the burn interpreter: float arithmetic on the dequantized weights, activations rounded to their integer levels (what the exported QDQ model computes); no integer kernel runs for imported models yet",
+            backend_name()
+        ),
+        None => "CPU interpreter: float arithmetic on the dequantized weights, activations rounded to their integer levels (what the exported QDQ model computes); no integer kernel runs for imported models yet".into(),
+    };
+    Ok(UserCompressReport {
+        recipe: compressed.recipe.clone(),
+        before: UserSide {
+            parameters: before.parameters,
+            weight_bytes: before.weight_bytes,
+            macs: before.macs,
+            p50_ms: p50(&mut times.0),
+        },
+        after: UserSide {
+            parameters: after.parameters,
+            weight_bytes: after.weight_bytes,
+            macs: after.macs,
+            p50_ms: p50(&mut times.1),
+        },
+        runs,
+        calibration_images: used,
+        held_out: held_out.len(),
+        top1_same,
+        layers,
+        executor,
+        build_ms,
+        fine_tuned: variant.fine_tuned.clone(),
+    })
+}
+
 /// The compressed variant (or the original, when nothing was compressed) as ONNX.
 pub fn export() -> WebResult<()> {
-    let (bytes, recipe, name) = with_model(|m| {
+    let m = current()?;
+    let (bytes, recipe, name) = {
         let stem = m.name.trim_end_matches(".onnx").to_string();
-        Ok(match &m.variant {
-            Some((c, _)) => {
+        match m.variant.borrow().as_ref().map(|v| &v.compressed) {
+            Some(c) => {
                 let recipe = c.recipe.to_json();
                 let bytes = export_onnx(
                     &c.graph,
@@ -333,8 +564,8 @@ pub fn export() -> WebResult<()> {
                 Recipe::default().to_json(),
                 format!("{stem}.onnx"),
             ),
-        })
-    })?;
+        }
+    };
     post(&FromWorker::Exported {
         weights: bytes,
         recipe_json: recipe,

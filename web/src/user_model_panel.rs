@@ -79,6 +79,11 @@ pub fn on_message(state: RwSignal<UserModelState>, msg: FromWorker) {
             s.error = None;
             s.report = Some(*report);
         }
+        FromWorker::UserModelTuning { done, total, loss } => {
+            s.busy = Some(format!(
+                "Fine-tuning: step {done} of {total}, distillation loss {loss:.4}"
+            ));
+        }
         FromWorker::Exported { .. } => s.busy = None,
         FromWorker::UserModelFailed {
             id: Some(id),
@@ -289,6 +294,30 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
             None,
         );
     };
+    let epochs = RwSignal::new(5usize);
+    let learning_rate = RwSignal::new("1e-4".to_string());
+    let fine_tune = move |_| {
+        state.update(|s| {
+            s.busy = Some("Fine-tuning: preparing".into());
+            s.error = None;
+        });
+        send_user_model(
+            ToWorker::UserModelFineTune {
+                epochs: epochs.get_untracked() as u32,
+                learning_rate: learning_rate.get_untracked().parse().unwrap_or(1e-4),
+            },
+            None,
+        );
+    };
+    let stop = move |_| send_user_model(ToWorker::UserModelStopTuning, None);
+    let tuning = move || {
+        state.with(|s| {
+            s.busy
+                .as_deref()
+                .is_some_and(|b| b.starts_with("Fine-tuning"))
+        })
+    };
+    let has_variant = move || state.with(|s| s.report.is_some());
     let export = move |_| {
         state.update(|s| s.busy = Some("Exporting".into()));
         send_user_model(ToWorker::UserModelExport, None);
@@ -300,7 +329,7 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
         <section class="user-model" id="user-model">
             <p class="intro">
                 "Bring your own CNN as an .onnx file (drop it anywhere on this tab or pick it). It is imported in your browser, "
-                "run by our CPU interpreter, compressed with the lab's recipes, and exported as ONNX (QDQ int8, int4 blocks) that ONNX Runtime and other runtimes load. "
+                "run on WebGPU (or our CPU interpreter), compressed with the lab's recipes, fine-tuned, and exported as ONNX (QDQ int8, int4 blocks) that ONNX Runtime and other runtimes load. "
                 "Nothing leaves your machine."
             </p>
             <div class="user-inputs">
@@ -356,8 +385,24 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
                     </select>
                     <button id="user-compress" on:click=compress disabled=move || !idle()>"Compress"</button>
                     <button id="user-export" on:click=export disabled=move || !idle()>"Export ONNX"</button>
-                    {move || state.with(|s| s.busy.clone()).map(|b| view! { <span class="busy">{b} "…"</span> })}
+                    {move || state.with(|s| s.busy.clone()).map(|b| view! { <span class="busy" id="user-busy">{b} "…"</span> })}
                     <p class="hint">"Activation calibration uses the first half of the images you classified; agreement is measured on the other half."</p>
+                </fieldset>
+                <fieldset class="user-finetune">
+                    <legend>"Fine-tune the compressed model"</legend>
+                    <label>"Epochs " <input id="user-epochs" type="number" min="1" max="50" prop:value=move || epochs.get().to_string() on:change=number(epochs)/></label>
+                    <label>"Learning rate "
+                        <select id="user-lr" on:change=move |e| learning_rate.set(event_target_value(&e)) prop:value=move || learning_rate.get()>
+                            <option value="1e-5">"1e-5 (a light touch)"</option>
+                            <option value="1e-4">"1e-4"</option>
+                            <option value="1e-3">"1e-3 (for heavy compression)"</option>
+                        </select>
+                    </label>
+                    <button id="user-finetune" on:click=fine_tune disabled=move || !idle() || !has_variant()>"Fine-tune"</button>
+                    <Show when=tuning>
+                        <button id="user-tune-stop" on:click=stop>"Stop"</button>
+                    </Show>
+                    <p class="hint">"Trains the compressed variant toward the original's outputs (no labels needed) through its quantization, on the images that calibrated it (or the first half) and their flipped copies; agreement is then measured on the rest. Runs on WebGPU when the page does."</p>
                 </fieldset>
                 {move || state.with(|s| s.report.clone()).map(|r| view! { <UserReport report=r/> })}
                 <Show when=move || state.with(|s| s.images.iter().any(|i| i.result.is_some() || i.error.is_some()))>
@@ -437,7 +482,12 @@ fn UserCard(image: UserImage, labels: Signal<Vec<String>>) -> impl IntoView {
                         </li>
                     }).collect_view()}
                 </ol>
-                <p class="timing">{format!("{:.1} ms on the CPU interpreter", r.ms)}</p>
+                <p class="timing">{format!(
+                    "{:.1} ms on {}{}",
+                    r.ms,
+                    r.backend,
+                    if r.cold { " (cold: first run, includes shader compilation)" } else { "" }
+                )}</p>
                 {r.variant_top.clone().map(|top| {
                     let (class, p) = top.first().copied().unwrap_or((0, 0.0));
                     view! {
@@ -467,10 +517,10 @@ fn UserReport(report: UserCompressReport) -> impl IntoView {
     let (b, a) = (&report.before, &report.after);
     let agreement = match report.top1_same {
         Some(same) => format!(
-            "Top-1 unchanged on {same} of {} held-out images ({} calibrated the activations and are not counted).",
+            "Top-1 unchanged on {same} of {} held-out images ({} calibrated or trained it and are not counted).",
             report.held_out, report.calibration_images
         ),
-        None => "Too few images to measure agreement: classify images first (with activation quantization, at least 2: half calibrate, half measure).".into(),
+        None => "Too few images to measure agreement: classify images first (with activation quantization or fine-tuning, at least 2: half calibrate or train, half measure).".into(),
     };
     view! {
         <div class="user-report" id="user-report">
@@ -493,6 +543,7 @@ fn UserReport(report: UserCompressReport) -> impl IntoView {
             </table>
             <p class="agreement" id="user-agreement" data-same=report.top1_same.map(|s| s.to_string()).unwrap_or_default()
                 data-held-out=report.held_out.to_string()>{agreement}</p>
+            {report.fine_tuned.clone().map(|t| view! { <p class="fine-tuned" id="user-fine-tuned">{"This variant was "}{t}"."</p> })}
             <p class="executor">{"What ran: "}{report.executor.clone()}{format!(" · built in {:.0} ms", report.build_ms)}</p>
             <table class="layers" id="user-layers">
                 <thead><tr><th>"Node"</th><th>"Op"</th><th>"Shape"</th><th>"Params"</th><th>"Zeros"</th><th>"Weights"</th><th>"SQNR"</th><th>"Input"</th></tr></thead>

@@ -248,13 +248,25 @@ async fn handle(data: JsValue) {
             }
         }
         ToWorker::UserModelCompress { recipe, runs } => {
-            if let Err(e) = user_model::compress(recipe, runs) {
+            if let Err(e) = user_model::compress(recipe, runs).await {
                 post(&FromWorker::UserModelFailed {
                     id: None,
                     message: e.to_string(),
                 });
             }
         }
+        ToWorker::UserModelFineTune {
+            epochs,
+            learning_rate,
+        } => {
+            if let Err(e) = user_model::fine_tune(epochs, learning_rate).await {
+                post(&FromWorker::UserModelFailed {
+                    id: None,
+                    message: e.to_string(),
+                });
+            }
+        }
+        ToWorker::UserModelStopTuning => user_model::stop_tuning(),
         ToWorker::UserModelExport => {
             if let Err(e) = user_model::export() {
                 post(&FromWorker::UserModelFailed {
@@ -274,6 +286,15 @@ async fn handle(data: JsValue) {
             }
         }
     }
+}
+
+/// The WebGPU device and its adapter's description, when the page runs on WebGPU.
+pub fn webgpu() -> Option<(Device, String)> {
+    MODEL.with(|m| {
+        let loaded = m.borrow().clone()?;
+        let device = loaded.device.clone()?;
+        Some((device, loaded.backend.description.clone()))
+    })
 }
 
 /// Runs `f` on the loaded model (an error when it is not loaded yet).

@@ -24,7 +24,7 @@ mod models;
 const USAGE: &str = "usage:
   compresslab inspect <model.onnx> [--shape NxCxHxW]
       any ONNX CNN: operators, parameters, MACs, input/output shapes, or why it does not import
-  compresslab run <model.onnx> <in.npy> <out.npy> [--device cpu]
+  compresslab run <model.onnx> <in.npy> <out.npy> [--device cpu|flex|wgpu]
       runs any imported ONNX model on an NCHW float32 batch and writes its first output
   compresslab compress <model.onnx> <recipe.json> <out.onnx> [--calibration <in.npy>]
       the lab's recipe (same JSON, missing fields default) on any imported model: channel

@@ -3,8 +3,9 @@
 use std::path::Path;
 use std::time::Instant;
 
+use burn::prelude::{Device, DeviceKind};
 use compresslab::compress::Recipe;
-use compresslab::exec::{CpuExecutor, Tensor};
+use compresslab::exec::{CpuExecutor, GraphModel, Tensor};
 use compresslab::graph::{Dim, channel_groups, compress_graph, export_onnx, import_onnx};
 use compresslab::npy::{read_npy, write_npy};
 use compresslab::weights::TensorStore;
@@ -80,34 +81,55 @@ pub fn inspect(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `run MODEL.onnx IN.npy OUT.npy [--device cpu]`: the model on an NCHW float32 batch.
+/// `run MODEL.onnx IN.npy OUT.npy [--device cpu|flex|wgpu]`: the model on an NCHW float32
+/// batch, on the CPU interpreter (default) or the burn interpreter on Flex or wgpu.
 pub fn run(args: &[String]) -> Result<()> {
-    let (model, input, output) = match args {
-        [m, i, o] => (m, i, o),
-        [m, i, o, flag, device] if flag == "--device" && device == "cpu" => (m, i, o),
-        [_, _, _, flag, device] if flag == "--device" => {
-            return Err(EngineError::Config(format!(
-                "--device {device}: the graph engine runs on the CPU interpreter so far"
-            )));
-        }
+    let (model, input, output, device) = match args {
+        [m, i, o] => (m, i, o, "cpu"),
+        [m, i, o, flag, device] if flag == "--device" => (m, i, o, device.as_str()),
         _ => {
             return Err(usage_error(
-                "run takes MODEL.onnx IN.npy OUT.npy [--device cpu]",
+                "run takes MODEL.onnx IN.npy OUT.npy [--device cpu|flex|wgpu]",
             ));
         }
     };
     let graph = import_onnx(&read(Path::new(model))?)?;
-    let executor = CpuExecutor::new(&graph)?;
     let input = read_npy(&read(Path::new(input))?)?;
-    let start = Instant::now();
-    let outputs = executor.run(&input)?;
-    let ms = start.elapsed().as_secs_f64() * 1e3;
+    let burn_device = match device {
+        "cpu" => None,
+        "flex" => Some(Device::flex()),
+        "wgpu" => Some(Device::wgpu(DeviceKind::DefaultDevice)),
+        other => {
+            return Err(usage_error(&format!(
+                "--device {other}: one of cpu, flex, wgpu"
+            )));
+        }
+    };
+    let (outputs, ms, ran) = match &burn_device {
+        None => {
+            let executor = CpuExecutor::new(&graph)?;
+            let start = Instant::now();
+            let outputs = executor.run(&input)?;
+            (outputs, start.elapsed(), "the CPU interpreter".to_string())
+        }
+        Some(d) => {
+            let model = GraphModel::new(&graph, d)?;
+            let start = Instant::now();
+            let outputs = futures_lite::future::block_on(model.run(&input, d))?;
+            (
+                outputs,
+                start.elapsed(),
+                format!("the burn interpreter on {device}"),
+            )
+        }
+    };
+    let ms = ms.as_secs_f64() * 1e3;
     let first = outputs
         .first()
         .ok_or_else(|| EngineError::Execution("the model has no outputs".into()))?;
     write(Path::new(output), &write_npy(first))?;
     println!(
-        "{:?} → {:?} in {ms:.1} ms on the CPU interpreter; wrote {output}",
+        "{:?} → {:?} in {ms:.1} ms on {ran} (first run: includes set-up); wrote {output}",
         input.dims, first.dims
     );
     Ok(())

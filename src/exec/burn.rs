@@ -1,0 +1,655 @@
+//! The burn interpreter: a graph as burn tensor ops, so the one graph runs on every device
+//! burn has (WebGPU in the browser, wgpu or Flex natively) and trains under autodiff. Its
+//! constants are module parameters (weights, biases and BatchNorm affines train; the rest
+//! stays fixed), so an optimizer steps it like any burn module.
+//!
+//! Values are rank-6 tensors padded with leading ones, their logical dims kept beside them:
+//! ONNX's trailing-aligned broadcasting, Concat and Transpose then need no per-rank code.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use burn::module::{Module, Param};
+use burn::prelude::*;
+use burn::tensor::activation;
+use burn::tensor::module::{avg_pool2d, conv2d, max_pool2d};
+use burn::tensor::ops::{AvgPoolOptions, ConvOptions, MaxPoolOptions};
+
+use super::{MAX_ACTIVATION_ELEMENTS, ShapeCache};
+use crate::distill::read_f32;
+use crate::efficientnet::fake_quantize_tensor;
+use crate::error::{EngineError, Result};
+use crate::graph::{Constant, Graph, Node, Op, concrete_dims};
+use crate::quant::QuantizedTensor;
+
+/// The highest rank a value may have.
+const RANK: usize = 6;
+
+/// What the interpreter knows about a graph besides its parameters.
+#[derive(Debug)]
+struct Plan {
+    graph: Graph,
+    /// Constant name → index into [`GraphModel::constants`].
+    index: HashMap<String, usize>,
+    /// Per constant: a fixed weight grid to train through (straight-through estimator).
+    quant: Vec<Option<Grid>>,
+    /// For each node, the values whose last reader it is.
+    frees: Vec<Vec<String>>,
+    shapes: ShapeCache,
+}
+
+/// A weight's quantization grid, element by element, on the model's device: fixed while
+/// training, so a small step moves single weights across rounding edges instead of
+/// re-scaling a whole channel when its largest weight moves.
+#[derive(Debug, Clone)]
+struct Grid {
+    scale: Tensor<1>,
+    zero_point: Tensor<1>,
+    qmin: f32,
+    qmax: f32,
+}
+
+/// A graph on a burn device: its constants as parameters, its nodes interpreted.
+#[derive(Module, Debug)]
+pub struct GraphModel {
+    /// Every constant, flattened (reshaped to its dims where it is read).
+    constants: Vec<Param<Tensor<1>>>,
+    #[module(skip)]
+    plan: Arc<Plan>,
+}
+
+/// A value while the graph runs.
+#[derive(Clone)]
+struct Value {
+    t: Tensor<RANK>,
+    dims: Vec<usize>,
+}
+
+fn exec_err(node: &Node, msg: impl std::fmt::Display) -> EngineError {
+    EngineError::Execution(format!("{} node `{}`: {msg}", node.op.name(), node.name))
+}
+
+/// `dims` with leading ones up to rank 6.
+fn padded(dims: &[usize]) -> Result<[usize; RANK]> {
+    let Some(offset) = RANK.checked_sub(dims.len()) else {
+        return Err(EngineError::Execution(format!(
+            "a value of rank {} (the burn interpreter takes up to {RANK})",
+            dims.len()
+        )));
+    };
+    let mut out = [1; RANK];
+    out[offset..].copy_from_slice(dims);
+    Ok(out)
+}
+
+impl Value {
+    fn new<const D: usize>(t: Tensor<D>) -> Result<Self> {
+        let dims = t.dims().to_vec();
+        Ok(Value {
+            t: t.reshape(padded(&dims)?),
+            dims,
+        })
+    }
+
+    /// Where the logical axis 0 sits in the rank-6 tensor.
+    fn offset(&self) -> usize {
+        RANK - self.dims.len()
+    }
+
+    fn image(&self, node: &Node) -> Result<Tensor<4>> {
+        match self.dims.as_slice() {
+            &[n, c, h, w] => Ok(self.t.clone().reshape([n, c, h, w])),
+            d => Err(exec_err(node, format!("needs an NCHW input, got {d:?}"))),
+        }
+    }
+
+    fn matrix(&self, node: &Node) -> Result<Tensor<2>> {
+        match self.dims.as_slice() {
+            &[m, k] => Ok(self.t.clone().reshape([m, k])),
+            d => Err(exec_err(node, format!("needs a 2-D input, got {d:?}"))),
+        }
+    }
+}
+
+/// The inputs a node trains (the others are shape data, statistics or fixed operands).
+fn trains(op: &Op, input: usize) -> bool {
+    match op {
+        Op::Conv(_) | Op::Gemm { .. } | Op::MatMul => input >= 1,
+        Op::BatchNorm { .. } => input == 1 || input == 2,
+        _ => false,
+    }
+}
+
+/// Checks the weights once, so no burn op is asked for shapes it would panic on.
+fn validate(graph: &Graph, node: &Node) -> Result<()> {
+    let constant = |i: usize| {
+        node.inputs
+            .get(i)
+            .and_then(|n| graph.constant(n))
+            .ok_or_else(|| exec_err(node, format!("input {i} must be a constant")))
+    };
+    match &node.op {
+        Op::Conv(c) => {
+            let w = constant(1)?;
+            let fits = w.dims.len() == 4
+                && c.group >= 1
+                && w.dims[0] % c.group == 0
+                && w.dims[2..] == c.kernel
+                && c.strides.iter().chain(&c.dilations).all(|s| *s >= 1);
+            let bias_fits = node.inputs.len() < 3 || constant(2)?.data.len() == w.dims[0];
+            if !fits || !bias_fits {
+                return Err(exec_err(
+                    node,
+                    format!("weight {:?} does not fit the convolution", w.dims),
+                ));
+            }
+        }
+        Op::BatchNorm { .. } => {
+            let c = constant(1)?.data.len();
+            for i in 2..5 {
+                if constant(i)?.data.len() != c {
+                    return Err(exec_err(node, "BatchNorm parameters differ in length"));
+                }
+            }
+        }
+        Op::Gemm { .. } | Op::MatMul if constant(1)?.dims.len() != 2 => {
+            return Err(exec_err(node, "B must be 2-D"));
+        }
+        Op::AveragePool(p) | Op::MaxPool(p) => {
+            let positive = p.kernel.iter().chain(&p.strides).chain(&p.dilations);
+            if !positive.clone().all(|v| *v >= 1) {
+                return Err(exec_err(node, "kernel, strides and dilations must be ≥ 1"));
+            }
+            if matches!(node.op, Op::AveragePool(_)) && p.dilations != [1, 1] {
+                return Err(exec_err(node, "dilated average pooling is not supported"));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+impl GraphModel {
+    /// The graph's constants as parameters on `device` (an autodiff device to train).
+    pub fn new(graph: &Graph, device: &Device) -> Result<Self> {
+        let mut trainable: HashMap<&str, bool> = HashMap::new();
+        for node in &graph.nodes {
+            validate(graph, node)?;
+            for (i, input) in node.inputs.iter().enumerate() {
+                if graph.constant(input).is_some() {
+                    *trainable.entry(input).or_default() |= trains(&node.op, i);
+                }
+            }
+        }
+        let mut index = HashMap::new();
+        let mut constants = Vec::with_capacity(graph.constants.len());
+        for (name, c) in &graph.constants {
+            if crate::graph::element_count(&c.dims)? != c.data.len() {
+                return Err(EngineError::Execution(format!(
+                    "constant `{name}` holds {} values for dims {:?}",
+                    c.data.len(),
+                    c.dims
+                )));
+            }
+            let t = Tensor::<1>::from_data(TensorData::new(c.data.clone(), [c.data.len()]), device);
+            let train = trainable.get(name.as_str()).copied().unwrap_or(false);
+            index.insert(name.clone(), constants.len());
+            constants.push(Param::from_tensor(t).set_require_grad(train));
+        }
+        let frees = graph.last_readers();
+        let quant = vec![None; constants.len()];
+        Ok(GraphModel {
+            constants,
+            plan: Arc::new(Plan {
+                graph: graph.clone(),
+                index,
+                quant,
+                frees,
+                shapes: ShapeCache::default(),
+            }),
+        })
+    }
+
+    /// Trains through the quantization of these weights (by constant name), on their grids:
+    /// the forward pass sees the quantized values, gradients pass straight through.
+    pub fn with_weight_quantization(mut self, grids: &BTreeMap<String, QuantizedTensor>) -> Self {
+        let plan = &self.plan;
+        let mut quant = vec![None; self.constants.len()];
+        for (name, q) in grids {
+            if let Some(&i) = plan.index.get(name)
+                && q.values.len() == self.constants[i].val().dims()[0]
+            {
+                let device = self.constants[i].val().device();
+                let (scale, zero_point) = q.element_grid();
+                let (qmin, qmax) = q.scheme.qrange();
+                let n = scale.len();
+                quant[i] = Some(Grid {
+                    scale: Tensor::from_data(TensorData::new(scale, [n]), &device),
+                    zero_point: Tensor::from_data(TensorData::new(zero_point, [n]), &device),
+                    qmin: qmin as f32,
+                    qmax: qmax as f32,
+                });
+            }
+        }
+        self.plan = Arc::new(Plan {
+            graph: plan.graph.clone(),
+            index: plan.index.clone(),
+            quant,
+            frees: plan.frees.clone(),
+            shapes: ShapeCache::default(),
+        });
+        self
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.plan.graph
+    }
+
+    /// A constant at its dims, fake-quantized when it trains through quantization.
+    fn constant<const D: usize>(&self, node: &Node, input: usize) -> Result<Tensor<D>> {
+        let name = node
+            .inputs
+            .get(input)
+            .ok_or_else(|| exec_err(node, format!("missing input {input}")))?;
+        let (Some(&i), Some(c)) = (self.plan.index.get(name), self.plan.graph.constant(name))
+        else {
+            return Err(exec_err(node, format!("input {input} must be a constant")));
+        };
+        let mut flat = self.constants[i].val();
+        if let Some(grid) = &self.plan.quant[i] {
+            let q = flat
+                .clone()
+                .div(grid.scale.clone())
+                .round()
+                .add(grid.zero_point.clone())
+                .clamp(grid.qmin, grid.qmax)
+                .sub(grid.zero_point.clone())
+                .mul(grid.scale.clone());
+            flat = flat.clone() + (q - flat).detach();
+        }
+        let dims: [usize; D] = c.dims.clone().try_into().map_err(|_| {
+            exec_err(
+                node,
+                format!("input {input} has dims {:?}, not rank {D}", c.dims),
+            )
+        })?;
+        Ok(flat.reshape(dims))
+    }
+
+    /// A node's input: a computed value or a constant (at rank 6).
+    fn input(&self, node: &Node, values: &HashMap<&str, Value>, i: usize) -> Result<Value> {
+        let name = node
+            .inputs
+            .get(i)
+            .ok_or_else(|| exec_err(node, format!("missing input {i}")))?;
+        if let Some(v) = values.get(name.as_str()) {
+            return Ok(v.clone());
+        }
+        let c = self
+            .plan
+            .graph
+            .constant(name)
+            .ok_or_else(|| exec_err(node, format!("`{name}` is not computed")))?;
+        let i = self.plan.index[name.as_str()];
+        Ok(Value {
+            t: self.constants[i].val().reshape(padded(&c.dims)?),
+            dims: c.dims.clone(),
+        })
+    }
+
+    /// Runs the graph on an NCHW batch; returns the outputs in the graph's order.
+    pub fn forward(&self, x: Tensor<4>) -> Result<Vec<Output>> {
+        let graph = &self.plan.graph;
+        let info = graph.input()?;
+        let dims = x.dims();
+        super::check_input_dims(graph, &dims)?;
+        if info.dims.len() != 4 {
+            return Err(EngineError::Execution(format!(
+                "the model takes a rank-{} input; the burn interpreter takes NCHW images",
+                info.dims.len()
+            )));
+        }
+        let shapes = self.plan.shapes.get(&self.plan.graph, &dims)?;
+        let mut values: HashMap<&str, Value> = HashMap::new();
+        values.insert(info.name.as_str(), Value::new(x)?);
+        for (node, frees) in graph.nodes.iter().zip(&self.plan.frees) {
+            let out_dims = shapes
+                .get(&node.outputs[0])
+                .and_then(|d| concrete_dims(d))
+                .ok_or_else(|| exec_err(node, "output shape unknown"))?;
+            if crate::graph::element_count(&out_dims)? > MAX_ACTIVATION_ELEMENTS {
+                return Err(exec_err(
+                    node,
+                    format!("its output {out_dims:?} is too large"),
+                ));
+            }
+            let t = self.step(node, &values, &out_dims)?;
+            if t.dims() != padded(&out_dims)? {
+                return Err(exec_err(
+                    node,
+                    format!("computed {:?}, expected {out_dims:?}", t.dims()),
+                ));
+            }
+            for f in frees {
+                values.remove(f.as_str());
+            }
+            values.insert(node.outputs[0].as_str(), Value { t, dims: out_dims });
+        }
+        graph
+            .outputs
+            .iter()
+            .map(|o| {
+                let v = values.remove(o.name.as_str()).ok_or_else(|| {
+                    EngineError::Execution(format!("output `{}` was not computed", o.name))
+                })?;
+                Ok(Output {
+                    t: v.t,
+                    dims: v.dims,
+                })
+            })
+            .collect()
+    }
+
+    /// The first output as `[batch, rest]`: a classifier's logits.
+    pub fn logits(&self, x: Tensor<4>) -> Result<Tensor<2>> {
+        let out = self
+            .forward(x)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| EngineError::Execution("the model has no outputs".into()))?;
+        let batch = out.dims.first().copied().unwrap_or(1).max(1);
+        let len = crate::graph::element_count(&out.dims)?;
+        Ok(out.t.reshape([batch, len / batch]))
+    }
+
+    /// [`Self::forward`] on a host tensor, read back: what the CPU interpreter's `run` does.
+    pub async fn run(&self, input: &super::Tensor, device: &Device) -> Result<Vec<super::Tensor>> {
+        let &[n, c, h, w] = input.dims.as_slice() else {
+            return Err(EngineError::Execution(format!(
+                "the burn interpreter takes an NCHW input, got {:?}",
+                input.dims
+            )));
+        };
+        if crate::graph::element_count(&input.dims)? != input.data.len() {
+            return Err(EngineError::Execution(
+                "input data does not match its dims".into(),
+            ));
+        }
+        let x = Tensor::<4>::from_data(TensorData::new(input.data.clone(), [n, c, h, w]), device);
+        let mut out = Vec::new();
+        for v in self.forward(x)? {
+            let len: usize = v.t.dims().iter().product();
+            out.push(super::Tensor {
+                data: read_f32(v.t.reshape([len])).await?,
+                dims: v.dims,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The constants as they stand (after training), by name.
+    pub async fn constants(&self) -> Result<BTreeMap<String, Constant>> {
+        let mut out = BTreeMap::new();
+        for (name, &i) in &self.plan.index {
+            let dims = self.plan.graph.constants[name].dims.clone();
+            let data = read_f32(self.constants[i].val()).await?;
+            out.insert(name.clone(), Constant { dims, data });
+        }
+        Ok(out)
+    }
+
+    /// Keeps each named weight's zeros at zero (pruned weights stay pruned while training).
+    pub fn mask_zeros(mut self, masks: &HashMap<String, Tensor<1>>) -> Self {
+        let mut by_index: HashMap<usize, &Tensor<1>> = HashMap::new();
+        for (name, mask) in masks {
+            if let Some(&i) = self.plan.index.get(name) {
+                by_index.insert(i, mask);
+            }
+        }
+        self.constants = std::mem::take(&mut self.constants)
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| match by_index.get(&i) {
+                Some(mask) => p.map(|w| {
+                    let trains = w.is_require_grad();
+                    w.mul((*mask).clone()).detach().set_require_grad(trains)
+                }),
+                None => p,
+            })
+            .collect();
+        self
+    }
+
+    /// 1 where a constant is non-zero, for [`Self::mask_zeros`].
+    pub fn zero_masks(
+        graph: &Graph,
+        names: &[String],
+        device: &Device,
+    ) -> HashMap<String, Tensor<1>> {
+        names
+            .iter()
+            .filter_map(|n| {
+                let c = graph.constant(n)?;
+                let mask: Vec<f32> = c
+                    .data
+                    .iter()
+                    .map(|v| f32::from(u8::from(*v != 0.0)))
+                    .collect();
+                Some((
+                    n.clone(),
+                    Tensor::from_data(TensorData::new(mask, [c.data.len()]), device),
+                ))
+            })
+            .collect()
+    }
+
+    fn step(
+        &self,
+        node: &Node,
+        values: &HashMap<&str, Value>,
+        out_dims: &[usize],
+    ) -> Result<Tensor<RANK>> {
+        let out6 = padded(out_dims)?;
+        let input = |i: usize| self.input(node, values, i);
+        let t = match &node.op {
+            Op::Conv(c) => {
+                let x = input(0)?.image(node)?;
+                let w: Tensor<4> = self.constant(node, 1)?;
+                let [_, cin, h, wd] = x.dims();
+                let [_, per_group, kh, kw] = w.dims();
+                if per_group.checked_mul(c.group) != Some(cin) {
+                    return Err(exec_err(
+                        node,
+                        format!("{cin} input channels for weight {:?}", w.dims()),
+                    ));
+                }
+                let bias = if node.inputs.len() > 2 {
+                    Some(self.constant::<1>(node, 2)?)
+                } else {
+                    None
+                };
+                let pad = |axis: usize, size: usize, k: usize| {
+                    c.padding
+                        .resolve(axis, size, k, c.strides[axis], c.dilations[axis])
+                };
+                let options = ConvOptions::new_with_padding(
+                    c.strides,
+                    [pad(0, h, kh), pad(1, wd, kw)],
+                    c.dilations,
+                    c.group,
+                );
+                Value::new(conv2d(x, w, bias, options))?.t
+            }
+            Op::BatchNorm { epsilon } => {
+                let x = input(0)?;
+                let [g, b, m, v]: [Tensor<1>; 4] = [
+                    self.constant(node, 1)?,
+                    self.constant(node, 2)?,
+                    self.constant(node, 3)?,
+                    self.constant(node, 4)?,
+                ];
+                let channels = g.dims()[0];
+                if x.dims.get(1) != Some(&channels) {
+                    return Err(exec_err(
+                        node,
+                        format!("{channels} channels for an input {:?}", x.dims),
+                    ));
+                }
+                let scale = g.div(v.add_scalar(*epsilon).sqrt());
+                let shift = b.sub(m.mul(scale.clone()));
+                let mut shape = vec![1; x.dims.len()];
+                shape[1] = channels;
+                let at = padded(&shape)?;
+                x.t.mul(scale.reshape(at).expand(out6))
+                    .add(shift.reshape(at).expand(out6))
+            }
+            Op::Relu => activation::relu(input(0)?.t),
+            Op::Clip { min, max } => input(0)?.t.clamp(*min, *max),
+            Op::LeakyRelu { alpha } => activation::leaky_relu(input(0)?.t, f64::from(*alpha)),
+            Op::Sigmoid => activation::sigmoid(input(0)?.t),
+            Op::HardSigmoid { alpha, beta } => {
+                activation::hard_sigmoid(input(0)?.t, f64::from(*alpha), f64::from(*beta))
+            }
+            Op::HardSwish => {
+                let x = input(0)?.t;
+                x.clone()
+                    .mul(x.div_scalar(6.0).add_scalar(0.5).clamp(0.0, 1.0))
+            }
+            Op::QuantizeDequantize(p) => {
+                // Straight through: the forward pass quantizes, gradients pass unchanged.
+                let x = input(0)?.t;
+                let q = fake_quantize_tensor(x.clone(), p);
+                x.clone() + (q - x).detach()
+            }
+            Op::Identity => input(0)?.t,
+            Op::Add | Op::Sub | Op::Mul | Op::Div | Op::Sum => {
+                let mut acc = input(0)?.t.expand(out6);
+                for i in 1..node.inputs.len() {
+                    let b = input(i)?.t.expand(out6);
+                    acc = match node.op {
+                        Op::Sub => acc.sub(b),
+                        Op::Mul => acc.mul(b),
+                        Op::Div => acc.div(b),
+                        _ => acc.add(b),
+                    };
+                }
+                acc
+            }
+            Op::Concat { axis } => {
+                let parts = (0..node.inputs.len())
+                    .map(|i| input(i).map(|v| v.t))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(parts, axis + RANK - out_dims.len())
+            }
+            Op::GlobalAveragePool => {
+                let x = input(0)?.image(node)?;
+                Value::new(x.mean_dim(3).mean_dim(2))?.t
+            }
+            Op::AveragePool(p) | Op::MaxPool(p) => {
+                let x = input(0)?.image(node)?;
+                let [_, _, h, w] = x.dims();
+                let pads = [0, 1].map(|axis| {
+                    p.padding.resolve(
+                        axis,
+                        [h, w][axis],
+                        p.kernel[axis],
+                        p.strides[axis],
+                        p.dilations[axis],
+                    )
+                });
+                let y = if matches!(node.op, Op::MaxPool(_)) {
+                    let options = MaxPoolOptions::new(p.kernel)
+                        .with_stride(p.strides)
+                        .with_padding_pairs(pads)
+                        .with_dilation(p.dilations)
+                        .with_ceil_mode(p.ceil_mode);
+                    max_pool2d(x, options)
+                } else {
+                    let options = AvgPoolOptions::new(p.kernel)
+                        .with_stride(p.strides)
+                        .with_padding_pairs(pads)
+                        .with_count_include_pad(p.count_include_pad)
+                        .with_ceil_mode(p.ceil_mode);
+                    avg_pool2d(x, options)
+                };
+                Value::new(y)?.t
+            }
+            Op::Flatten { .. } | Op::Reshape { .. } => input(0)?.t.reshape(out6),
+            Op::Transpose { perm } => {
+                let x = input(0)?;
+                let offset = x.offset();
+                if perm.len() != x.dims.len() || perm.iter().any(|p| *p >= perm.len()) {
+                    return Err(exec_err(node, format!("perm {perm:?} for {:?}", x.dims)));
+                }
+                let mut full: [usize; RANK] = std::array::from_fn(|i| i);
+                for (i, p) in perm.iter().enumerate() {
+                    full[offset + i] = offset + p;
+                }
+                x.t.permute(full)
+            }
+            Op::Gemm {
+                alpha,
+                beta,
+                trans_a,
+                trans_b,
+            } => {
+                let mut a = input(0)?.matrix(node)?;
+                if *trans_a {
+                    a = a.transpose();
+                }
+                let mut b: Tensor<2> = self.constant(node, 1)?;
+                if *trans_b {
+                    b = b.transpose();
+                }
+                if a.dims()[1] != b.dims()[0] {
+                    return Err(exec_err(
+                        node,
+                        format!("A {:?} and B {:?} do not chain", a.dims(), b.dims()),
+                    ));
+                }
+                let mut y = a.matmul(b).mul_scalar(*alpha);
+                if node.inputs.len() > 2 {
+                    let c = input(2)?;
+                    let at = padded(&c.dims)?;
+                    let [m, n] = y.dims();
+                    let c2: Tensor<2> = c.t.reshape([at[RANK - 2], at[RANK - 1]]);
+                    y = y.add(c2.mul_scalar(*beta).expand([m, n]));
+                }
+                Value::new(y)?.t
+            }
+            Op::MatMul => {
+                let a = input(0)?;
+                let b: Tensor<2> = self.constant(node, 1)?;
+                let k = b.dims()[0];
+                let len = crate::graph::element_count(&a.dims)?;
+                if a.dims.last() != Some(&k) {
+                    return Err(exec_err(
+                        node,
+                        format!("A {:?} and B {:?} do not chain", a.dims, b.dims()),
+                    ));
+                }
+                let a2: Tensor<2> = a.t.reshape([len / k.max(1), k]);
+                a2.matmul(b).reshape(out6)
+            }
+            Op::Softmax { axis, legacy } => {
+                let x = input(0)?;
+                if *legacy {
+                    let outer: usize = x.dims[..*axis].iter().product();
+                    let inner: usize = x.dims[*axis..].iter().product();
+                    let flat: Tensor<2> = x.t.reshape([outer, inner]);
+                    activation::softmax(flat, 1).reshape(out6)
+                } else {
+                    let at = axis + x.offset();
+                    activation::softmax(x.t, at)
+                }
+            }
+        };
+        Ok(t)
+    }
+}
+
+/// An output of [`GraphModel::forward`]: the tensor (rank 6, leading ones) and its dims.
+pub struct Output {
+    pub t: Tensor<RANK>,
+    pub dims: Vec<usize>,
+}

@@ -1,0 +1,320 @@
+//! Fine-tuning any compressed graph against the graph it came from, on any burn autodiff
+//! device: label-free distillation (the original's softened outputs are the targets),
+//! quantization-aware (weights and activations are rounded to their grids in the forward
+//! pass, gradients pass straight through), pruned weights kept at zero. At the end the
+//! tuned weights are quantized again on the variant's own grids (scales fixed while training).
+
+use std::collections::{BTreeMap, HashMap};
+
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
+use burn::prelude::*;
+
+use crate::distill::{cosine_lr, distillation_loss, loss_value};
+use crate::error::{EngineError, Result};
+use crate::exec::{GraphModel, Tensor as HostTensor};
+use crate::fashion::SplitMix;
+use crate::graph::{CompressedGraph, Graph, Op};
+
+/// The settings of a fine-tuning run, bounded so a run stays short in a browser tab.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GraphFineTuneConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub temperature: f64,
+    pub seed: u64,
+}
+
+impl Default for GraphFineTuneConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 3,
+            batch_size: 8,
+            learning_rate: 1e-4,
+            temperature: 2.0,
+            seed: 7,
+        }
+    }
+}
+
+pub const MAX_EPOCHS: usize = 50;
+pub const MAX_BATCH: usize = 64;
+
+impl GraphFineTuneConfig {
+    pub fn validate(&self) -> Result<()> {
+        let fine = (1..=MAX_EPOCHS).contains(&self.epochs)
+            && (1..=MAX_BATCH).contains(&self.batch_size)
+            && self.learning_rate.is_finite()
+            && self.learning_rate > 0.0
+            && self.learning_rate <= 0.1
+            && self.temperature.is_finite()
+            && (0.5..=20.0).contains(&self.temperature);
+        if fine {
+            Ok(())
+        } else {
+            Err(EngineError::Config(format!(
+                "fine-tuning takes 1–{MAX_EPOCHS} epochs, batches of 1–{MAX_BATCH}, a learning rate in (0, 0.1] and a temperature in [0.5, 20]; got {self:?}"
+            )))
+        }
+    }
+}
+
+/// `graph` without the Softmax that computes its first output, if it ends in one: the
+/// distillation compares logits (probabilities divided by a temperature are nearly flat,
+/// which leaves almost nothing to learn from).
+fn without_final_softmax(graph: &Graph) -> (Graph, bool) {
+    let mut g = graph.clone();
+    let Some(output) = g.outputs.first() else {
+        return (g, false);
+    };
+    let producer = |value: &str| {
+        g.nodes
+            .iter()
+            .find(|n| n.outputs.first().is_some_and(|o| o == value))
+    };
+    let mut node = producer(&output.name);
+    // Exporters often end with an Identity after the Softmax.
+    while let Some(n) = node.filter(|n| matches!(n.op, Op::Identity)) {
+        node = producer(&n.inputs[0]);
+    }
+    let Some(logits) = node
+        .filter(|n| matches!(n.op, Op::Softmax { .. }))
+        .map(|n| n.inputs[0].clone())
+    else {
+        return (g, false);
+    };
+    g.outputs[0].name = logits;
+    g.prune_unused();
+    (g, true)
+}
+
+/// Each `[1, C, H, W]` image as it is, mirrored left–right, upside down, and turned 180°.
+/// Label-free distillation takes the original's output on each copy as its target, so any
+/// image is a valid training input: four times the data from the few images a user gives.
+pub fn flipped_copies(images: &[HostTensor]) -> Vec<HostTensor> {
+    let mut out = Vec::with_capacity(images.len() * 4);
+    for image in images {
+        let &[_, _, h, w] = image.dims.as_slice() else {
+            out.push(image.clone());
+            continue;
+        };
+        for (flip_rows, flip_cols) in [(false, false), (false, true), (true, false), (true, true)] {
+            let mut data = Vec::with_capacity(image.data.len());
+            for plane in image.data.chunks(h * w) {
+                for y in 0..h {
+                    let row = if flip_rows { h - 1 - y } else { y };
+                    let row = &plane[row * w..(row + 1) * w];
+                    if flip_cols {
+                        data.extend(row.iter().rev());
+                    } else {
+                        data.extend_from_slice(row);
+                    }
+                }
+            }
+            out.push(HostTensor {
+                dims: image.dims.clone(),
+                data,
+            });
+        }
+    }
+    out
+}
+
+/// One step's outcome.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GraphStep {
+    /// Steps done (from 1) of `total`.
+    pub done: usize,
+    pub total: usize,
+    pub epoch: usize,
+    pub loss: f64,
+}
+
+/// A fine-tuning run, one step at a time (the caller reports progress and can stop between
+/// steps).
+pub struct GraphFineTuner {
+    cfg: GraphFineTuneConfig,
+    device: Device,
+    variant: CompressedGraph,
+    student: Option<GraphModel>,
+    masks: HashMap<String, Tensor<1>>,
+    optim: ModuleOptimizer,
+    inputs: Vec<HostTensor>,
+    /// The original model's first output for each input, `[classes]`.
+    targets: Vec<Vec<f32>>,
+    order: Vec<usize>,
+    rng: SplitMix,
+    done: usize,
+}
+
+impl GraphFineTuner {
+    /// `inputs` (each `[1, C, H, W]`, one size) train the `variant` toward `targets`, the
+    /// original's outputs on them (for a model that ends in Softmax, its probabilities).
+    /// `device` must be an autodiff device.
+    pub fn new(
+        variant: &CompressedGraph,
+        inputs: Vec<HostTensor>,
+        targets: Vec<Vec<f32>>,
+        cfg: GraphFineTuneConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let Some(first) = inputs.first() else {
+            return Err(EngineError::Config("fine-tuning needs images".into()));
+        };
+        let same_size = inputs.iter().all(|t| t.dims == first.dims);
+        if first.dims.len() != 4 || first.dims[0] != 1 || !same_size {
+            return Err(EngineError::Config(
+                "fine-tuning takes single images of one size (classify them with one input size)"
+                    .into(),
+            ));
+        }
+        let classes = targets.first().map_or(0, Vec::len);
+        if targets.len() != inputs.len()
+            || classes == 0
+            || targets.iter().any(|t| t.len() != classes)
+        {
+            return Err(EngineError::Config(
+                "one target of the same length per image".into(),
+            ));
+        }
+        device.seed(cfg.seed);
+        let (graph, softmax_removed) = without_final_softmax(&variant.graph);
+        // The original's probabilities as logits: softmax(ln p) = p.
+        let targets = if softmax_removed {
+            targets
+                .into_iter()
+                .map(|t| t.into_iter().map(|p| p.max(1e-30).ln()).collect())
+                .collect()
+        } else {
+            targets
+        };
+        let student = GraphModel::new(&graph, device)?.with_weight_quantization(&variant.weights);
+        // Magnitude pruning's zeros stay zeros; channel pruning already removed its channels.
+        let masks = match &variant.recipe.magnitude_pruning {
+            Some(_) => {
+                let names: Vec<String> = variant.layers.iter().map(|l| l.weight.clone()).collect();
+                GraphModel::zero_masks(&graph, &names, device)
+            }
+            None => HashMap::new(),
+        };
+        let mut rng = SplitMix::new(cfg.seed);
+        let mut order: Vec<usize> = (0..inputs.len()).collect();
+        rng.shuffle(&mut order);
+        Ok(Self {
+            device: device.clone(),
+            variant: variant.clone(),
+            student: Some(student),
+            masks,
+            optim: AdamConfig::new().init(),
+            inputs,
+            targets,
+            order,
+            rng,
+            done: 0,
+            cfg,
+        })
+    }
+
+    pub fn steps_per_epoch(&self) -> usize {
+        self.inputs.len().div_ceil(self.cfg.batch_size)
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.steps_per_epoch() * self.cfg.epochs
+    }
+
+    pub fn steps_done(&self) -> usize {
+        self.done
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done >= self.total_steps()
+    }
+
+    /// The distillation loss of `model` on the inputs at `batch`.
+    fn batch_loss(&self, model: &GraphModel, batch: &[usize]) -> Result<Tensor<1>> {
+        let dims = &self.inputs[0].dims;
+        let (c, h, w) = (dims[1], dims[2], dims[3]);
+        let classes = self.targets[0].len();
+        let n = batch.len();
+        let mut pixels = Vec::with_capacity(n * c * h * w);
+        let mut targets = Vec::with_capacity(n * classes);
+        for &i in batch {
+            pixels.extend_from_slice(&self.inputs[i].data);
+            targets.extend_from_slice(&self.targets[i]);
+        }
+        let x = Tensor::<4>::from_data(TensorData::new(pixels, [n, c, h, w]), &self.device);
+        let teacher = Tensor::<2>::from_data(TensorData::new(targets, [n, classes]), &self.device);
+        let logits = model.logits(x)?;
+        if logits.dims() != [n, classes] {
+            return Err(EngineError::Execution(format!(
+                "the variant's output {:?} is not the original's [{n}, {classes}]",
+                logits.dims()
+            )));
+        }
+        Ok(distillation_loss(
+            logits,
+            teacher,
+            None,
+            self.cfg.temperature,
+            1.0,
+        ))
+    }
+
+    /// The student's mean distillation loss over every training input, as it stands (what
+    /// the run is judged by: a batch's loss is noisy).
+    pub async fn training_loss(&self) -> Result<f64> {
+        let model = self
+            .student
+            .as_ref()
+            .ok_or_else(|| EngineError::Execution("a failed step left no student".into()))?;
+        let all: Vec<usize> = (0..self.inputs.len()).collect();
+        let mut sum = 0.0;
+        for batch in all.chunks(self.cfg.batch_size) {
+            let loss = self.batch_loss(model, batch)?.detach();
+            sum += loss_value(loss, || "evaluation".into()).await? * batch.len() as f64;
+        }
+        Ok(sum / self.inputs.len() as f64)
+    }
+
+    /// One Adam step on the next batch.
+    pub async fn step(&mut self) -> Result<GraphStep> {
+        if self.is_done() {
+            return Err(EngineError::Config("fine-tuning already finished".into()));
+        }
+        let per_epoch = self.steps_per_epoch();
+        let (epoch, step) = (self.done / per_epoch, self.done % per_epoch);
+        let bs = self.cfg.batch_size;
+        let batch: Vec<usize> =
+            self.order[step * bs..((step + 1) * bs).min(self.order.len())].to_vec();
+        let model = self
+            .student
+            .take()
+            .ok_or_else(|| EngineError::Execution("a failed step left no student".into()))?;
+        let loss = self.batch_loss(&model, &batch)?;
+        let value = loss_value(loss.clone(), || format!("step {}", self.done + 1)).await?;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let lr = cosine_lr(self.cfg.learning_rate, self.done, self.total_steps());
+        self.student = Some(self.optim.step(lr, model, grads).mask_zeros(&self.masks));
+        self.done += 1;
+        if self.done.is_multiple_of(per_epoch) {
+            self.rng.shuffle(&mut self.order);
+        }
+        Ok(GraphStep {
+            done: self.done,
+            total: self.total_steps(),
+            epoch,
+            loss: value,
+        })
+    }
+
+    /// The tuned variant: its float weights quantized again on their grids.
+    pub async fn finish(self) -> Result<CompressedGraph> {
+        let student = self
+            .student
+            .ok_or_else(|| EngineError::Execution("a failed step left no student".into()))?;
+        let tuned: BTreeMap<_, _> = student.constants().await?;
+        self.variant.with_tuned_weights(&tuned)
+    }
+}
