@@ -609,10 +609,16 @@ impl GraphModel {
                 }
                 let mut y = a.matmul(b).mul_scalar(*alpha);
                 if node.inputs.len() > 2 {
+                    // C holds N values or one, in whatever shape (as the CPU interpreter
+                    // reads it): a row, or a scalar.
                     let c = input(2)?;
-                    let at = padded(&c.dims)?;
                     let [m, n] = y.dims();
-                    let c2: Tensor<2> = c.t.reshape([at[RANK - 2], at[RANK - 1]]);
+                    let row = if crate::graph::element_count(&c.dims)? == n {
+                        n
+                    } else {
+                        1
+                    };
+                    let c2: Tensor<2> = c.t.reshape([1, row]);
                     y = y.add(c2.mul_scalar(*beta).expand([m, n]));
                 }
                 Value::new(y)?.t

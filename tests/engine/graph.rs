@@ -121,6 +121,84 @@ fn the_burn_interpreter_on_wgpu_matches_onnx_runtime() {
     burn_interpreter_matches_onnx_runtime(&Device::wgpu(DeviceKind::DefaultDevice), "wgpu");
 }
 
+// Gemm's C may hold its N values in any shape ([N, 1] here): both interpreters read it as a
+// row, and the burn one does not panic on it.
+#[test]
+fn both_interpreters_take_a_gemm_bias_of_any_shape() {
+    use compresslab::graph::{Constant, Dim, Graph, Node, ValueInfo};
+    let mut graph = Graph {
+        inputs: vec![ValueInfo {
+            name: "x".into(),
+            dims: [1, 4, 1, 1].map(Dim::Known).to_vec(),
+        }],
+        outputs: vec![ValueInfo {
+            name: "y".into(),
+            dims: vec![Dim::Known(1), Dim::Known(3)],
+        }],
+        ..Default::default()
+    };
+    graph.constants.insert(
+        "b".into(),
+        Constant {
+            dims: vec![4, 3],
+            data: (0..12).map(|i| i as f32 / 4.0 - 1.0).collect(),
+        },
+    );
+    graph.constants.insert(
+        "c".into(),
+        Constant {
+            dims: vec![3, 1],
+            data: vec![0.5, -1.0, 2.0],
+        },
+    );
+    graph.nodes = vec![
+        Node {
+            name: "flatten".into(),
+            op: Op::Flatten { axis: 1 },
+            inputs: vec!["x".into()],
+            outputs: vec!["f".into()],
+        },
+        Node {
+            name: "fc".into(),
+            op: Op::Gemm {
+                alpha: 1.0,
+                beta: 2.0,
+                trans_a: false,
+                trans_b: false,
+            },
+            inputs: vec!["f".into(), "b".into(), "c".into()],
+            outputs: vec!["y".into()],
+        },
+    ];
+    let input = Tensor {
+        dims: vec![1, 4, 1, 1],
+        data: vec![1.0, 2.0, -1.0, 0.5],
+    };
+    let cpu = CpuExecutor::new(&graph)
+        .unwrap()
+        .run(&input)
+        .unwrap()
+        .remove(0);
+    let device = Device::flex();
+    let model = GraphModel::new(&graph, &device).unwrap();
+    let ours = futures_lite::future::block_on(model.run(&input, &device))
+        .unwrap()
+        .remove(0);
+    // x·B + 2·C by hand.
+    let b = &graph.constants["b"].data;
+    let want: Vec<f32> = (0..3)
+        .map(|j| {
+            (0..4).map(|i| input.data[i] * b[i * 3 + j]).sum::<f32>() + 2.0 * [0.5, -1.0, 2.0][j]
+        })
+        .collect();
+    for got in [&cpu, &ours] {
+        assert_eq!(got.dims, vec![1, 3]);
+        for (g, w) in got.data.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-5, "{:?} vs {want:?}", got.data);
+        }
+    }
+}
+
 #[test]
 fn the_text_direction_model_reads_rendered_lines() {
     let (ours, _) = run("textdir");
