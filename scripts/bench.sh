@@ -21,3 +21,13 @@ DATA=$CARGO_TARGET_DIR/bench-data
 [[ -f dist/index.html ]] || scripts/build-site.sh
 echo "== browser"
 node tests/bench/browser-bench.mjs "$DATA" "$RUNS"
+echo "== site size (gzip -9 of what the browser downloads)"
+gzip_mb() { awk -v b="$(gzip -9 -c "$1" | wc -c)" 'BEGIN { printf "%.2f", b / 1e6 }'; }
+size_target() { # NAME FILE GOAL_MB
+  local mb
+  mb=$(gzip_mb "$2")
+  awk -v n="$1" -v m="$mb" -v g="$3" \
+    'BEGIN { printf "target %s: %s MB gzip (goal ≤ %s MB) %s\n", n, m, g, (m <= g ? "met" : "not met") }'
+}
+size_target "worker wasm size" "$(ls dist/worker-*_bg.wasm)" 3.5
+size_target "page wasm size" "$(ls dist/compresslab-web-*_bg.wasm)" 0.6

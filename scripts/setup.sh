@@ -41,7 +41,7 @@ apt_install() {
   fi
 }
 
-apt_install unzip python3 dataset-fashion-mnist
+apt_install unzip python3 dataset-fashion-mnist binaryen
 if ((WITH_TESTS)); then
   apt_install chromium chromium-driver mesa-vulkan-drivers fonts-dejavu-core python3-venv
 fi

@@ -35,7 +35,7 @@ lint() {
   # The engine (with its tests) natively; the site for wasm32, which lints the engine's wasm
   # build too. The site crate is never built natively, so nothing here compiles leptos twice.
   cargo clippy --release --all-targets -- -D warnings
-  cargo clippy --release -p compresslab-web --target wasm32-unknown-unknown -- -D warnings
+  cargo clippy --release -p compresslab-web -p compresslab-worker -p compresslab-spec --target wasm32-unknown-unknown -- -D warnings
 }
 native_tests() {
   # The same profile and package set as the set-up's `cargo run --release`: nothing builds twice.

@@ -6,7 +6,7 @@ use crate::compress::CompressedModel;
 use crate::cpu::CpuEfficientNet;
 use crate::efficientnet::{BatchNormMode, EfficientNetLite, INPUT_SIZE};
 use crate::error::{EngineError, Result};
-use crate::gpu_int::GpuCompressedNet;
+use crate::gpu_int::{GpuCompressedNet, GpuFeatures};
 use crate::labels::{Labels, Prediction, top_k};
 use crate::weights::TensorStore;
 
@@ -45,17 +45,18 @@ impl ImageClassifier {
     }
 
     /// A compressed model on `device`. With `integer_kernels` (the device must be wgpu:
-    /// WebGPU or Vulkan) quantized 1×1 layers run on the WGSL integer kernels; the rest, or
-    /// everything without it, runs as burn ops on dequantized weights with inputs fake-quantized.
+    /// WebGPU or Vulkan) quantized 1×1 layers run on the WGSL integer kernels the adapter's
+    /// features allow; the rest, or everything without it, runs as burn ops on dequantized
+    /// weights with inputs fake-quantized.
     pub fn new_compressed(
         model: &CompressedModel,
         labels: Labels,
         device: &Device,
-        integer_kernels: bool,
+        integer_kernels: Option<GpuFeatures>,
     ) -> Result<Self> {
-        let runner = if integer_kernels {
+        let runner = if let Some(features) = integer_kernels {
             Runner::GpuInt {
-                net: Box::new(GpuCompressedNet::new(model, device)?),
+                net: Box::new(GpuCompressedNet::new(model, device, features)?),
                 device: device.clone(),
             }
         } else {
@@ -67,11 +68,13 @@ impl ImageClassifier {
         Ok(Self { runner, labels })
     }
 
-    /// Layers on integer kernels (int8, int4), when this runs a compressed model on wgpu.
+    /// Layers on integer kernels (int8, int4): the WGSL kernels on wgpu, the int8 kernel on
+    /// the CPU path (which has no int4 kernel).
     pub fn integer_layers(&self) -> (usize, usize) {
         match &self.runner {
             Runner::GpuInt { net, .. } => net.integer_layers(),
-            _ => (0, 0),
+            Runner::Cpu(cpu) => (cpu.int8_layers(), 0),
+            Runner::Burn { .. } => (0, 0),
         }
     }
 

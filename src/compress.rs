@@ -8,131 +8,21 @@ use std::collections::HashMap;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
+pub use compresslab_spec::recipe::{ActivationQuant, Observer, Recipe};
+pub use compresslab_spec::stats::{
+    ActivationParams, ChannelGrid, Histogram, LayerStats, ModelStats,
+};
+
 use crate::cpu::CpuEfficientNet;
 use crate::efficientnet::{INPUT_SIZE, LayerKind, block_strides, fold_batch_norms, weight_layers};
 use crate::error::{EngineError, Result};
 use crate::fashion::is_fashion;
 use crate::fashion_cpu::CpuFashionNet;
-use crate::prune::{ChannelPruning, MagnitudePruning, magnitude_prune, prune_channels};
+use crate::prune::{magnitude_prune, prune_channels};
 use crate::quant::{
     Granularity, QuantScheme, QuantizedTensor, group_params, pack_int4, sqnr_db, unpack_int4,
 };
 use crate::weights::{NamedTensor, TensorStore};
-
-/// How activation ranges are observed during calibration.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub enum Observer {
-    /// The full range seen on the calibration images.
-    MinMax,
-    /// The given percentile of |values| (e.g. 99.99), ignoring rare outliers.
-    Percentile(f32),
-}
-
-/// Static (calibrated) per-tensor quantization of each layer's input activations.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct ActivationQuant {
-    pub bits: u8,
-    pub symmetric: bool,
-    pub observer: Observer,
-}
-
-/// Everything the user chose; serialised as the JSON recipe next to an export. Missing
-/// fields take their defaults (nothing applied).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Recipe {
-    pub channel_pruning: Option<ChannelPruning>,
-    pub magnitude_pruning: Option<MagnitudePruning>,
-    pub weights: Option<QuantScheme>,
-    pub activations: Option<ActivationQuant>,
-    /// Layers left in fp32 (mixed precision): neither weights nor inputs quantized.
-    pub keep_fp32: Vec<String>,
-}
-
-impl Recipe {
-    pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).unwrap_or_default()
-    }
-
-    /// int8 symmetric weights at `granularity` and asymmetric int8 activations (W8A8),
-    /// the setting the integer kernels run.
-    pub fn w8a8(granularity: Granularity, observer: Observer) -> Self {
-        Self {
-            weights: Some(QuantScheme {
-                bits: 8,
-                symmetric: true,
-                granularity,
-            }),
-            activations: Some(ActivationQuant {
-                bits: 8,
-                symmetric: false,
-                observer,
-            }),
-            ..Self::default()
-        }
-    }
-
-    pub fn from_json(text: &str) -> Result<Self> {
-        serde_json::from_str(text).map_err(|e| EngineError::Config(format!("recipe: {e}")))
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        if let Some(w) = &self.weights {
-            check_scheme("weights", w.bits, w.granularity)?;
-        }
-        if let Some(a) = &self.activations {
-            check_scheme("activations", a.bits, Granularity::PerTensor)?;
-            if let Observer::Percentile(p) = a.observer
-                && !(50.0..=100.0).contains(&p)
-            {
-                return Err(EngineError::Config(format!(
-                    "percentile must be between 50 and 100, got {p}"
-                )));
-            }
-        }
-        Ok(())
-    }
-}
-
-fn check_scheme(what: &str, bits: u8, granularity: Granularity) -> Result<()> {
-    if bits != 8 && bits != 4 {
-        return Err(EngineError::Config(format!(
-            "{what}: {bits} bits (use 8 or 4)"
-        )));
-    }
-    if let Granularity::PerBlock(0) = granularity {
-        return Err(EngineError::Config(format!("{what}: block size 0")));
-    }
-    Ok(())
-}
-
-/// Quantization parameters of one layer's input: x̂ = (clamp(round(x/s) + zp) − zp)·s.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct ActivationParams {
-    pub scale: f32,
-    pub zero_point: i32,
-    pub qmin: i32,
-    pub qmax: i32,
-}
-
-impl ActivationParams {
-    /// q = clamp(round_half_even(x/s) + zp, qmin, qmax). Clamping x/s first to just past the
-    /// representable range changes nothing and keeps |x/s| small enough for the
-    /// add-and-subtract-1.5·2²³ rounding trick (exact round-half-even for |v| < 2²²; a libm
-    /// `roundeven` call per activation was the int8 path's bottleneck on x86).
-    pub fn quantize(&self, x: f32) -> i32 {
-        const MAGIC: f32 = 12_582_912.0;
-        let lo = (self.qmin - self.zero_point) as f32 - 1.0;
-        let hi = (self.qmax - self.zero_point) as f32 + 1.0;
-        let v = (x / self.scale).clamp(lo, hi);
-        let rounded = (v + MAGIC) - MAGIC;
-        (rounded as i32 + self.zero_point).clamp(self.qmin, self.qmax)
-    }
-
-    pub fn fake_quantize(&self, x: f32) -> f32 {
-        (self.quantize(x) - self.zero_point) as f32 * self.scale
-    }
-}
 
 /// One weight layer after compression.
 #[derive(Debug, Clone)]
@@ -308,78 +198,6 @@ pub(crate) fn percentile_range(values: &mut [f32], p: f32) -> (f32, f32) {
     let n = values.len();
     let rank = |q: f64| ((q / 100.0 * n as f64).ceil() as usize).clamp(1, n) - 1;
     (values[rank(100.0 - p as f64)], values[rank(p as f64)])
-}
-
-/// Size and compute of a model (original or compressed).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelStats {
-    pub parameters: usize,
-    pub nonzero_parameters: usize,
-    /// Bytes to store the weights: packed integers + scales + zero points for quantized
-    /// layers, 4 bytes per value otherwise (biases included).
-    pub weight_bytes: usize,
-    /// Multiply-accumulates for one 224×224 image with dense kernels.
-    pub macs: u64,
-    /// MACs whose weight is non-zero (what a sparse kernel would need).
-    pub nonzero_macs: u64,
-}
-
-/// Per-layer view for the panel's table and plots.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LayerStats {
-    pub name: String,
-    pub kind: LayerKind,
-    pub shape: Vec<usize>,
-    pub parameters: usize,
-    pub zeros: usize,
-    pub macs: u64,
-    pub weight_bytes: usize,
-    pub bits: Option<u8>,
-    /// Weight SQNR against the same layer before quantization (None when not quantized).
-    pub sqnr_db: Option<f64>,
-    /// Histogram of all weights.
-    pub histogram: Histogram,
-    /// The output channel with the smallest max|w|: its values and the grid it was
-    /// quantized on. Shows why per-tensor scales starve small channels.
-    pub narrowest_channel: Option<ChannelGrid>,
-    pub activation: Option<ActivationParams>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Histogram {
-    pub min: f32,
-    pub max: f32,
-    pub counts: Vec<u32>,
-}
-
-impl Histogram {
-    pub fn of(values: &[f32], bins: usize) -> Self {
-        let min = values.iter().copied().fold(f32::INFINITY, f32::min);
-        let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let (min, max) = if min.is_finite() && max > min {
-            (min, max)
-        } else {
-            // Empty or constant: a unit-wide range around the value.
-            let centre = if min.is_finite() { min } else { 0.0 };
-            (centre - 0.5, centre + 0.5)
-        };
-        let mut counts = vec![0u32; bins];
-        let width = (max - min) / bins as f32;
-        for &v in values {
-            let b = (((v - min) / width) as usize).min(bins - 1);
-            counts[b] += 1;
-        }
-        Self { min, max, counts }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChannelGrid {
-    pub channel: usize,
-    pub histogram: Histogram,
-    /// Quantization levels (dequantized values) inside the channel's value range: how
-    /// finely its grid resolves it (a per-channel 8-bit grid gives ≥ 128).
-    pub levels: Vec<f32>,
 }
 
 /// Output size of every layer (for a 224×224 input to EfficientNet), in [`weight_layers`]

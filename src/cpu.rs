@@ -404,6 +404,16 @@ impl CpuEfficientNet {
         Ok(net)
     }
 
+    /// How many layers run on the int8 kernel.
+    pub fn int8_layers(&self) -> usize {
+        self.blocks
+            .iter()
+            .flat_map(|b| b.expand.iter().chain([&b.project]))
+            .chain([&self.head, &self.classifier])
+            .filter(|p| p.is_integer())
+            .count()
+    }
+
     /// Logits for one NCHW image `[3, h, w]` (the engine's preprocessed input).
     pub fn forward(&self, nchw: &[f32], h: usize, w: usize) -> Result<Vec<f32>> {
         self.forward_observed(nchw, h, w, &mut |_, _| {})

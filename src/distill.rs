@@ -12,6 +12,8 @@ use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, softmax};
 use serde::{Deserialize, Serialize};
 
+pub use compresslab_spec::report::HeldOutReport;
+
 use crate::compress::{CompressedModel, Recipe, compress, pruned_and_folded};
 use crate::error::{EngineError, Result};
 use crate::fashion::{
@@ -124,19 +126,6 @@ pub struct StepReport {
     pub epoch_loss: f64,
     pub images: usize,
     pub epoch_done: bool,
-}
-
-/// The student measured on a set of images, next to the teacher.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct HeldOutReport {
-    pub images: usize,
-    /// The distillation loss (same T, α) without augmentation.
-    pub loss: f64,
-    /// On the labelled images, when there are any.
-    pub accuracy: Option<f64>,
-    pub teacher_accuracy: Option<f64>,
-    /// Share of images where the student's top-1 is the teacher's.
-    pub agreement: f64,
 }
 
 /// The distillation loss, averaged over the batch. `labels` holds each image's class

@@ -10,6 +10,8 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 
+pub use compresslab_spec::stats::LayerKind;
+
 use crate::compress::{ActivationParams, CompressedModel};
 use crate::error::{EngineError, Result};
 use crate::weights::{NamedTensor, TensorStore};
@@ -403,21 +405,6 @@ pub fn folded_conv(
     }
     let (fw, fb) = BnParams::from_store(store, bn, out_ch)?.fold_into(&w.data, BATCH_NORM_EPS);
     Ok((w.shape.clone(), fw, fb))
-}
-
-/// The role of a weight layer in the network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum LayerKind {
-    Stem,
-    Expand,
-    Depthwise,
-    Project,
-    Head,
-    Classifier,
-    /// A full 3×3 convolution (the Fashion-MNIST network).
-    Conv,
-    /// A hidden fully connected layer (the Fashion-MNIST network).
-    Dense,
 }
 
 /// One weight layer: its convolution (or linear) name and the BatchNorm that follows it.

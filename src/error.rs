@@ -43,6 +43,8 @@ pub enum EngineError {
         opset: i64,
         why: String,
     },
+    #[error(transparent)]
+    Spec(#[from] compresslab_spec::SpecError),
     #[error("I/O error on {path}: {source}")]
     Io {
         path: String,

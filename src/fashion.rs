@@ -20,6 +20,8 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
+pub use compresslab_spec::report::{CLASS_NAMES, CLASSES, Evaluation, TrainLayers};
+
 use crate::distill::{cosine_lr, read_f32};
 use crate::efficientnet::{BATCH_NORM_EPS, LayerKind, LayerRef};
 use crate::error::{EngineError, Result};
@@ -27,19 +29,6 @@ use crate::weights::{NamedTensor, TensorStore};
 
 pub const SIDE: usize = 28;
 pub const PIXELS: usize = SIDE * SIDE;
-pub const CLASSES: usize = 10;
-pub const CLASS_NAMES: [&str; CLASSES] = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-];
 /// Mean and standard deviation of the training pixels (in 0–1).
 const MEAN: f32 = 0.2860;
 const STD: f32 = 0.3530;
@@ -201,49 +190,6 @@ impl FashionSet {
             }
         }
         out
-    }
-}
-
-/// Accuracy, per-class accuracy and the confusion matrix of a set of predictions.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Evaluation {
-    pub images: usize,
-    pub correct: usize,
-    /// `confusion[true][predicted]`.
-    pub confusion: Vec<Vec<u32>>,
-}
-
-impl Evaluation {
-    pub fn new() -> Self {
-        Self {
-            images: 0,
-            correct: 0,
-            confusion: vec![vec![0; CLASSES]; CLASSES],
-        }
-    }
-
-    pub fn add(&mut self, label: u8, predicted: usize) {
-        self.images += 1;
-        self.correct += (label as usize == predicted) as usize;
-        self.confusion[label as usize][predicted] += 1;
-    }
-
-    pub fn accuracy(&self) -> f64 {
-        self.correct as f64 / self.images.max(1) as f64
-    }
-
-    pub fn class_accuracy(&self) -> Vec<f64> {
-        self.confusion
-            .iter()
-            .enumerate()
-            .map(|(c, row)| row[c] as f64 / row.iter().sum::<u32>().max(1) as f64)
-            .collect()
-    }
-}
-
-impl Default for Evaluation {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -663,61 +609,6 @@ pub async fn train(
     model.valid().to_store().await
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn asset_round_trip_and_stratified_subset() {
-        let mut set = FashionSet::default();
-        for i in 0..30u8 {
-            set.labels.push(i % 10);
-            set.images.extend(std::iter::repeat_n(i, PIXELS));
-        }
-        assert_eq!(FashionSet::from_bytes(&set.to_bytes()).unwrap(), set);
-        let sub = set.stratified(2);
-        assert_eq!(sub.len(), 20);
-        assert_eq!(sub.image(10)[0], 10); // class 0's second image
-        assert!(FashionSet::from_bytes(&set.to_bytes()[..100]).is_err());
-    }
-
-    #[test]
-    fn idx_headers_are_checked() {
-        let mut images = vec![0, 0, 8, 3, 0, 0, 0, 1, 0, 0, 0, 28, 0, 0, 0, 28];
-        images.extend(vec![7u8; PIXELS]);
-        let labels = vec![0, 0, 8, 1, 0, 0, 0, 1, 9];
-        let set = FashionSet::from_idx(&images, &labels).unwrap();
-        assert_eq!((set.len(), set.labels[0], set.image(0)[5]), (1, 9, 7));
-        assert!(FashionSet::from_idx(&labels, &images).is_err());
-    }
-
-    #[test]
-    fn evaluation_counts_per_class() {
-        let mut e = Evaluation::new();
-        e.add(1, 1);
-        e.add(1, 2);
-        e.add(3, 3);
-        assert_eq!(e.correct, 2);
-        assert!((e.accuracy() - 2.0 / 3.0).abs() < 1e-12);
-        assert_eq!(e.class_accuracy()[1], 0.5);
-        assert_eq!(e.confusion[1][2], 1);
-    }
-}
-
-/// Which layers a fine-tune updates; the others keep their values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum TrainLayers {
-    #[default]
-    All,
-    /// The fully connected layers (fc1 and fc2).
-    Classifier,
-    /// fc2 alone.
-    LastLayer,
-    /// The last N blocks (conv blocks here, MBConv blocks of the photo model) and
-    /// everything after them.
-    LastBlocks(u8),
-}
-
 /// The label of an image that has none (label-free distillation).
 pub const UNLABELLED: u8 = u8::MAX;
 
@@ -905,4 +796,45 @@ pub fn pixels_from_fitted(rgba: &[u8], width: usize, height: usize) -> Result<Ve
         canvas[at..at + width * 4].copy_from_slice(from);
     }
     pixels_from_rgba(&canvas)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn asset_round_trip_and_stratified_subset() {
+        let mut set = FashionSet::default();
+        for i in 0..30u8 {
+            set.labels.push(i % 10);
+            set.images.extend(std::iter::repeat_n(i, PIXELS));
+        }
+        assert_eq!(FashionSet::from_bytes(&set.to_bytes()).unwrap(), set);
+        let sub = set.stratified(2);
+        assert_eq!(sub.len(), 20);
+        assert_eq!(sub.image(10)[0], 10); // class 0's second image
+        assert!(FashionSet::from_bytes(&set.to_bytes()[..100]).is_err());
+    }
+
+    #[test]
+    fn idx_headers_are_checked() {
+        let mut images = vec![0, 0, 8, 3, 0, 0, 0, 1, 0, 0, 0, 28, 0, 0, 0, 28];
+        images.extend(vec![7u8; PIXELS]);
+        let labels = vec![0, 0, 8, 1, 0, 0, 0, 1, 9];
+        let set = FashionSet::from_idx(&images, &labels).unwrap();
+        assert_eq!((set.len(), set.labels[0], set.image(0)[5]), (1, 9, 7));
+        assert!(FashionSet::from_idx(&labels, &images).is_err());
+    }
+
+    #[test]
+    fn evaluation_counts_per_class() {
+        let mut e = Evaluation::new();
+        e.add(1, 1);
+        e.add(1, 2);
+        e.add(3, 3);
+        assert_eq!(e.correct, 2);
+        assert!((e.accuracy() - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(e.class_accuracy()[1], 0.5);
+        assert_eq!(e.confusion[1][2], 1);
+    }
 }

@@ -75,6 +75,19 @@ fn cube_int(t: Tensor<1, Int>) -> Result<CubeTensor> {
         .map_err(|e| EngineError::Execution(format!("integer kernels need the wgpu device: {e:?}")))
 }
 
+/// What the adapter lets the integer kernels use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuFeatures {
+    /// WGSL's `packed_4x8_integer_dot_product` language feature (`dot4I8Packed`), which the
+    /// int8 kernel needs. Without it int8 layers run as float on their dequantized weights.
+    pub packed_dot4: bool,
+}
+
+impl GpuFeatures {
+    /// Native wgpu (Vulkan, Metal, DX12) always has `dot4I8Packed`.
+    pub const NATIVE: Self = Self { packed_dot4: true };
+}
+
 /// One layer's weights on the GPU, in the layout its kernel reads.
 // A few dozen of these exist per model, built once: the size gap between variants is moot.
 #[allow(clippy::large_enum_variant)]
@@ -112,6 +125,7 @@ impl IntLayer {
         input: Option<ActivationParams>,
         bias: &[f32],
         device: &Device,
+        features: GpuFeatures,
     ) -> Option<Self> {
         let outputs = q.shape[0];
         let channels = q.values.len() / outputs.max(1);
@@ -130,7 +144,12 @@ impl IntLayer {
         };
         let groups = per_row_groups.len() / outputs.max(1);
         match (q.scheme.bits, input) {
-            (8, Some(input)) if groups == 1 && input.qmin >= -128 && input.qmax <= 127 => {
+            (8, Some(input))
+                if features.packed_dot4
+                    && groups == 1
+                    && input.qmin >= -128
+                    && input.qmax <= 127 =>
+            {
                 let channels4 = channels.div_ceil(4);
                 let mut words = vec![0i32; outputs * channels4];
                 let mut ints = Vec::with_capacity(2 * outputs);
@@ -329,7 +348,7 @@ pub struct GpuCompressedNet {
 }
 
 impl GpuCompressedNet {
-    pub fn new(model: &CompressedModel, device: &Device) -> Result<Self> {
+    pub fn new(model: &CompressedModel, device: &Device, features: GpuFeatures) -> Result<Self> {
         let net = EfficientNetLite::from_compressed(model, device)?;
         let int_layers = model
             .layers
@@ -344,7 +363,7 @@ impl GpuCompressedNet {
                 );
                 let q = l.weights.as_ref().filter(|_| pointwise)?;
                 let bias = model.store.get(&format!("{}.bias", l.name)).ok()?;
-                IntLayer::new(q, l.activation, &bias.data, device)
+                IntLayer::new(q, l.activation, &bias.data, device, features)
             })
             .collect();
         Ok(Self { net, int_layers })

@@ -1,6 +1,6 @@
 //! ImageNet-1k class names and top-k predictions.
 
-use serde::{Deserialize, Serialize};
+pub use compresslab_spec::report::Prediction;
 
 use crate::error::{EngineError, Result};
 
@@ -86,13 +86,6 @@ fn name_key(name: &str) -> String {
         .filter(|c| c.is_alphanumeric())
         .flat_map(char::to_lowercase)
         .collect()
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Prediction {
-    pub class: usize,
-    pub label: String,
-    pub probability: f32,
 }
 
 /// Softmax probabilities (computed in f64 for stability).

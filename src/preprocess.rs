@@ -6,12 +6,11 @@
 //! everything from decoded pixels on is this one function. A user's own model says how its
 //! input is made with an [`InputSpec`] (size, resize mode, normalisation, channel order).
 
-use serde::{Deserialize, Serialize};
+pub use compresslab_spec::input::{CROP, InputSpec, MAX_INPUT_SIDE, Normalization, ResizeMode};
 
 use crate::error::{EngineError, Result};
 
 pub const RESIZE_SHORTER: usize = 256;
-pub const CROP: usize = 224;
 pub const MEAN: f32 = 127.0;
 pub const STD: f32 = 128.0;
 
@@ -266,6 +265,60 @@ pub fn to_nchw(img: &RgbImage) -> Vec<f32> {
     out
 }
 
+/// `[1, 3, height, width]` values for `img` as `spec` describes the model's input.
+pub fn input_tensor(spec: &InputSpec, img: &RgbImage) -> Result<Vec<f32>> {
+    let (h, w) = (spec.height, spec.width);
+    if !(1..=MAX_INPUT_SIDE).contains(&h) || !(1..=MAX_INPUT_SIDE).contains(&w) {
+        return Err(EngineError::Config(format!(
+            "input size {h}×{w}: each side must be 1–{MAX_INPUT_SIDE}"
+        )));
+    }
+    let (placed, valid_w, valid_h) = match spec.resize {
+        ResizeMode::Stretch => (resample_window(img, (w, h), (0, 0), (w, h)), w, h),
+        ResizeMode::ShorterSideCentreCrop => {
+            let side = ((h.max(w) as f64) / 0.875).round() as usize;
+            let reduced = box_reduce(img, side);
+            let (rw, rh) = resized_dims(reduced.width, reduced.height, side);
+            let (rw, rh) = (rw.max(w), rh.max(h));
+            let left = round_half_even((rw - w) as f64 / 2.0);
+            let top = round_half_even((rh - h) as f64 / 2.0);
+            (
+                resample_window(&reduced, (rw, rh), (left, top), (w, h)),
+                w,
+                h,
+            )
+        }
+        ResizeMode::HeightAndPadRight => {
+            let aspect = img.width as f64 / img.height.max(1) as f64;
+            let fw = ((h as f64 * aspect).round() as usize).clamp(1, w);
+            (resample_window(img, (fw, h), (0, 0), (fw, h)), fw, h)
+        }
+    };
+    const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+    const STD: [f32; 3] = [0.229, 0.224, 0.225];
+    let norm = |v: u8, c: usize| -> f32 {
+        let x = f32::from(v);
+        match spec.normalization {
+            Normalization::ImageNet => (x / 255.0 - MEAN[c]) / STD[c],
+            Normalization::MinusOneToOne => (x - 127.5) / 127.5,
+            Normalization::ZeroToOne => x / 255.0,
+            Normalization::Raw => x,
+        }
+    };
+    let plane = h * w;
+    let mut out = vec![0f32; 3 * plane];
+    for y in 0..valid_h {
+        for x in 0..valid_w {
+            let p = &placed.pixels[(y * valid_w + x) * 3..(y * valid_w + x) * 3 + 3];
+            for c in 0..3 {
+                let source = if spec.bgr { 2 - c } else { c };
+                out[c * plane + y * w + x] = norm(p[source], source);
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,114 +383,5 @@ mod tests {
         assert!(RgbImage::new(2, 2, vec![0; 11]).is_err());
         assert!(RgbImage::from_rgba(2, 2, &[0; 15]).is_err());
         assert!(RgbImage::new(20_000, 20_000, vec![]).is_err());
-    }
-}
-
-/// How an image is brought to a model's input size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ResizeMode {
-    /// Shorter side to `size / 0.875` (256 for 224), then the centre `height`×`width`.
-    ShorterSideCentreCrop,
-    /// Scaled to the input height, the width following the aspect ratio up to the input
-    /// width (squeezed beyond), the rest padded on the right with zeros after normalisation:
-    /// how PaddleOCR-style text-line models are fed.
-    HeightAndPadRight,
-    /// Stretched to `height`×`width`.
-    Stretch,
-}
-
-/// How 8-bit values become the model's numbers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Normalization {
-    /// `(x/255 − mean)/std` with ImageNet's mean and std per channel.
-    ImageNet,
-    /// `(x − 127.5)/127.5`: [−1, 1].
-    MinusOneToOne,
-    /// `x/255`: [0, 1].
-    ZeroToOne,
-    /// `x`: [0, 255].
-    Raw,
-}
-
-/// What a user tells the page about their model's input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InputSpec {
-    pub height: usize,
-    pub width: usize,
-    pub resize: ResizeMode,
-    pub normalization: Normalization,
-    /// Channels in BGR order (OpenCV-trained models).
-    pub bgr: bool,
-}
-
-impl Default for InputSpec {
-    /// ImageNet's evaluation transform at 224×224.
-    fn default() -> Self {
-        Self {
-            height: CROP,
-            width: CROP,
-            resize: ResizeMode::ShorterSideCentreCrop,
-            normalization: Normalization::ImageNet,
-            bgr: false,
-        }
-    }
-}
-
-/// The largest input side the page accepts for a user's model.
-pub const MAX_INPUT_SIDE: usize = 4096;
-
-impl InputSpec {
-    /// `[1, 3, height, width]` values for `img`.
-    pub fn tensor(&self, img: &RgbImage) -> Result<Vec<f32>> {
-        let (h, w) = (self.height, self.width);
-        if !(1..=MAX_INPUT_SIDE).contains(&h) || !(1..=MAX_INPUT_SIDE).contains(&w) {
-            return Err(EngineError::Config(format!(
-                "input size {h}×{w}: each side must be 1–{MAX_INPUT_SIDE}"
-            )));
-        }
-        let (placed, valid_w, valid_h) = match self.resize {
-            ResizeMode::Stretch => (resample_window(img, (w, h), (0, 0), (w, h)), w, h),
-            ResizeMode::ShorterSideCentreCrop => {
-                let side = ((h.max(w) as f64) / 0.875).round() as usize;
-                let reduced = box_reduce(img, side);
-                let (rw, rh) = resized_dims(reduced.width, reduced.height, side);
-                let (rw, rh) = (rw.max(w), rh.max(h));
-                let left = round_half_even((rw - w) as f64 / 2.0);
-                let top = round_half_even((rh - h) as f64 / 2.0);
-                (
-                    resample_window(&reduced, (rw, rh), (left, top), (w, h)),
-                    w,
-                    h,
-                )
-            }
-            ResizeMode::HeightAndPadRight => {
-                let aspect = img.width as f64 / img.height.max(1) as f64;
-                let fw = ((h as f64 * aspect).round() as usize).clamp(1, w);
-                (resample_window(img, (fw, h), (0, 0), (fw, h)), fw, h)
-            }
-        };
-        const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-        const STD: [f32; 3] = [0.229, 0.224, 0.225];
-        let norm = |v: u8, c: usize| -> f32 {
-            let x = f32::from(v);
-            match self.normalization {
-                Normalization::ImageNet => (x / 255.0 - MEAN[c]) / STD[c],
-                Normalization::MinusOneToOne => (x - 127.5) / 127.5,
-                Normalization::ZeroToOne => x / 255.0,
-                Normalization::Raw => x,
-            }
-        };
-        let plane = h * w;
-        let mut out = vec![0f32; 3 * plane];
-        for y in 0..valid_h {
-            for x in 0..valid_w {
-                let p = &placed.pixels[(y * valid_w + x) * 3..(y * valid_w + x) * 3 + 3];
-                for c in 0..3 {
-                    let source = if self.bgr { 2 - c } else { c };
-                    out[c * plane + y * w + x] = norm(p[source], source);
-                }
-            }
-        }
-        Ok(out)
     }
 }

@@ -8,45 +8,11 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use compresslab_spec::recipe::{ChannelPruning, ChannelRanking, MagnitudePruning, PruneScope};
+
 use crate::efficientnet::{LayerKind, weight_layers};
 use crate::error::{EngineError, Result};
 use crate::weights::{NamedTensor, TensorStore};
-
-/// How unstructured magnitude pruning picks its threshold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum PruneScope {
-    /// Every layer loses the same fraction of its weights.
-    PerLayer,
-    /// One magnitude threshold over all included layers (layers with small weights lose more).
-    Global,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MagnitudePruning {
-    /// Fraction of weights set to zero, 0.0–0.95.
-    pub sparsity: f32,
-    pub scope: PruneScope,
-    /// Layer names (e.g. `_conv_stem`, `_fc`) left untouched.
-    pub exclude: Vec<String>,
-}
-
-/// How channels are ranked before the weakest are removed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ChannelRanking {
-    /// L1 norm of the producing convolution's filter.
-    L1,
-    /// L2 norm of the producing convolution's filter.
-    L2,
-    /// |γ| of the BatchNorm after the producing convolution (raw stores only).
-    BatchNormGamma,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct ChannelPruning {
-    /// Fraction of each prunable group's channels removed, 0.0–0.95.
-    pub ratio: f32,
-    pub ranking: ChannelRanking,
-}
 
 /// Sparsity actually reached in one layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -15,32 +15,7 @@
 //!   row may be shorter, so any block size works).
 //! - int4 storage packs two values per byte, the first in the low nibble (two's complement).
 
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Granularity {
-    PerTensor,
-    PerChannel,
-    PerBlock(usize),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QuantScheme {
-    pub bits: u8,
-    pub symmetric: bool,
-    pub granularity: Granularity,
-}
-
-impl QuantScheme {
-    pub fn qrange(&self) -> (i32, i32) {
-        let half = 1i32 << (self.bits - 1);
-        if self.symmetric {
-            (-(half - 1), half - 1)
-        } else {
-            (-half, half - 1)
-        }
-    }
-}
+pub use compresslab_spec::recipe::{Granularity, QuantScheme};
 
 /// Round half to even (banker's rounding), IEEE `roundTiesToEven`.
 pub fn round_half_even(x: f32) -> f32 {

@@ -2,7 +2,7 @@
 //! (unstructured sparsity, channel ratio, weight bit width × granularity), each point
 //! measured on the labelled test set. The page plots them; `compresslab sweep` prints them.
 
-use serde::{Deserialize, Serialize};
+pub use compresslab_spec::report::{SweepAxis, SweepPoint};
 
 use crate::compress::{CompressedModel, Observer, Recipe, compress};
 use crate::error::Result;
@@ -13,35 +13,12 @@ use crate::prune::{ChannelPruning, ChannelRanking, MagnitudePruning, PruneScope}
 use crate::quant::{Granularity, QuantScheme};
 use crate::weights::TensorStore;
 
-/// Which setting a sweep varies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SweepAxis {
-    /// Unstructured magnitude pruning, per-layer threshold (x = sparsity %).
-    Sparsity,
-    /// Structured channel pruning, L2 ranking (x = % of channels removed).
-    Channels,
-    /// Weight quantization (label = bits × granularity; W8A8 adds int8 activations).
-    Quantization,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct SweepCase {
     pub axis: SweepAxis,
     pub label: String,
     pub x: f32,
     pub recipe: Recipe,
-}
-
-/// One measured point.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SweepPoint {
-    pub axis: SweepAxis,
-    pub label: String,
-    pub x: f32,
-    pub accuracy: f64,
-    pub images: usize,
-    pub weight_bytes: usize,
-    pub macs: u64,
 }
 
 /// Sparsity and channel ratios swept, in %.

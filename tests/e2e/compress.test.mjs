@@ -47,6 +47,11 @@ test('lab on the CPU fallback: int8 per-channel, 50 % channels, export and reloa
     const [agree, total] = int8.agreement.after.match(/(\d+)\/(\d+)/).slice(1).map(Number);
     assert.ok(total >= 7, `agreement over ${total} photos`);
     assert.ok(agree >= total - 1, `int8 agreement ${agree}/${total}`);
+    // What ran: every 1×1 convolution and the classifier on the int8 kernel (33 of 50 layers:
+    // stem and depthwise stay float with fake-quantized inputs).
+    const ran = await page.innerText('#lab-kernels');
+    console.log(ran);
+    assert.match(ran, /33 of 50 layers on the int8 kernel, 0 on the int4 kernel; 17 quantized layers ran as float/);
     // Per-layer table and SQNR chart: every layer listed, quantized ones with an SQNR.
     const rows = await page.locator('#lab-layers tbody tr').count();
     assert.equal(rows, 50);
@@ -70,6 +75,7 @@ test('lab on the CPU fallback: int8 per-channel, 50 % channels, export and reloa
     await page.click('button[data-preset="channels-50"]');
     const pruned = await applyAndWait(page);
     console.log('50 % channels:', JSON.stringify(pruned));
+    assert.match(await page.innerText('#lab-kernels'), /all \d+ layers in float32/);
     assert.ok(megabytes(pruned.size.after) < megabytes(pruned.size.before) * 0.6);
     const macs = pruned.macs.after.match(/[\d.]+/g).map(Number);
     assert.ok(macs[0] < 0.6 * parseFloat(pruned.macs.before), pruned.macs.after);

@@ -150,6 +150,15 @@ test('photo lab and fine-tune on WebGPU (SwiftShader): int8 per-channel checked 
     assert.match(int8.top1.after, /espresso/);
     assert.match(await page.innerText('#lab-report'), /WebGPU vs CPU for this variant: top-1 same true/);
     assert.equal(await page.locator('#lab-warning').count(), 0);
+    // The int8 kernel runs only where the adapter offers dot4I8Packed, and the report says so.
+    const wgsl = await page.textContent('#wgsl-features');
+    const ran = await page.innerText('#lab-kernels');
+    console.log(`${wgsl} | ${ran}`);
+    if (/packed_4x8_integer_dot_product/.test(wgsl)) {
+      assert.match(ran, /33 of 50 layers on the int8 kernel/);
+    } else {
+      assert.match(ran, /0 of 50 layers on the int8 kernel.*lacks WGSL packed_4x8_integer_dot_product/);
+    }
     await page.screenshot({ path: path.join(OUT, 'lab-webgpu.png'), fullPage: true });
 
     await page.setInputFiles('#distil-folder', small);

@@ -5,6 +5,7 @@ use compresslab::classifier::{ImageClassifier, max_abs_diff};
 use compresslab::compress::{ActivationQuant, Observer, Recipe, agreement, compress};
 use compresslab::cpu::CpuEfficientNet;
 use compresslab::decode::decode_file;
+use compresslab::gpu_int::GpuFeatures;
 use compresslab::labels::Labels;
 use compresslab::preprocess::imagenet_input;
 use compresslab::quant::{Granularity, QuantScheme};
@@ -13,6 +14,17 @@ use futures_lite::future::block_on;
 use crate::{assets, store};
 
 fn check(name: &str, recipe: Recipe, expect_int8: bool, expect_int4: bool) {
+    check_on(name, recipe, GpuFeatures::NATIVE, expect_int8, expect_int4);
+}
+
+/// `features` as an adapter would report them.
+fn check_on(
+    name: &str,
+    recipe: Recipe,
+    features: GpuFeatures,
+    expect_int8: bool,
+    expect_int4: bool,
+) {
     let store = store();
     let images: Vec<Vec<f32>> = ["coffee.png", "chelsea.png", "rocket.jpg"]
         .iter()
@@ -20,7 +32,8 @@ fn check(name: &str, recipe: Recipe, expect_int8: bool, expect_int4: bool) {
         .collect();
     let model = compress(&store, &recipe, &images, &mut |_, _| {}).unwrap();
     let device = burn::prelude::Device::wgpu(burn::prelude::DeviceKind::DefaultDevice);
-    let gpu = ImageClassifier::new_compressed(&model, Labels::default(), &device, true).unwrap();
+    let gpu = ImageClassifier::new_compressed(&model, Labels::default(), &device, Some(features))
+        .unwrap();
     let (int8, int4) = gpu.integer_layers();
     println!("{name}: {int8} int8 layers, {int4} int4 layers on integer kernels");
     assert_eq!(int8 > 0, expect_int8);
@@ -64,6 +77,34 @@ fn int8_dot4_kernel_matches_the_reference() {
         },
         true,
         false,
+    );
+}
+
+/// An adapter without WGSL's `packed_4x8_integer_dot_product` cannot run the int8 kernel:
+/// W8A8 then runs as float on the dequantized weights (same numbers), int4 stays on its kernel.
+#[test]
+fn without_packed_dot4_int8_runs_as_float_and_int4_keeps_its_kernel() {
+    let without = GpuFeatures { packed_dot4: false };
+    check_on(
+        "int8 W8A8 per-channel, no dot4I8Packed",
+        Recipe::w8a8(Granularity::PerChannel, Observer::MinMax),
+        without,
+        false,
+        false,
+    );
+    check_on(
+        "int4 per-channel weight-only, no dot4I8Packed",
+        Recipe {
+            weights: Some(QuantScheme {
+                bits: 4,
+                symmetric: true,
+                granularity: Granularity::PerChannel,
+            }),
+            ..Recipe::default()
+        },
+        without,
+        false,
+        true,
     );
 }
 

@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 
-use compresslab::labels::Prediction;
+use compresslab_spec::report::Prediction;
 use leptos::ev;
 use leptos::prelude::*;
 use serde::Deserialize;
@@ -18,11 +18,11 @@ use crate::distil_panel::{DistilPanel, DistilState};
 use crate::error::WebError;
 use crate::fashion_panel::{SweepPanel, SweepState};
 use crate::lab_panel::{LabPanel, LabState, ModelChoice};
-use crate::messages::{
+use crate::user_model_panel::{self, UserModelPanel, UserModelState};
+use compresslab_spec::messages::{
     BackendInfo, BackendKind, BenchReport, DistilBench, DistilTarget, FromWorker, ModelReady,
     ToWorker,
 };
-use crate::user_model_panel::{self, UserModelPanel, UserModelState};
 
 /// At most this many images are taken from one drop, paste or pick.
 pub const MAX_BATCH: usize = 50;
@@ -951,6 +951,14 @@ fn StatusBar(status: RwSignal<Status>) -> impl IntoView {
                 .collect::<Vec<_>>()
                 .join(", ");
             let features = backend.features.join(", ");
+            let wgsl_features = if backend.wgsl_features.is_empty() {
+                "WGSL language features: none reported".to_string()
+            } else {
+                format!(
+                    "WGSL language features: {}",
+                    backend.wgsl_features.join(", ")
+                )
+            };
             view! {
                 <section id="status" class="status ready" data-state="ready" data-backend=kind>
                     <span class=format!("badge {kind}") id="backend-badge">{badge}</span>
@@ -970,6 +978,7 @@ fn StatusBar(status: RwSignal<Status>) -> impl IntoView {
                             <summary>"Adapter limits and features"</summary>
                             <p>{limits}</p>
                             <p>{features}</p>
+                            <p id="wgsl-features">{wgsl_features}</p>
                         </details>
                     })}
                 </section>

@@ -2,7 +2,7 @@
 //! site's training sample), settings, live progress with a loss curve, and the
 //! before/after panel of the deployed networks.
 
-use compresslab::fashion::{CLASS_NAMES, TrainLayers};
+use compresslab_spec::report::{CLASS_NAMES, TrainLayers};
 use js_sys::{Array, Reflect};
 use leptos::ev;
 use leptos::prelude::*;
@@ -13,7 +13,7 @@ use wasm_bindgen_futures::{JsFuture, spawn_local};
 use crate::app::send_distil;
 use crate::fashion_panel::grey_bmp_url;
 use crate::lab_panel::{LabState, mb, recipe_summary};
-use crate::messages::{
+use compresslab_spec::messages::{
     DistilAction, DistilData, DistilEpoch, DistilReport, DistilSettings, DistilSide, DistilStep,
     DistilTarget, ToWorker,
 };

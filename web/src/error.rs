@@ -2,8 +2,6 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum WebError {
-    #[error("{0}")]
-    Engine(#[from] compresslab::EngineError),
     #[error("{context}: {message}")]
     Js {
         context: &'static str,
@@ -11,8 +9,6 @@ pub enum WebError {
     },
     #[error("download of {url} failed: HTTP {status}")]
     Http { url: String, status: u16 },
-    #[error("the browser could not decode this file as an image{hint}")]
-    Decode { hint: String },
     /// Something the person can act on, said in plain words ("classify a photo first").
     #[error("{0}")]
     Message(String),

@@ -1,10 +1,8 @@
 //! Fashion-MNIST on the page: the before/after accuracy report (per class, confusion
 //! matrix, per layer) and the accuracy sweeps with their charts.
 
-use compresslab::compress::LayerStats;
-use compresslab::efficientnet::LayerKind;
-use compresslab::fashion::{CLASS_NAMES, Evaluation};
-use compresslab::sweep::{SweepAxis, SweepPoint};
+use compresslab_spec::report::{CLASS_NAMES, Evaluation, SweepAxis, SweepPoint};
+use compresslab_spec::stats::{LayerKind, LayerStats};
 use leptos::prelude::*;
 
 use crate::app::send_sweep;
@@ -12,7 +10,7 @@ use crate::lab_panel::{
     CompareRow, CompareTable, LayerDetail, LayerTable, SqnrChart, mb, ratio, recipe_summary,
     size_rows, speed_change,
 };
-use crate::messages::{ChangedPrediction, FashionReport};
+use compresslab_spec::messages::{ChangedPrediction, FashionReport};
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SweepState {

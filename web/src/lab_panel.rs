@@ -2,16 +2,17 @@
 //! and the before/after panel (size, parameters, MACs, latency, agreement, top-5, and a
 //! per-layer table with SQNR and weight histograms drawn over the quantization grid).
 
-use compresslab::compress::{ActivationQuant, Histogram, LayerStats, ModelStats, Observer, Recipe};
-use compresslab::efficientnet::LayerKind;
-use compresslab::prune::{ChannelPruning, ChannelRanking, MagnitudePruning, PruneScope};
-use compresslab::quant::{Granularity, QuantScheme};
+use compresslab_spec::recipe::{
+    ActivationQuant, ChannelPruning, ChannelRanking, Granularity, MagnitudePruning, Observer,
+    PruneScope, QuantScheme, Recipe,
+};
+use compresslab_spec::stats::{Histogram, LayerKind, LayerStats, ModelStats};
 use leptos::ev;
 use leptos::prelude::*;
 
 use crate::app::{Item, ItemState, Status, send_lab};
 use crate::fashion_panel::FashionReportView;
-use crate::messages::{CompressReport, FashionReport, ToWorker};
+use compresslab_spec::messages::{CompressReport, FashionReport, ToWorker};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum LabState {
@@ -497,7 +498,7 @@ pub(crate) fn recipe_summary(r: &Recipe) -> String {
 fn Report(report: CompressReport, keep_fp32: RwSignal<Vec<String>>) -> impl IntoView {
     let r = report;
     let (b, a) = (&r.before, &r.after);
-    let top = |p: &[compresslab::labels::Prediction]| {
+    let top = |p: &[compresslab_spec::report::Prediction]| {
         p.first()
             .map(|p| format!("{} ({:.1} %)", p.label, p.probability * 100.0))
             .unwrap_or_default()
@@ -579,6 +580,7 @@ fn Report(report: CompressReport, keep_fp32: RwSignal<Vec<String>>) -> impl Into
         <div class="report" id="lab-report">
             <p class="recipe" id="lab-recipe">
                 {format!("{} — {} — on {} — built in {:.0} ms", source_text(&r.source), recipe_summary(&r.recipe), r.executor, r.build_ms)}
+                <br/><span class="kernels" id="lab-kernels">{format!("Ran: {}.", r.kernels)}</span>
             </p>
             {warning.map(|w| view! { <p class="warning" id="lab-warning">{w}</p> })}
             <CompareTable rows=rows/>
@@ -639,7 +641,7 @@ pub(crate) fn CompareTable(rows: Vec<CompareRow>) -> impl IntoView {
 }
 
 #[component]
-fn Top5(title: &'static str, preds: Vec<compresslab::labels::Prediction>) -> impl IntoView {
+fn Top5(title: &'static str, preds: Vec<compresslab_spec::report::Prediction>) -> impl IntoView {
     view! {
         <div class="lab-top5">
             <h4>{title}</h4>

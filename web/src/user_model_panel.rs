@@ -2,11 +2,12 @@
 //! become its input, classify images, compress it with a recipe (agreement measured on
 //! images that did not calibrate it) and download the compressed ONNX.
 
-use compresslab::compress::{Observer, Recipe};
-use compresslab::graph::parse_class_names;
-use compresslab::preprocess::{InputSpec, Normalization, ResizeMode};
-use compresslab::prune::{ChannelPruning, ChannelRanking, MagnitudePruning, PruneScope};
-use compresslab::quant::{Granularity, QuantScheme};
+use compresslab_spec::input::{InputSpec, Normalization, ResizeMode};
+use compresslab_spec::labels::parse_class_names;
+use compresslab_spec::recipe::{
+    ChannelPruning, ChannelRanking, Granularity, MagnitudePruning, Observer, PruneScope,
+    QuantScheme, Recipe,
+};
 use leptos::ev;
 use leptos::prelude::*;
 use wasm_bindgen::JsCast;
@@ -15,7 +16,7 @@ use web_sys::Blob;
 
 use crate::app::{draw_rgb, send_user_model};
 use crate::lab_panel::speed_change;
-use crate::messages::{
+use compresslab_spec::messages::{
     FromWorker, ToWorker, UserClassification, UserCompressReport, UserModelInfo,
 };
 

@@ -10,6 +10,7 @@ use compresslab::classifier::{ImageClassifier, max_abs_diff};
 use compresslab::compress::{CompressedModel, Observer, Recipe, agreement, compress};
 use compresslab::cpu::CpuEfficientNet;
 use compresslab::decode::decode_file;
+use compresslab::gpu_int::GpuFeatures;
 use compresslab::labels::Labels;
 use compresslab::onnx;
 use compresslab::preprocess::{imagenet_crop, imagenet_input};
@@ -436,7 +437,7 @@ fn bench_compress(args: &[String]) -> Result<()> {
             &model,
             Labels::default(),
             &Device::wgpu(DeviceKind::DefaultDevice),
-            true,
+            Some(GpuFeatures::NATIVE),
         )?;
         let (int8, int4) = wgpu.integer_layers();
         eprintln!("{name}: {int8} int8 and {int4} int4 layers on the WGSL integer kernels");
@@ -1077,10 +1078,9 @@ fn distil_photos(args: &[String]) -> Result<()> {
 }
 
 fn read_recipe(path: &str) -> Result<Recipe> {
-    Recipe::from_json(
-        &std::fs::read_to_string(path).map_err(|source| EngineError::Io {
-            path: path.to_string(),
-            source,
-        })?,
-    )
+    let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io {
+        path: path.to_string(),
+        source,
+    })?;
+    Ok(Recipe::from_json(&text)?)
 }

@@ -12,10 +12,10 @@ use compresslab::fashion_cpu::{CpuFashionNet, EVAL_BATCH, predictions};
 use compresslab::sweep::{calibration_batches, run_case, sweep_cases};
 use compresslab::weights::TensorStore;
 
-use crate::error::{WebError, WebResult};
+use crate::error::{WorkerError, WorkerResult};
 use crate::lab::{VARIANT, Variant};
-use crate::messages::{ChangedPrediction, FashionReport, FashionSide, FromWorker};
 use crate::worker::{fetch_response, now, post};
+use compresslab_spec::messages::{ChangedPrediction, FashionReport, FashionSide, FromWorker};
 
 pub const WEIGHTS_FILE: &str = "fashion-mnist-cnn.safetensors";
 /// Test images with a changed prediction shown on the page.
@@ -47,18 +47,18 @@ fn progress(stage: &str, fraction: f32) {
     });
 }
 
-async fn fetch_all(url: &str) -> WebResult<Vec<u8>> {
+async fn fetch_all(url: &str) -> WorkerResult<Vec<u8>> {
     let resp = fetch_response(url).await?;
     let buf = wasm_bindgen_futures::JsFuture::from(
         resp.array_buffer()
-            .map_err(|e| WebError::js("download", e))?,
+            .map_err(|e| WorkerError::js("download", e))?,
     )
     .await
-    .map_err(|e| WebError::js("download", e))?;
+    .map_err(|e| WorkerError::js("download", e))?;
     Ok(js_sys::Uint8Array::new(&buf).to_vec())
 }
 
-pub(crate) async fn assets(asset_base: &str) -> WebResult<Rc<FashionAssets>> {
+pub(crate) async fn assets(asset_base: &str) -> WorkerResult<Rc<FashionAssets>> {
     if let Some(a) = ASSETS.with(|a| a.borrow().clone()) {
         return Ok(a);
     }
@@ -86,7 +86,7 @@ fn run_test_set(
     test: &FashionSet,
     what: &str,
     (from, to): (f32, f32),
-) -> WebResult<(Evaluation, Vec<usize>, f64)> {
+) -> WorkerResult<(Evaluation, Vec<usize>, f64)> {
     let mut eval = Evaluation::new();
     let mut preds = Vec::with_capacity(test.len());
     let start = now();
@@ -109,7 +109,7 @@ fn run_test_set(
     Ok((eval, preds, ms))
 }
 
-pub(crate) async fn original(a: &FashionAssets) -> WebResult<Rc<Original>> {
+pub(crate) async fn original(a: &FashionAssets) -> WorkerResult<Rc<Original>> {
     if let Some(o) = ORIGINAL.with(|o| o.borrow().clone()) {
         return Ok(o);
     }
@@ -133,7 +133,7 @@ pub async fn run(
     asset_base: &str,
     recipe: Option<Recipe>,
     loaded: Option<(String, CompressedModel)>,
-) -> WebResult<()> {
+) -> WorkerResult<()> {
     let a = assets(asset_base).await?;
     let before = original(&a).await?;
     let start = now();
@@ -146,7 +146,7 @@ pub async fn run(
             let reference = pruned_and_folded(&a.store, &recipe)?;
             (model, "recipe".to_string(), Some(reference))
         }
-        (None, None) => return Err(WebError::Message("nothing to compress".into())),
+        (None, None) => return Err(WorkerError::Message("nothing to compress".into())),
     };
     let report = evaluate_variant(
         &a,
@@ -169,7 +169,7 @@ pub(crate) fn evaluate_variant(
     source: String,
     reference: Option<&TensorStore>,
     build_ms: f64,
-) -> WebResult<FashionReport> {
+) -> WorkerResult<FashionReport> {
     let net = CpuFashionNet::from_compressed(model, true)?;
     let (eval, preds, ms_per_image) =
         run_test_set(&net, &a.test, "the compressed network", (0.5, 0.98))?;
@@ -210,7 +210,7 @@ pub(crate) fn evaluate_variant(
 }
 
 /// Every sweep case on the first `images` test images, one point at a time.
-pub async fn sweep(asset_base: &str, images: u32) -> WebResult<()> {
+pub async fn sweep(asset_base: &str, images: u32) -> WorkerResult<()> {
     let a = assets(asset_base).await?;
     let cases = sweep_cases();
     let total = cases.len() as u32;

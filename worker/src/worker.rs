@@ -20,12 +20,12 @@ use web_sys::{
     PremultiplyAlpha, ResizeQuality, Response,
 };
 
-use crate::error::{WebError, WebResult};
+use crate::error::{WorkerError, WorkerResult};
 use crate::lab::{self, EvalImage, percentile};
-use crate::messages::{
+use crate::{distil, distil_photo, fashion_lab, user_model};
+use compresslab_spec::messages::{
     BackendInfo, BackendKind, BenchReport, DistilTarget, FromWorker, ModelReady, ToWorker,
 };
-use crate::{distil, distil_photo, fashion_lab, user_model};
 
 pub const WEIGHTS_FILE: &str = "efficientnet-lite0.safetensors";
 pub const LABELS_FILE: &str = "imagenet-labels.json";
@@ -54,12 +54,12 @@ pub struct Loaded {
 
 impl Loaded {
     /// The last classified photo's preprocessed input (benchmarks run on it).
-    pub fn last_input(&self) -> WebResult<Vec<f32>> {
+    pub fn last_input(&self) -> WorkerResult<Vec<f32>> {
         self.last
             .borrow()
             .as_ref()
             .map(|(_, input)| input.clone())
-            .ok_or_else(|| WebError::Message("classify a photo first".into()))
+            .ok_or_else(|| WorkerError::Message("classify a photo first".into()))
     }
 }
 
@@ -68,10 +68,10 @@ thread_local! {
 }
 
 /// The ImageNet class names (once the model is loaded).
-pub fn imagenet_labels() -> WebResult<compresslab::labels::Labels> {
+pub fn imagenet_labels() -> WorkerResult<compresslab::labels::Labels> {
     MODEL
         .with(|m| m.borrow().as_ref().map(|l| l.classifier.labels().clone()))
-        .ok_or_else(|| WebError::Message("the model is not loaded yet".into()))
+        .ok_or_else(|| WorkerError::Message("the model is not loaded yet".into()))
 }
 
 pub fn scope() -> DedicatedWorkerGlobalScope {
@@ -298,18 +298,18 @@ pub fn webgpu() -> Option<(Device, String)> {
 }
 
 /// Runs `f` on the loaded model (an error when it is not loaded yet).
-async fn with_model<F, Fut>(f: F) -> WebResult<()>
+async fn with_model<F, Fut>(f: F) -> WorkerResult<()>
 where
     F: FnOnce(Rc<Loaded>) -> Fut,
-    Fut: std::future::Future<Output = WebResult<()>>,
+    Fut: std::future::Future<Output = WorkerResult<()>>,
 {
     let loaded = MODEL
         .with(|m| m.borrow().clone())
-        .ok_or_else(|| WebError::Message("the model is not loaded yet".into()))?;
+        .ok_or_else(|| WorkerError::Message("the model is not loaded yet".into()))?;
     f(loaded).await
 }
 
-async fn init(asset_base: &str, force_cpu: Option<String>) -> WebResult<()> {
+async fn init(asset_base: &str, force_cpu: Option<String>) -> WorkerResult<()> {
     let start = now();
     let manifest = fetch_bytes(&format!("{asset_base}/models/manifest.json"), None).await?;
     let version = manifest_version(&manifest);
@@ -395,7 +395,22 @@ fn cpu_backend(reason: String) -> BackendInfo {
         fallback_reason: Some(reason),
         limits: Vec::new(),
         features: Vec::new(),
+        wgsl_features: Vec::new(),
     }
+}
+
+/// The strings in the set-like `object[field]` (GPU features), sorted; empty when absent.
+fn sorted_strings(object: &JsValue, field: &str) -> Vec<String> {
+    let mut strings: Vec<String> = Reflect::get(object, &field.into())
+        .ok()
+        .and_then(|set| js_sys::try_iter(&set).ok().flatten())
+        .map(|it| {
+            it.filter_map(|v| v.ok().and_then(|v| v.as_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    strings.sort();
+    strings
 }
 
 /// Brings up WebGPU, or says in one sentence why it could not.
@@ -412,11 +427,11 @@ async fn webgpu_backend() -> Result<(Device, BackendInfo), String> {
         .ok_or("navigator.gpu.requestAdapter is missing")?;
     let promise: js_sys::Promise = request
         .call0(&gpu)
-        .map_err(|e| format!("requestAdapter threw: {}", WebError::js("WebGPU", e)))?
+        .map_err(|e| format!("requestAdapter threw: {}", WorkerError::js("WebGPU", e)))?
         .unchecked_into();
     let adapter = JsFuture::from(promise)
         .await
-        .map_err(|e| format!("requestAdapter failed: {}", WebError::js("WebGPU", e)))?;
+        .map_err(|e| format!("requestAdapter failed: {}", WorkerError::js("WebGPU", e)))?;
     if adapter.is_null() || adapter.is_undefined() {
         return Err(
             "WebGPU is present but offered no adapter (blocklisted or disabled GPU)".into(),
@@ -451,15 +466,8 @@ async fn webgpu_backend() -> Result<(Device, BackendInfo), String> {
             .map(|v| (name.to_string(), v as u64))
     })
     .collect();
-    let mut features: Vec<String> = Reflect::get(&adapter, &"features".into())
-        .ok()
-        .and_then(|set| js_sys::try_iter(&set).ok().flatten())
-        .map(|it| {
-            it.filter_map(|v| v.ok().and_then(|v| v.as_string()))
-                .collect()
-        })
-        .unwrap_or_default();
-    features.sort();
+    let features = sorted_strings(&adapter, "features");
+    let wgsl_features = sorted_strings(&gpu, "wgslLanguageFeatures");
 
     let (device, _setup) = Device::wgpu_options()
         .init_with_setup_async()
@@ -477,17 +485,18 @@ async fn webgpu_backend() -> Result<(Device, BackendInfo), String> {
             fallback_reason: None,
             limits,
             features,
+            wgsl_features,
         },
     ))
 }
 
-pub async fn fetch_response(url: &str) -> WebResult<Response> {
+pub async fn fetch_response(url: &str) -> WorkerResult<Response> {
     let resp = JsFuture::from(scope().fetch_with_str(url))
         .await
-        .map_err(|e| WebError::js("fetch", e))?;
+        .map_err(|e| WorkerError::js("fetch", e))?;
     let resp: Response = resp.unchecked_into();
     if !resp.ok() {
-        return Err(WebError::Http {
+        return Err(WorkerError::Http {
             url: url.to_string(),
             status: resp.status(),
         });
@@ -496,7 +505,7 @@ pub async fn fetch_response(url: &str) -> WebResult<Response> {
 }
 
 /// Downloads `url`, reporting progress under `stage` when given.
-async fn fetch_bytes(url: &str, stage: Option<&str>) -> WebResult<Vec<u8>> {
+async fn fetch_bytes(url: &str, stage: Option<&str>) -> WorkerResult<Vec<u8>> {
     let resp = fetch_response(url).await?;
     let total = resp
         .headers()
@@ -513,7 +522,7 @@ async fn fetch_bytes(url: &str, stage: Option<&str>) -> WebResult<Vec<u8>> {
     loop {
         let chunk = JsFuture::from(reader.read())
             .await
-            .map_err(|e| WebError::js("download", e))?;
+            .map_err(|e| WorkerError::js("download", e))?;
         let done = Reflect::get(&chunk, &"done".into())
             .ok()
             .and_then(|v| v.as_bool())
@@ -522,7 +531,7 @@ async fn fetch_bytes(url: &str, stage: Option<&str>) -> WebResult<Vec<u8>> {
             break;
         }
         let value: Uint8Array = Reflect::get(&chunk, &"value".into())
-            .map_err(|e| WebError::js("download", e))?
+            .map_err(|e| WorkerError::js("download", e))?
             .unchecked_into();
         let start = bytes.len();
         bytes.resize(start + value.length() as usize, 0);
@@ -544,7 +553,7 @@ async fn fetch_bytes(url: &str, stage: Option<&str>) -> WebResult<Vec<u8>> {
 
 /// Serves `url` from the Cache API when present, else downloads and stores it.
 /// Returns the bytes and whether they came from the cache.
-async fn fetch_cached(url: &str, stage: &str) -> WebResult<(Vec<u8>, bool)> {
+async fn fetch_cached(url: &str, stage: &str) -> WorkerResult<(Vec<u8>, bool)> {
     let cache: Option<Cache> = match scope().caches() {
         Ok(storage) => JsFuture::from(storage.open(CACHE_NAME))
             .await
@@ -561,9 +570,12 @@ async fn fetch_cached(url: &str, stage: &str) -> WebResult<(Vec<u8>, bool)> {
                 loaded: 0.0,
                 total: None,
             });
-            let buf = JsFuture::from(resp.array_buffer().map_err(|e| WebError::js("cache", e))?)
-                .await
-                .map_err(|e| WebError::js("cache", e))?;
+            let buf = JsFuture::from(
+                resp.array_buffer()
+                    .map_err(|e| WorkerError::js("cache", e))?,
+            )
+            .await
+            .map_err(|e| WorkerError::js("cache", e))?;
             return Ok((Uint8Array::new(&buf).to_vec(), true));
         }
     }
@@ -587,18 +599,18 @@ pub struct Decoded {
 
 /// Decodes with the browser's own decoder (JPEG/PNG/WebP/AVIF/GIF first frame, EXIF
 /// orientation). Colour management is off so pixels match the native decoder's.
-pub async fn decode_blob(blob: &Blob) -> WebResult<Decoded> {
+pub async fn decode_blob(blob: &Blob) -> WorkerResult<Decoded> {
     if blob.size() == 0.0 {
-        return Err(WebError::Decode {
+        return Err(WorkerError::Decode {
             hint: ": the file is empty (0 bytes)".into(),
         });
     }
     let head = blob
         .slice_with_f64_and_f64(0.0, 1_048_576.0)
-        .map_err(|e| WebError::js("read file", e))?;
+        .map_err(|e| WorkerError::js("read file", e))?;
     let head = JsFuture::from(head.array_buffer())
         .await
-        .map_err(|e| WebError::js("read file", e))?;
+        .map_err(|e| WorkerError::js("read file", e))?;
     let head = Uint8Array::new(&head).to_vec();
     let header_dims = imagesize::blob_size(&head).ok();
 
@@ -619,10 +631,10 @@ pub async fn decode_blob(blob: &Blob) -> WebResult<Decoded> {
     }
     let promise = scope()
         .create_image_bitmap_with_blob_and_image_bitmap_options(blob, &options)
-        .map_err(|e| WebError::js("createImageBitmap", e))?;
+        .map_err(|e| WorkerError::js("createImageBitmap", e))?;
     let bitmap: ImageBitmap = JsFuture::from(promise)
         .await
-        .map_err(|_| WebError::Decode {
+        .map_err(|_| WorkerError::Decode {
             hint: match &header_dims {
                 Some(s) => format!(
                     " (its header says {}×{}, but the data is corrupt, truncated or too large)",
@@ -647,28 +659,28 @@ pub async fn decode_blob(blob: &Blob) -> WebResult<Decoded> {
     })
 }
 
-fn draw_pixels(bitmap: &ImageBitmap, w: u32, h: u32) -> WebResult<Vec<u8>> {
-    let canvas = OffscreenCanvas::new(w, h).map_err(|e| WebError::js("canvas", e))?;
+fn draw_pixels(bitmap: &ImageBitmap, w: u32, h: u32) -> WorkerResult<Vec<u8>> {
+    let canvas = OffscreenCanvas::new(w, h).map_err(|e| WorkerError::js("canvas", e))?;
     let ctx: OffscreenCanvasRenderingContext2d = canvas
         .get_context("2d")
-        .map_err(|e| WebError::js("canvas", e))?
-        .ok_or_else(|| WebError::Js {
+        .map_err(|e| WorkerError::js("canvas", e))?
+        .ok_or_else(|| WorkerError::Js {
             context: "canvas",
             message: "no 2d context".into(),
         })?
         .unchecked_into();
     ctx.draw_image_with_image_bitmap(bitmap, 0.0, 0.0)
-        .map_err(|e| WebError::js("canvas", e))?;
+        .map_err(|e| WorkerError::js("canvas", e))?;
     let data = ctx
         .get_image_data(0.0, 0.0, w as f64, h as f64)
-        .map_err(|e| WebError::js("canvas", e))?;
+        .map_err(|e| WorkerError::js("canvas", e))?;
     Ok(data.data().0)
 }
 
-async fn classify(id: u32, name: &str, blob: &Blob) -> WebResult<()> {
+async fn classify(id: u32, name: &str, blob: &Blob) -> WorkerResult<()> {
     let loaded = MODEL
         .with(|m| m.borrow().clone())
-        .ok_or_else(|| WebError::Message("the model is not loaded yet".into()))?;
+        .ok_or_else(|| WorkerError::Message("the model is not loaded yet".into()))?;
     let t0 = now();
     let decoded = decode_blob(blob).await?;
     let crop = imagenet_crop(&decoded.image);
@@ -698,10 +710,10 @@ async fn classify(id: u32, name: &str, blob: &Blob) -> WebResult<()> {
 }
 
 /// Warm latency of the model alone (input upload, forward, result read-back).
-async fn benchmark(runs: u32) -> WebResult<()> {
+async fn benchmark(runs: u32) -> WorkerResult<()> {
     let loaded = MODEL
         .with(|m| m.borrow().clone())
-        .ok_or_else(|| WebError::Message("the model is not loaded yet".into()))?;
+        .ok_or_else(|| WorkerError::Message("the model is not loaded yet".into()))?;
     let input = loaded.last_input()?;
     let runs = runs.clamp(1, 1000);
     if !loaded.warm.replace(true) {

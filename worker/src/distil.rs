@@ -27,14 +27,14 @@ use web_sys::{
     ResizeQuality,
 };
 
-use crate::error::{WebError, WebResult};
+use crate::error::{WorkerError, WorkerResult};
 use crate::fashion_lab::{self, FashionAssets, Original};
 use crate::lab::{VARIANT, Variant};
-use crate::messages::{
+use crate::worker::{Loaded, now, post, scope};
+use compresslab_spec::messages::{
     DistilAction, DistilBench, DistilData, DistilEpoch, DistilReport, DistilSettings, DistilSide,
     DistilStep, DistilTarget, FashionReport, FromWorker,
 };
-use crate::worker::{Loaded, now, post, scope};
 
 /// At most this many images are kept (784 bytes each), however many are dropped.
 pub const MAX_IMAGES: usize = 20_000;
@@ -80,14 +80,14 @@ fn label_of(path: &str) -> (u8, Option<String>) {
 }
 
 /// One image file as the network's 28×28 grey input (the browser decodes and scales).
-async fn fashion_pixels(blob: &Blob) -> WebResult<Vec<u8>> {
+async fn fashion_pixels(blob: &Blob) -> WorkerResult<Vec<u8>> {
     let bitmap: ImageBitmap = JsFuture::from(
         scope()
             .create_image_bitmap_with_blob(blob)
-            .map_err(|e| WebError::js("createImageBitmap", e))?,
+            .map_err(|e| WorkerError::js("createImageBitmap", e))?,
     )
     .await
-    .map_err(|_| WebError::Decode {
+    .map_err(|_| WorkerError::Decode {
         hint: " (not a supported image format, or a corrupt file)".into(),
     })?
     .unchecked_into();
@@ -101,23 +101,24 @@ async fn fashion_pixels(blob: &Blob) -> WebResult<Vec<u8>> {
     let small: ImageBitmap = JsFuture::from(
         scope()
             .create_image_bitmap_with_blob_and_image_bitmap_options(blob, &options)
-            .map_err(|e| WebError::js("createImageBitmap", e))?,
+            .map_err(|e| WorkerError::js("createImageBitmap", e))?,
     )
     .await
-    .map_err(|e| WebError::js("createImageBitmap", e))?
+    .map_err(|e| WorkerError::js("createImageBitmap", e))?
     .unchecked_into();
-    let canvas = OffscreenCanvas::new(w as u32, h as u32).map_err(|e| WebError::js("canvas", e))?;
+    let canvas =
+        OffscreenCanvas::new(w as u32, h as u32).map_err(|e| WorkerError::js("canvas", e))?;
     let ctx: OffscreenCanvasRenderingContext2d = canvas
         .get_context("2d")
-        .map_err(|e| WebError::js("canvas", e))?
-        .ok_or_else(|| WebError::Message("no 2d canvas context".into()))?
+        .map_err(|e| WorkerError::js("canvas", e))?
+        .ok_or_else(|| WorkerError::Message("no 2d canvas context".into()))?
         .unchecked_into();
     ctx.draw_image_with_image_bitmap(&small, 0.0, 0.0)
-        .map_err(|e| WebError::js("canvas", e))?;
+        .map_err(|e| WorkerError::js("canvas", e))?;
     small.close();
     let rgba = ctx
         .get_image_data(0.0, 0.0, w as f64, h as f64)
-        .map_err(|e| WebError::js("canvas", e))?
+        .map_err(|e| WorkerError::js("canvas", e))?
         .data()
         .0;
     Ok(pixels_from_fitted(&rgba, w, h)?)
@@ -159,9 +160,9 @@ fn summary(
 }
 
 /// Decodes the dropped files into the distillation set.
-pub async fn load_images(paths: Vec<String>, blobs: Array) -> WebResult<()> {
+pub async fn load_images(paths: Vec<String>, blobs: Array) -> WorkerResult<()> {
     if RUNNING.get() {
-        return Err(WebError::Message(
+        return Err(WorkerError::Message(
             "a fine-tune is running: cancel it before changing the images".into(),
         ));
     }
@@ -205,7 +206,7 @@ pub async fn load_images(paths: Vec<String>, blobs: Array) -> WebResult<()> {
         }
     }
     if set.is_empty() {
-        return Err(WebError::Message(format!(
+        return Err(WorkerError::Message(format!(
             "none of the {total} files could be read as an image"
         )));
     }
@@ -224,9 +225,9 @@ pub async fn load_images(paths: Vec<String>, blobs: Array) -> WebResult<()> {
 }
 
 /// Uses the site's labelled training sample (100 images per class).
-pub async fn load_builtin(asset_base: &str) -> WebResult<()> {
+pub async fn load_builtin(asset_base: &str) -> WorkerResult<()> {
     if RUNNING.get() {
-        return Err(WebError::Message(
+        return Err(WorkerError::Message(
             "a fine-tune is running: cancel it before changing the images".into(),
         ));
     }
@@ -262,7 +263,7 @@ pub fn control(action: DistilAction) {
 }
 
 /// Predictions of `net` on `set` (normalised in batches).
-fn predict(net: &CpuFashionNet, set: &FashionSet) -> WebResult<Vec<usize>> {
+fn predict(net: &CpuFashionNet, set: &FashionSet) -> WorkerResult<Vec<usize>> {
     let mut out = Vec::with_capacity(set.len());
     for start in (0..set.len()).step_by(EVAL_BATCH) {
         let end = (start + EVAL_BATCH).min(set.len());
@@ -296,7 +297,7 @@ fn side(
     model: &CompressedModel,
     heldout: &FashionSet,
     teacher_heldout: &[usize],
-) -> WebResult<(DistilSide, FashionReport)> {
+) -> WorkerResult<(DistilSide, FashionReport)> {
     let net = CpuFashionNet::from_compressed(model, true)?;
     let (heldout_accuracy, heldout_agreement) =
         heldout_scores(&predict(&net, heldout)?, teacher_heldout, heldout);
@@ -327,9 +328,11 @@ pub async fn run(
     recipe: Recipe,
     settings: DistilSettings,
     target: DistilTarget,
-) -> WebResult<()> {
+) -> WorkerResult<()> {
     if RUNNING.replace(true) {
-        return Err(WebError::Message("a fine-tune is already running".into()));
+        return Err(WorkerError::Message(
+            "a fine-tune is already running".into(),
+        ));
     }
     CONTROL.set(Control::Run);
     let result = match target {
@@ -472,7 +475,7 @@ pub(crate) async fn drive(
     run: &mut impl StepwiseRun,
     epochs: u32,
     backend: &str,
-) -> WebResult<Option<Trained>> {
+) -> WorkerResult<Option<Trained>> {
     let total = run.total_steps() as u32;
     post(&FromWorker::DistilStarted {
         total_steps: total,
@@ -522,15 +525,15 @@ pub(crate) async fn drive(
     }))
 }
 
-async fn train(loaded: &Loaded, recipe: Recipe, settings: DistilSettings) -> WebResult<()> {
+async fn train(loaded: &Loaded, recipe: Recipe, settings: DistilSettings) -> WorkerResult<()> {
     let data = DATA.with(|d| d.borrow().clone()).ok_or_else(|| {
-        WebError::Message("choose images first (or use the training sample)".into())
+        WorkerError::Message("choose images first (or use the training sample)".into())
     })?;
     let a = fashion_lab::assets(&loaded.asset_base).await?;
     let original = fashion_lab::original(&a).await?;
     let (train_idx, heldout_idx) = data.set.stratified_split(HELDOUT_FRACTION, SPLIT_SEED);
     if train_idx.is_empty() || heldout_idx.is_empty() {
-        return Err(WebError::Message(format!(
+        return Err(WorkerError::Message(format!(
             "{} images are too few: distillation needs some to train on and some to hold out (at least 2 per folder)",
             data.set.len()
         )));
@@ -598,7 +601,7 @@ async fn train(loaded: &Loaded, recipe: Recipe, settings: DistilSettings) -> Web
 /// Times distillation training steps of the photo model (teacher and student both the
 /// original, batches of random crops of the last photo) and its inference, on the
 /// worker's backend.
-pub async fn bench_photo(loaded: Rc<Loaded>, batch: u32, steps: u32) -> WebResult<()> {
+pub async fn bench_photo(loaded: Rc<Loaded>, batch: u32, steps: u32) -> WorkerResult<()> {
     use compresslab::distill_photo::{PhotoDistiller, augment_photo};
     use compresslab::efficientnet::fold_batch_norms;
     use compresslab::fashion::SplitMix;

@@ -1,13 +1,10 @@
 //! Messages between the page and the model worker (serialised with serde-wasm-bindgen).
 //! A classify request carries the image as a `Blob` next to the message, not inside it.
 
-use compresslab::compress::{LayerStats, ModelStats, Recipe};
-use compresslab::distill::HeldOutReport;
-use compresslab::fashion::Evaluation;
-use compresslab::fashion::TrainLayers;
-use compresslab::labels::Prediction;
-use compresslab::preprocess::InputSpec;
-use compresslab::sweep::SweepPoint;
+use crate::input::InputSpec;
+use crate::recipe::Recipe;
+use crate::report::{Evaluation, HeldOutReport, Prediction, SweepPoint, TrainLayers};
+use crate::stats::{LayerStats, ModelStats};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
@@ -274,6 +271,19 @@ pub struct BackendInfo {
     /// Selected adapter limits, as (name, value).
     pub limits: Vec<(String, u64)>,
     pub features: Vec<String>,
+    /// WGSL language features (`navigator.gpu.wgslLanguageFeatures`).
+    #[serde(default)]
+    pub wgsl_features: Vec<String>,
+}
+
+/// The WGSL language feature the int8 kernel's `dot4I8Packed` needs.
+pub const PACKED_DOT4: &str = "packed_4x8_integer_dot_product";
+
+impl BackendInfo {
+    /// Whether the int8 kernel can run on this adapter.
+    pub fn has_packed_dot4(&self) -> bool {
+        self.wgsl_features.iter().any(|f| f == PACKED_DOT4)
+    }
 }
 
 /// The loaded model and where it runs.
@@ -453,6 +463,8 @@ pub struct CompressReport {
     pub layers: Vec<LayerStats>,
     /// Only on WebGPU: the variant's WebGPU output against its CPU output.
     pub cross_check: Option<CrossCheck>,
+    /// What ran the variant's layers: integer kernels or float on dequantized weights.
+    pub kernels: String,
 }
 
 /// One side of the Fashion-MNIST before/after panel.

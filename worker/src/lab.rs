@@ -7,6 +7,7 @@ use std::cell::RefCell;
 use compresslab::classifier::{ImageClassifier, max_abs_diff};
 use compresslab::compress::{CompressedModel, Recipe, agreement, compress, pruned_and_folded};
 use compresslab::fashion::is_fashion;
+use compresslab::gpu_int::GpuFeatures;
 use compresslab::labels::top_k;
 use compresslab::preprocess::{imagenet_crop, to_nchw};
 use js_sys::Uint8Array;
@@ -14,9 +15,9 @@ use serde::Deserialize;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::Blob;
 
-use crate::error::{WebError, WebResult};
-use crate::messages::{CompressReport, CrossCheck, FromWorker, Latency, VariantSummary};
+use crate::error::{WorkerError, WorkerResult};
 use crate::worker::{Loaded, decode_blob, fetch_response, now, post};
+use compresslab_spec::messages::{CompressReport, CrossCheck, FromWorker, Latency, VariantSummary};
 
 /// A photo used to compare the variant with the original.
 #[derive(Clone)]
@@ -68,15 +69,15 @@ struct SampleEntry {
 }
 
 /// Adds the site's sample photos to the evaluation set (once).
-async fn ensure_samples(loaded: &Loaded) -> WebResult<()> {
+async fn ensure_samples(loaded: &Loaded) -> WorkerResult<()> {
     if loaded.samples_added.replace(true) {
         return Ok(());
     }
     let base = &loaded.asset_base;
     let resp = fetch_response(&format!("{base}/samples/index.json")).await?;
-    let text = JsFuture::from(resp.text().map_err(|e| WebError::js("samples", e))?)
+    let text = JsFuture::from(resp.text().map_err(|e| WorkerError::js("samples", e))?)
         .await
-        .map_err(|e| WebError::js("samples", e))?
+        .map_err(|e| WorkerError::js("samples", e))?
         .as_string()
         .unwrap_or_default();
     let entries: Vec<SampleEntry> = serde_json_text(&text)?;
@@ -86,9 +87,9 @@ async fn ensure_samples(loaded: &Loaded) -> WebResult<()> {
             0.02 * i as f32 / entries.len().max(1) as f32,
         );
         let resp = fetch_response(&format!("{base}/samples/{}", entry.file)).await?;
-        let blob: Blob = JsFuture::from(resp.blob().map_err(|e| WebError::js("samples", e))?)
+        let blob: Blob = JsFuture::from(resp.blob().map_err(|e| WorkerError::js("samples", e))?)
             .await
-            .map_err(|e| WebError::js("samples", e))?
+            .map_err(|e| WorkerError::js("samples", e))?
             .into();
         let decoded = decode_blob(&blob).await?;
         let input = to_nchw(&imagenet_crop(&decoded.image));
@@ -98,9 +99,9 @@ async fn ensure_samples(loaded: &Loaded) -> WebResult<()> {
     Ok(())
 }
 
-fn serde_json_text<T: serde::de::DeserializeOwned>(text: &str) -> WebResult<T> {
-    let value = js_sys::JSON::parse(text).map_err(|e| WebError::js("JSON", e))?;
-    serde_wasm_bindgen::from_value(value).map_err(|e| WebError::Message(e.to_string()))
+fn serde_json_text<T: serde::de::DeserializeOwned>(text: &str) -> WorkerResult<T> {
+    let value = js_sys::JSON::parse(text).map_err(|e| WorkerError::js("JSON", e))?;
+    serde_wasm_bindgen::from_value(value).map_err(|e| WorkerError::Message(e.to_string()))
 }
 
 /// Nearest-rank percentile of sorted samples.
@@ -114,7 +115,7 @@ async fn time_model(
     classifier: &ImageClassifier,
     input: &[f32],
     runs: u32,
-) -> WebResult<(Latency, Vec<f32>)> {
+) -> WorkerResult<(Latency, Vec<f32>)> {
     let start = now();
     let logits = classifier.logits(input).await?;
     let cold_ms = now() - start;
@@ -136,10 +137,10 @@ async fn time_model(
     ))
 }
 
-async fn blob_bytes(blob: &Blob) -> WebResult<Vec<u8>> {
+async fn blob_bytes(blob: &Blob) -> WorkerResult<Vec<u8>> {
     let buf = JsFuture::from(blob.array_buffer())
         .await
-        .map_err(|e| WebError::js("read file", e))?;
+        .map_err(|e| WorkerError::js("read file", e))?;
     Ok(Uint8Array::new(&buf).to_vec())
 }
 
@@ -149,7 +150,7 @@ pub async fn run(
     recipe: Option<Recipe>,
     file: Option<(String, Blob)>,
     runs: u32,
-) -> WebResult<()> {
+) -> WorkerResult<()> {
     let runs = runs.clamp(1, 200);
     let start = now();
     let loaded = &*loaded;
@@ -186,14 +187,14 @@ pub async fn run(
             let reference = pruned_and_folded(&loaded.store, &recipe)?;
             (model, "recipe".to_string(), Some(reference))
         }
-        (None, None) => return Err(WebError::Message("nothing to compress".into())),
+        (None, None) => return Err(WorkerError::Message("nothing to compress".into())),
     };
     measure(loaded, model, source, reference, runs, now() - start, &eval).await
 }
 
 /// The photos a variant is compared on: the newest first (the user's own come after the
 /// samples), fewer on WebGPU.
-pub async fn eval_images(loaded: &Loaded) -> WebResult<Vec<EvalImage>> {
+pub async fn eval_images(loaded: &Loaded) -> WorkerResult<Vec<EvalImage>> {
     ensure_samples(loaded).await?;
     let cap = if loaded.device.is_some() {
         MAX_EVAL_IMAGES_GPU
@@ -220,12 +221,19 @@ pub async fn measure(
     runs: u32,
     build_ms: f64,
     eval: &[EvalImage],
-) -> WebResult<()> {
+) -> WorkerResult<()> {
     let on_gpu = loaded.device.is_some();
     let labels = loaded.classifier.labels().clone();
     progress("Building the compressed model on this backend", 0.5);
     let variant = match &loaded.device {
-        Some(device) => ImageClassifier::new_compressed(&model, labels.clone(), device, true)?,
+        Some(device) => ImageClassifier::new_compressed(
+            &model,
+            labels.clone(),
+            device,
+            Some(GpuFeatures {
+                packed_dot4: loaded.backend.has_packed_dot4(),
+            }),
+        )?,
         None => ImageClassifier::new_compressed_cpu(&model, labels.clone())?,
     };
     let (photo, input) = match loaded.last.borrow().clone() {
@@ -233,7 +241,7 @@ pub async fn measure(
         None => eval
             .first()
             .map(|e| (e.name.clone(), e.input.clone()))
-            .ok_or_else(|| WebError::Message("no photo to measure on".into()))?,
+            .ok_or_else(|| WorkerError::Message("no photo to measure on".into()))?,
     };
     progress("Timing the compressed model", 0.55);
     let (after_latency, after_logits) = time_model(&variant, &input, runs).await?;
@@ -280,6 +288,11 @@ pub async fn measure(
         Some(_) => format!("WebGPU ({})", loaded.backend.description),
         None => "CPU fallback".to_string(),
     };
+    let kernels = kernels_summary(
+        &model,
+        variant.integer_layers(),
+        on_gpu && !loaded.backend.has_packed_dot4(),
+    );
     let report = CompressReport {
         recipe: model.recipe.clone(),
         source,
@@ -301,6 +314,7 @@ pub async fn measure(
         build_ms,
         layers: model.layer_stats(reference.as_ref())?,
         cross_check,
+        kernels,
     };
     VARIANT.with(|v| *v.borrow_mut() = Some(Variant { model }));
     post(&FromWorker::Compressed(Box::new(report)));
@@ -308,13 +322,13 @@ pub async fn measure(
 }
 
 /// The current variant as safetensors + recipe.
-pub fn export() -> WebResult<()> {
+pub fn export() -> WorkerResult<()> {
     let (weights, recipe_json, file_name) =
-        VARIANT.with(|v| -> WebResult<(Vec<u8>, String, String)> {
+        VARIANT.with(|v| -> WorkerResult<(Vec<u8>, String, String)> {
             let v = v.borrow();
             let variant = v
                 .as_ref()
-                .ok_or_else(|| WebError::Message("apply a compression first".into()))?;
+                .ok_or_else(|| WorkerError::Message("apply a compression first".into()))?;
             let file_name = if is_fashion(&variant.model.store) {
                 "compressed-fashion-mnist-cnn.safetensors"
             } else {
@@ -332,4 +346,27 @@ pub fn export() -> WebResult<()> {
         file_name,
     });
     Ok(())
+}
+
+/// Which of `model`'s layers ran on an integer kernel and which as float, in words.
+/// `no_dot4`: the adapter lacks WGSL's `packed_4x8_integer_dot_product`.
+fn kernels_summary(model: &CompressedModel, (int8, int4): (usize, usize), no_dot4: bool) -> String {
+    let total = model.layers.len();
+    let quantized = model.layers.iter().filter(|l| l.weights.is_some()).count();
+    if quantized == 0 {
+        return format!("all {total} layers in float32 (no quantized weights)");
+    }
+    let mut text =
+        format!("{int8} of {total} layers on the int8 kernel, {int4} on the int4 kernel");
+    let float = quantized.saturating_sub(int8 + int4);
+    if float > 0 {
+        text += &format!("; {float} quantized layers ran as float on their dequantized weights");
+    }
+    if no_dot4 {
+        text += &format!(
+            " (this adapter lacks WGSL {}, which the int8 kernel needs)",
+            compresslab_spec::messages::PACKED_DOT4
+        );
+    }
+    text
 }

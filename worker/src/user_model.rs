@@ -14,18 +14,18 @@ use compresslab::graph::{
     CompressedGraph, Dim, Graph, MAX_MODEL_BYTES, channel_groups, compress_graph, export_onnx,
     fold_batch_norms, import_onnx,
 };
-use compresslab::preprocess::InputSpec;
+use compresslab::preprocess::{InputSpec, input_tensor};
 use js_sys::Uint8Array;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::Blob;
 
 use crate::distil::sleep_ms;
-use crate::error::{WebError, WebResult};
+use crate::error::{WorkerError, WorkerResult};
 use crate::lab::percentile;
-use crate::messages::{
+use crate::worker::{decode_blob, now, post, webgpu};
+use compresslab_spec::messages::{
     FromWorker, UserClassification, UserCompressReport, UserLayer, UserModelInfo, UserSide,
 };
-use crate::worker::{decode_blob, now, post, webgpu};
 
 /// After 3 timing pairs, no more are started once this much time has gone by.
 const TIMING_BUDGET_MS: f64 = 5000.0;
@@ -41,7 +41,7 @@ struct Runner {
 }
 
 impl Runner {
-    fn new(graph: &Graph) -> WebResult<Self> {
+    fn new(graph: &Graph) -> WorkerResult<Self> {
         let gpu = match webgpu() {
             Some((device, _)) => {
                 // BatchNorm folded into the convolutions: fewer dispatches, same outputs.
@@ -58,7 +58,7 @@ impl Runner {
     }
 
     /// The first output for one input, on WebGPU when there is one.
-    async fn run(&self, input: &Tensor) -> WebResult<Vec<f32>> {
+    async fn run(&self, input: &Tensor) -> WorkerResult<Vec<f32>> {
         let outputs = match &self.gpu {
             Some((model, device)) => model.run(input, device).await?,
             None => self.cpu.run(input)?,
@@ -66,7 +66,7 @@ impl Runner {
         let first = outputs
             .into_iter()
             .next()
-            .ok_or_else(|| WebError::Message("the model has no output".into()))?;
+            .ok_or_else(|| WorkerError::Message("the model has no output".into()))?;
         Ok(first.data)
     }
 }
@@ -118,9 +118,9 @@ impl Drop for Turn {
     }
 }
 
-fn current() -> WebResult<Rc<UserModel>> {
+fn current() -> WorkerResult<Rc<UserModel>> {
     USER.with(|u| u.borrow().clone())
-        .ok_or_else(|| WebError::Message("load an .onnx model first".into()))
+        .ok_or_else(|| WorkerError::Message("load an .onnx model first".into()))
 }
 
 /// Where models run on this page, in words.
@@ -135,18 +135,18 @@ fn dims_text(dims: &[Dim]) -> Vec<String> {
     dims.iter().map(ToString::to_string).collect()
 }
 
-async fn blob_bytes(blob: &Blob) -> WebResult<Vec<u8>> {
+async fn blob_bytes(blob: &Blob) -> WorkerResult<Vec<u8>> {
     let buffer = JsFuture::from(blob.array_buffer())
         .await
-        .map_err(|e| WebError::js("read file", e))?;
+        .map_err(|e| WorkerError::js("read file", e))?;
     Ok(Uint8Array::new(&buffer).to_vec())
 }
 
 /// Imports the model file and reports what it is.
-pub async fn load(name: String, blob: &Blob) -> WebResult<()> {
+pub async fn load(name: String, blob: &Blob) -> WorkerResult<()> {
     let _turn = Turn::wait().await;
     if blob.size() > MAX_MODEL_BYTES as f64 {
-        return Err(WebError::Message(format!(
+        return Err(WorkerError::Message(format!(
             "{name} is {:.0} MB; models up to {} MB are read",
             blob.size() / 1_048_576.0,
             MAX_MODEL_BYTES >> 20
@@ -175,7 +175,7 @@ pub async fn load(name: String, blob: &Blob) -> WebResult<()> {
         _ => None,
     };
     if declared.len() != 4 || declared.get(1).and_then(Dim::known) != Some(3) {
-        return Err(WebError::Message(format!(
+        return Err(WorkerError::Message(format!(
             "{name} takes an input of shape [{}]; the page feeds images as N×3×H×W",
             dims_text(&declared).join(", ")
         )));
@@ -230,10 +230,10 @@ fn ranked(outputs: &[f32], k: usize) -> Vec<(usize, f32)> {
 }
 
 /// Decodes, prepares and classifies one image with the model (and its variant).
-pub async fn classify(id: u32, spec: InputSpec, blob: &Blob) -> WebResult<()> {
+pub async fn classify(id: u32, spec: InputSpec, blob: &Blob) -> WorkerResult<()> {
     let _turn = Turn::wait().await;
     let decoded = decode_blob(blob).await?;
-    let data = spec.tensor(&decoded.image)?;
+    let data = input_tensor(&spec, &decoded.image)?;
     let input = Tensor {
         dims: vec![1, 3, spec.height, spec.width],
         data,
@@ -298,14 +298,14 @@ fn argmax(v: &[f32]) -> usize {
 }
 
 /// Applies `recipe`; the report measures agreement on the images that did not calibrate.
-pub async fn compress(recipe: Recipe, runs: u32) -> WebResult<()> {
+pub async fn compress(recipe: Recipe, runs: u32) -> WorkerResult<()> {
     let _turn = Turn::wait().await;
     let m = current()?;
     let start = now();
     let inputs = m.inputs.borrow().clone();
     let calibrating = recipe.activations.is_some();
     if calibrating && inputs.len() < 2 {
-        return Err(WebError::Message(
+        return Err(WorkerError::Message(
             "activation quantization calibrates on the images you classified: classify at least 2 (half calibrate, half measure)".into(),
         ));
     }
@@ -334,12 +334,12 @@ pub fn stop_tuning() {
 
 /// Fine-tunes the variant toward the original on the images it calibrated on (or the first
 /// half of those classified), then reports it measured on the rest.
-pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WebResult<()> {
+pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WorkerResult<()> {
     let _turn = Turn::wait().await;
     let m = current()?;
     let start = now();
     let Some(variant) = m.variant.borrow().clone() else {
-        return Err(WebError::Message(
+        return Err(WorkerError::Message(
             "compress the model first: fine-tuning trains the compressed variant".into(),
         ));
     };
@@ -350,7 +350,7 @@ pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WebResult<()> {
         inputs.len().div_ceil(2)
     };
     if used == 0 || inputs.len() <= used {
-        return Err(WebError::Message(format!(
+        return Err(WorkerError::Message(format!(
             "fine-tuning needs images to train on and others to measure on: classify at least 2 (you have {})",
             inputs.len()
         )));
@@ -378,7 +378,7 @@ pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WebResult<()> {
         // Lets a stop message in between steps.
         sleep_ms(0).await;
         if STOP_TUNING.replace(false) {
-            return Err(WebError::Message(format!(
+            return Err(WorkerError::Message(format!(
                 "fine-tuning stopped after {} of {} steps; the compressed variant is unchanged",
                 tuner.steps_done(),
                 tuner.total_steps()
@@ -393,7 +393,7 @@ pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WebResult<()> {
     }
     let after = tuner.training_loss().await?;
     if after >= before {
-        return Err(WebError::Message(format!(
+        return Err(WorkerError::Message(format!(
             "fine-tuning did not lower the distillation loss on the training images ({} → {}); the compressed variant is unchanged. A smaller learning rate may help.",
             loss_text(before),
             loss_text(after)
@@ -440,7 +440,7 @@ async fn report(
     variant: &Variant,
     runs: u32,
     build_ms: f64,
-) -> WebResult<UserCompressReport> {
+) -> WorkerResult<UserCompressReport> {
     let inputs = m.inputs.borrow().clone();
     let used = variant.used.min(inputs.len());
     let held_out = &inputs[used..];
@@ -545,7 +545,7 @@ async fn report(
 }
 
 /// The compressed variant (or the original, when nothing was compressed) as ONNX.
-pub fn export() -> WebResult<()> {
+pub fn export() -> WorkerResult<()> {
     let m = current()?;
     let (bytes, recipe, name) = {
         let stem = m.name.trim_end_matches(".onnx").to_string();

@@ -23,12 +23,12 @@ use wasm_bindgen_futures::JsFuture;
 use web_sys::Blob;
 
 use crate::distil::{drive, engine_config, training_device};
-use crate::error::{WebError, WebResult};
+use crate::error::{WorkerError, WorkerResult};
 use crate::lab;
-use crate::messages::{
+use crate::worker::{Loaded, decode_blob, fetch_response, now, post};
+use compresslab_spec::messages::{
     DistilData, DistilReport, DistilSettings, DistilSide, DistilTarget, FromWorker,
 };
-use crate::worker::{Loaded, decode_blob, fetch_response, now, post};
 
 /// At most this many photos are kept (256×256 RGB, 192 KiB each: 192 MiB in all).
 pub const MAX_PHOTOS: usize = 1_000;
@@ -98,16 +98,16 @@ fn summary(
     }
 }
 
-fn refuse_while_running() -> WebResult<()> {
+fn refuse_while_running() -> WorkerResult<()> {
     if crate::distil::RUNNING.get() {
-        return Err(WebError::Message(
+        return Err(WorkerError::Message(
             "a fine-tune is running: cancel it before changing the images".into(),
         ));
     }
     Ok(())
 }
 
-fn keep(data: PhotoData, rejected: Vec<String>, rejected_count: usize) -> WebResult<()> {
+fn keep(data: PhotoData, rejected: Vec<String>, rejected_count: usize) -> WorkerResult<()> {
     let imagenet = crate::worker::imagenet_labels()?;
     post(&FromWorker::DistilData(summary(
         &data,
@@ -120,7 +120,7 @@ fn keep(data: PhotoData, rejected: Vec<String>, rejected_count: usize) -> WebRes
 }
 
 /// Decodes the dropped photos (the browser's decoder) into the distillation set.
-pub async fn load_images(paths: Vec<String>, blobs: Array) -> WebResult<()> {
+pub async fn load_images(paths: Vec<String>, blobs: Array) -> WorkerResult<()> {
     refuse_while_running()?;
     let imagenet = crate::worker::imagenet_labels()?;
     let total = paths.len().min(blobs.length() as usize);
@@ -154,7 +154,7 @@ pub async fn load_images(paths: Vec<String>, blobs: Array) -> WebResult<()> {
         }
     }
     if images.is_empty() {
-        return Err(WebError::Message(format!(
+        return Err(WorkerError::Message(format!(
             "none of the {total} files could be read as an image"
         )));
     }
@@ -171,14 +171,14 @@ struct SampleEntry {
 }
 
 /// The site's sample photos, unlabelled (label-free distillation).
-pub async fn load_samples(asset_base: &str) -> WebResult<()> {
+pub async fn load_samples(asset_base: &str) -> WorkerResult<()> {
     refuse_while_running()?;
     let resp = fetch_response(&format!("{asset_base}/samples/index.json")).await?;
-    let json = JsFuture::from(resp.json().map_err(|e| WebError::js("samples", e))?)
+    let json = JsFuture::from(resp.json().map_err(|e| WorkerError::js("samples", e))?)
         .await
-        .map_err(|e| WebError::js("samples", e))?;
+        .map_err(|e| WorkerError::js("samples", e))?;
     let entries: Vec<SampleEntry> =
-        serde_wasm_bindgen::from_value(json).map_err(|e| WebError::Message(e.to_string()))?;
+        serde_wasm_bindgen::from_value(json).map_err(|e| WorkerError::Message(e.to_string()))?;
     let mut images = Vec::new();
     for (i, entry) in entries.iter().enumerate() {
         post(&FromWorker::DistilLoading {
@@ -186,9 +186,9 @@ pub async fn load_samples(asset_base: &str) -> WebResult<()> {
             total: entries.len() as u32,
         });
         let resp = fetch_response(&format!("{asset_base}/samples/{}", entry.file)).await?;
-        let blob: Blob = JsFuture::from(resp.blob().map_err(|e| WebError::js("samples", e))?)
+        let blob: Blob = JsFuture::from(resp.blob().map_err(|e| WorkerError::js("samples", e))?)
             .await
-            .map_err(|e| WebError::js("samples", e))?
+            .map_err(|e| WorkerError::js("samples", e))?
             .into();
         images.push(stored_photo(&decode_blob(&blob).await?.image));
     }
@@ -222,7 +222,7 @@ async fn deployed_side(
     run: &PhotoFineTune,
     teacher: &[usize],
     stats: compresslab::compress::ModelStats,
-) -> WebResult<(DistilSide, Vec<usize>)> {
+) -> WorkerResult<(DistilSide, Vec<usize>)> {
     let start = now();
     let preds = run.heldout_predictions(classifier).await?;
     let ms_per_image = (now() - start) / preds.len().max(1) as f64;
@@ -246,9 +246,9 @@ pub async fn train(
     loaded: &Loaded,
     recipe: compresslab::compress::Recipe,
     settings: DistilSettings,
-) -> WebResult<()> {
+) -> WorkerResult<()> {
     let data = DATA.with(|d| d.borrow().clone()).ok_or_else(|| {
-        WebError::Message("choose photos first (or use the sample photos)".into())
+        WorkerError::Message("choose photos first (or use the sample photos)".into())
     })?;
     let (cfg, qat) = engine_config(&settings, &recipe);
     let (device, backend) = training_device(loaded);

@@ -1,0 +1,43 @@
+//! Class names as model files and label files write them.
+
+use std::collections::BTreeMap;
+
+/// Reads class names written in any of the usual ways: a JSON list, a JSON or Python dict of
+/// index → name, one name per line, or comma-separated.
+pub fn parse_class_names(text: &str) -> Vec<String> {
+    let text = text.trim();
+    if let Ok(list) = serde_json::from_str::<Vec<String>>(text) {
+        return list;
+    }
+    if let Ok(map) = serde_json::from_str::<BTreeMap<String, String>>(text) {
+        let mut entries: Vec<(usize, String)> = map
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.trim().parse().ok()?, v)))
+            .collect();
+        entries.sort();
+        return entries.into_iter().map(|(_, v)| v).collect();
+    }
+    if text.starts_with('{') {
+        // A Python dict: {0: 'person', 1: "it's"}.
+        let mut names = Vec::new();
+        let mut rest = text.trim_start_matches('{');
+        while let Some(colon) = rest.find(':') {
+            let after = rest[colon + 1..].trim_start();
+            let Some(quote) = after.chars().next().filter(|c| *c == '\'' || *c == '"') else {
+                break;
+            };
+            let body = &after[1..];
+            let Some(end) = body.find(quote) else {
+                break;
+            };
+            names.push(body[..end].to_string());
+            rest = &body[end + 1..];
+        }
+        return names;
+    }
+    let separator = if text.contains('\n') { '\n' } else { ',' };
+    text.split(separator)
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}

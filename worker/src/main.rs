@@ -1,0 +1,16 @@
+//! The model worker: loads weights, picks WebGPU or the CPU fallback, and runs every job the
+//! page sends (classification, the compression lab, sweeps, fine-tuning, "Your model").
+//! Errors become messages to the page only here, at this boundary.
+
+mod distil;
+mod distil_photo;
+mod error;
+mod fashion_lab;
+mod lab;
+mod user_model;
+mod worker;
+
+fn main() {
+    console_error_panic_hook::set_once();
+    worker::start();
+}
