@@ -438,7 +438,17 @@ impl CompressedModel {
         for l in &stored {
             let kind =
                 layer_kind(&l.name).ok_or_else(|| bad(format!("unknown layer {}", l.name)))?;
-            let n: usize = l.shape.iter().product();
+            if let Some(a) = l.activation.filter(|a| !a.is_valid()) {
+                return Err(bad(format!(
+                    "{}: activation grid {a:?} is not a signed 8-bit grid with a positive scale",
+                    l.name
+                )));
+            }
+            let n = l
+                .shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| bad(format!("{}: the shape {:?} overflows", l.name, l.shape)))?;
             let weights = match l.scheme {
                 Some(scheme) => {
                     let q = raw(

@@ -111,7 +111,14 @@ impl QuantizedTensor {
         scales: Vec<f32>,
         zero_points: Vec<i8>,
     ) -> Option<Self> {
-        let n: usize = shape.iter().product();
+        // Checked first, and before counting groups: a crafted shape must cost neither an
+        // overflow nor a loop over more elements than `values` really holds.
+        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+        let valid_scheme =
+            matches!(scheme.bits, 4 | 8) && !matches!(scheme.granularity, Granularity::PerBlock(0));
+        if values.len() != n || !valid_scheme {
+            return None;
+        }
         let (group_len, row_len) = layout(shape, scheme.granularity);
         let mut groups = 0;
         for_each_group(n, group_len, row_len, |_| groups += 1);

@@ -15,6 +15,9 @@ pub enum ToWorker {
     Init {
         asset_base: String,
         force_cpu: Option<String>,
+        /// Workers for batch work (evaluating a test set), this one included; None: one per
+        /// core the browser reports (`?workers=N` in the page URL sets it, for comparisons).
+        workers: Option<u32>,
     },
     /// Classify the blob posted alongside this message.
     Classify {
@@ -472,8 +475,10 @@ pub struct CompressReport {
 pub struct FashionSide {
     pub stats: ModelStats,
     pub eval: Evaluation,
-    /// Wall time per test image, batched (100 images per GEMM).
+    /// Wall time per test image, batched (100 images per GEMM), split across `workers`.
     pub ms_per_image: f64,
+    /// How many workers evaluated the test set (this one and its helpers).
+    pub workers: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -12,6 +12,18 @@ pub struct ActivationParams {
 }
 
 impl ActivationParams {
+    /// Whether these describe a grid the int8 kernels can run: a finite positive scale and
+    /// `qmin ≤ zero_point ≤ qmax` within signed 8 bits (what the lab writes; an uploaded
+    /// export is checked against it).
+    pub fn is_valid(&self) -> bool {
+        self.scale.is_finite()
+            && self.scale > 0.0
+            && -128 <= self.qmin
+            && self.qmin <= self.zero_point
+            && self.zero_point <= self.qmax
+            && self.qmax <= 127
+    }
+
     /// q = clamp(round_half_even(x/s) + zp, qmin, qmax). Clamping x/s first to just past the
     /// representable range changes nothing and keeps |x/s| small enough for the
     /// add-and-subtract-1.5·2²³ rounding trick (exact round-half-even for |v| < 2²²; a libm

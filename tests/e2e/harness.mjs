@@ -110,3 +110,33 @@ export async function comparison(page) {
     return [r.dataset.metric, { before: cells[0].innerText, after: cells[1].innerText, change: cells[2].innerText }];
   })));
 }
+
+/**
+ * Milliseconds from navigating to `url` until the first photo's top-5 is on the page
+ * (`performance.now()` in the page, whose origin is the navigation). `file` is dropped from
+ * inside the page the moment it says ready (no test-harness round trip in the figure), and
+ * the clock stops when the card shows its result. Also returns when the page said ready.
+ */
+export async function firstPrediction(page, url, file) {
+  await page.goto(url, { waitUntil: 'domcontentloaded' });
+  const item = { name: file.name, type: file.type ?? '', b64: Buffer.from(file.bytes).toString('base64') };
+  const times = await page.evaluate(async (it) => {
+    const dt = new DataTransfer();
+    dt.items.add(new File([Uint8Array.from(atob(it.b64), (c) => c.charCodeAt(0))], it.name, { type: it.type }));
+    const when = (found) => new Promise((resolve) => {
+      if (found()) return resolve(performance.now());
+      const observer = new MutationObserver(() => {
+        if (found()) { observer.disconnect(); resolve(performance.now()); }
+      });
+      observer.observe(document.documentElement, { subtree: true, childList: true, attributes: true });
+    });
+    const readyMs = await when(() => document.querySelector('#status[data-state="ready"]'));
+    const main = document.querySelector('main');
+    for (const type of ['dragover', 'drop']) {
+      main.dispatchEvent(new DragEvent(type, { dataTransfer: dt, bubbles: true, cancelable: true }));
+    }
+    const firstMs = await when(() => document.querySelector('article.result[data-state="done"], article.result[data-state="error"]'));
+    return { readyMs, firstMs };
+  }, item);
+  return { ...times, result: await resultFor(page, file.name) };
+}

@@ -336,8 +336,7 @@ fn mutated_compressed_exports_fail_cleanly() {
     });
     let compressed = compress_graph(&graph, &recipe, &[calibration], &mut |_, _| {}).unwrap();
     let bytes = export_onnx(&compressed.graph, &compressed.weights, &[]).unwrap();
-    let imported = import_mutations(&bytes, &evaluation, 1000, 0x9e37_79b9_7f4a_7c15);
-    println!("mutated QDQ/int4 exports: {imported}/1000 still imported");
+    import_mutations(&bytes, &evaluation, 1000, 0x9e37_79b9_7f4a_7c15);
 }
 
 /// The seven sample photos, preprocessed (sorted by name).

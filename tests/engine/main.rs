@@ -6,9 +6,15 @@ use std::path::PathBuf;
 
 use compresslab::weights::TensorStore;
 
+/// Counts each thread's bytes, so the fuzz tests can bound what a crafted file makes the
+/// engine hold.
+#[global_allocator]
+static ALLOCATOR: fuzz::TrackingAllocator = fuzz::TrackingAllocator;
+
 mod compress;
 mod efficientnet;
 mod fashion;
+mod fuzz;
 mod gpu_kernels;
 mod graph;
 mod graph_compress;

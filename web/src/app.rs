@@ -6,6 +6,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 
 use compresslab_spec::report::Prediction;
+use js_sys::{Array, Reflect};
 use leptos::ev;
 use leptos::prelude::*;
 use serde::Deserialize;
@@ -137,39 +138,61 @@ fn asset_base() -> String {
         .unwrap_or_else(|_| "assets".into())
 }
 
+/// A parameter of the page URL's query.
+fn url_parameter(name: &str) -> Option<String> {
+    let search = web_sys::window()?.location().search().ok()?;
+    web_sys::UrlSearchParams::new_with_str(&search)
+        .ok()?
+        .get(name)
+}
+
 /// `?backend=cpu` in the page URL forces the CPU fallback (for comparisons and tests).
 fn cpu_requested_in_url() -> Option<String> {
-    let search = web_sys::window()?.location().search().ok()?;
-    let params = web_sys::UrlSearchParams::new_with_str(&search).ok()?;
-    (params.get("backend").as_deref() == Some("cpu"))
+    (url_parameter("backend").as_deref() == Some("cpu"))
         .then(|| "CPU requested in the page URL (?backend=cpu)".to_string())
 }
 
+/// `?workers=N` in the page URL sets how many workers share batch work (for comparisons).
+fn workers_requested_in_url() -> Option<u32> {
+    url_parameter("workers")?.parse().ok()
+}
+
+/// The worker `index.html` started before the page's wasm loaded, with the events it
+/// received meanwhile; taken once (a restarted worker is a new one).
+fn take_early_worker() -> Option<(Worker, Array)> {
+    let global = js_sys::global();
+    let key = JsValue::from_str("compresslabEarlyWorker");
+    let early = Reflect::get(&global, &key).ok()?;
+    let _ = Reflect::delete_property(global.unchecked_ref::<js_sys::Object>(), &key);
+    let worker = Reflect::get(&early, &"worker".into())
+        .ok()?
+        .dyn_into()
+        .ok()?;
+    let events = Reflect::get(&early, &"early".into())
+        .ok()?
+        .dyn_into()
+        .ok()?;
+    Some((worker, events))
+}
+
 fn spawn_worker(force_cpu: Option<String>) {
-    let options = WorkerOptions::new();
-    options.set_type(WorkerType::Classic);
-    let worker = match Worker::new_with_options("./worker_loader.js", &options) {
-        Ok(w) => w,
-        Err(e) => {
-            let msg = WebError::js("could not start the model worker", e).to_string();
-            with_controller(|c| c.status.set(Status::Failed(msg)));
-            return;
+    let (worker, early_events) = match take_early_worker() {
+        Some(early) => early,
+        None => {
+            let options = WorkerOptions::new();
+            options.set_type(WorkerType::Classic);
+            match Worker::new_with_options("./worker_loader.js", &options) {
+                Ok(w) => (w, Array::new()),
+                Err(e) => {
+                    let msg = WebError::js("could not start the model worker", e).to_string();
+                    with_controller(|c| c.status.set(Status::Failed(msg)));
+                    return;
+                }
+            }
         }
     };
-    let on_message = Closure::<dyn FnMut(JsValue)>::new(|event: JsValue| {
-        let event: MessageEvent = event.unchecked_into();
-        match serde_wasm_bindgen::from_value::<FromWorker>(event.data()) {
-            Ok(msg) => on_worker_message(msg),
-            Err(e) => web_sys::console::error_1(&format!("bad worker message: {e}").into()),
-        }
-    });
-    let on_error = Closure::<dyn FnMut(JsValue)>::new(|event: JsValue| {
-        let message = event
-            .dyn_ref::<web_sys::ErrorEvent>()
-            .map(|e| e.message())
-            .unwrap_or_else(|| "the model worker stopped".into());
-        on_worker_message(FromWorker::Crashed { message });
-    });
+    let on_message = Closure::<dyn FnMut(JsValue)>::new(on_worker_event);
+    let on_error = Closure::<dyn FnMut(JsValue)>::new(on_worker_event);
     worker.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
     worker.set_onerror(Some(on_error.as_ref().unchecked_ref()));
     with_controller(|c| {
@@ -185,6 +208,29 @@ fn spawn_worker(force_cpu: Option<String>) {
             total: None,
         });
     });
+    for event in early_events.iter() {
+        on_worker_event(event);
+    }
+}
+
+/// A message or an error event from the worker.
+fn on_worker_event(event: JsValue) {
+    if let Some(error) = event.dyn_ref::<web_sys::ErrorEvent>() {
+        on_worker_message(FromWorker::Crashed {
+            message: error.message(),
+        });
+        return;
+    }
+    let Some(event) = event.dyn_ref::<MessageEvent>() else {
+        on_worker_message(FromWorker::Crashed {
+            message: "the model worker stopped".into(),
+        });
+        return;
+    };
+    match serde_wasm_bindgen::from_value::<FromWorker>(event.data()) {
+        Ok(msg) => on_worker_message(msg),
+        Err(e) => web_sys::console::error_1(&format!("bad worker message: {e}").into()),
+    }
 }
 
 fn set_item(c: &Controller, id: u32, state: ItemState) {
@@ -200,6 +246,7 @@ fn on_worker_message(msg: FromWorker) {
             let init = ToWorker::Init {
                 asset_base: asset_base(),
                 force_cpu: c.on_cpu_because.clone(),
+                workers: workers_requested_in_url(),
             };
             if let (Some(worker), Ok(msg)) = (&c.worker, serde_wasm_bindgen::to_value(&init))
                 && let Err(e) = worker.post_message(&js_sys::Array::of1(&msg))

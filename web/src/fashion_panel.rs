@@ -53,9 +53,9 @@ pub fn FashionReportView(report: FashionReport, keep_fp32: RwSignal<Vec<String>>
         ),
         (
             "latency",
-            "CPU time per image (batches of 100)",
-            format!("{:.3} ms", b.ms_per_image),
-            format!("{:.3} ms", a.ms_per_image),
+            "Evaluation time per image (batches of 100)",
+            format!("{:.3} ms · {}", b.ms_per_image, workers_text(b.workers)),
+            format!("{:.3} ms · {}", a.ms_per_image, workers_text(a.workers)),
             speed_change(b.ms_per_image, a.ms_per_image),
         ),
     ];
@@ -388,5 +388,13 @@ fn SweepTable(points: Vec<SweepPoint>) -> impl IntoView {
                 }).collect_view()}
             </tbody>
         </table>
+    }
+}
+
+/// "1 worker" / "2 workers": how many shared an evaluation.
+fn workers_text(workers: u32) -> String {
+    match workers {
+        1 => "1 worker".into(),
+        n => format!("{n} workers"),
     }
 }

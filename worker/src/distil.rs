@@ -59,14 +59,6 @@ thread_local! {
     pub(crate) static RUNNING: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Resolves after `ms` milliseconds, letting the worker handle other messages meanwhile.
-pub(crate) async fn sleep_ms(ms: i32) {
-    let promise = js_sys::Promise::new(&mut |resolve, _| {
-        let _ = scope().set_timeout_with_callback_and_timeout_and_arguments_0(&resolve, ms);
-    });
-    let _ = JsFuture::from(promise).await;
-}
-
 /// The label a file's path gives: its parent folder's name, when that is a class.
 fn label_of(path: &str) -> (u8, Option<String>) {
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
@@ -291,7 +283,7 @@ fn heldout_scores(preds: &[usize], teacher: &[usize], set: &FashionSet) -> (Opti
 }
 
 /// The deployed network's numbers: held-out and whole test set.
-fn side(
+async fn side(
     a: &FashionAssets,
     original: &Original,
     model: &CompressedModel,
@@ -301,7 +293,8 @@ fn side(
     let net = CpuFashionNet::from_compressed(model, true)?;
     let (heldout_accuracy, heldout_agreement) =
         heldout_scores(&predict(&net, heldout)?, teacher_heldout, heldout);
-    let report = fashion_lab::evaluate_variant(a, original, model, "distilled".into(), None, 0.0)?;
+    let report =
+        fashion_lab::evaluate_variant(a, original, model, "distilled".into(), None, 0.0).await?;
     Ok((
         DistilSide {
             heldout_accuracy,
@@ -355,7 +348,7 @@ pub(crate) async fn cancelled(done: usize, total: u32) -> bool {
                     post(&FromWorker::DistilPaused { paused: true });
                     told = true;
                 }
-                sleep_ms(100).await
+                crate::worker::sleep_ms(100).await
             }
             Control::Cancel => {
                 post(&FromWorker::DistilStopped {
@@ -517,7 +510,7 @@ pub(crate) async fn drive(
             }));
         }
         // Lets pause / cancel messages in between steps.
-        sleep_ms(0).await;
+        crate::worker::sleep_ms(0).await;
     }
     Ok(Some(Trained {
         seconds: (now() - start) / 1000.0,
@@ -570,8 +563,8 @@ async fn train(loaded: &Loaded, recipe: Recipe, settings: DistilSettings) -> Wor
         ms_per_image: original.side.ms_per_image,
         stats: original.side.stats.clone(),
     };
-    let (before, _) = side(&a, &original, &before_model, &heldout, &teacher_heldout)?;
-    let (after, lab_report) = side(&a, &original, &after_model, &heldout, &teacher_heldout)?;
+    let (before, _) = side(&a, &original, &before_model, &heldout, &teacher_heldout).await?;
+    let (after, lab_report) = side(&a, &original, &after_model, &heldout, &teacher_heldout).await?;
     let report = DistilReport {
         recipe,
         settings,

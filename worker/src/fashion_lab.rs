@@ -7,13 +7,14 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use compresslab::compress::{CompressedModel, Recipe, compress, pruned_and_folded};
-use compresslab::fashion::{Evaluation, FashionSet, PIXELS, normalize};
-use compresslab::fashion_cpu::{CpuFashionNet, EVAL_BATCH, predictions};
+use compresslab::fashion::{Evaluation, FashionSet};
+use compresslab::fashion_cpu::CpuFashionNet;
 use compresslab::sweep::{calibration_batches, run_case, sweep_cases};
 use compresslab::weights::TensorStore;
 
 use crate::error::{WorkerError, WorkerResult};
 use crate::lab::{VARIANT, Variant};
+use crate::pool::{self, ModelFormat};
 use crate::worker::{fetch_response, now, post};
 use compresslab_spec::messages::{ChangedPrediction, FashionReport, FashionSide, FromWorker};
 
@@ -23,6 +24,8 @@ const MAX_CHANGED_SHOWN: usize = 16;
 
 pub(crate) struct FashionAssets {
     pub store: TensorStore,
+    /// `store` as downloaded, for the pool's helpers.
+    pub weights_bytes: Vec<u8>,
     pub test: FashionSet,
     /// 100 labelled training images per class.
     pub training_sample: FashionSet,
@@ -63,15 +66,17 @@ pub(crate) async fn assets(asset_base: &str) -> WorkerResult<Rc<FashionAssets>> 
         return Ok(a);
     }
     progress("Downloading the Fashion-MNIST network and test set", 0.01);
+    pool::warm_up();
     let base = format!("{asset_base}/fashion");
-    let store =
-        TensorStore::from_safetensors(&fetch_all(&format!("{base}/{WEIGHTS_FILE}")).await?)?;
+    let weights_bytes = fetch_all(&format!("{base}/{WEIGHTS_FILE}")).await?;
+    let store = TensorStore::from_safetensors(&weights_bytes)?;
     let test = FashionSet::from_bytes(&fetch_all(&format!("{base}/test.bin")).await?)?;
     let training_sample =
         FashionSet::from_bytes(&fetch_all(&format!("{base}/calibration.bin")).await?)?;
     let calibration = calibration_batches(&training_sample);
     let a = Rc::new(FashionAssets {
         store,
+        weights_bytes,
         test,
         training_sample,
         calibration,
@@ -80,33 +85,46 @@ pub(crate) async fn assets(asset_base: &str) -> WorkerResult<Rc<FashionAssets>> 
     Ok(a)
 }
 
-/// Runs the whole test set through `net`, reporting progress in `[from, to]`.
-fn run_test_set(
+/// The test set's accuracy, predictions and wall time per image with `net` (serialized as
+/// `serialized` for the pool's helpers), reporting progress in `[from, to]`; and how many
+/// workers shared it.
+async fn run_test_set(
     net: &CpuFashionNet,
+    serialized: (ModelFormat, &[u8]),
     test: &FashionSet,
     what: &str,
     (from, to): (f32, f32),
-) -> WorkerResult<(Evaluation, Vec<usize>, f64)> {
-    let mut eval = Evaluation::new();
-    let mut preds = Vec::with_capacity(test.len());
-    let start = now();
-    for b in (0..test.len()).step_by(EVAL_BATCH) {
-        let end = (b + EVAL_BATCH).min(test.len());
-        if b % 1000 == 0 {
+) -> WorkerResult<TestSetRun> {
+    let total = test.len();
+    let mut last_shown = 0.0;
+    let run = pool::fashion_predictions(net, serialized, &test.images, &mut |done| {
+        // Progress in steps of about 5 % (the fraction counts every worker's chunks).
+        if done - last_shown >= 0.05 || done >= 1.0 {
+            last_shown = done;
             progress(
-                &format!("Evaluating {what} on the test set ({b}/{})", test.len()),
-                from + (to - from) * b as f32 / test.len() as f32,
+                &format!("Evaluating {what} on the {total} test images"),
+                from + (to - from) * done,
             );
         }
-        let images = normalize(&test.images[b * PIXELS..end * PIXELS]);
-        let p = predictions(&net.forward(&images)?);
-        for (i, &pred) in p.iter().enumerate() {
-            eval.add(test.labels[b + i], pred);
-        }
-        preds.extend(p);
+    })
+    .await?;
+    let mut eval = Evaluation::new();
+    for (&label, &pred) in test.labels.iter().zip(&run.classes) {
+        eval.add(label, pred);
     }
-    let ms = (now() - start) / test.len().max(1) as f64;
-    Ok((eval, preds, ms))
+    Ok(TestSetRun {
+        eval,
+        ms_per_image: run.ms / total.max(1) as f64,
+        predictions: run.classes,
+        workers: run.workers,
+    })
+}
+
+struct TestSetRun {
+    eval: Evaluation,
+    predictions: Vec<usize>,
+    ms_per_image: f64,
+    workers: u32,
 }
 
 pub(crate) async fn original(a: &FashionAssets) -> WorkerResult<Rc<Original>> {
@@ -114,15 +132,22 @@ pub(crate) async fn original(a: &FashionAssets) -> WorkerResult<Rc<Original>> {
         return Ok(o);
     }
     let net = CpuFashionNet::from_store(&a.store)?;
-    let (eval, predictions, ms_per_image) =
-        run_test_set(&net, &a.test, "the original", (0.05, 0.4))?;
+    let run = run_test_set(
+        &net,
+        (ModelFormat::Weights, &a.weights_bytes),
+        &a.test,
+        "the original",
+        (0.05, 0.4),
+    )
+    .await?;
     let o = Rc::new(Original {
         side: FashionSide {
             stats: CompressedModel::original(&a.store)?.stats()?,
-            eval,
-            ms_per_image,
+            eval: run.eval,
+            ms_per_image: run.ms_per_image,
+            workers: run.workers,
         },
-        predictions,
+        predictions: run.predictions,
     });
     ORIGINAL.with(|s| *s.borrow_mut() = Some(o.clone()));
     Ok(o)
@@ -155,14 +180,15 @@ pub async fn run(
         source,
         reference.as_ref(),
         now() - start,
-    )?;
+    )
+    .await?;
     VARIANT.with(|v| *v.borrow_mut() = Some(Variant { model }));
     post(&FromWorker::FashionCompressed(Box::new(report)));
     Ok(())
 }
 
 /// The whole test set through `model`, next to the original network.
-pub(crate) fn evaluate_variant(
+pub(crate) async fn evaluate_variant(
     a: &FashionAssets,
     before: &Original,
     model: &CompressedModel,
@@ -171,8 +197,16 @@ pub(crate) fn evaluate_variant(
     build_ms: f64,
 ) -> WorkerResult<FashionReport> {
     let net = CpuFashionNet::from_compressed(model, true)?;
-    let (eval, preds, ms_per_image) =
-        run_test_set(&net, &a.test, "the compressed network", (0.5, 0.98))?;
+    let serialized = model.to_safetensors()?;
+    let run = run_test_set(
+        &net,
+        (ModelFormat::Compressed, &serialized),
+        &a.test,
+        "the compressed network",
+        (0.5, 0.98),
+    )
+    .await?;
+    let preds = run.predictions;
     let same_prediction = preds
         .iter()
         .zip(&before.predictions)
@@ -198,8 +232,9 @@ pub(crate) fn evaluate_variant(
         before: before.side.clone(),
         after: FashionSide {
             stats: model.stats()?,
-            eval,
-            ms_per_image,
+            eval: run.eval,
+            ms_per_image: run.ms_per_image,
+            workers: run.workers,
         },
         same_prediction,
         integer_layers: net.integer_layers(),

@@ -7,6 +7,7 @@ mod distil_photo;
 mod error;
 mod fashion_lab;
 mod lab;
+mod pool;
 mod user_model;
 mod worker;
 

@@ -19,9 +19,9 @@ use js_sys::Uint8Array;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::Blob;
 
-use crate::distil::sleep_ms;
 use crate::error::{WorkerError, WorkerResult};
 use crate::lab::percentile;
+use crate::worker::sleep_ms;
 use crate::worker::{decode_blob, now, post, webgpu};
 use compresslab_spec::messages::{
     FromWorker, UserClassification, UserCompressReport, UserLayer, UserModelInfo, UserSide,

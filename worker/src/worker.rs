@@ -93,8 +93,20 @@ pub fn now() -> f64 {
     scope().performance().map_or(0.0, |p| p.now())
 }
 
+/// Resolves after `ms` milliseconds, letting the worker handle other messages meanwhile.
+pub async fn sleep_ms(ms: i32) {
+    let promise = js_sys::Promise::new(&mut |resolve, _| {
+        let _ = scope().set_timeout_with_callback_and_timeout_and_arguments_0(&resolve, ms);
+    });
+    let _ = JsFuture::from(promise).await;
+}
+
 /// Installs the message handler. Requests are handled one at a time by the page's queue.
 pub fn start() {
+    if scope().name() == crate::pool::HELPER_NAME {
+        crate::pool::serve();
+        return;
+    }
     std::panic::set_hook(Box::new(|info| {
         let message = info.to_string();
         web_sys::console::error_1(&message.clone().into());
@@ -121,7 +133,9 @@ async fn handle(data: JsValue) {
         ToWorker::Init {
             asset_base,
             force_cpu,
+            workers,
         } => {
+            crate::pool::configure(workers);
             let on_gpu = force_cpu.is_none();
             if let Err(e) = init(&asset_base, force_cpu).await {
                 post(&FromWorker::InitFailed {
