@@ -68,13 +68,23 @@ impl ImageClassifier {
         Ok(Self { runner, labels })
     }
 
-    /// Layers on integer kernels (int8, int4): the WGSL kernels on wgpu, the int8 kernel on
-    /// the CPU path (which has no int4 kernel).
+    /// Layers on integer kernels (int8, int4): the WGSL kernels on wgpu, the int8 kernel and
+    /// the packed int4 GEMM on the CPU path.
     pub fn integer_layers(&self) -> (usize, usize) {
         match &self.runner {
             Runner::GpuInt { net, .. } => net.integer_layers(),
-            Runner::Cpu(cpu) => (cpu.int8_layers(), 0),
+            Runner::Cpu(cpu) => (cpu.int8_layers(), cpu.int4_layers()),
             Runner::Burn { .. } => (0, 0),
+        }
+    }
+
+    /// Bytes the weights hold while this classifier runs, where that is measured: on the
+    /// dedicated CPU path (packed int8 / int4 where a layer runs on an integer kernel).
+    /// None on burn's executors (WebGPU buffers are not counted yet).
+    pub fn held_weight_bytes(&self) -> Option<usize> {
+        match &self.runner {
+            Runner::Cpu(cpu) => Some(cpu.weight_bytes()),
+            _ => None,
         }
     }
 

@@ -11,6 +11,7 @@
 use crate::compress::{ActivationParams, CompressedLayer, CompressedModel};
 use crate::efficientnet::{block_strides, folded_conv};
 use crate::error::{EngineError, Result};
+use crate::int4_cpu::Int4Pointwise;
 use crate::int8_cpu::Int8Pointwise;
 use crate::weights::TensorStore;
 
@@ -33,6 +34,51 @@ fn valid_taps(
     crate::exec::tap_range(o, stride, 1, pad, kernel, size)
 }
 
+/// `out[p][j] += Σ_k input[p][k] · weights[j][k]` for `pixels` rows of `cin` inputs and
+/// `weights.len() / cin` outputs, the rows of `out` `out_stride` apart (a tile of output
+/// columns writes into the whole layer's output).
+pub(crate) fn gemm_accumulate(
+    out: &mut [f32],
+    out_stride: usize,
+    input: &[f32],
+    weights: &[f32],
+    pixels: usize,
+    cin: usize,
+) {
+    let n = weights.len() / cin.max(1);
+    assert_eq!(input.len(), pixels * cin);
+    assert_eq!(weights.len(), n * cin);
+    assert!(n <= out_stride && out.len() >= pixels.saturating_sub(1) * out_stride + n);
+    if pixels == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: `input` holds `pixels × cin` and `weights` `n × cin` elements, and `out` holds
+    // `pixels` rows of `n` values `out_stride` apart, as the asserts check.
+    unsafe {
+        gemm::gemm(
+            pixels,
+            n,
+            cin,
+            out.as_mut_ptr(),
+            1,
+            out_stride as isize,
+            true,
+            input.as_ptr(),
+            1,
+            cin as isize,
+            weights.as_ptr(),
+            cin as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// A 1×1 convolution as a GEMM: `[pixels, cin] · [cin, cout]` (also a linear layer, and
 /// a k×k convolution after im2col).
 pub(crate) struct Pointwise {
@@ -46,6 +92,9 @@ pub(crate) struct Pointwise {
     input_quant: Option<ActivationParams>,
     /// Integer weights: when present the layer runs on [`Int8Pointwise`].
     int8: Option<Int8Pointwise>,
+    /// Packed int4 weights (weight-only): when present `weight` is empty and the GEMM
+    /// unpacks a tile at a time.
+    int4: Option<Int4Pointwise>,
 }
 
 impl Pointwise {
@@ -65,16 +114,24 @@ impl Pointwise {
             relu6,
             input_quant: None,
             int8: None,
+            int4: None,
         }
     }
 
-    /// Takes the layer's input quantization, and its integer kernel where both weights and
-    /// inputs are int8 (unless `integer_kernels` is false: then it stays the float
-    /// fake-quant reference).
+    /// Takes the layer's input quantization, and its integer kernel: int8 where both
+    /// weights and inputs are int8, packed int4 weights where the weights are 4-bit (unless
+    /// `integer_kernels` is false: then it stays the float fake-quant reference).
     pub(crate) fn attach(&mut self, layer: &CompressedLayer, integer_kernels: bool) -> Result<()> {
         self.input_quant = layer.activation;
         if let (true, Some(q), Some(a)) = (integer_kernels, &layer.weights, &layer.activation) {
             self.int8 = Int8Pointwise::new(q, a, self.cin, self.cout)?;
+        }
+        if let (true, None, Some(q)) = (integer_kernels, &self.int8, &layer.weights) {
+            self.int4 = Int4Pointwise::new(q, self.cin, self.cout);
+        }
+        if self.int8.is_some() || self.int4.is_some() {
+            // The integer weights replace the float copy (a variant must not hold both).
+            self.weight = Vec::new();
         }
         Ok(())
     }
@@ -82,6 +139,18 @@ impl Pointwise {
     /// Whether this layer runs on the int8 kernel.
     pub(crate) fn is_integer(&self) -> bool {
         self.int8.is_some()
+    }
+
+    /// Whether this layer computes from packed int4 weights.
+    pub(crate) fn is_int4(&self) -> bool {
+        self.int4.is_some()
+    }
+
+    /// Bytes this layer's weights and bias hold while it runs.
+    pub(crate) fn weight_bytes(&self) -> usize {
+        4 * (self.weight.len() + self.bias.len())
+            + self.int8.as_ref().map_or(0, Int8Pointwise::weight_bytes)
+            + self.int4.as_ref().map_or(0, Int4Pointwise::weight_bytes)
     }
 
     pub(crate) fn forward(
@@ -105,33 +174,16 @@ impl Pointwise {
         for _ in 0..pixels {
             out.extend_from_slice(&self.bias);
         }
-        // SAFETY: the pointers cover `pixels × cin`, `cout × cin` and `pixels × cout`
-        // elements with the strides given, as the asserts check.
-        assert_eq!(input.len(), pixels * self.cin);
-        assert_eq!(self.weight.len(), self.cout * self.cin);
-        unsafe {
-            gemm::gemm(
-                pixels,
-                self.cout,
-                self.cin,
-                out.as_mut_ptr(),
-                1,
-                self.cout as isize,
-                true,
-                input.as_ptr(),
-                1,
-                self.cin as isize,
-                self.weight.as_ptr(),
-                self.cin as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+        if let Some(int4) = &self.int4 {
+            int4.accumulate(input, pixels, &mut out);
+            return self.epilogue(out, residual);
         }
+        gemm_accumulate(&mut out, self.cout, input, &self.weight, pixels, self.cin);
+        self.epilogue(out, residual)
+    }
+
+    /// ReLU6 (where the layer has it), then the residual.
+    fn epilogue(&self, mut out: Vec<f32>, residual: Option<&[f32]>) -> Vec<f32> {
         if self.relu6 {
             out.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
         }
@@ -275,6 +327,7 @@ fn pointwise(store: &TensorStore, conv: &str, bn: &str, relu6: bool) -> Result<P
         relu6,
         input_quant: None,
         int8: None,
+        int4: None,
     })
 }
 
@@ -312,6 +365,7 @@ impl CpuEfficientNet {
                 relu6: true,
                 input_quant: None,
                 int8: None,
+                int4: None,
             },
         };
         let mut blocks = Vec::new();
@@ -369,6 +423,7 @@ impl CpuEfficientNet {
             relu6: false,
             input_quant: None,
             int8: None,
+            int4: None,
         };
         Ok(Self {
             stem,
@@ -404,14 +459,37 @@ impl CpuEfficientNet {
         Ok(net)
     }
 
-    /// How many layers run on the int8 kernel.
-    pub fn int8_layers(&self) -> usize {
+    fn pointwise_layers(&self) -> impl Iterator<Item = &Pointwise> {
         self.blocks
             .iter()
             .flat_map(|b| b.expand.iter().chain([&b.project]))
             .chain([&self.head, &self.classifier])
-            .filter(|p| p.is_integer())
-            .count()
+    }
+
+    /// How many layers run on the int8 kernel.
+    pub fn int8_layers(&self) -> usize {
+        self.pointwise_layers().filter(|p| p.is_integer()).count()
+    }
+
+    /// How many layers compute from packed int4 weights.
+    pub fn int4_layers(&self) -> usize {
+        self.pointwise_layers().filter(|p| p.is_int4()).count()
+    }
+
+    /// Bytes the network's weights and biases hold while it runs (packed where a layer
+    /// runs on an integer kernel, f32 elsewhere).
+    pub fn weight_bytes(&self) -> usize {
+        let depthwise: usize = self
+            .blocks
+            .iter()
+            .map(|b| 4 * (b.depthwise.weight.len() + b.depthwise.bias.len()))
+            .sum();
+        self.stem.as_pointwise.weight_bytes()
+            + depthwise
+            + self
+                .pointwise_layers()
+                .map(Pointwise::weight_bytes)
+                .sum::<usize>()
     }
 
     /// Logits for one NCHW image `[3, h, w]` (the engine's preprocessed input).

@@ -30,6 +30,11 @@ pub(crate) struct Int8Pointwise {
 }
 
 impl Int8Pointwise {
+    /// Bytes the layer's weights hold while it runs (centred i16 and the scales).
+    pub(crate) fn weight_bytes(&self) -> usize {
+        2 * self.weights.len() + 4 * self.scales.len()
+    }
+
     /// `None` when this layer cannot run on the integer kernel (not 8-bit, or blocks not
     /// a multiple of 8 inputs); it then runs as float fake-quant.
     pub(crate) fn new(

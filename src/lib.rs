@@ -17,6 +17,7 @@ pub mod finetune_graph;
 pub mod finetune_photo;
 pub mod gpu_int;
 pub mod graph;
+mod int4_cpu;
 mod int8_cpu;
 pub mod labels;
 pub mod npy;

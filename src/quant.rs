@@ -66,7 +66,7 @@ pub struct QuantizedTensor {
 
 /// The grouping view `(group_len, row_len)`: rows are output channels (or the whole
 /// tensor for per-tensor), split into groups.
-fn layout(shape: &[usize], g: Granularity) -> (usize, usize) {
+pub(crate) fn layout(shape: &[usize], g: Granularity) -> (usize, usize) {
     let n: usize = shape.iter().product();
     let rows = shape.first().copied().unwrap_or(1).max(1);
     let row_len = if shape.len() < 2 { n } else { n / rows };

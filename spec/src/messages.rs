@@ -28,6 +28,11 @@ pub enum ToWorker {
     Benchmark {
         runs: u32,
     },
+    /// The device report: fp32, int8 W8A8, int4 weight-only and 50 % channels, each timed
+    /// on WebGPU (when the page has it) and on the CPU fallback, on the last photo.
+    DeviceReport {
+        runs: u32,
+    },
     /// Build the compressed variant from a recipe, evaluate it against the original and
     /// time both (`runs` warm runs each).
     Compress {
@@ -347,6 +352,11 @@ pub enum FromWorker {
         message: String,
     },
     Benchmarked(BenchReport),
+    DeviceReportProgress {
+        stage: String,
+        fraction: f32,
+    },
+    DeviceReported(Box<DeviceReport>),
     DistilBenchmarked(DistilBench),
     BenchmarkFailed {
         message: String,
@@ -419,6 +429,35 @@ pub enum FromWorker {
     Crashed {
         message: String,
     },
+}
+
+/// Every standard variant on every executor of this browser, timed side by side.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeviceReport {
+    /// The WebGPU adapter as burn uses it (None: the page runs on the CPU fallback).
+    pub adapter: Option<String>,
+    /// The CPU executor and the cores the browser reports.
+    pub cpu: String,
+    /// The photo timed (the last one classified).
+    pub photo: String,
+    /// Warm runs per variant and executor, taken round-robin across the variants.
+    pub runs: u32,
+    pub rows: Vec<DeviceRow>,
+}
+
+/// One variant on one executor.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeviceRow {
+    /// "fp32", "int8 W8A8 per channel", …; the first row of each executor is fp32.
+    pub variant: String,
+    pub backend: BackendKind,
+    pub latency: Latency,
+    /// Stored size (packed integers, scales, zero points; what an export holds).
+    pub weight_bytes: usize,
+    /// What the running network's weights hold in memory, where measured (the CPU path).
+    pub held_bytes: Option<usize>,
+    /// Which layers ran on which kernel, in words.
+    pub ran: String,
 }
 
 /// Latency of one model on the worker's executor.

@@ -66,6 +66,41 @@ test('drop coffee.png: espresso on WebGPU', { timeout: 900_000 }, async () => {
     assert.equal(cat.cold, false);
     results.webgpu = cold;
     await page.screenshot({ path: path.join(OUT, 'webgpu.png'), fullPage: true });
+
+    // The device report: four variants on both executors, timed on the last photo.
+    await page.fill('#bench-runs', '3');
+    await page.dispatchEvent('#bench-runs', 'change');
+    await page.click('#device-report-run');
+    await page.waitForSelector('#bench-result[data-state="done"], #bench-result[data-state="failed"]', { timeout: 600_000 });
+    assert.equal(await page.getAttribute('#bench-result', 'data-state'), 'done', await page.innerText('#bench-result'));
+    const rows = await page.locator('#device-report tbody tr').evaluateAll((trs) => trs.map((tr) => ({
+      backend: tr.dataset.backend, variant: tr.dataset.variant,
+      cells: [...tr.querySelectorAll('td')].map((td) => td.innerText),
+    })));
+    console.log('device report:\n' + rows.map((r) => r.cells.join(' | ')).join('\n'));
+    assert.match(await page.innerText('#device-executors'), /^WebGPU: .+ · CPU: compresslab CPU kernels/);
+    assert.deepEqual(rows.map((r) => `${r.backend}/${r.variant}`), ['WebGPU', 'CPU fallback'].flatMap((b) =>
+      ['fp32', 'int8 W8A8 per channel', 'int4 weight-only per block of 32', '50 % channels removed (L1)'].map((v) => `${b}/${v}`)));
+    const row = (backend, variant) => rows.find((r) => r.backend === backend && r.variant.startsWith(variant)).cells;
+    const ms = (cell) => parseFloat(cell);
+    for (const r of rows) {
+      assert.ok(ms(r.cells[5]) > 0 && ms(r.cells[6]) >= ms(r.cells[5]), `p50 ≤ p95: ${r.cells}`);
+      assert.match(r.cells[7], r.variant === 'fp32' ? /^—$/ : /^\d+\.\d\d× (faster|slower)$/);
+      assert.match(r.cells[3], r.backend === 'WebGPU' ? /^not measured$/ : /^\d+\.\d\d MB$/);
+    }
+    // Weight bytes as the lab states them; what ran on each executor.
+    assert.ok(parseFloat(row('CPU fallback', 'int4')[2]) < parseFloat(row('CPU fallback', 'fp32')[2]) / 5);
+    assert.match(row('CPU fallback', 'int8')[8], /^33 of 50 layers on the int8 kernel/);
+    assert.match(row('CPU fallback', 'int4')[8], /^0 of 50 layers on the int8 kernel, 33 on the int4 kernel/);
+    assert.match(row('WebGPU', 'int4')[8], /[1-9]\d* on the int4 kernel/);
+    assert.match(row('WebGPU', 'int8')[8], /33 of 50 layers on the int8 kernel|lacks WGSL packed_4x8_integer_dot_product/);
+    assert.match(row('CPU fallback', '50 %')[8], /all 50 layers in float32/);
+    // Memory held while running on the CPU path: int4 weights stay packed.
+    const held = (variant) => parseFloat(row('CPU fallback', variant)[3]);
+    assert.ok(held('int4') < held('fp32') / 3.5, `int4 holds ${held('int4')} MB, fp32 ${held('fp32')} MB`);
+    // Removing half the channels is measured 1.7× faster than fp32 on the CPU path.
+    assert.match(row('CPU fallback', '50 %')[7], /faster/);
+    await page.screenshot({ path: path.join(OUT, 'device-report.png'), fullPage: true });
   } finally {
     await browser.close();
   }

@@ -634,3 +634,42 @@ fn feature_matching_pulls_block_outputs_toward_the_teacher() {
         );
     }
 }
+
+/// int4 weight-only per block of 32: the CPU path computes from the packed weights (33
+/// layers), gives the float reference's logits, and holds a fraction of fp32's memory.
+#[test]
+fn int4_cpu_kernel_computes_from_packed_weights() {
+    let original = store();
+    let images = samples();
+    let recipe = Recipe {
+        weights: Some(QuantScheme {
+            bits: 4,
+            symmetric: true,
+            granularity: Granularity::PerBlock(32),
+        }),
+        ..Recipe::default()
+    };
+    let model = compress(&original, &recipe, &[], &mut no_progress).unwrap();
+    let packed = CpuEfficientNet::from_compressed(&model, true).unwrap();
+    let reference = CpuEfficientNet::from_compressed(&model, false).unwrap();
+    let fp32 = CpuEfficientNet::from_store(&original).unwrap();
+    assert_eq!((packed.int8_layers(), packed.int4_layers()), (0, 33));
+    for image in &images {
+        let a = packed.forward(image, 224, 224).unwrap();
+        let b = reference.forward(image, 224, 224).unwrap();
+        // The same dequantized values, multiplied tile by tile instead of in one GEMM:
+        // only float summation order differs.
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&a, &b);
+        println!(
+            "int4 packed vs dequantized: max |logit| difference {diff:.1e} (largest logit {scale:.1})"
+        );
+        assert!(diff <= 1e-4 * scale, "{diff}");
+    }
+    let (held, held_fp32) = (packed.weight_bytes(), fp32.weight_bytes());
+    println!(
+        "weights held while running: fp32 {held_fp32} B, int4 per block of 32 {held} B (1/{:.2})",
+        held_fp32 as f64 / held as f64
+    );
+    assert!(held * 4 < held_fp32, "{held} vs {held_fp32}");
+}

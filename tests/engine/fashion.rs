@@ -15,8 +15,11 @@ use compresslab::sweep::{calibration_batches, evaluate_model};
 use compresslab::weights::TensorStore;
 use futures_lite::future::block_on;
 
-/// The accuracy the README states for the committed weights.
-const STATED_ACCURACY: f64 = 0.90;
+/// The accuracy the README states for the committed weights (9 294 of 10 000), and how far a
+/// run may be from it: a change of float summation order may flip a few borderline images;
+/// the executor is deterministic, so more than 0.3 pt is a change in the numerics.
+const STATED_ACCURACY: f64 = 0.9294;
+const ACCURACY_MARGIN: f64 = 0.003;
 
 fn dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/fashion");
@@ -62,7 +65,11 @@ fn trained_weights_reach_the_stated_accuracy_and_int8_costs_little() {
             .map(|a| format!("{:.1}", 100.0 * a))
             .collect::<Vec<_>>()
     );
-    assert!(fp32.accuracy() >= STATED_ACCURACY, "{}", fp32.accuracy());
+    assert!(
+        (fp32.accuracy() - STATED_ACCURACY).abs() <= ACCURACY_MARGIN,
+        "{} vs the stated {STATED_ACCURACY}",
+        fp32.accuracy()
+    );
 
     let calibration = calibration_batches(&set("calibration.bin"));
     let recipes = [
@@ -500,4 +507,41 @@ fn folder_names_and_photos_become_fashion_inputs() {
     assert_eq!(grey[0], 5, "padding takes the (inverted) background");
     assert_eq!(grey[14 * SIDE + 13], 245);
     assert!(pixels_from_fitted(&wide, 40, 7).is_err());
+}
+
+/// The packed int4 GEMM at every granularity, including blocks that do not divide a row
+/// (288 inputs per conv2 filter in blocks of 40) and a block longer than a row (conv1's 9):
+/// the same logits as the float reference on the dequantized weights.
+#[test]
+fn int4_packed_kernel_matches_dequantized_weights_at_every_granularity() {
+    let store = weights();
+    let images = normalize(&set("test.bin").images[..200 * PIXELS]);
+    for granularity in [
+        Granularity::PerTensor,
+        Granularity::PerChannel,
+        Granularity::PerBlock(32),
+        Granularity::PerBlock(40),
+    ] {
+        let recipe = Recipe {
+            weights: Some(QuantScheme {
+                bits: 4,
+                symmetric: false,
+                granularity,
+            }),
+            ..Recipe::default()
+        };
+        let model = compress(&store, &recipe, &[], &mut |_, _| {}).unwrap();
+        let packed = CpuFashionNet::from_compressed(&model, true).unwrap();
+        let reference = CpuFashionNet::from_compressed(&model, false).unwrap();
+        let (a, b) = (
+            packed.forward(&images).unwrap(),
+            reference.forward(&images).unwrap(),
+        );
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&a, &b);
+        println!(
+            "int4 {granularity:?}: packed vs dequantized max |logit| difference {diff:.1e} (largest {scale:.1})"
+        );
+        assert!(diff <= 1e-4 * scale, "{granularity:?}: {diff}");
+    }
 }

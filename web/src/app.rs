@@ -15,14 +15,15 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, spawn_local};
 use web_sys::{Blob, MessageEvent, Response, Url, Worker, WorkerOptions, WorkerType};
 
+use crate::device_panel::DeviceReportTable;
 use crate::distil_panel::{DistilPanel, DistilState};
 use crate::error::WebError;
 use crate::fashion_panel::{SweepPanel, SweepState};
 use crate::lab_panel::{LabPanel, LabState, ModelChoice};
 use crate::user_model_panel::{self, UserModelPanel, UserModelState};
 use compresslab_spec::messages::{
-    BackendInfo, BackendKind, BenchReport, DistilBench, DistilTarget, FromWorker, ModelReady,
-    ToWorker,
+    BackendInfo, BackendKind, BenchReport, DeviceReport, DistilBench, DistilTarget, FromWorker,
+    ModelReady, ToWorker,
 };
 
 /// At most this many images are taken from one drop, paste or pick.
@@ -76,6 +77,12 @@ pub enum BenchState {
     /// Timing distillation training of the photo model.
     RunningTraining,
     TrainingDone(DistilBench),
+    /// The device report (every variant on every executor).
+    DeviceRunning {
+        stage: String,
+        fraction: f32,
+    },
+    DeviceDone(Box<DeviceReport>),
     Failed(String),
 }
 
@@ -378,6 +385,10 @@ fn on_worker_message(msg: FromWorker) {
         | FromWorker::UserModelTuning { .. }
         | FromWorker::UserModelFailed { .. }) => user_model_panel::on_message(c.user_model, msg),
         FromWorker::Benchmarked(report) => c.bench.set(BenchState::Done(report)),
+        FromWorker::DeviceReportProgress { stage, fraction } => {
+            c.bench.set(BenchState::DeviceRunning { stage, fraction })
+        }
+        FromWorker::DeviceReported(report) => c.bench.set(BenchState::DeviceDone(report)),
         FromWorker::DistilBenchmarked(report) => c.bench.set(BenchState::TrainingDone(report)),
         FromWorker::BenchmarkFailed { message } => c.bench.set(BenchState::Failed(message)),
         FromWorker::Crashed { message } => {
@@ -638,6 +649,10 @@ pub fn start_benchmark(request: ToWorker) {
         }
         let running = match &request {
             ToWorker::Benchmark { runs } => BenchState::Running(*runs),
+            ToWorker::DeviceReport { .. } => BenchState::DeviceRunning {
+                stage: "Starting".into(),
+                fraction: 0.0,
+            },
             _ => BenchState::RunningTraining,
         };
         let (Some(worker), Ok(msg)) = (c.worker.as_ref(), serde_wasm_bindgen::to_value(&request))
@@ -1137,7 +1152,9 @@ fn BenchPanel(
         matches!(status.get(), Status::Ready(_))
             && !matches!(
                 bench.get(),
-                BenchState::Running(_) | BenchState::RunningTraining
+                BenchState::Running(_)
+                    | BenchState::RunningTraining
+                    | BenchState::DeviceRunning { .. }
             )
             && items
                 .get()
@@ -1165,14 +1182,19 @@ fn BenchPanel(
                 title="Distillation training steps at 224² (batch 2, random crops of the last photo) next to inference">
                 "Time training"
             </button>
+            <button id="device-report-run" disabled=move || !can_run()
+                on:click=move |_| start_benchmark(ToWorker::DeviceReport { runs: runs.get_untracked().min(100) })
+                title="fp32, int8, int4 and 50 % channels on every executor this browser has (WebGPU and the CPU fallback), timed side by side on the last photo">
+                "Device report"
+            </button>
             <span class="bench-result" id="bench-result" data-state=move || match bench.get() {
                 BenchState::Idle => "idle",
-                BenchState::Running(_) | BenchState::RunningTraining => "running",
-                BenchState::Done(_) | BenchState::TrainingDone(_) => "done",
+                BenchState::Running(_) | BenchState::RunningTraining | BenchState::DeviceRunning { .. } => "running",
+                BenchState::Done(_) | BenchState::TrainingDone(_) | BenchState::DeviceDone(_) => "done",
                 BenchState::Failed(_) => "failed",
             }>
                 {move || match bench.get() {
-                    BenchState::Idle => "Times the model on the last photo (after one is classified).".to_string(),
+                    BenchState::Idle => "Times the model on the last photo (after one is classified); the device report times every compression on every executor here.".to_string(),
                     BenchState::Running(n) => format!("Running {n} warm runs…"),
                     BenchState::RunningTraining => "Timing distillation training at 224² (the first step compiles the training shaders)…".to_string(),
                     BenchState::TrainingDone(r) => format!(
@@ -1181,6 +1203,13 @@ fn BenchPanel(
                         r.inference_images_per_s / r.training_images_per_s.max(1e-9),
                         r.batch, r.steps, r.first_step_ms / 1000.0
                     ),
+                    BenchState::DeviceRunning { stage, fraction } => {
+                        format!("Device report: {stage} ({:.0} %)…", fraction * 100.0)
+                    }
+                    BenchState::DeviceDone(r) => format!(
+                        "Device report: {} variants timed, {} warm runs each (table below)",
+                        r.rows.len(), r.runs
+                    ),
                     BenchState::Failed(m) => format!("Benchmark failed: {m}"),
                     BenchState::Done(r) => format!(
                         "{}: warm p50 {:.1} ms · p95 {:.1} ms · min {:.1} ms · mean {:.1} ms over {} runs",
@@ -1188,6 +1217,10 @@ fn BenchPanel(
                     ),
                 }}
             </span>
+            {move || match bench.get() {
+                BenchState::DeviceDone(report) => Some(view! { <DeviceReportTable report=*report/> }),
+                _ => None,
+            }}
         </section>
     }
 }

@@ -2,6 +2,7 @@
 //! (`worker/`) runs every job, and the two exchange `compresslab_spec::messages`.
 
 pub mod app;
+pub mod device_panel;
 pub mod distil_panel;
 pub mod error;
 pub mod fashion_panel;

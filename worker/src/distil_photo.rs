@@ -307,7 +307,7 @@ pub async fn train(
     // With the 1000 ImageNet classes kept, the fine-tuned network becomes the photo lab's
     // variant (measured against the original like any other, exportable).
     if own.is_none() {
-        let eval = lab::eval_images(loaded).await?;
+        let eval = lab::eval_images(loaded, &lab::progress).await?;
         lab::measure(
             loaded,
             after_model,

@@ -43,7 +43,7 @@ thread_local! {
     static ORIGINAL_LATENCY: RefCell<Option<Latency>> = const { RefCell::new(None) };
 }
 
-fn progress(stage: &str, fraction: f32) {
+pub(crate) fn progress(stage: &str, fraction: f32) {
     post(&FromWorker::CompressProgress {
         stage: stage.to_string(),
         fraction,
@@ -68,8 +68,8 @@ struct SampleEntry {
     file: String,
 }
 
-/// Adds the site's sample photos to the evaluation set (once).
-async fn ensure_samples(loaded: &Loaded) -> WorkerResult<()> {
+/// Adds the site's sample photos to the evaluation set (once), telling `report` how far it is.
+async fn ensure_samples(loaded: &Loaded, report: &dyn Fn(&str, f32)) -> WorkerResult<()> {
     if loaded.samples_added.replace(true) {
         return Ok(());
     }
@@ -82,7 +82,7 @@ async fn ensure_samples(loaded: &Loaded) -> WorkerResult<()> {
         .unwrap_or_default();
     let entries: Vec<SampleEntry> = serde_json_text(&text)?;
     for (i, entry) in entries.iter().enumerate() {
-        progress(
+        report(
             &format!("Preparing sample photos ({}/{})", i + 1, entries.len()),
             0.02 * i as f32 / entries.len().max(1) as f32,
         );
@@ -111,7 +111,7 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Cold run (the first after building) plus `runs` warm runs.
-async fn time_model(
+pub(crate) async fn time_model(
     classifier: &ImageClassifier,
     input: &[f32],
     runs: u32,
@@ -172,7 +172,7 @@ pub async fn run(
         }
         None => None,
     };
-    let eval = eval_images(loaded).await?;
+    let eval = eval_images(loaded, &progress).await?;
     let (model, source, reference) = match (recipe, exported) {
         (_, Some((name, model))) => (model, name, None),
         (Some(recipe), None) => {
@@ -193,9 +193,12 @@ pub async fn run(
 }
 
 /// The photos a variant is compared on: the newest first (the user's own come after the
-/// samples), fewer on WebGPU.
-pub async fn eval_images(loaded: &Loaded) -> WorkerResult<Vec<EvalImage>> {
-    ensure_samples(loaded).await?;
+/// samples), fewer on WebGPU. `report` hears about preparing the samples (the first time).
+pub async fn eval_images(
+    loaded: &Loaded,
+    report: &dyn Fn(&str, f32),
+) -> WorkerResult<Vec<EvalImage>> {
+    ensure_samples(loaded, report).await?;
     let cap = if loaded.device.is_some() {
         MAX_EVAL_IMAGES_GPU
     } else {
@@ -350,7 +353,11 @@ pub fn export() -> WorkerResult<()> {
 
 /// Which of `model`'s layers ran on an integer kernel and which as float, in words.
 /// `no_dot4`: the adapter lacks WGSL's `packed_4x8_integer_dot_product`.
-fn kernels_summary(model: &CompressedModel, (int8, int4): (usize, usize), no_dot4: bool) -> String {
+pub(crate) fn kernels_summary(
+    model: &CompressedModel,
+    (int8, int4): (usize, usize),
+    no_dot4: bool,
+) -> String {
     let total = model.layers.len();
     let quantized = model.layers.iter().filter(|l| l.weights.is_some()).count();
     if quantized == 0 {

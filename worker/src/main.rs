@@ -2,6 +2,7 @@
 //! page sends (classification, the compression lab, sweeps, fine-tuning, "Your model").
 //! Errors become messages to the page only here, at this boundary.
 
+mod device_report;
 mod distil;
 mod distil_photo;
 mod error;

@@ -364,7 +364,7 @@ pub struct PoolRun {
 /// Hands `helper` chunks until none is left; a failed chunk goes back to the queue and the
 /// helper is not used again.
 async fn helper_loop(helper: &Helper, chunks: &RefCell<Chunks>, pixels: &[u8]) {
-    loop {
+    while helper.alive.get() {
         // Taken in its own statement: no borrow may live across the await below.
         let next = chunks.borrow_mut().take();
         let Some(c) = next else { return };

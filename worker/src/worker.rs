@@ -151,6 +151,13 @@ async fn handle(data: JsValue) {
                 });
             }
         }
+        ToWorker::DeviceReport { runs } => {
+            if let Err(e) = with_model(|m| crate::device_report::run(m, runs)).await {
+                post(&FromWorker::BenchmarkFailed {
+                    message: e.to_string(),
+                });
+            }
+        }
         ToWorker::Compress { recipe, runs } => {
             if let Err(e) = with_model(|m| lab::run(m, Some(recipe), None, runs)).await {
                 post(&FromWorker::CompressFailed {

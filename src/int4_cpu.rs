@@ -1,0 +1,129 @@
+//! int4 weight-only 1×1 convolution for the CPU path. The weights stay packed two per byte
+//! (one scale and zero point per group) and are unpacked a tile of output channels at a
+//! time, just before that tile's float GEMM, so a running int4 layer holds 1/6–1/8 of its
+//! f32 weight memory (the packed nibbles plus the scales) and one tile of floats only while
+//! it runs. Unpacking goes through a 16-entry table per group (scale × (q − zero point) for
+//! every nibble), so each weight costs one lookup per run.
+
+use std::ops::Range;
+
+use crate::quant::{QuantizedTensor, layout, pack_int4};
+
+/// Unpacked weights per tile: 256 KiB of floats, enough output channels that the GEMM
+/// still sees long rows, few enough that the tile stays in L2.
+const TILE_ELEMENTS: usize = 1 << 16;
+
+pub(crate) struct Int4Pointwise {
+    cin: usize,
+    cout: usize,
+    /// `[cout, cin]` row-major, two per byte, first value in the low nibble.
+    packed: Vec<u8>,
+    scales: Vec<f32>,
+    zero_points: Vec<i8>,
+    /// The quantization grid's layout: rows of `row_len` values, each split into groups of
+    /// `group_len` (per-tensor: one row of everything).
+    group_len: usize,
+    row_len: usize,
+    groups_per_row: usize,
+}
+
+impl Int4Pointwise {
+    /// `None` unless `q` holds 4-bit weights of a `[cout, cin]` layer.
+    pub(crate) fn new(q: &QuantizedTensor, cin: usize, cout: usize) -> Option<Self> {
+        let n = cin.checked_mul(cout)?;
+        if q.scheme.bits != 4 || q.values.len() != n || n == 0 {
+            return None;
+        }
+        let (group_len, row_len) = layout(&q.shape, q.scheme.granularity);
+        let groups_per_row = row_len.div_ceil(group_len);
+        let rows = n / row_len;
+        if !n.is_multiple_of(row_len)
+            || q.scales.len() != rows * groups_per_row
+            || q.zero_points.len() != q.scales.len()
+        {
+            return None;
+        }
+        Some(Self {
+            cin,
+            cout,
+            packed: pack_int4(&q.values),
+            scales: q.scales.clone(),
+            zero_points: q.zero_points.clone(),
+            group_len,
+            row_len,
+            groups_per_row,
+        })
+    }
+
+    /// Bytes this layer's weights hold while it runs.
+    pub(crate) fn weight_bytes(&self) -> usize {
+        self.packed.len() + 4 * self.scales.len() + self.zero_points.len()
+    }
+
+    /// Output channels `rows` of the weights, as floats `[rows, cin]`, into `out`.
+    fn unpack(&self, rows: Range<usize>, out: &mut [f32]) {
+        let (start, end) = (rows.start * self.cin, rows.end * self.cin);
+        let mut i = start;
+        while i < end {
+            // The run of weights from `i` that shares one group (one scale, one zero point).
+            let (row, within) = (i / self.row_len, i % self.row_len);
+            let g = row * self.groups_per_row + within / self.group_len;
+            let group_end = (within / self.group_len + 1) * self.group_len;
+            let run_end = (row * self.row_len + group_end.min(self.row_len)).min(end);
+            let (scale, zp) = (self.scales[g], self.zero_points[g] as i32);
+            let table: [f32; 16] = std::array::from_fn(|nibble| {
+                ((((nibble as u8) << 4) as i8 >> 4) as i32 - zp) as f32 * scale
+            });
+            let run = &mut out[i - start..run_end - start];
+            let nibble = |at: usize| {
+                let byte = self.packed[at / 2];
+                usize::from(if at.is_multiple_of(2) {
+                    byte & 0x0f
+                } else {
+                    byte >> 4
+                })
+            };
+            // An odd first index takes a high nibble alone; then whole bytes, two weights
+            // each; then an odd last weight.
+            let lead = i % 2;
+            if lead == 1 {
+                run[0] = table[nibble(i)];
+            }
+            let bytes = (run.len() - lead) / 2;
+            let first_byte = (i + lead) / 2;
+            for (pair, &byte) in run[lead..lead + 2 * bytes]
+                .chunks_exact_mut(2)
+                .zip(&self.packed[first_byte..first_byte + bytes])
+            {
+                pair[0] = table[usize::from(byte & 0x0f)];
+                pair[1] = table[usize::from(byte >> 4)];
+            }
+            if lead + 2 * bytes < run.len() {
+                run[run.len() - 1] = table[nibble(run_end - 1)];
+            }
+            i = run_end;
+        }
+    }
+
+    /// `out[pixels, cout] += input[pixels, cin] · Wᵀ`, a tile of output channels at a time.
+    pub(crate) fn accumulate(&self, input: &[f32], pixels: usize, out: &mut [f32]) {
+        assert_eq!(input.len(), pixels * self.cin);
+        assert_eq!(out.len(), pixels * self.cout);
+        let tile_rows = (TILE_ELEMENTS / self.cin.max(1)).clamp(1, self.cout);
+        let mut tile = vec![0f32; tile_rows * self.cin];
+        for first in (0..self.cout).step_by(tile_rows) {
+            let rows = first..(first + tile_rows).min(self.cout);
+            let n = rows.len();
+            let weights = &mut tile[..n * self.cin];
+            self.unpack(rows, weights);
+            crate::cpu::gemm_accumulate(
+                &mut out[first..],
+                self.cout,
+                input,
+                weights,
+                pixels,
+                self.cin,
+            );
+        }
+    }
+}
