@@ -222,8 +222,17 @@ async fn helpers() -> Vec<Rc<Helper>> {
         }
         POOL.with(|p| *p.borrow_mut() = PoolState::Ready(ready));
     }
-    POOL.with(|p| match &*p.borrow() {
-        PoolState::Ready(helpers) => helpers.iter().filter(|h| h.alive.get()).cloned().collect(),
+    POOL.with(|p| match &mut *p.borrow_mut() {
+        PoolState::Ready(helpers) => {
+            // A helper that failed is stopped, so its wasm memory goes with it.
+            helpers.retain(|h| {
+                if !h.alive.get() {
+                    h.worker.terminate();
+                }
+                h.alive.get()
+            });
+            helpers.clone()
+        }
         _ => Vec::new(),
     })
 }
