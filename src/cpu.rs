@@ -90,6 +90,9 @@ pub(crate) struct Pointwise {
     relu6: bool,
     /// Static quantization of the input (fake-quant on the float path).
     input_quant: Option<ActivationParams>,
+    /// The next layer's input quantization, applied to the output here (that layer then
+    /// skips its own pass over the data).
+    output_grid: Option<ActivationParams>,
     /// Integer weights: when present the layer runs on [`Int8Pointwise`].
     int8: Option<Int8Pointwise>,
     /// Packed int4 weights (weight-only): when present `weight` is empty and the GEMM
@@ -113,6 +116,7 @@ impl Pointwise {
             bias,
             relu6,
             input_quant: None,
+            output_grid: None,
             int8: None,
             int4: None,
         }
@@ -160,7 +164,14 @@ impl Pointwise {
         residual: Option<&[f32]>,
     ) -> Vec<f32> {
         if let Some(int8) = &self.int8 {
-            return int8.forward(input, pixels, &self.bias, self.relu6, residual);
+            return int8.forward(
+                input,
+                pixels,
+                &self.bias,
+                self.relu6,
+                residual,
+                self.output_grid.as_ref(),
+            );
         }
         let quantized;
         let input = match &self.input_quant {
@@ -182,13 +193,17 @@ impl Pointwise {
         self.epilogue(out, residual)
     }
 
-    /// ReLU6 (where the layer has it), then the residual.
+    /// ReLU6 (where the layer has it), then the residual, then the next layer's input
+    /// quantization.
     fn epilogue(&self, mut out: Vec<f32>, residual: Option<&[f32]>) -> Vec<f32> {
         if self.relu6 {
             out.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
         }
         if let Some(res) = residual {
             out.iter_mut().zip(res).for_each(|(o, r)| *o += r);
+        }
+        if let Some(grid) = &self.output_grid {
+            out.iter_mut().for_each(|v| *v = grid.fake_quantize(*v));
         }
         out
     }
@@ -203,17 +218,19 @@ struct Depthwise {
     weight: Vec<f32>,
     bias: Vec<f32>,
     input_quant: Option<ActivationParams>,
+    /// Whether the layer before already put the input on `input_quant`'s grid.
+    input_on_grid: bool,
 }
 
 impl Depthwise {
     fn forward(&self, input: &[f32], h: usize, w: usize) -> (Vec<f32>, usize, usize) {
         let quantized;
         let input = match &self.input_quant {
-            Some(q) => {
+            Some(q) if !self.input_on_grid => {
                 quantized = fake_quantize_all(input, q);
                 &quantized[..]
             }
-            None => input,
+            _ => input,
         };
         let c = self.channels;
         let k = self.kernel;
@@ -319,16 +336,7 @@ fn folded(store: &TensorStore, conv: &str, bn: &str) -> Result<(Vec<usize>, Vec<
 
 fn pointwise(store: &TensorStore, conv: &str, bn: &str, relu6: bool) -> Result<Pointwise> {
     let (shape, weight, bias) = folded(store, conv, bn)?;
-    Ok(Pointwise {
-        cout: shape[0],
-        cin: shape[1],
-        weight,
-        bias,
-        relu6,
-        input_quant: None,
-        int8: None,
-        int4: None,
-    })
+    Ok(Pointwise::new(shape[1], shape[0], weight, bias, relu6))
 }
 
 /// Fake-quantizes every value (the float reference for a quantized input).
@@ -357,16 +365,7 @@ impl CpuEfficientNet {
             stride: 2,
             cin,
             input_quant: None,
-            as_pointwise: Pointwise {
-                cin: k * k * cin,
-                cout,
-                weight,
-                bias,
-                relu6: true,
-                input_quant: None,
-                int8: None,
-                int4: None,
-            },
+            as_pointwise: Pointwise::new(k * k * cin, cout, weight, bias, true),
         };
         let mut blocks = Vec::new();
         for (i, &stride) in block_strides().iter().enumerate() {
@@ -397,6 +396,7 @@ impl CpuEfficientNet {
                 weight,
                 bias,
                 input_quant: None,
+                input_on_grid: false,
             };
             let project = pointwise(
                 store,
@@ -415,16 +415,13 @@ impl CpuEfficientNet {
         let head = pointwise(store, "_conv_head", "_bn1", true)?;
         let fc_w = store.get("_fc.weight")?;
         let fc_b = store.get("_fc.bias")?;
-        let classifier = Pointwise {
-            cout: fc_w.shape[0],
-            cin: fc_w.shape[1],
-            weight: fc_w.data.clone(),
-            bias: fc_b.data.clone(),
-            relu6: false,
-            input_quant: None,
-            int8: None,
-            int4: None,
-        };
+        let classifier = Pointwise::new(
+            fc_w.shape[1],
+            fc_w.shape[0],
+            fc_w.data.clone(),
+            fc_b.data.clone(),
+            false,
+        );
         Ok(Self {
             stem,
             blocks,
@@ -452,6 +449,11 @@ impl CpuEfficientNet {
                 attach(e, next()?)?;
             }
             block.depthwise.input_quant = next()?.activation;
+            if let Some(e) = &mut block.expand {
+                // The expansion writes the depthwise's input already quantized.
+                e.output_grid = block.depthwise.input_quant;
+                block.depthwise.input_on_grid = true;
+            }
             attach(&mut block.project, next()?)?;
         }
         attach(&mut net.head, next()?)?;

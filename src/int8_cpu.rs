@@ -2,29 +2,37 @@
 //!
 //! Both operands are stored *centred* (q − zero point) as i16, so asymmetric inputs and
 //! weights need no correction terms: |q − zp| ≤ 255, products ≤ 65 025, and a sum over up to
-//! 32 000 inputs stays inside i32. On wasm the inner loop is `i32x4.dot_i16x8_s` (8 MACs per
-//! instruction) on a 2-pixel × 4-output register tile; natively LLVM vectorises the
-//! portable loop (`pmaddwd` on x86). Each group of the weights (per-tensor, per-channel or a
-//! block of the input channels) has its own scale, applied once per group sum:
+//! 32 000 inputs stays inside i32. The weights are packed once into panels of 8 output
+//! channels × 2 inputs (one 128-bit vector per input pair and 4 outputs), so the inner loop
+//! broadcasts a pair of a pixel's inputs and multiplies it into 8 output lanes with
+//! `i32x4.dot_i16x8_s` on wasm (`pmaddwd` on x86): 16 MACs per weight load shared by 4
+//! pixels, no horizontal sums. Each group of the weights (per-tensor, per-channel or a block
+//! of the input channels) has its own scale, applied once per group sum, and the epilogue
+//! (scale, bias, ReLU6, residual) runs on the accumulators while they are in registers:
 //! y = Σ_groups s_in · s_w · Σ_k (q_in − zp_in)(q_w − zp_w) + bias.
 
 use crate::compress::ActivationParams;
 use crate::error::{EngineError, Result};
 use crate::quant::{Granularity, QuantizedTensor};
 
-/// Output channels processed per pass over the pixels (their weights stay in L1).
-const OUTPUT_TILE: usize = 32;
+/// Output channels per weight panel (two vectors of four i32 lanes).
+const PANEL: usize = 8;
+/// Pixels sharing one pass over a panel (8 accumulator vectors: they stay in registers).
+const PIXELS: usize = 4;
+/// Bytes of quantized input rows processed against every panel before moving on (the rows
+/// stay in L1 while the panels stream past).
+const ROWS_BYTES: usize = 16 * 1024;
 
 pub(crate) struct Int8Pointwise {
     cin: usize,
     cout: usize,
-    /// `cin` rounded up to 8 (one SIMD vector of i16).
-    kpad: usize,
-    /// `[cout][kpad]`, centred, zero-padded.
-    weights: Vec<i16>,
-    /// Input-channel segments sharing one weight scale (one segment unless per-block).
+    /// Input pairs per pixel: `cin` rounded up to 2, halved.
+    pairs: usize,
+    /// `[cout / 8][pairs][8 outputs][2 inputs]`, centred, zero-padded.
+    panels: Vec<i16>,
+    /// Input-pair ranges sharing one weight scale (one range unless per-block).
     segments: Vec<(usize, usize)>,
-    /// `[cout][segments]`: input scale × weight scale.
+    /// `[segments][cout rounded up to 8]`: input scale × weight scale.
     scales: Vec<f32>,
     input: ActivationParams,
 }
@@ -32,7 +40,7 @@ pub(crate) struct Int8Pointwise {
 impl Int8Pointwise {
     /// Bytes the layer's weights hold while it runs (centred i16 and the scales).
     pub(crate) fn weight_bytes(&self) -> usize {
-        2 * self.weights.len() + 4 * self.scales.len()
+        2 * self.panels.len() + 4 * self.scales.len()
     }
 
     /// `None` when this layer cannot run on the integer kernel (not 8-bit, or blocks not
@@ -53,44 +61,41 @@ impl Int8Pointwise {
                 expected: vec![cout, cin],
             });
         }
+        let pairs = cin.div_ceil(2);
         let segments: Vec<(usize, usize)> = match q.scheme.granularity {
-            Granularity::PerTensor | Granularity::PerChannel => vec![(0, cin)],
-            Granularity::PerBlock(b) if b.is_multiple_of(8) => {
-                (0..cin).step_by(b).map(|s| (s, (s + b).min(cin))).collect()
-            }
+            Granularity::PerTensor | Granularity::PerChannel => vec![(0, pairs)],
+            Granularity::PerBlock(b) if b.is_multiple_of(8) => (0..cin)
+                .step_by(b)
+                .map(|s| (s / 2, (s + b).min(cin).div_ceil(2)))
+                .collect(),
             Granularity::PerBlock(_) => return Ok(None),
         };
-        let kpad = cin.div_ceil(8) * 8;
-        let mut weights = vec![0i16; cout * kpad];
-        let mut scales = vec![0f32; cout * segments.len()];
-        let ranges = q.group_ranges();
-        for (g, range) in ranges.iter().enumerate() {
+        let padded = cout.div_ceil(PANEL) * PANEL;
+        let mut panels = vec![0i16; padded * pairs * 2];
+        let mut scales = vec![0f32; padded * segments.len()];
+        let slot =
+            |o: usize, k: usize| ((o / PANEL * pairs + k / 2) * PANEL + o % PANEL) * 2 + k % 2;
+        for (g, range) in q.group_ranges().iter().enumerate() {
             let zp = q.zero_points[g] as i16;
-            let (o, k0) = (range.start / cin, range.start % cin);
-            for (i, idx) in range.clone().enumerate() {
-                // Per-tensor groups span rows: recompute the position of every element.
-                let (oo, kk) = if matches!(q.scheme.granularity, Granularity::PerTensor) {
-                    (idx / cin, idx % cin)
-                } else {
-                    (o, k0 + i)
-                };
-                weights[oo * kpad + kk] = q.values[idx] as i16 - zp;
+            for idx in range.clone() {
+                panels[slot(idx / cin, idx % cin)] = q.values[idx] as i16 - zp;
             }
             let scale = q.scales[g] * input.scale;
+            let (o, k0) = (range.start / cin, range.start % cin);
             match q.scheme.granularity {
                 Granularity::PerTensor => scales.iter_mut().for_each(|s| *s = scale),
                 Granularity::PerChannel => scales[o] = scale,
                 Granularity::PerBlock(_) => {
-                    let seg = segments.iter().position(|&(s, _)| s == k0).unwrap_or(0);
-                    scales[o * segments.len() + seg] = scale;
+                    let seg = segments.iter().position(|&(s, _)| s == k0 / 2).unwrap_or(0);
+                    scales[seg * padded + o] = scale;
                 }
             }
         }
         Ok(Some(Self {
             cin,
             cout,
-            kpad,
-            weights,
+            pairs,
+            panels,
             segments,
             scales,
             input: *input,
@@ -104,128 +109,358 @@ impl Int8Pointwise {
         bias: &[f32],
         relu6: bool,
         residual: Option<&[f32]>,
+        output_grid: Option<&ActivationParams>,
     ) -> Vec<f32> {
-        let (cin, kpad, cout) = (self.cin, self.kpad, self.cout);
-        // Quantize (and centre) the input once.
-        let zp = self.input.zero_point;
-        let mut a = vec![0i16; pixels * kpad];
-        for (row, src) in a.chunks_exact_mut(kpad).zip(input.chunks_exact(cin)) {
-            for (d, &x) in row.iter_mut().zip(src) {
-                *d = (self.input.quantize(x) - zp) as i16;
+        let (cin, cout, pairs) = (self.cin, self.cout, self.pairs);
+        assert!(input.len() == pixels * cin && bias.len() == cout);
+        assert!(residual.is_none_or(|r| r.len() == pixels * cout));
+        // Quantize (and centre) the input once, two values per i32 (first in the low half).
+        let mut rows = vec![0i32; pixels * pairs];
+        let pack = |lo: i32, hi: i32| (lo & 0xffff) | (hi << 16);
+        for (row, src) in rows.chunks_exact_mut(pairs).zip(input.chunks_exact(cin)) {
+            let (even, odd) = src.split_at(cin / 2 * 2);
+            for (pair, v) in row.iter_mut().zip(even.chunks_exact(2)) {
+                *pair = pack(self.input.centred(v[0]), self.input.centred(v[1]));
+            }
+            if let (Some(&x), Some(last)) = (odd.first(), row.last_mut()) {
+                *last = pack(self.input.centred(x), 0);
             }
         }
-        let nseg = self.segments.len();
+        let padded = cout.div_ceil(PANEL) * PANEL;
+        let mut bias_padded = bias.to_vec();
+        bias_padded.resize(padded, 0.0);
         let mut out = vec![0f32; pixels * cout];
-        for o0 in (0..cout).step_by(OUTPUT_TILE) {
-            let o1 = (o0 + OUTPUT_TILE).min(cout);
-            for p0 in (0..pixels).step_by(2) {
-                let p1 = (p0 + 1).min(pixels - 1);
-                let a0 = &a[p0 * kpad..(p0 + 1) * kpad];
-                let a1 = &a[p1 * kpad..(p1 + 1) * kpad];
-                for oq in (o0..o1).step_by(4) {
-                    let rows: [usize; 4] = std::array::from_fn(|i| (oq + i).min(o1 - 1));
-                    let w: [&[i16]; 4] = rows.map(|o| &self.weights[o * kpad..(o + 1) * kpad]);
-                    let mut sums = [[0f32; 4]; 2];
-                    for (s, &(start, end)) in self.segments.iter().enumerate() {
-                        // Segments start on multiples of 8; the last one runs to the padding.
-                        let end = if end == cin { kpad } else { end };
-                        let dots =
-                            dot_2x4(&a0[start..end], &a1[start..end], w.map(|r| &r[start..end]));
-                        for (i, &o) in rows.iter().enumerate() {
-                            let scale = self.scales[o * nseg + s];
-                            sums[0][i] += dots[0][i] as f32 * scale;
-                            sums[1][i] += dots[1][i] as f32 * scale;
-                        }
+        let chunk = (ROWS_BYTES / (4 * pairs.max(1))).max(PIXELS) / PIXELS * PIXELS;
+        for p0 in (0..pixels).step_by(chunk) {
+            let p1 = (p0 + chunk).min(pixels);
+            for o0 in (0..padded).step_by(PANEL) {
+                let tile = Tile {
+                    panel: &self.panels[o0 * pairs * 2..(o0 + PANEL) * pairs * 2],
+                    segments: &self.segments,
+                    scales: &self.scales,
+                    scale_stride: padded,
+                    o0,
+                    bias: &bias_padded[o0..o0 + PANEL],
+                    relu6,
+                };
+                let mut p = p0;
+                while p < p1 {
+                    let n = (p1 - p).min(PIXELS);
+                    let at = p * cout + o0;
+                    let dst = Dst {
+                        out: &mut out[at..],
+                        residual: residual.map(|r| &r[at..]),
+                        stride: cout,
+                        width: PANEL.min(cout - o0),
+                        grid: output_grid,
+                    };
+                    let rows = &rows[p * pairs..];
+                    match n {
+                        4 => lanes::run::<4>(&tile, rows, dst),
+                        3 => lanes::run::<3>(&tile, rows, dst),
+                        2 => lanes::run::<2>(&tile, rows, dst),
+                        _ => lanes::run::<1>(&tile, rows, dst),
                     }
-                    for (pi, p) in [p0, p1]
-                        .into_iter()
-                        .enumerate()
-                        .take(1 + (p1 > p0) as usize)
-                    {
-                        for (i, &o) in rows.iter().enumerate().take(o1 - oq) {
-                            out[p * cout + o] = sums[pi][i] + bias[o];
-                        }
-                    }
+                    p += n;
                 }
             }
-        }
-        if relu6 {
-            out.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
-        }
-        if let Some(res) = residual {
-            out.iter_mut().zip(res).for_each(|(o, r)| *o += r);
         }
         out
     }
 }
 
-/// Dot products of two input rows with four weight rows (all the same length, a multiple
-/// of 8).
-#[cfg(target_arch = "wasm32")]
-fn dot_2x4(a0: &[i16], a1: &[i16], w: [&[i16]; 4]) -> [[i32; 4]; 2] {
+/// Where a tile's results go: rows `stride` apart from the start of `out`, `width` (≤ 8)
+/// outputs each, plus the same place in `residual`; and the grid the next layer quantizes
+/// them to, if any (its fake quantization fused here saves that layer a pass).
+struct Dst<'a> {
+    out: &'a mut [f32],
+    residual: Option<&'a [f32]>,
+    stride: usize,
+    width: usize,
+    grid: Option<&'a ActivationParams>,
+}
+
+impl Dst<'_> {
+    /// Writes row `i` of a tile (residual added, then fake-quantized).
+    #[inline(always)]
+    fn write(&mut self, i: usize, mut values: [f32; PANEL]) {
+        let at = i * self.stride;
+        if let Some(res) = self.residual {
+            values
+                .iter_mut()
+                .zip(&res[at..at + self.width])
+                .for_each(|(v, r)| *v += r);
+        }
+        if let Some(grid) = self.grid {
+            values.iter_mut().for_each(|v| *v = grid.fake_quantize(*v));
+        }
+        self.out[at..at + self.width].copy_from_slice(&values[..self.width]);
+    }
+}
+
+/// One panel of 8 outputs and what its sums need: the scales of each input segment, the
+/// bias and whether ReLU6 follows.
+struct Tile<'a> {
+    /// `[pairs][8][2]` i16.
+    panel: &'a [i16],
+    segments: &'a [(usize, usize)],
+    /// `[segments][scale_stride]`.
+    scales: &'a [f32],
+    scale_stride: usize,
+    o0: usize,
+    bias: &'a [f32],
+    relu6: bool,
+}
+
+impl Tile<'_> {
+    fn pairs(&self) -> usize {
+        self.panel.len() / (2 * PANEL)
+    }
+
+    fn scale(&self, segment: usize) -> &[f32] {
+        let at = segment * self.scale_stride + self.o0;
+        &self.scales[at..at + PANEL]
+    }
+}
+
+/// The tile kernel: `P` consecutive rows of input pairs (from `rows`) × one panel, scaled,
+/// biased and clamped → `[P][8]` floats. 128-bit lanes on wasm (SIMD128) and x86-64 (SSE2).
+#[cfg(any(target_arch = "wasm32", target_arch = "x86_64"))]
+mod lanes {
+    use super::{Dst, PANEL, Tile};
+    use crate::compress::ActivationParams;
+    #[cfg(target_arch = "wasm32")]
     use core::arch::wasm32::*;
-    let n = a0.len();
-    debug_assert!(n.is_multiple_of(8) && a1.len() == n && w.iter().all(|r| r.len() == n));
-    let mut acc = [[i32x4_splat(0); 4]; 2];
-    let mut k = 0;
-    while k < n {
-        // SAFETY: k + 8 ≤ n for every row (lengths checked above; n is a multiple of 8);
-        // v128_load has no alignment requirement.
-        unsafe {
-            let x0 = v128_load(a0.as_ptr().add(k) as *const v128);
-            let x1 = v128_load(a1.as_ptr().add(k) as *const v128);
-            for (i, row) in w.iter().enumerate() {
-                let y = v128_load(row.as_ptr().add(k) as *const v128);
-                acc[0][i] = i32x4_add(acc[0][i], i32x4_dot_i16x8(x0, y));
-                acc[1][i] = i32x4_add(acc[1][i], i32x4_dot_i16x8(x1, y));
-            }
-        }
-        k += 8;
-    }
-    let hsum = |v: v128| {
-        i32x4_extract_lane::<0>(v)
-            + i32x4_extract_lane::<1>(v)
-            + i32x4_extract_lane::<2>(v)
-            + i32x4_extract_lane::<3>(v)
-    };
-    [acc[0].map(hsum), acc[1].map(hsum)]
-}
-
-/// The same tile with SSE2 `pmaddwd` (baseline on x86-64).
-#[cfg(target_arch = "x86_64")]
-fn dot_2x4(a0: &[i16], a1: &[i16], w: [&[i16]; 4]) -> [[i32; 4]; 2] {
+    #[cfg(target_arch = "x86_64")]
     use core::arch::x86_64::*;
-    let n = a0.len();
-    assert!(n.is_multiple_of(8) && a1.len() == n && w.iter().all(|r| r.len() == n));
-    // SAFETY: SSE2 is part of the x86-64 baseline; every load reads 8 i16 at k < n, with n a
-    // multiple of 8 for all six rows (asserted); loadu has no alignment requirement.
-    unsafe {
-        let mut acc = [[_mm_setzero_si128(); 4]; 2];
-        let mut k = 0;
-        while k < n {
-            let x0 = _mm_loadu_si128(a0.as_ptr().add(k) as *const __m128i);
-            let x1 = _mm_loadu_si128(a1.as_ptr().add(k) as *const __m128i);
-            for (i, row) in w.iter().enumerate() {
-                let y = _mm_loadu_si128(row.as_ptr().add(k) as *const __m128i);
-                acc[0][i] = _mm_add_epi32(acc[0][i], _mm_madd_epi16(x0, y));
-                acc[1][i] = _mm_add_epi32(acc[1][i], _mm_madd_epi16(x1, y));
-            }
-            k += 8;
-        }
-        let hsum = |v: __m128i| {
-            let mut lanes = [0i32; 4];
-            _mm_storeu_si128(lanes.as_mut_ptr() as *mut __m128i, v);
-            lanes.iter().sum::<i32>()
+
+    #[cfg(target_arch = "wasm32")]
+    type I = v128;
+    #[cfg(target_arch = "wasm32")]
+    type F = v128;
+    #[cfg(target_arch = "x86_64")]
+    type I = __m128i;
+    #[cfg(target_arch = "x86_64")]
+    type F = __m128;
+
+    // SAFETY (every x86 intrinsic below): SSE2 is part of the x86-64 baseline, and none
+    // of these touches memory.
+    #[inline(always)]
+    fn zero() -> I {
+        #[cfg(target_arch = "wasm32")]
+        return i32x4_splat(0);
+        #[cfg(target_arch = "x86_64")]
+        return unsafe { _mm_setzero_si128() };
+    }
+
+    /// acc + pairwise products of i16 lanes (`i32x4.dot_i16x8_s` / `pmaddwd`).
+    #[inline(always)]
+    fn dot_add(acc: I, a: I, b: I) -> I {
+        #[cfg(target_arch = "wasm32")]
+        return i32x4_add(acc, i32x4_dot_i16x8(a, b));
+        #[cfg(target_arch = "x86_64")]
+        return unsafe { _mm_add_epi32(acc, _mm_madd_epi16(a, b)) };
+    }
+
+    /// # Safety
+    /// `p` points at a readable i32.
+    #[inline(always)]
+    unsafe fn splat_load(p: *const i32) -> I {
+        // SAFETY: the caller's contract; neither load needs alignment.
+        #[cfg(target_arch = "wasm32")]
+        return unsafe { v128_load32_splat(p as *const u32) };
+        #[cfg(target_arch = "x86_64")]
+        return unsafe { _mm_set1_epi32(p.read_unaligned()) };
+    }
+
+    #[inline(always)]
+    fn fsplat(x: f32) -> F {
+        #[cfg(target_arch = "wasm32")]
+        return f32x4_splat(x);
+        #[cfg(target_arch = "x86_64")]
+        return unsafe { _mm_set1_ps(x) };
+    }
+
+    /// acc + f32(v) · scale.
+    #[inline(always)]
+    fn scale_add(acc: F, v: I, scale: F) -> F {
+        #[cfg(target_arch = "wasm32")]
+        return f32x4_add(acc, f32x4_mul(f32x4_convert_i32x4(v), scale));
+        #[cfg(target_arch = "x86_64")]
+        return unsafe { _mm_add_ps(acc, _mm_mul_ps(_mm_cvtepi32_ps(v), scale)) };
+    }
+
+    #[inline(always)]
+    fn clamp(v: F, lo: F, hi: F) -> F {
+        #[cfg(target_arch = "wasm32")]
+        return f32x4_pmin(f32x4_pmax(v, lo), hi);
+        #[cfg(target_arch = "x86_64")]
+        return unsafe { _mm_min_ps(_mm_max_ps(v, lo), hi) };
+    }
+
+    /// # Safety
+    /// `p` points at 8 readable i16.
+    #[inline(always)]
+    unsafe fn load_i16(p: *const i16) -> I {
+        // SAFETY: the caller's contract; neither load needs alignment.
+        #[cfg(target_arch = "wasm32")]
+        return unsafe { v128_load(p as *const v128) };
+        #[cfg(target_arch = "x86_64")]
+        return unsafe { _mm_loadu_si128(p as *const __m128i) };
+    }
+
+    /// Loads 4 f32 from a slice holding at least that many.
+    #[inline(always)]
+    fn load_f32(s: &[f32]) -> F {
+        assert!(s.len() >= 4);
+        // SAFETY: 4 readable f32 (asserted); neither load needs alignment.
+        #[cfg(target_arch = "wasm32")]
+        return unsafe { v128_load(s.as_ptr() as *const v128) };
+        #[cfg(target_arch = "x86_64")]
+        return unsafe { _mm_loadu_ps(s.as_ptr()) };
+    }
+
+    #[inline(always)]
+    fn to_array(v: F) -> [f32; 4] {
+        // SAFETY: both vector types have the size and bit layout of four f32.
+        unsafe { std::mem::transmute::<F, [f32; 4]>(v) }
+    }
+
+    #[inline(always)]
+    fn store_f32(s: &mut [f32], v: F) {
+        assert!(s.len() >= 4);
+        // SAFETY: 4 writable f32 (asserted); neither store needs alignment.
+        #[cfg(target_arch = "wasm32")]
+        unsafe {
+            v128_store(s.as_mut_ptr() as *mut v128, v)
         };
-        [acc[0].map(hsum), acc[1].map(hsum)]
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            _mm_storeu_ps(s.as_mut_ptr(), v)
+        };
+    }
+
+    /// [`ActivationParams::fake_quantize`] on four lanes (the same rounding: clamp to the
+    /// integer bounds, then add and subtract 1.5·2²³).
+    #[inline(always)]
+    fn fake_quantize(v: F, grid: &ActivationParams) -> F {
+        const MAGIC: f32 = 12_582_912.0;
+        let lo = fsplat((grid.qmin - grid.zero_point) as f32);
+        let hi = fsplat((grid.qmax - grid.zero_point) as f32);
+        let (scale, magic) = (fsplat(grid.scale), fsplat(MAGIC));
+        #[cfg(target_arch = "wasm32")]
+        return f32x4_mul(
+            f32x4_sub(f32x4_add(clamp(f32x4_div(v, scale), lo, hi), magic), magic),
+            scale,
+        );
+        #[cfg(target_arch = "x86_64")]
+        return unsafe {
+            _mm_mul_ps(
+                _mm_sub_ps(
+                    _mm_add_ps(clamp(_mm_div_ps(v, scale), lo, hi), magic),
+                    magic,
+                ),
+                scale,
+            )
+        };
+    }
+
+    #[inline(always)]
+    fn fadd(a: F, b: F) -> F {
+        #[cfg(target_arch = "wasm32")]
+        return f32x4_add(a, b);
+        #[cfg(target_arch = "x86_64")]
+        return unsafe { _mm_add_ps(a, b) };
+    }
+
+    #[inline(always)]
+    pub(super) fn run<const P: usize>(tile: &Tile, rows: &[i32], mut dst: Dst) {
+        let pairs = tile.pairs();
+        assert!(rows.len() >= P * pairs);
+        let mut sums = [[load_f32(&tile.bias[..4]), load_f32(&tile.bias[4..])]; P];
+        for (s, &(k0, k1)) in tile.segments.iter().enumerate() {
+            assert!(k0 <= k1 && k1 <= pairs);
+            let mut acc = [[zero(); 2]; P];
+            let panel = tile.panel[k0 * 2 * PANEL..k1 * 2 * PANEL].as_ptr();
+            // SAFETY: the panel slice holds 16 i16 per pair of k0..k1 (it was just sliced)
+            // and row i holds `pairs` i32 from i·pairs with k1 ≤ pairs and P·pairs ≤
+            // rows.len() (asserted above); no load needs alignment.
+            unsafe {
+                for k in 0..k1 - k0 {
+                    let (w0, w1) = (load_i16(panel.add(16 * k)), load_i16(panel.add(16 * k + 8)));
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let x = splat_load(rows.as_ptr().add(i * pairs + k0 + k));
+                        a[0] = dot_add(a[0], x, w0);
+                        a[1] = dot_add(a[1], x, w1);
+                    }
+                }
+            }
+            let scale = tile.scale(s);
+            let (s0, s1) = (load_f32(&scale[..4]), load_f32(&scale[4..]));
+            for (sum, a) in sums.iter_mut().zip(&acc) {
+                sum[0] = scale_add(sum[0], a[0], s0);
+                sum[1] = scale_add(sum[1], a[1], s1);
+            }
+        }
+        if tile.relu6 {
+            let (lo, hi) = (fsplat(0.0), fsplat(6.0));
+            for sum in &mut sums {
+                *sum = sum.map(|v| clamp(v, lo, hi));
+            }
+        }
+        for (i, [lo, hi]) in sums.into_iter().enumerate() {
+            let at = i * dst.stride;
+            if dst.width < PANEL {
+                let (lo, hi) = (to_array(lo), to_array(hi));
+                dst.write(
+                    i,
+                    std::array::from_fn(|j| if j < 4 { lo[j] } else { hi[j - 4] }),
+                );
+                continue;
+            }
+            let (mut lo, mut hi) = match dst.residual {
+                Some(res) => (
+                    fadd(lo, load_f32(&res[at..at + 4])),
+                    fadd(hi, load_f32(&res[at + 4..at + 8])),
+                ),
+                None => (lo, hi),
+            };
+            if let Some(grid) = dst.grid {
+                (lo, hi) = (fake_quantize(lo, grid), fake_quantize(hi, grid));
+            }
+            store_f32(&mut dst.out[at..at + 4], lo);
+            store_f32(&mut dst.out[at + 4..at + 8], hi);
+        }
     }
 }
 
+/// The same tile in portable Rust (other native targets).
 #[cfg(not(any(target_arch = "wasm32", target_arch = "x86_64")))]
-fn dot_2x4(a0: &[i16], a1: &[i16], w: [&[i16]; 4]) -> [[i32; 4]; 2] {
-    let dot =
-        |a: &[i16], b: &[i16]| -> i32 { a.iter().zip(b).map(|(&x, &y)| x as i32 * y as i32).sum() };
-    [w.map(|r| dot(a0, r)), w.map(|r| dot(a1, r))]
+mod lanes {
+    use super::{Dst, PANEL, Tile};
+
+    pub(super) fn run<const P: usize>(tile: &Tile, rows: &[i32], mut dst: Dst) {
+        let pairs = tile.pairs();
+        for i in 0..P {
+            dst.write(
+                i,
+                std::array::from_fn(|j| {
+                    let mut y = tile.bias[j];
+                    for (s, &(k0, k1)) in tile.segments.iter().enumerate() {
+                        let dot: i32 = (k0..k1)
+                            .map(|k| {
+                                let pair = rows[i * pairs + k];
+                                let w = &tile.panel[(k * PANEL + j) * 2..];
+                                (pair as i16 as i32) * w[0] as i32 + (pair >> 16) * w[1] as i32
+                            })
+                            .sum();
+                        y += dot as f32 * tile.scale(s)[j];
+                    }
+                    if tile.relu6 { y.clamp(0.0, 6.0) } else { y }
+                }),
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -233,50 +468,82 @@ mod tests {
     use super::*;
     use crate::quant::QuantScheme;
 
-    /// The integer kernel equals float arithmetic on the fake-quantized operands.
+    /// The integer kernel equals float arithmetic on the fake-quantized operands, for every
+    /// granularity, full and partial panels, odd input counts and pixel tails, with and
+    /// without ReLU6, a residual and the next layer's grid.
     #[test]
     fn matches_fake_quant_reference_for_every_granularity() {
-        let (cin, cout, pixels) = (20, 7, 5);
-        let w: Vec<f32> = (0..cin * cout)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0 * if i % 9 == 0 { 3.0 } else { 1.0 })
-            .collect();
-        let x: Vec<f32> = (0..pixels * cin)
-            .map(|i| ((i * 53 % 97) as f32) / 15.0 - 1.0)
-            .collect();
-        let bias: Vec<f32> = (0..cout).map(|o| o as f32 * 0.1).collect();
         let act = ActivationParams {
             scale: 0.05,
             zero_point: -100,
             qmin: -128,
             qmax: 127,
         };
-        for (granularity, symmetric) in [
-            (Granularity::PerTensor, true),
-            (Granularity::PerChannel, true),
-            (Granularity::PerChannel, false),
-            (Granularity::PerBlock(8), false),
-            (Granularity::PerBlock(16), true),
-        ] {
-            let scheme = QuantScheme {
-                bits: 8,
-                symmetric,
-                granularity,
-            };
-            let q = QuantizedTensor::quantize(&w, &[cout, cin], scheme);
-            let wd = q.dequantize();
-            let kernel = Int8Pointwise::new(&q, &act, cin, cout).unwrap().unwrap();
-            let got = kernel.forward(&x, pixels, &bias, false, None);
-            for p in 0..pixels {
-                for o in 0..cout {
-                    let want: f32 = bias[o]
-                        + (0..cin)
-                            .map(|k| act.fake_quantize(x[p * cin + k]) * wd[o * cin + k])
-                            .sum::<f32>();
-                    let g = got[p * cout + o];
-                    assert!(
-                        (g - want).abs() < 1e-4 * (1.0 + want.abs()),
-                        "{granularity:?} {g} vs {want}"
+        let next = ActivationParams {
+            scale: 0.1,
+            zero_point: 3,
+            qmin: -128,
+            qmax: 127,
+        };
+        for (cin, cout, pixels) in [(20, 7, 5), (33, 16, 6), (16, 24, 9)] {
+            let w: Vec<f32> = (0..cin * cout)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0 * if i % 9 == 0 { 3.0 } else { 1.0 })
+                .collect();
+            let x: Vec<f32> = (0..pixels * cin)
+                .map(|i| ((i * 53 % 97) as f32) / 15.0 - 1.0)
+                .collect();
+            let bias: Vec<f32> = (0..cout).map(|o| o as f32 * 0.1 - 0.3).collect();
+            let residual: Vec<f32> = (0..pixels * cout).map(|i| (i % 11) as f32 * 0.2).collect();
+            for (granularity, symmetric) in [
+                (Granularity::PerTensor, true),
+                (Granularity::PerChannel, true),
+                (Granularity::PerChannel, false),
+                (Granularity::PerBlock(8), false),
+                (Granularity::PerBlock(16), true),
+            ] {
+                let scheme = QuantScheme {
+                    bits: 8,
+                    symmetric,
+                    granularity,
+                };
+                let q = QuantizedTensor::quantize(&w, &[cout, cin], scheme);
+                let wd = q.dequantize();
+                let kernel = Int8Pointwise::new(&q, &act, cin, cout).unwrap().unwrap();
+                for fused in [false, true] {
+                    let got = kernel.forward(
+                        &x,
+                        pixels,
+                        &bias,
+                        fused,
+                        fused.then_some(&residual[..]),
+                        fused.then_some(&next),
                     );
+                    for p in 0..pixels {
+                        for o in 0..cout {
+                            let mut want: f32 = bias[o]
+                                + (0..cin)
+                                    .map(|k| act.fake_quantize(x[p * cin + k]) * wd[o * cin + k])
+                                    .sum::<f32>();
+                            if fused {
+                                want = next
+                                    .fake_quantize(want.clamp(0.0, 6.0) + residual[p * cout + o]);
+                            }
+                            let g = got[p * cout + o];
+                            // Fused: on the next grid, and at most one step away (a sum
+                            // that differs in its last bits may round the other way).
+                            let ok = if fused {
+                                let steps = g / next.scale;
+                                (g - want).abs() <= next.scale * 1.001
+                                    && (steps - steps.round()).abs() < 1e-3
+                            } else {
+                                (g - want).abs() < 1e-4 * (1.0 + want.abs())
+                            };
+                            assert!(
+                                ok,
+                                "{cin}→{cout} {granularity:?} fused {fused}: {g} vs {want}"
+                            );
+                        }
+                    }
                 }
             }
         }
