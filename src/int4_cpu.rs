@@ -2,8 +2,8 @@
 //! (one scale and zero point per group) and are unpacked a tile of output channels at a
 //! time, just before that tile's float GEMM, so a running int4 layer holds 1/6–1/8 of its
 //! f32 weight memory (the packed nibbles plus the scales) and one tile of floats only while
-//! it runs. Unpacking goes through a 16-entry table per group (scale × (q − zero point) for
-//! every nibble), so each weight costs one lookup per run.
+//! it runs. Unpacking is arithmetic on whole bytes (sign-extend both nibbles, subtract the
+//! zero point, scale), which the compiler vectorises.
 
 use std::ops::Range;
 
@@ -71,23 +71,17 @@ impl Int4Pointwise {
             let group_end = (within / self.group_len + 1) * self.group_len;
             let run_end = (row * self.row_len + group_end.min(self.row_len)).min(end);
             let (scale, zp) = (self.scales[g], self.zero_points[g] as i32);
-            let table: [f32; 16] = std::array::from_fn(|nibble| {
-                ((((nibble as u8) << 4) as i8 >> 4) as i32 - zp) as f32 * scale
-            });
+            // Signed nibbles: the low one sign-extended from bit 3, the high one by an
+            // arithmetic shift. Arithmetic rather than a table lookup so that the loop over
+            // whole bytes vectorises.
+            let low = |byte: u8| (((byte << 4) as i8 >> 4) as i32 - zp) as f32 * scale;
+            let high = |byte: u8| (((byte as i8) >> 4) as i32 - zp) as f32 * scale;
             let run = &mut out[i - start..run_end - start];
-            let nibble = |at: usize| {
-                let byte = self.packed[at / 2];
-                usize::from(if at.is_multiple_of(2) {
-                    byte & 0x0f
-                } else {
-                    byte >> 4
-                })
-            };
             // An odd first index takes a high nibble alone; then whole bytes, two weights
-            // each; then an odd last weight.
+            // each; then an odd last weight (a low nibble).
             let lead = i % 2;
             if lead == 1 {
-                run[0] = table[nibble(i)];
+                run[0] = high(self.packed[i / 2]);
             }
             let bytes = (run.len() - lead) / 2;
             let first_byte = (i + lead) / 2;
@@ -95,11 +89,11 @@ impl Int4Pointwise {
                 .chunks_exact_mut(2)
                 .zip(&self.packed[first_byte..first_byte + bytes])
             {
-                pair[0] = table[usize::from(byte & 0x0f)];
-                pair[1] = table[usize::from(byte >> 4)];
+                pair[0] = low(byte);
+                pair[1] = high(byte);
             }
             if lead + 2 * bytes < run.len() {
-                run[run.len() - 1] = table[nibble(run_end - 1)];
+                run[run.len() - 1] = low(self.packed[(run_end - 1) / 2]);
             }
             i = run_end;
         }
