@@ -214,8 +214,12 @@ struct Depthwise {
     channels: usize,
     kernel: usize,
     stride: usize,
-    /// `[k·k, channels]`: one contiguous row of channel weights per tap.
+    /// `[k·k, channels]`: one contiguous row of channel weights per tap (empty when the
+    /// weights are packed int4).
     weight: Vec<f32>,
+    /// Packed int4 weights `[channels, k·k]` (weight-only): unpacked for the length of one
+    /// run of this layer.
+    int4: Option<Int4Pointwise>,
     bias: Vec<f32>,
     input_quant: Option<ActivationParams>,
     /// Whether the layer before already put the input on `input_quant`'s grid.
@@ -234,6 +238,14 @@ impl Depthwise {
         };
         let c = self.channels;
         let k = self.kernel;
+        let unpacked;
+        let weight = match &self.int4 {
+            Some(packed) => {
+                unpacked = tap_major(&packed.unpack_all(), c, k * k);
+                &unpacked[..]
+            }
+            None => &self.weight[..],
+        };
         let (pad_y, oh) = same_padding(h, k, self.stride);
         let (pad_x, ow) = same_padding(w, k, self.stride);
         let mut out = vec![0f32; oh * ow * c];
@@ -249,7 +261,7 @@ impl Depthwise {
                         let ix = (x0 + kx as isize) as usize;
                         let at = (iy * w + ix) * c;
                         let src = &input[at..at + c];
-                        let wt = &self.weight[(ky * k + kx) * c..(ky * k + kx + 1) * c];
+                        let wt = &weight[(ky * k + kx) * c..(ky * k + kx + 1) * c];
                         for ((a, s), w) in acc.iter_mut().zip(src).zip(wt) {
                             *a += s * w;
                         }
@@ -339,6 +351,17 @@ fn pointwise(store: &TensorStore, conv: &str, bn: &str, relu6: bool) -> Result<P
     Ok(Pointwise::new(shape[1], shape[0], weight, bias, relu6))
 }
 
+/// PyTorch's depthwise layout `[channels, taps]` → `[taps, channels]`.
+fn tap_major(weight: &[f32], channels: usize, taps: usize) -> Vec<f32> {
+    let mut out = vec![0f32; weight.len()];
+    for (c, row) in weight.chunks_exact(taps).enumerate().take(channels) {
+        for (t, &v) in row.iter().enumerate() {
+            out[t * channels + c] = v;
+        }
+    }
+    out
+}
+
 /// Fake-quantizes every value (the float reference for a quantized input).
 fn fake_quantize_all(input: &[f32], q: &ActivationParams) -> Vec<f32> {
     input.iter().map(|&x| q.fake_quantize(x)).collect()
@@ -383,17 +406,12 @@ impl CpuEfficientNet {
             let (shape, w, bias) =
                 folded(store, &format!("{p}_depthwise_conv"), &format!("{p}_bn1"))?;
             let (channels, k) = (shape[0], shape[2]);
-            let mut weight = vec![0f32; w.len()];
-            for c in 0..channels {
-                for t in 0..k * k {
-                    weight[t * channels + c] = w[c * k * k + t];
-                }
-            }
             let depthwise = Depthwise {
                 channels,
                 kernel: k,
                 stride,
-                weight,
+                weight: tap_major(&w, channels, k * k),
+                int4: None,
                 bias,
                 input_quant: None,
                 input_on_grid: false,
@@ -448,7 +466,16 @@ impl CpuEfficientNet {
             if let Some(e) = &mut block.expand {
                 attach(e, next()?)?;
             }
-            block.depthwise.input_quant = next()?.activation;
+            let layer = next()?;
+            let dw = &mut block.depthwise;
+            dw.input_quant = layer.activation;
+            if let (true, Some(q)) = (integer_kernels, &layer.weights) {
+                let taps = dw.kernel * dw.kernel;
+                dw.int4 = Int4Pointwise::new(q, taps, dw.channels);
+                if dw.int4.is_some() {
+                    dw.weight = Vec::new();
+                }
+            }
             if let Some(e) = &mut block.expand {
                 // The expansion writes the depthwise's input already quantized.
                 e.output_grid = block.depthwise.input_quant;
@@ -476,6 +503,11 @@ impl CpuEfficientNet {
     /// How many layers compute from packed int4 weights.
     pub fn int4_layers(&self) -> usize {
         self.pointwise_layers().filter(|p| p.is_int4()).count()
+            + self
+                .blocks
+                .iter()
+                .filter(|b| b.depthwise.int4.is_some())
+                .count()
     }
 
     /// Bytes the network's weights and biases hold while it runs (packed where a layer
@@ -484,7 +516,11 @@ impl CpuEfficientNet {
         let depthwise: usize = self
             .blocks
             .iter()
-            .map(|b| 4 * (b.depthwise.weight.len() + b.depthwise.bias.len()))
+            .map(|b| {
+                let dw = &b.depthwise;
+                4 * (dw.weight.len() + dw.bias.len())
+                    + dw.int4.as_ref().map_or(0, Int4Pointwise::weight_bytes)
+            })
             .sum();
         self.stem.as_pointwise.weight_bytes()
             + depthwise

@@ -19,6 +19,7 @@ pub(crate) struct Int4Pointwise {
     /// `[cout, cin]` row-major, two per byte, first value in the low nibble.
     packed: Vec<u8>,
     scales: Vec<f32>,
+    /// One per group; empty when every zero point is 0 (symmetric quantization).
     zero_points: Vec<i8>,
     /// The quantization grid's layout: rows of `row_len` values, each split into groups of
     /// `group_len` (per-tensor: one row of everything).
@@ -48,7 +49,11 @@ impl Int4Pointwise {
             cout,
             packed: pack_int4(&q.values),
             scales: q.scales.clone(),
-            zero_points: q.zero_points.clone(),
+            zero_points: if q.zero_points.iter().all(|&z| z == 0) {
+                Vec::new()
+            } else {
+                q.zero_points.clone()
+            },
             group_len,
             row_len,
             groups_per_row,
@@ -58,6 +63,14 @@ impl Int4Pointwise {
     /// Bytes this layer's weights hold while it runs.
     pub(crate) fn weight_bytes(&self) -> usize {
         self.packed.len() + 4 * self.scales.len() + self.zero_points.len()
+    }
+
+    /// All the weights as floats `[cout, cin]` (a depthwise layer's few thousand, for one
+    /// run).
+    pub(crate) fn unpack_all(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.cout * self.cin];
+        self.unpack(0..self.cout, &mut out);
+        out
     }
 
     /// Output channels `rows` of the weights, as floats `[rows, cin]`, into `out`.
@@ -70,7 +83,8 @@ impl Int4Pointwise {
             let g = row * self.groups_per_row + within / self.group_len;
             let group_end = (within / self.group_len + 1) * self.group_len;
             let run_end = (row * self.row_len + group_end.min(self.row_len)).min(end);
-            let (scale, zp) = (self.scales[g], self.zero_points[g] as i32);
+            let scale = self.scales[g];
+            let zp = self.zero_points.get(g).map_or(0, |&z| i32::from(z));
             // Signed nibbles: the low one sign-extended from bit 3, the high one by an
             // arithmetic shift. Arithmetic rather than a table lookup so that the loop over
             // whole bytes vectorises.

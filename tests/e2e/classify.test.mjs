@@ -91,13 +91,13 @@ test('drop coffee.png: espresso on WebGPU', { timeout: 900_000 }, async () => {
     // Weight bytes as the lab states them; what ran on each executor.
     assert.ok(parseFloat(row('CPU fallback', 'int4')[2]) < parseFloat(row('CPU fallback', 'fp32')[2]) / 5);
     assert.match(row('CPU fallback', 'int8')[8], /^33 of 50 layers on the int8 kernel/);
-    assert.match(row('CPU fallback', 'int4')[8], /^0 of 50 layers on the int8 kernel, 33 on the int4 kernel/);
+    assert.match(row('CPU fallback', 'int4')[8], /^0 of 50 layers on the int8 kernel, 49 on the int4 kernel; 1 quantized layer/);
     assert.match(row('WebGPU', 'int4')[8], /[1-9]\d* on the int4 kernel/);
     assert.match(row('WebGPU', 'int8')[8], /33 of 50 layers on the int8 kernel|lacks WGSL packed_4x8_integer_dot_product/);
     assert.match(row('CPU fallback', '50 %')[8], /all 50 layers in float32/);
     // Memory held while running on the CPU path: int4 weights stay packed.
     const held = (variant) => parseFloat(row('CPU fallback', variant)[3]);
-    assert.ok(held('int4') < held('fp32') / 3.5, `int4 holds ${held('int4')} MB, fp32 ${held('fp32')} MB`);
+    assert.ok(held('int4') <= held('fp32') / 6, `int4 holds ${held('int4')} MB, fp32 ${held('fp32')} MB`);
     // Removing half the channels is measured 1.7× faster than fp32 on the CPU path.
     assert.match(row('CPU fallback', '50 %')[7], /faster/);
     await page.screenshot({ path: path.join(OUT, 'device-report.png'), fullPage: true });

@@ -636,7 +636,8 @@ fn feature_matching_pulls_block_outputs_toward_the_teacher() {
 }
 
 /// int4 weight-only per block of 32: the CPU path computes from the packed weights (33
-/// layers), gives the float reference's logits, and holds a fraction of fp32's memory.
+/// pointwise and 16 depthwise layers; the stem's 864 weights stay float), gives the float
+/// reference's logits, and holds a sixth of fp32's memory.
 #[test]
 fn int4_cpu_kernel_computes_from_packed_weights() {
     let original = store();
@@ -653,7 +654,7 @@ fn int4_cpu_kernel_computes_from_packed_weights() {
     let packed = CpuEfficientNet::from_compressed(&model, true).unwrap();
     let reference = CpuEfficientNet::from_compressed(&model, false).unwrap();
     let fp32 = CpuEfficientNet::from_store(&original).unwrap();
-    assert_eq!((packed.int8_layers(), packed.int4_layers()), (0, 33));
+    assert_eq!((packed.int8_layers(), packed.int4_layers()), (0, 49));
     for image in &images {
         let a = packed.forward(image, 224, 224).unwrap();
         let b = reference.forward(image, 224, 224).unwrap();
@@ -671,5 +672,5 @@ fn int4_cpu_kernel_computes_from_packed_weights() {
         "weights held while running: fp32 {held_fp32} B, int4 per block of 32 {held} B (1/{:.2})",
         held_fp32 as f64 / held as f64
     );
-    assert!(held * 4 < held_fp32, "{held} vs {held_fp32}");
+    assert!(held * 6 <= held_fp32, "{held} vs {held_fp32}");
 }

@@ -366,8 +366,12 @@ pub(crate) fn kernels_summary(
     let mut text =
         format!("{int8} of {total} layers on the int8 kernel, {int4} on the int4 kernel");
     let float = quantized.saturating_sub(int8 + int4);
-    if float > 0 {
-        text += &format!("; {float} quantized layers ran as float on their dequantized weights");
+    match float {
+        0 => {}
+        1 => text += "; 1 quantized layer ran as float on its dequantized weights",
+        _ => {
+            text += &format!("; {float} quantized layers ran as float on their dequantized weights")
+        }
     }
     if no_dot4 {
         text += &format!(
