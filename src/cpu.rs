@@ -5,13 +5,14 @@
 //! channels-last (NHWC) from start to end, so every 1×1 convolution is one GEMM (the `gemm`
 //! crate, SIMD128 on wasm), depthwise convolutions are direct loops over contiguous channels
 //! (which the compiler vectorises), and bias, ReLU6 and residual adds are fused into the
-//! passes that already touch the data. BatchNorm is folded into the weights at load time.
+//! passes that already touch the data (in a quantized network an expansion layer also writes
+//! its output on the depthwise layer's input grid). BatchNorm is folded into the weights at load time.
 //! The result matches the burn model to float tolerance (tested).
 
 use crate::compress::{ActivationParams, CompressedLayer, CompressedModel};
 use crate::efficientnet::{block_strides, folded_conv};
 use crate::error::{EngineError, Result};
-use crate::int4_cpu::Int4Pointwise;
+use crate::int4_cpu::Int4Weights;
 use crate::int8_cpu::Int8Pointwise;
 use crate::weights::TensorStore;
 
@@ -97,7 +98,7 @@ pub(crate) struct Pointwise {
     int8: Option<Int8Pointwise>,
     /// Packed int4 weights (weight-only): when present `weight` is empty and the GEMM
     /// unpacks a tile at a time.
-    int4: Option<Int4Pointwise>,
+    int4: Option<Int4Weights>,
 }
 
 impl Pointwise {
@@ -131,7 +132,7 @@ impl Pointwise {
             self.int8 = Int8Pointwise::new(q, a, self.cin, self.cout)?;
         }
         if let (true, None, Some(q)) = (integer_kernels, &self.int8, &layer.weights) {
-            self.int4 = Int4Pointwise::new(q, self.cin, self.cout);
+            self.int4 = Int4Weights::new(q, self.cin, self.cout);
         }
         if self.int8.is_some() || self.int4.is_some() {
             // The integer weights replace the float copy (a variant must not hold both).
@@ -154,7 +155,7 @@ impl Pointwise {
     pub(crate) fn weight_bytes(&self) -> usize {
         4 * (self.weight.len() + self.bias.len())
             + self.int8.as_ref().map_or(0, Int8Pointwise::weight_bytes)
-            + self.int4.as_ref().map_or(0, Int4Pointwise::weight_bytes)
+            + self.int4.as_ref().map_or(0, Int4Weights::weight_bytes)
     }
 
     pub(crate) fn forward(
@@ -219,7 +220,7 @@ struct Depthwise {
     weight: Vec<f32>,
     /// Packed int4 weights `[channels, k·k]` (weight-only): unpacked for the length of one
     /// run of this layer.
-    int4: Option<Int4Pointwise>,
+    int4: Option<Int4Weights>,
     bias: Vec<f32>,
     input_quant: Option<ActivationParams>,
     /// Whether the layer before already put the input on `input_quant`'s grid.
@@ -471,7 +472,7 @@ impl CpuEfficientNet {
             dw.input_quant = layer.activation;
             if let (true, Some(q)) = (integer_kernels, &layer.weights) {
                 let taps = dw.kernel * dw.kernel;
-                dw.int4 = Int4Pointwise::new(q, taps, dw.channels);
+                dw.int4 = Int4Weights::new(q, taps, dw.channels);
                 if dw.int4.is_some() {
                     dw.weight = Vec::new();
                 }
@@ -519,7 +520,7 @@ impl CpuEfficientNet {
             .map(|b| {
                 let dw = &b.depthwise;
                 4 * (dw.weight.len() + dw.bias.len())
-                    + dw.int4.as_ref().map_or(0, Int4Pointwise::weight_bytes)
+                    + dw.int4.as_ref().map_or(0, Int4Weights::weight_bytes)
             })
             .sum();
         self.stem.as_pointwise.weight_bytes()

@@ -1,8 +1,8 @@
-//! int4 weight-only 1×1 convolution for the CPU path. The weights stay packed two per byte
-//! (one scale and zero point per group) and are unpacked a tile of output channels at a
-//! time, just before that tile's float GEMM, so a running int4 layer holds 1/6–1/8 of its
-//! f32 weight memory (the packed nibbles plus the scales) and one tile of floats only while
-//! it runs. Unpacking is arithmetic on whole bytes (sign-extend both nibbles, subtract the
+//! int4 weight-only layers for the CPU path. The weights stay packed two per byte (one scale
+//! and, when asymmetric, one zero point per group). A 1×1 convolution unpacks them a tile of
+//! output channels at a time, just before that tile's float GEMM; a depthwise one unpacks its
+//! few thousand for one run. So a running int4 layer holds 1/6–1/8 of its f32 weight memory
+//! (the packed nibbles plus the scales) and one tile of floats only while it runs. Unpacking is arithmetic on whole bytes (sign-extend both nibbles, subtract the
 //! zero point, scale), which the compiler vectorises.
 
 use std::ops::Range;
@@ -13,7 +13,8 @@ use crate::quant::{QuantizedTensor, layout, pack_int4};
 /// still sees long rows, few enough that the tile stays in L2.
 const TILE_ELEMENTS: usize = 1 << 16;
 
-pub(crate) struct Int4Pointwise {
+/// One layer's packed int4 weights `[cout, cin]` (a depthwise layer: `[channels, k·k]`).
+pub(crate) struct Int4Weights {
     cin: usize,
     cout: usize,
     /// `[cout, cin]` row-major, two per byte, first value in the low nibble.
@@ -28,7 +29,7 @@ pub(crate) struct Int4Pointwise {
     groups_per_row: usize,
 }
 
-impl Int4Pointwise {
+impl Int4Weights {
     /// `None` unless `q` holds 4-bit weights of a `[cout, cin]` layer.
     pub(crate) fn new(q: &QuantizedTensor, cin: usize, cout: usize) -> Option<Self> {
         let n = cin.checked_mul(cout)?;

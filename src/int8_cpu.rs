@@ -8,7 +8,8 @@
 //! `i32x4.dot_i16x8_s` on wasm (`pmaddwd` on x86): 16 MACs per weight load shared by 4
 //! pixels, no horizontal sums. Each group of the weights (per-tensor, per-channel or a block
 //! of the input channels) has its own scale, applied once per group sum, and the epilogue
-//! (scale, bias, ReLU6, residual) runs on the accumulators while they are in registers:
+//! (scale, bias, ReLU6, residual, and the next layer's input quantization where the caller
+//! asks for it) runs on the accumulators while they are in registers:
 //! y = Σ_groups s_in · s_w · Σ_k (q_in − zp_in)(q_w − zp_w) + bias.
 
 use crate::compress::ActivationParams;
