@@ -597,8 +597,12 @@ pub struct UserClassification {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct UserSide {
     pub parameters: usize,
+    /// Bytes to store the weights (what the export holds).
     pub weight_bytes: usize,
     pub macs: Option<u64>,
+    /// Bytes of weights the runner keeps while the model is loaded (f32 on WebGPU, the
+    /// integer kernels' own layouts on the CPU).
+    pub held_bytes: usize,
     pub p50_ms: f64,
 }
 

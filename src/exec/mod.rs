@@ -6,8 +6,8 @@ pub mod burn;
 pub mod cpu;
 
 pub use burn::{GraphModel, Output};
-pub use cpu::CpuExecutor;
 pub(crate) use cpu::tap_range;
+pub use cpu::{CpuExecutor, KernelUse};
 
 /// A dense f32 tensor in row-major (NCHW for images) order: what executors take and return.
 #[derive(Debug, Clone, PartialEq)]

@@ -10,7 +10,7 @@ use compresslab::compress::{Observer, Recipe};
 use compresslab::exec::{CpuExecutor, Tensor};
 use compresslab::graph::{
     Graph, Op, channel_groups, compress_graph, export_onnx, import_onnx, mask_channels,
-    prune_channels,
+    prune_channels, weight_nodes,
 };
 use compresslab::npy::{read_npy, write_npy};
 use compresslab::prune::{ChannelPruning, ChannelRanking};
@@ -231,6 +231,97 @@ fn w8a8_on_the_graph_agrees_with_fp32_on_held_out_inputs() {
     }
 }
 
+/// int4 weight-only quantization in blocks of `block` input values.
+fn int4_blocks(symmetric: bool, block: usize) -> Recipe {
+    Recipe {
+        weights: Some(QuantScheme {
+            bits: 4,
+            symmetric,
+            granularity: Granularity::PerBlock(block),
+        }),
+        ..Recipe::default()
+    }
+}
+
+/// The compressed graph on the CPU interpreter's integer kernels against the same graph in
+/// float (dequantized weights, fake-quantized activations): what the export's QDQ model
+/// computes. int8 sums of grid values are exact, so only float summation order differs.
+#[test]
+fn integer_kernels_on_the_graph_compute_what_its_float_form_computes() {
+    let int4 = int4_blocks(true, 32);
+    let recipes = [
+        (
+            "W8A8 per channel",
+            Recipe::w8a8(Granularity::PerChannel, Observer::MinMax),
+        ),
+        (
+            "W8A8 per tensor",
+            Recipe::w8a8(Granularity::PerTensor, Observer::MinMax),
+        ),
+        ("int4 per block of 32", int4),
+    ];
+    for name in MODELS {
+        let graph = load(name);
+        let (calibration, evaluation) = calibration_and_evaluation(name);
+        let float_bytes = CpuExecutor::new(&graph).unwrap().weight_bytes();
+        for (label, recipe) in &recipes {
+            let compressed = compress_graph(
+                &graph,
+                recipe,
+                std::slice::from_ref(&calibration),
+                &mut |_, _| {},
+            )
+            .unwrap();
+            let integer = CpuExecutor::compressed(&compressed).unwrap();
+            let used = integer.kernel_use();
+            let reference = run(&compressed.graph, &evaluation);
+            let ours = integer.run(&evaluation).unwrap().remove(0);
+            let diff = relative_difference(&ours, &reference);
+            let agreement = top1_agreement(&ours, &reference);
+            println!(
+                "{name}, {label}: {} int8 + {} int4 layers on integer kernels, {} as float; \
+                 max relative difference to the float form {diff:.1e}, top-1 same on {:.0} % of {}; \
+                 weights held {} → {} bytes",
+                used.int8,
+                used.int4,
+                used.dequantized,
+                100.0 * agreement,
+                evaluation.dims[0],
+                float_bytes,
+                integer.weight_bytes()
+            );
+            let layers = compressed.layers.len();
+            assert_eq!(
+                used.int8 + used.int4 + used.dequantized,
+                layers,
+                "{name} {label}"
+            );
+            if recipe.activations.is_some() {
+                // Every dense layer (1×1, k×k with one group, Gemm) on the int8 kernel;
+                // grouped and depthwise convolutions have none.
+                let dense = weight_nodes(&compressed.graph)
+                    .into_iter()
+                    .filter(
+                        |&i| !matches!(&compressed.graph.nodes[i].op, Op::Conv(c) if c.group > 1),
+                    )
+                    .count();
+                assert_eq!(used.int8, dense, "{name} {label}: {used:?}");
+                assert_eq!(used.int4, 0);
+            } else {
+                assert_eq!(used.int4, layers, "{name} {label}");
+                // Packed nibbles and a scale per 32 (6.4× below f32); the float biases and
+                // BatchNorms of these small models keep the whole at 4.0–6.0×.
+                assert!(
+                    integer.weight_bytes() * 7 <= float_bytes * 2,
+                    "{name} {label}"
+                );
+            }
+            assert!(diff <= 1e-5, "{name} {label}: {diff}");
+            assert!(agreement >= 0.99, "{name} {label}: {agreement}");
+        }
+    }
+}
+
 fn python() -> Option<PathBuf> {
     let cache = std::env::var("COMPRESSLAB_CACHE")
         .map(PathBuf::from)
@@ -264,14 +355,7 @@ fn onnx_runtime(model: &[u8], input: &Tensor, tag: &str) -> Tensor {
 
 #[test]
 fn exported_onnx_runs_in_onnx_runtime_and_reimports() {
-    let int4 = Recipe {
-        weights: Some(QuantScheme {
-            bits: 4,
-            symmetric: false,
-            granularity: Granularity::PerBlock(20),
-        }),
-        ..Recipe::default()
-    };
+    let int4 = int4_blocks(false, 20);
     let pruned_int8 = Recipe {
         channel_pruning: Some(ChannelPruning {
             ratio: 0.3,

@@ -530,6 +530,7 @@ fn UserReport(report: UserCompressReport) -> impl IntoView {
                 <tbody>
                     <tr><th>"Parameters"</th><td>{b.parameters}</td><td id="user-params-after">{a.parameters}</td></tr>
                     <tr><th>"Weight storage"</th><td>{megabytes(b.weight_bytes)}</td><td id="user-bytes-after">{megabytes(a.weight_bytes)}</td></tr>
+                    <tr><th>"Weights held while running"</th><td>{megabytes(b.held_bytes)}</td><td id="user-held-after">{megabytes(a.held_bytes)}</td></tr>
                     <tr><th>"MACs per image"</th><td>{macs_text(b.macs)}</td><td>{macs_text(a.macs)}</td></tr>
                     {if report.runs == 0 {
                         view! { <tr><th>"Latency p50"</th><td colspan="2">"classify an image to time both"</td></tr> }.into_any()

@@ -33,41 +33,108 @@ const TIMING_BUDGET_MS: f64 = 5000.0;
 /// Inputs kept for calibration and agreement (the oldest are dropped beyond this).
 const MAX_KEPT_INPUTS: usize = 64;
 
-/// One graph ready to run: on the CPU interpreter, and on WebGPU when the page has it.
+/// One graph ready to run: on WebGPU when the page has it (the burn interpreter), else on
+/// the CPU interpreter, never both (each holds the weights).
 #[derive(Clone)]
-struct Runner {
-    cpu: Rc<CpuExecutor>,
-    gpu: Option<(GraphModel, Device)>,
+enum Runner {
+    Cpu(Rc<CpuExecutor>),
+    Gpu {
+        model: GraphModel,
+        device: Device,
+        /// Bytes of the f32 weights it uploaded.
+        bytes: usize,
+    },
 }
 
 impl Runner {
     fn new(graph: &Graph) -> WorkerResult<Self> {
-        let gpu = match webgpu() {
+        Self::build(graph, || CpuExecutor::new(graph))
+    }
+
+    /// A compressed graph: on the CPU its quantized layers run on the integer kernels where
+    /// one exists for them.
+    fn compressed(compressed: &CompressedGraph) -> WorkerResult<Self> {
+        Self::build(&compressed.graph, || CpuExecutor::compressed(compressed))
+    }
+
+    fn build(
+        graph: &Graph,
+        cpu: impl FnOnce() -> compresslab::Result<CpuExecutor>,
+    ) -> WorkerResult<Self> {
+        Ok(match webgpu() {
             Some((device, _)) => {
                 // BatchNorm folded into the convolutions: fewer dispatches, same outputs.
                 let mut folded = graph.clone();
                 fold_batch_norms(&mut folded);
-                Some((GraphModel::new(&folded, &device)?, device))
+                let bytes = folded.constants.values().map(|c| 4 * c.data.len()).sum();
+                Runner::Gpu {
+                    model: GraphModel::new(&folded, &device)?,
+                    device,
+                    bytes,
+                }
             }
-            None => None,
-        };
-        Ok(Runner {
-            cpu: Rc::new(CpuExecutor::new(graph)?),
-            gpu,
+            None => Runner::Cpu(Rc::new(cpu()?)),
         })
     }
 
-    /// The first output for one input, on WebGPU when there is one.
+    /// The first output for one input.
     async fn run(&self, input: &Tensor) -> WorkerResult<Vec<f32>> {
-        let outputs = match &self.gpu {
-            Some((model, device)) => model.run(input, device).await?,
-            None => self.cpu.run(input)?,
+        let outputs = match self {
+            Runner::Gpu { model, device, .. } => model.run(input, device).await?,
+            Runner::Cpu(cpu) => cpu.run(input)?,
         };
         let first = outputs
             .into_iter()
             .next()
             .ok_or_else(|| WorkerError::Message("the model has no output".into()))?;
         Ok(first.data)
+    }
+
+    /// Bytes of weights this runner keeps while the model is loaded.
+    fn held_bytes(&self) -> usize {
+        match self {
+            Runner::Gpu { bytes, .. } => *bytes,
+            Runner::Cpu(cpu) => cpu.weight_bytes(),
+        }
+    }
+
+    /// What computes the layers, in words.
+    fn kernels_text(&self) -> String {
+        let levels = "activations rounded to their integer levels where the recipe quantizes them (what the exported QDQ model computes)";
+        match self {
+            Runner::Gpu { .. } => format!(
+                "{} through the burn interpreter: float arithmetic on the dequantized weights (no integer kernel for imported models on WebGPU yet), {levels}",
+                backend_name()
+            ),
+            Runner::Cpu(cpu) => {
+                let used = cpu.kernel_use();
+                let layers = |n: usize| format!("{n} layer{}", if n == 1 { "" } else { "s" });
+                let mut parts = Vec::new();
+                if used.int8 > 0 {
+                    parts.push(format!(
+                        "{} on the int8 kernel (int8 weights × int8 inputs, exact integer sums)",
+                        layers(used.int8)
+                    ));
+                }
+                if used.int4 > 0 {
+                    parts.push(format!(
+                        "{} from packed int4 weights, unpacked as they run",
+                        layers(used.int4)
+                    ));
+                }
+                if used.dequantized > 0 {
+                    parts.push(format!(
+                        "{} quantized but without an integer kernel (depthwise, grouped, or int8 weights without int8 inputs): float on the dequantized weights",
+                        layers(used.dequantized)
+                    ));
+                }
+                if parts.is_empty() {
+                    "CPU interpreter: float (no quantized layers)".into()
+                } else {
+                    format!("CPU interpreter: {}; {levels}", parts.join("; "))
+                }
+            }
+        }
     }
 }
 
@@ -252,7 +319,7 @@ pub async fn classify(id: u32, spec: InputSpec, blob: &Blob) -> WorkerResult<()>
         .collect();
     let m = current()?;
     let variant = m.variant.borrow().clone();
-    let cold = m.original.gpu.is_some() && !m.warm.replace(true);
+    let cold = matches!(m.original, Runner::Gpu { .. }) && !m.warm.replace(true);
     let start = now();
     let outputs = m.original.run(&input).await?;
     let ms = now() - start;
@@ -317,7 +384,7 @@ pub async fn compress(recipe: Recipe, runs: u32) -> WorkerResult<()> {
     m.variant.replace(None);
     let compressed = compress_graph(&m.graph, &recipe, &inputs[..used], &mut |_, _| {})?;
     let variant = Variant {
-        runner: Runner::new(&compressed.graph)?,
+        runner: Runner::compressed(&compressed)?,
         compressed,
         used,
         fine_tuned: None,
@@ -358,7 +425,7 @@ pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WorkerResult<()> {
     let train = flipped_copies(&inputs[..used]);
     let mut targets = Vec::with_capacity(train.len());
     for input in &train {
-        targets.push(m.original.cpu.run(input)?.remove(0).data);
+        targets.push(m.original.run(input).await?);
     }
     let cfg = GraphFineTuneConfig {
         epochs: (epochs as usize).clamp(1, compresslab::finetune_graph::MAX_EPOCHS),
@@ -403,7 +470,7 @@ pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WorkerResult<()> {
     let tuned = tuner.finish().await?;
     let seconds = (now() - start) / 1e3;
     let variant = Variant {
-        runner: Runner::new(&tuned.graph)?,
+        runner: Runner::compressed(&tuned)?,
         compressed: tuned,
         used,
         fine_tuned: Some(format!(
@@ -512,25 +579,21 @@ async fn report(
             activation_bits: l.activation.map(|a| if a.qmax <= 7 { 4 } else { 8 }),
         })
         .collect();
-    let executor = match &variant.runner.gpu {
-        Some(_) => format!(
-            "{} through the burn interpreter: float arithmetic on the dequantized weights, activations rounded to their integer levels (what the exported QDQ model computes); no integer kernel runs for imported models yet",
-            backend_name()
-        ),
-        None => "CPU interpreter: float arithmetic on the dequantized weights, activations rounded to their integer levels (what the exported QDQ model computes); no integer kernel runs for imported models yet".into(),
-    };
+    let executor = variant.runner.kernels_text();
     Ok(UserCompressReport {
         recipe: compressed.recipe.clone(),
         before: UserSide {
             parameters: before.parameters,
             weight_bytes: before.weight_bytes,
             macs: before.macs,
+            held_bytes: m.original.held_bytes(),
             p50_ms: p50(&mut times.0),
         },
         after: UserSide {
             parameters: after.parameters,
             weight_bytes: after.weight_bytes,
             macs: after.macs,
+            held_bytes: variant.runner.held_bytes(),
             p50_ms: p50(&mut times.1),
         },
         runs,

@@ -215,14 +215,26 @@ pub fn compress(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The graph interpreter's timing against the dedicated path's, in turn.
+pub struct InterleavedTiming {
+    /// The interpreter's first run, ms.
+    pub cold: f64,
+    /// Sorted warm ms of each.
+    pub interpreter: Vec<f64>,
+    pub dedicated: Vec<f64>,
+    /// The largest |logit difference| to the dedicated path's logits.
+    pub max_diff: f32,
+}
+
 /// EfficientNet-Lite0 imported from our own ONNX export and run by the graph engine's CPU
-/// interpreter: cold ms, sorted warm ms, and the largest |logit difference| to `reference`.
+/// interpreter, each warm run followed by one of `dedicated` (the network's own CPU path).
 pub fn graph_interpreter_timing(
     store: &TensorStore,
     input: &[f32],
     runs: usize,
     reference: &[f32],
-) -> Result<(f64, Vec<f64>, f32)> {
+    mut dedicated: impl FnMut() -> Result<()>,
+) -> Result<InterleavedTiming> {
     let graph = import_onnx(&compresslab::onnx::export_onnx(store)?)?;
     let executor = CpuExecutor::new(&graph)?;
     let tensor = Tensor {
@@ -232,16 +244,27 @@ pub fn graph_interpreter_timing(
     let start = Instant::now();
     let logits = executor.run(&tensor)?.remove(0).data;
     let cold = start.elapsed().as_secs_f64() * 1e3;
-    let mut times = Vec::with_capacity(runs);
+    let mut interpreter = Vec::with_capacity(runs);
+    let mut dedicated_times = Vec::with_capacity(runs);
+    let ms = |start: Instant| start.elapsed().as_secs_f64() * 1e3;
     for _ in 0..runs {
         let start = Instant::now();
         executor.run(&tensor)?;
-        times.push(start.elapsed().as_secs_f64() * 1e3);
+        interpreter.push(ms(start));
+        let start = Instant::now();
+        dedicated()?;
+        dedicated_times.push(ms(start));
     }
-    times.sort_by(f64::total_cmp);
-    let diff = logits
+    interpreter.sort_by(f64::total_cmp);
+    dedicated_times.sort_by(f64::total_cmp);
+    let max_diff = logits
         .iter()
         .zip(reference)
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    Ok((cold, times, diff))
+    Ok(InterleavedTiming {
+        cold,
+        interpreter,
+        dedicated: dedicated_times,
+        max_diff,
+    })
 }
