@@ -79,9 +79,16 @@ test('drop coffee.png: espresso on WebGPU', { timeout: 900_000 }, async () => {
     })));
     console.log('device report:\n' + rows.map((r) => r.cells.join(' | ')).join('\n'));
     assert.match(await page.innerText('#device-executors'), /^WebGPU: .+ · CPU: compresslab CPU kernels/);
-    assert.deepEqual(rows.map((r) => `${r.backend}/${r.variant}`), ['WebGPU', 'CPU fallback'].flatMap((b) =>
-      ['fp32', 'int8 W8A8 per channel', 'int4 weight-only per block of 32', '50 % channels removed (L1)'].map((v) => `${b}/${v}`)));
+    const variants = ['fp32', 'int8 W8A8 per channel', 'int4 weight-only per block of 32', '50 % channels removed (L1)'];
+    const onGraph = ['fp32 on the graph interpreter', 'int8 W8A8 per channel on the graph interpreter'];
+    assert.deepEqual(rows.map((r) => `${r.backend}/${r.variant}`), [
+      ...variants.map((v) => `WebGPU/${v}`), ...[...variants, ...onGraph].map((v) => `CPU fallback/${v}`)]);
     const row = (backend, variant) => rows.find((r) => r.backend === backend && r.variant.startsWith(variant)).cells;
+    // The graph interpreter's int8: every 1×1 layer, the stem and the classifier on the int8
+    // kernel (the dedicated path runs its stem in float), the 16 depthwise layers in float.
+    const graphInt8 = rows.find((r) => r.variant === onGraph[1]).cells;
+    assert.match(graphInt8[8], /^34 of 50 layers on the int8 kernel, 0 on the int4 kernel; 16 quantized layers ran as float/);
+    assert.match(rows.find((r) => r.variant === onGraph[0]).cells[8], /all 50 layers in float32/);
     const ms = (cell) => parseFloat(cell);
     for (const r of rows) {
       assert.ok(ms(r.cells[5]) > 0 && ms(r.cells[6]) >= ms(r.cells[5]), `p50 ≤ p95: ${r.cells}`);

@@ -2,18 +2,23 @@
 //! fp32, int8 W8A8 per channel, int4 weight-only per block of 32 and 50 % of the channels
 //! removed, each built on WebGPU (when the page runs there) and on the CPU fallback, and
 //! timed on the last photo: one cold run each, then warm runs taken round-robin across the
-//! variants of an executor, so a slow spell of the machine hits all of them alike.
+//! variants of an executor, so a slow spell of the machine hits all of them alike. On the
+//! CPU, fp32 and int8 also run on the graph engine's interpreter (the network imported from
+//! our own ONNX export, compressed by the graph engine): what "Your model" runs, and what the
+//! built-in networks move to once it is as fast as their dedicated path.
 
 use std::rc::Rc;
 
 use compresslab::classifier::ImageClassifier;
 use compresslab::compress::{CompressedModel, Observer, Recipe, compress};
+use compresslab::exec::{CpuExecutor, Tensor};
 use compresslab::gpu_int::GpuFeatures;
+use compresslab::graph::{compress_graph, import_onnx};
 use compresslab::prune::{ChannelPruning, ChannelRanking};
 use compresslab::quant::{Granularity, QuantScheme};
 
 use crate::error::{WorkerError, WorkerResult};
-use crate::lab::{eval_images, kernels_summary, percentile};
+use crate::lab::{eval_images, kernels_summary, layer_kernels, percentile};
 use crate::worker::{Loaded, now, post};
 use compresslab_spec::messages::{BackendKind, DeviceReport, DeviceRow, FromWorker, Latency};
 
@@ -47,6 +52,103 @@ fn variants() -> Vec<(&'static str, Option<Recipe>)> {
             }),
         ),
     ]
+}
+
+/// What a row times.
+enum Runnable {
+    Classifier(ImageClassifier),
+    /// The graph interpreter, and the input as its tensor.
+    Graph(Box<CpuExecutor>, Tensor),
+}
+
+impl Runnable {
+    async fn run(&self, input: &[f32]) -> WorkerResult<()> {
+        match self {
+            Runnable::Classifier(c) => {
+                c.logits(input).await?;
+            }
+            Runnable::Graph(executor, tensor) => {
+                executor.run(tensor)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One built row before timing: its name, stored and held bytes, and what runs it.
+struct Built {
+    variant: String,
+    weight_bytes: usize,
+    held_bytes: Option<usize>,
+    ran: String,
+    runnable: Runnable,
+    cold_ms: f64,
+    times: Vec<f64>,
+}
+
+impl Built {
+    fn new(
+        variant: String,
+        weight_bytes: usize,
+        held_bytes: Option<usize>,
+        ran: String,
+        runnable: Runnable,
+    ) -> Self {
+        Built {
+            variant,
+            weight_bytes,
+            held_bytes,
+            ran,
+            runnable,
+            cold_ms: 0.0,
+            times: Vec::new(),
+        }
+    }
+}
+
+/// fp32 and int8 W8A8 on the graph interpreter (CPU only).
+fn graph_rows(
+    loaded: &Loaded,
+    calibration: &[Vec<f32>],
+    input: &[f32],
+) -> WorkerResult<Vec<Built>> {
+    let graph = import_onnx(&compresslab::onnx::export_onnx(&loaded.store)?)?;
+    let image = |data: &[f32]| Tensor {
+        dims: vec![1, 3, 224, 224],
+        data: data.to_vec(),
+    };
+    let batches: Vec<Tensor> = calibration.iter().map(|c| image(c)).collect();
+    let mut rows = Vec::new();
+    for (name, recipe) in [
+        ("fp32", Recipe::default()),
+        (
+            "int8 W8A8 per channel",
+            Recipe::w8a8(Granularity::PerChannel, Observer::MinMax),
+        ),
+    ] {
+        let compressed = compress_graph(&graph, &recipe, &batches, &mut |_, _| {})?;
+        let executor = CpuExecutor::compressed(&compressed)?;
+        let used = executor.kernel_use();
+        let quantized = compressed
+            .layers
+            .iter()
+            .filter(|l| l.bits.is_some())
+            .count();
+        let ran = layer_kernels(
+            compressed.layers.len(),
+            quantized,
+            (used.int8, used.int4),
+            false,
+        );
+        rows.push(Built::new(
+            format!("{name} on the graph interpreter"),
+            compressed.graph.stats(&compressed.weights)?.weight_bytes,
+            Some(executor.weight_bytes()),
+            ran,
+            Runnable::Graph(Box::new(executor), image(input)),
+        ));
+    }
+    Ok(rows)
 }
 
 fn progress(stage: String, fraction: f32) {
@@ -90,7 +192,7 @@ pub async fn run(loaded: Rc<Loaded>, runs: u32) -> WorkerResult<()> {
             BackendKind::Cpu => "the CPU",
         };
         let share = |step: f32| (e as f32 + step) / executors.len() as f32;
-        let mut built = Vec::new();
+        let mut built: Vec<Built> = Vec::new();
         for (i, (name, original, model)) in models.iter().enumerate() {
             progress(
                 format!("Building {name} on {on}"),
@@ -109,40 +211,55 @@ pub async fn run(loaded: Rc<Loaded>, runs: u32) -> WorkerResult<()> {
                 (None, true) => ImageClassifier::new_cpu(&loaded.store, labels.clone())?,
                 (None, false) => ImageClassifier::new_compressed_cpu(model, labels.clone())?,
             };
+            built.push(Built::new(
+                name.to_string(),
+                model.stats()?.weight_bytes,
+                classifier.held_weight_bytes(),
+                kernels_summary(
+                    model,
+                    classifier.integer_layers(),
+                    no_dot4 && device.is_some(),
+                ),
+                Runnable::Classifier(classifier),
+            ));
+        }
+        if device.is_none() {
+            progress(
+                "Building the graph interpreter's variants".into(),
+                share(0.3),
+            );
+            built.extend(graph_rows(&loaded, &calibration, &input)?);
+        }
+        for b in built.iter_mut() {
             let start = now();
-            classifier.logits(&input).await?;
-            let cold_ms = now() - start;
-            built.push((classifier, cold_ms, Vec::with_capacity(runs as usize)));
+            b.runnable.run(&input).await?;
+            b.cold_ms = now() - start;
         }
         for r in 0..runs {
             progress(
                 format!("Timing on {on}: run {} of {runs}", r + 1),
                 share(0.3 + 0.7 * r as f32 / runs as f32),
             );
-            for (classifier, _, times) in built.iter_mut() {
+            for b in built.iter_mut() {
                 let start = now();
-                classifier.logits(&input).await?;
-                times.push(now() - start);
+                b.runnable.run(&input).await?;
+                b.times.push(now() - start);
             }
         }
-        for ((name, _, model), (classifier, cold_ms, mut times)) in models.iter().zip(built) {
-            times.sort_by(f64::total_cmp);
+        for mut b in built {
+            b.times.sort_by(f64::total_cmp);
             rows.push(DeviceRow {
-                variant: name.to_string(),
+                variant: b.variant,
                 backend: kind.clone(),
                 latency: Latency {
-                    cold_ms,
-                    p50_ms: percentile(&times, 50.0),
-                    p95_ms: percentile(&times, 95.0),
+                    cold_ms: b.cold_ms,
+                    p50_ms: percentile(&b.times, 50.0),
+                    p95_ms: percentile(&b.times, 95.0),
                     runs,
                 },
-                weight_bytes: model.stats()?.weight_bytes,
-                held_bytes: classifier.held_weight_bytes(),
-                ran: kernels_summary(
-                    model,
-                    classifier.integer_layers(),
-                    no_dot4 && device.is_some(),
-                ),
+                weight_bytes: b.weight_bytes,
+                held_bytes: b.held_bytes,
+                ran: b.ran,
             });
         }
     }

@@ -360,6 +360,17 @@ pub(crate) fn kernels_summary(
 ) -> String {
     let total = model.layers.len();
     let quantized = model.layers.iter().filter(|l| l.weights.is_some()).count();
+    layer_kernels(total, quantized, (int8, int4), no_dot4)
+}
+
+/// [`kernels_summary`] from counts: `total` layers with weights, `quantized` of them
+/// quantized, `int8` and `int4` of those on integer kernels.
+pub(crate) fn layer_kernels(
+    total: usize,
+    quantized: usize,
+    (int8, int4): (usize, usize),
+    no_dot4: bool,
+) -> String {
     if quantized == 0 {
         return format!("all {total} layers in float32 (no quantized weights)");
     }
