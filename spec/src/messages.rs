@@ -497,8 +497,11 @@ pub struct CompressReport {
     pub after: VariantSummary,
     /// The photo the top-5 and latency are measured on.
     pub photo: String,
-    /// Agreement over the sample photos and the user's photos.
+    /// Agreement over the sample photos and the user's photos that did not calibrate the
+    /// variant.
     pub eval_images: usize,
+    /// Photos that calibrated the variant's activations (not counted in the agreement).
+    pub calibration_images: usize,
     pub top1_agreement: usize,
     pub mean_kl: f64,
     pub build_ms: f64,

@@ -550,7 +550,14 @@ fn Report(report: CompressReport, keep_fp32: RwSignal<Vec<String>>) -> impl Into
             "agreement",
             "Top-1 agreement with the original",
             "—".into(),
-            format!("{}/{} photos", r.top1_agreement, r.eval_images),
+            match (r.eval_images, r.calibration_images) {
+                (0, _) => "too few photos to measure".into(),
+                (n, 0) => format!("{}/{n} photos", r.top1_agreement),
+                (n, c) => format!(
+                    "{}/{n} held-out photos ({c} others calibrated)",
+                    r.top1_agreement
+                ),
+            },
             format!("mean KL {:.4}", r.mean_kl),
         ),
     ]);

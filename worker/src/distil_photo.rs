@@ -317,6 +317,7 @@ pub async fn train(
             if loaded.device.is_some() { 3 } else { 20 },
             seconds * 1000.0,
             &eval,
+            0,
         )
         .await?;
     }

@@ -173,14 +173,19 @@ pub async fn run(
         None => None,
     };
     let eval = eval_images(loaded, &progress).await?;
+    // Calibrated activations: the older half of the photos (the samples) calibrates, the
+    // newer half (the visitor's own first) measures agreement, so the figure comes from
+    // photos the variant did not see.
+    let calibrates = recipe.as_ref().is_some_and(|r| r.activations.is_some()) && exported.is_none();
+    let (measured, calibrating) = if calibrates {
+        eval.split_at(eval.len() / 2)
+    } else {
+        (&eval[..], &[][..])
+    };
     let (model, source, reference) = match (recipe, exported) {
         (_, Some((name, model))) => (model, name, None),
         (Some(recipe), None) => {
-            let calibration: Vec<Vec<f32>> = if recipe.activations.is_some() {
-                eval.iter().map(|e| e.input.clone()).collect()
-            } else {
-                Vec::new()
-            };
+            let calibration: Vec<Vec<f32>> = calibrating.iter().map(|e| e.input.clone()).collect();
             let model = compress(&loaded.store, &recipe, &calibration, &mut |stage, f| {
                 progress(&format!("Compressing: {stage}"), 0.05 + 0.4 * f)
             })?;
@@ -189,7 +194,12 @@ pub async fn run(
         }
         (None, None) => return Err(WorkerError::Message("nothing to compress".into())),
     };
-    measure(loaded, model, source, reference, runs, now() - start, &eval).await
+    let calibrated = calibrating.len();
+    let elapsed = now() - start;
+    measure(
+        loaded, model, source, reference, runs, elapsed, measured, calibrated,
+    )
+    .await
 }
 
 /// The photos a variant is compared on: the newest first (the user's own come after the
@@ -215,7 +225,9 @@ pub async fn eval_images(
 }
 
 /// Builds `model` on the page's executor, times it next to the original, compares them on
-/// `eval`, makes it the current variant and reports it to the page.
+/// `eval` (photos that did not calibrate it; `calibrated` others did), makes it the current
+/// variant and reports it to the page.
+#[allow(clippy::too_many_arguments)]
 pub async fn measure(
     loaded: &Loaded,
     model: CompressedModel,
@@ -224,6 +236,7 @@ pub async fn measure(
     runs: u32,
     build_ms: f64,
     eval: &[EvalImage],
+    calibrated: usize,
 ) -> WorkerResult<()> {
     let on_gpu = loaded.device.is_some();
     let labels = loaded.classifier.labels().clone();
@@ -312,6 +325,7 @@ pub async fn measure(
         },
         photo,
         eval_images: eval.len(),
+        calibration_images: calibrated,
         top1_agreement: agree,
         mean_kl: kl_sum / eval.len().max(1) as f64,
         build_ms,

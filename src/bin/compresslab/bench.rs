@@ -174,25 +174,33 @@ pub fn bench_compress(args: &[String]) -> Result<()> {
     let assets = Path::new(assets);
     let store = load_store(assets)?;
     let input = imagenet_input(&decode_file(Path::new(image))?);
-    // Calibrate on the sample photos next to the models (assets/samples).
+    // Calibrate on the sample photos next to the models (assets/samples), except the one
+    // the variants are compared on: its "top-1 same" and KL are then held-out figures.
     let samples_dir = assets.parent().unwrap_or(assets).join("samples");
+    let benchmarked = std::fs::canonicalize(image).ok();
     let mut calibration = Vec::new();
     if let Ok(entries) = std::fs::read_dir(&samples_dir) {
         let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
         paths.sort();
-        for p in paths
-            .iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "png" || e == "jpg"))
-        {
+        for p in paths.iter().filter(|p| {
+            p.extension().is_some_and(|e| e == "png" || e == "jpg")
+                && std::fs::canonicalize(p).ok() != benchmarked
+        }) {
             calibration.push(imagenet_input(&decode_file(p)?));
         }
     }
-    if calibration.is_empty() {
+    let held_out = !calibration.is_empty();
+    if !held_out {
         calibration.push(input.clone());
     }
     println!(
-        "{} calibration images; {runs} warm runs each",
-        calibration.len()
+        "{} calibration images ({}); {runs} warm runs each",
+        calibration.len(),
+        if held_out {
+            "the compared photo is not among them: top-1 same and KL are held-out figures"
+        } else {
+            "no other photos: the compared photo calibrated too, so top-1 same and KL are not held-out figures"
+        }
     );
     println!(
         "| variant | executor | cold ms | warm p50 ms | warm p95 ms | speed-up vs fp32 (p50) | weight bytes | size ratio | MACs (M) | top-1 same | KL |"
