@@ -252,13 +252,16 @@ pub fn bench_compress(args: &[String]) -> Result<()> {
         let wgpu_timing = time_runs(runs.min(5), || {
             futures_lite::future::block_on(wgpu.logits(&input))
         })?;
-        interpreter_ratios.push((name, in_turn[1].1 / in_turn[0].1.max(1e-9)));
         let graph_stats = compressed_graph.graph.stats(&compressed_graph.weights)?;
         let (bytes, macs) = (stats.weight_bytes, stats.macs);
         let graph_size = (
             graph_stats.weight_bytes,
             graph_stats.macs.unwrap_or_default(),
         );
+        // The graph's channel pruning (dependency groups) can remove more channels than the
+        // dedicated path's: then they are different networks and their speeds not compared.
+        let ratio = in_turn[1].1 / in_turn[0].1.max(1e-9);
+        interpreter_ratios.push((name, (graph_size.1 == macs).then_some(ratio)));
         let rows = [
             ("cpu", &in_turn[0], (bytes, macs)),
             ("graph interpreter", &in_turn[1], graph_size),
@@ -279,13 +282,16 @@ pub fn bench_compress(args: &[String]) -> Result<()> {
     }
     let worst = interpreter_ratios
         .iter()
-        .map(|(_, r)| *r)
+        .filter_map(|(_, r)| *r)
         .fold(0.0, f64::max);
     println!(
         "target graph interpreter ≤ 1.05× the dedicated CPU path for every variant (native, warm p50 of runs taken in turn): {} (goal ≤ 1.05×) {}",
         interpreter_ratios
             .iter()
-            .map(|(name, r)| format!("{name} {r:.2}×"))
+            .map(|(name, r)| match r {
+                Some(r) => format!("{name} {r:.3}×"),
+                None => format!("{name} not compared (the graph pruned a different network)"),
+            })
             .collect::<Vec<_>>()
             .join(", "),
         if worst <= 1.05 { "met" } else { "not met" }
