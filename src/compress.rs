@@ -42,8 +42,9 @@ pub struct CompressedModel {
     pub layers: Vec<CompressedLayer>,
 }
 
-/// Progress callback: (stage description, fraction done 0–1).
-pub type Progress<'a> = &'a mut dyn FnMut(&str, f32);
+/// Progress callback: (stage description, fraction done 0–1). An error (normally
+/// [`EngineError::Cancelled`]) stops the work at that point and is returned.
+pub type Progress<'a> = &'a mut dyn FnMut(&str, f32) -> Result<()>;
 
 /// Applies `recipe` to the original (raw or folded) weights. `calibration` holds
 /// preprocessed images (`[3, 224, 224]` for EfficientNet; for the Fashion-MNIST network,
@@ -56,9 +57,9 @@ pub fn compress(
     progress: Progress,
 ) -> Result<CompressedModel> {
     recipe.validate()?;
-    progress("pruning", 0.05);
+    progress("pruning", 0.05)?;
     let mut store = pruned_and_folded(original, recipe)?;
-    progress("quantizing weights", 0.3);
+    progress("quantizing weights", 0.3)?;
     let mut layers = Vec::new();
     for layer in weight_layers(&store) {
         let fp32 = recipe.keep_fp32.contains(&layer.name);
@@ -98,7 +99,7 @@ pub fn compress(
             }
         }
     }
-    progress("done", 1.0);
+    progress("done", 1.0)?;
     Ok(model)
 }
 
@@ -119,7 +120,23 @@ pub fn pruned_and_folded(original: &TensorStore, recipe: &Recipe) -> Result<Tens
 }
 
 /// At most this many values per image and layer feed a percentile observer.
-pub(crate) const PERCENTILE_SAMPLES: usize = 65_536;
+const PERCENTILE_SAMPLES: usize = 65_536;
+/// At most this many values in all (64 MB of f32) are kept for the percentile observers of
+/// one calibration, so its memory does not grow with the number of images or layers.
+const PERCENTILE_BUDGET: usize = 1 << 24;
+
+/// How many values of one layer's input a percentile observer keeps per calibration image:
+/// the budget split evenly over layers and images, at most [`PERCENTILE_SAMPLES`].
+pub(crate) fn percentile_samples_per_image(layers: usize, images: usize) -> usize {
+    (PERCENTILE_BUDGET / layers.max(1) / images.max(1)).clamp(1, PERCENTILE_SAMPLES)
+}
+
+/// Every `step`-th value, so that at most `budget` of `values` are kept.
+pub(crate) fn percentile_sample(values: &[f32], budget: usize) -> impl Iterator<Item = &f32> {
+    values
+        .iter()
+        .step_by(values.len().div_ceil(budget.max(1)).max(1))
+}
 
 /// Observes every layer's input on the calibration images (float network, quantized
 /// weights) and derives per-tensor activation parameters.
@@ -142,19 +159,19 @@ fn calibrate(
     let mut min = vec![0f32; n_layers];
     let mut max = vec![0f32; n_layers];
     let mut samples: Vec<Vec<f32>> = vec![Vec::new(); n_layers];
+    let per_image = percentile_samples_per_image(n_layers, images.len());
     for (i, image) in images.iter().enumerate() {
         progress(
             &format!("calibrating activations ({}/{})", i + 1, images.len()),
             0.4 + 0.55 * i as f32 / images.len() as f32,
-        );
+        )?;
         let mut observe = |layer: usize, values: &[f32]| {
             for &v in values {
                 min[layer] = min[layer].min(v);
                 max[layer] = max[layer].max(v);
             }
             if let Observer::Percentile(_) = act.observer {
-                let step = values.len().div_ceil(PERCENTILE_SAMPLES).max(1);
-                samples[layer].extend(values.iter().step_by(step));
+                samples[layer].extend(percentile_sample(values, per_image));
             }
         };
         match &net {

@@ -10,6 +10,7 @@ use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, softmax};
+use compresslab_spec::messages::{DistilSettings, DistilTarget};
 use serde::{Deserialize, Serialize};
 
 pub use compresslab_spec::report::HeldOutReport;
@@ -76,29 +77,51 @@ impl Default for DistillConfig {
     }
 }
 
+/// Most epochs a distillation run takes (the page's field has the same bound).
+pub const MAX_EPOCHS: usize = DistilSettings::MAX_EPOCHS;
+/// Largest batch of the Fashion-MNIST network (28×28 images).
+pub const MAX_BATCH: usize = DistilTarget::Fashion.max_batch();
+/// Largest batch of the photo model (see [`DistilTarget::max_batch`]).
+pub const MAX_PHOTO_BATCH: usize = DistilTarget::Photos.max_batch();
+
 impl DistillConfig {
+    /// Bounds every setting a page or a CLI user can type, so a typo is a message, not an
+    /// allocation the worker cannot survive or a run that never ends.
     pub fn validate(&self) -> Result<()> {
-        if self.batch_size == 0 || self.epochs == 0 {
-            return Err(EngineError::Config(
-                "distillation needs a batch size and at least one epoch".into(),
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.alpha) || self.temperature <= 0.0 {
+        if !(1..=MAX_EPOCHS).contains(&self.epochs) || !(1..=MAX_BATCH).contains(&self.batch_size) {
             return Err(EngineError::Config(format!(
-                "α must be in 0–1 and T positive (got α {}, T {})",
+                "distillation takes 1–{MAX_EPOCHS} epochs and batches of 1–{MAX_BATCH} (got {} epochs, batch {})",
+                self.epochs, self.batch_size
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.alpha) || !(0.5..=20.0).contains(&self.temperature) {
+            return Err(EngineError::Config(format!(
+                "α must be in 0–1 and T in 0.5–20 (got α {}, T {})",
                 self.alpha, self.temperature
             )));
         }
-        if !(self.feature_weight >= 0.0 && self.feature_weight.is_finite()) {
+        if !(0.0..=100.0).contains(&self.feature_weight) {
             return Err(EngineError::Config(format!(
-                "the feature-matching weight must be 0 or more, got {}",
+                "the feature-matching weight must be in 0–100, got {}",
                 self.feature_weight
             )));
         }
-        if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
+        if !(self.learning_rate > 0.0 && self.learning_rate <= 0.1) {
             return Err(EngineError::Config(format!(
-                "learning rate {} is outside (0, 1)",
+                "learning rate {} is outside (0, 0.1]",
                 self.learning_rate
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`Self::validate`], with the photo model's smaller batch bound.
+    pub fn validate_photo(&self) -> Result<()> {
+        self.validate()?;
+        if self.batch_size > MAX_PHOTO_BATCH {
+            return Err(EngineError::Config(format!(
+                "the photo model trains on batches of at most {MAX_PHOTO_BATCH} photos (got {}): larger ones need more memory than a browser tab gets",
+                self.batch_size
             )));
         }
         Ok(())
@@ -561,7 +584,7 @@ pub fn requantize(
         magnitude_pruning: None,
         ..recipe.clone()
     };
-    let mut model = compress(trained, &quantize_only, calibration, &mut |_, _| {})?;
+    let mut model = compress(trained, &quantize_only, calibration, &mut |_, _| Ok(()))?;
     model.recipe = recipe.clone();
     Ok(model)
 }

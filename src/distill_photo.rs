@@ -245,7 +245,7 @@ impl PhotoDistiller {
         total_steps: usize,
         device: &Device,
     ) -> Result<Self> {
-        cfg.validate()?;
+        cfg.validate_photo()?;
         let mut cfg = cfg;
         cfg.feature_blocks.sort_unstable();
         cfg.feature_blocks.dedup();

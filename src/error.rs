@@ -34,6 +34,9 @@ pub enum EngineError {
     Dataset(String),
     #[error("invalid setting: {0}")]
     Config(String),
+    /// The caller's progress callback asked to stop (the page's Cancel).
+    #[error("Cancelled.")]
+    Cancelled,
     #[error("ONNX model: {0}")]
     Onnx(String),
     #[error("ONNX operator {op} (node `{node}`, opset {opset}) cannot be imported: {why}")]

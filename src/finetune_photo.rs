@@ -173,7 +173,7 @@ impl PhotoFineTune {
         head_device: &Device,
         stage: &mut dyn FnMut(&str),
     ) -> Result<Self> {
-        cfg.validate()?;
+        cfg.validate_photo()?;
         let (train, heldout) = set.split();
         if train.is_empty() || heldout.is_empty() {
             return Err(EngineError::Config(format!(
@@ -348,7 +348,7 @@ impl PhotoFineTune {
             .collect();
         let trained = self.distiller.student().await?;
         let after = requantize(&trained, recipe, &calibration)?;
-        let before = compress(&self.teacher, recipe, &calibration, &mut |_, _| {})?;
+        let before = compress(&self.teacher, recipe, &calibration, &mut |_, _| Ok(()))?;
         Ok((before, after, trained))
     }
 }

@@ -4,7 +4,7 @@
 
 pub use compresslab_spec::report::{SweepAxis, SweepPoint};
 
-use crate::compress::{CompressedModel, Observer, Recipe, compress};
+use crate::compress::{CompressedModel, Observer, Progress, Recipe, compress};
 use crate::error::Result;
 use crate::fashion::Evaluation;
 use crate::fashion::{FashionSet, PIXELS, normalize};
@@ -106,25 +106,43 @@ pub fn evaluate_model(
     test: &FashionSet,
     images: usize,
 ) -> Result<Evaluation> {
+    evaluate_in_batches(model, test, images, &mut |_, _| Ok(()))
+}
+
+/// [`evaluate_model`], telling `progress` before every batch (its error stops the run).
+fn evaluate_in_batches(
+    model: &CompressedModel,
+    test: &FashionSet,
+    images: usize,
+    progress: Progress,
+) -> Result<Evaluation> {
     let net = CpuFashionNet::from_compressed(model, true)?;
     let n = images.min(test.len());
     let mut eval = Evaluation::new();
     for start in (0..n).step_by(EVAL_BATCH) {
+        progress("evaluating", start as f32 / n.max(1) as f32)?;
         evaluate_range(&net, test, start..(start + EVAL_BATCH).min(n), &mut eval)?;
     }
     Ok(eval)
 }
 
-/// Compresses `original` with the case's recipe and measures it.
+/// Compresses `original` with the case's recipe and measures it; `progress` hears about
+/// compression (first half) and every batch of test images (second half), and its error
+/// stops the case.
 pub fn run_case(
     original: &TensorStore,
     case: &SweepCase,
     calibration: &[Vec<f32>],
     test: &FashionSet,
     images: usize,
+    progress: Progress,
 ) -> Result<SweepPoint> {
-    let model = compress(original, &case.recipe, calibration, &mut |_, _| {})?;
-    let eval = evaluate_model(&model, test, images)?;
+    let model = compress(original, &case.recipe, calibration, &mut |stage, f| {
+        progress(stage, 0.5 * f)
+    })?;
+    let eval = evaluate_in_batches(&model, test, images, &mut |stage, f| {
+        progress(stage, 0.5 + 0.5 * f)
+    })?;
     let stats = model.stats()?;
     Ok(SweepPoint {
         axis: case.axis,

@@ -12,6 +12,7 @@ use serde_bytes::ByteBuf;
 #[serde(tag = "type")]
 pub enum ToWorker {
     /// Load the model from `asset_base` (same origin) and pick a backend.
+    /// A `SharedArrayBuffer` may be posted alongside: the page's cancel counter.
     Init {
         asset_base: String,
         force_cpu: Option<String>,
@@ -108,6 +109,40 @@ pub enum ToWorker {
     },
     /// Stop a fine-tune at its next step; the variant stays as it was before.
     UserModelStopTuning,
+    /// Cancel the running long job at its next checkpoint. Sent only when the page could not
+    /// share a counter with the worker (no cross-origin isolation): the shared counter works
+    /// while the worker is busy, this message only when the job yields.
+    CancelJob,
+}
+
+impl ToWorker {
+    /// What a long request does, in words, or None for the quick ones (classifying, exporting,
+    /// pause / cancel). The worker runs one long job at a time and answers a second one with
+    /// "busy with …", so a benchmark never times a training step and a late result never
+    /// overwrites a newer one.
+    pub fn long_job(&self) -> Option<&'static str> {
+        Some(match self {
+            Self::Benchmark { .. } => "a benchmark",
+            Self::DeviceReport { .. } => "the device report",
+            Self::Compress { .. } | Self::LoadCompressed { .. } => "the photo lab",
+            Self::FashionCompress { .. } => "the Fashion-MNIST lab",
+            Self::FashionSweep { .. } => "the sweeps",
+            Self::DistilImages { .. } | Self::DistilBuiltin { .. } => "reading training images",
+            Self::Distil { .. } => "a fine-tune",
+            Self::BenchDistil { .. } => "the training benchmark",
+            Self::UserModelLoad { .. } => "loading your model",
+            Self::UserModelCompress { .. } => "compressing your model",
+            Self::UserModelFineTune { .. } => "fine-tuning your model",
+            Self::Init { .. }
+            | Self::Classify { .. }
+            | Self::Export
+            | Self::DistilControl { .. }
+            | Self::UserModelClassify { .. }
+            | Self::UserModelExport
+            | Self::UserModelStopTuning
+            | Self::CancelJob => return None,
+        })
+    }
 }
 
 /// Which network a distillation fine-tunes.
@@ -117,6 +152,25 @@ pub enum DistilTarget {
     Fashion,
     /// EfficientNet-Lite0 at 224².
     Photos,
+}
+
+impl DistilTarget {
+    /// Most images the worker keeps for a run; a folder drop stops reading there.
+    pub const fn max_images(self) -> usize {
+        match self {
+            Self::Fashion => 20_000,
+            Self::Photos => 1_000,
+        }
+    }
+
+    /// Largest training batch: the photo model's 224² activations take about 60 MB per
+    /// image while training, so 32 is already 2 GB.
+    pub const fn max_batch(self) -> usize {
+        match self {
+            Self::Fashion => 256,
+            Self::Photos => 32,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -145,6 +199,9 @@ pub struct DistilSettings {
 }
 
 impl DistilSettings {
+    /// Most epochs a run takes (the page's field and the engine use the same bound).
+    pub const MAX_EPOCHS: usize = 50;
+
     /// Defaults that suit each network: the small CNN takes big batches and a high rate;
     /// the pretrained photo model small batches (224² activations) and a gentle rate.
     pub fn for_target(target: DistilTarget) -> Self {
@@ -425,10 +482,43 @@ pub enum FromWorker {
         id: Option<u32>,
         message: String,
     },
-    /// The worker panicked; it is unusable and the page replaces it.
+    /// The worker stopped (a panic, or a trap such as running out of memory); it is unusable
+    /// and the page replaces it.
     Crashed {
         message: String,
+        cause: CrashCause,
     },
+}
+
+/// Why the worker stopped, which decides what the page does next.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum CrashCause {
+    /// The WebGPU device was lost or a GPU call failed: the page goes on on the CPU fallback.
+    Gpu,
+    /// A bug, or an input the engine did not turn into an error: the page restarts the
+    /// worker on the same backend and says which job failed.
+    Panic,
+    /// The worker stopped without a panic (a wasm trap: out of memory, or a stack
+    /// overflow): restarted on the same backend as well.
+    Trap,
+}
+
+impl CrashCause {
+    /// The cause of a panic raised in `file` (its source location): the GPU stack (wgpu,
+    /// cubecl, burn's WebGPU backend) fails when the device is lost or out of memory;
+    /// anything else is a bug or an unhandled input, not the GPU's fault.
+    pub fn of_panic_at(file: &str) -> Self {
+        let gpu_crates = ["wgpu", "cubecl", "burn-cubecl", "burn-wgpu", "naga"];
+        // Registry sources sit in `<crate>-<version>/` folders (`wgpu-core-27.0.1`).
+        let in_gpu_crate = file.split(['/', '\\']).any(|folder| {
+            gpu_crates.iter().any(|c| {
+                folder
+                    .strip_prefix(c)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+            })
+        });
+        if in_gpu_crate { Self::Gpu } else { Self::Panic }
+    }
 }
 
 /// Every standard variant on every executor of this browser, timed side by side.
@@ -497,11 +587,12 @@ pub struct CompressReport {
     pub after: VariantSummary,
     /// The photo the top-5 and latency are measured on.
     pub photo: String,
-    /// Agreement over the sample photos and the user's photos that did not calibrate the
-    /// variant.
+    /// Agreement over the sample photos and the user's photos that did not calibrate or
+    /// train the variant.
     pub eval_images: usize,
-    /// Photos that calibrated the variant's activations (not counted in the agreement).
-    pub calibration_images: usize,
+    /// Photos left out of the agreement because they calibrated the variant's activations
+    /// or (for a fine-tuned variant) trained it.
+    pub excluded_images: usize,
     pub top1_agreement: usize,
     pub mean_kl: f64,
     pub build_ms: f64,

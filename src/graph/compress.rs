@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use super::depgraph::prune_channels;
 use super::shape::{Dim, node_macs};
 use super::{ActivationParams, Graph, Node, Op, fold_batch_norms, transpose};
-use crate::compress::{Observer, PERCENTILE_SAMPLES, Progress, Recipe, percentile_range};
+use crate::compress::{
+    Observer, Progress, Recipe, percentile_range, percentile_sample, percentile_samples_per_image,
+};
 use crate::error::{EngineError, Result};
 use crate::exec::{CpuExecutor, Tensor};
 use crate::prune::{PruneScope, zero_smallest};
@@ -149,7 +151,7 @@ pub fn compress_graph(
     progress: Progress,
 ) -> Result<CompressedGraph> {
     recipe.validate()?;
-    progress("pruning channels", 0.05);
+    progress("pruning channels", 0.05)?;
     let mut g = match &recipe.channel_pruning {
         Some(cfg) => prune_channels(graph, cfg)?,
         None => graph.clone(),
@@ -160,7 +162,7 @@ pub fn compress_graph(
     let weight_of = |g: &Graph, i: usize| g.nodes[i].inputs[1].clone();
 
     if let Some(cfg) = &recipe.magnitude_pruning {
-        progress("magnitude pruning", 0.15);
+        progress("magnitude pruning", 0.15)?;
         if !(0.0..=0.95).contains(&cfg.sparsity) {
             return Err(EngineError::Config(format!(
                 "sparsity must be between 0 and 0.95, got {}",
@@ -199,7 +201,7 @@ pub fn compress_graph(
         }
     }
 
-    progress("quantizing weights", 0.3);
+    progress("quantizing weights", 0.3)?;
     let quantized_layers: Vec<usize> = layers
         .iter()
         .copied()
@@ -237,11 +239,12 @@ pub fn compress_graph(
             .collect();
         let executor = CpuExecutor::new(&g)?;
         let mut ranges: HashMap<String, (f32, f32, Vec<f32>)> = HashMap::new();
+        let per_image = percentile_samples_per_image(observed.len(), calibration.len());
         for (k, batch) in calibration.iter().enumerate() {
             progress(
                 &format!("calibrating activations ({}/{})", k + 1, calibration.len()),
                 0.4 + 0.55 * k as f32 / calibration.len() as f32,
-            );
+            )?;
             executor.run_observed(batch, &mut |name, values| {
                 if !observed.contains(name) {
                     return;
@@ -252,8 +255,7 @@ pub fn compress_graph(
                     *hi = hi.max(v);
                 }
                 if let Observer::Percentile(_) = act.observer {
-                    let step = values.len().div_ceil(PERCENTILE_SAMPLES).max(1);
-                    samples.extend(values.iter().step_by(step));
+                    samples.extend(percentile_sample(values, per_image));
                 }
             })?;
         }
@@ -315,7 +317,7 @@ pub fn compress_graph(
             }
         })
         .collect();
-    progress("done", 1.0);
+    progress("done", 1.0)?;
     Ok(CompressedGraph {
         recipe: recipe.clone(),
         graph: g,

@@ -42,7 +42,9 @@ fn cpu_logits(store: &TensorStore, input: &[f32]) -> Vec<f32> {
         .unwrap()
 }
 
-fn no_progress(_: &str, _: f32) {}
+fn no_progress(_: &str, _: f32) -> compresslab::Result<()> {
+    Ok(())
+}
 
 #[test]
 fn channel_pruning_at_zero_is_the_original() {

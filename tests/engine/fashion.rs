@@ -83,7 +83,7 @@ fn trained_weights_reach_the_stated_accuracy_and_int8_costs_little() {
         ("int8 per-channel W8A8 (integer kernels)", recipes_w8a8()),
     ];
     for (name, recipe) in recipes {
-        let model = compress(&store, &recipe, &calibration, &mut |_, _| {}).unwrap();
+        let model = compress(&store, &recipe, &calibration, &mut |_, _| Ok(())).unwrap();
         let eval = evaluate_model(&model, &test, test.len()).unwrap();
         let cost = 100.0 * (fp32.accuracy() - eval.accuracy());
         println!(
@@ -93,7 +93,7 @@ fn trained_weights_reach_the_stated_accuracy_and_int8_costs_little() {
         assert!(cost <= 0.5, "{name} costs {cost:.2} pt");
     }
     // W8A8 really runs on the int8 kernel in every layer.
-    let model = compress(&store, &recipes_w8a8(), &calibration, &mut |_, _| {}).unwrap();
+    let model = compress(&store, &recipes_w8a8(), &calibration, &mut |_, _| Ok(())).unwrap();
     assert_eq!(
         CpuFashionNet::from_compressed(&model, true)
             .unwrap()
@@ -179,7 +179,7 @@ fn compressed_export_round_trip_keeps_the_predictions() {
         }),
         ..recipes_w8a8()
     };
-    let model = compress(&store, &recipe, &calibration, &mut |_, _| {}).unwrap();
+    let model = compress(&store, &recipe, &calibration, &mut |_, _| Ok(())).unwrap();
     let back = CompressedModel::from_safetensors(&model.to_safetensors().unwrap()).unwrap();
     let images = normalize(&test.images[..50 * PIXELS]);
     let a = CpuFashionNet::from_compressed(&model, true)
@@ -326,7 +326,7 @@ fn quantization_aware_distillation_recovers_int4_per_tensor() {
         ..Recipe::default()
     };
     let accuracy = |s: &TensorStore| {
-        let model = compress(s, &recipe, &[], &mut |_, _| {}).unwrap();
+        let model = compress(s, &recipe, &[], &mut |_, _| Ok(())).unwrap();
         evaluate_model(&model, &test, 2000).unwrap().accuracy()
     };
     let before = accuracy(&teacher);
@@ -530,7 +530,7 @@ fn int4_packed_kernel_matches_dequantized_weights_at_every_granularity() {
             }),
             ..Recipe::default()
         };
-        let model = compress(&store, &recipe, &[], &mut |_, _| {}).unwrap();
+        let model = compress(&store, &recipe, &[], &mut |_, _| Ok(())).unwrap();
         let packed = CpuFashionNet::from_compressed(&model, true).unwrap();
         let reference = CpuFashionNet::from_compressed(&model, false).unwrap();
         let (a, b) = (

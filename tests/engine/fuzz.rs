@@ -364,10 +364,12 @@ fn assert_clean(findings: &[Findings]) {
 
 fn fashion_export(recipe: &Recipe) -> Vec<u8> {
     let calibration = calibration_batches(&fashion_set("calibration.bin"));
-    compress(&fashion_store(), recipe, &calibration[..1], &mut |_, _| {})
-        .unwrap()
-        .to_safetensors()
-        .unwrap()
+    compress(&fashion_store(), recipe, &calibration[..1], &mut |_, _| {
+        Ok(())
+    })
+    .unwrap()
+    .to_safetensors()
+    .unwrap()
 }
 
 #[test]
@@ -410,7 +412,7 @@ fn damaged_efficientnet_exports_load_or_fail_cleanly() {
     // 18 MB per copy: fewer cases, mostly in the header where the shapes and schemes are.
     let recipe = Recipe::w8a8(Granularity::PerChannel, Observer::MinMax);
     let calibration = vec![vec![0.1f32; 3 * 224 * 224]];
-    let bytes = compress(&crate::store(), &recipe, &calibration, &mut |_, _| {})
+    let bytes = compress(&crate::store(), &recipe, &calibration, &mut |_, _| Ok(()))
         .unwrap()
         .to_safetensors()
         .unwrap();
@@ -498,4 +500,69 @@ fn crafted_layer_tables_are_errors() {
         }
         assert!(seconds < 1.0, "{what}: {seconds:.1} s to fail");
     }
+}
+
+/// Training settings a page or a CLI user can type: out-of-range values (NaN included)
+/// are errors before any model is built; the page's defaults and its field bounds pass.
+#[test]
+fn distillation_settings_are_bounded() {
+    use compresslab::distill::{DistillConfig, MAX_BATCH, MAX_EPOCHS, MAX_PHOTO_BATCH};
+    let base = DistillConfig::default();
+    assert!(base.validate().is_ok());
+    type Edit = fn(&mut DistillConfig);
+    let edits: [(&str, Edit); 10] = [
+        ("no epochs", |c| c.epochs = 0),
+        ("too many epochs", |c| c.epochs = MAX_EPOCHS + 1),
+        ("batch 0", |c| c.batch_size = 0),
+        ("huge batch", |c| c.batch_size = usize::MAX),
+        ("NaN temperature", |c| c.temperature = f64::NAN),
+        ("huge temperature", |c| c.temperature = 1e9),
+        ("NaN α", |c| c.alpha = f64::NAN),
+        ("infinite feature weight", |c| {
+            c.feature_weight = f64::INFINITY
+        }),
+        ("NaN learning rate", |c| c.learning_rate = f64::NAN),
+        ("learning rate 1", |c| c.learning_rate = 1.0),
+    ];
+    for (what, edit) in edits {
+        let mut cfg = base.clone();
+        edit(&mut cfg);
+        assert!(cfg.validate().is_err(), "{what} was accepted");
+    }
+    let widest = DistillConfig {
+        epochs: MAX_EPOCHS,
+        batch_size: MAX_BATCH,
+        temperature: 20.0,
+        learning_rate: 0.1,
+        feature_weight: 100.0,
+        ..base.clone()
+    };
+    assert!(widest.validate().is_ok());
+    // The photo model: its own smaller batch bound, with a message that says why.
+    assert!(widest.validate_photo().is_err());
+    let photo = DistillConfig {
+        batch_size: MAX_PHOTO_BATCH,
+        ..widest
+    };
+    assert!(photo.validate_photo().is_ok());
+}
+
+/// Calibration memory does not grow with the number of images: 6 000 one-image calibration
+/// entries with a percentile observer keep at most the observers' budget (64 MB) of
+/// samples. Before the budget every image kept every value of every layer's input (about
+/// 250 MB here, and more with every image).
+#[test]
+fn percentile_calibration_memory_is_bounded() {
+    let set = fashion_set("calibration.bin");
+    let single: Vec<Vec<f32>> = set.images.chunks(PIXELS).map(normalize).collect();
+    let images: Vec<Vec<f32>> = single.iter().cycle().take(6000).cloned().collect();
+    let recipe = Recipe::w8a8(Granularity::PerChannel, Observer::Percentile(99.99));
+    let store = fashion_store();
+    let (model, peak) = peak_bytes(|| compress(&store, &recipe, &images, &mut |_, _| Ok(())));
+    model.unwrap();
+    println!(
+        "percentile calibration on 6 000 images held {} MB at most",
+        peak >> 20
+    );
+    assert!(peak < 80 << 20, "calibration held {} MB", peak >> 20);
 }

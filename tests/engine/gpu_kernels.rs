@@ -30,7 +30,7 @@ fn check_on(
         .iter()
         .map(|n| imagenet_input(&decode_file(&assets().join("samples").join(n)).unwrap()))
         .collect();
-    let model = compress(&store, &recipe, &images, &mut |_, _| {}).unwrap();
+    let model = compress(&store, &recipe, &images, &mut |_, _| Ok(())).unwrap();
     let device = burn::prelude::Device::wgpu(burn::prelude::DeviceKind::DefaultDevice);
     let gpu = ImageClassifier::new_compressed(&model, Labels::default(), &device, Some(features))
         .unwrap();

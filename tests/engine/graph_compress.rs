@@ -203,7 +203,8 @@ fn w8a8_on_the_graph_agrees_with_fp32_on_held_out_inputs() {
     for name in MODELS {
         let graph = load(name);
         let (calibration, evaluation) = calibration_and_evaluation(name);
-        let compressed = compress_graph(&graph, &recipe, &[calibration], &mut |_, _| {}).unwrap();
+        let compressed =
+            compress_graph(&graph, &recipe, &[calibration], &mut |_, _| Ok(())).unwrap();
         let quantizers = compressed
             .graph
             .nodes
@@ -269,7 +270,7 @@ fn integer_kernels_on_the_graph_compute_what_its_float_form_computes() {
                 &graph,
                 recipe,
                 std::slice::from_ref(&calibration),
-                &mut |_, _| {},
+                &mut |_, _| Ok(()),
             )
             .unwrap();
             let integer = CpuExecutor::compressed(&compressed).unwrap();
@@ -376,7 +377,7 @@ fn exported_onnx_runs_in_onnx_runtime_and_reimports() {
                 &graph,
                 recipe,
                 std::slice::from_ref(&calibration),
-                &mut |_, _| {},
+                &mut |_, _| Ok(()),
             )
             .unwrap();
             let ours = run(&compressed.graph, &evaluation);
@@ -418,7 +419,7 @@ fn mutated_compressed_exports_fail_cleanly() {
         symmetric: false,
         granularity: Granularity::PerBlock(8),
     });
-    let compressed = compress_graph(&graph, &recipe, &[calibration], &mut |_, _| {}).unwrap();
+    let compressed = compress_graph(&graph, &recipe, &[calibration], &mut |_, _| Ok(())).unwrap();
     let bytes = export_onnx(&compressed.graph, &compressed.weights, &[]).unwrap();
     import_mutations(&bytes, &evaluation, 1000, 0x9e37_79b9_7f4a_7c15);
 }
@@ -493,7 +494,7 @@ fn efficientnet_as_a_graph_matches_its_dedicated_cpu_path_and_compresses() {
     // W8A8: calibrated on 3 photos, agreement measured on the other 4.
     let recipe = Recipe::w8a8(Granularity::PerChannel, Observer::Percentile(99.99));
     let calibration: Vec<Tensor> = photos[..3].iter().map(|(_, t)| t.clone()).collect();
-    let compressed = compress_graph(&graph, &recipe, &calibration, &mut |_, _| {}).unwrap();
+    let compressed = compress_graph(&graph, &recipe, &calibration, &mut |_, _| Ok(())).unwrap();
     let quantized = CpuExecutor::new(&compressed.graph).unwrap();
     let mut same = 0;
     for (_, input) in &photos[3..] {

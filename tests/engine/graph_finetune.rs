@@ -63,7 +63,7 @@ fn fine_tuning_a_compressed_graph_brings_it_back_toward_the_original_on_held_out
         }),
         ..Default::default()
     };
-    let variant = compress_graph(&graph, &recipe, &[], &mut |_, _| {}).unwrap();
+    let variant = compress_graph(&graph, &recipe, &[], &mut |_, _| Ok(())).unwrap();
     let original = CpuExecutor::new(&graph).unwrap();
     let train = flipped_copies(train);
     let targets: Vec<Vec<f32>> = train

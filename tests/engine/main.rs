@@ -20,6 +20,7 @@ mod graph;
 mod graph_compress;
 mod graph_finetune;
 mod quant;
+mod worker_protocol;
 
 /// `assets/`, written by scripts/setup.sh.
 pub fn assets() -> PathBuf {

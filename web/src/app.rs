@@ -22,8 +22,8 @@ use crate::fashion_panel::{SweepPanel, SweepState};
 use crate::lab_panel::{LabPanel, LabState, ModelChoice};
 use crate::user_model_panel::{self, UserModelPanel, UserModelState};
 use compresslab_spec::messages::{
-    BackendInfo, BackendKind, BenchReport, DeviceReport, DistilBench, DistilTarget, FromWorker,
-    ModelReady, ToWorker,
+    BackendInfo, BackendKind, BenchReport, CrashCause, DeviceReport, DistilBench, DistilTarget,
+    FromWorker, ModelReady, ToWorker,
 };
 
 /// At most this many images are taken from one drop, paste or pick.
@@ -99,6 +99,9 @@ struct Controller {
     in_flight: Option<(u32, Blob)>,
     next_id: u32,
     on_cpu_because: Option<String>,
+    /// Shared with the worker when the page is cross-origin isolated: Cancel raises it and
+    /// the running job sees it at its next checkpoint, even inside synchronous engine code.
+    cancel_counter: Option<js_sys::Int32Array>,
     status: RwSignal<Status>,
     items: RwSignal<Vec<Item>>,
     notice: RwSignal<Option<String>>,
@@ -204,6 +207,9 @@ fn spawn_worker(force_cpu: Option<String>) {
     worker.set_onerror(Some(on_error.as_ref().unchecked_ref()));
     with_controller(|c| {
         if let Some(old) = c.worker.take() {
+            // Its handlers are dropped below: nothing it still sends may reach them.
+            old.set_onmessage(None);
+            old.set_onerror(None);
             old.terminate();
         }
         c.worker = Some(worker);
@@ -225,12 +231,14 @@ fn on_worker_event(event: JsValue) {
     if let Some(error) = event.dyn_ref::<web_sys::ErrorEvent>() {
         on_worker_message(FromWorker::Crashed {
             message: error.message(),
+            cause: CrashCause::Trap,
         });
         return;
     }
     let Some(event) = event.dyn_ref::<MessageEvent>() else {
         on_worker_message(FromWorker::Crashed {
             message: "the model worker stopped".into(),
+            cause: CrashCause::Trap,
         });
         return;
     };
@@ -247,7 +255,8 @@ fn set_item(c: &Controller, id: u32, state: ItemState) {
 }
 
 fn on_worker_message(msg: FromWorker) {
-    let mut respawn: Option<String> = None;
+    // Some(backend): replace the worker (None: on WebGPU, Some(why): on the CPU).
+    let mut respawn: Option<Option<String>> = None;
     with_controller(|c| match msg {
         FromWorker::Started => {
             let init = ToWorker::Init {
@@ -255,8 +264,17 @@ fn on_worker_message(msg: FromWorker) {
                 force_cpu: c.on_cpu_because.clone(),
                 workers: workers_requested_in_url(),
             };
+            // A new counter for each worker: a cancel meant for the old one never reaches it.
+            let shared = shared_cancel_counter();
+            c.cancel_counter = shared
+                .as_ref()
+                .map(|buffer| js_sys::Int32Array::new(buffer));
+            let parts = |msg: &JsValue| match &shared {
+                Some(buffer) => js_sys::Array::of2(msg, buffer),
+                None => js_sys::Array::of1(msg),
+            };
             if let (Some(worker), Ok(msg)) = (&c.worker, serde_wasm_bindgen::to_value(&init))
-                && let Err(e) = worker.post_message(&js_sys::Array::of1(&msg))
+                && let Err(e) = worker.post_message(&parts(&msg))
             {
                 let msg = WebError::js("could not start the model", e).to_string();
                 c.status.set(Status::Failed(msg));
@@ -274,7 +292,7 @@ fn on_worker_message(msg: FromWorker) {
         FromWorker::Ready(ready) => c.status.set(Status::Ready(ready)),
         FromWorker::InitFailed { message, on_gpu } => {
             if on_gpu {
-                respawn = Some(format!("WebGPU failed to start: {message}"));
+                respawn = Some(Some(format!("WebGPU failed to start: {message}")));
             } else {
                 c.status.set(Status::Failed(message));
             }
@@ -391,50 +409,87 @@ fn on_worker_message(msg: FromWorker) {
         FromWorker::DeviceReported(report) => c.bench.set(BenchState::DeviceDone(report)),
         FromWorker::DistilBenchmarked(report) => c.bench.set(BenchState::TrainingDone(report)),
         FromWorker::BenchmarkFailed { message } => c.bench.set(BenchState::Failed(message)),
-        FromWorker::Crashed { message } => {
+        FromWorker::Crashed { message, cause } => {
             let on_gpu = c.on_cpu_because.is_none();
+            let starting = matches!(c.status.get_untracked(), Status::Loading { .. });
+            // A GPU failure, or any crash while WebGPU starts, moves the page to the CPU; a
+            // panic or trap after that restarts the worker on the same backend (the input
+            // that caused it is reported, not retried).
+            let to_cpu = on_gpu && (cause == CrashCause::Gpu || starting);
+            let what = match cause {
+                CrashCause::Gpu => "the WebGPU device was lost or failed",
+                CrashCause::Panic => "the model worker panicked",
+                CrashCause::Trap => "the model worker stopped (out of memory or a trap)",
+            };
+            let lost = format!("{what}: {message}");
             match c.in_flight.take() {
-                // On WebGPU, retry the image on the CPU; on the CPU, the image itself is at fault.
-                Some(job) if on_gpu => c.queue.push_front(job),
-                Some((id, _)) => set_item(
-                    c,
-                    id,
-                    ItemState::Error(format!("the model crashed: {message}")),
-                ),
+                Some(job) if to_cpu => c.queue.push_front(job),
+                Some((id, _)) => set_item(c, id, ItemState::Error(lost.clone())),
                 None => {}
             }
-            if matches!(c.lab.get_untracked(), LabState::Running { .. }) {
-                c.lab.set(LabState::Failed(format!(
-                    "the model worker crashed: {message}"
-                )));
+            reset_after_crash(c, &lost);
+            if !on_gpu && starting {
+                // The CPU fallback itself cannot start: restarting would loop.
+                c.status.set(Status::Failed(lost));
+                return;
             }
-            if c.sweep.get_untracked().running.is_some() {
-                c.sweep.update(|s| {
-                    s.running = None;
-                    s.error = Some(format!("the model worker crashed: {message}"));
-                });
-            }
-            for state in [c.distil, c.photo_distil] {
-                if state.get_untracked().running || state.get_untracked().loading.is_some() {
-                    state.update(|s| {
-                        s.running = false;
-                        s.loading = None;
-                        s.message = Some(format!("the model worker crashed: {message}"));
-                    });
-                }
-            }
-            user_model_panel::on_worker_lost(c.user_model, &message);
-            respawn = Some(if on_gpu {
-                format!("the WebGPU device was lost or failed: {message}")
+            c.notice.set(Some(if to_cpu {
+                format!("{lost}. The page goes on on the CPU fallback.")
             } else {
-                c.on_cpu_because.clone().unwrap_or_default()
+                format!("{lost}. It was restarted on the same backend; what it held is gone.")
+            }));
+            respawn = Some(if to_cpu {
+                Some(lost)
+            } else {
+                c.on_cpu_because.clone()
             });
         }
     });
-    if let Some(reason) = respawn {
-        spawn_worker(Some(reason));
+    if let Some(backend) = respawn {
+        spawn_worker(backend);
     }
     pump();
+}
+
+/// Brings the page in line with a new worker: whatever was running failed, and what the
+/// old worker held (the lab's variant, training images, the visitor's model) is gone, so
+/// nothing offers to export or train on it.
+fn reset_after_crash(c: &Controller, lost: &str) {
+    match c.lab.get_untracked() {
+        LabState::Running { .. } => c.lab.set(LabState::Failed(lost.to_string())),
+        LabState::Done(_) | LabState::FashionDone(_) => c.lab.set(LabState::Failed(format!(
+            "{lost}. The variant it held is gone: apply or load it again."
+        ))),
+        LabState::Idle | LabState::Failed(_) => {}
+    }
+    if c.sweep.get_untracked().running.is_some() {
+        c.sweep.update(|s| {
+            s.running = None;
+            s.error = Some(lost.to_string());
+        });
+    }
+    if matches!(
+        c.bench.get_untracked(),
+        BenchState::Running(_) | BenchState::RunningTraining | BenchState::DeviceRunning { .. }
+    ) {
+        c.bench.set(BenchState::Failed(lost.to_string()));
+    }
+    for state in [c.distil, c.photo_distil] {
+        let s = state.get_untracked();
+        if s.running || s.loading.is_some() || s.data.is_some() {
+            state.update(|s| {
+                s.running = false;
+                s.paused = false;
+                s.loading = None;
+                s.stage = None;
+                s.data = None;
+                s.message = Some(format!(
+                    "{lost}. The training images it held are gone: add them again."
+                ));
+            });
+        }
+    }
+    user_model_panel::on_worker_lost(c.user_model, lost);
 }
 
 fn backend_label(b: &BackendInfo) -> String {
@@ -442,6 +497,32 @@ fn backend_label(b: &BackendInfo) -> String {
         BackendKind::WebGpu => format!("WebGPU ({})", b.description),
         BackendKind::Cpu => "CPU fallback".into(),
     }
+}
+
+/// A `SharedArrayBuffer` of one counter, when the page is cross-origin isolated (the only
+/// case in which a browser lets a page share memory with its worker).
+fn shared_cancel_counter() -> Option<js_sys::SharedArrayBuffer> {
+    let isolated = Reflect::get(&js_sys::global(), &"crossOriginIsolated".into())
+        .ok()?
+        .as_bool()?;
+    isolated.then(|| js_sys::SharedArrayBuffer::new(4))
+}
+
+/// Cancels the worker's running long job (Apply, load, sweeps, benchmarks, your model's
+/// compression); its panel then shows "Cancelled.". Training has its own Cancel.
+pub fn cancel_long_job() {
+    with_controller(|c| {
+        if let Some(counter) = &c.cancel_counter {
+            // Read by the worker between layers, images and runs: effective while it is busy.
+            let _ = js_sys::Atomics::add(counter, 0, 1);
+        } else if let (Some(worker), Ok(msg)) = (
+            c.worker.as_ref(),
+            serde_wasm_bindgen::to_value(&ToWorker::CancelJob),
+        ) {
+            // Read when the job next yields to the worker's event loop.
+            let _ = worker.post_message(&js_sys::Array::of1(&msg));
+        }
+    });
 }
 
 /// Sends the next queued image when the worker is ready and idle.
@@ -793,6 +874,7 @@ pub fn App() -> impl IntoView {
             in_flight: None,
             next_id: 1,
             on_cpu_because: None,
+            cancel_counter: None,
             status,
             items,
             notice,
@@ -1187,6 +1269,11 @@ fn BenchPanel(
                 title="fp32, int8, int4 and 50 % channels on every executor this browser has (WebGPU and the CPU fallback), timed side by side on the last photo">
                 "Device report"
             </button>
+            <button id="bench-cancel" class="cancel" disabled=move || !matches!(
+                    bench.get(),
+                    BenchState::Running(_) | BenchState::DeviceRunning { .. }
+                )
+                on:click=move |_| cancel_long_job()>"Cancel"</button>
             <span class="bench-result" id="bench-result" data-state=move || match bench.get() {
                 BenchState::Idle => "idle",
                 BenchState::Running(_) | BenchState::RunningTraining | BenchState::DeviceRunning { .. } => "running",

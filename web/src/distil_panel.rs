@@ -39,23 +39,31 @@ pub struct DistilState {
 }
 
 #[wasm_bindgen(inline_js = r#"
-export function collectDropped(dataTransfer) {
+export function collectDropped(dataTransfer, maxImages) {
   // Entries must be taken while the drop event is live; the walk can be async.
   const entries = [...(dataTransfer.items || [])]
     .filter(i => i.kind === 'file')
     .map(i => (i.webkitGetAsEntry ? i.webkitGetAsEntry() : null));
   const loose = entries.every(e => !e) ? [...(dataTransfer.files || [])] : [];
+  const isImage = name => /\.(png|jpe?g|webp|gif|bmp|avif)$/i.test(name);
+  // The walk stops at the cap (and at as many other files again), so a huge folder is not
+  // listed in full before anything happens.
   const out = [];
+  let images = 0;
+  let stopped = false;
+  const full = () => images >= maxImages || out.length >= 2 * maxImages;
   async function walk(entry, prefix) {
-    if (!entry) return;
+    if (!entry || stopped) return;
     if (entry.isFile) {
+      if (full()) { stopped = true; return; }
       const file = await new Promise((res, rej) => entry.file(res, rej));
       out.push([prefix + entry.name, file]);
+      if (isImage(entry.name)) images += 1;
     } else if (entry.isDirectory) {
       const reader = entry.createReader();
       for (;;) {
         const batch = await new Promise((res, rej) => reader.readEntries(res, rej));
-        if (!batch.length) break;
+        if (!batch.length || stopped) break;
         for (const e of batch) await walk(e, prefix + entry.name + '/');
       }
     }
@@ -63,14 +71,15 @@ export function collectDropped(dataTransfer) {
   return (async () => {
     for (const e of entries) await walk(e, '');
     for (const f of loose) out.push([f.name, f]);
-    return out;
+    return [out, stopped];
   })();
 }
 "#)]
 extern "C" {
-    /// `[[path, File], …]` for everything dropped, folders walked recursively.
+    /// `[[[path, File], …], stopped]` for what was dropped, folders walked recursively
+    /// until `max_images` images (`stopped`: the walk ended there).
     #[wasm_bindgen(js_name = collectDropped)]
-    fn collect_dropped(data_transfer: &web_sys::DataTransfer) -> js_sys::Promise;
+    fn collect_dropped(data_transfer: &web_sys::DataTransfer, max_images: u32) -> js_sys::Promise;
 }
 
 fn is_image_name(path: &str) -> bool {
@@ -80,10 +89,16 @@ fn is_image_name(path: &str) -> bool {
         .any(|ext| lower.ends_with(ext))
 }
 
-/// Sends `(path, file)` pairs that look like images to the worker.
-fn send_files(files: Vec<(String, JsValue)>, state: RwSignal<DistilState>, target: DistilTarget) {
+/// Sends `(path, file)` pairs that look like images to the worker, at most as many as a
+/// run keeps (`stopped`: a dropped folder's walk already ended at that cap).
+fn send_files(
+    files: Vec<(String, JsValue)>,
+    stopped: bool,
+    state: RwSignal<DistilState>,
+    target: DistilTarget,
+) {
     let total = files.len();
-    let files: Vec<(String, JsValue)> = files
+    let mut files: Vec<(String, JsValue)> = files
         .into_iter()
         .filter(|(path, _)| is_image_name(path))
         .collect();
@@ -95,20 +110,30 @@ fn send_files(files: Vec<(String, JsValue)>, state: RwSignal<DistilState>, targe
         return;
     }
     let skipped = total - files.len();
+    let cap = target.max_images();
+    let capped = stopped || files.len() > cap;
+    files.truncate(cap);
     let blobs = Array::new();
     let mut paths = Vec::with_capacity(files.len());
     for (path, file) in files {
         paths.push(path);
         blobs.push(&file);
     }
+    let mut notes = Vec::new();
+    if skipped > 0 {
+        notes.push(format!(
+            "{skipped} {} not an image by its name, left out.",
+            if skipped == 1 { "file is" } else { "files are" }
+        ));
+    }
+    if capped {
+        notes.push(format!(
+            "Stopped reading at {cap} images, the most a run keeps; the rest of the selection is left out."
+        ));
+    }
     state.update(|s| {
         s.loading = Some((0, paths.len() as u32));
-        s.message = (skipped > 0).then(|| {
-            format!(
-                "{skipped} {} not an image by its name, left out.",
-                if skipped == 1 { "file is" } else { "files are" }
-            )
-        });
+        s.message = (!notes.is_empty()).then(|| notes.join(" "));
     });
     send_distil(ToWorker::DistilImages { paths, target }, Some(blobs));
 }
@@ -254,7 +279,7 @@ pub fn DistilPanel(
     };
     let on_pick = move |e: ev::Event| {
         let input: web_sys::HtmlInputElement = event_target(&e);
-        send_files(files_of_input(&input), distil, target);
+        send_files(files_of_input(&input), false, distil, target);
         input.set_value("");
     };
     let on_drop = move |e: ev::DragEvent| {
@@ -265,18 +290,21 @@ pub fn DistilPanel(
         let Some(dt) = e.data_transfer() else {
             return;
         };
-        let promise = collect_dropped(&dt);
+        let cap = u32::try_from(target.max_images()).unwrap_or(u32::MAX);
+        let promise = collect_dropped(&dt, cap);
         spawn_local(async move {
             match JsFuture::from(promise).await {
-                Ok(list) => {
-                    let files = Array::from(&list)
+                Ok(result) => {
+                    let result = Array::from(&result);
+                    let stopped = result.get(1).is_truthy();
+                    let files = Array::from(&result.get(0))
                         .iter()
                         .filter_map(|pair| {
                             let pair: Array = pair.dyn_into().ok()?;
                             Some((pair.get(0).as_string()?, pair.get(1)))
                         })
                         .collect();
-                    send_files(files, distil, target);
+                    send_files(files, stopped, distil, target);
                 }
                 Err(_) => distil.update(|s| {
                     s.message = Some("The browser could not read the dropped folder.".into())
@@ -357,15 +385,15 @@ pub fn DistilPanel(
             })}
             {move || distil.get().data.map(|d| view! { <DataSummary data=d/> })}
             <fieldset class="distil-settings" id="distil-settings" prop:disabled=running>
-                <label>"Temperature T " <input id="distil-t" type="number" min="1" max="20" step="0.5"
+                <label>"Temperature T " <input id="distil-t" type="number" min="0.5" max="20" step="0.5"
                     prop:value=move || temperature.get().to_string() on:change=number(temperature)/></label>
                 <label>"α (teacher weight) " <input id="distil-alpha" type="number" min="0" max="1" step="0.1"
                     prop:value=move || alpha.get().to_string() on:change=number(alpha)/></label>
                 <label>"Learning rate " <input id="distil-lr" type="number" min="0.00001" max="0.1" step="0.0005"
                     prop:value=move || learning_rate.get().to_string() on:change=number(learning_rate)/></label>
-                <label>"Epochs " <input id="distil-epochs" type="number" min="1" max="50"
+                <label>"Epochs " <input id="distil-epochs" type="number" min="1" max=DistilSettings::MAX_EPOCHS.to_string()
                     prop:value=move || epochs.get().to_string() on:change=integer(epochs)/></label>
-                <label>"Batch " <input id="distil-batch" type="number" min="1" max="256"
+                <label>"Batch " <input id="distil-batch" type="number" min="1" max=target.max_batch().to_string()
                     prop:value=move || batch_size.get().to_string() on:change=integer(batch_size)/></label>
                 <label>"Layers that learn "
                     <select id="distil-layers" on:change=move |e| layers.set(event_target_value(&e))>

@@ -5,7 +5,7 @@ use compresslab_spec::report::{CLASS_NAMES, Evaluation, SweepAxis, SweepPoint};
 use compresslab_spec::stats::{LayerKind, LayerStats};
 use leptos::prelude::*;
 
-use crate::app::send_sweep;
+use crate::app::{cancel_long_job, send_sweep};
 use crate::lab_panel::{
     CompareRow, CompareTable, LayerDetail, LayerTable, SqnrChart, mb, ratio, recipe_summary,
     size_rows, speed_change,
@@ -242,7 +242,8 @@ pub fn SweepPanel(sweep: RwSignal<SweepState>, can_run: Signal<bool>) -> impl In
             }>
                 {move || sweep.get().running.map(|(stage, done, total)| view! {
                     <div class="lab-progress"><div class="lab-progress-fill" style=format!("width:{:.0}%", 100.0 * done as f64 / total.max(1) as f64)></div></div>
-                    <p class="hint">{format!("{done}/{total}: {stage}")}</p>
+                    <p class="hint">{format!("{done}/{total}: {stage}")} " "
+                        <button id="sweep-cancel" class="cancel small" on:click=move |_| cancel_long_job()>"Cancel"</button></p>
                 })}
                 {move || sweep.get().error.map(|e| view! { <p class="error">{e}</p> })}
             </div>

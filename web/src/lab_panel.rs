@@ -10,7 +10,7 @@ use compresslab_spec::stats::{Histogram, LayerKind, LayerStats, ModelStats};
 use leptos::ev;
 use leptos::prelude::*;
 
-use crate::app::{Item, ItemState, Status, send_lab};
+use crate::app::{Item, ItemState, Status, cancel_long_job, send_lab};
 use crate::fashion_panel::FashionReportView;
 use compresslab_spec::messages::{CompressReport, FashionReport, ToWorker};
 
@@ -417,7 +417,7 @@ pub fn LabPanel(
                     LabState::Idle => view! { <p class="hint">"Choose settings and press Apply."</p> }.into_any(),
                     LabState::Running { stage, fraction } => view! {
                         <div class="lab-progress"><div class="lab-progress-fill" style=format!("width:{:.0}%", fraction * 100.0)></div></div>
-                        <p class="hint">{stage}</p>
+                        <p class="hint">{stage} " " <button id="lab-cancel" class="cancel small" on:click=move |_| cancel_long_job()>"Cancel"</button></p>
                     }.into_any(),
                     LabState::Failed(message) => view! { <p class="error" id="lab-error">{message}</p> }.into_any(),
                     LabState::Done(report) => view! { <Report report=*report keep_fp32=c.keep_fp32/> }.into_any(),
@@ -550,12 +550,17 @@ fn Report(report: CompressReport, keep_fp32: RwSignal<Vec<String>>) -> impl Into
             "agreement",
             "Top-1 agreement with the original",
             "—".into(),
-            match (r.eval_images, r.calibration_images) {
-                (0, _) => "too few photos to measure".into(),
+            match (r.eval_images, r.excluded_images) {
+                (0, _) => "too few photos to measure (classify photos it did not see)".into(),
                 (n, 0) => format!("{}/{n} photos", r.top1_agreement),
                 (n, c) => format!(
-                    "{}/{n} held-out photos ({c} others calibrated)",
-                    r.top1_agreement
+                    "{}/{n} held-out photos ({c} others {})",
+                    r.top1_agreement,
+                    if r.source == "distilled" {
+                        "trained on"
+                    } else {
+                        "calibrated"
+                    }
                 ),
             },
             format!("mean KL {:.4}", r.mean_kl),

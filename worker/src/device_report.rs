@@ -18,7 +18,7 @@ use compresslab::prune::{ChannelPruning, ChannelRanking};
 use compresslab::quant::{Granularity, QuantScheme};
 
 use crate::error::{WorkerError, WorkerResult};
-use crate::lab::{eval_images, kernels_summary, layer_kernels, percentile};
+use crate::lab::{EvalImage, eval_images, kernels_summary, layer_kernels, percentile};
 use crate::worker::{Loaded, now, post};
 use compresslab_spec::messages::{BackendKind, DeviceReport, DeviceRow, FromWorker, Latency};
 
@@ -126,7 +126,9 @@ fn graph_rows(
             Recipe::w8a8(Granularity::PerChannel, Observer::MinMax),
         ),
     ] {
-        let compressed = compress_graph(&graph, &recipe, &batches, &mut |_, _| {})?;
+        let compressed = compress_graph(&graph, &recipe, &batches, &mut |_, _| {
+            crate::cancel::check()
+        })?;
         let executor = CpuExecutor::compressed(&compressed)?;
         let used = executor.kernel_use();
         let quantized = compressed
@@ -167,14 +169,16 @@ pub async fn run(loaded: Rc<Loaded>, runs: u32) -> WorkerResult<()> {
     // W8A8 calibrates its activations on the photos the lab compares with.
     let calibration: Vec<Vec<f32>> = eval_images(&loaded, &|stage, f| progress(stage.into(), f))
         .await?
-        .into_iter()
-        .map(|e| e.input)
+        .iter()
+        .map(EvalImage::input)
         .collect();
     let mut models = Vec::new();
     for (name, recipe) in variants() {
         let model = match &recipe {
             None => CompressedModel::original(&loaded.store)?,
-            Some(r) => compress(&loaded.store, r, &calibration, &mut |_, _| {})?,
+            Some(r) => compress(&loaded.store, r, &calibration, &mut |_, _| {
+                crate::cancel::check()
+            })?,
         };
         models.push((name, recipe.is_none(), model));
     }
@@ -198,6 +202,7 @@ pub async fn run(loaded: Rc<Loaded>, runs: u32) -> WorkerResult<()> {
                 format!("Building {name} on {on}"),
                 share(0.3 * i as f32 / models.len() as f32),
             );
+            crate::cancel::check()?;
             let classifier = match (device, original) {
                 (Some(d), true) => ImageClassifier::new(&loaded.store, labels.clone(), d)?,
                 (Some(d), false) => ImageClassifier::new_compressed(
@@ -240,6 +245,7 @@ pub async fn run(loaded: Rc<Loaded>, runs: u32) -> WorkerResult<()> {
                 format!("Timing on {on}: run {} of {runs}", r + 1),
                 share(0.3 + 0.7 * r as f32 / runs as f32),
             );
+            crate::cancel::check()?;
             for b in built.iter_mut() {
                 let start = now();
                 b.runnable.run(&input).await?;

@@ -37,7 +37,7 @@ use compresslab_spec::messages::{
 };
 
 /// At most this many images are kept (784 bytes each), however many are dropped.
-pub const MAX_IMAGES: usize = 20_000;
+pub const MAX_IMAGES: usize = DistilTarget::Fashion.max_images();
 const REJECTIONS_LISTED: usize = 5;
 const PREVIEW_IMAGES: usize = 12;
 
@@ -549,7 +549,7 @@ async fn train(loaded: &Loaded, recipe: Recipe, settings: DistilSettings) -> Wor
     stage("Re-quantizing the fine-tuned network", 0.1);
     let trained = run.student().await?;
     let after_model = requantize(&trained, &recipe, &a.calibration)?;
-    let before_model = compress(&a.store, &recipe, &a.calibration, &mut |_, _| {})?;
+    let before_model = compress(&a.store, &recipe, &a.calibration, &mut |_, _| Ok(()))?;
 
     stage("Measuring the networks as deployed", 0.3);
     let teacher_net = CpuFashionNet::from_store(&a.store)?;

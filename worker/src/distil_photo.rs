@@ -7,6 +7,7 @@
 //! re-quantized and measured as deployed on the CPU executor.
 
 use std::cell::RefCell;
+use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -31,7 +32,7 @@ use compresslab_spec::messages::{
 };
 
 /// At most this many photos are kept (256×256 RGB, 192 KiB each: 192 MiB in all).
-pub const MAX_PHOTOS: usize = 1_000;
+pub const MAX_PHOTOS: usize = DistilTarget::Photos.max_images();
 /// Side of the stored photos: the inference resize, so the held-out input is its centre.
 const THUMB: usize = 48;
 const PREVIEW: usize = 12;
@@ -40,6 +41,14 @@ const REJECTIONS_LISTED: usize = 5;
 struct PhotoData {
     source: String,
     set: Arc<PhotoSet>,
+    /// Each photo's file name (no folders), in the set's order: the lab leaves the training
+    /// photos out of its agreement with a variant fine-tuned on them.
+    file_names: Vec<String>,
+}
+
+/// `folder/…/name.jpg` → `name.jpg`.
+fn file_name(path: &str) -> &str {
+    path.rsplit(['/', '\\']).next().unwrap_or(path)
 }
 
 thread_local! {
@@ -124,7 +133,7 @@ pub async fn load_images(paths: Vec<String>, blobs: Array) -> WorkerResult<()> {
     refuse_while_running()?;
     let imagenet = crate::worker::imagenet_labels()?;
     let total = paths.len().min(blobs.length() as usize);
-    let (mut images, mut folders) = (Vec::new(), Vec::new());
+    let (mut images, mut folders, mut file_names) = (Vec::new(), Vec::new(), Vec::new());
     let (mut rejected, mut rejected_count) = (Vec::new(), 0);
     for (i, path) in paths.iter().take(total).enumerate() {
         if images.len() >= MAX_PHOTOS {
@@ -144,6 +153,7 @@ pub async fn load_images(paths: Vec<String>, blobs: Array) -> WorkerResult<()> {
             Ok(decoded) => {
                 images.push(stored_photo(&decoded.image));
                 folders.push(folder_of(path));
+                file_names.push(file_name(path).to_string());
             }
             Err(e) => {
                 rejected_count += 1;
@@ -161,6 +171,7 @@ pub async fn load_images(paths: Vec<String>, blobs: Array) -> WorkerResult<()> {
     let data = PhotoData {
         source: format!("{} dropped photos", images.len()),
         set: Arc::new(PhotoSet::from_folders(images, &folders, &imagenet)),
+        file_names,
     };
     keep(data, rejected, rejected_count)
 }
@@ -196,6 +207,7 @@ pub async fn load_samples(asset_base: &str) -> WorkerResult<()> {
     keep(
         PhotoData {
             source: format!("the site's {n} sample photos"),
+            file_names: entries.iter().map(|e| e.file.clone()).collect(),
             set: Arc::new(PhotoSet {
                 images,
                 labels: vec![None; n],
@@ -307,7 +319,17 @@ pub async fn train(
     // With the 1000 ImageNet classes kept, the fine-tuned network becomes the photo lab's
     // variant (measured against the original like any other, exportable).
     if own.is_none() {
-        let eval = lab::eval_images(loaded, &lab::progress).await?;
+        // Agreement only on photos it was not fine-tuned on (by file name): the set's
+        // held-out photos and the visitor's other photos count.
+        let (train, _) = data.set.split();
+        let trained_names: HashSet<&str> = train
+            .iter()
+            .filter_map(|&i| data.file_names.get(i).map(String::as_str))
+            .collect();
+        let mut eval = lab::eval_images(loaded, &lab::progress).await?;
+        let before = eval.len();
+        eval.retain(|e| !trained_names.contains(file_name(&e.name)));
+        let trained_on = before - eval.len();
         lab::measure(
             loaded,
             after_model,
@@ -317,7 +339,7 @@ pub async fn train(
             if loaded.device.is_some() { 3 } else { 20 },
             seconds * 1000.0,
             &eval,
-            0,
+            trained_on,
         )
         .await?;
     }

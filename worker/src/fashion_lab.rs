@@ -166,7 +166,8 @@ pub async fn run(
         (_, Some((name, model))) => (model, name, None),
         (Some(recipe), None) => {
             let model = compress(&a.store, &recipe, &a.calibration, &mut |stage, f| {
-                progress(&format!("Compressing: {stage}"), 0.4 + 0.1 * f)
+                progress(&format!("Compressing: {stage}"), 0.4 + 0.1 * f);
+                crate::cancel::check()
             })?;
             let reference = pruned_and_folded(&a.store, &recipe)?;
             (model, "recipe".to_string(), Some(reference))
@@ -255,7 +256,14 @@ pub async fn sweep(asset_base: &str, images: u32) -> WorkerResult<()> {
             done: i as u32,
             total,
         });
-        let point = run_case(&a.store, case, &a.calibration, &a.test, images as usize)?;
+        let point = run_case(
+            &a.store,
+            case,
+            &a.calibration,
+            &a.test,
+            images as usize,
+            &mut |_, _| crate::cancel::check(),
+        )?;
         post(&FromWorker::SweepPoint(point));
     }
     post(&FromWorker::SweepDone);

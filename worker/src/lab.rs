@@ -9,7 +9,7 @@ use compresslab::compress::{CompressedModel, Recipe, agreement, compress, pruned
 use compresslab::fashion::is_fashion;
 use compresslab::gpu_int::GpuFeatures;
 use compresslab::labels::top_k;
-use compresslab::preprocess::{imagenet_crop, to_nchw};
+use compresslab::preprocess::{RgbImage, imagenet_crop, to_nchw};
 use js_sys::Uint8Array;
 use serde::Deserialize;
 use wasm_bindgen_futures::JsFuture;
@@ -23,9 +23,18 @@ use compresslab_spec::messages::{CompressReport, CrossCheck, FromWorker, Latency
 #[derive(Clone)]
 pub struct EvalImage {
     pub name: String,
-    pub input: Vec<f32>,
+    /// The model's 224×224 crop as 8-bit RGB: a quarter of the memory of the float input,
+    /// which matters with 32 photos remembered.
+    pub crop: RgbImage,
     /// The original model's logits for it.
     pub logits: Vec<f32>,
+}
+
+impl EvalImage {
+    /// The model input (NCHW floats).
+    pub fn input(&self) -> Vec<f32> {
+        to_nchw(&self.crop)
+    }
 }
 
 /// The current compressed variant (kept for export).
@@ -50,17 +59,36 @@ pub(crate) fn progress(stage: &str, fraction: f32) {
     });
 }
 
-/// Remembers a classified photo (and the original's logits) for agreement checks.
-pub fn remember(loaded: &Loaded, name: &str, input: Vec<f32>, logits: Vec<f32>) {
+/// Remembers a classified photo (and the original's logits) for agreement checks, newest
+/// last. A photo seen again, or the oldest once the set is full, gives up its slot and its
+/// buffers are refilled in place: the set's memory is allocated once, and 1 000 photos
+/// leave the heap as it was after 32 (a set rotating fresh buffers fragments it).
+pub fn remember(loaded: &Loaded, name: &str, crop: &RgbImage, logits: &[f32]) {
     let mut eval = loaded.eval.borrow_mut();
-    eval.retain(|e| e.name != name);
-    eval.push(EvalImage {
-        name: name.to_string(),
-        input,
-        logits,
-    });
-    let excess = eval.len().saturating_sub(MAX_EVAL_IMAGES);
-    eval.drain(..excess);
+    let reused = eval
+        .iter()
+        .position(|e| e.name == name)
+        .or_else(|| (eval.len() >= MAX_EVAL_IMAGES).then_some(0));
+    let entry = match reused {
+        Some(slot) => {
+            let mut e = eval.remove(slot);
+            e.name.clear();
+            e.name.push_str(name);
+            e.crop.width = crop.width;
+            e.crop.height = crop.height;
+            e.crop.pixels.clear();
+            e.crop.pixels.extend_from_slice(&crop.pixels);
+            e.logits.clear();
+            e.logits.extend_from_slice(logits);
+            e
+        }
+        None => EvalImage {
+            name: name.to_string(),
+            crop: crop.clone(),
+            logits: logits.to_vec(),
+        },
+    };
+    eval.push(entry);
 }
 
 #[derive(Deserialize)]
@@ -92,9 +120,9 @@ async fn ensure_samples(loaded: &Loaded, report: &dyn Fn(&str, f32)) -> WorkerRe
             .map_err(|e| WorkerError::js("samples", e))?
             .into();
         let decoded = decode_blob(&blob).await?;
-        let input = to_nchw(&imagenet_crop(&decoded.image));
-        let logits = loaded.classifier.logits(&input).await?;
-        remember(loaded, &entry.file, input, logits);
+        let crop = imagenet_crop(&decoded.image);
+        let logits = loaded.classifier.logits(&to_nchw(&crop)).await?;
+        remember(loaded, &entry.file, &crop, &logits);
     }
     Ok(())
 }
@@ -121,6 +149,7 @@ pub(crate) async fn time_model(
     let cold_ms = now() - start;
     let mut times = Vec::with_capacity(runs as usize);
     for _ in 0..runs {
+        crate::cancel::check()?;
         let start = now();
         classifier.logits(input).await?;
         times.push(now() - start);
@@ -185,9 +214,10 @@ pub async fn run(
     let (model, source, reference) = match (recipe, exported) {
         (_, Some((name, model))) => (model, name, None),
         (Some(recipe), None) => {
-            let calibration: Vec<Vec<f32>> = calibrating.iter().map(|e| e.input.clone()).collect();
+            let calibration: Vec<Vec<f32>> = calibrating.iter().map(EvalImage::input).collect();
             let model = compress(&loaded.store, &recipe, &calibration, &mut |stage, f| {
-                progress(&format!("Compressing: {stage}"), 0.05 + 0.4 * f)
+                progress(&format!("Compressing: {stage}"), 0.05 + 0.4 * f);
+                crate::cancel::check()
             })?;
             let reference = pruned_and_folded(&loaded.store, &recipe)?;
             (model, "recipe".to_string(), Some(reference))
@@ -225,8 +255,8 @@ pub async fn eval_images(
 }
 
 /// Builds `model` on the page's executor, times it next to the original, compares them on
-/// `eval` (photos that did not calibrate it; `calibrated` others did), makes it the current
-/// variant and reports it to the page.
+/// `eval` (photos that did not calibrate or train it; `excluded` others did), makes it the
+/// current variant and reports it to the page.
 #[allow(clippy::too_many_arguments)]
 pub async fn measure(
     loaded: &Loaded,
@@ -236,7 +266,7 @@ pub async fn measure(
     runs: u32,
     build_ms: f64,
     eval: &[EvalImage],
-    calibrated: usize,
+    excluded: usize,
 ) -> WorkerResult<()> {
     let on_gpu = loaded.device.is_some();
     let labels = loaded.classifier.labels().clone();
@@ -254,9 +284,11 @@ pub async fn measure(
     };
     let (photo, input) = match loaded.last.borrow().clone() {
         Some((name, input)) => (name, input),
+        // Timing needs a photo, not a held-out one: any remembered photo will do.
         None => eval
             .first()
-            .map(|e| (e.name.clone(), e.input.clone()))
+            .or(loaded.eval.borrow().last())
+            .map(|e| (e.name.clone(), e.input()))
             .ok_or_else(|| WorkerError::Message("no photo to measure on".into()))?,
     };
     progress("Timing the compressed model", 0.55);
@@ -281,7 +313,8 @@ pub async fn measure(
             &format!("Comparing with the original ({}/{})", i + 1, eval.len()),
             0.8 + 0.15 * i as f32 / eval.len().max(1) as f32,
         );
-        let logits = variant.logits(&e.input).await?;
+        crate::cancel::check()?;
+        let logits = variant.logits(&e.input()).await?;
         let (same, kl) = agreement(&e.logits, &logits);
         agree += same as usize;
         kl_sum += kl;
@@ -325,7 +358,7 @@ pub async fn measure(
         },
         photo,
         eval_images: eval.len(),
-        calibration_images: calibrated,
+        excluded_images: excluded,
         top1_agreement: agree,
         mean_kl: kl_sum / eval.len().max(1) as f64,
         build_ms,

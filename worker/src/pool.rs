@@ -332,6 +332,19 @@ pub async fn fashion_predictions(
     }
     // Our share: chunk by chunk until none is left, then whatever a helper gave back.
     loop {
+        if let Err(cancelled) = crate::cancel::check() {
+            // No new chunks for anyone; the helpers' chunks in flight finish first, so the
+            // pool is idle for the next job.
+            {
+                let mut all = chunks.borrow_mut();
+                all.next = all.ranges.len();
+                all.returned.clear();
+            }
+            while running.get() > 0 {
+                crate::worker::sleep_ms(0).await;
+            }
+            return Err(cancelled.into());
+        }
         let next = chunks.borrow_mut().take();
         match next {
             Some(c) => {

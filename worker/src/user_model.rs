@@ -382,7 +382,9 @@ pub async fn compress(recipe: Recipe, runs: u32) -> WorkerResult<()> {
         0
     };
     m.variant.replace(None);
-    let compressed = compress_graph(&m.graph, &recipe, &inputs[..used], &mut |_, _| {})?;
+    let compressed = compress_graph(&m.graph, &recipe, &inputs[..used], &mut |_, _| {
+        crate::cancel::check()
+    })?;
     let variant = Variant {
         runner: Runner::compressed(&compressed)?,
         compressed,
@@ -516,6 +518,7 @@ async fn report(
     } else {
         let mut same = 0;
         for input in held_out {
+            crate::cancel::check()?;
             let a = m.original.run(input).await?;
             let b = variant.runner.run(input).await?;
             same += usize::from(argmax(&a) == argmax(&b));
@@ -532,6 +535,7 @@ async fn report(
             if done >= 3 && now() - started > TIMING_BUDGET_MS {
                 break;
             }
+            crate::cancel::check()?;
             let t = now();
             m.original.run(input).await?;
             times.0.push(now() - t);

@@ -24,7 +24,8 @@ use crate::error::{WorkerError, WorkerResult};
 use crate::lab::{self, EvalImage, percentile};
 use crate::{distil, distil_photo, fashion_lab, user_model};
 use compresslab_spec::messages::{
-    BackendInfo, BackendKind, BenchReport, DistilTarget, FromWorker, ModelReady, ToWorker,
+    BackendInfo, BackendKind, BenchReport, CrashCause, DistilTarget, FromWorker, ModelReady,
+    ToWorker,
 };
 
 pub const WEIGHTS_FILE: &str = "efficientnet-lite0.safetensors";
@@ -101,7 +102,8 @@ pub async fn sleep_ms(ms: i32) {
     let _ = JsFuture::from(promise).await;
 }
 
-/// Installs the message handler. Requests are handled one at a time by the page's queue.
+/// Installs the message handler. Long jobs run one at a time (a second one is answered
+/// "busy"); quick requests (classifying, exporting, pause / cancel) are answered in between.
 pub fn start() {
     if scope().name() == crate::pool::HELPER_NAME {
         crate::pool::serve();
@@ -110,7 +112,10 @@ pub fn start() {
     std::panic::set_hook(Box::new(|info| {
         let message = info.to_string();
         web_sys::console::error_1(&message.clone().into());
-        post(&FromWorker::Crashed { message });
+        let cause = info
+            .location()
+            .map_or(CrashCause::Panic, |l| CrashCause::of_panic_at(l.file()));
+        post(&FromWorker::Crashed { message, cause });
     }));
     let handler = Closure::<dyn FnMut(MessageEvent)>::new(|event: MessageEvent| {
         spawn_local(handle(event.data()));
@@ -129,6 +134,122 @@ async fn handle(data: JsValue) {
             return;
         }
     };
+    let failure = Failure::of(&msg);
+    let _job = match msg.long_job() {
+        Some(what) => match LongJob::start(what) {
+            Ok(job) => Some(job),
+            Err(busy) => {
+                failure.post(format!(
+                    "the model worker is busy with {busy}: wait for it to finish, or cancel it"
+                ));
+                return;
+            }
+        },
+        None => None,
+    };
+    if let Err(e) = run(msg, &parts).await {
+        failure.post(e.to_string());
+    }
+}
+
+thread_local! {
+    /// The long job running now (see [`ToWorker::long_job`]).
+    static LONG_JOB: Cell<Option<&'static str>> = const { Cell::new(None) };
+}
+
+/// Marks a long job as running until dropped: the worker runs one at a time.
+struct LongJob;
+
+impl LongJob {
+    /// Err: what is running already.
+    fn start(what: &'static str) -> Result<Self, &'static str> {
+        LONG_JOB.with(|job| match job.get() {
+            Some(busy) => Err(busy),
+            None => {
+                job.set(Some(what));
+                crate::cancel::begin();
+                Ok(Self)
+            }
+        })
+    }
+}
+
+impl Drop for LongJob {
+    fn drop(&mut self) {
+        LONG_JOB.with(|job| job.set(None));
+        crate::cancel::end();
+    }
+}
+
+/// How a request's failure reaches the page: each panel listens for its own message.
+#[derive(Clone, Copy)]
+enum Failure {
+    Init {
+        on_gpu: bool,
+    },
+    Image(u32),
+    Benchmark,
+    Lab,
+    Sweep,
+    Distil,
+    UserModel(Option<u32>),
+    /// Pause / cancel / stop: nothing to report.
+    Silent,
+}
+
+impl Failure {
+    fn of(msg: &ToWorker) -> Self {
+        match msg {
+            ToWorker::Init { force_cpu, .. } => Self::Init {
+                on_gpu: force_cpu.is_none(),
+            },
+            ToWorker::Classify { id, .. } => Self::Image(*id),
+            ToWorker::Benchmark { .. }
+            | ToWorker::DeviceReport { .. }
+            | ToWorker::BenchDistil { .. } => Self::Benchmark,
+            ToWorker::Compress { .. }
+            | ToWorker::LoadCompressed { .. }
+            | ToWorker::FashionCompress { .. }
+            | ToWorker::Export => Self::Lab,
+            ToWorker::FashionSweep { .. } => Self::Sweep,
+            ToWorker::DistilImages { .. }
+            | ToWorker::DistilBuiltin { .. }
+            | ToWorker::Distil { .. } => Self::Distil,
+            ToWorker::UserModelClassify { id, .. } => Self::UserModel(Some(*id)),
+            ToWorker::UserModelLoad { .. }
+            | ToWorker::UserModelCompress { .. }
+            | ToWorker::UserModelFineTune { .. }
+            | ToWorker::UserModelExport => Self::UserModel(None),
+            ToWorker::DistilControl { .. }
+            | ToWorker::UserModelStopTuning
+            | ToWorker::CancelJob => Self::Silent,
+        }
+    }
+
+    fn post(self, message: String) {
+        let msg = match self {
+            Self::Init { on_gpu } => FromWorker::InitFailed { message, on_gpu },
+            Self::Image(id) => FromWorker::Failed { id, message },
+            Self::Benchmark => FromWorker::BenchmarkFailed { message },
+            Self::Lab => FromWorker::CompressFailed { message },
+            Self::Sweep => FromWorker::SweepFailed { message },
+            Self::Distil => FromWorker::DistilStopped {
+                message,
+                cancelled: false,
+            },
+            Self::UserModel(id) => FromWorker::UserModelFailed { id, message },
+            Self::Silent => {
+                web_sys::console::error_1(&message.into());
+                return;
+            }
+        };
+        post(&msg);
+    }
+}
+
+/// Carries out one request (`parts[1]`: the blob or files posted alongside).
+async fn run(msg: ToWorker, parts: &Array) -> WorkerResult<()> {
+    let blob = || -> Blob { parts.get(1).unchecked_into() };
     match msg {
         ToWorker::Init {
             asset_base,
@@ -136,177 +257,94 @@ async fn handle(data: JsValue) {
             workers,
         } => {
             crate::pool::configure(workers);
-            let on_gpu = force_cpu.is_none();
-            if let Err(e) = init(&asset_base, force_cpu).await {
-                post(&FromWorker::InitFailed {
-                    message: e.to_string(),
-                    on_gpu,
-                });
-            }
+            crate::cancel::share(parts.get(1));
+            init(&asset_base, force_cpu).await
         }
-        ToWorker::Benchmark { runs } => {
-            if let Err(e) = benchmark(runs).await {
-                post(&FromWorker::BenchmarkFailed {
-                    message: e.to_string(),
-                });
-            }
-        }
-        ToWorker::DeviceReport { runs } => {
-            if let Err(e) = with_model(|m| crate::device_report::run(m, runs)).await {
-                post(&FromWorker::BenchmarkFailed {
-                    message: e.to_string(),
-                });
-            }
-        }
+        ToWorker::Benchmark { runs } => benchmark(runs).await,
+        ToWorker::DeviceReport { runs } => with_model(|m| crate::device_report::run(m, runs)).await,
         ToWorker::Compress { recipe, runs } => {
-            if let Err(e) = with_model(|m| lab::run(m, Some(recipe), None, runs)).await {
-                post(&FromWorker::CompressFailed {
-                    message: e.to_string(),
-                });
-            }
+            with_model(|m| lab::run(m, Some(recipe), None, runs)).await
         }
         ToWorker::LoadCompressed { name, runs } => {
-            let blob: Blob = parts.get(1).unchecked_into();
-            if let Err(e) = with_model(|m| lab::run(m, None, Some((name, blob)), runs)).await {
-                post(&FromWorker::CompressFailed {
-                    message: e.to_string(),
-                });
-            }
+            let blob = blob();
+            with_model(|m| lab::run(m, None, Some((name, blob)), runs)).await
         }
         ToWorker::FashionCompress { recipe } => {
-            let result =
-                with_model(
-                    |m| async move { fashion_lab::run(&m.asset_base, Some(recipe), None).await },
-                )
-                .await;
-            if let Err(e) = result {
-                post(&FromWorker::CompressFailed {
-                    message: e.to_string(),
-                });
-            }
+            with_model(|m| async move { fashion_lab::run(&m.asset_base, Some(recipe), None).await })
+                .await
         }
         ToWorker::FashionSweep { images } => {
-            let result =
-                with_model(|m| async move { fashion_lab::sweep(&m.asset_base, images).await })
-                    .await;
-            if let Err(e) = result {
-                post(&FromWorker::SweepFailed {
-                    message: e.to_string(),
-                });
-            }
+            with_model(|m| async move { fashion_lab::sweep(&m.asset_base, images).await }).await
         }
         ToWorker::DistilImages { paths, target } => {
             let blobs: Array = parts.get(1).unchecked_into();
-            let result = match target {
+            match target {
                 DistilTarget::Fashion => distil::load_images(paths, blobs).await,
                 DistilTarget::Photos => distil_photo::load_images(paths, blobs).await,
-            };
-            if let Err(e) = result {
-                post(&FromWorker::DistilStopped {
-                    message: e.to_string(),
-                    cancelled: false,
-                });
             }
         }
         ToWorker::DistilBuiltin { target } => {
-            let result = with_model(|m| async move {
+            with_model(|m| async move {
                 match target {
                     DistilTarget::Fashion => distil::load_builtin(&m.asset_base).await,
                     DistilTarget::Photos => distil_photo::load_samples(&m.asset_base).await,
                 }
             })
-            .await;
-            if let Err(e) = result {
-                post(&FromWorker::DistilStopped {
-                    message: e.to_string(),
-                    cancelled: false,
-                });
-            }
+            .await
         }
         ToWorker::Distil {
             recipe,
             settings,
             target,
-        } => {
-            if let Err(e) = with_model(|m| distil::run(m, recipe, settings, target)).await {
-                post(&FromWorker::DistilStopped {
-                    message: e.to_string(),
-                    cancelled: false,
-                });
-            }
+        } => with_model(|m| distil::run(m, recipe, settings, target)).await,
+        ToWorker::DistilControl { action } => {
+            distil::control(action);
+            Ok(())
         }
-        ToWorker::DistilControl { action } => distil::control(action),
         ToWorker::BenchDistil { batch, steps } => {
-            if let Err(e) = with_model(|m| distil::bench_photo(m, batch, steps)).await {
-                post(&FromWorker::BenchmarkFailed {
-                    message: e.to_string(),
-                });
-            }
+            with_model(|m| distil::bench_photo(m, batch, steps)).await
         }
-        ToWorker::Export => {
-            if let Err(e) = lab::export() {
-                post(&FromWorker::CompressFailed {
-                    message: e.to_string(),
-                });
-            }
-        }
-        ToWorker::UserModelLoad { name } => {
-            let blob: Blob = parts.get(1).unchecked_into();
-            if let Err(e) = user_model::load(name, &blob).await {
-                post(&FromWorker::UserModelFailed {
-                    id: None,
-                    message: e.to_string(),
-                });
-            }
-        }
+        ToWorker::Export => lab::export(),
+        ToWorker::UserModelLoad { name } => user_model::load(name, &blob()).await,
         ToWorker::UserModelClassify { id, spec, .. } => {
-            let blob: Blob = parts.get(1).unchecked_into();
-            if let Err(e) = user_model::classify(id, spec, &blob).await {
-                post(&FromWorker::UserModelFailed {
-                    id: Some(id),
-                    message: e.to_string(),
-                });
-            }
+            user_model::classify(id, spec, &blob()).await
         }
-        ToWorker::UserModelCompress { recipe, runs } => {
-            if let Err(e) = user_model::compress(recipe, runs).await {
-                post(&FromWorker::UserModelFailed {
-                    id: None,
-                    message: e.to_string(),
-                });
-            }
-        }
+        ToWorker::UserModelCompress { recipe, runs } => user_model::compress(recipe, runs).await,
         ToWorker::UserModelFineTune {
             epochs,
             learning_rate,
-        } => {
-            if let Err(e) = user_model::fine_tune(epochs, learning_rate).await {
-                post(&FromWorker::UserModelFailed {
-                    id: None,
-                    message: e.to_string(),
-                });
-            }
+        } => user_model::fine_tune(epochs, learning_rate).await,
+        ToWorker::UserModelStopTuning => {
+            user_model::stop_tuning();
+            Ok(())
         }
-        ToWorker::UserModelStopTuning => user_model::stop_tuning(),
-        ToWorker::UserModelExport => {
-            if let Err(e) = user_model::export() {
-                post(&FromWorker::UserModelFailed {
-                    id: None,
-                    message: e.to_string(),
-                });
-            }
+        ToWorker::UserModelExport => user_model::export(),
+        ToWorker::CancelJob => {
+            crate::cancel::requested_by_message();
+            Ok(())
         }
-        ToWorker::Classify { id, name } => {
-            let blob: Blob = parts.get(1).unchecked_into();
-            let result = classify(id, &name, &blob).await;
-            if let Err(e) = result {
-                post(&FromWorker::Failed {
-                    id,
-                    message: e.to_string(),
-                });
-            }
-        }
+        ToWorker::Classify { id, name } => classify(id, &name, &blob()).await,
     }
+}
+
+/// The worker's wasm linear memory in bytes (it only grows, so a leak shows here): for the
+/// memory test and for anyone checking from the browser's devtools
+/// (`wasm_bindgen.worker_memory_bytes()` in the worker's console).
+#[wasm_bindgen]
+pub fn worker_memory_bytes() -> f64 {
+    #[cfg(target_arch = "wasm32")]
+    let pages = core::arch::wasm32::memory_size(0);
+    // The worker only runs as wasm; the native build exists for clippy and tests.
+    #[cfg(not(target_arch = "wasm32"))]
+    let pages = 0_usize;
+    pages as f64 * 65_536.0
+}
+
+/// Bytes the worker's heap holds live now (its wasm memory is the high-water mark of this,
+/// fragmentation included).
+#[wasm_bindgen]
+pub fn worker_heap_live_bytes() -> f64 {
+    crate::heap::live_bytes() as f64
 }
 
 /// The WebGPU device and its adapter's description, when the page runs on WebGPU.
@@ -714,7 +752,7 @@ async fn classify(id: u32, name: &str, blob: &Blob) -> WorkerResult<()> {
     if cold {
         loaded.cold_ms.set(Some(t2 - t1));
     }
-    lab::remember(&loaded, name, input.clone(), logits);
+    lab::remember(&loaded, name, &crop, &logits);
     loaded.last.replace(Some((name.to_string(), input)));
     post(&FromWorker::Classified {
         id,
@@ -742,6 +780,7 @@ async fn benchmark(runs: u32) -> WorkerResult<()> {
     }
     let mut times = Vec::with_capacity(runs as usize);
     for _ in 0..runs {
+        crate::cancel::check()?;
         let start = now();
         loaded.classifier.logits(&input).await?;
         times.push(now() - start);

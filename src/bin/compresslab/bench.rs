@@ -226,10 +226,10 @@ pub fn bench_compress(args: &[String]) -> Result<()> {
     let mut reference: Option<Vec<f32>> = None;
     let mut interpreter_ratios = Vec::new();
     for (name, recipe) in bench_variants() {
-        let model = compress(&store, &recipe, &calibration, &mut |_, _| {})?;
+        let model = compress(&store, &recipe, &calibration, &mut |_, _| Ok(()))?;
         let stats = model.stats()?;
         let cpu = CpuEfficientNet::from_compressed(&model, true)?;
-        let compressed_graph = compress_graph(&graph, &recipe, &batches, &mut |_, _| {})?;
+        let compressed_graph = compress_graph(&graph, &recipe, &batches, &mut |_, _| Ok(()))?;
         let interpreter = CpuExecutor::compressed(&compressed_graph)?;
         let used = interpreter.kernel_use();
         let wgpu = ImageClassifier::new_compressed(

@@ -145,7 +145,7 @@ pub fn fashion_eval(args: &[String]) -> Result<()> {
     };
     let a = fashion_assets_from(dir)?;
     let started = Instant::now();
-    let model = compress(&a.weights, &recipe, &a.calibration, &mut |_, _| {})?;
+    let model = compress(&a.weights, &recipe, &a.calibration, &mut |_, _| Ok(()))?;
     let eval = compresslab::sweep::evaluate_model(&model, &a.test, a.test.len())?;
     let secs = started.elapsed().as_secs_f64();
     let stats = model.stats()?;
@@ -197,6 +197,7 @@ pub fn sweep_cmd(args: &[String]) -> Result<()> {
         &a.calibration,
         &a.test,
         images,
+        &mut |_, _| Ok(()),
     )?;
     println!(
         "fp32: accuracy {:.2} % on {} test images, {} weight bytes",
@@ -209,7 +210,14 @@ pub fn sweep_cmd(args: &[String]) -> Result<()> {
         "setting", "accuracy", "Δ pt", "weight bytes", "size ×"
     );
     for case in compresslab::sweep::sweep_cases() {
-        let p = compresslab::sweep::run_case(&a.weights, &case, &a.calibration, &a.test, images)?;
+        let p = compresslab::sweep::run_case(
+            &a.weights,
+            &case,
+            &a.calibration,
+            &a.test,
+            images,
+            &mut |_, _| Ok(()),
+        )?;
         println!(
             "{:<26} {:>9.2}% {:>+9.2} {:>12} {:>7.2}",
             p.label,
@@ -345,7 +353,7 @@ pub fn distil_cmd(args: &[String]) -> Result<()> {
     }
     let secs = started.elapsed().as_secs_f64();
     let trained = futures_lite::future::block_on(run.student())?;
-    let before_model = compress(&a.weights, &recipe, &a.calibration, &mut |_, _| {})?;
+    let before_model = compress(&a.weights, &recipe, &a.calibration, &mut |_, _| Ok(()))?;
     let after_model = requantize(&trained, &recipe, &a.calibration)?;
     let labelled: Vec<usize> = (0..heldout.len())
         .filter(|&i| heldout.labels[i] != UNLABELLED)

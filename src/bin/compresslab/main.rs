@@ -141,8 +141,9 @@ fn load_store(assets: &Path) -> Result<TensorStore> {
     TensorStore::from_safetensors(&read(&assets.join(WEIGHTS_FILE))?)
 }
 
-fn print_progress(stage: &str, fraction: f32) {
+fn print_progress(stage: &str, fraction: f32) -> compresslab::Result<()> {
     eprintln!("  [{:>3.0}%] {stage}", fraction * 100.0);
+    Ok(())
 }
 
 /// `--flag value` at the front of `args`, parsed.

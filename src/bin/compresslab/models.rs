@@ -163,7 +163,7 @@ pub fn compress(args: &[String]) -> Result<()> {
             groups.len() - prunable
         );
     }
-    let compressed = compress_graph(&graph, &recipe, &calibration, &mut |_, _| {})?;
+    let compressed = compress_graph(&graph, &recipe, &calibration, &mut |_, _| Ok(()))?;
     // MACs for one input of the calibration batch's size when the model leaves it open.
     let fed: Vec<Dim> = match calibration.first() {
         Some(t) => std::iter::once(Dim::Known(1))
