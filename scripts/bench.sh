@@ -22,7 +22,7 @@ DATA=$CARGO_TARGET_DIR/bench-data
 echo "== browser"
 node tests/bench/browser-bench.mjs "$DATA" "$RUNS"
 echo "== site size (gzip -9 of what the browser downloads)"
-gzip_mb() { awk -v b="$(gzip -9 -c "$1" | wc -c)" 'BEGIN { printf "%.2f", b / 1e6 }'; }
+gzip_mb() { awk -v b="$(gzip -9 -c "$1" | wc -c)" 'BEGIN { printf "%.3f", b / 1e6 }'; }
 size_target() { # NAME FILE GOAL_MB
   local mb
   mb=$(gzip_mb "$2")

@@ -78,13 +78,14 @@ impl ImageClassifier {
         }
     }
 
-    /// Bytes the weights hold while this classifier runs, where that is measured: on the
-    /// dedicated CPU path (packed int8 / int4 where a layer runs on an integer kernel).
-    /// None on burn's executors (WebGPU buffers are not counted yet).
-    pub fn held_weight_bytes(&self) -> Option<usize> {
+    /// Bytes the weights hold while this classifier runs: on the dedicated CPU path in the
+    /// heap, on wgpu in GPU buffers (packed int8 / int4 where a layer runs on an integer
+    /// kernel, f32 elsewhere; a layer on an integer kernel keeps no f32 copy).
+    pub fn held_weight_bytes(&self) -> usize {
         match &self.runner {
-            Runner::Cpu(cpu) => Some(cpu.weight_bytes()),
-            _ => None,
+            Runner::Cpu(cpu) => cpu.weight_bytes(),
+            Runner::GpuInt { net, .. } => net.weight_bytes(),
+            Runner::Burn { model, .. } => model.num_params() * 4,
         }
     }
 

@@ -40,6 +40,9 @@ pub struct CompressedModel {
     pub store: TensorStore,
     /// In [`weight_layers`] order.
     pub layers: Vec<CompressedLayer>,
+    /// Names of the images it was calibrated or trained on, kept in the export so that a
+    /// later load measures agreement only on other images. Empty when none or unknown.
+    pub seen_images: Vec<String>,
 }
 
 /// Progress callback: (stage description, fraction done 0–1). An error (normally
@@ -85,6 +88,7 @@ pub fn compress(
         recipe: recipe.clone(),
         store,
         layers,
+        seen_images: Vec::new(),
     };
     if let Some(act) = &recipe.activations {
         if calibration.is_empty() {
@@ -257,6 +261,7 @@ impl CompressedModel {
             recipe: Recipe::default(),
             store,
             layers,
+            seen_images: Vec::new(),
         })
     }
 
@@ -402,12 +407,16 @@ impl CompressedModel {
                     .map_err(|e| EngineError::Weights(e.to_string()))
             })
             .collect::<Result<Vec<_>>>()?;
+        let json_error = |e: serde_json::Error| EngineError::Weights(e.to_string());
         let metadata = HashMap::from([
             (RECIPE_KEY.to_string(), self.recipe.to_json()),
             (
                 LAYERS_KEY.to_string(),
-                serde_json::to_string(&layer_meta)
-                    .map_err(|e| EngineError::Weights(e.to_string()))?,
+                serde_json::to_string(&layer_meta).map_err(json_error)?,
+            ),
+            (
+                SEEN_IMAGES_KEY.to_string(),
+                serde_json::to_string(&self.seen_images).map_err(json_error)?,
             ),
         ]);
         safetensors::serialize(views, Some(metadata))
@@ -431,6 +440,12 @@ impl CompressedModel {
                 .ok_or_else(|| bad("not a compresslab export (no layer table)".into()))?,
         )
         .map_err(|e| bad(format!("layer table: {e}")))?;
+        // Optional: exports written before it was recorded have none.
+        let seen_images: Vec<String> = match meta.get(SEEN_IMAGES_KEY) {
+            Some(text) => serde_json::from_str(text)
+                .map_err(|e| bad(format!("the names of the images it saw: {e}")))?,
+            None => Vec::new(),
+        };
         let st = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
         let raw = |name: &str, dtype: Dtype| -> Result<Vec<u8>> {
             let t = st
@@ -527,6 +542,7 @@ impl CompressedModel {
             recipe,
             store,
             layers,
+            seen_images,
         };
         // The layer list must be exactly the network's (and loadable).
         let expected: Vec<String> = weight_layers(&model.store)
@@ -551,6 +567,7 @@ impl CompressedModel {
 
 const RECIPE_KEY: &str = "compresslab.recipe";
 const LAYERS_KEY: &str = "compresslab.layers";
+const SEEN_IMAGES_KEY: &str = "compresslab.seen_images";
 
 #[derive(Debug, Serialize, Deserialize)]
 struct StoredLayer {

@@ -18,6 +18,7 @@ use burn::backend::wgpu::{
 use burn::cubecl::CubeCount;
 use burn::cubecl::prelude::KernelId;
 use burn::cubecl::server::{KernelArguments, MetadataBindingInfo};
+use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::{DType, Shape};
 
@@ -199,6 +200,26 @@ impl IntLayer {
         }
     }
 
+    /// Bytes of its GPU buffers (every element is 4 bytes).
+    fn bytes(&self) -> usize {
+        let elements = match self {
+            Self::Int8 {
+                weights,
+                ints,
+                epilogue,
+                ..
+            } => weights.dims()[0] + ints.dims()[0] + epilogue.dims()[0],
+            Self::Int4 {
+                weights,
+                scales,
+                zero_points,
+                bias,
+                ..
+            } => weights.dims()[0] + scales.dims()[0] + zero_points.dims()[0] + bias.dims()[0],
+        };
+        elements * 4
+    }
+
     /// Runs the layer on `x` (`[channels, pixels]` contiguous); returns `[outputs, pixels]`.
     fn forward(&self, x: Tensor<2>, relu6: bool, residual: Option<Tensor<2>>) -> Result<Tensor<2>> {
         let [_, pixels] = x.dims();
@@ -339,55 +360,151 @@ fn float_tensor(v: Vec<f32>, device: &Device) -> Tensor<1> {
     Tensor::from_data(TensorData::new(v, [n]), device)
 }
 
-/// The compressed model on the wgpu device with integer kernels where they apply.
+/// A 1×1 layer (or the classifier) as it runs: on an integer kernel, or as float burn ops.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Pointwise<F> {
+    Int { layer: IntLayer, relu6: bool },
+    Float(F),
+}
+
+impl<F> Pointwise<F> {
+    fn int(&self) -> Option<&IntLayer> {
+        match self {
+            Self::Int { layer, .. } => Some(layer),
+            Self::Float(_) => None,
+        }
+    }
+}
+
+/// An MBConv block whose 1×1 layers may run on integer kernels.
+#[derive(Debug)]
+struct Block {
+    expand: Option<Pointwise<ConvUnit>>,
+    depthwise: ConvUnit,
+    project: Pointwise<ConvUnit>,
+    skip: bool,
+}
+
+/// The float classifier and its fake-quantized input, if calibrated.
+type FloatClassifier = (Linear, Option<ActivationParams>);
+
+/// The compressed model on the wgpu device with integer kernels where they apply. A layer on
+/// an integer kernel keeps only its packed weights: its dequantized f32 copy is dropped once
+/// the kernel's buffers exist, so an int variant holds less GPU memory than fp32.
 #[derive(Debug)]
 pub struct GpuCompressedNet {
-    net: EfficientNetLite,
-    /// In [`crate::efficientnet::weight_layers`] order.
-    int_layers: Vec<Option<IntLayer>>,
+    stem: ConvUnit,
+    blocks: Vec<Block>,
+    head: Pointwise<ConvUnit>,
+    classifier: Pointwise<FloatClassifier>,
 }
 
 impl GpuCompressedNet {
     pub fn new(model: &CompressedModel, device: &Device, features: GpuFeatures) -> Result<Self> {
         let net = EfficientNetLite::from_compressed(model, device)?;
-        let int_layers = model
-            .layers
-            .iter()
-            .map(|l| {
-                let pointwise = matches!(
-                    l.kind,
-                    LayerKind::Expand
-                        | LayerKind::Project
-                        | LayerKind::Head
-                        | LayerKind::Classifier
-                );
-                let q = l.weights.as_ref().filter(|_| pointwise)?;
-                let bias = model.store.get(&format!("{}.bias", l.name)).ok()?;
-                IntLayer::new(q, l.activation, &bias.data, device, features)
+        // In weight-layer order: the integer form of each quantized 1×1 layer a kernel fits.
+        let mut int_layers = model.layers.iter().map(|l| {
+            let pointwise = matches!(
+                l.kind,
+                LayerKind::Expand | LayerKind::Project | LayerKind::Head | LayerKind::Classifier
+            );
+            let q = l.weights.as_ref().filter(|_| pointwise)?;
+            let bias = model.store.get(&format!("{}.bias", l.name)).ok()?;
+            IntLayer::new(q, l.activation, &bias.data, device, features)
+        });
+        let mut next = || int_layers.next().flatten();
+        let pointwise = |unit: ConvUnit, int: Option<IntLayer>| match int {
+            Some(layer) => Pointwise::Int {
+                layer,
+                relu6: unit.relu6,
+            },
+            None => Pointwise::Float(unit),
+        };
+        let EfficientNetLite {
+            stem,
+            blocks,
+            head,
+            classifier,
+            classifier_input_quant,
+        } = net;
+        // The stem and depthwise layers never have an integer kernel here.
+        let _ = next();
+        let blocks = blocks
+            .into_iter()
+            .map(|b| {
+                let expand = b.expand.map(|e| pointwise(e, next()));
+                let _ = next();
+                Block {
+                    expand,
+                    depthwise: b.depthwise,
+                    project: pointwise(b.project, next()),
+                    skip: b.skip,
+                }
             })
             .collect();
-        Ok(Self { net, int_layers })
+        let head = pointwise(head, next());
+        let classifier = match next() {
+            Some(layer) => Pointwise::Int {
+                layer,
+                relu6: false,
+            },
+            None => Pointwise::Float((classifier, classifier_input_quant)),
+        };
+        Ok(Self {
+            stem,
+            blocks,
+            head,
+            classifier,
+        })
+    }
+
+    /// The integer kernel of every 1×1 layer and the classifier (None: float).
+    fn pointwise_layers(&self) -> impl Iterator<Item = Option<&IntLayer>> {
+        self.blocks
+            .iter()
+            .flat_map(|b| b.expand.iter().map(Pointwise::int).chain([b.project.int()]))
+            .chain([self.head.int(), self.classifier.int()])
     }
 
     /// How many layers run on an integer kernel (int8, int4).
     pub fn integer_layers(&self) -> (usize, usize) {
         let count =
-            |f: fn(&IntLayer) -> bool| self.int_layers.iter().flatten().filter(|l| f(l)).count();
+            |f: fn(&IntLayer) -> bool| self.pointwise_layers().flatten().filter(|l| f(l)).count();
         (
             count(|l| matches!(l, IntLayer::Int8 { .. })),
             count(|l| matches!(l, IntLayer::Int4 { .. })),
         )
     }
 
+    /// Bytes of the GPU buffers that hold the weights while the network runs: packed
+    /// integers with their scales and epilogues, f32 for the layers that run as float.
+    pub fn weight_bytes(&self) -> usize {
+        let float = |unit: &ConvUnit| unit.num_params() * 4;
+        let side = |p: &Pointwise<ConvUnit>| match p {
+            Pointwise::Int { layer, .. } => layer.bytes(),
+            Pointwise::Float(unit) => float(unit),
+        };
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| b.expand.as_ref().map_or(0, side) + float(&b.depthwise) + side(&b.project))
+            .sum();
+        let classifier = match &self.classifier {
+            Pointwise::Int { layer, .. } => layer.bytes(),
+            Pointwise::Float((linear, _)) => linear.num_params() * 4,
+        };
+        float(&self.stem) + blocks + side(&self.head) + classifier
+    }
+
+    /// One 1×1 layer on `x`, plus `residual` when given.
     fn pointwise(
-        &self,
-        index: usize,
-        unit: &ConvUnit,
+        layer: &Pointwise<ConvUnit>,
         x: Tensor<4>,
         residual: Option<Tensor<4>>,
     ) -> Result<Tensor<4>> {
-        match &self.int_layers[index] {
-            Some(layer) => {
+        match layer {
+            Pointwise::Int { layer, relu6 } => {
                 let [n, c, h, w] = x.dims();
                 if n != 1 {
                     return Err(EngineError::Execution(
@@ -395,11 +512,11 @@ impl GpuCompressedNet {
                     ));
                 }
                 let res = residual.map(|r| r.reshape([-1, (h * w) as i32]));
-                let y = layer.forward(x.reshape([c, h * w]), unit.relu6, res)?;
+                let y = layer.forward(x.reshape([c, h * w]), *relu6, res)?;
                 let [outputs, _] = y.dims();
                 Ok(y.reshape([1, outputs, h, w]))
             }
-            None => {
+            Pointwise::Float(unit) => {
                 let y = unit.forward(x);
                 Ok(match residual {
                     Some(r) => y + r,
@@ -411,36 +528,30 @@ impl GpuCompressedNet {
 
     /// Logits `[1, classes]` for one normalised image `[1, 3, 224, 224]`.
     pub fn forward(&self, x: Tensor<4>) -> Result<Tensor<2>> {
-        let mut layer = 0;
-        let mut x = self.net.stem.forward(x);
-        layer += 1;
-        for block in &self.net.blocks {
+        let mut x = self.stem.forward(x);
+        for block in &self.blocks {
             let input = x.clone();
             let mut h = x;
             if let Some(expand) = &block.expand {
-                h = self.pointwise(layer, expand, h, None)?;
-                layer += 1;
+                h = Self::pointwise(expand, h, None)?;
             }
             h = block.depthwise.forward(h);
-            layer += 1;
-            x = self.pointwise(layer, &block.project, h, block.skip.then_some(input))?;
-            layer += 1;
+            x = Self::pointwise(&block.project, h, block.skip.then_some(input))?;
         }
-        x = self.pointwise(layer, &self.net.head, x, None)?;
-        layer += 1;
+        x = Self::pointwise(&self.head, x, None)?;
         let pooled: Tensor<2> = x.mean_dim(3).mean_dim(2).flatten(1, 3);
-        match &self.int_layers[layer] {
-            Some(fc) => {
+        match &self.classifier {
+            Pointwise::Int { layer, .. } => {
                 let [_, features] = pooled.dims();
-                let logits = fc.forward(pooled.reshape([features, 1]), false, None)?;
+                let logits = layer.forward(pooled.reshape([features, 1]), false, None)?;
                 Ok(logits.reshape([1, -1]))
             }
-            None => {
-                let pooled = match &self.net.classifier_input_quant {
+            Pointwise::Float((linear, input_quant)) => {
+                let pooled = match input_quant {
                     Some(q) => crate::efficientnet::fake_quantize_tensor(pooled, q),
                     None => pooled,
                 };
-                Ok(self.net.classifier.forward(pooled))
+                Ok(linear.forward(pooled))
             }
         }
     }

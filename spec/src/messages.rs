@@ -544,8 +544,8 @@ pub struct DeviceRow {
     pub latency: Latency,
     /// Stored size (packed integers, scales, zero points; what an export holds).
     pub weight_bytes: usize,
-    /// What the running network's weights hold in memory, where measured (the CPU path).
-    pub held_bytes: Option<usize>,
+    /// What the running network's weights hold in memory (wasm heap or GPU buffers).
+    pub held_bytes: usize,
     /// Which layers ran on which kernel, in words.
     pub ran: String,
 }
@@ -564,6 +564,9 @@ pub struct Latency {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct VariantSummary {
     pub stats: ModelStats,
+    /// What its weights hold while it runs on this backend (wasm heap on the CPU path, GPU
+    /// buffers on WebGPU), next to the stored size in `stats`.
+    pub held_bytes: usize,
     pub latency: Latency,
     /// Top-5 on the current photo.
     pub top5: Vec<Prediction>,

@@ -160,6 +160,9 @@ test('photo lab and fine-tune on WebGPU (SwiftShader): int8 per-channel checked 
     console.log(`${wgsl} | ${ran}`);
     if (/packed_4x8_integer_dot_product/.test(wgsl)) {
       assert.match(ran, /33 of 50 layers on the int8 kernel/);
+      // GPU buffers: a 1×1 layer on the int8 kernel keeps no f32 copy of its weights.
+      const [before, after] = [parseFloat(int8.held.before), parseFloat(int8.held.after)];
+      assert.ok(after < before / 3, `WebGPU int8 holds ${after} MB of weights, fp32 ${before} MB`);
     } else {
       assert.match(ran, /0 of 50 layers on the int8 kernel.*lacks WGSL packed_4x8_integer_dot_product/);
     }

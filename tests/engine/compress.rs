@@ -292,10 +292,13 @@ fn int4_export_round_trip() {
         keep_fp32: vec!["_conv_stem".into()],
         ..Recipe::default()
     };
-    let model = compress(&original, &recipe, &[], &mut no_progress).unwrap();
+    let mut model = compress(&original, &recipe, &[], &mut no_progress).unwrap();
+    // The photos a variant saw travel with it, so a later load measures on others.
+    model.seen_images = vec!["coffee.png".into(), "own photo.jpg".into()];
     let bytes = model.to_safetensors().unwrap();
     let back = CompressedModel::from_safetensors(&bytes).unwrap();
     assert_eq!(back.recipe, recipe);
+    assert_eq!(back.seen_images, model.seen_images);
     let input = &samples()[2];
     let a = CpuEfficientNet::from_compressed(&model, true)
         .unwrap()

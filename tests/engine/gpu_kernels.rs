@@ -38,6 +38,25 @@ fn check_on(
     println!("{name}: {int8} int8 layers, {int4} int4 layers on integer kernels");
     assert_eq!(int8 > 0, expect_int8);
     assert_eq!(int4 > 0, expect_int4);
+    // GPU memory for the weights: a layer on an integer kernel keeps no f32 copy.
+    let float = ImageClassifier::new_compressed(&model, Labels::default(), &device, None)
+        .unwrap()
+        .held_weight_bytes();
+    let held = gpu.held_weight_bytes();
+    println!(
+        "{name}: weights held on the GPU {:.2} MB, all-f32 form {:.2} MB ({:.2}×)",
+        held as f64 / 1e6,
+        float as f64 / 1e6,
+        float as f64 / held as f64
+    );
+    if int8 + int4 > 0 {
+        assert!(
+            held * 3 < float,
+            "{name}: {held} bytes held, {float} as f32"
+        );
+    } else {
+        assert_eq!(held, float);
+    }
     let reference = CpuEfficientNet::from_compressed(&model, false).unwrap();
     for image in &images {
         let want = reference.forward(image, 224, 224).unwrap();

@@ -1271,7 +1271,7 @@ fn BenchPanel(
             </button>
             <button id="bench-cancel" class="cancel" disabled=move || !matches!(
                     bench.get(),
-                    BenchState::Running(_) | BenchState::DeviceRunning { .. }
+                    BenchState::Running(_) | BenchState::RunningTraining | BenchState::DeviceRunning { .. }
                 )
                 on:click=move |_| cancel_long_job()>"Cancel"</button>
             <span class="bench-result" id="bench-result" data-state=move || match bench.get() {

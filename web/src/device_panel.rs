@@ -55,7 +55,7 @@ pub fn DeviceReportTable(report: DeviceReport) -> impl IntoView {
                                 <td>{executor_name(&r.backend)}</td>
                                 <td>{r.variant.clone()}</td>
                                 <td>{mb(r.weight_bytes)}</td>
-                                <td class="held">{r.held_bytes.map_or_else(|| "not measured".to_string(), mb)}</td>
+                                <td class="held">{mb(r.held_bytes)}</td>
                                 <td>{format!("{:.1} ms", r.latency.cold_ms)}</td>
                                 <td class="p50">{format!("{:.1} ms", r.latency.p50_ms)}</td>
                                 <td>{format!("{:.1} ms", r.latency.p95_ms)}</td>

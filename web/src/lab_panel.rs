@@ -536,6 +536,21 @@ fn Report(report: CompressReport, keep_fp32: RwSignal<Vec<String>>) -> impl Into
     rows.extend(size_rows(&b.stats, &a.stats));
     rows.extend([
         (
+            "held",
+            "Weights held while running",
+            mb(b.held_bytes),
+            mb(a.held_bytes),
+            match a.held_bytes.cmp(&b.held_bytes) {
+                std::cmp::Ordering::Greater => {
+                    format!("{} larger", ratio(a.held_bytes as f64, b.held_bytes as f64))
+                }
+                _ => format!(
+                    "{} smaller",
+                    ratio(b.held_bytes as f64, a.held_bytes as f64)
+                ),
+            },
+        ),
+        (
             "macs",
             "MACs per image (dense / non-zero)",
             format!("{:.0} M", b.stats.macs as f64 / 1e6),
@@ -556,10 +571,11 @@ fn Report(report: CompressReport, keep_fp32: RwSignal<Vec<String>>) -> impl Into
                 (n, c) => format!(
                     "{}/{n} held-out photos ({c} others {})",
                     r.top1_agreement,
-                    if r.source == "distilled" {
-                        "trained on"
-                    } else {
-                        "calibrated"
+                    match r.source.as_str() {
+                        "distilled" => "trained on",
+                        "recipe" => "calibrated",
+                        // A loaded export: its file lists the photos it saw.
+                        _ => "it was calibrated or trained on",
                     }
                 ),
             },
@@ -597,7 +613,7 @@ fn Report(report: CompressReport, keep_fp32: RwSignal<Vec<String>>) -> impl Into
             {warning.map(|w| view! { <p class="warning" id="lab-warning">{w}</p> })}
             <CompareTable rows=rows/>
             <p class="hint">
-                {format!("Latency: {} timing runs each on “{}”. ", a.latency.runs, r.photo)}
+                {format!("Latency on “{}”: {} warm runs of each, taken in turn; cold is each network's first run on this backend. ", r.photo, a.latency.runs)}
                 {check}
             </p>
             <div class="top5-pair">

@@ -14,7 +14,7 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::Blob;
 
-use crate::app::{draw_rgb, send_user_model};
+use crate::app::{cancel_long_job, draw_rgb, send_user_model};
 use crate::lab_panel::speed_change;
 use compresslab_spec::messages::{
     FromWorker, ToWorker, UserClassification, UserCompressReport, UserModelInfo,
@@ -386,7 +386,17 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
                     </select>
                     <button id="user-compress" on:click=compress disabled=move || !idle()>"Compress"</button>
                     <button id="user-export" on:click=export disabled=move || !idle()>"Export ONNX"</button>
-                    {move || state.with(|s| s.busy.clone()).map(|b| view! { <span class="busy" id="user-busy">{b} "…"</span> })}
+                    {move || state.with(|s| s.busy.clone()).map(|b| {
+                        // Compression reads the page's cancel counter between layers and
+                        // calibration batches; fine-tuning has its own Stop.
+                        let cancellable = b.starts_with("Compressing");
+                        view! {
+                            <span class="busy" id="user-busy">{b} "…"</span>
+                            {cancellable.then(|| view! {
+                                <button id="user-cancel" class="cancel small" on:click=move |_| cancel_long_job()>"Cancel"</button>
+                            })}
+                        }
+                    })}
                     <p class="hint">"Activation calibration uses the first half of the images you classified; agreement is measured on the other half."</p>
                 </fieldset>
                 <fieldset class="user-finetune">

@@ -18,9 +18,9 @@ use compresslab::prune::{ChannelPruning, ChannelRanking};
 use compresslab::quant::{Granularity, QuantScheme};
 
 use crate::error::{WorkerError, WorkerResult};
-use crate::lab::{EvalImage, eval_images, kernels_summary, layer_kernels, percentile};
+use crate::lab::{EvalImage, eval_images, kernels_summary, latency, layer_kernels};
 use crate::worker::{Loaded, now, post};
-use compresslab_spec::messages::{BackendKind, DeviceReport, DeviceRow, FromWorker, Latency};
+use compresslab_spec::messages::{BackendKind, DeviceReport, DeviceRow, FromWorker};
 
 /// The variants, by name (None: the original network).
 fn variants() -> Vec<(&'static str, Option<Recipe>)> {
@@ -79,7 +79,7 @@ impl Runnable {
 struct Built {
     variant: String,
     weight_bytes: usize,
-    held_bytes: Option<usize>,
+    held_bytes: usize,
     ran: String,
     runnable: Runnable,
     cold_ms: f64,
@@ -90,7 +90,7 @@ impl Built {
     fn new(
         variant: String,
         weight_bytes: usize,
-        held_bytes: Option<usize>,
+        held_bytes: usize,
         ran: String,
         runnable: Runnable,
     ) -> Self {
@@ -145,7 +145,7 @@ fn graph_rows(
         rows.push(Built::new(
             format!("{name} on the graph interpreter"),
             compressed.graph.stats(&compressed.weights)?.weight_bytes,
-            Some(executor.weight_bytes()),
+            executor.weight_bytes(),
             ran,
             Runnable::Graph(Box::new(executor), image(input)),
         ));
@@ -252,17 +252,11 @@ pub async fn run(loaded: Rc<Loaded>, runs: u32) -> WorkerResult<()> {
                 b.times.push(now() - start);
             }
         }
-        for mut b in built {
-            b.times.sort_by(f64::total_cmp);
+        for b in built {
             rows.push(DeviceRow {
                 variant: b.variant,
                 backend: kind.clone(),
-                latency: Latency {
-                    cold_ms: b.cold_ms,
-                    p50_ms: percentile(&b.times, 50.0),
-                    p95_ms: percentile(&b.times, 95.0),
-                    runs,
-                },
+                latency: latency(b.cold_ms, b.times),
                 weight_bytes: b.weight_bytes,
                 held_bytes: b.held_bytes,
                 ran: b.ran,

@@ -7,7 +7,6 @@
 //! re-quantized and measured as deployed on the CPU executor.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -44,11 +43,6 @@ struct PhotoData {
     /// Each photo's file name (no folders), in the set's order: the lab leaves the training
     /// photos out of its agreement with a variant fine-tuned on them.
     file_names: Vec<String>,
-}
-
-/// `folder/…/name.jpg` → `name.jpg`.
-fn file_name(path: &str) -> &str {
-    path.rsplit(['/', '\\']).next().unwrap_or(path)
 }
 
 thread_local! {
@@ -153,7 +147,7 @@ pub async fn load_images(paths: Vec<String>, blobs: Array) -> WorkerResult<()> {
             Ok(decoded) => {
                 images.push(stored_photo(&decoded.image));
                 folders.push(folder_of(path));
-                file_names.push(file_name(path).to_string());
+                file_names.push(lab::file_name(path).to_string());
             }
             Err(e) => {
                 rejected_count += 1;
@@ -285,7 +279,7 @@ pub async fn train(
     let seconds = trained_run.seconds;
 
     stage("Re-quantizing the fine-tuned network");
-    let (before_model, after_model, trained) = run.finish(&recipe).await?;
+    let (before_model, mut after_model, trained) = run.finish(&recipe).await?;
     stage("Measuring the networks as deployed (CPU executor)");
     let own = data.set.own_classes().map(|n| n.to_vec());
     let labels = match &own {
@@ -320,16 +314,16 @@ pub async fn train(
     // variant (measured against the original like any other, exportable).
     if own.is_none() {
         // Agreement only on photos it was not fine-tuned on (by file name): the set's
-        // held-out photos and the visitor's other photos count.
+        // held-out photos and the visitor's other photos count. The names go into the
+        // export too, so a later load leaves them out as well.
         let (train, _) = data.set.split();
-        let trained_names: HashSet<&str> = train
-            .iter()
-            .filter_map(|&i| data.file_names.get(i).map(String::as_str))
-            .collect();
-        let mut eval = lab::eval_images(loaded, &lab::progress).await?;
-        let before = eval.len();
-        eval.retain(|e| !trained_names.contains(file_name(&e.name)));
-        let trained_on = before - eval.len();
+        after_model.seen_images.extend(
+            train
+                .iter()
+                .filter_map(|&i| data.file_names.get(i).cloned()),
+        );
+        let eval = lab::eval_images(loaded, &lab::progress).await?;
+        let (eval, trained_on) = lab::held_out(eval, &after_model.seen_images);
         lab::measure(
             loaded,
             after_model,

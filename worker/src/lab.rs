@@ -49,7 +49,6 @@ const MAX_EVAL_IMAGES_GPU: usize = 8;
 
 thread_local! {
     pub static VARIANT: RefCell<Option<Variant>> = const { RefCell::new(None) };
-    static ORIGINAL_LATENCY: RefCell<Option<Latency>> = const { RefCell::new(None) };
 }
 
 pub(crate) fn progress(stage: &str, fraction: f32) {
@@ -138,30 +137,64 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Cold run (the first after building) plus `runs` warm runs.
-pub(crate) async fn time_model(
-    classifier: &ImageClassifier,
+/// Latency from a cold run and the sorted-or-not warm runs.
+pub(crate) fn latency(cold_ms: f64, mut times: Vec<f64>) -> Latency {
+    times.sort_by(f64::total_cmp);
+    Latency {
+        cold_ms,
+        p50_ms: percentile(&times, 50.0),
+        p95_ms: percentile(&times, 95.0),
+        runs: times.len() as u32,
+    }
+}
+
+/// Times the original and the variant the same way: the variant's cold run is its first
+/// after building, the original's its first on this backend (`original_cold_ms`, the page's
+/// first classification); then `runs` warm runs of each, interleaved and alternating which
+/// goes first, so a slow spell of the machine or a warming cache hits both alike.
+/// Returns (original, variant, the variant's logits).
+pub(crate) async fn time_side_by_side(
+    original: &ImageClassifier,
+    original_cold_ms: Option<f64>,
+    variant: &ImageClassifier,
     input: &[f32],
     runs: u32,
-) -> WorkerResult<(Latency, Vec<f32>)> {
+) -> WorkerResult<(Latency, Latency, Vec<f32>)> {
     let start = now();
-    let logits = classifier.logits(input).await?;
-    let cold_ms = now() - start;
-    let mut times = Vec::with_capacity(runs as usize);
-    for _ in 0..runs {
+    let logits = variant.logits(input).await?;
+    let variant_cold = now() - start;
+    let original_cold = match original_cold_ms {
+        Some(ms) => ms,
+        None => {
+            let start = now();
+            original.logits(input).await?;
+            now() - start
+        }
+    };
+    let mut original_times = Vec::with_capacity(runs as usize);
+    let mut variant_times = Vec::with_capacity(runs as usize);
+    for run in 0..runs {
         crate::cancel::check()?;
-        let start = now();
-        classifier.logits(input).await?;
-        times.push(now() - start);
+        let order = if run % 2 == 0 {
+            [
+                (original, &mut original_times),
+                (variant, &mut variant_times),
+            ]
+        } else {
+            [
+                (variant, &mut variant_times),
+                (original, &mut original_times),
+            ]
+        };
+        for (classifier, times) in order {
+            let start = now();
+            classifier.logits(input).await?;
+            times.push(now() - start);
+        }
     }
-    times.sort_by(f64::total_cmp);
     Ok((
-        Latency {
-            cold_ms,
-            p50_ms: percentile(&times, 50.0),
-            p95_ms: percentile(&times, 95.0),
-            runs,
-        },
+        latency(original_cold, original_times),
+        latency(variant_cold, variant_times),
         logits,
     ))
 }
@@ -202,34 +235,50 @@ pub async fn run(
         None => None,
     };
     let eval = eval_images(loaded, &progress).await?;
-    // Calibrated activations: the older half of the photos (the samples) calibrates, the
-    // newer half (the visitor's own first) measures agreement, so the figure comes from
-    // photos the variant did not see.
-    let calibrates = recipe.as_ref().is_some_and(|r| r.activations.is_some()) && exported.is_none();
-    let (measured, calibrating) = if calibrates {
-        eval.split_at(eval.len() / 2)
-    } else {
-        (&eval[..], &[][..])
-    };
     let (model, source, reference) = match (recipe, exported) {
         (_, Some((name, model))) => (model, name, None),
         (Some(recipe), None) => {
+            // Calibrated activations: the older half of the photos (the samples) calibrates,
+            // the newer half (the visitor's own first) measures agreement, so the figure
+            // comes from photos the variant did not see.
+            let calibrating = match recipe.activations {
+                Some(_) => &eval[eval.len() / 2..],
+                None => &[][..],
+            };
             let calibration: Vec<Vec<f32>> = calibrating.iter().map(EvalImage::input).collect();
-            let model = compress(&loaded.store, &recipe, &calibration, &mut |stage, f| {
+            let mut model = compress(&loaded.store, &recipe, &calibration, &mut |stage, f| {
                 progress(&format!("Compressing: {stage}"), 0.05 + 0.4 * f);
                 crate::cancel::check()
             })?;
+            model.seen_images = calibrating
+                .iter()
+                .map(|e| file_name(&e.name).to_string())
+                .collect();
             let reference = pruned_and_folded(&loaded.store, &recipe)?;
             (model, "recipe".to_string(), Some(reference))
         }
         (None, None) => return Err(WorkerError::Message("nothing to compress".into())),
     };
-    let calibrated = calibrating.len();
+    // A loaded export measures only on photos it did not see either (its file lists them).
+    let (measured, seen) = held_out(eval, &model.seen_images);
     let elapsed = now() - start;
     measure(
-        loaded, model, source, reference, runs, elapsed, measured, calibrated,
+        loaded, model, source, reference, runs, elapsed, &measured, seen,
     )
     .await
+}
+
+/// `folder/…/name.jpg` → `name.jpg`.
+pub(crate) fn file_name(path: &str) -> &str {
+    path.rsplit(['/', '\\']).next().unwrap_or(path)
+}
+
+/// The photos of `eval` whose file name is not in `seen`, and how many were left out.
+pub(crate) fn held_out(mut eval: Vec<EvalImage>, seen: &[String]) -> (Vec<EvalImage>, usize) {
+    let before = eval.len();
+    eval.retain(|e| !seen.iter().any(|s| s == file_name(&e.name)));
+    let left_out = before - eval.len();
+    (eval, left_out)
 }
 
 /// The photos a variant is compared on: the newest first (the user's own come after the
@@ -291,20 +340,18 @@ pub async fn measure(
             .map(|e| (e.name.clone(), e.input()))
             .ok_or_else(|| WorkerError::Message("no photo to measure on".into()))?,
     };
-    progress("Timing the compressed model", 0.55);
-    let (after_latency, after_logits) = time_model(&variant, &input, runs).await?;
-    let cached = ORIGINAL_LATENCY.with(|l| l.borrow().clone());
-    let before_latency = match cached {
-        Some(l) if l.runs == runs => l,
-        _ => {
-            progress("Timing the original model", 0.7);
-            // Warm the original first so its cold number is not a first-ever run.
-            let (mut l, _) = time_model(&loaded.classifier, &input, runs).await?;
-            l.cold_ms = loaded.cold_ms.get().unwrap_or(l.cold_ms);
-            ORIGINAL_LATENCY.with(|c| *c.borrow_mut() = Some(l.clone()));
-            l
-        }
-    };
+    progress(
+        "Timing the original and the compressed model, interleaved",
+        0.55,
+    );
+    let (before_latency, after_latency, after_logits) = time_side_by_side(
+        &loaded.classifier,
+        loaded.cold_ms.get(),
+        &variant,
+        &input,
+        runs,
+    )
+    .await?;
     let before_logits = loaded.classifier.logits(&input).await?;
     let mut agree = 0;
     let mut kl_sum = 0.0;
@@ -348,11 +395,13 @@ pub async fn measure(
         executor,
         before: VariantSummary {
             stats: original.stats()?,
+            held_bytes: loaded.classifier.held_weight_bytes(),
             latency: before_latency,
             top5: top_k(&before_logits, 5, &labels),
         },
         after: VariantSummary {
             stats: model.stats()?,
+            held_bytes: variant.held_weight_bytes(),
             latency: after_latency,
             top5: top_k(&after_logits, 5, &labels),
         },
