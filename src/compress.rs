@@ -297,7 +297,8 @@ impl CompressedModel {
                     Some(r) => &r.get(&w.name)?.data,
                     None => &w.data,
                 };
-                let narrowest_channel = narrowest_channel(source, per_output, layer);
+                let narrowest_channel =
+                    narrowest_channel(source, per_output, layer.weights.as_ref());
                 Ok(LayerStats {
                     name: layer.name.clone(),
                     kind: layer.kind,
@@ -592,10 +593,12 @@ fn layer_kind(name: &str) -> Option<LayerKind> {
     })
 }
 
-fn narrowest_channel(
+/// The output channel (rows of `per_output` values) with the smallest max|w| among those not
+/// all zero, its histogram, and the levels of its quantization grid (`q`) inside its range.
+pub fn narrowest_channel(
     weights: &[f32],
     per_output: usize,
-    layer: &CompressedLayer,
+    q: Option<&QuantizedTensor>,
 ) -> Option<ChannelGrid> {
     let rows = weights.len() / per_output.max(1);
     if rows == 0 {
@@ -611,7 +614,7 @@ fn narrowest_channel(
         .min_by(|&a, &b| max_abs(a).total_cmp(&max_abs(b)))?;
     let values = &weights[channel * per_output..(channel + 1) * per_output];
     let histogram = Histogram::of(values, 32);
-    let levels = match &layer.weights {
+    let levels = match q {
         Some(q) => {
             let start = channel * per_output;
             let ranges = q.group_ranges();

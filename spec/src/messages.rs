@@ -4,7 +4,7 @@
 use crate::input::InputSpec;
 use crate::recipe::Recipe;
 use crate::report::{Evaluation, HeldOutReport, Prediction, SweepPoint, TrainLayers};
-use crate::stats::{LayerStats, ModelStats};
+use crate::stats::{ChannelGrid, Histogram, LayerStats, ModelStats};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
@@ -713,6 +713,9 @@ pub struct UserLayer {
     pub bits: Option<u8>,
     pub sqnr_db: Option<f64>,
     pub activation_bits: Option<u8>,
+    /// The float weights before quantization, and the narrowest output channel on its grid.
+    pub histogram: Histogram,
+    pub narrowest_channel: Option<ChannelGrid>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

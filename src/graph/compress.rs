@@ -10,7 +10,8 @@ use super::depgraph::prune_channels;
 use super::shape::{Dim, node_macs};
 use super::{ActivationParams, Graph, Node, Op, fold_batch_norms, transpose};
 use crate::compress::{
-    Observer, Progress, Recipe, percentile_range, percentile_sample, percentile_samples_per_image,
+    ChannelGrid, Histogram, Observer, Progress, Recipe, percentile_range, percentile_sample,
+    percentile_samples_per_image,
 };
 use crate::error::{EngineError, Result};
 use crate::exec::{CpuExecutor, Tensor};
@@ -34,6 +35,10 @@ pub struct GraphLayer {
     /// Weight SQNR against the float weights before quantization.
     pub sqnr_db: Option<f64>,
     pub activation: Option<ActivationParams>,
+    /// The float weights before quantization: all of them, and the narrowest output channel
+    /// with the quantization levels that fall inside its range.
+    pub histogram: Histogram,
+    pub narrowest_channel: Option<ChannelGrid>,
 }
 
 /// Size and compute of a graph.
@@ -209,6 +214,8 @@ pub fn compress_graph(
         .collect();
     let mut weights = BTreeMap::new();
     let mut sqnr = HashMap::new();
+    // Histograms of the float weights, taken before quantization replaces them.
+    let mut views: HashMap<String, WeightView> = HashMap::new();
     if let Some(scheme) = &recipe.weights {
         for &i in &quantized_layers {
             let name = weight_of(&g, i);
@@ -221,6 +228,7 @@ pub fn compress_graph(
             let q = QuantizedTensor::quantize(&c.data, &c.dims, *scheme);
             let data = q.dequantize();
             sqnr.insert(name.clone(), sqnr_db(&c.data, &data));
+            views.insert(name.clone(), WeightView::of(&c.data, &c.dims, Some(&q)));
             c.data = data;
             weights.insert(name, q);
         }
@@ -300,6 +308,14 @@ pub fn compress_graph(
             let c = g.constant(&name);
             let input = node.inputs[0].trim_end_matches(QUANTIZED_SUFFIX);
             let quantized = quantized_names.contains(node.name.as_str());
+            let view = match views.remove(&name) {
+                Some(view) => view,
+                None => WeightView::of(
+                    c.map_or(&[][..], |c| &c.data[..]),
+                    c.map_or(&[][..], |c| &c.dims[..]),
+                    None,
+                ),
+            };
             GraphLayer {
                 node: node.name.clone(),
                 op: node.op.name(),
@@ -314,6 +330,8 @@ pub fn compress_graph(
                 sqnr_db: sqnr.get(&name).copied().filter(|_| quantized),
                 activation: activations.get(input).copied().filter(|_| quantized),
                 weight: name,
+                histogram: view.histogram,
+                narrowest_channel: view.narrowest_channel,
             }
         })
         .collect();
@@ -336,6 +354,7 @@ impl CompressedGraph {
     ) -> Result<CompressedGraph> {
         let mut out = self.clone();
         let mut sqnr = HashMap::new();
+        let mut views = HashMap::new();
         for (name, t) in tuned {
             let Some(c) = out.graph.constants.get_mut(name) else {
                 continue;
@@ -354,9 +373,13 @@ impl CompressedGraph {
                     })?;
                     let data = q.dequantize();
                     sqnr.insert(name.clone(), sqnr_db(&t.data, &data));
+                    views.insert(name.clone(), WeightView::of(&t.data, &t.dims, Some(q)));
                     data
                 }
-                None => t.data.clone(),
+                None => {
+                    views.insert(name.clone(), WeightView::of(&t.data, &t.dims, None));
+                    t.data.clone()
+                }
             };
         }
         for layer in &mut out.layers {
@@ -366,8 +389,29 @@ impl CompressedGraph {
             if layer.sqnr_db.is_some() {
                 layer.sqnr_db = sqnr.get(&layer.weight).copied();
             }
+            if let Some(view) = views.remove(&layer.weight) {
+                layer.histogram = view.histogram;
+                layer.narrowest_channel = view.narrowest_channel;
+            }
         }
         Ok(out)
+    }
+}
+
+/// What the per-layer view draws of a weight tensor `[outputs, …]`.
+struct WeightView {
+    histogram: Histogram,
+    narrowest_channel: Option<ChannelGrid>,
+}
+
+impl WeightView {
+    /// Of the float weights `data`; `q` is their quantized form, when there is one.
+    fn of(data: &[f32], dims: &[usize], q: Option<&QuantizedTensor>) -> Self {
+        let per_output: usize = dims.iter().skip(1).product();
+        WeightView {
+            histogram: Histogram::of(data, 64),
+            narrowest_channel: crate::compress::narrowest_channel(data, per_output, q),
+        }
     }
 }
 

@@ -94,6 +94,18 @@ async function yourModel(flags, backend) {
     const bytesAfter = parseFloat(await page.innerText('#user-bytes-after'));
     const rows = await page.locator('#user-layers tbody tr').count();
     assert.equal(rows, 54, 'one row per conv / Gemm');
+    // Per-layer histograms: the first quantized layer is shown; clicking another shows its
+    // narrowest channel on its int8 grid (per channel: well over 100 levels inside its range).
+    const caption = () => page.innerText('#user-narrowest-caption');
+    assert.match(await caption(), /quantization levels fall inside its range/);
+    await page.locator('#user-layers tbody tr').nth(5).click();
+    await page.waitForSelector('#user-layers tbody tr.selected >> nth=0');
+    const title = await page.innerText('#user-layer-detail h4');
+    const levels = Number((await caption()).match(/(\d+) quantization levels/)[1]);
+    console.log(`${title}: ${await caption()}`);
+    assert.equal(title.split(' ')[0], await page.locator('#user-layers tbody tr').nth(5).getAttribute('data-layer'));
+    assert.ok(levels >= 100, `${levels} levels`);
+    assert.equal(await page.locator('#user-layer-detail svg').count(), 2);
     assert.ok(bytesAfter < 0.2, `${bytesAfter} MB of int8 weights`);
     const executor = await page.innerText('#user-report .executor');
     console.log(executor);

@@ -229,6 +229,21 @@ fn w8a8_on_the_graph_agrees_with_fp32_on_held_out_inputs() {
         assert_eq!(quantized, compressed.layers.len());
         assert!(compressed.layers.iter().all(|l| l.activation.is_some()));
         assert!(agreement >= 0.99, "{name}: {agreement}");
+        // The per-layer view: a histogram of every weight, and the narrowest channel with
+        // the levels of its own 8-bit grid inside its range (per channel: at least 128 when
+        // the channel's max|w| sets its scale, one side of zero at least).
+        for l in &compressed.layers {
+            let counted: u32 = l.histogram.counts.iter().sum();
+            assert_eq!(counted as usize, l.parameters, "{name} {}", l.node);
+            let channel = l.narrowest_channel.as_ref().expect("a non-zero channel");
+            assert!(channel.channel < l.shape[0]);
+            assert!(
+                channel.levels.len() >= 128,
+                "{name} {}: {} levels",
+                l.node,
+                channel.levels.len()
+            );
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use compresslab_spec::recipe::{
     ActivationQuant, ChannelPruning, ChannelRanking, Granularity, MagnitudePruning, Observer,
     PruneScope, QuantScheme, Recipe,
 };
-use compresslab_spec::stats::{Histogram, LayerKind, LayerStats, ModelStats};
+use compresslab_spec::stats::{ChannelGrid, Histogram, LayerKind, LayerStats, ModelStats};
 use leptos::ev;
 use leptos::prelude::*;
 
@@ -774,39 +774,59 @@ fn histogram_svg(hist: &Histogram, levels: &[f32], w: f64, h: f64) -> impl IntoV
 #[component]
 pub(crate) fn LayerDetail(layers: Vec<LayerStats>, selected: RwSignal<usize>) -> impl IntoView {
     move || {
-        let Some(l) = layers.get(selected.get()).cloned() else {
-            return view! { <div></div> }.into_any();
-        };
-        let channel = l.narrowest_channel.clone();
-        view! {
-            <div class="layer-detail" id="layer-detail">
-                <h4>{format!("{} ({:?}, shape {:?})", l.name, l.kind, l.shape)}</h4>
-                <div class="hist-pair">
-                    <figure>
-                        {histogram_svg(&l.histogram, &[], 340.0, 100.0)}
-                        <figcaption>{format!("All {} weights, {:.3} … {:.3}", l.shape.iter().product::<usize>(), l.histogram.min, l.histogram.max)}</figcaption>
-                    </figure>
-                    {channel.map(|ch| {
-                        let levels = ch.levels.len();
-                        // More than 32 lines merge into a wash: draw every k-th level.
-                        let every = levels.div_ceil(32).max(1);
-                        let drawn: Vec<f32> = ch.levels.iter().copied().step_by(every).collect();
-                        let caption = match (l.bits.is_some(), every) {
-                            (false, _) => format!("Narrowest channel (#{}), not quantized.", ch.channel),
-                            (true, 1) => format!("Narrowest channel (#{}): {} quantization levels fall inside its range (red lines).", ch.channel, levels),
-                            (true, k) => format!("Narrowest channel (#{}): {} quantization levels fall inside its range (red lines: every {k}th).", ch.channel, levels),
-                        };
-                        view! {
-                            <figure>
-                                {histogram_svg(&ch.histogram, &drawn, 340.0, 100.0)}
-                                <figcaption id="narrowest-caption">{caption}</figcaption>
-                            </figure>
-                        }
-                    })}
-                </div>
+        layers.get(selected.get()).cloned().map(|l| {
+            view! {
+                <WeightHistograms
+                    id_prefix=""
+                    title=format!("{} ({:?}, shape {:?})", l.name, l.kind, l.shape)
+                    weights=l.shape.iter().product()
+                    histogram=l.histogram
+                    channel=l.narrowest_channel
+                    quantized=l.bits.is_some()/>
+            }
+        })
+    }
+}
+
+/// One layer's weights: the histogram of all of them, and its narrowest output channel with
+/// the quantization levels inside its range (why per-tensor scales starve small channels).
+/// `id_prefix` keeps the element ids of two tabs apart.
+#[component]
+pub(crate) fn WeightHistograms(
+    id_prefix: &'static str,
+    title: String,
+    weights: usize,
+    histogram: Histogram,
+    channel: Option<ChannelGrid>,
+    quantized: bool,
+) -> impl IntoView {
+    view! {
+        <div class="layer-detail" id=format!("{id_prefix}layer-detail")>
+            <h4>{title}</h4>
+            <div class="hist-pair">
+                <figure>
+                    {histogram_svg(&histogram, &[], 340.0, 100.0)}
+                    <figcaption>{format!("All {weights} weights, {:.3} … {:.3}", histogram.min, histogram.max)}</figcaption>
+                </figure>
+                {channel.map(|ch| {
+                    let levels = ch.levels.len();
+                    // More than 32 lines merge into a wash: draw every k-th level.
+                    let every = levels.div_ceil(32).max(1);
+                    let drawn: Vec<f32> = ch.levels.iter().copied().step_by(every).collect();
+                    let caption = match (quantized, every) {
+                        (false, _) => format!("Narrowest channel (#{}), not quantized.", ch.channel),
+                        (true, 1) => format!("Narrowest channel (#{}): {} quantization levels fall inside its range (red lines).", ch.channel, levels),
+                        (true, k) => format!("Narrowest channel (#{}): {} quantization levels fall inside its range (red lines: every {k}th).", ch.channel, levels),
+                    };
+                    view! {
+                        <figure>
+                            {histogram_svg(&ch.histogram, &drawn, 340.0, 100.0)}
+                            <figcaption id=format!("{id_prefix}narrowest-caption")>{caption}</figcaption>
+                        </figure>
+                    }
+                })}
             </div>
-        }
-        .into_any()
+        </div>
     }
 }
 

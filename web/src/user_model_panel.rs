@@ -15,7 +15,7 @@ use wasm_bindgen_futures::JsFuture;
 use web_sys::Blob;
 
 use crate::app::{cancel_long_job, draw_rgb, send_user_model};
-use crate::lab_panel::speed_change;
+use crate::lab_panel::{WeightHistograms, speed_change};
 use compresslab_spec::messages::{
     FromWorker, ToWorker, UserClassification, UserCompressReport, UserModelInfo,
 };
@@ -526,6 +526,9 @@ fn UserCard(image: UserImage, labels: Signal<Vec<String>>) -> impl IntoView {
 #[component]
 fn UserReport(report: UserCompressReport) -> impl IntoView {
     let (b, a) = (&report.before, &report.after);
+    // The first quantized layer is shown first: its grid is what the histograms explain.
+    let layers = report.layers.clone();
+    let selected = RwSignal::new(layers.iter().position(|l| l.bits.is_some()).unwrap_or(0));
     let agreement = match report.top1_same {
         Some(same) => format!(
             "Top-1 unchanged on {same} of {} held-out images ({} calibrated or trained it and are not counted).",
@@ -560,8 +563,8 @@ fn UserReport(report: UserCompressReport) -> impl IntoView {
             <table class="layers" id="user-layers">
                 <thead><tr><th>"Node"</th><th>"Op"</th><th>"Shape"</th><th>"Params"</th><th>"Zeros"</th><th>"Weights"</th><th>"SQNR"</th><th>"Input"</th></tr></thead>
                 <tbody>
-                    {report.layers.iter().map(|l| view! {
-                        <tr>
+                    {report.layers.iter().enumerate().map(|(i, l)| view! {
+                        <tr class:selected=move || selected.get() == i on:click=move |_| selected.set(i) data-layer=l.node.clone()>
                             <td>{l.node.clone()}</td>
                             <td>{l.op.clone()}</td>
                             <td>{format!("{:?}", l.shape)}</td>
@@ -574,6 +577,16 @@ fn UserReport(report: UserCompressReport) -> impl IntoView {
                     }).collect_view()}
                 </tbody>
             </table>
+            <p class="hint">"Click a layer for its weight histograms."</p>
+            {move || layers.get(selected.get()).cloned().map(|l| view! {
+                <WeightHistograms
+                    id_prefix="user-"
+                    title=format!("{} ({}, shape {:?})", l.node, l.op, l.shape)
+                    weights=l.shape.iter().product()
+                    histogram=l.histogram
+                    channel=l.narrowest_channel
+                    quantized=l.bits.is_some()/>
+            })}
         </div>
     }
 }

@@ -581,6 +581,8 @@ async fn report(
             bits: l.bits,
             sqnr_db: l.sqnr_db.filter(|v| v.is_finite()),
             activation_bits: l.activation.map(|a| if a.qmax <= 7 { 4 } else { 8 }),
+            histogram: l.histogram.clone(),
+            narrowest_channel: l.narrowest_channel.clone(),
         })
         .collect();
     let executor = variant.runner.kernels_text();
