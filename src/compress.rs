@@ -62,9 +62,15 @@ pub fn compress(
     recipe.validate()?;
     progress("pruning", 0.05)?;
     let mut store = pruned_and_folded(original, recipe)?;
-    progress("quantizing weights", 0.3)?;
     let mut layers = Vec::new();
-    for layer in weight_layers(&store) {
+    let all = weight_layers(&store);
+    let count = all.len();
+    for (i, layer) in all.into_iter().enumerate() {
+        // Per layer, so a cancel lands between layers.
+        progress(
+            "quantizing weights",
+            0.3 + 0.1 * i as f32 / count.max(1) as f32,
+        )?;
         let fp32 = recipe.keep_fp32.contains(&layer.name);
         let weights = match (&recipe.weights, fp32) {
             (Some(scheme), false) => {

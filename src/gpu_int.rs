@@ -402,7 +402,9 @@ pub struct GpuCompressedNet {
 
 impl GpuCompressedNet {
     pub fn new(model: &CompressedModel, device: &Device, features: GpuFeatures) -> Result<Self> {
-        let net = EfficientNetLite::from_compressed(model, device)?;
+        // Built on the CPU first: only the layers that run as float move to the GPU, so the
+        // f32 weights of a layer with an integer kernel are never uploaded.
+        let net = EfficientNetLite::from_compressed(model, &Device::flex())?;
         // In weight-layer order: the integer form of each quantized 1×1 layer a kernel fits.
         let mut int_layers = model.layers.iter().map(|l| {
             let pointwise = matches!(
@@ -419,7 +421,7 @@ impl GpuCompressedNet {
                 layer,
                 relu6: unit.relu6,
             },
-            None => Pointwise::Float(unit),
+            None => Pointwise::Float(unit.to_device(device)),
         };
         let EfficientNetLite {
             stem,
@@ -437,7 +439,7 @@ impl GpuCompressedNet {
                 let _ = next();
                 Block {
                     expand,
-                    depthwise: b.depthwise,
+                    depthwise: b.depthwise.to_device(device),
                     project: pointwise(b.project, next()),
                     skip: b.skip,
                 }
@@ -449,10 +451,10 @@ impl GpuCompressedNet {
                 layer,
                 relu6: false,
             },
-            None => Pointwise::Float((classifier, classifier_input_quant)),
+            None => Pointwise::Float((classifier.to_device(device), classifier_input_quant)),
         };
         Ok(Self {
-            stem,
+            stem: stem.to_device(device),
             blocks,
             head,
             classifier,

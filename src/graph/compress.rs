@@ -217,7 +217,12 @@ pub fn compress_graph(
     // Histograms of the float weights, taken before quantization replaces them.
     let mut views: HashMap<String, WeightView> = HashMap::new();
     if let Some(scheme) = &recipe.weights {
-        for &i in &quantized_layers {
+        for (k, &i) in quantized_layers.iter().enumerate() {
+            // Per layer, so a cancel lands between layers.
+            progress(
+                "quantizing weights",
+                0.3 + 0.1 * k as f32 / quantized_layers.len().max(1) as f32,
+            )?;
             let name = weight_of(&g, i);
             if weights.contains_key(&name) {
                 continue;

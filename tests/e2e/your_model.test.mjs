@@ -99,7 +99,7 @@ async function yourModel(flags, backend) {
     const caption = () => page.innerText('#user-narrowest-caption');
     assert.match(await caption(), /quantization levels fall inside its range/);
     await page.locator('#user-layers tbody tr').nth(5).click();
-    await page.waitForSelector('#user-layers tbody tr.selected >> nth=0');
+    await page.waitForSelector('#user-layers tbody tr:nth-child(6).selected');
     const title = await page.innerText('#user-layer-detail h4');
     const levels = Number((await caption()).match(/(\d+) quantization levels/)[1]);
     console.log(`${title}: ${await caption()}`);

@@ -226,13 +226,36 @@ fn spawn_worker(force_cpu: Option<String>) {
     }
 }
 
+/// How long a worker's error event waits for the panic hook's message about the same crash.
+const TRAP_GRACE_MS: i32 = 200;
+
 /// A message or an error event from the worker.
 fn on_worker_event(event: JsValue) {
     if let Some(error) = event.dyn_ref::<web_sys::ErrorEvent>() {
-        on_worker_message(FromWorker::Crashed {
-            message: error.message(),
-            cause: CrashCause::Trap,
+        // A panic posts its cause from the worker's panic hook and then traps, which raises
+        // this event too, and the two may arrive in either order. Wait a moment: when the
+        // cause arrives first it replaces the worker, and this late trap is then ignored.
+        let message = error.message();
+        let target = error.target();
+        let trap = Closure::once_into_js(move || {
+            let still_current = with_controller(|c| {
+                c.worker
+                    .as_ref()
+                    .is_some_and(|w| target.as_ref().is_some_and(|t| js_sys::Object::is(w, t)))
+            });
+            if still_current == Some(true) {
+                on_worker_message(FromWorker::Crashed {
+                    message,
+                    cause: CrashCause::Trap,
+                });
+            }
         });
+        if let Some(w) = web_sys::window() {
+            let _ = w.set_timeout_with_callback_and_timeout_and_arguments_0(
+                trap.unchecked_ref(),
+                TRAP_GRACE_MS,
+            );
+        }
         return;
     }
     let Some(event) = event.dyn_ref::<MessageEvent>() else {

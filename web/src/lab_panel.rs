@@ -544,7 +544,8 @@ fn Report(report: CompressReport, keep_fp32: RwSignal<Vec<String>>) -> impl Into
                 std::cmp::Ordering::Greater => {
                     format!("{} larger", ratio(a.held_bytes as f64, b.held_bytes as f64))
                 }
-                _ => format!(
+                std::cmp::Ordering::Equal => "same".into(),
+                std::cmp::Ordering::Less => format!(
                     "{} smaller",
                     ratio(b.held_bytes as f64, a.held_bytes as f64)
                 ),
@@ -579,7 +580,11 @@ fn Report(report: CompressReport, keep_fp32: RwSignal<Vec<String>>) -> impl Into
                     }
                 ),
             },
-            format!("mean KL {:.4}", r.mean_kl),
+            if r.eval_images == 0 {
+                "—".into()
+            } else {
+                format!("mean KL {:.4}", r.mean_kl)
+            },
         ),
     ]);
     let warning = r.cross_check.as_ref().and_then(|x| {

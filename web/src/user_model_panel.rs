@@ -96,6 +96,14 @@ pub fn on_message(state: RwSignal<UserModelState>, msg: FromWorker) {
         }
         FromWorker::UserModelFailed { id: None, message } => {
             s.loading = None;
+            // The worker drops the old variant before compressing a new one: after a failed
+            // or cancelled compression there is none to show, export or fine-tune.
+            if s.busy
+                .as_deref()
+                .is_some_and(|b| b.starts_with("Compressing"))
+            {
+                s.report = None;
+            }
             s.busy = None;
             s.error = Some(message);
         }

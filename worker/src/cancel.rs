@@ -1,7 +1,8 @@
 //! Cancelling the running long job. When the page is cross-origin isolated it shares a
 //! `SharedArrayBuffer` with the worker at start, and its Cancel button raises the counter in
-//! it: the job reads it synchronously at its checkpoints (between layers while compressing,
-//! between calibration images, timing runs and evaluation chunks), so a cancel takes effect
+//! it: the job reads it synchronously at its checkpoints (between compression stages and
+//! between layers while quantizing, between calibration images, timing runs and evaluation
+//! chunks), so a cancel takes effect
 //! even while the worker is inside synchronous engine code, well within a second on the CPU.
 //! Without isolation the page sends `CancelJob` instead, which raises a local counter when
 //! the job next yields to the worker's event loop.

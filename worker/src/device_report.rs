@@ -167,11 +167,13 @@ pub async fn run(loaded: Rc<Loaded>, runs: u32) -> WorkerResult<()> {
         .ok_or_else(|| WorkerError::Message("classify a photo first".into()))?;
     progress("Compressing the variants".into(), 0.0);
     // W8A8 calibrates its activations on the photos the lab compares with.
-    let calibration: Vec<Vec<f32>> = eval_images(&loaded, &|stage, f| progress(stage.into(), f))
-        .await?
-        .iter()
-        .map(EvalImage::input)
-        .collect();
+    let calibration: Vec<Vec<f32>> =
+        eval_images(&loaded, &|stage, f| progress(stage.into(), f), &[])
+            .await?
+            .0
+            .iter()
+            .map(EvalImage::input)
+            .collect();
     let mut models = Vec::new();
     for (name, recipe) in variants() {
         let model = match &recipe {

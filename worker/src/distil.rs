@@ -619,9 +619,7 @@ pub async fn bench_photo(loaded: Rc<Loaded>, batch: u32, steps: u32) -> WorkerRe
             .collect()
     };
     // Inference: warm runs of the page's own executor on this backend.
-    if !loaded.warm.replace(true) {
-        loaded.classifier.logits(&input).await?;
-    }
+    loaded.original_logits(&input).await?;
     let start = now();
     for _ in 0..steps {
         crate::cancel::check()?;

@@ -322,20 +322,29 @@ pub async fn train(
                 .iter()
                 .filter_map(|&i| data.file_names.get(i).cloned()),
         );
-        let eval = lab::eval_images(loaded, &lab::progress).await?;
-        let (eval, trained_on) = lab::held_out(eval, &after_model.seen_images);
-        lab::measure(
-            loaded,
-            after_model,
-            "distilled".into(),
-            Some(trained),
-            // Timing runs: SwiftShader-like adapters take seconds per run.
-            if loaded.device.is_some() { 3 } else { 20 },
-            seconds * 1000.0,
-            &eval,
-            trained_on,
-        )
-        .await?;
+        let measured = async {
+            let (eval, trained_on) =
+                lab::eval_images(loaded, &lab::progress, &after_model.seen_images).await?;
+            lab::measure(
+                loaded,
+                after_model,
+                "distilled".into(),
+                Some(trained),
+                // Timing runs: SwiftShader-like adapters take seconds per run.
+                if loaded.device.is_some() { 3 } else { 20 },
+                seconds * 1000.0,
+                &eval,
+                trained_on,
+            )
+            .await
+        };
+        // The fine-tune itself is done and reported: a cancel or failure from here on is
+        // the lab's, and the lab panel (showing this step's progress) must hear it.
+        if let Err(e) = measured.await {
+            post(&FromWorker::CompressFailed {
+                message: e.to_string(),
+            });
+        }
     }
     Ok(())
 }

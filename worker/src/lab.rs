@@ -3,6 +3,7 @@
 //! latency, agreement and per-layer statistics to the page.
 
 use std::cell::RefCell;
+use std::collections::HashSet;
 
 use compresslab::classifier::{ImageClassifier, max_abs_diff};
 use compresslab::compress::{CompressedModel, Recipe, agreement, compress, pruned_and_folded};
@@ -133,6 +134,9 @@ fn serde_json_text<T: serde::de::DeserializeOwned>(text: &str) -> WorkerResult<T
 
 /// Nearest-rank percentile of sorted samples.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
@@ -234,16 +238,20 @@ pub async fn run(
         }
         None => None,
     };
-    let eval = eval_images(loaded, &progress).await?;
-    let (model, source, reference) = match (recipe, exported) {
-        (_, Some((name, model))) => (model, name, None),
+    let (model, source, reference, measured, seen) = match (recipe, exported) {
+        (_, Some((name, model))) => {
+            // A loaded export lists the photos it saw: it is measured on the others.
+            let (measured, seen) = eval_images(loaded, &progress, &model.seen_images).await?;
+            (model, name, None, measured, seen)
+        }
         (Some(recipe), None) => {
+            let (mut eval, _) = eval_images(loaded, &progress, &[]).await?;
             // Calibrated activations: the older half of the photos (the samples) calibrates,
             // the newer half (the visitor's own first) measures agreement, so the figure
             // comes from photos the variant did not see.
             let calibrating = match recipe.activations {
-                Some(_) => &eval[eval.len() / 2..],
-                None => &[][..],
+                Some(_) => eval.split_off(eval.len() / 2),
+                None => Vec::new(),
             };
             let calibration: Vec<Vec<f32>> = calibrating.iter().map(EvalImage::input).collect();
             let mut model = compress(&loaded.store, &recipe, &calibration, &mut |stage, f| {
@@ -255,12 +263,11 @@ pub async fn run(
                 .map(|e| file_name(&e.name).to_string())
                 .collect();
             let reference = pruned_and_folded(&loaded.store, &recipe)?;
-            (model, "recipe".to_string(), Some(reference))
+            let seen = calibrating.len();
+            (model, "recipe".to_string(), Some(reference), eval, seen)
         }
         (None, None) => return Err(WorkerError::Message("nothing to compress".into())),
     };
-    // A loaded export measures only on photos it did not see either (its file lists them).
-    let (measured, seen) = held_out(eval, &model.seen_images);
     let elapsed = now() - start;
     measure(
         loaded, model, source, reference, runs, elapsed, &measured, seen,
@@ -273,34 +280,31 @@ pub(crate) fn file_name(path: &str) -> &str {
     path.rsplit(['/', '\\']).next().unwrap_or(path)
 }
 
-/// The photos of `eval` whose file name is not in `seen`, and how many were left out.
-pub(crate) fn held_out(mut eval: Vec<EvalImage>, seen: &[String]) -> (Vec<EvalImage>, usize) {
-    let before = eval.len();
-    eval.retain(|e| !seen.iter().any(|s| s == file_name(&e.name)));
-    let left_out = before - eval.len();
-    (eval, left_out)
-}
-
 /// The photos a variant is compared on: the newest first (the user's own come after the
-/// samples), fewer on WebGPU. `report` hears about preparing the samples (the first time).
+/// samples), fewer on WebGPU, leaving out those named in `seen` (a variant calibrated or
+/// trained on them; matched by file name) before the cap. Also returns how many were left
+/// out. `report` hears about preparing the samples (the first time).
 pub async fn eval_images(
     loaded: &Loaded,
     report: &dyn Fn(&str, f32),
-) -> WorkerResult<Vec<EvalImage>> {
+    seen: &[String],
+) -> WorkerResult<(Vec<EvalImage>, usize)> {
     ensure_samples(loaded, report).await?;
     let cap = if loaded.device.is_some() {
         MAX_EVAL_IMAGES_GPU
     } else {
         MAX_EVAL_IMAGES
     };
-    Ok(loaded
-        .eval
-        .borrow()
+    let seen: HashSet<&str> = seen.iter().map(|s| file_name(s)).collect();
+    let eval = loaded.eval.borrow();
+    let (kept, left_out): (Vec<&EvalImage>, Vec<&EvalImage>) = eval
         .iter()
         .rev()
-        .take(cap)
-        .cloned()
-        .collect())
+        .partition(|e| !seen.contains(file_name(&e.name)));
+    Ok((
+        kept.into_iter().take(cap).cloned().collect(),
+        left_out.len(),
+    ))
 }
 
 /// Builds `model` on the page's executor, times it next to the original, compares them on

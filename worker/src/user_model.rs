@@ -369,6 +369,9 @@ pub async fn compress(recipe: Recipe, runs: u32) -> WorkerResult<()> {
     let _turn = Turn::wait().await;
     let m = current()?;
     let start = now();
+    // The old variant goes first (its memory is freed before the new one is built); the
+    // page drops its report when this fails, so the two stay in line.
+    m.variant.replace(None);
     let inputs = m.inputs.borrow().clone();
     let calibrating = recipe.activations.is_some();
     if calibrating && inputs.len() < 2 {
@@ -381,7 +384,6 @@ pub async fn compress(recipe: Recipe, runs: u32) -> WorkerResult<()> {
     } else {
         0
     };
-    m.variant.replace(None);
     let compressed = compress_graph(&m.graph, &recipe, &inputs[..used], &mut |_, _| {
         crate::cancel::check()
     })?;

@@ -54,6 +54,19 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// The original's logits for `input`; the network's first run on this backend, wherever
+    /// it happens (a classification, the lab's sample photos, a benchmark), is its cold run.
+    /// Returns whether this run was it.
+    pub async fn original_logits(&self, input: &[f32]) -> WorkerResult<(Vec<f32>, bool)> {
+        let start = now();
+        let logits = self.classifier.logits(input).await?;
+        let cold = !self.warm.replace(true);
+        if cold {
+            self.cold_ms.set(Some(now() - start));
+        }
+        Ok((logits, cold))
+    }
+
     /// The last classified photo's preprocessed input (benchmarks run on it).
     pub fn last_input(&self) -> WorkerResult<Vec<f32>> {
         self.last
@@ -745,13 +758,9 @@ async fn classify(id: u32, name: &str, blob: &Blob) -> WorkerResult<()> {
     let crop = imagenet_crop(&decoded.image);
     let input = to_nchw(&crop);
     let t1 = now();
-    let logits = loaded.classifier.logits(&input).await?;
+    let (logits, cold) = loaded.original_logits(&input).await?;
     let top5 = top_k(&logits, 5, loaded.classifier.labels());
     let t2 = now();
-    let cold = !loaded.warm.replace(true);
-    if cold {
-        loaded.cold_ms.set(Some(t2 - t1));
-    }
     lab::remember(&loaded, name, &crop, &logits);
     loaded.last.replace(Some((name.to_string(), input)));
     post(&FromWorker::Classified {
@@ -775,9 +784,7 @@ async fn benchmark(runs: u32) -> WorkerResult<()> {
         .ok_or_else(|| WorkerError::Message("the model is not loaded yet".into()))?;
     let input = loaded.last_input()?;
     let runs = runs.clamp(1, 1000);
-    if !loaded.warm.replace(true) {
-        loaded.classifier.logits(&input).await?;
-    }
+    loaded.original_logits(&input).await?;
     let mut times = Vec::with_capacity(runs as usize);
     for _ in 0..runs {
         crate::cancel::check()?;
