@@ -1,9 +1,9 @@
 // 1 000 consecutive classifications on the CPU fallback, in drops of 50 with the finished
-// cards cleared in between, as a person working through a photo collection would: the
-// worker's memory (its wasm linear memory, which only grows, so a leak shows) ends within
-// 5 % of where it was after the first ten. The live heap (bytes allocated and not freed)
-// tells a leak from a heap that grew once: once the lab's set of 32 remembered photos is full
-// (after the first drop of 50) it must not grow at all.
+// cards cleared in between, as a person working through a photo collection of mixed sizes
+// would: the worker's memory (its wasm linear memory, which only grows, so a leak shows)
+// ends within 5 % of where it was after the first ten. The live heap (bytes allocated and
+// not freed) tells a leak from a heap that grew once: once the lab's set of 32 remembered
+// photos is full (after the first drop of 50) it must not grow at all.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { serveSite, launch, dropFiles, sample, waitReady, NO_WEBGPU_FLAGS } from './harness.mjs';
@@ -24,9 +24,16 @@ async function workerMemory(page) {
 
 const mib = (bytes) => (bytes / 2 ** 20).toFixed(1);
 
+// Photos of different sizes and formats (PNG and JPEG, 0.3 to 0.7 megapixels), so that
+// decoding leaves buffers of many sizes behind, as a real collection does.
+const PHOTOS = ['coffee.png', 'chelsea.png', 'rocket.jpg', 'astronaut.png', 'motorcycle_left.png', 'china.jpg', 'flower.jpg']
+  .map((name) => ({ name, type: name.endsWith('.png') ? 'image/png' : 'image/jpeg', bytes: sample(name) }));
+
 async function classifyBatch(page, count) {
-  const bytes = sample('coffee.png');
-  const files = Array.from({ length: count }, (_, i) => ({ name: `photo-${i}.png`, type: 'image/png', bytes }));
+  const files = Array.from({ length: count }, (_, i) => {
+    const photo = PHOTOS[i % PHOTOS.length];
+    return { ...photo, name: `photo-${i}-${photo.name}` };
+  });
   await dropFiles(page, files);
   await page.waitForFunction((n) => {
     const cards = document.querySelectorAll('article.result');

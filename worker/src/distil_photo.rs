@@ -19,13 +19,12 @@ use compresslab::preprocess::resize_and_crop;
 use js_sys::Array;
 use serde_bytes::ByteBuf;
 use wasm_bindgen::JsCast;
-use wasm_bindgen_futures::JsFuture;
 use web_sys::Blob;
 
 use crate::distil::{drive, engine_config, training_device};
 use crate::error::{WorkerError, WorkerResult};
 use crate::lab;
-use crate::worker::{Loaded, decode_blob, fetch_response, now, post};
+use crate::worker::{Loaded, decode_blob, now, post};
 use compresslab_spec::messages::{
     DistilData, DistilReport, DistilSettings, DistilSide, DistilTarget, FromWorker,
 };
@@ -170,38 +169,25 @@ pub async fn load_images(paths: Vec<String>, blobs: Array) -> WorkerResult<()> {
     keep(data, rejected, rejected_count)
 }
 
-#[derive(serde::Deserialize)]
-struct SampleEntry {
-    file: String,
-}
-
 /// The site's sample photos, unlabelled (label-free distillation).
 pub async fn load_samples(asset_base: &str) -> WorkerResult<()> {
     refuse_while_running()?;
-    let resp = fetch_response(&format!("{asset_base}/samples/index.json")).await?;
-    let json = JsFuture::from(resp.json().map_err(|e| WorkerError::js("samples", e))?)
-        .await
-        .map_err(|e| WorkerError::js("samples", e))?;
-    let entries: Vec<SampleEntry> =
-        serde_wasm_bindgen::from_value(json).map_err(|e| WorkerError::Message(e.to_string()))?;
+    let names = lab::sample_names(asset_base).await?;
     let mut images = Vec::new();
-    for (i, entry) in entries.iter().enumerate() {
+    for (i, name) in names.iter().enumerate() {
         post(&FromWorker::DistilLoading {
             done: i as u32,
-            total: entries.len() as u32,
+            total: names.len() as u32,
         });
-        let resp = fetch_response(&format!("{asset_base}/samples/{}", entry.file)).await?;
-        let blob: Blob = JsFuture::from(resp.blob().map_err(|e| WorkerError::js("samples", e))?)
-            .await
-            .map_err(|e| WorkerError::js("samples", e))?
-            .into();
-        images.push(stored_photo(&decode_blob(&blob).await?.image));
+        images.push(stored_photo(
+            &lab::sample_photo(asset_base, name).await?.image,
+        ));
     }
     let n = images.len();
     keep(
         PhotoData {
             source: format!("the site's {n} sample photos"),
-            file_names: entries.iter().map(|e| e.file.clone()).collect(),
+            file_names: names,
             set: Arc::new(PhotoSet {
                 images,
                 labels: vec![None; n],

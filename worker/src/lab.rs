@@ -17,7 +17,7 @@ use wasm_bindgen_futures::JsFuture;
 use web_sys::Blob;
 
 use crate::error::{WorkerError, WorkerResult};
-use crate::worker::{Loaded, decode_blob, fetch_response, now, post};
+use crate::worker::{Decoded, Loaded, decode_blob, fetch_response, now, post};
 use compresslab_spec::messages::{CompressReport, CrossCheck, FromWorker, Latency, VariantSummary};
 
 /// A photo used to compare the variant with the original.
@@ -96,40 +96,44 @@ struct SampleEntry {
     file: String,
 }
 
+/// The file names of the site's sample photos (`samples/index.json`).
+pub(crate) async fn sample_names(base: &str) -> WorkerResult<Vec<String>> {
+    let resp = fetch_response(&format!("{base}/samples/index.json")).await?;
+    let json = JsFuture::from(resp.json().map_err(|e| WorkerError::js("samples", e))?)
+        .await
+        .map_err(|e| WorkerError::js("samples", e))?;
+    let entries: Vec<SampleEntry> =
+        serde_wasm_bindgen::from_value(json).map_err(|e| WorkerError::Message(e.to_string()))?;
+    Ok(entries.into_iter().map(|e| e.file).collect())
+}
+
+/// One of the site's sample photos, decoded.
+pub(crate) async fn sample_photo(base: &str, name: &str) -> WorkerResult<Decoded> {
+    let resp = fetch_response(&format!("{base}/samples/{name}")).await?;
+    let blob: Blob = JsFuture::from(resp.blob().map_err(|e| WorkerError::js("samples", e))?)
+        .await
+        .map_err(|e| WorkerError::js("samples", e))?
+        .into();
+    decode_blob(&blob).await
+}
+
 /// Adds the site's sample photos to the evaluation set (once), telling `report` how far it is.
 async fn ensure_samples(loaded: &Loaded, report: &dyn Fn(&str, f32)) -> WorkerResult<()> {
     if loaded.samples_added.replace(true) {
         return Ok(());
     }
-    let base = &loaded.asset_base;
-    let resp = fetch_response(&format!("{base}/samples/index.json")).await?;
-    let text = JsFuture::from(resp.text().map_err(|e| WorkerError::js("samples", e))?)
-        .await
-        .map_err(|e| WorkerError::js("samples", e))?
-        .as_string()
-        .unwrap_or_default();
-    let entries: Vec<SampleEntry> = serde_json_text(&text)?;
-    for (i, entry) in entries.iter().enumerate() {
+    let names = sample_names(&loaded.asset_base).await?;
+    for (i, name) in names.iter().enumerate() {
         report(
-            &format!("Preparing sample photos ({}/{})", i + 1, entries.len()),
-            0.02 * i as f32 / entries.len().max(1) as f32,
+            &format!("Preparing sample photos ({}/{})", i + 1, names.len()),
+            0.02 * i as f32 / names.len().max(1) as f32,
         );
-        let resp = fetch_response(&format!("{base}/samples/{}", entry.file)).await?;
-        let blob: Blob = JsFuture::from(resp.blob().map_err(|e| WorkerError::js("samples", e))?)
-            .await
-            .map_err(|e| WorkerError::js("samples", e))?
-            .into();
-        let decoded = decode_blob(&blob).await?;
+        let decoded = sample_photo(&loaded.asset_base, name).await?;
         let crop = imagenet_crop(&decoded.image);
-        let logits = loaded.classifier.logits(&to_nchw(&crop)).await?;
-        remember(loaded, &entry.file, &crop, &logits);
+        let (logits, _) = loaded.original_logits(&to_nchw(&crop)).await?;
+        remember(loaded, name, &crop, &logits);
     }
     Ok(())
-}
-
-fn serde_json_text<T: serde::de::DeserializeOwned>(text: &str) -> WorkerResult<T> {
-    let value = js_sys::JSON::parse(text).map_err(|e| WorkerError::js("JSON", e))?;
-    serde_wasm_bindgen::from_value(value).map_err(|e| WorkerError::Message(e.to_string()))
 }
 
 /// Nearest-rank percentile of sorted samples.
