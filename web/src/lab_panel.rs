@@ -618,7 +618,12 @@ fn Report(report: CompressReport, keep_fp32: RwSignal<Vec<String>>) -> impl Into
             {warning.map(|w| view! { <p class="warning" id="lab-warning">{w}</p> })}
             <CompareTable rows=rows/>
             <p class="hint">
-                {format!("Latency on “{}”: {} warm runs of each, taken in turn; cold is each network's first run on this backend. ", r.photo, a.latency.runs)}
+                {format!(
+                    "Latency on “{}”: {} warm {} of each, taken in turn; cold is each network's first run on this backend. ",
+                    r.photo,
+                    a.latency.runs,
+                    if a.latency.runs == 1 { "run" } else { "runs" }
+                )}
                 {check}
             </p>
             <div class="top5-pair">
