@@ -1,5 +1,6 @@
 //! Fine-tuning any compressed graph against the graph it came from, on any burn autodiff
-//! device: label-free distillation (the original's softened outputs are the targets),
+//! device: distillation (the original's softened outputs are the targets), plus
+//! cross-entropy on the images that carry a label (folder names, in the model's classes),
 //! quantization-aware (weights and activations are rounded to their grids in the forward
 //! pass, gradients pass straight through), pruned weights kept at zero. At the end the
 //! tuned weights are quantized again on the variant's own grids (scales fixed while training).
@@ -9,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 
-use crate::distill::{cosine_lr, distillation_loss, loss_value};
+use crate::distill::{cosine_lr, distillation_loss, label_tensors, loss_value};
 use crate::error::{EngineError, Result};
 use crate::exec::{GraphModel, Tensor as HostTensor};
 use crate::fashion::SplitMix;
@@ -22,6 +23,9 @@ pub struct GraphFineTuneConfig {
     pub batch_size: usize,
     pub learning_rate: f64,
     pub temperature: f64,
+    /// The cross-entropy's share of the loss on labelled images (the distillation keeps the
+    /// rest); images without a label learn from the original alone.
+    pub label_weight: f64,
     pub seed: u64,
 }
 
@@ -32,6 +36,7 @@ impl Default for GraphFineTuneConfig {
             batch_size: 8,
             learning_rate: 1e-4,
             temperature: 2.0,
+            label_weight: 0.5,
             seed: 7,
         }
     }
@@ -48,12 +53,13 @@ impl GraphFineTuneConfig {
             && self.learning_rate > 0.0
             && self.learning_rate <= 0.1
             && self.temperature.is_finite()
-            && (0.5..=20.0).contains(&self.temperature);
+            && (0.5..=20.0).contains(&self.temperature)
+            && (0.0..=1.0).contains(&self.label_weight);
         if fine {
             Ok(())
         } else {
             Err(EngineError::Config(format!(
-                "fine-tuning takes 1–{MAX_EPOCHS} epochs, batches of 1–{MAX_BATCH}, a learning rate in (0, 0.1] and a temperature in [0.5, 20]; got {self:?}"
+                "fine-tuning takes 1–{MAX_EPOCHS} epochs, batches of 1–{MAX_BATCH}, a learning rate in (0, 0.1], a temperature in [0.5, 20] and a label weight in [0, 1]; got {self:?}"
             )))
         }
     }
@@ -142,6 +148,8 @@ pub struct GraphFineTuner {
     inputs: Vec<HostTensor>,
     /// The original model's first output for each input, `[classes]`.
     targets: Vec<Vec<f32>>,
+    /// Each input's class, where it has one.
+    labels: Vec<Option<usize>>,
     order: Vec<usize>,
     rng: SplitMix,
     done: usize,
@@ -207,6 +215,7 @@ impl GraphFineTuner {
             student: Some(student),
             masks,
             optim: AdamConfig::new().init(),
+            labels: vec![None; inputs.len()],
             inputs,
             targets,
             order,
@@ -214,6 +223,24 @@ impl GraphFineTuner {
             done: 0,
             cfg,
         })
+    }
+
+    /// Each input's class (`None`: learns from the original alone), in the order of the
+    /// inputs: those with a class also learn it by cross-entropy.
+    pub fn with_labels(mut self, labels: Vec<Option<usize>>) -> Result<Self> {
+        let classes = self.targets[0].len();
+        if labels.len() != self.inputs.len() || labels.iter().flatten().any(|&c| c >= classes) {
+            return Err(EngineError::Config(format!(
+                "one label per image, each below the model's {classes} outputs"
+            )));
+        }
+        self.labels = labels;
+        Ok(self)
+    }
+
+    /// How many inputs carry a label.
+    pub fn labelled(&self) -> usize {
+        self.labels.iter().flatten().count()
     }
 
     pub fn steps_per_epoch(&self) -> usize {
@@ -232,7 +259,8 @@ impl GraphFineTuner {
         self.done >= self.total_steps()
     }
 
-    /// The distillation loss of `model` on the inputs at `batch`.
+    /// The loss of `model` on the inputs at `batch`: distillation, and cross-entropy on the
+    /// labelled ones.
     fn batch_loss(&self, model: &GraphModel, batch: &[usize]) -> Result<Tensor<1>> {
         let dims = &self.inputs[0].dims;
         let (c, h, w) = (dims[1], dims[2], dims[3]);
@@ -253,12 +281,13 @@ impl GraphFineTuner {
                 logits.dims()
             )));
         }
+        let labels: Vec<Option<usize>> = batch.iter().map(|&i| self.labels[i]).collect();
         Ok(distillation_loss(
             logits,
             teacher,
-            None,
+            Some(label_tensors(&labels, &self.device)),
             self.cfg.temperature,
-            1.0,
+            1.0 - self.cfg.label_weight,
         ))
     }
 

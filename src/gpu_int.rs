@@ -22,9 +22,14 @@ use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::{DType, Shape};
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use crate::compress::{ActivationParams, CompressedModel};
 use crate::efficientnet::{ConvUnit, EfficientNetLite, LayerKind};
 use crate::error::{EngineError, Result};
+use crate::exec::{ChannelKernel, GraphModel};
+use crate::graph::{CompressedGraph, Op, Padding};
 use crate::quant::{Granularity, QuantizedTensor};
 
 macro_rules! wgsl_kernel {
@@ -348,6 +353,98 @@ impl IntLayer {
         );
         Ok(Tensor::<1>::from_primitive::<Wgpu>(out).reshape([outputs, pixels]))
     }
+}
+
+impl ChannelKernel for IntLayer {
+    fn forward(&self, x: Tensor<2>) -> Result<Tensor<2>> {
+        IntLayer::forward(self, x, false, None)
+    }
+
+    fn weight_bits(&self) -> u8 {
+        match self {
+            Self::Int8 { .. } => 8,
+            Self::Int4 { .. } => 4,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        IntLayer::bytes(self)
+    }
+}
+
+/// A compressed graph on the wgpu device, its quantized 1×1 convolutions and Gemms (`transB`,
+/// no scaling of the product) on the integer kernels where one fits them, everything else as
+/// burn ops on the dequantized weights. The f32 weights of a layer on a kernel are never
+/// uploaded.
+pub fn graph_on_integer_kernels(
+    compressed: &CompressedGraph,
+    device: &Device,
+    features: GpuFeatures,
+) -> Result<GraphModel> {
+    let graph = &compressed.graph;
+    let producers: HashMap<&str, usize> = graph
+        .nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.outputs.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let mut kernels: HashMap<usize, Arc<dyn ChannelKernel>> = HashMap::new();
+    for (i, node) in graph.nodes.iter().enumerate() {
+        let Some(q) = node.inputs.get(1).and_then(|w| compressed.weights.get(w)) else {
+            continue;
+        };
+        let outputs = q.shape.first().copied().unwrap_or(0);
+        let given = node
+            .inputs
+            .get(2)
+            .and_then(|b| graph.constant(b))
+            .map(|c| c.data.as_slice());
+        let bias: Option<Vec<f32>> = match &node.op {
+            Op::Conv(c) => {
+                let no_pad = match c.padding {
+                    Padding::Explicit(p) => p == [0; 4],
+                    Padding::Same { .. } => true,
+                };
+                let one_by_one = c.kernel == [1, 1]
+                    && c.strides == [1, 1]
+                    && c.dilations == [1, 1]
+                    && c.group == 1
+                    && no_pad;
+                match given {
+                    _ if !one_by_one => None,
+                    None => Some(vec![0.0; outputs]),
+                    Some(b) if b.len() == outputs => Some(b.to_vec()),
+                    Some(_) => None,
+                }
+            }
+            Op::Gemm {
+                alpha,
+                beta,
+                trans_a: false,
+                trans_b: true,
+            } if *alpha == 1.0 => match given {
+                None => Some(vec![0.0; outputs]),
+                Some(&[one]) => Some(vec![beta * one; outputs]),
+                Some(b) if b.len() == outputs => Some(b.iter().map(|v| beta * v).collect()),
+                Some(_) => None,
+            },
+            _ => None,
+        };
+        let Some(bias) = bias else { continue };
+        // int8 quantizes its input on the grid of the activation quantizer before it;
+        // int4 is weight-only (that quantizer, if any, stays a node of its own).
+        let grid = match producers.get(node.inputs[0].as_str()) {
+            Some(&p) if q.scheme.bits == 8 => match &graph.nodes[p].op {
+                Op::QuantizeDequantize(g) if g.is_valid() => Some(*g),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some(layer) = IntLayer::new(q, grid, &bias, device, features) {
+            kernels.insert(i, Arc::new(layer));
+        }
+    }
+    GraphModel::with_kernels(graph, device, kernels)
 }
 
 fn int_tensor(v: Vec<i32>, device: &Device) -> Tensor<1, Int> {

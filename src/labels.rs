@@ -80,6 +80,25 @@ impl Labels {
     }
 }
 
+/// The class a folder stands for in a model with `classes` outputs: one of `names` (as
+/// [`Labels::class_for_name`] matches them) when the model has names, else a class number
+/// ("3", "class 3").
+pub fn class_for_folder(names: &[String], classes: usize, folder: &str) -> Option<usize> {
+    let class = if names.is_empty() {
+        let key = name_key(folder);
+        key.strip_prefix("class")
+            .unwrap_or(&key)
+            .parse::<usize>()
+            .ok()
+    } else {
+        Labels {
+            names: names.to_vec(),
+        }
+        .class_for_name(folder)
+    };
+    class.filter(|&c| c < classes)
+}
+
 /// Lower-case letters and digits of `name` (what folder-name matching compares).
 fn name_key(name: &str) -> String {
     name.chars()
@@ -135,6 +154,17 @@ mod tests {
         assert_eq!(l.name(0), "tench");
         assert_eq!(l.name(1), "goldfish");
         assert!(Labels::from_label_to_names_json(br#"{"5":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn folders_name_classes_by_name_or_number() {
+        let names = vec!["upright 0°".to_string(), "rotated 180°".to_string()];
+        assert_eq!(class_for_folder(&names, 2, "Rotated_180"), Some(1));
+        assert_eq!(class_for_folder(&names, 2, "1"), None, "names, not numbers");
+        assert_eq!(class_for_folder(&[], 10, "class 3"), Some(3));
+        assert_eq!(class_for_folder(&[], 10, "7"), Some(7));
+        assert_eq!(class_for_folder(&[], 10, "10"), None, "past the outputs");
+        assert_eq!(class_for_folder(&[], 10, "cats"), None);
     }
 
     #[test]

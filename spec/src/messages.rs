@@ -92,17 +92,26 @@ pub enum ToWorker {
         id: u32,
         name: String,
         spec: InputSpec,
+        /// The folder the image came from, when a folder was dropped or picked: its name is
+        /// the image's label where it names one of the model's classes.
+        folder: Option<String>,
     },
-    /// Compress the user's model; the images classified so far calibrate (first half) and
-    /// measure agreement (second half).
+    /// The class names the page shows (from the model's metadata or a labels file): folder
+    /// names are matched against these.
+    UserModelClassNames {
+        names: Vec<String>,
+    },
+    /// Compress the user's model; the images classified so far calibrate (the first half,
+    /// and the first half of each labelled class) and measure agreement (the rest).
     UserModelCompress {
         recipe: Recipe,
         runs: u32,
     },
     /// Send back the compressed variant (or the original) as ONNX.
     UserModelExport,
-    /// Fine-tune the compressed variant toward the original (label-free distillation through
-    /// its quantization) on the images that calibrated it (or the first half).
+    /// Fine-tune the compressed variant toward the original (distillation through its
+    /// quantization, plus cross-entropy where a folder names an image's class) on the images
+    /// that calibrated it (or the first half).
     UserModelFineTune {
         epochs: u32,
         learning_rate: f64,
@@ -138,6 +147,7 @@ impl ToWorker {
             | Self::Export
             | Self::DistilControl { .. }
             | Self::UserModelClassify { .. }
+            | Self::UserModelClassNames { .. }
             | Self::UserModelExport
             | Self::UserModelStopTuning
             | Self::CancelJob => return None,
@@ -683,11 +693,21 @@ pub struct UserClassification {
     pub cold: bool,
     pub variant_top: Option<Vec<(usize, f32)>>,
     pub variant_ms: Option<f64>,
+    /// The class its folder names, if any.
+    pub truth: Option<usize>,
     /// The input as the model saw it (8-bit RGB, height × width), for the card.
     #[serde(with = "serde_bytes")]
     pub seen: Vec<u8>,
     pub seen_width: u32,
     pub seen_height: u32,
+}
+
+/// Top-1 right on held-out labelled images, for the original and the compressed model.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LabelledAccuracy {
+    pub images: usize,
+    pub original: usize,
+    pub variant: usize,
 }
 
 /// Size and compute of one side.
@@ -730,6 +750,8 @@ pub struct UserCompressReport {
     pub held_out: usize,
     /// Held-out images whose top-1 class is unchanged (None: too few images).
     pub top1_same: Option<usize>,
+    /// Accuracy on the held-out images whose folder names a class (None: no such image).
+    pub labelled: Option<LabelledAccuracy>,
     pub layers: Vec<UserLayer>,
     /// What ran, in words (the interpreter, and that the arithmetic is float).
     pub executor: String,

@@ -6,7 +6,7 @@
 //! Values are rank-6 tensors padded with leading ones, their logical dims kept beside them:
 //! ONNX's trailing-aligned broadcasting, Concat and Transpose then need no per-rank code.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use burn::module::{Module, Param};
@@ -36,6 +36,21 @@ struct Plan {
     /// For each node, the values whose last reader it is.
     frees: Vec<Vec<String>>,
     shapes: ShapeCache,
+    /// Nodes (by index) computed by a kernel of their own instead of burn ops.
+    kernels: HashMap<usize, Arc<dyn ChannelKernel>>,
+    /// Activation quantizers read only by int8 kernels, which quantize their input
+    /// themselves: these nodes pass their input on.
+    passes: HashSet<usize>,
+}
+
+/// A 1×1 convolution or a Gemm computed by a kernel of its own (the WGSL integer kernels of
+/// [`crate::gpu_int`]): `[channels, pixels]` in, `[outputs, pixels]` out, bias included.
+pub trait ChannelKernel: std::fmt::Debug + Send + Sync {
+    fn forward(&self, x: Tensor<2>) -> Result<Tensor<2>>;
+    /// 8 for the int8 kernel (which quantizes its own input), 4 for int4 weight-only.
+    fn weight_bits(&self) -> u8;
+    /// Bytes of the buffers it holds.
+    fn bytes(&self) -> usize;
 }
 
 /// A weight's quantization grid, element by element, on the model's device: fixed while
@@ -172,12 +187,29 @@ fn validate(graph: &Graph, node: &Node) -> Result<()> {
 impl GraphModel {
     /// The graph's constants as parameters on `device` (an autodiff device to train).
     pub fn new(graph: &Graph, device: &Device) -> Result<Self> {
+        Self::with_kernels(graph, device, HashMap::new())
+    }
+
+    /// [`Self::new`] with some nodes (by index) computed by `kernels`: the constants only
+    /// they read are not uploaded, and an activation quantizer read only by int8 kernels
+    /// passes its input on (they quantize it themselves, on the same grid).
+    pub fn with_kernels(
+        graph: &Graph,
+        device: &Device,
+        kernels: HashMap<usize, Arc<dyn ChannelKernel>>,
+    ) -> Result<Self> {
         let mut trainable: HashMap<&str, bool> = HashMap::new();
-        for node in &graph.nodes {
+        // Constants some burn op reads (the others live in the kernels' own buffers).
+        let mut read: HashSet<&str> = HashSet::new();
+        for (n, node) in graph.nodes.iter().enumerate() {
             validate(graph, node)?;
+            let by_kernel = kernels.contains_key(&n);
             for (i, input) in node.inputs.iter().enumerate() {
                 if graph.constant(input).is_some() {
                     *trainable.entry(input).or_default() |= trains(&node.op, i);
+                    if !by_kernel || i == 0 {
+                        read.insert(input);
+                    }
                 }
             }
         }
@@ -191,13 +223,37 @@ impl GraphModel {
                     c.dims
                 )));
             }
-            let t = Tensor::<1>::from_data(TensorData::new(c.data.clone(), [c.data.len()]), device);
+            let t = if read.contains(name.as_str()) {
+                Tensor::<1>::from_data(TensorData::new(c.data.clone(), [c.data.len()]), device)
+            } else {
+                // A stand-in: no node reads it (see `constant`'s length check).
+                Tensor::<1>::zeros([1], device)
+            };
             let train = trainable.get(name.as_str()).copied().unwrap_or(false);
             index.insert(name.clone(), constants.len());
             constants.push(Param::from_tensor(t).set_require_grad(train));
         }
         let frees = graph.last_readers();
         let quant = vec![None; constants.len()];
+        let outputs: HashSet<&str> = graph.outputs.iter().map(|o| o.name.as_str()).collect();
+        let consumers = graph.consumers();
+        let passes = graph
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, node)| {
+                let out = node.outputs[0].as_str();
+                let readers = consumers.get(out).map(Vec::as_slice).unwrap_or_default();
+                matches!(node.op, Op::QuantizeDequantize(_))
+                    && !outputs.contains(out)
+                    && !readers.is_empty()
+                    && readers.iter().all(|r| {
+                        kernels.get(r).is_some_and(|k| k.weight_bits() == 8)
+                            && graph.nodes[*r].inputs.first().is_some_and(|x| x == out)
+                    })
+            })
+            .map(|(i, _)| i)
+            .collect();
         Ok(GraphModel {
             constants,
             plan: Arc::new(Plan {
@@ -206,8 +262,29 @@ impl GraphModel {
                 quant,
                 frees,
                 shapes: ShapeCache::default(),
+                kernels,
+                passes,
             }),
         })
+    }
+
+    /// Bytes of the weights and other constants it holds on its device, kernels' buffers
+    /// included.
+    pub fn held_bytes(&self) -> usize {
+        let constants: usize = self.constants.iter().map(|c| 4 * c.val().dims()[0]).sum();
+        constants + self.plan.kernels.values().map(|k| k.bytes()).sum::<usize>()
+    }
+
+    /// How many nodes run on kernels of their own: `(int8, int4)`.
+    pub fn kernel_layers(&self) -> (usize, usize) {
+        let bits = |b: u8| {
+            self.plan
+                .kernels
+                .values()
+                .filter(|k| k.weight_bits() == b)
+                .count()
+        };
+        (bits(8), bits(4))
     }
 
     /// Trains through the quantization of these weights (by constant name), on their grids:
@@ -237,6 +314,8 @@ impl GraphModel {
             quant,
             frees: plan.frees.clone(),
             shapes: ShapeCache::default(),
+            kernels: plan.kernels.clone(),
+            passes: plan.passes.clone(),
         });
         self
     }
@@ -256,6 +335,9 @@ impl GraphModel {
             return Err(exec_err(node, format!("input {input} must be a constant")));
         };
         let mut flat = self.constants[i].val();
+        if flat.dims()[0] != c.data.len() {
+            return Err(exec_err(node, format!("input {input} is held by a kernel")));
+        }
         if let Some(grid) = &self.plan.quant[i] {
             let q = flat
                 .clone()
@@ -291,8 +373,12 @@ impl GraphModel {
             .constant(name)
             .ok_or_else(|| exec_err(node, format!("`{name}` is not computed")))?;
         let i = self.plan.index[name.as_str()];
+        let flat = self.constants[i].val();
+        if flat.dims()[0] != c.data.len() {
+            return Err(exec_err(node, format!("`{name}` is held by a kernel")));
+        }
         Ok(Value {
-            t: self.constants[i].val().reshape(padded(&c.dims)?),
+            t: flat.reshape(padded(&c.dims)?),
             dims: c.dims.clone(),
         })
     }
@@ -312,7 +398,7 @@ impl GraphModel {
         let shapes = self.plan.shapes.get(&self.plan.graph, &dims)?;
         let mut values: HashMap<&str, Value> = HashMap::new();
         values.insert(info.name.as_str(), Value::new(x)?);
-        for (node, frees) in graph.nodes.iter().zip(&self.plan.frees) {
+        for (n, (node, frees)) in graph.nodes.iter().zip(&self.plan.frees).enumerate() {
             let out_dims = shapes
                 .get(&node.outputs[0])
                 .and_then(|d| concrete_dims(d))
@@ -323,7 +409,11 @@ impl GraphModel {
                     format!("its output {out_dims:?} is too large"),
                 ));
             }
-            let t = self.step(node, &values, &out_dims)?;
+            let t = match self.plan.kernels.get(&n) {
+                Some(kernel) => self.on_kernel(kernel.as_ref(), node, &values)?,
+                None if self.plan.passes.contains(&n) => self.input(node, &values, 0)?.t,
+                None => self.step(node, &values, &out_dims)?,
+            };
             if t.dims() != padded(&out_dims)? {
                 return Err(exec_err(
                     node,
@@ -441,6 +531,33 @@ impl GraphModel {
                 ))
             })
             .collect()
+    }
+
+    /// A Conv (1×1) or Gemm node on its kernel: the channels become rows, every pixel of
+    /// the batch a column.
+    fn on_kernel(
+        &self,
+        kernel: &dyn ChannelKernel,
+        node: &Node,
+        values: &HashMap<&str, Value>,
+    ) -> Result<Tensor<RANK>> {
+        let x = self.input(node, values, 0)?;
+        match x.dims.as_slice() {
+            &[n, c, h, w] => {
+                let rows: Tensor<2> = x.image(node)?.swap_dims(0, 1).reshape([c, n * h * w]);
+                let y = kernel.forward(rows)?;
+                let outputs = y.dims()[0];
+                Ok(Value::new(y.reshape([outputs, n, h, w]).swap_dims(0, 1))?.t)
+            }
+            &[_, _] => {
+                let y = kernel.forward(x.matrix(node)?.transpose())?;
+                Ok(Value::new(y.transpose())?.t)
+            }
+            d => Err(exec_err(
+                node,
+                format!("a kernel takes NCHW or 2-D, got {d:?}"),
+            )),
+        }
     }
 
     fn step(

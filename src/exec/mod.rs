@@ -5,7 +5,7 @@
 pub mod burn;
 pub mod cpu;
 
-pub use burn::{GraphModel, Output};
+pub use burn::{ChannelKernel, GraphModel, Output};
 pub(crate) use cpu::tap_range;
 pub use cpu::{CpuExecutor, KernelUse};
 

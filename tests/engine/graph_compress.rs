@@ -18,9 +18,9 @@ use compresslab::quant::{Granularity, QuantScheme};
 
 use super::graph::{import_mutations, models, npy, relative_difference};
 
-const MODELS: [&str; 5] = ["resnet", "densenet", "shufflenet", "mobilenet", "textdir"];
+pub(crate) const MODELS: [&str; 5] = ["resnet", "densenet", "shufflenet", "mobilenet", "textdir"];
 
-fn load(name: &str) -> Graph {
+pub(crate) fn load(name: &str) -> Graph {
     import_onnx(&std::fs::read(models().join(format!("{name}.onnx"))).unwrap()).unwrap()
 }
 
@@ -40,7 +40,7 @@ fn argmax(row: &[f32]) -> usize {
 }
 
 /// Fraction of rows whose top-1 class is the same.
-fn top1_agreement(a: &Tensor, b: &Tensor) -> f64 {
+pub(crate) fn top1_agreement(a: &Tensor, b: &Tensor) -> f64 {
     let classes = a.dims[1];
     let same = a
         .data
@@ -74,7 +74,7 @@ fn random_like(t: &Tensor, mut seed: u64) -> Tensor {
 
 /// `(calibration, evaluation)` for a model: the text-direction lines split in two halves
 /// (different texts), the synthetic models' reference batch against a random batch.
-fn calibration_and_evaluation(name: &str) -> (Tensor, Tensor) {
+pub(crate) fn calibration_and_evaluation(name: &str) -> (Tensor, Tensor) {
     let input = npy(&format!("{name}.input.npy"));
     if name != "textdir" {
         return (random_like(&input, 99), input);
@@ -248,7 +248,7 @@ fn w8a8_on_the_graph_agrees_with_fp32_on_held_out_inputs() {
 }
 
 /// int4 weight-only quantization in blocks of `block` input values.
-fn int4_blocks(symmetric: bool, block: usize) -> Recipe {
+pub(crate) fn int4_blocks(symmetric: bool, block: usize) -> Recipe {
     Recipe {
         weights: Some(QuantScheme {
             bits: 4,

@@ -932,12 +932,33 @@ pub fn App() -> impl IntoView {
     let _ = window_event_listener(ev::drop, move |e| {
         e.prevent_default();
         dragging.set(false);
+        if model.get_untracked() == ModelChoice::Yours {
+            // On "Your model", a drop is a model, class names, or images and folders of
+            // images for it (the folder walk starts now, while the drop is live).
+            let Some(dt) = e.data_transfer() else {
+                return;
+            };
+            let dropped =
+                crate::distil_panel::dropped_files(&dt, user_model_panel::MAX_IMAGES_PER_DROP);
+            spawn_local(async move {
+                match dropped.await {
+                    Ok((files, stopped)) => {
+                        let files = files
+                            .into_iter()
+                            .map(|(path, file)| (path, file.unchecked_into::<Blob>()))
+                            .collect();
+                        user_model_panel::take_files(user_model, files, stopped);
+                    }
+                    Err(_) => user_model.update(|s| {
+                        s.error = Some("The browser could not read the dropped folder.".into())
+                    }),
+                }
+            });
+            return;
+        }
         let files = e.data_transfer().and_then(|dt| dt.files());
         let images = files_to_images(files);
-        if model.get_untracked() == ModelChoice::Yours {
-            // On "Your model", a drop is a model, class names or images for it.
-            user_model_panel::take_files(user_model, images);
-        } else if images.is_empty() {
+        if images.is_empty() {
             notice.set(Some(
                 "Nothing to classify in that drop: drop image files.".into(),
             ));

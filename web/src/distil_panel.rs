@@ -82,7 +82,32 @@ extern "C" {
     fn collect_dropped(data_transfer: &web_sys::DataTransfer, max_images: u32) -> js_sys::Promise;
 }
 
-fn is_image_name(path: &str) -> bool {
+/// `(paths with their files, stopped)` for what was dropped: folders walked recursively
+/// until `max_images` images (`stopped`: the walk ended there). Err: the browser could not
+/// read the folder. Call it in the drop handler itself: the entries are taken then, while
+/// the drop event is live.
+pub(crate) fn dropped_files(
+    data_transfer: &web_sys::DataTransfer,
+    max_images: u32,
+) -> impl std::future::Future<Output = Result<(Vec<(String, JsValue)>, bool), JsValue>> + use<> {
+    let promise = collect_dropped(data_transfer, max_images);
+    async move { listed(JsFuture::from(promise).await?) }
+}
+
+fn listed(result: JsValue) -> Result<(Vec<(String, JsValue)>, bool), JsValue> {
+    let result = Array::from(&result);
+    let stopped = result.get(1).is_truthy();
+    let files = Array::from(&result.get(0))
+        .iter()
+        .filter_map(|pair| {
+            let pair: Array = pair.dyn_into().ok()?;
+            Some((pair.get(0).as_string()?, pair.get(1)))
+        })
+        .collect();
+    Ok((files, stopped))
+}
+
+pub(crate) fn is_image_name(path: &str) -> bool {
     let lower = path.to_ascii_lowercase();
     [".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".avif"]
         .iter()
@@ -138,7 +163,8 @@ fn send_files(
     send_distil(ToWorker::DistilImages { paths, target }, Some(blobs));
 }
 
-fn files_of_input(input: &web_sys::HtmlInputElement) -> Vec<(String, JsValue)> {
+/// A file input's files, each with its path inside a picked folder (else its name).
+pub(crate) fn files_of_input(input: &web_sys::HtmlInputElement) -> Vec<(String, JsValue)> {
     let Some(list) = input.files() else {
         return Vec::new();
     };
@@ -291,21 +317,10 @@ pub fn DistilPanel(
             return;
         };
         let cap = u32::try_from(target.max_images()).unwrap_or(u32::MAX);
-        let promise = collect_dropped(&dt, cap);
+        let dropped = dropped_files(&dt, cap);
         spawn_local(async move {
-            match JsFuture::from(promise).await {
-                Ok(result) => {
-                    let result = Array::from(&result);
-                    let stopped = result.get(1).is_truthy();
-                    let files = Array::from(&result.get(0))
-                        .iter()
-                        .filter_map(|pair| {
-                            let pair: Array = pair.dyn_into().ok()?;
-                            Some((pair.get(0).as_string()?, pair.get(1)))
-                        })
-                        .collect();
-                    send_files(files, stopped, distil, target);
-                }
+            match dropped.await {
+                Ok((files, stopped)) => send_files(files, stopped, distil, target),
                 Err(_) => distil.update(|s| {
                     s.message = Some("The browser could not read the dropped folder.".into())
                 }),

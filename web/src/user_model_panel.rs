@@ -15,6 +15,7 @@ use wasm_bindgen_futures::JsFuture;
 use web_sys::Blob;
 
 use crate::app::{cancel_long_job, draw_rgb, send_user_model};
+use crate::distil_panel::{files_of_input, is_image_name};
 use crate::lab_panel::{WeightHistograms, speed_change};
 use compresslab_spec::messages::{
     FromWorker, ToWorker, UserClassification, UserCompressReport, UserModelInfo,
@@ -24,6 +25,8 @@ use compresslab_spec::messages::{
 pub struct UserImage {
     pub id: u32,
     pub name: String,
+    /// The folder it came from (its label where the folder names a class).
+    pub folder: Option<String>,
     pub result: Option<UserClassification>,
     pub error: Option<String>,
 }
@@ -41,6 +44,8 @@ pub struct UserModelState {
     pub busy: Option<String>,
     pub report: Option<UserCompressReport>,
     pub error: Option<String>,
+    /// What a drop or pick left out.
+    pub notice: Option<String>,
     /// How the next images are prepared (the form's current settings).
     pub spec: InputSpec,
 }
@@ -54,6 +59,7 @@ impl UserModelState {
 }
 
 /// Applies a worker message about the user's model to the panel's state.
+/// (The worker applies the same rule to the model's own class names when it loads one.)
 pub fn on_message(state: RwSignal<UserModelState>, msg: FromWorker) {
     state.update(|s| match msg {
         FromWorker::UserModelLoaded(info) => {
@@ -129,11 +135,21 @@ pub fn on_worker_lost(state: RwSignal<UserModelState>, message: &str) {
     });
 }
 
-/// Routes dropped or picked files: `.onnx` loads a model, `.txt` gives class names, images
-/// are classified.
-pub fn take_files(state: RwSignal<UserModelState>, files: Vec<(String, Blob)>) {
+/// The most images one drop or pick classifies (a dropped folder's walk stops there).
+pub const MAX_IMAGES_PER_DROP: u32 = 512;
+
+/// Routes dropped or picked files (paths inside a dropped or picked folder, else names):
+/// `.onnx` loads a model, `.txt` gives class names, images are classified, each with the
+/// folder it came from (its label, where the folder names a class). `stopped`: a folder's
+/// walk ended at [`MAX_IMAGES_PER_DROP`].
+pub fn take_files(state: RwSignal<UserModelState>, files: Vec<(String, Blob)>, stopped: bool) {
     let spec = state.with_untracked(|s| s.spec);
-    for (name, blob) in files {
+    let mut images = 0;
+    let mut skipped = 0;
+    for (path, blob) in files {
+        let mut parts = path.rsplit('/');
+        let name = parts.next().unwrap_or_default().to_string();
+        let folder = parts.next().filter(|f| !f.is_empty()).map(str::to_string);
         let lower = name.to_ascii_lowercase();
         if lower.ends_with(".onnx") {
             state.update(|s| {
@@ -141,27 +157,40 @@ pub fn take_files(state: RwSignal<UserModelState>, files: Vec<(String, Blob)>) {
                 s.error = None;
             });
             send_user_model(ToWorker::UserModelLoad { name }, Some(blob));
-        } else if lower.ends_with(".txt") || lower.ends_with(".json") {
+        } else if folder.is_none() && (lower.ends_with(".txt") || lower.ends_with(".json")) {
+            // (A text file inside a dropped folder is not taken for class names.)
             wasm_bindgen_futures::spawn_local(async move {
                 let text = JsFuture::from(blob.text())
                     .await
                     .ok()
                     .and_then(|t| t.as_string());
                 let labels = parse_class_names(&text.unwrap_or_default());
-                state.update(|s| {
-                    if labels.is_empty() {
-                        s.error = Some(format!("{name} holds no class names (one per line)"));
-                    } else {
-                        s.labels = labels;
+                if labels.is_empty() {
+                    state.update(|s| {
+                        s.error = Some(format!("{name} holds no class names (one per line)"))
+                    });
+                } else {
+                    state.update(|s| {
+                        s.labels = labels.clone();
                         s.labels_from = Some(name.clone());
-                    }
-                });
+                    });
+                    // The worker matches folder names against the names the page shows.
+                    send_user_model(ToWorker::UserModelClassNames { names: labels }, None);
+                }
             });
+        } else if folder.is_some() && !is_image_name(&name) {
+            // Whatever else a dropped folder holds.
+            skipped += 1;
         } else {
             if state.with_untracked(|s| s.info.is_none()) {
                 state.update(|s| s.error = Some("load an .onnx model first, then images".into()));
                 return;
             }
+            if images == MAX_IMAGES_PER_DROP {
+                skipped += 1;
+                continue;
+            }
+            images += 1;
             let mut id = 0;
             state.update(|s| {
                 s.next_id += 1;
@@ -171,23 +200,42 @@ pub fn take_files(state: RwSignal<UserModelState>, files: Vec<(String, Blob)>) {
                     UserImage {
                         id,
                         name: name.clone(),
+                        folder: folder.clone(),
                         result: None,
                         error: None,
                     },
                 );
             });
-            send_user_model(ToWorker::UserModelClassify { id, name, spec }, Some(blob));
+            send_user_model(
+                ToWorker::UserModelClassify {
+                    id,
+                    name,
+                    spec,
+                    folder,
+                },
+                Some(blob),
+            );
         }
     }
+    let mut notes = Vec::new();
+    if skipped > 0 {
+        notes.push(format!(
+            "{skipped} {} not an image by its name (or past {MAX_IMAGES_PER_DROP} images), left out.",
+            if skipped == 1 { "file is" } else { "files are" }
+        ));
+    }
+    if stopped {
+        notes.push(format!(
+            "Stopped reading the folder at {MAX_IMAGES_PER_DROP} images; the rest is left out."
+        ));
+    }
+    state.update(|s| s.notice = (!notes.is_empty()).then(|| notes.join(" ")));
 }
 
 fn files_of(input: &web_sys::HtmlInputElement) -> Vec<(String, Blob)> {
-    let Some(files) = input.files() else {
-        return Vec::new();
-    };
-    (0..files.length())
-        .filter_map(|i| files.get(i))
-        .map(|f| (f.name(), f.unchecked_into::<Blob>()))
+    files_of_input(input)
+        .into_iter()
+        .map(|(path, file)| (path, file.unchecked_into::<Blob>()))
         .collect()
 }
 
@@ -278,7 +326,7 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
     });
     let on_model = move |e: ev::Event| {
         let input: web_sys::HtmlInputElement = event_target(&e);
-        take_files(state, files_of(&input));
+        take_files(state, files_of(&input), false);
         input.set_value("");
     };
     let on_images = on_model;
@@ -381,8 +429,14 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
                     <label class="picker">"Classify images…"
                         <input id="user-images-input" type="file" accept="image/*" multiple on:change=on_images/>
                     </label>
-                    <span class="hint">"or drop them on this tab; the settings above apply to the images you add next"</span>
+                    <label class="picker">"Classify a folder…"
+                        <input id="user-folder-input" type="file" prop:webkitdirectory=true multiple on:change=on_images/>
+                    </label>
+                    <span class="hint">{format!(
+                        "or drop images or folders on this tab (up to {MAX_IMAGES_PER_DROP} images at a time); the settings above apply to the images you add next. A folder named after one of the model's classes (or its number, \u{201c}3\u{201d} or \u{201c}class 3\u{201d}, when the model has no names) labels its images: accuracy is then measured, and fine-tuning learns those classes."
+                    )}</span>
                 </div>
+                {move || state.with(|s| s.notice.clone()).map(|n| view! { <p class="notice" id="user-notice">{n}</p> })}
                 <fieldset class="user-compress">
                     <legend>"Compress"</legend>
                     <select id="user-recipe" on:change=move |e| preset.set(event_target_value(&e)) prop:value=move || preset.get()>
@@ -405,7 +459,7 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
                             })}
                         }
                     })}
-                    <p class="hint">"Activation calibration uses the first half of the images you classified; agreement is measured on the other half."</p>
+                    <p class="hint">"Activation calibration uses the first half of the images you classified (and of each class a folder names); agreement and accuracy are measured on the other half."</p>
                 </fieldset>
                 <fieldset class="user-finetune">
                     <legend>"Fine-tune the compressed model"</legend>
@@ -421,7 +475,7 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
                     <Show when=tuning>
                         <button id="user-tune-stop" on:click=stop>"Stop"</button>
                     </Show>
-                    <p class="hint">"Trains the compressed variant toward the original's outputs (no labels needed) through its quantization, on the images that calibrated it (or the first half) and their flipped copies; agreement is then measured on the rest. Runs on WebGPU when the page does."</p>
+                    <p class="hint">"Trains the compressed variant toward the original's outputs through its quantization, and toward their class for images whose folder names one, on the images that calibrated it (or the first half) and their flipped copies (which learn from the original alone); agreement and accuracy are then measured on the rest. Runs on WebGPU when the page does."</p>
                 </fieldset>
                 {move || state.with(|s| s.report.clone()).map(|r| view! { <UserReport report=r/> })}
                 <Show when=move || state.with(|s| s.images.iter().any(|i| i.result.is_some() || i.error.is_some()))>
@@ -507,6 +561,21 @@ fn UserCard(image: UserImage, labels: Signal<Vec<String>>) -> impl IntoView {
                     r.backend,
                     if r.cold { " (cold: first run, includes shader compilation)" } else { "" }
                 )}</p>
+                {image.folder.clone().map(|folder| {
+                    let top = r.top.first().map(|&(c, _)| c);
+                    let truth = r.truth;
+                    let text = move || match truth {
+                        Some(t) => format!(
+                            "Folder \u{201c}{folder}\u{201d}: {} {}",
+                            label_of(&labels.get(), t),
+                            if top == Some(t) { "\u{2713} right" } else { "\u{2717} wrong" }
+                        ),
+                        None => format!("Folder \u{201c}{folder}\u{201d} names no class of this model: not counted"),
+                    };
+                    view! {
+                        <p class="truth" data-right=truth.map(|t| (top == Some(t)).to_string()).unwrap_or_default()>{text}</p>
+                    }
+                })}
                 {r.variant_top.clone().map(|top| {
                     let (class, p) = top.first().copied().unwrap_or((0, 0.0));
                     view! {
@@ -566,6 +635,28 @@ fn UserReport(report: UserCompressReport) -> impl IntoView {
             </table>
             <p class="agreement" id="user-agreement" data-same=report.top1_same.map(|s| s.to_string()).unwrap_or_default()
                 data-held-out=report.held_out.to_string()>{agreement}</p>
+            {report.labelled.map(|l| {
+                let share = |right: usize| {
+                    // Below 20 images a percentage moves in steps of 5 points or more.
+                    if l.images >= 20 {
+                        format!(" ({:.1} %)", 100.0 * right as f64 / l.images as f64)
+                    } else {
+                        String::new()
+                    }
+                };
+                view! {
+                    <p class="accuracy" id="user-accuracy" data-images=l.images.to_string()
+                        data-original=l.original.to_string() data-variant=l.variant.to_string()>{format!(
+                        "On the {} held-out images whose folder names their class: original right on {}{}, compressed on {}{}.{}",
+                        l.images,
+                        l.original,
+                        share(l.original),
+                        l.variant,
+                        share(l.variant),
+                        if l.images < 20 { " Too few images for a percentage: add more per class to make it firm." } else { "" }
+                    )}</p>
+                }
+            })}
             {report.fine_tuned.clone().map(|t| view! { <p class="fine-tuned" id="user-fine-tuned">{"This variant was "}{t}"."</p> })}
             <p class="executor">{"What ran: "}{report.executor.clone()}{format!(" · built in {:.0} ms", report.build_ms)}</p>
             <table class="layers" id="user-layers">

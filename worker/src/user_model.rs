@@ -4,16 +4,19 @@
 //! agreement); fine-tuning; and the ONNX export.
 
 use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
 use burn::prelude::Device;
 use compresslab::compress::Recipe;
 use compresslab::exec::{CpuExecutor, GraphModel, Tensor};
 use compresslab::finetune_graph::{GraphFineTuneConfig, GraphFineTuner, flipped_copies};
+use compresslab::gpu_int::graph_on_integer_kernels;
 use compresslab::graph::{
     CompressedGraph, Dim, Graph, MAX_MODEL_BYTES, channel_groups, compress_graph, export_onnx,
     fold_batch_norms, import_onnx,
 };
+use compresslab::labels::class_for_folder;
 use compresslab::preprocess::{InputSpec, input_tensor};
 use js_sys::Uint8Array;
 use wasm_bindgen_futures::JsFuture;
@@ -22,16 +25,19 @@ use web_sys::Blob;
 use crate::error::{WorkerError, WorkerResult};
 use crate::lab::percentile;
 use crate::worker::sleep_ms;
-use crate::worker::{decode_blob, now, post, webgpu};
+use crate::worker::{decode_blob, now, post, webgpu, webgpu_features};
 use compresslab_spec::messages::{
-    FromWorker, UserClassification, UserCompressReport, UserLayer, UserModelInfo, UserSide,
+    FromWorker, LabelledAccuracy, UserClassification, UserCompressReport, UserLayer, UserModelInfo,
+    UserSide,
 };
 
 /// After 3 timing pairs, no more are started once this much time has gone by.
 const TIMING_BUDGET_MS: f64 = 5000.0;
 
-/// Inputs kept for calibration and agreement (the oldest are dropped beyond this).
-const MAX_KEPT_INPUTS: usize = 64;
+/// Inputs kept for calibration, fine-tuning and agreement: the oldest are dropped beyond
+/// this many, or beyond this many bytes (about 100 ImageNet-size inputs, 500 text lines).
+const MAX_KEPT_INPUTS: usize = 512;
+const MAX_KEPT_BYTES: usize = 64 << 20;
 
 /// One graph ready to run: on WebGPU when the page has it (the burn interpreter), else on
 /// the CPU interpreter, never both (each holds the weights).
@@ -41,39 +47,42 @@ enum Runner {
     Gpu {
         model: GraphModel,
         device: Device,
-        /// Bytes of the f32 weights it uploaded.
-        bytes: usize,
+        /// Quantized layers the integer kernels do not fit (computed in float).
+        float_quantized: usize,
     },
 }
 
 impl Runner {
     fn new(graph: &Graph) -> WorkerResult<Self> {
-        Self::build(graph, || CpuExecutor::new(graph))
-    }
-
-    /// A compressed graph: on the CPU its quantized layers run on the integer kernels where
-    /// one exists for them.
-    fn compressed(compressed: &CompressedGraph) -> WorkerResult<Self> {
-        Self::build(&compressed.graph, || CpuExecutor::compressed(compressed))
-    }
-
-    fn build(
-        graph: &Graph,
-        cpu: impl FnOnce() -> compresslab::Result<CpuExecutor>,
-    ) -> WorkerResult<Self> {
         Ok(match webgpu() {
             Some((device, _)) => {
                 // BatchNorm folded into the convolutions: fewer dispatches, same outputs.
                 let mut folded = graph.clone();
                 fold_batch_norms(&mut folded);
-                let bytes = folded.constants.values().map(|c| 4 * c.data.len()).sum();
                 Runner::Gpu {
                     model: GraphModel::new(&folded, &device)?,
                     device,
-                    bytes,
+                    float_quantized: 0,
                 }
             }
-            None => Runner::Cpu(Rc::new(cpu()?)),
+            None => Runner::Cpu(Rc::new(CpuExecutor::new(graph)?)),
+        })
+    }
+
+    /// A compressed graph (BatchNorm already folded): its quantized layers run on the
+    /// integer kernels where one fits them, on WebGPU as on the CPU.
+    fn compressed(compressed: &CompressedGraph) -> WorkerResult<Self> {
+        Ok(match webgpu() {
+            Some((device, _)) => {
+                let model = graph_on_integer_kernels(compressed, &device, webgpu_features())?;
+                let (int8, int4) = model.kernel_layers();
+                Runner::Gpu {
+                    float_quantized: compressed.weights.len().saturating_sub(int8 + int4),
+                    model,
+                    device,
+                }
+            }
+            None => Runner::Cpu(Rc::new(CpuExecutor::compressed(compressed)?)),
         })
     }
 
@@ -93,7 +102,7 @@ impl Runner {
     /// Bytes of weights this runner keeps while the model is loaded.
     fn held_bytes(&self) -> usize {
         match self {
-            Runner::Gpu { bytes, .. } => *bytes,
+            Runner::Gpu { model, .. } => model.held_bytes(),
             Runner::Cpu(cpu) => cpu.weight_bytes(),
         }
     }
@@ -101,57 +110,91 @@ impl Runner {
     /// What computes the layers, in words.
     fn kernels_text(&self) -> String {
         let levels = "activations rounded to their integer levels where the recipe quantizes them (what the exported QDQ model computes)";
-        match self {
-            Runner::Gpu { .. } => format!(
-                "{} through the burn interpreter: float arithmetic on the dequantized weights (no integer kernel for imported models on WebGPU yet), {levels}",
-                backend_name()
-            ),
+        let layers = |n: usize| format!("{n} layer{}", if n == 1 { "" } else { "s" });
+        let (int8, int4, float, place, float_why) = match self {
+            Runner::Gpu {
+                model,
+                float_quantized,
+                ..
+            } => {
+                let (int8, int4) = model.kernel_layers();
+                let why = if webgpu_features().packed_dot4 {
+                    "not a plain 1×1 (stem, depthwise, grouped, strided), or int8 weights without int8 inputs"
+                } else {
+                    "not a plain 1×1, or int8 on an adapter without dot4I8Packed"
+                };
+                (
+                    int8,
+                    int4,
+                    *float_quantized,
+                    format!("{} through the burn interpreter", backend_name()),
+                    why,
+                )
+            }
             Runner::Cpu(cpu) => {
                 let used = cpu.kernel_use();
-                let layers = |n: usize| format!("{n} layer{}", if n == 1 { "" } else { "s" });
-                let mut parts = Vec::new();
-                if used.int8 > 0 {
-                    parts.push(format!(
-                        "{} on the int8 kernel (int8 weights × int8 inputs, exact integer sums)",
-                        layers(used.int8)
-                    ));
-                }
-                if used.int4 > 0 {
-                    parts.push(format!(
-                        "{} from packed int4 weights, unpacked as they run",
-                        layers(used.int4)
-                    ));
-                }
-                if used.dequantized > 0 {
-                    parts.push(format!(
-                        "{} quantized but without an integer kernel (depthwise, grouped, or int8 weights without int8 inputs): float on the dequantized weights",
-                        layers(used.dequantized)
-                    ));
-                }
-                if parts.is_empty() {
-                    "CPU interpreter: float (no quantized layers)".into()
-                } else {
-                    format!("CPU interpreter: {}; {levels}", parts.join("; "))
-                }
+                (
+                    used.int8,
+                    used.int4,
+                    used.dequantized,
+                    "CPU interpreter".to_string(),
+                    "depthwise, grouped, or int8 weights without int8 inputs",
+                )
             }
+        };
+        let mut parts = Vec::new();
+        if int8 > 0 {
+            parts.push(format!(
+                "{} on the int8 kernel (int8 weights × int8 inputs, exact integer sums)",
+                layers(int8)
+            ));
+        }
+        if int4 > 0 {
+            parts.push(format!(
+                "{} from packed int4 weights, unpacked as they run",
+                layers(int4)
+            ));
+        }
+        if float > 0 {
+            parts.push(format!(
+                "{} quantized but without an integer kernel ({float_why}): float on the dequantized weights",
+                layers(float)
+            ));
+        }
+        if parts.is_empty() {
+            format!("{place}: float (no quantized layers)")
+        } else {
+            format!("{place}: {}; {levels}", parts.join("; "))
         }
     }
 }
 
-/// The compressed model, and how many of the oldest kept inputs it calibrated or trained on.
+/// The compressed model, and which kept inputs (by serial) it calibrated or trained on.
 #[derive(Clone)]
 struct Variant {
     compressed: CompressedGraph,
     runner: Runner,
-    used: usize,
+    used: BTreeSet<u64>,
     fine_tuned: Option<String>,
+}
+
+/// An image as the model's input, and the folder it came from.
+#[derive(Clone)]
+struct KeptInput {
+    /// Its place in the order images came (never reused).
+    serial: u64,
+    input: Tensor,
+    folder: Option<String>,
 }
 
 struct UserModel {
     name: String,
     graph: Graph,
     original: Runner,
-    inputs: RefCell<Vec<Tensor>>,
+    /// The model's outputs per image (what a class number must stay below).
+    classes: usize,
+    inputs: RefCell<Vec<KeptInput>>,
+    next_serial: Cell<u64>,
     variant: RefCell<Option<Variant>>,
     /// Whether WebGPU has run this model once (the first run compiles shaders).
     warm: Cell<bool>,
@@ -159,6 +202,10 @@ struct UserModel {
 
 thread_local! {
     static USER: RefCell<Option<Rc<UserModel>>> = const { RefCell::new(None) };
+    /// The class names the page shows (folder names are matched against them), and whether
+    /// they came from a model's metadata (the next model replaces those).
+    static CLASS_NAMES: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    static NAMES_FROM_MODEL: Cell<bool> = const { Cell::new(false) };
     static STOP_TUNING: Cell<bool> = const { Cell::new(false) };
     /// The job queue's tickets: the next one handed out and the one being served.
     static NEXT_TICKET: Cell<u64> = const { Cell::new(0) };
@@ -182,6 +229,45 @@ impl Turn {
 impl Drop for Turn {
     fn drop(&mut self) {
         SERVING.set(SERVING.get() + 1);
+    }
+}
+
+/// The class names of a labels file the user gave.
+pub fn set_class_names(names: Vec<String>) {
+    CLASS_NAMES.set(names);
+    NAMES_FROM_MODEL.set(false);
+}
+
+impl UserModel {
+    /// The class `folder` names, with the class names as they stand now.
+    fn truth(&self, folder: Option<&str>) -> Option<usize> {
+        let folder = folder?;
+        CLASS_NAMES.with_borrow(|names| class_for_folder(names, self.classes, folder))
+    }
+
+    /// Which kept inputs calibrate and train: the first half of those without a label and
+    /// the first half of each class's (in the order they came), so that every class the
+    /// folders name is on both sides of the split.
+    fn training_serials(&self, inputs: &[KeptInput]) -> BTreeSet<u64> {
+        let keys: Vec<Option<usize>> = inputs
+            .iter()
+            .map(|k| self.truth(k.folder.as_deref()))
+            .collect();
+        let mut totals: BTreeMap<Option<usize>, usize> = BTreeMap::new();
+        for key in &keys {
+            *totals.entry(*key).or_default() += 1;
+        }
+        let mut seen: BTreeMap<Option<usize>, usize> = BTreeMap::new();
+        inputs
+            .iter()
+            .zip(&keys)
+            .filter(|(_, key)| {
+                let n = seen.entry(**key).or_default();
+                *n += 1;
+                *n <= totals[*key].div_ceil(2)
+            })
+            .map(|(k, _)| k.serial)
+            .collect()
     }
 }
 
@@ -247,6 +333,21 @@ pub async fn load(name: String, blob: &Blob) -> WorkerResult<()> {
             dims_text(&declared).join(", ")
         )));
     }
+    // As the page does: the model's own class names when it has them, else the user's
+    // (but not the names of an earlier model).
+    let names = graph.class_names();
+    if !names.is_empty() {
+        CLASS_NAMES.set(names);
+        NAMES_FROM_MODEL.set(true);
+    } else if NAMES_FROM_MODEL.replace(false) {
+        CLASS_NAMES.set(Vec::new());
+    }
+    let classes = summary
+        .outputs
+        .first()
+        .and_then(|o| o.dims.last())
+        .and_then(Dim::known)
+        .unwrap_or(usize::MAX);
     let info = UserModelInfo {
         name: name.clone(),
         file_bytes: bytes.len(),
@@ -272,7 +373,9 @@ pub async fn load(name: String, blob: &Blob) -> WorkerResult<()> {
             name,
             graph,
             original,
+            classes,
             inputs: RefCell::new(Vec::new()),
+            next_serial: Cell::new(0),
             variant: RefCell::new(None),
             warm: Cell::new(false),
         }))
@@ -297,7 +400,12 @@ fn ranked(outputs: &[f32], k: usize) -> Vec<(usize, f32)> {
 }
 
 /// Decodes, prepares and classifies one image with the model (and its variant).
-pub async fn classify(id: u32, spec: InputSpec, blob: &Blob) -> WorkerResult<()> {
+pub async fn classify(
+    id: u32,
+    spec: InputSpec,
+    folder: Option<String>,
+    blob: &Blob,
+) -> WorkerResult<()> {
     let _turn = Turn::wait().await;
     let decoded = decode_blob(blob).await?;
     let data = input_tensor(&spec, &decoded.image)?;
@@ -331,15 +439,23 @@ pub async fn classify(id: u32, spec: InputSpec, blob: &Blob) -> WorkerResult<()>
         }
         None => None,
     };
+    let truth = m.truth(folder.as_deref());
     {
         let mut inputs = m.inputs.borrow_mut();
-        if inputs.len() == MAX_KEPT_INPUTS {
+        let bytes =
+            |inputs: &[KeptInput]| -> usize { inputs.iter().map(|k| 4 * k.input.data.len()).sum() };
+        while !inputs.is_empty()
+            && (inputs.len() >= MAX_KEPT_INPUTS
+                || bytes(&inputs) + 4 * input.data.len() > MAX_KEPT_BYTES)
+        {
             inputs.remove(0);
-            if let Some(v) = m.variant.borrow_mut().as_mut() {
-                v.used = v.used.saturating_sub(1);
-            }
         }
-        inputs.push(input);
+        let serial = m.next_serial.replace(m.next_serial.get() + 1);
+        inputs.push(KeptInput {
+            serial,
+            input,
+            folder,
+        });
     }
     let result = UserClassification {
         id,
@@ -349,6 +465,7 @@ pub async fn classify(id: u32, spec: InputSpec, blob: &Blob) -> WorkerResult<()>
         cold,
         variant_top: variant.as_ref().map(|(t, _)| t.clone()),
         variant_ms: variant.map(|(_, ms)| ms),
+        truth,
         seen,
         seen_width: spec.width as u32,
         seen_height: spec.height as u32,
@@ -380,11 +497,16 @@ pub async fn compress(recipe: Recipe, runs: u32) -> WorkerResult<()> {
         ));
     }
     let used = if calibrating {
-        inputs.len().div_ceil(2)
+        m.training_serials(&inputs)
     } else {
-        0
+        BTreeSet::new()
     };
-    let compressed = compress_graph(&m.graph, &recipe, &inputs[..used], &mut |_, _| {
+    let calibration: Vec<Tensor> = inputs
+        .iter()
+        .filter(|k| used.contains(&k.serial))
+        .map(|k| k.input.clone())
+        .collect();
+    let compressed = compress_graph(&m.graph, &recipe, &calibration, &mut |_, _| {
         crate::cancel::check()
     })?;
     let variant = Variant {
@@ -415,18 +537,33 @@ pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WorkerResult<()> {
         ));
     };
     let inputs = m.inputs.borrow().clone();
-    let used = if variant.used > 0 {
-        variant.used
-    } else {
-        inputs.len().div_ceil(2)
+    let kept = |serials: &BTreeSet<u64>| -> Vec<KeptInput> {
+        inputs
+            .iter()
+            .filter(|k| serials.contains(&k.serial))
+            .cloned()
+            .collect()
     };
-    if used == 0 || inputs.len() <= used {
+    let mut training = kept(&variant.used);
+    if training.is_empty() {
+        training = kept(&m.training_serials(&inputs));
+    }
+    if training.is_empty() || inputs.len() <= training.len() {
         return Err(WorkerError::Message(format!(
             "fine-tuning needs images to train on and others to measure on: classify at least 2 (you have {})",
             inputs.len()
         )));
     }
-    let train = flipped_copies(&inputs[..used]);
+    let used: BTreeSet<u64> = training.iter().map(|k| k.serial).collect();
+    let images: Vec<Tensor> = training.iter().map(|k| k.input.clone()).collect();
+    let train = flipped_copies(&images);
+    // A label holds for the image as it is, not for its flipped copies (turning a text line
+    // over changes its direction): those learn from the original alone.
+    let labels: Vec<Option<usize>> = training
+        .iter()
+        .flat_map(|k| [m.truth(k.folder.as_deref()), None, None, None])
+        .collect();
+    let labelled = labels.iter().flatten().count();
     let mut targets = Vec::with_capacity(train.len());
     for input in &train {
         targets.push(m.original.run(input).await?);
@@ -442,7 +579,8 @@ pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WorkerResult<()> {
         None => Device::flex().autodiff(),
     };
     let epochs = cfg.epochs;
-    let mut tuner = GraphFineTuner::new(&variant.compressed, train, targets, cfg, &device)?;
+    let mut tuner = GraphFineTuner::new(&variant.compressed, train, targets, cfg, &device)?
+        .with_labels(labels)?;
     STOP_TUNING.set(false);
     let before = tuner.training_loss().await?;
     while !tuner.is_done() {
@@ -463,9 +601,14 @@ pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WorkerResult<()> {
         });
     }
     let after = tuner.training_loss().await?;
+    let loss_name = if labelled == 0 {
+        "distillation loss"
+    } else {
+        "loss (distillation + cross-entropy)"
+    };
     if after >= before {
         return Err(WorkerError::Message(format!(
-            "fine-tuning did not lower the distillation loss on the training images ({} → {}); the compressed variant is unchanged. A smaller learning rate may help.",
+            "fine-tuning did not lower the {loss_name} on the training images ({} → {}); the compressed variant is unchanged. A smaller learning rate may help.",
             loss_text(before),
             loss_text(after)
         )));
@@ -473,13 +616,25 @@ pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WorkerResult<()> {
     let steps = tuner.total_steps();
     let tuned = tuner.finish().await?;
     let seconds = (now() - start) / 1e3;
+    let which = if variant.used.is_empty() {
+        "the first half of the images"
+    } else {
+        "images that calibrated it"
+    };
     let variant = Variant {
         runner: Runner::compressed(&tuned)?,
         compressed: tuned,
-        used,
         fine_tuned: Some(format!(
-            "fine-tuned for {} epochs ({steps} steps) on the {used} images that calibrated it and their flipped copies, toward the original's outputs (no labels), learning rate {learning_rate:e}, on {}: distillation loss on those images {} → {}, {seconds:.1} s in all",
+            "fine-tuned for {} epochs ({steps} steps) on the {} {which} and their flipped copies, toward the original's outputs{}, learning rate {learning_rate:e}, on {}: {loss_name} on those images {} → {}, {seconds:.1} s in all",
             epochs,
+            used.len(),
+            if labelled == 0 {
+                " (no labels)".to_string()
+            } else {
+                format!(
+                    " and, for the {labelled} whose folder names a class, that class (half the loss)"
+                )
+            },
             if webgpu().is_some() {
                 "WebGPU"
             } else {
@@ -488,6 +643,7 @@ pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WorkerResult<()> {
             loss_text(before),
             loss_text(after)
         )),
+        used,
     };
     let report = report(&m, &variant, 5, now() - start).await?;
     m.variant.replace(Some(variant));
@@ -513,25 +669,37 @@ async fn report(
     build_ms: f64,
 ) -> WorkerResult<UserCompressReport> {
     let inputs = m.inputs.borrow().clone();
-    let used = variant.used.min(inputs.len());
-    let held_out = &inputs[used..];
-    let top1_same = if held_out.is_empty() {
-        None
-    } else {
-        let mut same = 0;
-        for input in held_out {
-            crate::cancel::check()?;
-            let a = m.original.run(input).await?;
-            let b = variant.runner.run(input).await?;
-            same += usize::from(argmax(&a) == argmax(&b));
+    let held_out: Vec<&KeptInput> = inputs
+        .iter()
+        .filter(|k| !variant.used.contains(&k.serial))
+        .collect();
+    let used = inputs.len() - held_out.len();
+    let (mut same, mut labelled) = (
+        0,
+        LabelledAccuracy {
+            images: 0,
+            original: 0,
+            variant: 0,
+        },
+    );
+    for kept in &held_out {
+        crate::cancel::check()?;
+        let a = argmax(&m.original.run(&kept.input).await?);
+        let b = argmax(&variant.runner.run(&kept.input).await?);
+        same += usize::from(a == b);
+        if let Some(truth) = m.truth(kept.folder.as_deref()) {
+            labelled.images += 1;
+            labelled.original += usize::from(a == truth);
+            labelled.variant += usize::from(b == truth);
         }
-        Some(same)
-    };
+    }
+    let top1_same = (!held_out.is_empty()).then_some(same);
+    let labelled = (labelled.images > 0).then_some(labelled);
     // Up to `runs` interleaved pairs; on a slow device (an emulated GPU) the timing stops
     // after 3 pairs once it has taken 5 s, and the report says how many ran.
     let runs = runs.clamp(1, 100);
     let mut times = (Vec::new(), Vec::new());
-    if let Some(input) = inputs.last() {
+    if let Some(input) = inputs.last().map(|k| &k.input) {
         let started = now();
         for done in 0..runs {
             if done >= 3 && now() - started > TIMING_BUDGET_MS {
@@ -556,7 +724,7 @@ async fn report(
         }
     };
     // MACs for one image of the size the model is fed.
-    let fed: Vec<Dim> = match inputs.last() {
+    let fed: Vec<Dim> = match inputs.last().map(|k| &k.input) {
         Some(t) => std::iter::once(Dim::Known(1))
             .chain(t.dims.iter().skip(1).map(|&d| Dim::Known(d)))
             .collect(),
@@ -608,6 +776,7 @@ async fn report(
         calibration_images: used,
         held_out: held_out.len(),
         top1_same,
+        labelled,
         layers,
         executor,
         build_ms,

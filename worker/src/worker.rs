@@ -7,6 +7,7 @@ use std::rc::Rc;
 
 use burn::prelude::*;
 use compresslab::classifier::ImageClassifier;
+use compresslab::gpu_int::GpuFeatures;
 use compresslab::labels::{Labels, top_k};
 use compresslab::preprocess::{RgbImage, imagenet_crop, to_nchw};
 use compresslab::weights::TensorStore;
@@ -235,6 +236,7 @@ impl Failure {
             | ToWorker::UserModelExport => Self::UserModel(None),
             ToWorker::DistilControl { .. }
             | ToWorker::UserModelStopTuning
+            | ToWorker::UserModelClassNames { .. }
             | ToWorker::CancelJob => Self::Silent,
         }
     }
@@ -319,8 +321,12 @@ async fn run(msg: ToWorker, parts: &Array) -> WorkerResult<()> {
         }
         ToWorker::Export => lab::export(),
         ToWorker::UserModelLoad { name } => user_model::load(name, &blob()).await,
-        ToWorker::UserModelClassify { id, spec, .. } => {
-            user_model::classify(id, spec, &blob()).await
+        ToWorker::UserModelClassify {
+            id, spec, folder, ..
+        } => user_model::classify(id, spec, folder, &blob()).await,
+        ToWorker::UserModelClassNames { names } => {
+            user_model::set_class_names(names);
+            Ok(())
         }
         ToWorker::UserModelCompress { recipe, runs } => user_model::compress(recipe, runs).await,
         ToWorker::UserModelFineTune {
@@ -366,6 +372,16 @@ pub fn webgpu() -> Option<(Device, String)> {
         let loaded = m.borrow().clone()?;
         let device = loaded.device.clone()?;
         Some((device, loaded.backend.description.clone()))
+    })
+}
+
+/// What the page's WebGPU adapter lets the integer kernels use (nothing without WebGPU).
+pub fn webgpu_features() -> GpuFeatures {
+    MODEL.with(|m| GpuFeatures {
+        packed_dot4: m
+            .borrow()
+            .as_ref()
+            .is_some_and(|l| l.device.is_some() && l.backend.has_packed_dot4()),
     })
 }
 
