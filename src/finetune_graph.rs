@@ -282,12 +282,18 @@ impl GraphFineTuner {
             )));
         }
         let labels: Vec<Option<usize>> = batch.iter().map(|&i| self.labels[i]).collect();
+        // A batch without labels is distillation alone, at full weight (as without labels).
+        let distillation_weight = if labels.iter().any(Option::is_some) {
+            1.0 - self.cfg.label_weight
+        } else {
+            1.0
+        };
         Ok(distillation_loss(
             logits,
             teacher,
             Some(label_tensors(&labels, &self.device)),
             self.cfg.temperature,
-            1.0 - self.cfg.label_weight,
+            distillation_weight,
         ))
     }
 

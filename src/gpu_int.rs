@@ -394,11 +394,18 @@ pub fn graph_on_integer_kernels(
             continue;
         };
         let outputs = q.shape.first().copied().unwrap_or(0);
-        let given = node
-            .inputs
-            .get(2)
-            .and_then(|b| graph.constant(b))
-            .map(|c| c.data.as_slice());
+        let c = node.inputs.get(2).and_then(|b| graph.constant(b));
+        // A bias of one value per output (`[N]` or `[1, N]`) or one for all; Gemm's C may
+        // be any broadcastable shape, and the others stay burn ops.
+        let per_output = c.is_none_or(|c| match c.dims.as_slice() {
+            [n] | [1, n] => *n == outputs || *n == 1,
+            [] => true,
+            _ => false,
+        });
+        if !per_output {
+            continue;
+        }
+        let given = c.map(|c| c.data.as_slice());
         let bias: Option<Vec<f32>> = match &node.op {
             Op::Conv(c) => {
                 let no_pad = match c.padding {

@@ -1,5 +1,6 @@
 //! ImageNet-1k class names and top-k predictions.
 
+pub use compresslab_spec::labels::class_for_folder;
 pub use compresslab_spec::report::Prediction;
 
 use crate::error::{EngineError, Result};
@@ -65,46 +66,12 @@ impl Labels {
     /// punctuation, and a plural "s" or "es": "Egyptian_cat", "espresso", "golden
     /// retrievers". The first class wins where two share a name.
     pub fn class_for_name(&self, name: &str) -> Option<usize> {
-        let key = name_key(name);
-        if key.is_empty() {
-            return None;
-        }
-        let find = |k: &str| self.names.iter().position(|n| name_key(n) == k);
-        find(&key)
-            .or_else(|| key.strip_suffix("es").and_then(find))
-            .or_else(|| key.strip_suffix('s').and_then(find))
+        compresslab_spec::labels::class_for_name(&self.names, name)
     }
 
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
     }
-}
-
-/// The class a folder stands for in a model with `classes` outputs: one of `names` (as
-/// [`Labels::class_for_name`] matches them) when the model has names, else a class number
-/// ("3", "class 3").
-pub fn class_for_folder(names: &[String], classes: usize, folder: &str) -> Option<usize> {
-    let class = if names.is_empty() {
-        let key = name_key(folder);
-        key.strip_prefix("class")
-            .unwrap_or(&key)
-            .parse::<usize>()
-            .ok()
-    } else {
-        Labels {
-            names: names.to_vec(),
-        }
-        .class_for_name(folder)
-    };
-    class.filter(|&c| c < classes)
-}
-
-/// Lower-case letters and digits of `name` (what folder-name matching compares).
-fn name_key(name: &str) -> String {
-    name.chars()
-        .filter(|c| c.is_alphanumeric())
-        .flat_map(char::to_lowercase)
-        .collect()
 }
 
 /// Softmax probabilities (computed in f64 for stability).

@@ -41,3 +41,41 @@ pub fn parse_class_names(text: &str) -> Vec<String> {
         .filter(|s| !s.is_empty())
         .collect()
 }
+
+/// The class a folder name stands for among `names`, ignoring case, spaces, `_`, `-` and
+/// other punctuation, and a plural "s" or "es": "Egyptian_cat", "espresso", "golden
+/// retrievers". The first class wins where two share a name.
+pub fn class_for_name(names: &[String], name: &str) -> Option<usize> {
+    let key = name_key(name);
+    if key.is_empty() {
+        return None;
+    }
+    let find = |k: &str| names.iter().position(|n| name_key(n) == k);
+    find(&key)
+        .or_else(|| key.strip_suffix("es").and_then(find))
+        .or_else(|| key.strip_suffix('s').and_then(find))
+}
+
+/// The class a folder stands for in a model with `classes` outputs: one of `names` (as
+/// [`class_for_name`] matches them) when the model has names, else a class number
+/// ("3", "class 3").
+pub fn class_for_folder(names: &[String], classes: usize, folder: &str) -> Option<usize> {
+    let class = if names.is_empty() {
+        let key = name_key(folder);
+        key.strip_prefix("class")
+            .unwrap_or(&key)
+            .parse::<usize>()
+            .ok()
+    } else {
+        class_for_name(names, folder)
+    };
+    class.filter(|&c| c < classes)
+}
+
+/// Lower-case letters and digits of `name` (what folder-name matching compares).
+pub fn name_key(name: &str) -> String {
+    name.chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .collect()
+}

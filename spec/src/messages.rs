@@ -85,6 +85,9 @@ pub enum ToWorker {
     /// "Your model": import the `.onnx` blob posted alongside (replaces any earlier one).
     UserModelLoad {
         name: String,
+        /// The class names of a labels file the user gave (the model's own names, in its
+        /// metadata, win): folder names are matched against these.
+        class_names: Vec<String>,
     },
     /// Classify the image blob posted alongside with the user's model (and its compressed
     /// variant, when there is one), prepared as `spec` says.
@@ -96,8 +99,8 @@ pub enum ToWorker {
         /// the image's label where it names one of the model's classes.
         folder: Option<String>,
     },
-    /// The class names the page shows (from the model's metadata or a labels file): folder
-    /// names are matched against these.
+    /// The class names of a labels file the user gave after the model: folder names are
+    /// matched against these.
     UserModelClassNames {
         names: Vec<String>,
     },
@@ -693,8 +696,8 @@ pub struct UserClassification {
     pub cold: bool,
     pub variant_top: Option<Vec<(usize, f32)>>,
     pub variant_ms: Option<f64>,
-    /// The class its folder names, if any.
-    pub truth: Option<usize>,
+    /// The model's outputs per image (what a folder's class number must stay below).
+    pub classes: usize,
     /// The input as the model saw it (8-bit RGB, height × width), for the card.
     #[serde(with = "serde_bytes")]
     pub seen: Vec<u8>,

@@ -160,7 +160,7 @@ async function yourModel(flags, backend) {
       console.log(tuned);
       // Each line and its 3 flipped copies, in batches of 8.
       const steps = 3 * Math.ceil((4 * half) / 8);
-      assert.match(tuned, new RegExp(`3 epochs \\(${steps} steps\\) on the ${half} images`));
+      assert.match(tuned, new RegExp(`3 epochs \\(${steps} steps\\) on ${half} images \\(those that calibrated it\\)`));
       // The worker keeps the variant unchanged (and says so) unless the loss went down.
       const loss = tuned.match(/loss on those images ([0-9.e+-]+) → ([0-9.e+-]+)/);
       assert.ok(loss && Number(loss[2]) < Number(loss[1]), tuned);
@@ -277,7 +277,7 @@ test('your model with folder labels (CPU fallback): accuracy on held-out labelle
     if (await page.$('#user-error')) throw new Error(await page.innerText('#user-error'));
     const tuned = await page.innerText('#user-fine-tuned');
     console.log(tuned);
-    assert.match(tuned, /on the 7 images that calibrated it .* and, for the 6 whose folder names a class, that class \(half the loss\)/);
+    assert.match(tuned, /on 7 images \(those that calibrated it\) .* and, for the 6 whose folder names a class, that class \(half the loss\)/);
     assert.match(tuned, /loss \(distillation \+ cross-entropy\) on those images/);
     console.log(`after fine-tuning: ${await page.innerText('#user-accuracy')}`);
     assert.ok(Number(await page.locator('#user-accuracy').getAttribute('data-variant')) >= 5);

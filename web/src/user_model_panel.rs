@@ -3,7 +3,7 @@
 //! images that did not calibrate it) and download the compressed ONNX.
 
 use compresslab_spec::input::{InputSpec, Normalization, ResizeMode};
-use compresslab_spec::labels::parse_class_names;
+use compresslab_spec::labels::{class_for_folder, parse_class_names};
 use compresslab_spec::recipe::{
     ChannelPruning, ChannelRanking, Granularity, MagnitudePruning, Observer, PruneScope,
     QuantScheme, Recipe,
@@ -30,6 +30,10 @@ pub struct UserImage {
     pub result: Option<UserClassification>,
     pub error: Option<String>,
 }
+
+/// Where the class names come from when the model names its classes itself (those win over
+/// a labels file, here and in the worker).
+const FROM_METADATA: &str = "the model's metadata";
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct UserModelState {
@@ -69,8 +73,8 @@ pub fn on_message(state: RwSignal<UserModelState>, msg: FromWorker) {
             s.images.clear();
             if !info.labels.is_empty() {
                 s.labels = info.labels.clone();
-                s.labels_from = Some("the model's metadata".into());
-            } else if s.labels_from.as_deref() == Some("the model's metadata") {
+                s.labels_from = Some(FROM_METADATA.into());
+            } else if s.labels_from.as_deref() == Some(FROM_METADATA) {
                 s.labels.clear();
                 s.labels_from = None;
             }
@@ -88,7 +92,7 @@ pub fn on_message(state: RwSignal<UserModelState>, msg: FromWorker) {
         }
         FromWorker::UserModelTuning { done, total, loss } => {
             s.busy = Some(format!(
-                "Fine-tuning: step {done} of {total}, distillation loss {loss:.4}"
+                "Fine-tuning: step {done} of {total}, loss {loss:.4}"
             ));
         }
         FromWorker::Exported { .. } => s.busy = None,
@@ -156,7 +160,16 @@ pub fn take_files(state: RwSignal<UserModelState>, files: Vec<(String, Blob)>, s
                 s.loading = Some(name.clone());
                 s.error = None;
             });
-            send_user_model(ToWorker::UserModelLoad { name }, Some(blob));
+            // A labels file the user gave goes with it (the model's own names win).
+            let class_names = state.with_untracked(|s| {
+                let from_file = s.labels_from.as_deref().is_some_and(|f| f != FROM_METADATA);
+                if from_file {
+                    s.labels.clone()
+                } else {
+                    Vec::new()
+                }
+            });
+            send_user_model(ToWorker::UserModelLoad { name, class_names }, Some(blob));
         } else if folder.is_none() && (lower.ends_with(".txt") || lower.ends_with(".json")) {
             // (A text file inside a dropped folder is not taken for class names.)
             wasm_bindgen_futures::spawn_local(async move {
@@ -168,6 +181,13 @@ pub fn take_files(state: RwSignal<UserModelState>, files: Vec<(String, Blob)>, s
                 if labels.is_empty() {
                     state.update(|s| {
                         s.error = Some(format!("{name} holds no class names (one per line)"))
+                    });
+                } else if state.with_untracked(|s| s.labels_from.as_deref() == Some(FROM_METADATA))
+                {
+                    state.update(|s| {
+                        s.notice = Some(format!(
+                            "{name} is not used: the model names its classes itself"
+                        ))
                     });
                 } else {
                     state.update(|s| {
@@ -563,8 +583,17 @@ fn UserCard(image: UserImage, labels: Signal<Vec<String>>) -> impl IntoView {
                 )}</p>
                 {image.folder.clone().map(|folder| {
                     let top = r.top.first().map(|&(c, _)| c);
-                    let truth = r.truth;
-                    let text = move || match truth {
+                    let classes = r.classes;
+                    // With the class names as they stand (a labels file may come later).
+                    let folder_class = {
+                        let folder = folder.clone();
+                        move || class_for_folder(&labels.get(), classes, &folder)
+                    };
+                    let right = {
+                        let folder_class = folder_class.clone();
+                        move || folder_class().map(|t| (top == Some(t)).to_string()).unwrap_or_default()
+                    };
+                    let text = move || match folder_class() {
                         Some(t) => format!(
                             "Folder \u{201c}{folder}\u{201d}: {} {}",
                             label_of(&labels.get(), t),
@@ -573,7 +602,7 @@ fn UserCard(image: UserImage, labels: Signal<Vec<String>>) -> impl IntoView {
                         None => format!("Folder \u{201c}{folder}\u{201d} names no class of this model: not counted"),
                     };
                     view! {
-                        <p class="truth" data-right=truth.map(|t| (top == Some(t)).to_string()).unwrap_or_default()>{text}</p>
+                        <p class="truth" data-right=right>{text}</p>
                     }
                 })}
                 {r.variant_top.clone().map(|top| {

@@ -35,9 +35,10 @@ use compresslab_spec::messages::{
 const TIMING_BUDGET_MS: f64 = 5000.0;
 
 /// Inputs kept for calibration, fine-tuning and agreement: the oldest are dropped beyond
-/// this many, or beyond this many bytes (about 100 ImageNet-size inputs, 500 text lines).
+/// this many, or beyond this many bytes (about 50 ImageNet-size inputs, 280 text lines;
+/// a fine-tune holds four flipped copies of half of them besides).
 const MAX_KEPT_INPUTS: usize = 512;
-const MAX_KEPT_BYTES: usize = 64 << 20;
+const MAX_KEPT_BYTES: usize = 32 << 20;
 
 /// One graph ready to run: on WebGPU when the page has it (the burn interpreter), else on
 /// the CPU interpreter, never both (each holds the weights).
@@ -191,8 +192,9 @@ struct UserModel {
     name: String,
     graph: Graph,
     original: Runner,
-    /// The model's outputs per image (what a class number must stay below).
-    classes: usize,
+    /// The model's outputs per image (what a class number must stay below; known once it
+    /// has run when the model leaves a size open).
+    classes: Cell<usize>,
     inputs: RefCell<Vec<KeptInput>>,
     next_serial: Cell<u64>,
     variant: RefCell<Option<Variant>>,
@@ -202,10 +204,8 @@ struct UserModel {
 
 thread_local! {
     static USER: RefCell<Option<Rc<UserModel>>> = const { RefCell::new(None) };
-    /// The class names the page shows (folder names are matched against them), and whether
-    /// they came from a model's metadata (the next model replaces those).
+    /// The class names the page shows (folder names are matched against them).
     static CLASS_NAMES: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
-    static NAMES_FROM_MODEL: Cell<bool> = const { Cell::new(false) };
     static STOP_TUNING: Cell<bool> = const { Cell::new(false) };
     /// The job queue's tickets: the next one handed out and the one being served.
     static NEXT_TICKET: Cell<u64> = const { Cell::new(0) };
@@ -232,22 +232,27 @@ impl Drop for Turn {
     }
 }
 
-/// The class names of a labels file the user gave.
-pub fn set_class_names(names: Vec<String>) {
+/// The class names of a labels file the user gave, in turn after the jobs sent before it (a
+/// model dropped with its labels file loads first). As on the page, the model's own names
+/// (in its metadata) win.
+pub async fn set_class_names(names: Vec<String>) {
+    let _turn = Turn::wait().await;
+    if current().is_ok_and(|m| !m.graph.class_names().is_empty()) {
+        return;
+    }
     CLASS_NAMES.set(names);
-    NAMES_FROM_MODEL.set(false);
 }
 
 impl UserModel {
     /// The class `folder` names, with the class names as they stand now.
     fn truth(&self, folder: Option<&str>) -> Option<usize> {
         let folder = folder?;
-        CLASS_NAMES.with_borrow(|names| class_for_folder(names, self.classes, folder))
+        CLASS_NAMES.with_borrow(|names| class_for_folder(names, self.classes.get(), folder))
     }
 
     /// Which kept inputs calibrate and train: the first half of those without a label and
     /// the first half of each class's (in the order they came), so that every class the
-    /// folders name is on both sides of the split.
+    /// folders name (with two images or more) is on both sides of the split.
     fn training_serials(&self, inputs: &[KeptInput]) -> BTreeSet<u64> {
         let keys: Vec<Option<usize>> = inputs
             .iter()
@@ -296,7 +301,7 @@ async fn blob_bytes(blob: &Blob) -> WorkerResult<Vec<u8>> {
 }
 
 /// Imports the model file and reports what it is.
-pub async fn load(name: String, blob: &Blob) -> WorkerResult<()> {
+pub async fn load(name: String, class_names: Vec<String>, blob: &Blob) -> WorkerResult<()> {
     let _turn = Turn::wait().await;
     if blob.size() > MAX_MODEL_BYTES as f64 {
         return Err(WorkerError::Message(format!(
@@ -333,20 +338,19 @@ pub async fn load(name: String, blob: &Blob) -> WorkerResult<()> {
             dims_text(&declared).join(", ")
         )));
     }
-    // As the page does: the model's own class names when it has them, else the user's
-    // (but not the names of an earlier model).
+    // As the page does: the model's own class names when it has them, else the user's.
     let names = graph.class_names();
-    if !names.is_empty() {
-        CLASS_NAMES.set(names);
-        NAMES_FROM_MODEL.set(true);
-    } else if NAMES_FROM_MODEL.replace(false) {
-        CLASS_NAMES.set(Vec::new());
-    }
+    CLASS_NAMES.set(if names.is_empty() { class_names } else { names });
+    // Every value per image of the first output (a [1, 1000, 1, 1] output has 1 000).
     let classes = summary
         .outputs
         .first()
-        .and_then(|o| o.dims.last())
-        .and_then(Dim::known)
+        .and_then(|o| {
+            o.dims
+                .iter()
+                .skip(1)
+                .try_fold(1usize, |n, d| n.checked_mul(d.known()?))
+        })
         .unwrap_or(usize::MAX);
     let info = UserModelInfo {
         name: name.clone(),
@@ -373,7 +377,7 @@ pub async fn load(name: String, blob: &Blob) -> WorkerResult<()> {
             name,
             graph,
             original,
-            classes,
+            classes: Cell::new(classes),
             inputs: RefCell::new(Vec::new()),
             next_serial: Cell::new(0),
             variant: RefCell::new(None),
@@ -439,7 +443,7 @@ pub async fn classify(
         }
         None => None,
     };
-    let truth = m.truth(folder.as_deref());
+    m.classes.set(outputs.len());
     {
         let mut inputs = m.inputs.borrow_mut();
         let bytes =
@@ -465,7 +469,7 @@ pub async fn classify(
         cold,
         variant_top: variant.as_ref().map(|(t, _)| t.clone()),
         variant_ms: variant.map(|(_, ms)| ms),
-        truth,
+        classes: outputs.len(),
         seen,
         seen_width: spec.width as u32,
         seen_height: spec.height as u32,
@@ -536,27 +540,38 @@ pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WorkerResult<()> {
             "compress the model first: fine-tuning trains the compressed variant".into(),
         ));
     };
-    let inputs = m.inputs.borrow().clone();
-    let kept = |serials: &BTreeSet<u64>| -> Vec<KeptInput> {
-        inputs
-            .iter()
-            .filter(|k| serials.contains(&k.serial))
-            .cloned()
-            .collect()
+    // Only the training images are copied (the kept inputs may be tens of MB).
+    let (training, kept, which) = {
+        let inputs = m.inputs.borrow();
+        let pick = |serials: &BTreeSet<u64>| -> Vec<KeptInput> {
+            inputs
+                .iter()
+                .filter(|k| serials.contains(&k.serial))
+                .cloned()
+                .collect()
+        };
+        let earlier = pick(&variant.used);
+        let (training, which) = if !earlier.is_empty() {
+            let which = if variant.fine_tuned.is_some() {
+                "those it was trained on before"
+            } else {
+                "those that calibrated it"
+            };
+            (earlier, which)
+        } else {
+            (
+                pick(&m.training_serials(&inputs)),
+                "the first half of them, and of each class",
+            )
+        };
+        (training, inputs.len(), which)
     };
-    let mut training = kept(&variant.used);
-    if training.is_empty() {
-        training = kept(&m.training_serials(&inputs));
-    }
-    if training.is_empty() || inputs.len() <= training.len() {
+    if training.is_empty() || kept <= training.len() {
         return Err(WorkerError::Message(format!(
-            "fine-tuning needs images to train on and others to measure on: classify at least 2 (you have {})",
-            inputs.len()
+            "fine-tuning needs images to train on and others to measure on: classify at least 2 (you have {kept})"
         )));
     }
     let used: BTreeSet<u64> = training.iter().map(|k| k.serial).collect();
-    let images: Vec<Tensor> = training.iter().map(|k| k.input.clone()).collect();
-    let train = flipped_copies(&images);
     // A label holds for the image as it is, not for its flipped copies (turning a text line
     // over changes its direction): those learn from the original alone.
     let labels: Vec<Option<usize>> = training
@@ -564,6 +579,9 @@ pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WorkerResult<()> {
         .flat_map(|k| [m.truth(k.folder.as_deref()), None, None, None])
         .collect();
     let labelled = labels.iter().flatten().count();
+    let images: Vec<Tensor> = training.into_iter().map(|k| k.input).collect();
+    let train = flipped_copies(&images);
+    drop(images);
     let mut targets = Vec::with_capacity(train.len());
     for input in &train {
         targets.push(m.original.run(input).await?);
@@ -616,16 +634,11 @@ pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WorkerResult<()> {
     let steps = tuner.total_steps();
     let tuned = tuner.finish().await?;
     let seconds = (now() - start) / 1e3;
-    let which = if variant.used.is_empty() {
-        "the first half of the images"
-    } else {
-        "images that calibrated it"
-    };
     let variant = Variant {
         runner: Runner::compressed(&tuned)?,
         compressed: tuned,
         fine_tuned: Some(format!(
-            "fine-tuned for {} epochs ({steps} steps) on the {} {which} and their flipped copies, toward the original's outputs{}, learning rate {learning_rate:e}, on {}: {loss_name} on those images {} → {}, {seconds:.1} s in all",
+            "fine-tuned for {} epochs ({steps} steps) on {} images ({which}) and their flipped copies, toward the original's outputs{}, learning rate {learning_rate:e}, on {}: {loss_name} on those images {} → {}, {seconds:.1} s in all",
             epochs,
             used.len(),
             if labelled == 0 {

@@ -320,12 +320,14 @@ async fn run(msg: ToWorker, parts: &Array) -> WorkerResult<()> {
             with_model(|m| distil::bench_photo(m, batch, steps)).await
         }
         ToWorker::Export => lab::export(),
-        ToWorker::UserModelLoad { name } => user_model::load(name, &blob()).await,
+        ToWorker::UserModelLoad { name, class_names } => {
+            user_model::load(name, class_names, &blob()).await
+        }
         ToWorker::UserModelClassify {
             id, spec, folder, ..
         } => user_model::classify(id, spec, folder, &blob()).await,
         ToWorker::UserModelClassNames { names } => {
-            user_model::set_class_names(names);
+            user_model::set_class_names(names).await;
             Ok(())
         }
         ToWorker::UserModelCompress { recipe, runs } => user_model::compress(recipe, runs).await,
