@@ -136,3 +136,62 @@ impl Int4Weights {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use compresslab_spec::recipe::{Granularity, QuantScheme};
+
+    use super::*;
+
+    /// Unpacked tile by tile, the packed weights give `input · dequantized(W)ᵀ` for every
+    /// grid: symmetric and not, per tensor, per channel, per block (even and odd block
+    /// lengths), odd widths, layers of one tile and of several.
+    #[test]
+    fn packed_products_match_the_dequantized_weights() {
+        let mut seed = 7u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        // (300 × 260 and 300 × 1000 take several tiles: later ones start inside a
+        // per-tensor group.)
+        for (cin, cout) in [(64, 10), (40, 3), (7, 5), (300, 260), (300, 1000)] {
+            for granularity in [
+                Granularity::PerTensor,
+                Granularity::PerChannel,
+                Granularity::PerBlock(32),
+                Granularity::PerBlock(5),
+            ] {
+                for symmetric in [true, false] {
+                    let scheme = QuantScheme {
+                        bits: 4,
+                        symmetric,
+                        granularity,
+                    };
+                    let w: Vec<f32> = (0..cin * cout).map(|_| next()).collect();
+                    let q = QuantizedTensor::quantize(&w, &[cout, cin], scheme);
+                    let dequantized = q.dequantize();
+                    let kernel = Int4Weights::new(&q, cin, cout).expect("4-bit weights");
+                    for pixels in [1, 3, 9] {
+                        let input: Vec<f32> = (0..pixels * cin).map(|_| next()).collect();
+                        let mut out = vec![0.5f32; pixels * cout];
+                        kernel.accumulate(&input, pixels, &mut out);
+                        for p in 0..pixels {
+                            for o in 0..cout {
+                                let expected = 0.5
+                                    + (0..cin)
+                                        .map(|i| input[p * cin + i] * dequantized[o * cin + i])
+                                        .sum::<f32>();
+                                let got = out[p * cout + o];
+                                assert!(
+                                    (got - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
+                                    "{cin}×{cout} {granularity:?} symmetric {symmetric}, {pixels} rows: {got} vs {expected}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -136,7 +136,7 @@ fn send_files(
     }
     let skipped = total - files.len();
     let cap = target.max_images();
-    let capped = stopped || files.len() > cap;
+    let images = files.len();
     files.truncate(cap);
     let blobs = Array::new();
     let mut paths = Vec::with_capacity(files.len());
@@ -151,16 +151,35 @@ fn send_files(
             if skipped == 1 { "file is" } else { "files are" }
         ));
     }
-    if capped {
-        notes.push(format!(
-            "Stopped reading at {cap} images, the most a run keeps; the rest of the selection is left out."
-        ));
+    if let Some(note) = capped_note(images, cap, total, stopped) {
+        notes.push(note);
     }
     state.update(|s| {
         s.loading = Some((0, paths.len() as u32));
         s.message = (!notes.is_empty()).then(|| notes.join(" "));
     });
     send_distil(ToWorker::DistilImages { paths, target }, Some(blobs));
+}
+
+/// What the page says when a selection was cut short: at `cap` images, or, when a folder
+/// walk stopped among many other files before reaching the cap, after `listed` files.
+pub(crate) fn capped_note(
+    images: usize,
+    cap: usize,
+    listed: usize,
+    stopped: bool,
+) -> Option<String> {
+    if images > cap || (stopped && images >= cap) {
+        Some(format!(
+            "Stopped reading at {cap} images, the most a run keeps; the rest of the selection is left out."
+        ))
+    } else if stopped {
+        Some(format!(
+            "Stopped reading the folder after {listed} files ({images} of them images): it holds mostly other files; the rest is left out."
+        ))
+    } else {
+        None
+    }
 }
 
 /// A file input's files, each with its path inside a picked folder (else its name).

@@ -15,7 +15,7 @@ use wasm_bindgen_futures::JsFuture;
 use web_sys::Blob;
 
 use crate::app::{cancel_long_job, draw_rgb, send_user_model};
-use crate::distil_panel::{files_of_input, is_image_name};
+use crate::distil_panel::{capped_note, files_of_input, is_image_name};
 use crate::lab_panel::{WeightHistograms, speed_change};
 use compresslab_spec::messages::{
     FromWorker, ToWorker, UserClassification, UserCompressReport, UserModelInfo,
@@ -150,6 +150,8 @@ pub fn take_files(state: RwSignal<UserModelState>, files: Vec<(String, Blob)>, s
     let spec = state.with_untracked(|s| s.spec);
     let mut images = 0;
     let mut skipped = 0;
+    let mut past_cap = 0;
+    let listed = files.len();
     for (path, blob) in files {
         let mut parts = path.rsplit('/');
         let name = parts.next().unwrap_or_default().to_string();
@@ -207,7 +209,7 @@ pub fn take_files(state: RwSignal<UserModelState>, files: Vec<(String, Blob)>, s
                 return;
             }
             if images == MAX_IMAGES_PER_DROP {
-                skipped += 1;
+                past_cap += 1;
                 continue;
             }
             images += 1;
@@ -240,14 +242,13 @@ pub fn take_files(state: RwSignal<UserModelState>, files: Vec<(String, Blob)>, s
     let mut notes = Vec::new();
     if skipped > 0 {
         notes.push(format!(
-            "{skipped} {} not an image by its name (or past {MAX_IMAGES_PER_DROP} images), left out.",
+            "{skipped} {} not an image by its name, left out.",
             if skipped == 1 { "file is" } else { "files are" }
         ));
     }
-    if stopped {
-        notes.push(format!(
-            "Stopped reading the folder at {MAX_IMAGES_PER_DROP} images; the rest is left out."
-        ));
+    let cap = MAX_IMAGES_PER_DROP as usize;
+    if let Some(note) = capped_note(images as usize + past_cap, cap, listed, stopped) {
+        notes.push(note);
     }
     state.update(|s| s.notice = (!notes.is_empty()).then(|| notes.join(" ")));
 }
