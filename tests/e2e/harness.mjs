@@ -31,9 +31,11 @@ async function freePort() {
   });
 }
 
-export async function serveSite() {
+/** Serves dist/ with the cross-origin isolation headers (`{ isolated: false }`: without). */
+export async function serveSite({ isolated = true } = {}) {
   const port = await freePort();
-  const proc = spawn('python3', [path.join(ROOT, 'scripts/serve.py'), path.join(ROOT, 'dist'), String(port)], {
+  const flags = isolated ? [] : ['--no-isolation'];
+  const proc = spawn('python3', [path.join(ROOT, 'scripts/serve.py'), path.join(ROOT, 'dist'), String(port), ...flags], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   await new Promise((resolve, reject) => {

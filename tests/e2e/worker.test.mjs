@@ -98,9 +98,10 @@ test('a panic keeps WebGPU, a lost device moves to the CPU, a trap resets the la
 });
 
 /** Clicks `button` inside the page; milliseconds until `target`'s data-state is `state`. */
+/** Clicks `button`, then ms until `target`'s state is `state` or `done` (the job ended anyway). */
 async function msUntil(page, button, target, state) {
   return page.evaluate(([button, target, state]) => new Promise((resolve) => {
-    const finished = () => document.querySelector(target)?.dataset.state === state;
+    const finished = () => [state, 'done'].includes(document.querySelector(target)?.dataset.state);
     const start = performance.now();
     const observer = new MutationObserver(() => {
       if (finished()) { observer.disconnect(); resolve(performance.now() - start); }
@@ -159,5 +160,51 @@ test('one long job at a time, and Cancel stops it within a second on the CPU', {
     throw e;
   } finally {
     await browser.close();
+  }
+});
+
+test('without cross-origin isolation (a plain static host), Cancel still stops timing within a second on the CPU', { timeout: 900_000 }, async () => {
+  // No shared counter: the page's Cancel is a message, read when the job yields.
+  const plain = await serveSite({ isolated: false });
+  const { browser, page, logs } = await launch(NO_WEBGPU_FLAGS);
+  try {
+    await page.goto(plain.url);
+    assert.equal(await waitReady(page), 'cpu', logs.join('\n'));
+    assert.equal(await page.evaluate(() => crossOriginIsolated), false);
+    assert.ok(!(await classify(page, 'coffee.png')).error);
+
+    await page.fill('#bench-runs', '100');
+    await page.dispatchEvent('#bench-runs', 'change');
+    await page.click('#device-report-run');
+    await page.waitForFunction(() => /Timing/.test(document.querySelector('#bench-result')?.innerText ?? ''),
+      null, { timeout: 120_000, polling: 10 });
+    const reportMs = await msUntil(page, '#bench-cancel', '#bench-result', 'failed');
+    assert.match(await page.innerText('#bench-result'), /Cancelled\./);
+
+    // An Apply cancelled in its timing runs (compression itself is synchronous engine code:
+    // without the shared counter a cancel there waits for its end).
+    await page.fill('#lab-runs', '200');
+    await page.dispatchEvent('#lab-runs', 'change');
+    await page.click('button[data-preset="int8-channel"]');
+    await page.click('#lab-apply');
+    await page.waitForFunction(() => /Timing/.test(document.querySelector('#lab-state')?.innerText ?? ''),
+      null, { timeout: 300_000, polling: 10 });
+    const applyMs = await msUntil(page, '#lab-cancel', '#lab-state', 'failed');
+    assert.match(await page.innerText('#lab-error'), /^Cancelled\.$/);
+    console.log(`without isolation, cancel took ${reportMs.toFixed(0)} ms (device report) and ${applyMs.toFixed(0)} ms (Apply, timing)`);
+    assert.ok(reportMs < 1000 && applyMs < 1000, `cancel took ${reportMs} and ${applyMs} ms`);
+
+    // The worker is free again.
+    await page.fill('#lab-runs', '2');
+    await page.dispatchEvent('#lab-runs', 'change');
+    await page.click('#lab-apply');
+    await page.waitForSelector('#lab-state[data-state="done"], #lab-state[data-state="failed"]', { timeout: 600_000 });
+    assert.equal(await page.getAttribute('#lab-state', 'data-state'), 'done', await page.innerText('#lab-state'));
+  } catch (e) {
+    console.log(logs.join('\n'));
+    throw e;
+  } finally {
+    await browser.close();
+    plain.close();
   }
 });

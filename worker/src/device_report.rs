@@ -204,7 +204,7 @@ pub async fn run(loaded: Rc<Loaded>, runs: u32) -> WorkerResult<()> {
                 format!("Building {name} on {on}"),
                 share(0.3 * i as f32 / models.len() as f32),
             );
-            crate::cancel::check()?;
+            crate::cancel::checkpoint().await?;
             let classifier = match (device, original) {
                 (Some(d), true) => ImageClassifier::new(&loaded.store, labels.clone(), d)?,
                 (Some(d), false) => ImageClassifier::new_compressed(
@@ -247,7 +247,7 @@ pub async fn run(loaded: Rc<Loaded>, runs: u32) -> WorkerResult<()> {
                 format!("Timing on {on}: run {} of {runs}", r + 1),
                 share(0.3 + 0.7 * r as f32 / runs as f32),
             );
-            crate::cancel::check()?;
+            crate::cancel::checkpoint().await?;
             for b in built.iter_mut() {
                 let start = now();
                 b.runnable.run(&input).await?;

@@ -622,7 +622,7 @@ pub async fn bench_photo(loaded: Rc<Loaded>, batch: u32, steps: u32) -> WorkerRe
     loaded.original_logits(&input).await?;
     let start = now();
     for _ in 0..steps {
-        crate::cancel::check()?;
+        crate::cancel::checkpoint().await?;
         loaded.classifier.logits(&input).await?;
     }
     let inference_images_per_s = steps as f64 / ((now() - start) / 1000.0).max(1e-9);
@@ -650,13 +650,13 @@ pub async fn bench_photo(loaded: Rc<Loaded>, batch: u32, steps: u32) -> WorkerRe
         &device.autodiff(),
     )?;
     let labels = vec![None; batch];
-    crate::cancel::check()?;
+    crate::cancel::checkpoint().await?;
     let t0 = now();
     run.step(batch_of(), &labels).await?;
     let first_step_ms = now() - t0;
     let start = now();
     for _ in 0..steps {
-        crate::cancel::check()?;
+        crate::cancel::checkpoint().await?;
         run.step(batch_of(), &labels).await?;
     }
     let training_images_per_s = (batch * steps) as f64 / ((now() - start) / 1000.0).max(1e-9);

@@ -182,7 +182,7 @@ pub(crate) async fn time_side_by_side(
     let mut original_times = Vec::with_capacity(runs as usize);
     let mut variant_times = Vec::with_capacity(runs as usize);
     for run in 0..runs {
-        crate::cancel::check()?;
+        crate::cancel::checkpoint().await?;
         let order = if run % 2 == 0 {
             [
                 (original, &mut original_times),
@@ -368,7 +368,7 @@ pub async fn measure(
             &format!("Comparing with the original ({}/{})", i + 1, eval.len()),
             0.8 + 0.15 * i as f32 / eval.len().max(1) as f32,
         );
-        crate::cancel::check()?;
+        crate::cancel::checkpoint().await?;
         let logits = variant.logits(&e.input()).await?;
         let (same, kl) = agreement(&e.logits, &logits);
         agree += same as usize;

@@ -696,7 +696,7 @@ async fn report(
         },
     );
     for kept in &held_out {
-        crate::cancel::check()?;
+        crate::cancel::checkpoint().await?;
         let a = argmax(&m.original.run(&kept.input).await?);
         let b = argmax(&variant.runner.run(&kept.input).await?);
         same += usize::from(a == b);
@@ -718,7 +718,7 @@ async fn report(
             if done >= 3 && now() - started > TIMING_BUDGET_MS {
                 break;
             }
-            crate::cancel::check()?;
+            crate::cancel::checkpoint().await?;
             let t = now();
             m.original.run(input).await?;
             times.0.push(now() - t);

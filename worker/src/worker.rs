@@ -805,7 +805,7 @@ async fn benchmark(runs: u32) -> WorkerResult<()> {
     loaded.original_logits(&input).await?;
     let mut times = Vec::with_capacity(runs as usize);
     for _ in 0..runs {
-        crate::cancel::check()?;
+        crate::cancel::checkpoint().await?;
         let start = now();
         loaded.classifier.logits(&input).await?;
         times.push(now() - start);
