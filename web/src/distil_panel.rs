@@ -151,7 +151,7 @@ fn send_files(
             if skipped == 1 { "file is" } else { "files are" }
         ));
     }
-    if let Some(note) = capped_note(images, cap, total, stopped) {
+    if let Some(note) = capped_note(images, cap, "the most a run keeps", total, stopped) {
         notes.push(note);
     }
     state.update(|s| {
@@ -161,17 +161,19 @@ fn send_files(
     send_distil(ToWorker::DistilImages { paths, target }, Some(blobs));
 }
 
-/// What the page says when a selection was cut short: at `cap` images, or, when a folder
-/// walk stopped among many other files before reaching the cap, after `listed` files.
+/// What the page says when a selection was cut short: at `cap` images (`why`: what the cap
+/// is, e.g. "the most a run keeps"), or, when a folder walk stopped among many other files
+/// before reaching the cap, after `listed` files.
 pub(crate) fn capped_note(
     images: usize,
     cap: usize,
+    why: &str,
     listed: usize,
     stopped: bool,
 ) -> Option<String> {
     if images > cap || (stopped && images >= cap) {
         Some(format!(
-            "Stopped reading at {cap} images, the most a run keeps; the rest of the selection is left out."
+            "Stopped reading at {cap} images, {why}; the rest of the selection is left out."
         ))
     } else if stopped {
         Some(format!(

@@ -247,7 +247,13 @@ pub fn take_files(state: RwSignal<UserModelState>, files: Vec<(String, Blob)>, s
         ));
     }
     let cap = MAX_IMAGES_PER_DROP as usize;
-    if let Some(note) = capped_note(images as usize + past_cap, cap, listed, stopped) {
+    if let Some(note) = capped_note(
+        images as usize + past_cap,
+        cap,
+        "the most one drop classifies",
+        listed,
+        stopped,
+    ) {
         notes.push(note);
     }
     state.update(|s| s.notice = (!notes.is_empty()).then(|| notes.join(" ")));
