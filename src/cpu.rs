@@ -13,7 +13,7 @@ use crate::compress::{ActivationParams, CompressedLayer, CompressedModel};
 use crate::efficientnet::{block_strides, folded_conv};
 use crate::error::{EngineError, Result};
 use crate::int4_cpu::Int4Weights;
-use crate::int8_cpu::Int8Pointwise;
+use crate::int8_cpu::{DepthwiseGeometry, FusedEpilogue, Int8Depthwise, Int8Pointwise};
 use crate::weights::TensorStore;
 
 /// TF "SAME" padding before the first element, and the output size.
@@ -165,14 +165,12 @@ impl Pointwise {
         residual: Option<&[f32]>,
     ) -> Vec<f32> {
         if let Some(int8) = &self.int8 {
-            return int8.forward(
-                input,
-                pixels,
-                &self.bias,
-                self.relu6,
+            let epilogue = FusedEpilogue {
+                relu6: self.relu6,
                 residual,
-                self.output_grid.as_ref(),
-            );
+                grid: self.output_grid.as_ref(),
+            };
+            return int8.forward(input, pixels, &self.bias, epilogue);
         }
         let quantized;
         let input = match &self.input_quant {
@@ -221,6 +219,9 @@ struct Depthwise {
     /// Packed int4 weights `[channels, k·k]` (weight-only): unpacked for the length of one
     /// run of this layer.
     int4: Option<Int4Weights>,
+    /// int8 weights for int8 inputs: the layer runs on [`Int8Depthwise`] (which quantizes
+    /// its input itself).
+    int8: Option<Int8Depthwise>,
     bias: Vec<f32>,
     input_quant: Option<ActivationParams>,
     /// Whether the layer before already put the input on `input_quant`'s grid.
@@ -228,7 +229,56 @@ struct Depthwise {
 }
 
 impl Depthwise {
-    fn forward(&self, input: &[f32], h: usize, w: usize) -> (Vec<f32>, usize, usize) {
+    fn geometry(&self, h: usize, w: usize) -> DepthwiseGeometry {
+        let (k, stride) = (self.kernel, self.stride);
+        let (pad_y, oh) = same_padding(h, k, stride);
+        let (pad_x, ow) = same_padding(w, k, stride);
+        DepthwiseGeometry {
+            input: [h, w],
+            output: [oh, ow],
+            kernel: [k, k],
+            strides: [stride, stride],
+            dilations: [1, 1],
+            leading_pads: [pad_y, pad_x],
+        }
+    }
+
+    const RELU6: FusedEpilogue<'static> = FusedEpilogue {
+        relu6: true,
+        residual: None,
+        grid: None,
+    };
+
+    /// `expand` then this layer, both on int8 kernels, the expansion writing its outputs
+    /// quantized straight into this layer's input (no float tensor in between); `None`
+    /// when either runs in float.
+    fn forward_after(
+        &self,
+        expand: &Pointwise,
+        input: &[f32],
+        h: usize,
+        w: usize,
+    ) -> Result<Option<(Vec<f32>, usize, usize)>> {
+        let (Some(dw), Some(e)) = (&self.int8, &expand.int8) else {
+            return Ok(None);
+        };
+        let geometry = self.geometry(h, w);
+        let mut expanded = dw.input_for(&geometry)?;
+        e.forward_centred(input, h * w, &expand.bias, expand.relu6, &mut expanded);
+        let out = dw.run(&expanded, &geometry, &self.bias, Self::RELU6)?;
+        let [oh, ow] = geometry.output;
+        Ok(Some((out, oh, ow)))
+    }
+
+    fn forward(&self, input: &[f32], h: usize, w: usize) -> Result<(Vec<f32>, usize, usize)> {
+        let geometry = self.geometry(h, w);
+        let [pad_y, pad_x] = geometry.leading_pads;
+        let [oh, ow] = geometry.output;
+        if let Some(int8) = &self.int8 {
+            let out = int8.forward(input, 1, &geometry, &self.bias, Self::RELU6)?;
+            return Ok((out, oh, ow));
+        }
+        let k = self.kernel;
         let quantized;
         let input = match &self.input_quant {
             Some(q) if !self.input_on_grid => {
@@ -238,7 +288,6 @@ impl Depthwise {
             _ => input,
         };
         let c = self.channels;
-        let k = self.kernel;
         let unpacked;
         let weight = match &self.int4 {
             Some(packed) => {
@@ -247,8 +296,6 @@ impl Depthwise {
             }
             None => &self.weight[..],
         };
-        let (pad_y, oh) = same_padding(h, k, self.stride);
-        let (pad_x, ow) = same_padding(w, k, self.stride);
         let mut out = vec![0f32; oh * ow * c];
         for oy in 0..oh {
             for ox in 0..ow {
@@ -271,7 +318,7 @@ impl Depthwise {
                 acc.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
             }
         }
-        (out, oh, ow)
+        Ok((out, oh, ow))
     }
 }
 
@@ -326,6 +373,9 @@ impl Stem {
         (self.as_pointwise.forward(&cols, oh * ow, None), oh, ow)
     }
 }
+
+/// Sees each weight layer's input (channels-last) with the layer's index.
+type LayerObserver<'a> = dyn FnMut(usize, &[f32]) + 'a;
 
 /// EfficientNet-Lite on the CPU, from the same lukemelas-named weights as the burn model.
 pub struct CpuEfficientNet {
@@ -413,6 +463,7 @@ impl CpuEfficientNet {
                 stride,
                 weight: tap_major(&w, channels, k * k),
                 int4: None,
+                int8: None,
                 bias,
                 input_quant: None,
                 input_on_grid: false,
@@ -473,12 +524,16 @@ impl CpuEfficientNet {
             if let (true, Some(q)) = (integer_kernels, &layer.weights) {
                 let taps = dw.kernel * dw.kernel;
                 dw.int4 = Int4Weights::new(q, taps, dw.channels);
-                if dw.int4.is_some() {
+                if let Some(grid) = &dw.input_quant {
+                    dw.int8 = Int8Depthwise::new(q, grid, dw.channels, [dw.kernel, dw.kernel])?;
+                }
+                if dw.int4.is_some() || dw.int8.is_some() {
                     dw.weight = Vec::new();
                 }
             }
-            if let Some(e) = &mut block.expand {
-                // The expansion writes the depthwise's input already quantized.
+            if let (Some(e), None) = (&mut block.expand, &block.depthwise.int8) {
+                // The expansion writes the depthwise's input already quantized (the int8
+                // kernel quantizes its input itself, as it copies it).
                 e.output_grid = block.depthwise.input_quant;
                 block.depthwise.input_on_grid = true;
             }
@@ -496,9 +551,14 @@ impl CpuEfficientNet {
             .chain([&self.head, &self.classifier])
     }
 
-    /// How many layers run on the int8 kernel.
+    /// How many layers run on the int8 kernels.
     pub fn int8_layers(&self) -> usize {
         self.pointwise_layers().filter(|p| p.is_integer()).count()
+            + self
+                .blocks
+                .iter()
+                .filter(|b| b.depthwise.int8.is_some())
+                .count()
     }
 
     /// How many layers compute from packed int4 weights.
@@ -521,6 +581,7 @@ impl CpuEfficientNet {
                 let dw = &b.depthwise;
                 4 * (dw.weight.len() + dw.bias.len())
                     + dw.int4.as_ref().map_or(0, Int4Weights::weight_bytes)
+                    + dw.int8.as_ref().map_or(0, Int8Depthwise::weight_bytes)
             })
             .sum();
         self.stem.as_pointwise.weight_bytes()
@@ -533,7 +594,7 @@ impl CpuEfficientNet {
 
     /// Logits for one NCHW image `[3, h, w]` (the engine's preprocessed input).
     pub fn forward(&self, nchw: &[f32], h: usize, w: usize) -> Result<Vec<f32>> {
-        self.forward_observed(nchw, h, w, &mut |_, _| {})
+        self.run(nchw, h, w, None)
     }
 
     /// [`Self::forward`], showing every weight layer's input (channels-last) to `observe`
@@ -544,6 +605,18 @@ impl CpuEfficientNet {
         h: usize,
         w: usize,
         observe: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<Vec<f32>> {
+        self.run(nchw, h, w, Some(observe))
+    }
+
+    /// With an observer every layer's input exists as floats; without one, an int8
+    /// expansion writes its output straight into an int8 depthwise layer's input.
+    fn run(
+        &self,
+        nchw: &[f32],
+        h: usize,
+        w: usize,
+        mut observe: Option<&mut LayerObserver>,
     ) -> Result<Vec<f32>> {
         let c = self.stem.cin;
         if nchw.len() != c * h * w {
@@ -559,23 +632,35 @@ impl CpuEfficientNet {
                 *v = nchw[ch * plane + i];
             }
         }
+        let observing = observe.is_some();
         let mut layer = 0;
         let mut seen = |x: &[f32]| {
-            observe(layer, x);
+            if let Some(observe) = observe.as_mut() {
+                observe(layer, x);
+            }
             layer += 1;
         };
         seen(&nhwc);
         let (mut x, mut h, mut w) = self.stem.forward(&nhwc, h, w);
         for block in &self.blocks {
-            let expanded = match &block.expand {
-                Some(e) => {
-                    seen(&x);
-                    e.forward(&x, h * w, None)
-                }
-                None => x.clone(),
+            let fused = match (&block.expand, observing) {
+                (Some(e), false) => block.depthwise.forward_after(e, &x, h, w)?,
+                _ => None,
             };
-            seen(&expanded);
-            let (d, oh, ow) = block.depthwise.forward(&expanded, h, w);
+            let (d, oh, ow) = match fused {
+                Some(done) => done,
+                None => {
+                    let expanded = match &block.expand {
+                        Some(e) => {
+                            seen(&x);
+                            e.forward(&x, h * w, None)
+                        }
+                        None => x.clone(),
+                    };
+                    seen(&expanded);
+                    block.depthwise.forward(&expanded, h, w)?
+                }
+            };
             let residual = block.skip.then_some(x.as_slice());
             seen(&d);
             x = block.project.forward(&d, oh * ow, residual);

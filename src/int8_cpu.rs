@@ -12,9 +12,40 @@
 //! asks for it) runs on the accumulators while they are in registers:
 //! y = Σ_groups s_in · s_w · Σ_k (q_in − zp_in)(q_w − zp_w) + bias.
 
+mod depthwise;
+
+pub(crate) use depthwise::{DepthwiseGeometry, DepthwiseInput, Int8Depthwise};
+
 use crate::compress::ActivationParams;
 use crate::error::{EngineError, Result};
 use crate::quant::{Granularity, QuantizedTensor};
+
+/// What an integer kernel applies to its sums as it writes them, after scale and bias:
+/// ReLU6, then a residual (spanning the whole output), then the next layer's grid (its
+/// fake quantization fused here saves that layer a pass).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct FusedEpilogue<'a> {
+    pub relu6: bool,
+    pub residual: Option<&'a [f32]>,
+    pub grid: Option<&'a ActivationParams>,
+}
+
+impl FusedEpilogue<'_> {
+    /// Writes `values` (ReLU6 already applied) to `out`, which starts at `at` of the whole
+    /// output: the residual added, then fake-quantized.
+    #[inline(always)]
+    fn write_tail(&self, values: &[f32], out: &mut [f32], at: usize) {
+        out.copy_from_slice(values);
+        if let Some(res) = self.residual {
+            out.iter_mut()
+                .zip(&res[at..at + values.len()])
+                .for_each(|(v, r)| *v += r);
+        }
+        if let Some(grid) = self.grid {
+            out.iter_mut().for_each(|v| *v = grid.fake_quantize(*v));
+        }
+    }
+}
 
 /// Output channels per weight panel (two vectors of four i32 lanes).
 const PANEL: usize = 8;
@@ -108,13 +139,66 @@ impl Int8Pointwise {
         input: &[f32],
         pixels: usize,
         bias: &[f32],
-        relu6: bool,
-        residual: Option<&[f32]>,
-        output_grid: Option<&ActivationParams>,
+        epilogue: FusedEpilogue,
     ) -> Vec<f32> {
+        let cout = self.cout;
+        assert!(epilogue.residual.is_none_or(|r| r.len() == pixels * cout));
+        let mut out = vec![0f32; pixels * cout];
+        self.each_tile(input, pixels, bias, epilogue.relu6, |tile, rows, p, n| {
+            let at = p * cout + tile.o0;
+            let dst = Dst {
+                out: &mut out[at..],
+                at,
+                stride: cout,
+                width: PANEL.min(cout - tile.o0),
+                epilogue,
+            };
+            run_tile(n, tile, rows, dst);
+        });
+        out
+    }
+
+    /// The outputs quantized to the depthwise layer's input grid, written straight into
+    /// its bordered input (`pixels` = that input's rows × columns): the next layer's input
+    /// quantization fused into this layer's epilogue, no float output in between.
+    pub(crate) fn forward_centred(
+        &self,
+        input: &[f32],
+        pixels: usize,
+        bias: &[f32],
+        relu6: bool,
+        target: &mut DepthwiseInput,
+    ) {
+        let cout = self.cout;
+        let mut tile_out = [0f32; PIXELS * PANEL];
+        self.each_tile(input, pixels, bias, relu6, |tile, rows, p, n| {
+            let dst = Dst {
+                out: &mut tile_out,
+                at: 0,
+                stride: PANEL,
+                width: PANEL,
+                epilogue: FusedEpilogue::default(),
+            };
+            run_tile(n, tile, rows, dst);
+            let width = PANEL.min(cout - tile.o0);
+            for (i, row) in tile_out.chunks_exact(PANEL).take(n).enumerate() {
+                target.write(p + i, tile.o0, &row[..width]);
+            }
+        });
+    }
+
+    /// Quantizes the input, then hands every tile (a panel of 8 outputs × up to 4 pixels,
+    /// from pixel `p`) to `sink` with the input rows from `p` on.
+    fn each_tile(
+        &self,
+        input: &[f32],
+        pixels: usize,
+        bias: &[f32],
+        relu6: bool,
+        mut sink: impl FnMut(&Tile, &[i32], usize, usize),
+    ) {
         let (cin, cout, pairs) = (self.cin, self.cout, self.pairs);
         assert!(input.len() == pixels * cin && bias.len() == cout);
-        assert!(residual.is_none_or(|r| r.len() == pixels * cout));
         // Quantize (and centre) the input once, two values per i32 (first in the low half).
         let mut rows = vec![0i32; pixels * pairs];
         let pack = |lo: i32, hi: i32| (lo & 0xffff) | (hi << 16);
@@ -130,7 +214,6 @@ impl Int8Pointwise {
         let padded = cout.div_ceil(PANEL) * PANEL;
         let mut bias_padded = bias.to_vec();
         bias_padded.resize(padded, 0.0);
-        let mut out = vec![0f32; pixels * cout];
         let chunk = (ROWS_BYTES / (4 * pairs.max(1))).max(PIXELS) / PIXELS * PIXELS;
         for p0 in (0..pixels).step_by(chunk) {
             let p1 = (p0 + chunk).min(pixels);
@@ -147,55 +230,46 @@ impl Int8Pointwise {
                 let mut p = p0;
                 while p < p1 {
                     let n = (p1 - p).min(PIXELS);
-                    let at = p * cout + o0;
-                    let dst = Dst {
-                        out: &mut out[at..],
-                        residual: residual.map(|r| &r[at..]),
-                        stride: cout,
-                        width: PANEL.min(cout - o0),
-                        grid: output_grid,
-                    };
-                    let rows = &rows[p * pairs..];
-                    match n {
-                        4 => lanes::run::<4>(&tile, rows, dst),
-                        3 => lanes::run::<3>(&tile, rows, dst),
-                        2 => lanes::run::<2>(&tile, rows, dst),
-                        _ => lanes::run::<1>(&tile, rows, dst),
-                    }
+                    sink(&tile, &rows[p * pairs..], p, n);
                     p += n;
                 }
             }
         }
-        out
     }
 }
 
-/// Where a tile's results go: rows `stride` apart from the start of `out`, `width` (≤ 8)
-/// outputs each, plus the same place in `residual`; and the grid the next layer quantizes
-/// them to, if any (its fake quantization fused here saves that layer a pass).
+/// One tile of `n` (1–4) pixels.
+fn run_tile(n: usize, tile: &Tile, rows: &[i32], dst: Dst) {
+    match n {
+        4 => lanes::run::<4>(tile, rows, dst),
+        3 => lanes::run::<3>(tile, rows, dst),
+        2 => lanes::run::<2>(tile, rows, dst),
+        _ => lanes::run::<1>(tile, rows, dst),
+    }
+}
+
+/// Where a tile's results go: rows `stride` apart from the start of `out`, which is `at`
+/// of the whole output, `width` (≤ 8) outputs each; and what is fused into the writes.
 struct Dst<'a> {
     out: &'a mut [f32],
-    residual: Option<&'a [f32]>,
+    at: usize,
     stride: usize,
     width: usize,
-    grid: Option<&'a ActivationParams>,
+    epilogue: FusedEpilogue<'a>,
 }
 
 impl Dst<'_> {
-    /// Writes row `i` of a tile (residual added, then fake-quantized).
+    /// Writes row `i` of a tile (ReLU6 already applied; residual added, then
+    /// fake-quantized).
     #[inline(always)]
-    fn write(&mut self, i: usize, mut values: [f32; PANEL]) {
+    fn write(&mut self, i: usize, values: [f32; PANEL]) {
         let at = i * self.stride;
-        if let Some(res) = self.residual {
-            values
-                .iter_mut()
-                .zip(&res[at..at + self.width])
-                .for_each(|(v, r)| *v += r);
-        }
-        if let Some(grid) = self.grid {
-            values.iter_mut().for_each(|v| *v = grid.fake_quantize(*v));
-        }
-        self.out[at..at + self.width].copy_from_slice(&values[..self.width]);
+        let width = self.width;
+        self.epilogue.write_tail(
+            &values[..width],
+            &mut self.out[at..at + width],
+            self.at + at,
+        );
     }
 }
 
@@ -236,18 +310,18 @@ mod lanes {
     use core::arch::x86_64::*;
 
     #[cfg(target_arch = "wasm32")]
-    type I = v128;
+    pub(super) type I = v128;
     #[cfg(target_arch = "wasm32")]
-    type F = v128;
+    pub(super) type F = v128;
     #[cfg(target_arch = "x86_64")]
-    type I = __m128i;
+    pub(super) type I = __m128i;
     #[cfg(target_arch = "x86_64")]
-    type F = __m128;
+    pub(super) type F = __m128;
 
     // SAFETY (every x86 intrinsic below): SSE2 is part of the x86-64 baseline, and none
     // of these touches memory.
     #[inline(always)]
-    fn zero() -> I {
+    pub(super) fn zero() -> I {
         #[cfg(target_arch = "wasm32")]
         return i32x4_splat(0);
         #[cfg(target_arch = "x86_64")]
@@ -256,11 +330,24 @@ mod lanes {
 
     /// acc + pairwise products of i16 lanes (`i32x4.dot_i16x8_s` / `pmaddwd`).
     #[inline(always)]
-    fn dot_add(acc: I, a: I, b: I) -> I {
+    pub(super) fn dot_add(acc: I, a: I, b: I) -> I {
         #[cfg(target_arch = "wasm32")]
         return i32x4_add(acc, i32x4_dot_i16x8(a, b));
         #[cfg(target_arch = "x86_64")]
         return unsafe { _mm_add_epi32(acc, _mm_madd_epi16(a, b)) };
+    }
+
+    /// The i16 lanes of `a` and `b` interleaved: (a0, b0, a1, b1, a2, b2, a3, b3) and the
+    /// same of lanes 4–7 (`punpcklwd` / `punpckhwd`).
+    #[inline(always)]
+    pub(super) fn interleave_i16(a: I, b: I) -> (I, I) {
+        #[cfg(target_arch = "wasm32")]
+        return (
+            i16x8_shuffle::<0, 8, 1, 9, 2, 10, 3, 11>(a, b),
+            i16x8_shuffle::<4, 12, 5, 13, 6, 14, 7, 15>(a, b),
+        );
+        #[cfg(target_arch = "x86_64")]
+        return unsafe { (_mm_unpacklo_epi16(a, b), _mm_unpackhi_epi16(a, b)) };
     }
 
     /// # Safety
@@ -275,7 +362,7 @@ mod lanes {
     }
 
     #[inline(always)]
-    fn fsplat(x: f32) -> F {
+    pub(super) fn fsplat(x: f32) -> F {
         #[cfg(target_arch = "wasm32")]
         return f32x4_splat(x);
         #[cfg(target_arch = "x86_64")]
@@ -284,7 +371,7 @@ mod lanes {
 
     /// acc + f32(v) · scale.
     #[inline(always)]
-    fn scale_add(acc: F, v: I, scale: F) -> F {
+    pub(super) fn scale_add(acc: F, v: I, scale: F) -> F {
         #[cfg(target_arch = "wasm32")]
         return f32x4_add(acc, f32x4_mul(f32x4_convert_i32x4(v), scale));
         #[cfg(target_arch = "x86_64")]
@@ -292,7 +379,7 @@ mod lanes {
     }
 
     #[inline(always)]
-    fn clamp(v: F, lo: F, hi: F) -> F {
+    pub(super) fn clamp(v: F, lo: F, hi: F) -> F {
         #[cfg(target_arch = "wasm32")]
         return f32x4_pmin(f32x4_pmax(v, lo), hi);
         #[cfg(target_arch = "x86_64")]
@@ -302,7 +389,7 @@ mod lanes {
     /// # Safety
     /// `p` points at 8 readable i16.
     #[inline(always)]
-    unsafe fn load_i16(p: *const i16) -> I {
+    pub(super) unsafe fn load_i16(p: *const i16) -> I {
         // SAFETY: the caller's contract; neither load needs alignment.
         #[cfg(target_arch = "wasm32")]
         return unsafe { v128_load(p as *const v128) };
@@ -312,7 +399,7 @@ mod lanes {
 
     /// Loads 4 f32 from a slice holding at least that many.
     #[inline(always)]
-    fn load_f32(s: &[f32]) -> F {
+    pub(super) fn load_f32(s: &[f32]) -> F {
         assert!(s.len() >= 4);
         // SAFETY: 4 readable f32 (asserted); neither load needs alignment.
         #[cfg(target_arch = "wasm32")]
@@ -322,13 +409,13 @@ mod lanes {
     }
 
     #[inline(always)]
-    fn to_array(v: F) -> [f32; 4] {
+    pub(super) fn to_array(v: F) -> [f32; 4] {
         // SAFETY: both vector types have the size and bit layout of four f32.
         unsafe { std::mem::transmute::<F, [f32; 4]>(v) }
     }
 
     #[inline(always)]
-    fn store_f32(s: &mut [f32], v: F) {
+    pub(super) fn store_f32(s: &mut [f32], v: F) {
         assert!(s.len() >= 4);
         // SAFETY: 4 writable f32 (asserted); neither store needs alignment.
         #[cfg(target_arch = "wasm32")]
@@ -344,7 +431,7 @@ mod lanes {
     /// [`ActivationParams::fake_quantize`] on four lanes (the same rounding: clamp to the
     /// integer bounds, then add and subtract 1.5·2²³).
     #[inline(always)]
-    fn fake_quantize(v: F, grid: &ActivationParams) -> F {
+    pub(super) fn fake_quantize(v: F, grid: &ActivationParams) -> F {
         const MAGIC: f32 = 12_582_912.0;
         let lo = fsplat((grid.qmin - grid.zero_point) as f32);
         let hi = fsplat((grid.qmax - grid.zero_point) as f32);
@@ -366,8 +453,54 @@ mod lanes {
         };
     }
 
+    /// [`ActivationParams::centred`] on eight lanes, narrowed to i16 (the same arithmetic:
+    /// divide, NaN → 0, clamp to the integer bounds, round by adding 1.5·2²³).
     #[inline(always)]
-    fn fadd(a: F, b: F) -> F {
+    pub(super) fn centred_i16(a: F, b: F, grid: &ActivationParams) -> I {
+        const MAGIC: f32 = 12_582_912.0;
+        let lo = fsplat((grid.qmin - grid.zero_point) as f32);
+        let hi = fsplat((grid.qmax - grid.zero_point) as f32);
+        let (scale, magic) = (fsplat(grid.scale), fsplat(MAGIC));
+        #[cfg(target_arch = "wasm32")]
+        {
+            let centre = |v: F| {
+                let v = f32x4_div(v, scale);
+                let v = clamp(v128_and(v, f32x4_eq(v, v)), lo, hi);
+                i32x4_sub(f32x4_add(v, magic), i32x4_splat(MAGIC.to_bits() as i32))
+            };
+            i16x8_narrow_i32x4(centre(a), centre(b))
+        }
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            let centre = |v: F| {
+                let v = _mm_div_ps(v, scale);
+                let v = clamp(_mm_and_ps(v, _mm_cmpeq_ps(v, v)), lo, hi);
+                _mm_sub_epi32(
+                    _mm_castps_si128(_mm_add_ps(v, magic)),
+                    _mm_set1_epi32(MAGIC.to_bits() as i32),
+                )
+            };
+            _mm_packs_epi32(centre(a), centre(b))
+        }
+    }
+
+    /// # Safety
+    /// `p` points at 8 writable i16.
+    #[inline(always)]
+    pub(super) unsafe fn store_i16(p: *mut i16, v: I) {
+        // SAFETY: the caller's contract; neither store needs alignment.
+        #[cfg(target_arch = "wasm32")]
+        unsafe {
+            v128_store(p as *mut v128, v)
+        };
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            _mm_storeu_si128(p as *mut __m128i, v)
+        };
+    }
+
+    #[inline(always)]
+    pub(super) fn fadd(a: F, b: F) -> F {
         #[cfg(target_arch = "wasm32")]
         return f32x4_add(a, b);
         #[cfg(target_arch = "x86_64")]
@@ -419,14 +552,17 @@ mod lanes {
                 );
                 continue;
             }
-            let (mut lo, mut hi) = match dst.residual {
-                Some(res) => (
-                    fadd(lo, load_f32(&res[at..at + 4])),
-                    fadd(hi, load_f32(&res[at + 4..at + 8])),
-                ),
+            let (mut lo, mut hi) = match dst.epilogue.residual {
+                Some(res) => {
+                    let from = dst.at + at;
+                    (
+                        fadd(lo, load_f32(&res[from..from + 4])),
+                        fadd(hi, load_f32(&res[from + 4..from + 8])),
+                    )
+                }
                 None => (lo, hi),
             };
-            if let Some(grid) = dst.grid {
+            if let Some(grid) = dst.epilogue.grid {
                 (lo, hi) = (fake_quantize(lo, grid), fake_quantize(hi, grid));
             }
             store_f32(&mut dst.out[at..at + 4], lo);
@@ -511,14 +647,12 @@ mod tests {
                 let wd = q.dequantize();
                 let kernel = Int8Pointwise::new(&q, &act, cin, cout).unwrap().unwrap();
                 for fused in [false, true] {
-                    let got = kernel.forward(
-                        &x,
-                        pixels,
-                        &bias,
-                        fused,
-                        fused.then_some(&residual[..]),
-                        fused.then_some(&next),
-                    );
+                    let epilogue = FusedEpilogue {
+                        relu6: fused,
+                        residual: fused.then_some(&residual[..]),
+                        grid: fused.then_some(&next),
+                    };
+                    let got = kernel.forward(&x, pixels, &bias, epilogue);
                     for p in 0..pixels {
                         for o in 0..cout {
                             let mut want: f32 = bias[o]

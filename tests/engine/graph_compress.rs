@@ -313,15 +313,25 @@ fn integer_kernels_on_the_graph_compute_what_its_float_form_computes() {
                 "{name} {label}"
             );
             if recipe.activations.is_some() {
-                // Every dense layer (1×1, k×k with one group, Gemm) on the int8 kernel;
-                // grouped and depthwise convolutions have none.
-                let dense = weight_nodes(&compressed.graph)
+                // Every dense layer (1×1, k×k with one group, Gemm) and every depthwise
+                // one on the int8 kernels; other grouped convolutions have none.
+                let g = &compressed.graph;
+                let depthwise = |node: &compresslab::graph::Node| {
+                    let dims = node
+                        .inputs
+                        .get(1)
+                        .and_then(|w| g.constants.get(w))
+                        .map(|c| &c.dims);
+                    matches!(&node.op, Op::Conv(c) if dims.is_some_and(|d| d[0] == c.group && d[1] == 1))
+                };
+                let integer = weight_nodes(g)
                     .into_iter()
-                    .filter(
-                        |&i| !matches!(&compressed.graph.nodes[i].op, Op::Conv(c) if c.group > 1),
-                    )
+                    .filter(|&i| {
+                        let node = &g.nodes[i];
+                        !matches!(&node.op, Op::Conv(c) if c.group > 1) || depthwise(node)
+                    })
                     .count();
-                assert_eq!(used.int8, dense, "{name} {label}: {used:?}");
+                assert_eq!(used.int8, integer, "{name} {label}: {used:?}");
                 assert_eq!(used.int4, 0);
             } else {
                 assert_eq!(used.int4, layers, "{name} {label}");

@@ -139,7 +139,7 @@ impl Runner {
                     used.int4,
                     used.dequantized,
                     "CPU interpreter".to_string(),
-                    "depthwise, grouped, or int8 weights without int8 inputs",
+                    "grouped, a depthwise block smaller than a channel, or int8 weights without int8 inputs",
                 )
             }
         };

@@ -1,9 +1,9 @@
 //! Convolutions on the CPU: 1×1 as one GEMM over pixels, k×k and grouped ones as im2col +
 //! GEMM per group, depthwise ones as direct loops over contiguous channels. A quantized
 //! layer of a compressed graph keeps its integer weights and runs on the engine's integer
-//! kernels: int8 weights with int8 inputs on the int8 dot-product kernel (1×1 directly,
-//! dense k×k after im2col), int4 weights unpacked inside the GEMM a tile at a time (1×1) or
-//! for one run (the others).
+//! kernels: int8 weights with int8 inputs on the int8 dot-product kernels (1×1 directly,
+//! dense k×k after im2col, depthwise on its own kernel), int4 weights unpacked inside the
+//! GEMM a tile at a time (1×1) or for one run (the others).
 
 use super::ops::{apply_unary, gemm_into, tap_range};
 use super::{Value, checked_len, exec_err};
@@ -11,7 +11,7 @@ use crate::compress::ActivationParams;
 use crate::error::Result;
 use crate::graph::{Conv, Node, Op};
 use crate::int4_cpu::Int4Weights;
-use crate::int8_cpu::Int8Pointwise;
+use crate::int8_cpu::{DepthwiseGeometry, FusedEpilogue, Int8Depthwise, Int8Pointwise};
 use crate::quant::{Granularity, QuantizedTensor};
 
 /// A layer's weights as its kernel reads them.
@@ -20,6 +20,8 @@ pub(super) enum Weights {
     Float(Vec<f32>),
     /// int8 weights for int8 inputs: the int8 dot-product kernel.
     Int8(Int8Pointwise),
+    /// int8 depthwise weights for int8 inputs: the int8 depthwise kernel.
+    Int8Depthwise(Int8Depthwise),
     /// int4 weights kept packed, output channel major `[cout, rest]` as in the file.
     Int4(Int4Weights),
 }
@@ -30,6 +32,7 @@ impl Weights {
         match self {
             Weights::Float(w) => 4 * w.len(),
             Weights::Int8(k) => k.weight_bytes(),
+            Weights::Int8Depthwise(k) => k.weight_bytes(),
             Weights::Int4(k) => k.weight_bytes(),
         }
     }
@@ -78,25 +81,29 @@ impl Epilogue {
         }
     }
 
-    /// The same stages as the int8 kernel's own epilogue (ReLU6, the residual, the next
-    /// layer's grid), when they have that form.
-    fn as_int8(&self) -> Option<(bool, bool, Option<ActivationParams>)> {
+    /// The same stages as the int8 kernels' own epilogue (ReLU6, the residual, the next
+    /// layer's grid), when they have that form; `residual` is the residual value's span.
+    fn as_int8<'a>(&'a self, residual: Option<&'a [f32]>) -> Option<FusedEpilogue<'a>> {
         let mut rest = self.stages.as_slice();
         let relu6 = matches!(rest.first(),
             Some(Stage::Unary(Op::Clip { min, max })) if *min == 0.0 && *max == 6.0);
         if relu6 {
             rest = &rest[1..];
         }
-        let residual = matches!(rest.first(), Some(Stage::Residual));
-        if residual {
+        let adds = matches!(rest.first(), Some(Stage::Residual));
+        if adds {
             rest = &rest[1..];
         }
         let grid = match rest {
             [] => None,
-            [Stage::Unary(Op::QuantizeDequantize(p))] if p.is_valid() => Some(*p),
+            [Stage::Unary(Op::QuantizeDequantize(p))] if p.is_valid() => Some(p),
             _ => return None,
         };
-        Some((relu6, residual, grid))
+        Some(FusedEpilogue {
+            relu6,
+            residual: residual.filter(|_| adds),
+            grid,
+        })
     }
 }
 
@@ -158,8 +165,9 @@ impl ConvKernel {
     }
 
     /// Runs on integer weights where a kernel exists for them: int8 weights with int8
-    /// inputs (`input_grid`) for 1×1 and dense k×k convolutions (a whole output channel
-    /// per scale), int4 weights for every convolution. `false` leaves the float weights.
+    /// inputs (`input_grid`) for 1×1, dense k×k and depthwise convolutions (a whole output
+    /// channel per scale), int4 weights for every convolution. `false` leaves the float
+    /// weights.
     pub(super) fn use_quantized(
         &mut self,
         q: &QuantizedTensor,
@@ -168,6 +176,12 @@ impl ConvKernel {
         let row = self.cin_g * self.taps;
         if q.values.len() != self.cout * row {
             return Ok(false);
+        }
+        if let (8, true, Some(grid)) = (q.scheme.bits, self.depthwise, input_grid)
+            && let Some(k) = Int8Depthwise::new(q, grid, self.cout, self.conv.kernel)?
+        {
+            self.weights = Weights::Int8Depthwise(k);
+            return Ok(true);
         }
         let dense = self.conv.group == 1 && !self.depthwise;
         let one_by_one = self.taps == 1;
@@ -282,6 +296,25 @@ impl ConvKernel {
                 }
                 out
             }
+            Weights::Int8Depthwise(k) => {
+                let geometry = DepthwiseGeometry {
+                    input: [h, w],
+                    output: [out_dims[2], out_dims[3]],
+                    kernel: c.kernel,
+                    strides: c.strides,
+                    dilations: c.dilations,
+                    leading_pads: c.padding.leading([h, w], c.kernel, c.strides, c.dilations),
+                };
+                match self.epilogue.as_int8(residual) {
+                    Some(fused) => k.forward(&x.data, n, &geometry, &self.bias, fused)?,
+                    None => {
+                        let mut out =
+                            k.forward(&x.data, n, &geometry, &self.bias, FusedEpilogue::default())?;
+                        self.epilogue.apply(&mut out, residual);
+                        out
+                    }
+                }
+            }
             Weights::Int4(k) if pointwise => {
                 let mut out = self.bias_rows(len);
                 k.accumulate(&x.data, n * h * w, &mut out);
@@ -323,17 +356,10 @@ impl ConvKernel {
         pixels: usize,
         residual: Option<&[f32]>,
     ) -> Vec<f32> {
-        match self.epilogue.as_int8() {
-            Some((relu6, adds, grid)) => k.forward(
-                input,
-                pixels,
-                &self.bias,
-                relu6,
-                residual.filter(|_| adds),
-                grid.as_ref(),
-            ),
+        match self.epilogue.as_int8(residual) {
+            Some(fused) => k.forward(input, pixels, &self.bias, fused),
             None => {
-                let mut out = k.forward(input, pixels, &self.bias, false, None, None);
+                let mut out = k.forward(input, pixels, &self.bias, FusedEpilogue::default());
                 self.epilogue.apply(&mut out, residual);
                 out
             }

@@ -8,7 +8,7 @@ use crate::compress::ActivationParams;
 use crate::error::Result;
 use crate::graph::{Constant, Node, transpose};
 use crate::int4_cpu::Int4Weights;
-use crate::int8_cpu::Int8Pointwise;
+use crate::int8_cpu::{FusedEpilogue, Int8Pointwise};
 use crate::quant::QuantizedTensor;
 
 pub(super) struct LinearKernel {
@@ -116,7 +116,13 @@ impl LinearKernel {
                 gemm_into(m, n, k, &mut out, n, &x.data, k, w, n, 1, self.alpha)?;
                 out
             }
-            Weights::Int8(kernel) => kernel.forward(&x.data, m, &self.bias, false, None, None),
+            Weights::Int8(kernel) => {
+                kernel.forward(&x.data, m, &self.bias, FusedEpilogue::default())
+            }
+            // `use_quantized` here never builds it.
+            Weights::Int8Depthwise(_) => {
+                return Err(exec_err(node, "a depthwise kernel on a matrix product"));
+            }
             Weights::Int4(kernel) => {
                 let mut out = from_bias();
                 kernel.accumulate(&x.data, m, &mut out);

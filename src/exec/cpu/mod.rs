@@ -140,7 +140,7 @@ enum Kernel {
 impl Kernel {
     fn has_int8(&self) -> bool {
         match self {
-            Kernel::Conv(k) => matches!(k.weights, Weights::Int8(_)),
+            Kernel::Conv(k) => matches!(k.weights, Weights::Int8(_) | Weights::Int8Depthwise(_)),
             Kernel::Linear(k) => matches!(k.weights, Weights::Int8(_)),
             _ => false,
         }
@@ -163,8 +163,8 @@ pub struct KernelUse {
     /// int4 weights kept packed, unpacked inside the layer as it runs.
     pub int4: usize,
     /// Quantized layers without an integer kernel (int8 weights without int8 inputs, per-
-    /// block int8 k×k filters, grouped and depthwise int8): float arithmetic on their
-    /// dequantized weights.
+    /// block int8 k×k filters, grouped int8, depthwise blocks smaller than a channel):
+    /// float arithmetic on their dequantized weights.
     pub dequantized: usize,
 }
 

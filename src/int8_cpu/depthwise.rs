@@ -1,0 +1,671 @@
+//! Integer depthwise convolution for the CPU path: int8 inputs × int8 weights → int32 sums,
+//! one output channel per input channel.
+//!
+//! The input is quantized (and centred, q − zero point, as i16) once into a zero-bordered
+//! copy, so every output pixel reads all its taps without bounds checks: a border value of
+//! 0 is the real 0 of zero padding. The taps are taken two at a time: the two taps' inputs
+//! for 8 channels are interleaved ((x₀[c], x₁[c]) per i32 lane) and multiplied into the two
+//! taps' weights, stored interleaved the same way, with `i32x4.dot_i16x8_s` (`pmaddwd`):
+//! 16 multiply-adds per 2 instructions where float needs 8 (wasm has no fused multiply-add).
+//! An odd tap count pairs the last tap with a zero weight. The epilogue (scale, bias,
+//! ReLU6, residual, the next layer's grid) runs on the sums in registers.
+
+use super::FusedEpilogue;
+use crate::compress::ActivationParams;
+use crate::error::{EngineError, Result};
+use crate::quant::QuantizedTensor;
+
+/// Channels per step: one 128-bit vector of i16 inputs.
+const LANES: usize = 8;
+
+/// Where a depthwise layer reads and writes: input and output sizes, strides, dilations and
+/// the padding before the first row and column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DepthwiseGeometry {
+    pub input: [usize; 2],
+    pub output: [usize; 2],
+    pub kernel: [usize; 2],
+    pub strides: [usize; 2],
+    pub dilations: [usize; 2],
+    pub leading_pads: [usize; 2],
+}
+
+impl DepthwiseGeometry {
+    /// Rows and columns of the zero-bordered input the output pixels read.
+    fn bordered(&self) -> Option<[usize; 2]> {
+        let extent = |a: usize| -> Option<usize> {
+            let last_origin = self.output[a]
+                .checked_sub(1)?
+                .checked_mul(self.strides[a])?;
+            let reach = self.kernel[a]
+                .checked_sub(1)?
+                .checked_mul(self.dilations[a].max(1))?;
+            last_origin.checked_add(reach)?.checked_add(1)
+        };
+        Some([extent(0)?, extent(1)?])
+    }
+}
+
+fn too_big() -> EngineError {
+    EngineError::Execution("depthwise layer too large to run".into())
+}
+
+/// A depthwise layer's input as the int8 kernel reads it: quantized and centred i16 in a
+/// zero border (the real 0 of zero padding), `padded` channels per pixel (the padding
+/// channels stay 0).
+pub(crate) struct DepthwiseInput {
+    data: Vec<i16>,
+    /// Bordered rows and columns.
+    rows: usize,
+    columns: usize,
+    padded: usize,
+    /// The input's own columns, and where its first pixel sits in the border.
+    width: usize,
+    pads: [usize; 2],
+    grid: ActivationParams,
+}
+
+impl DepthwiseInput {
+    /// Writes `values`, quantized and centred, as channels `channel..` of input pixel
+    /// `pixel` (row-major). Pixels no output reads (past the last window) are skipped.
+    pub(crate) fn write(&mut self, pixel: usize, channel: usize, values: &[f32]) {
+        let y = pixel / self.width + self.pads[0];
+        let x = pixel % self.width + self.pads[1];
+        if y >= self.rows || x >= self.columns {
+            return;
+        }
+        let at = (y * self.columns + x) * self.padded + channel;
+        kernel::centre(values, &mut self.data[at..at + values.len()], &self.grid);
+    }
+}
+
+pub(crate) struct Int8Depthwise {
+    channels: usize,
+    /// `channels` rounded up to [`LANES`].
+    padded: usize,
+    kernel: [usize; 2],
+    /// Taps in pairs (an odd last one twice, its second weight 0).
+    pairs: Vec<(usize, usize)>,
+    /// `[padded / 8][pairs][2 × 4 channels][2 taps]` centred i16: for each step of 8
+    /// channels, each tap pair's weights as the interleaved inputs meet them.
+    weights: Vec<i16>,
+    /// `[padded]` input scale × the channel's weight scale.
+    scales: Vec<f32>,
+    input: ActivationParams,
+}
+
+impl Int8Depthwise {
+    /// Bytes the layer's weights hold while it runs (centred i16 and the scales).
+    pub(crate) fn weight_bytes(&self) -> usize {
+        2 * self.weights.len() + 4 * self.scales.len()
+    }
+
+    /// `None` where this layer cannot run on the kernel: not 8-bit, inputs wider than int8,
+    /// a scale group that covers part of a channel, or a target without the vector kernel.
+    pub(crate) fn new(
+        q: &QuantizedTensor,
+        input: &ActivationParams,
+        channels: usize,
+        kernel: [usize; 2],
+    ) -> Result<Option<Self>> {
+        let supported = cfg!(any(target_arch = "wasm32", target_arch = "x86_64"));
+        if !supported || q.scheme.bits != 8 || input.qmax > 127 || input.qmin < -128 {
+            return Ok(None);
+        }
+        let taps = kernel[0] * kernel[1];
+        if taps == 0 || q.values.len() != channels * taps {
+            return Err(EngineError::ShapeMismatch {
+                name: "int8 depthwise weights".into(),
+                found: q.shape.clone(),
+                expected: vec![channels, 1, kernel[0], kernel[1]],
+            });
+        }
+        // One scale and zero point per channel, from the groups that cover whole channels.
+        let mut channel_group = vec![None; channels];
+        for (g, range) in q.group_ranges().iter().enumerate() {
+            if !range.start.is_multiple_of(taps) || !range.end.is_multiple_of(taps) {
+                return Ok(None);
+            }
+            for slot in &mut channel_group[range.start / taps..range.end / taps] {
+                *slot = Some(g);
+            }
+        }
+        let padded = channels.div_ceil(LANES) * LANES;
+        let pairs: Vec<(usize, usize)> = (0..taps)
+            .step_by(2)
+            .map(|t| (t, if t + 1 < taps { t + 1 } else { t }))
+            .collect();
+        let mut weights = vec![0i16; padded * pairs.len() * 2];
+        let mut scales = vec![0f32; padded];
+        for (c, group) in channel_group.iter().enumerate() {
+            let Some(g) = *group else {
+                return Ok(None);
+            };
+            let zp = i16::from(q.zero_points[g]);
+            scales[c] = q.scales[g] * input.scale;
+            let (step, lane) = (c / LANES, c % LANES);
+            for (p, &(t0, t1)) in pairs.iter().enumerate() {
+                let at = ((step * pairs.len() + p) * LANES + lane) * 2;
+                weights[at] = i16::from(q.values[c * taps + t0]) - zp;
+                if t1 != t0 {
+                    weights[at + 1] = i16::from(q.values[c * taps + t1]) - zp;
+                }
+            }
+        }
+        Ok(Some(Self {
+            channels,
+            padded,
+            kernel,
+            pairs,
+            weights,
+            scales,
+            input: *input,
+        }))
+    }
+
+    /// An all-zero input for `geometry`, to fill with [`DepthwiseInput::write`].
+    pub(crate) fn input_for(&self, geometry: &DepthwiseGeometry) -> Result<DepthwiseInput> {
+        if geometry.kernel != self.kernel {
+            return Err(EngineError::Execution(format!(
+                "int8 depthwise kernel built for {:?} taps, run with {:?}",
+                self.kernel, geometry.kernel
+            )));
+        }
+        let [rows, columns] = geometry.bordered().ok_or_else(too_big)?;
+        let len = rows
+            .checked_mul(columns)
+            .and_then(|p| p.checked_mul(self.padded))
+            .ok_or_else(too_big)?;
+        Ok(DepthwiseInput {
+            data: vec![0; len],
+            rows,
+            columns,
+            padded: self.padded,
+            width: geometry.input[1].max(1),
+            pads: geometry.leading_pads,
+            grid: self.input,
+        })
+    }
+
+    /// One image from its filled input → `[output pixels, channels]`; the epilogue's
+    /// residual spans that output.
+    pub(crate) fn run(
+        &self,
+        input: &DepthwiseInput,
+        geometry: &DepthwiseGeometry,
+        bias: &[f32],
+        epilogue: FusedEpilogue,
+    ) -> Result<Vec<f32>> {
+        let [oh, ow] = geometry.output;
+        let len = oh
+            .checked_mul(ow)
+            .and_then(|p| p.checked_mul(self.channels))
+            .ok_or_else(too_big)?;
+        if geometry.bordered() != Some([input.rows, input.columns])
+            || input.padded != self.padded
+            || bias.len() != self.channels
+            || epilogue.residual.is_some_and(|r| r.len() != len)
+        {
+            return Err(EngineError::Execution(
+                "int8 depthwise layer given buffers of the wrong size".into(),
+            ));
+        }
+        let mut bias_padded = bias.to_vec();
+        bias_padded.resize(self.padded, 0.0);
+        let mut out = vec![0f32; len];
+        kernel::run(
+            self,
+            &input.data,
+            input.columns,
+            geometry,
+            &bias_padded,
+            &mut out,
+            epilogue,
+        );
+        Ok(out)
+    }
+
+    /// `batch` channels-last float images of `geometry.input` → `[batch, output,
+    /// channels]`, quantizing each image as it copies it into the bordered input.
+    pub(crate) fn forward(
+        &self,
+        input: &[f32],
+        batch: usize,
+        geometry: &DepthwiseGeometry,
+        bias: &[f32],
+        epilogue: FusedEpilogue,
+    ) -> Result<Vec<f32>> {
+        let c = self.channels;
+        let [h, w] = geometry.input;
+        let pixels = h.checked_mul(w).ok_or_else(too_big)?;
+        let image = pixels.checked_mul(c).ok_or_else(too_big)?;
+        if Some(input.len()) != image.checked_mul(batch) {
+            return Err(EngineError::Execution(
+                "int8 depthwise layer given buffers of the wrong size".into(),
+            ));
+        }
+        let [oh, ow] = geometry.output;
+        let out_image = oh
+            .checked_mul(ow)
+            .and_then(|p| p.checked_mul(c))
+            .ok_or_else(too_big)?;
+        let mut bordered = self.input_for(geometry)?;
+        let mut out = Vec::new();
+        for (b, image) in input.chunks_exact(image.max(1)).enumerate() {
+            for (p, values) in image.chunks_exact(c).enumerate() {
+                bordered.write(p, 0, values);
+            }
+            let at = out.len();
+            let image_epilogue = FusedEpilogue {
+                residual: match epilogue.residual {
+                    Some(r) => Some(r.get(at..at + out_image).ok_or_else(|| {
+                        EngineError::Execution(format!("no residual for image {b}"))
+                    })?),
+                    None => None,
+                },
+                ..epilogue
+            };
+            let run = self.run(&bordered, geometry, bias, image_epilogue);
+            out.extend(run?);
+        }
+        Ok(out)
+    }
+
+    /// The offset, in i16 from an output pixel's first input, of each tap pair's two inputs.
+    fn pair_offsets(&self, g: &DepthwiseGeometry, bw: usize) -> Vec<(usize, usize)> {
+        let kw = self.kernel[1];
+        let offset = |t: usize| {
+            let (ky, kx) = (t / kw, t % kw);
+            (ky * g.dilations[0].max(1) * bw + kx * g.dilations[1].max(1)) * self.padded
+        };
+        self.pairs
+            .iter()
+            .map(|&(t0, t1)| (offset(t0), offset(t1)))
+            .collect()
+    }
+}
+
+/// The pixel loop with 128-bit lanes on wasm (SIMD128) and x86-64 (SSE2).
+#[cfg(any(target_arch = "wasm32", target_arch = "x86_64"))]
+mod kernel {
+    use super::super::lanes::*;
+    use super::{DepthwiseGeometry, FusedEpilogue, Int8Depthwise, LANES};
+    use crate::compress::ActivationParams;
+
+    /// `dst[i]` = `src[i]` quantized and centred (|q − zp| ≤ 255 on an int8 grid).
+    pub(super) fn centre(src: &[f32], dst: &mut [i16], grid: &ActivationParams) {
+        assert!(dst.len() == src.len());
+        let whole = src.len() / LANES * LANES;
+        for (s, d) in src[..whole]
+            .chunks_exact(LANES)
+            .zip(dst[..whole].chunks_exact_mut(LANES))
+        {
+            let v = centred_i16(load_f32(&s[..4]), load_f32(&s[4..]), grid);
+            // SAFETY: `d` holds 8 i16 (one exact chunk).
+            unsafe { store_i16(d.as_mut_ptr(), v) };
+        }
+        for (d, &v) in dst[whole..].iter_mut().zip(&src[whole..]) {
+            *d = grid.centred(v) as i16;
+        }
+    }
+
+    pub(super) fn run(
+        layer: &Int8Depthwise,
+        bordered: &[i16],
+        bw: usize,
+        g: &DepthwiseGeometry,
+        bias: &[f32],
+        out: &mut [f32],
+        epilogue: FusedEpilogue,
+    ) {
+        let (c, cp) = (layer.channels, layer.padded);
+        let [oh, ow] = g.output;
+        let [sy, sx] = g.strides;
+        let offsets = layer.pair_offsets(g, bw);
+        let pairs = offsets.len();
+        // The furthest element any load reads: the last output pixel's last tap, plus a
+        // whole step of channels.
+        let reach = offsets.iter().map(|&(a, b)| a.max(b)).max().unwrap_or(0);
+        let last_origin = ((oh.saturating_sub(1) * sy) * bw + ow.saturating_sub(1) * sx) * cp;
+        assert!(last_origin + reach + cp <= bordered.len());
+        assert!(out.len() == oh * ow * c && bias.len() == cp && layer.scales.len() == cp);
+        assert!(layer.weights.len() == cp * pairs * 2);
+        let (zero6, six) = (fsplat(0.0), fsplat(6.0));
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let origin = ((oy * sy) * bw + ox * sx) * cp;
+                let at = (oy * ow + ox) * c;
+                for step in (0..cp).step_by(LANES) {
+                    let mut sums = [zero(), zero()];
+                    // SAFETY: every input load reads 8 i16 from origin + offset + step, at
+                    // most last_origin + reach + cp (asserted above); the weights hold
+                    // 16 i16 per pair of each step (asserted); no load needs alignment.
+                    unsafe {
+                        let weights = layer.weights.as_ptr().add(step * pairs * 2);
+                        let first = bordered.as_ptr().add(origin + step);
+                        for (p, &(o0, o1)) in offsets.iter().enumerate() {
+                            let (lo, hi) =
+                                interleave_i16(load_i16(first.add(o0)), load_i16(first.add(o1)));
+                            sums[0] = dot_add(sums[0], lo, load_i16(weights.add(16 * p)));
+                            sums[1] = dot_add(sums[1], hi, load_i16(weights.add(16 * p + 8)));
+                        }
+                    }
+                    let mut v = [0, 1].map(|half| {
+                        let s = step + 4 * half;
+                        scale_add(
+                            load_f32(&bias[s..]),
+                            sums[half],
+                            load_f32(&layer.scales[s..]),
+                        )
+                    });
+                    if epilogue.relu6 {
+                        v = v.map(|v| clamp(v, zero6, six));
+                    }
+                    let width = LANES.min(c - step);
+                    let dst = at + step;
+                    if width == LANES {
+                        if let Some(res) = epilogue.residual {
+                            v[0] = fadd(v[0], load_f32(&res[dst..]));
+                            v[1] = fadd(v[1], load_f32(&res[dst + 4..]));
+                        }
+                        if let Some(grid) = epilogue.grid {
+                            v = v.map(|v| fake_quantize(v, grid));
+                        }
+                        store_f32(&mut out[dst..], v[0]);
+                        store_f32(&mut out[dst + 4..], v[1]);
+                    } else {
+                        let (lo, hi) = (to_array(v[0]), to_array(v[1]));
+                        let values: [f32; LANES] =
+                            std::array::from_fn(|j| if j < 4 { lo[j] } else { hi[j - 4] });
+                        epilogue.write_tail(&values[..width], &mut out[dst..dst + width], dst);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The same loop in portable Rust (other native targets; [`Int8Depthwise::new`] does not
+/// build the layer there, so this only keeps them compiling).
+#[cfg(not(any(target_arch = "wasm32", target_arch = "x86_64")))]
+mod kernel {
+    use super::{DepthwiseGeometry, FusedEpilogue, Int8Depthwise, LANES};
+    use crate::compress::ActivationParams;
+
+    /// `dst[i]` = `src[i]` quantized and centred (|q − zp| ≤ 255 on an int8 grid).
+    pub(super) fn centre(src: &[f32], dst: &mut [i16], grid: &ActivationParams) {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = grid.centred(v) as i16;
+        }
+    }
+
+    pub(super) fn run(
+        layer: &Int8Depthwise,
+        bordered: &[i16],
+        bw: usize,
+        g: &DepthwiseGeometry,
+        bias: &[f32],
+        out: &mut [f32],
+        epilogue: FusedEpilogue,
+    ) {
+        let (c, cp) = (layer.channels, layer.padded);
+        let [oh, ow] = g.output;
+        let offsets = layer.pair_offsets(g, bw);
+        let pairs = offsets.len();
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let origin = ((oy * g.strides[0]) * bw + ox * g.strides[1]) * cp;
+                let at = (oy * ow + ox) * c;
+                let values: Vec<f32> = (0..c)
+                    .map(|ch| {
+                        let (step, lane) = (ch / LANES * LANES, ch % LANES);
+                        let sum: i32 = offsets
+                            .iter()
+                            .enumerate()
+                            .map(|(p, &(o0, o1))| {
+                                let w = &layer.weights
+                                    [((step / LANES * pairs + p) * LANES + lane) * 2..];
+                                i32::from(bordered[origin + o0 + ch]) * i32::from(w[0])
+                                    + i32::from(bordered[origin + o1 + ch]) * i32::from(w[1])
+                            })
+                            .sum();
+                        let y = sum as f32 * layer.scales[ch] + bias[ch];
+                        if epilogue.relu6 { y.clamp(0.0, 6.0) } else { y }
+                    })
+                    .collect();
+                epilogue.write_tail(&values, &mut out[at..at + c], at);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{Granularity, QuantScheme};
+
+    /// The float reference: fake-quantized inputs × dequantized weights, zero padding.
+    fn reference(
+        x: &[f32],
+        wd: &[f32],
+        bias: &[f32],
+        act: &ActivationParams,
+        g: &DepthwiseGeometry,
+        c: usize,
+    ) -> Vec<f32> {
+        let [h, w] = g.input;
+        let [oh, ow] = g.output;
+        let [kh, kw] = g.kernel;
+        let mut out = vec![0f32; oh * ow * c];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for ch in 0..c {
+                    let mut y = bias[ch];
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let iy = (oy * g.strides[0] + ky * g.dilations[0]) as isize
+                                - g.leading_pads[0] as isize;
+                            let ix = (ox * g.strides[1] + kx * g.dilations[1]) as isize
+                                - g.leading_pads[1] as isize;
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                continue;
+                            }
+                            let v = x[(iy as usize * w + ix as usize) * c + ch];
+                            y += act.fake_quantize(v) * wd[ch * kh * kw + ky * kw + kx];
+                        }
+                    }
+                    out[(oy * ow + ox) * c + ch] = y;
+                }
+            }
+        }
+        out
+    }
+
+    /// The integer kernel equals float arithmetic on the fake-quantized operands for 3×3
+    /// and 5×5 filters, strides (1,1), (2,2) and (2,1), a dilation, channel counts that do
+    /// and do not fill a vector, every whole-channel granularity, with and without ReLU6, a
+    /// residual and the next layer's grid.
+    #[test]
+    fn matches_fake_quant_reference() {
+        let act = ActivationParams {
+            scale: 0.04,
+            zero_point: -90,
+            qmin: -128,
+            qmax: 127,
+        };
+        let next = ActivationParams {
+            scale: 0.05,
+            zero_point: -128,
+            qmin: -128,
+            qmax: 127,
+        };
+        let cases = [
+            // (channels, input, kernel, strides, dilations, leading pads, output)
+            (16, [9, 7], [3, 3], [1, 1], [1, 1], [1, 1], [9, 7]),
+            (13, [10, 9], [3, 3], [2, 2], [1, 1], [0, 0], [5, 5]),
+            (24, [11, 11], [5, 5], [2, 2], [1, 1], [2, 2], [6, 6]),
+            (8, [8, 12], [3, 3], [2, 1], [1, 1], [1, 1], [4, 12]),
+            (5, [9, 9], [3, 3], [1, 1], [2, 2], [2, 2], [9, 9]),
+            (20, [6, 6], [1, 1], [1, 1], [1, 1], [0, 0], [6, 6]),
+        ];
+        for (c, input, kernel, strides, dilations, leading_pads, output) in cases {
+            let g = DepthwiseGeometry {
+                input,
+                output,
+                kernel,
+                strides,
+                dilations,
+                leading_pads,
+            };
+            let taps = kernel[0] * kernel[1];
+            let w: Vec<f32> = (0..c * taps)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 60.0 * if i % 7 == 0 { 2.5 } else { 1.0 })
+                .collect();
+            let batch = 2;
+            let x: Vec<f32> = (0..batch * input[0] * input[1] * c)
+                .map(|i| ((i * 53 % 97) as f32) / 14.0 - 1.5)
+                .collect();
+            let bias: Vec<f32> = (0..c).map(|o| o as f32 * 0.05 - 0.3).collect();
+            let out_len = batch * output[0] * output[1] * c;
+            let residual: Vec<f32> = (0..out_len).map(|i| (i % 11) as f32 * 0.2).collect();
+            for (granularity, symmetric) in [
+                (Granularity::PerTensor, true),
+                (Granularity::PerChannel, true),
+                (Granularity::PerChannel, false),
+            ] {
+                let scheme = QuantScheme {
+                    bits: 8,
+                    symmetric,
+                    granularity,
+                };
+                let q = QuantizedTensor::quantize(&w, &[c, 1, kernel[0], kernel[1]], scheme);
+                let wd = q.dequantize();
+                let layer = Int8Depthwise::new(&q, &act, c, kernel).unwrap().unwrap();
+                let image = input[0] * input[1] * c;
+                let out_image = output[0] * output[1] * c;
+                let want: Vec<f32> = (0..batch)
+                    .flat_map(|b| {
+                        reference(&x[b * image..(b + 1) * image], &wd, &bias, &act, &g, c)
+                    })
+                    .collect();
+                assert_eq!(want.len(), batch * out_image);
+                for fused in [false, true] {
+                    let epilogue = FusedEpilogue {
+                        relu6: fused,
+                        residual: fused.then_some(&residual[..]),
+                        grid: fused.then_some(&next),
+                    };
+                    let got = layer.forward(&x, batch, &g, &bias, epilogue).unwrap();
+                    for (i, (&got, &want)) in got.iter().zip(&want).enumerate() {
+                        let ok = if fused {
+                            let want = next.fake_quantize(want.clamp(0.0, 6.0) + residual[i]);
+                            let steps = got / next.scale;
+                            (got - want).abs() <= next.scale * 1.001
+                                && (steps - steps.round()).abs() < 1e-3
+                        } else {
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs())
+                        };
+                        assert!(
+                            ok,
+                            "{c} channels {g:?} {granularity:?} fused {fused} at {i}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// An int8 1×1 layer writing its outputs quantized straight into the depthwise layer's
+    /// input computes what the two layers compute one after the other through floats.
+    #[test]
+    fn fused_expansion_matches_the_two_layers_apart() {
+        use crate::int8_cpu::Int8Pointwise;
+        let grid = |scale: f32, zero_point: i32| ActivationParams {
+            scale,
+            zero_point,
+            qmin: -128,
+            qmax: 127,
+        };
+        let (expand_in, dw_in) = (grid(0.03, -20), grid(6.0 / 255.0, -128));
+        let symmetric = QuantScheme {
+            bits: 8,
+            symmetric: true,
+            granularity: Granularity::PerChannel,
+        };
+        for (cin, c, input, geometry) in [
+            (6, 13, [7, 9], ([3, 3], [2, 2], [0, 1], [4, 5])),
+            (8, 24, [8, 8], ([5, 5], [1, 1], [2, 2], [8, 8])),
+        ] {
+            let (kernel, strides, leading_pads, output) = geometry;
+            let g = DepthwiseGeometry {
+                input,
+                output,
+                kernel,
+                strides,
+                dilations: [1, 1],
+                leading_pads,
+            };
+            let pixels = input[0] * input[1];
+            let x: Vec<f32> = (0..pixels * cin)
+                .map(|i| ((i * 29 % 83) as f32) / 20.0 - 2.0)
+                .collect();
+            let we: Vec<f32> = (0..c * cin)
+                .map(|i| ((i * 31 % 67) as f32 - 33.0) / 40.0)
+                .collect();
+            let wd: Vec<f32> = (0..c * kernel[0] * kernel[1])
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 60.0)
+                .collect();
+            let (be, bd) = (vec![0.2f32; c], vec![-0.1f32; c]);
+            let expand = Int8Pointwise::new(
+                &QuantizedTensor::quantize(&we, &[c, cin], symmetric),
+                &expand_in,
+                cin,
+                c,
+            )
+            .unwrap()
+            .unwrap();
+            let dw_weights =
+                QuantizedTensor::quantize(&wd, &[c, 1, kernel[0], kernel[1]], symmetric);
+            let depthwise = Int8Depthwise::new(&dw_weights, &dw_in, c, kernel)
+                .unwrap()
+                .unwrap();
+            let relu6 = FusedEpilogue {
+                relu6: true,
+                ..FusedEpilogue::default()
+            };
+            let expanded = expand.forward(&x, pixels, &be, relu6);
+            let apart = depthwise.forward(&expanded, 1, &g, &bd, relu6).unwrap();
+            let mut target = depthwise.input_for(&g).unwrap();
+            expand.forward_centred(&x, pixels, &be, true, &mut target);
+            let fused = depthwise.run(&target, &g, &bd, relu6).unwrap();
+            assert_eq!(fused.len(), apart.len());
+            for (a, b) in fused.iter().zip(&apart) {
+                assert!(
+                    (a - b).abs() < 1e-5 * (1.0 + b.abs()),
+                    "{cin}→{c} {g:?}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    /// Blocks that split a channel's taps have several scales per channel: not this kernel.
+    #[test]
+    fn blocks_inside_a_channel_are_declined() {
+        let q = QuantizedTensor::quantize(
+            &[0.5; 2 * 9],
+            &[2, 1, 3, 3],
+            QuantScheme {
+                bits: 8,
+                symmetric: true,
+                granularity: Granularity::PerBlock(4),
+            },
+        );
+        let act = ActivationParams {
+            scale: 0.1,
+            zero_point: 0,
+            qmin: -128,
+            qmax: 127,
+        };
+        assert!(Int8Depthwise::new(&q, &act, 2, [3, 3]).unwrap().is_none());
+    }
+}
