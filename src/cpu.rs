@@ -249,27 +249,6 @@ impl Depthwise {
         grid: None,
     };
 
-    /// `expand` then this layer, both on int8 kernels, the expansion writing its outputs
-    /// quantized straight into this layer's input (no float tensor in between); `None`
-    /// when either runs in float.
-    fn forward_after(
-        &self,
-        expand: &Pointwise,
-        input: &[f32],
-        h: usize,
-        w: usize,
-    ) -> Result<Option<(Vec<f32>, usize, usize)>> {
-        let (Some(dw), Some(e)) = (&self.int8, &expand.int8) else {
-            return Ok(None);
-        };
-        let geometry = self.geometry(h, w);
-        let mut expanded = dw.input_for(&geometry)?;
-        e.forward_centred(input, h * w, &expand.bias, expand.relu6, &mut expanded);
-        let out = dw.run(&expanded, &geometry, &self.bias, Self::RELU6)?;
-        let [oh, ow] = geometry.output;
-        Ok(Some((out, oh, ow)))
-    }
-
     fn forward(&self, input: &[f32], h: usize, w: usize) -> Result<(Vec<f32>, usize, usize)> {
         let geometry = self.geometry(h, w);
         let [pad_y, pad_x] = geometry.leading_pads;
@@ -327,6 +306,50 @@ struct Block {
     depthwise: Depthwise,
     project: Pointwise,
     skip: bool,
+}
+
+impl Block {
+    /// The block on its int8 kernels with no float tensor inside it: the expansion (if
+    /// any) writes its output quantized straight into the depthwise layer's bordered input,
+    /// and the depthwise layer into the projection's. `None` unless all of them are int8.
+    fn forward_int8(
+        &self,
+        x: &[f32],
+        h: usize,
+        w: usize,
+    ) -> Result<Option<(Vec<f32>, usize, usize)>> {
+        let (dw, project) = (&self.depthwise, &self.project);
+        let (Some(dw_kernel), Some(project_kernel)) = (&dw.int8, &project.int8) else {
+            return Ok(None);
+        };
+        let expand_kernel = match &self.expand {
+            Some(e) => match &e.int8 {
+                Some(k) => Some((e, k)),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        let geometry = dw.geometry(h, w);
+        let mut dw_input = dw_kernel.input_for(&geometry)?;
+        match expand_kernel {
+            Some((e, k)) => k.forward_centred(x, h * w, &e.bias, e.relu6, &mut dw_input),
+            None => {
+                for (p, values) in x.chunks_exact(dw.channels.max(1)).enumerate() {
+                    dw_input.write(p, 0, values);
+                }
+            }
+        }
+        let [oh, ow] = geometry.output;
+        let mut project_input = project_kernel.input_for(oh * ow);
+        dw_kernel.run_into_next(&dw_input, &geometry, &dw.bias, true, &mut project_input)?;
+        let epilogue = FusedEpilogue {
+            relu6: project.relu6,
+            residual: self.skip.then_some(x),
+            grid: project.output_grid.as_ref(),
+        };
+        let out = project_kernel.forward_input(&project_input, &project.bias, epilogue);
+        Ok(Some((out, oh, ow)))
+    }
 }
 
 /// The stem: a dense 3×3 stride-2 convolution on 3 channels, as im2col + GEMM.
@@ -609,8 +632,8 @@ impl CpuEfficientNet {
         self.run(nchw, h, w, Some(observe))
     }
 
-    /// With an observer every layer's input exists as floats; without one, an int8
-    /// expansion writes its output straight into an int8 depthwise layer's input.
+    /// With an observer every layer's input exists as floats; without one, a block whose
+    /// layers are all int8 passes quantized values from layer to layer instead.
     fn run(
         &self,
         nchw: &[f32],
@@ -643,24 +666,19 @@ impl CpuEfficientNet {
         seen(&nhwc);
         let (mut x, mut h, mut w) = self.stem.forward(&nhwc, h, w);
         for block in &self.blocks {
-            let fused = match (&block.expand, observing) {
-                (Some(e), false) => block.depthwise.forward_after(e, &x, h, w)?,
-                _ => None,
-            };
-            let (d, oh, ow) = match fused {
-                Some(done) => done,
-                None => {
-                    let expanded = match &block.expand {
-                        Some(e) => {
-                            seen(&x);
-                            e.forward(&x, h * w, None)
-                        }
-                        None => x.clone(),
-                    };
-                    seen(&expanded);
-                    block.depthwise.forward(&expanded, h, w)?
+            if !observing && let Some((out, oh, ow)) = block.forward_int8(&x, h, w)? {
+                (x, h, w) = (out, oh, ow);
+                continue;
+            }
+            let expanded = match &block.expand {
+                Some(e) => {
+                    seen(&x);
+                    e.forward(&x, h * w, None)
                 }
+                None => x.clone(),
             };
+            seen(&expanded);
+            let (d, oh, ow) = block.depthwise.forward(&expanded, h, w)?;
             let residual = block.skip.then_some(x.as_slice());
             seen(&d);
             x = block.project.forward(&d, oh * ow, residual);

@@ -134,6 +134,25 @@ impl Int8Pointwise {
         }))
     }
 
+    /// An all-zero input of `pixels` pixels, to fill with [`PointwiseInput::write`].
+    pub(crate) fn input_for(&self, pixels: usize) -> PointwiseInput {
+        PointwiseInput {
+            data: vec![0; pixels * self.pairs * 2],
+            row: self.pairs * 2,
+            grid: self.input,
+        }
+    }
+
+    /// `pixels` rows of `cin` floats quantized to the input grid.
+    fn quantize(&self, input: &[f32], pixels: usize) -> PointwiseInput {
+        assert!(input.len() == pixels * self.cin);
+        let mut quantized = self.input_for(pixels);
+        for (p, values) in input.chunks_exact(self.cin.max(1)).enumerate() {
+            quantized.write(p, 0, values);
+        }
+        quantized
+    }
+
     pub(crate) fn forward(
         &self,
         input: &[f32],
@@ -141,10 +160,21 @@ impl Int8Pointwise {
         bias: &[f32],
         epilogue: FusedEpilogue,
     ) -> Vec<f32> {
+        self.forward_input(&self.quantize(input, pixels), bias, epilogue)
+    }
+
+    /// [`Self::forward`] from an input already quantized (written by the layer before).
+    pub(crate) fn forward_input(
+        &self,
+        input: &PointwiseInput,
+        bias: &[f32],
+        epilogue: FusedEpilogue,
+    ) -> Vec<f32> {
         let cout = self.cout;
+        let pixels = input.pixels();
         assert!(epilogue.residual.is_none_or(|r| r.len() == pixels * cout));
         let mut out = vec![0f32; pixels * cout];
-        self.each_tile(input, pixels, bias, epilogue.relu6, |tile, rows, p, n| {
+        self.each_tile(input, bias, epilogue.relu6, |tile, rows, p, n| {
             let at = p * cout + tile.o0;
             let dst = Dst {
                 out: &mut out[at..],
@@ -171,7 +201,8 @@ impl Int8Pointwise {
     ) {
         let cout = self.cout;
         let mut tile_out = [0f32; PIXELS * PANEL];
-        self.each_tile(input, pixels, bias, relu6, |tile, rows, p, n| {
+        let input = self.quantize(input, pixels);
+        self.each_tile(&input, bias, relu6, |tile, rows, p, n| {
             let dst = Dst {
                 out: &mut tile_out,
                 at: 0,
@@ -187,30 +218,18 @@ impl Int8Pointwise {
         });
     }
 
-    /// Quantizes the input, then hands every tile (a panel of 8 outputs × up to 4 pixels,
-    /// from pixel `p`) to `sink` with the input rows from `p` on.
+    /// Hands every tile (a panel of 8 outputs × up to 4 pixels, from pixel `p`) to `sink`
+    /// with the input rows from `p` on.
     fn each_tile(
         &self,
-        input: &[f32],
-        pixels: usize,
+        input: &PointwiseInput,
         bias: &[f32],
         relu6: bool,
-        mut sink: impl FnMut(&Tile, &[i32], usize, usize),
+        mut sink: impl FnMut(&Tile, &[i16], usize, usize),
     ) {
-        let (cin, cout, pairs) = (self.cin, self.cout, self.pairs);
-        assert!(input.len() == pixels * cin && bias.len() == cout);
-        // Quantize (and centre) the input once, two values per i32 (first in the low half).
-        let mut rows = vec![0i32; pixels * pairs];
-        let pack = |lo: i32, hi: i32| (lo & 0xffff) | (hi << 16);
-        for (row, src) in rows.chunks_exact_mut(pairs).zip(input.chunks_exact(cin)) {
-            let (even, odd) = src.split_at(cin / 2 * 2);
-            for (pair, v) in row.iter_mut().zip(even.chunks_exact(2)) {
-                *pair = pack(self.input.centred(v[0]), self.input.centred(v[1]));
-            }
-            if let (Some(&x), Some(last)) = (odd.first(), row.last_mut()) {
-                *last = pack(self.input.centred(x), 0);
-            }
-        }
+        let (cout, pairs) = (self.cout, self.pairs);
+        assert!(input.row == 2 * pairs && bias.len() == cout);
+        let (rows, pixels) = (&input.data, input.pixels());
         let padded = cout.div_ceil(PANEL) * PANEL;
         let mut bias_padded = bias.to_vec();
         bias_padded.resize(padded, 0.0);
@@ -230,7 +249,7 @@ impl Int8Pointwise {
                 let mut p = p0;
                 while p < p1 {
                     let n = (p1 - p).min(PIXELS);
-                    sink(&tile, &rows[p * pairs..], p, n);
+                    sink(&tile, &rows[p * 2 * pairs..], p, n);
                     p += n;
                 }
             }
@@ -238,8 +257,53 @@ impl Int8Pointwise {
     }
 }
 
+/// A 1×1 int8 layer's input quantized to its grid and centred (q − zero point): `2·pairs`
+/// i16 per pixel (an odd channel count leaves the last one 0), so that each adjacent two
+/// read as one i32 meet one packed weight pair.
+pub(crate) struct PointwiseInput {
+    data: Vec<i16>,
+    row: usize,
+    grid: ActivationParams,
+}
+
+impl PointwiseInput {
+    fn pixels(&self) -> usize {
+        self.data.len() / self.row.max(1)
+    }
+
+    /// Writes `values`, quantized and centred, as channels `channel..` of pixel `pixel`.
+    pub(crate) fn write(&mut self, pixel: usize, channel: usize, values: &[f32]) {
+        let at = pixel * self.row + channel;
+        centre(values, &mut self.data[at..at + values.len()], &self.grid);
+    }
+}
+
+/// `dst[i]` = `src[i]` quantized to `grid` and centred (|q − zp| ≤ 255 on an int8 grid),
+/// eight at a time with 128-bit lanes where the target has them.
+fn centre(src: &[f32], dst: &mut [i16], grid: &ActivationParams) {
+    assert!(dst.len() == src.len());
+    #[cfg(any(target_arch = "wasm32", target_arch = "x86_64"))]
+    let whole = {
+        let whole = src.len() / 8 * 8;
+        for (s, d) in src[..whole]
+            .chunks_exact(8)
+            .zip(dst[..whole].chunks_exact_mut(8))
+        {
+            let v = lanes::centred_i16(lanes::load_f32(&s[..4]), lanes::load_f32(&s[4..]), grid);
+            // SAFETY: `d` holds 8 i16 (one exact chunk).
+            unsafe { lanes::store_i16(d.as_mut_ptr(), v) };
+        }
+        whole
+    };
+    #[cfg(not(any(target_arch = "wasm32", target_arch = "x86_64")))]
+    let whole = 0;
+    for (d, &v) in dst[whole..].iter_mut().zip(&src[whole..]) {
+        *d = grid.centred(v) as i16;
+    }
+}
+
 /// One tile of `n` (1–4) pixels.
-fn run_tile(n: usize, tile: &Tile, rows: &[i32], dst: Dst) {
+fn run_tile(n: usize, tile: &Tile, rows: &[i16], dst: Dst) {
     match n {
         4 => lanes::run::<4>(tile, rows, dst),
         3 => lanes::run::<3>(tile, rows, dst),
@@ -508,22 +572,24 @@ mod lanes {
     }
 
     #[inline(always)]
-    pub(super) fn run<const P: usize>(tile: &Tile, rows: &[i32], mut dst: Dst) {
+    pub(super) fn run<const P: usize>(tile: &Tile, rows: &[i16], mut dst: Dst) {
         let pairs = tile.pairs();
-        assert!(rows.len() >= P * pairs);
+        assert!(rows.len() >= 2 * P * pairs);
+        // Two i16 of a row are one i32 pair (the first in the low half: little-endian).
+        let rows = rows.as_ptr() as *const i32;
         let mut sums = [[load_f32(&tile.bias[..4]), load_f32(&tile.bias[4..])]; P];
         for (s, &(k0, k1)) in tile.segments.iter().enumerate() {
             assert!(k0 <= k1 && k1 <= pairs);
             let mut acc = [[zero(); 2]; P];
             let panel = tile.panel[k0 * 2 * PANEL..k1 * 2 * PANEL].as_ptr();
             // SAFETY: the panel slice holds 16 i16 per pair of k0..k1 (it was just sliced)
-            // and row i holds `pairs` i32 from i·pairs with k1 ≤ pairs and P·pairs ≤
-            // rows.len() (asserted above); no load needs alignment.
+            // and row i holds `pairs` i32 from i·pairs with k1 ≤ pairs and 2·P·pairs ≤
+            // the rows' i16 (asserted above); no load needs alignment.
             unsafe {
                 for k in 0..k1 - k0 {
                     let (w0, w1) = (load_i16(panel.add(16 * k)), load_i16(panel.add(16 * k + 8)));
                     for (i, a) in acc.iter_mut().enumerate() {
-                        let x = splat_load(rows.as_ptr().add(i * pairs + k0 + k));
+                        let x = splat_load(rows.add(i * pairs + k0 + k));
                         a[0] = dot_add(a[0], x, w0);
                         a[1] = dot_add(a[1], x, w1);
                     }
@@ -576,7 +642,7 @@ mod lanes {
 mod lanes {
     use super::{Dst, PANEL, Tile};
 
-    pub(super) fn run<const P: usize>(tile: &Tile, rows: &[i32], mut dst: Dst) {
+    pub(super) fn run<const P: usize>(tile: &Tile, rows: &[i16], mut dst: Dst) {
         let pairs = tile.pairs();
         for i in 0..P {
             dst.write(
@@ -586,9 +652,9 @@ mod lanes {
                     for (s, &(k0, k1)) in tile.segments.iter().enumerate() {
                         let dot: i32 = (k0..k1)
                             .map(|k| {
-                                let pair = rows[i * pairs + k];
+                                let x = &rows[(i * pairs + k) * 2..];
                                 let w = &tile.panel[(k * PANEL + j) * 2..];
-                                (pair as i16 as i32) * w[0] as i32 + (pair >> 16) * w[1] as i32
+                                x[0] as i32 * w[0] as i32 + x[1] as i32 * w[1] as i32
                             })
                             .sum();
                         y += dot as f32 * tile.scale(s)[j];

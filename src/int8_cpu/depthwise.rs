@@ -10,7 +10,7 @@
 //! An odd tap count pairs the last tap with a zero weight. The epilogue (scale, bias,
 //! ReLU6, residual, the next layer's grid) runs on the sums in registers.
 
-use super::FusedEpilogue;
+use super::{FusedEpilogue, PointwiseInput};
 use crate::compress::ActivationParams;
 use crate::error::{EngineError, Result};
 use crate::quant::QuantizedTensor;
@@ -46,8 +46,45 @@ impl DepthwiseGeometry {
     }
 }
 
+/// Where the kernel writes: floats with the epilogue fused into the writes, or, ReLU6
+/// applied, quantized straight into the next 1×1 int8 layer's input.
+enum Sink<'a> {
+    Float {
+        out: &'a mut [f32],
+        epilogue: FusedEpilogue<'a>,
+    },
+    Next {
+        relu6: bool,
+        input: &'a mut PointwiseInput,
+    },
+}
+
+impl Sink<'_> {
+    /// Writes output pixel `pixel`'s channels `channel..` (of `channels`; ReLU6 applied).
+    fn write(&mut self, pixel: usize, channels: usize, channel: usize, values: &[f32]) {
+        match self {
+            Sink::Float { out, epilogue } => {
+                let at = pixel * channels + channel;
+                epilogue.write_tail(values, &mut out[at..at + values.len()], at);
+            }
+            Sink::Next { input, .. } => input.write(pixel, channel, values),
+        }
+    }
+
+    fn relu6(&self) -> bool {
+        match self {
+            Sink::Float { epilogue, .. } => epilogue.relu6,
+            Sink::Next { relu6, .. } => *relu6,
+        }
+    }
+}
+
 fn too_big() -> EngineError {
     EngineError::Execution("depthwise layer too large to run".into())
+}
+
+fn wrong_size() -> EngineError {
+    EngineError::Execution("int8 depthwise layer given buffers of the wrong size".into())
 }
 
 /// A depthwise layer's input as the int8 kernel reads it: quantized and centred i16 in a
@@ -75,7 +112,7 @@ impl DepthwiseInput {
             return;
         }
         let at = (y * self.columns + x) * self.padded + channel;
-        kernel::centre(values, &mut self.data[at..at + values.len()], &self.grid);
+        super::centre(values, &mut self.data[at..at + values.len()], &self.grid);
     }
 }
 
@@ -201,28 +238,61 @@ impl Int8Depthwise {
             .checked_mul(ow)
             .and_then(|p| p.checked_mul(self.channels))
             .ok_or_else(too_big)?;
+        if epilogue.residual.is_some_and(|r| r.len() != len) {
+            return Err(wrong_size());
+        }
+        let mut out = vec![0f32; len];
+        let sink = Sink::Float {
+            out: &mut out,
+            epilogue,
+        };
+        self.run_into(input, geometry, bias, sink)?;
+        Ok(out)
+    }
+
+    /// [`Self::run`] with ReLU6 where asked, its outputs quantized straight into the next
+    /// 1×1 int8 layer's input (`next`, one pixel per output pixel): no float tensor between
+    /// the two layers.
+    pub(crate) fn run_into_next(
+        &self,
+        input: &DepthwiseInput,
+        geometry: &DepthwiseGeometry,
+        bias: &[f32],
+        relu6: bool,
+        next: &mut PointwiseInput,
+    ) -> Result<()> {
+        let [oh, ow] = geometry.output;
+        if Some(next.pixels()) != oh.checked_mul(ow) || next.row < self.channels {
+            return Err(wrong_size());
+        }
+        let sink = Sink::Next { relu6, input: next };
+        self.run_into(input, geometry, bias, sink)
+    }
+
+    fn run_into(
+        &self,
+        input: &DepthwiseInput,
+        geometry: &DepthwiseGeometry,
+        bias: &[f32],
+        sink: Sink,
+    ) -> Result<()> {
         if geometry.bordered() != Some([input.rows, input.columns])
             || input.padded != self.padded
             || bias.len() != self.channels
-            || epilogue.residual.is_some_and(|r| r.len() != len)
         {
-            return Err(EngineError::Execution(
-                "int8 depthwise layer given buffers of the wrong size".into(),
-            ));
+            return Err(wrong_size());
         }
         let mut bias_padded = bias.to_vec();
         bias_padded.resize(self.padded, 0.0);
-        let mut out = vec![0f32; len];
         kernel::run(
             self,
             &input.data,
             input.columns,
             geometry,
             &bias_padded,
-            &mut out,
-            epilogue,
+            sink,
         );
-        Ok(out)
+        Ok(())
     }
 
     /// `batch` channels-last float images of `geometry.input` → `[batch, output,
@@ -240,9 +310,7 @@ impl Int8Depthwise {
         let pixels = h.checked_mul(w).ok_or_else(too_big)?;
         let image = pixels.checked_mul(c).ok_or_else(too_big)?;
         if Some(input.len()) != image.checked_mul(batch) {
-            return Err(EngineError::Execution(
-                "int8 depthwise layer given buffers of the wrong size".into(),
-            ));
+            return Err(wrong_size());
         }
         let [oh, ow] = geometry.output;
         let out_image = oh
@@ -289,25 +357,7 @@ impl Int8Depthwise {
 #[cfg(any(target_arch = "wasm32", target_arch = "x86_64"))]
 mod kernel {
     use super::super::lanes::*;
-    use super::{DepthwiseGeometry, FusedEpilogue, Int8Depthwise, LANES};
-    use crate::compress::ActivationParams;
-
-    /// `dst[i]` = `src[i]` quantized and centred (|q − zp| ≤ 255 on an int8 grid).
-    pub(super) fn centre(src: &[f32], dst: &mut [i16], grid: &ActivationParams) {
-        assert!(dst.len() == src.len());
-        let whole = src.len() / LANES * LANES;
-        for (s, d) in src[..whole]
-            .chunks_exact(LANES)
-            .zip(dst[..whole].chunks_exact_mut(LANES))
-        {
-            let v = centred_i16(load_f32(&s[..4]), load_f32(&s[4..]), grid);
-            // SAFETY: `d` holds 8 i16 (one exact chunk).
-            unsafe { store_i16(d.as_mut_ptr(), v) };
-        }
-        for (d, &v) in dst[whole..].iter_mut().zip(&src[whole..]) {
-            *d = grid.centred(v) as i16;
-        }
-    }
+    use super::{DepthwiseGeometry, Int8Depthwise, LANES, Sink};
 
     pub(super) fn run(
         layer: &Int8Depthwise,
@@ -315,12 +365,12 @@ mod kernel {
         bw: usize,
         g: &DepthwiseGeometry,
         bias: &[f32],
-        out: &mut [f32],
-        epilogue: FusedEpilogue,
+        mut sink: Sink,
     ) {
         let (c, cp) = (layer.channels, layer.padded);
         let [oh, ow] = g.output;
         let [sy, sx] = g.strides;
+        let relu6 = sink.relu6();
         let offsets = layer.pair_offsets(g, bw);
         let pairs = offsets.len();
         // The furthest element any load reads: the last output pixel's last tap, plus a
@@ -328,13 +378,17 @@ mod kernel {
         let reach = offsets.iter().map(|&(a, b)| a.max(b)).max().unwrap_or(0);
         let last_origin = ((oh.saturating_sub(1) * sy) * bw + ow.saturating_sub(1) * sx) * cp;
         assert!(last_origin + reach + cp <= bordered.len());
-        assert!(out.len() == oh * ow * c && bias.len() == cp && layer.scales.len() == cp);
+        match &sink {
+            Sink::Float { out, .. } => assert!(out.len() == oh * ow * c),
+            Sink::Next { input, .. } => assert!(input.pixels() == oh * ow && input.row >= c),
+        }
+        assert!(bias.len() == cp && layer.scales.len() == cp);
         assert!(layer.weights.len() == cp * pairs * 2);
         let (zero6, six) = (fsplat(0.0), fsplat(6.0));
         for oy in 0..oh {
             for ox in 0..ow {
                 let origin = ((oy * sy) * bw + ox * sx) * cp;
-                let at = (oy * ow + ox) * c;
+                let pixel = oy * ow + ox;
                 for step in (0..cp).step_by(LANES) {
                     let mut sums = [zero(), zero()];
                     // SAFETY: every input load reads 8 i16 from origin + offset + step, at
@@ -358,26 +412,36 @@ mod kernel {
                             load_f32(&layer.scales[s..]),
                         )
                     });
-                    if epilogue.relu6 {
+                    if relu6 {
                         v = v.map(|v| clamp(v, zero6, six));
                     }
                     let width = LANES.min(c - step);
-                    let dst = at + step;
-                    if width == LANES {
-                        if let Some(res) = epilogue.residual {
-                            v[0] = fadd(v[0], load_f32(&res[dst..]));
-                            v[1] = fadd(v[1], load_f32(&res[dst + 4..]));
+                    match (&mut sink, width == LANES) {
+                        (Sink::Float { out, epilogue }, true) => {
+                            let dst = pixel * c + step;
+                            if let Some(res) = epilogue.residual {
+                                v[0] = fadd(v[0], load_f32(&res[dst..]));
+                                v[1] = fadd(v[1], load_f32(&res[dst + 4..]));
+                            }
+                            if let Some(grid) = epilogue.grid {
+                                v = v.map(|v| fake_quantize(v, grid));
+                            }
+                            store_f32(&mut out[dst..], v[0]);
+                            store_f32(&mut out[dst + 4..], v[1]);
                         }
-                        if let Some(grid) = epilogue.grid {
-                            v = v.map(|v| fake_quantize(v, grid));
+                        (Sink::Next { input, .. }, true) => {
+                            let at = pixel * input.row + step;
+                            let centred = centred_i16(v[0], v[1], &input.grid);
+                            let dst = &mut input.data[at..at + LANES];
+                            // SAFETY: `dst` holds 8 i16 (just sliced).
+                            unsafe { store_i16(dst.as_mut_ptr(), centred) };
                         }
-                        store_f32(&mut out[dst..], v[0]);
-                        store_f32(&mut out[dst + 4..], v[1]);
-                    } else {
-                        let (lo, hi) = (to_array(v[0]), to_array(v[1]));
-                        let values: [f32; LANES] =
-                            std::array::from_fn(|j| if j < 4 { lo[j] } else { hi[j - 4] });
-                        epilogue.write_tail(&values[..width], &mut out[dst..dst + width], dst);
+                        (sink, false) => {
+                            let (lo, hi) = (to_array(v[0]), to_array(v[1]));
+                            let values: [f32; LANES] =
+                                std::array::from_fn(|j| if j < 4 { lo[j] } else { hi[j - 4] });
+                            sink.write(pixel, c, step, &values[..width]);
+                        }
                     }
                 }
             }
@@ -389,15 +453,7 @@ mod kernel {
 /// build the layer there, so this only keeps them compiling).
 #[cfg(not(any(target_arch = "wasm32", target_arch = "x86_64")))]
 mod kernel {
-    use super::{DepthwiseGeometry, FusedEpilogue, Int8Depthwise, LANES};
-    use crate::compress::ActivationParams;
-
-    /// `dst[i]` = `src[i]` quantized and centred (|q − zp| ≤ 255 on an int8 grid).
-    pub(super) fn centre(src: &[f32], dst: &mut [i16], grid: &ActivationParams) {
-        for (d, &v) in dst.iter_mut().zip(src) {
-            *d = grid.centred(v) as i16;
-        }
-    }
+    use super::{DepthwiseGeometry, Int8Depthwise, LANES, Sink};
 
     pub(super) fn run(
         layer: &Int8Depthwise,
@@ -405,9 +461,9 @@ mod kernel {
         bw: usize,
         g: &DepthwiseGeometry,
         bias: &[f32],
-        out: &mut [f32],
-        epilogue: FusedEpilogue,
+        mut sink: Sink,
     ) {
+        let relu6 = sink.relu6();
         let (c, cp) = (layer.channels, layer.padded);
         let [oh, ow] = g.output;
         let offsets = layer.pair_offsets(g, bw);
@@ -415,7 +471,6 @@ mod kernel {
         for oy in 0..oh {
             for ox in 0..ow {
                 let origin = ((oy * g.strides[0]) * bw + ox * g.strides[1]) * cp;
-                let at = (oy * ow + ox) * c;
                 let values: Vec<f32> = (0..c)
                     .map(|ch| {
                         let (step, lane) = (ch / LANES * LANES, ch % LANES);
@@ -430,10 +485,10 @@ mod kernel {
                             })
                             .sum();
                         let y = sum as f32 * layer.scales[ch] + bias[ch];
-                        if epilogue.relu6 { y.clamp(0.0, 6.0) } else { y }
+                        if relu6 { y.clamp(0.0, 6.0) } else { y }
                     })
                     .collect();
-                epilogue.write_tail(&values, &mut out[at..at + c], at);
+                sink.write(oy * ow + ox, c, 0, &values);
             }
         }
     }
@@ -575,10 +630,11 @@ mod tests {
         }
     }
 
-    /// An int8 1×1 layer writing its outputs quantized straight into the depthwise layer's
-    /// input computes what the two layers compute one after the other through floats.
+    /// An int8 1×1 expansion writing its outputs quantized straight into the depthwise
+    /// layer's input, and that layer into a 1×1 projection's, computes what the three
+    /// layers compute one after the other through floats.
     #[test]
-    fn fused_expansion_matches_the_two_layers_apart() {
+    fn fused_block_matches_the_layers_apart() {
         use crate::int8_cpu::Int8Pointwise;
         let grid = |scale: f32, zero_point: i32| ActivationParams {
             scale,
@@ -586,7 +642,8 @@ mod tests {
             qmin: -128,
             qmax: 127,
         };
-        let (expand_in, dw_in) = (grid(0.03, -20), grid(6.0 / 255.0, -128));
+        let (expand_in, dw_in, project_in) =
+            (grid(0.03, -20), grid(6.0 / 255.0, -128), grid(0.025, -128));
         let symmetric = QuantScheme {
             bits: 8,
             symmetric: true,
@@ -629,15 +686,39 @@ mod tests {
             let depthwise = Int8Depthwise::new(&dw_weights, &dw_in, c, kernel)
                 .unwrap()
                 .unwrap();
+            let cout = 5;
+            let wp: Vec<f32> = (0..cout * c)
+                .map(|i| ((i * 23 % 59) as f32 - 29.0) / 30.0)
+                .collect();
+            let bp = vec![0.05f32; cout];
+            let project = Int8Pointwise::new(
+                &QuantizedTensor::quantize(&wp, &[cout, c], symmetric),
+                &project_in,
+                c,
+                cout,
+            )
+            .unwrap()
+            .unwrap();
             let relu6 = FusedEpilogue {
                 relu6: true,
                 ..FusedEpilogue::default()
             };
+            let output_pixels = output[0] * output[1];
             let expanded = expand.forward(&x, pixels, &be, relu6);
-            let apart = depthwise.forward(&expanded, 1, &g, &bd, relu6).unwrap();
-            let mut target = depthwise.input_for(&g).unwrap();
-            expand.forward_centred(&x, pixels, &be, true, &mut target);
-            let fused = depthwise.run(&target, &g, &bd, relu6).unwrap();
+            let depthwise_out = depthwise.forward(&expanded, 1, &g, &bd, relu6).unwrap();
+            let apart =
+                project.forward(&depthwise_out, output_pixels, &bp, FusedEpilogue::default());
+            let mut dw_input = depthwise.input_for(&g).unwrap();
+            expand.forward_centred(&x, pixels, &be, true, &mut dw_input);
+            assert_eq!(
+                depthwise.run(&dw_input, &g, &bd, relu6).unwrap(),
+                depthwise_out
+            );
+            let mut project_input = project.input_for(output_pixels);
+            depthwise
+                .run_into_next(&dw_input, &g, &bd, true, &mut project_input)
+                .unwrap();
+            let fused = project.forward_input(&project_input, &bp, FusedEpilogue::default());
             assert_eq!(fused.len(), apart.len());
             for (a, b) in fused.iter().zip(&apart) {
                 assert!(
