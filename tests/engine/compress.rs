@@ -236,6 +236,41 @@ fn int8_integer_kernels_match_fake_quant_and_keep_top1() {
     assert!(o.weight_bytes as f64 / s.weight_bytes as f64 > 3.5);
 }
 
+/// EfficientNet-Lite0 as a graph (imported from our ONNX export), W8A8 per channel: every
+/// MBConv block runs as one chain of int8 layers that pass quantized values along
+/// (expansion → depthwise → projection; the first block has no expansion), and computes
+/// what the compressed graph's float form (dequantized weights, fake-quantized
+/// activations) computes, on photos that did not calibrate it.
+#[test]
+fn int8_chains_on_the_graph_compute_what_its_float_form_computes() {
+    use compresslab::exec::{CpuExecutor, Tensor};
+    use compresslab::graph::{compress_graph, import_onnx};
+    let graph = import_onnx(&compresslab::onnx::export_onnx(&store()).unwrap()).unwrap();
+    let tensor = |image: &Vec<f32>| Tensor {
+        dims: vec![1, 3, 224, 224],
+        data: image.clone(),
+    };
+    let images = samples();
+    let (calibration, held_out) = images.split_at(4);
+    let calibration: Vec<Tensor> = calibration.iter().map(tensor).collect();
+    let recipe = Recipe::w8a8(Granularity::PerChannel, Observer::MinMax);
+    let compressed = compress_graph(&graph, &recipe, &calibration, &mut |_, _| Ok(())).unwrap();
+    let integer = CpuExecutor::compressed(&compressed).unwrap();
+    let used = integer.kernel_use();
+    assert_eq!((used.int8, used.chained), (50, 2 + 15 * 3), "{used:?}");
+    let float = CpuExecutor::new(&compressed.graph).unwrap();
+    for image in held_out {
+        let ours = integer.run(&tensor(image)).unwrap().remove(0).data;
+        let reference = float.run(&tensor(image)).unwrap().remove(0).data;
+        let (same, kl) = agreement(&reference, &ours);
+        println!(
+            "graph int8 chains vs float form: top-1 same {same}, KL {kl:.1e}, max |logit| {:.1e}",
+            max_abs_diff(&ours, &reference)
+        );
+        assert!(same && kl < 1e-3, "KL {kl}");
+    }
+}
+
 /// Educators' case: per-tensor int8 on folded depthwise weights starves small channels.
 #[test]
 fn per_tensor_int8_starves_small_depthwise_channels() {

@@ -83,7 +83,7 @@ impl Epilogue {
 
     /// The same stages as the int8 kernels' own epilogue (ReLU6, the residual, the next
     /// layer's grid), when they have that form; `residual` is the residual value's span.
-    fn as_int8<'a>(&'a self, residual: Option<&'a [f32]>) -> Option<FusedEpilogue<'a>> {
+    pub(super) fn as_int8<'a>(&'a self, residual: Option<&'a [f32]>) -> Option<FusedEpilogue<'a>> {
         let mut rest = self.stages.as_slice();
         let relu6 = matches!(rest.first(),
             Some(Stage::Unary(Op::Clip { min, max })) if *min == 0.0 && *max == 6.0);
@@ -139,7 +139,7 @@ pub(super) struct ConvKernel {
     cin_g: usize,
     taps: usize,
     pub(super) weights: Weights,
-    bias: Vec<f32>,
+    pub(super) bias: Vec<f32>,
     depthwise: bool,
     pub(super) epilogue: Epilogue,
 }
@@ -228,6 +228,34 @@ impl ConvKernel {
         Ok(false)
     }
 
+    /// A 1×1 convolution with stride 1, one group and no padding: one matrix product over
+    /// pixels.
+    pub(super) fn is_plain_pointwise(&self) -> bool {
+        let c = &self.conv;
+        self.taps == 1
+            && c.strides == [1, 1]
+            && c.group == 1
+            && c.padding.resolve(0, 1, 1, 1, 1) == (0, 0)
+            && c.padding.resolve(1, 1, 1, 1, 1) == (0, 0)
+    }
+
+    /// Where a depthwise layer on an `input`-sized image reads and writes.
+    pub(super) fn depthwise_geometry(
+        &self,
+        input: [usize; 2],
+        output: [usize; 2],
+    ) -> DepthwiseGeometry {
+        let c = &self.conv;
+        DepthwiseGeometry {
+            input,
+            output,
+            kernel: c.kernel,
+            strides: c.strides,
+            dilations: c.dilations,
+            leading_pads: c.padding.leading(input, c.kernel, c.strides, c.dilations),
+        }
+    }
+
     /// Bytes the weights and bias hold.
     pub(super) fn bytes(&self) -> usize {
         self.weights.bytes() + 4 * self.bias.len()
@@ -297,14 +325,7 @@ impl ConvKernel {
                 out
             }
             Weights::Int8Depthwise(k) => {
-                let geometry = DepthwiseGeometry {
-                    input: [h, w],
-                    output: [out_dims[2], out_dims[3]],
-                    kernel: c.kernel,
-                    strides: c.strides,
-                    dilations: c.dilations,
-                    leading_pads: c.padding.leading([h, w], c.kernel, c.strides, c.dilations),
-                };
+                let geometry = self.depthwise_geometry([h, w], [out_dims[2], out_dims[3]]);
                 match self.epilogue.as_int8(residual) {
                     Some(fused) => k.forward(&x.data, n, &geometry, &self.bias, fused)?,
                     None => {

@@ -5,6 +5,7 @@
 //! Softmax, Concat off the channel axis) see their input in plain row-major order; the
 //! interpreter converts only when a layout differs (free when H = W = 1).
 
+mod chain;
 mod conv;
 mod linear;
 mod ops;
@@ -16,6 +17,7 @@ use super::{MAX_ACTIVATION_ELEMENTS, ShapeCache, Tensor};
 use crate::error::{EngineError, Result};
 use crate::graph::{CompressedGraph, Graph, Node, Op, batch_norm_affine, transpose};
 use crate::quant::QuantizedTensor;
+use chain::{Plan, plan_chains, run_chain};
 use conv::{ConvKernel, Epilogue, Weights};
 use linear::LinearKernel;
 pub(crate) use ops::tap_range;
@@ -166,6 +168,9 @@ pub struct KernelUse {
     /// block int8 k×k filters, grouped int8, depthwise blocks smaller than a channel):
     /// float arithmetic on their dequantized weights.
     pub dequantized: usize,
+    /// int8 layers (of `int8`) in chains that pass quantized values from layer to layer
+    /// (expansion → depthwise → projection) instead of floats.
+    pub chained: usize,
 }
 
 /// A graph prepared for the CPU: weights rearranged once, values freed after their last use.
@@ -173,6 +178,9 @@ pub struct CpuExecutor {
     /// The graph; the constants the kernels took over keep their dims, not their data.
     graph: Graph,
     kernels: Vec<Kernel>,
+    /// For each node, whether it runs its kernel, a chain of int8 layers, or nothing (part
+    /// of a chain).
+    plan: Vec<Plan>,
     /// For each node, the values whose last reader it is.
     frees: Vec<Vec<String>>,
     shapes: ShapeCache,
@@ -311,6 +319,7 @@ impl CpuExecutor {
             }
         }
         fuse_epilogues(&graph, &mut kernels, &producers, &consumers, &outputs);
+        let plan = plan_chains(&graph, &kernels, &producers, &consumers, &outputs);
         let frees = graph.last_readers();
         // The kernels hold their own copies of the weights: the graph keeps the data of
         // only the constants other nodes read (shape inference still sees every dims).
@@ -331,6 +340,7 @@ impl CpuExecutor {
         Ok(Self {
             graph,
             kernels,
+            plan,
             frees,
             shapes: ShapeCache::default(),
             dequantized,
@@ -343,6 +353,17 @@ impl CpuExecutor {
             int8: self.kernels.iter().filter(|k| k.has_int8()).count(),
             int4: self.kernels.iter().filter(|k| k.has_int4()).count(),
             dequantized: self.dequantized,
+            chained: self
+                .plan
+                .iter()
+                .enumerate()
+                .map(|(i, p)| match p {
+                    Plan::Chain { depthwise, project } => {
+                        1 + usize::from(i != *depthwise) + usize::from(project.is_some())
+                    }
+                    _ => 0,
+                })
+                .sum(),
         }
     }
 
@@ -376,7 +397,8 @@ impl CpuExecutor {
     /// [`Self::run`], showing `observe` every value as it is computed (the input too), by
     /// name, in whatever element order the interpreter keeps it (calibration only needs the
     /// values). A layer's raw output is not shown when the nodes after it are fused into
-    /// it: they show the value it wrote.
+    /// it: they show the value it wrote; nor are the values inside a chain of int8 layers
+    /// (see `chain.rs`: only a compressed graph has them), which never exist as floats.
     pub fn run_observed(
         &self,
         input: &Tensor,
@@ -401,12 +423,40 @@ impl CpuExecutor {
             _ => Value::plain(input.dims.clone(), input.data.clone()).into_nhwc(),
         };
         values.insert(info.name.as_str(), Rc::new(first));
-        for ((node, kernel), frees) in self.graph.nodes.iter().zip(&self.kernels).zip(&self.frees) {
-            let out_dims = shapes
-                .get(&node.outputs[0])
+        let dims_of = |name: &str| -> Result<Vec<usize>> {
+            shapes
+                .get(name)
                 .and_then(|d| crate::graph::concrete_dims(d))
-                .ok_or_else(|| exec_err(node, "output shape unknown"))?;
-            let out = self.step(node, kernel, &values, &out_dims)?;
+                .ok_or_else(|| EngineError::Execution(format!("shape of `{name}` unknown")))
+        };
+        let steps = self.graph.nodes.iter().zip(&self.kernels).zip(&self.frees);
+        for (i, ((node, kernel), frees)) in steps.enumerate() {
+            let (at, out) = match self.plan[i] {
+                Plan::Skip => {
+                    for f in frees {
+                        values.remove(f.as_str());
+                    }
+                    continue;
+                }
+                Plan::Chain { depthwise, project } => {
+                    let out = run_chain(
+                        &self.graph,
+                        &self.kernels,
+                        [i, depthwise],
+                        project,
+                        &values,
+                        &dims_of,
+                    )?;
+                    (project.unwrap_or(depthwise), Rc::new(out))
+                }
+                Plan::Run => {
+                    let out_dims = dims_of(&node.outputs[0])?;
+                    (i, self.step(node, kernel, &values, &out_dims)?)
+                }
+            };
+            // A chain's output is its last node's.
+            let (node, kernel) = (&self.graph.nodes[at], &self.kernels[at]);
+            let out_dims = dims_of(&node.outputs[0])?;
             for f in frees {
                 values.remove(f.as_str());
             }
