@@ -536,3 +536,95 @@ fn efficientnet_as_a_graph_matches_its_dedicated_cpu_path_and_compresses() {
     assert!(same >= 3, "{same}/4");
     assert!(stats.weight_bytes * 3 < original.weight_bytes);
 }
+
+/// Depthwise and 1×1 layers alternating (dw → 1×1 → dw → 1×1, as in MobileNet v1): each 1×1
+/// layer ends one chain of int8 layers and is not taken as the next chain's expansion (its
+/// float input never exists), and the result is what the float form computes.
+#[test]
+fn alternating_depthwise_and_pointwise_layers_chain_in_pairs() {
+    use compresslab::graph::{Constant, Conv, Dim, Node, Padding, ValueInfo};
+    let channels = 8;
+    let mut graph = Graph {
+        inputs: vec![ValueInfo {
+            name: "x".into(),
+            dims: [1, channels, 6, 6].map(Dim::Known).to_vec(),
+        }],
+        outputs: vec![ValueInfo {
+            name: "y".into(),
+            dims: [1, 4, 6, 6].map(Dim::Known).to_vec(),
+        }],
+        ..Default::default()
+    };
+    let conv = |kernel: usize, group: usize| {
+        let pad = kernel / 2;
+        Op::Conv(Conv {
+            kernel: [kernel, kernel],
+            strides: [1, 1],
+            dilations: [1, 1],
+            padding: Padding::Explicit([pad; 4]),
+            group,
+        })
+    };
+    let clip = Op::Clip { min: 0.0, max: 6.0 };
+    // (input, op, weight dims, output)
+    let layers = [
+        ("x", conv(3, channels), [channels, 1, 3, 3], "d1"),
+        ("r1", conv(1, 1), [channels, channels, 1, 1], "p1"),
+        ("r2", conv(3, channels), [channels, 1, 3, 3], "d2"),
+        ("r3", conv(1, 1), [4, channels, 1, 1], "y"),
+    ];
+    for (i, (input, op, dims, output)) in layers.into_iter().enumerate() {
+        let n: usize = dims.iter().product();
+        let (w, b) = (format!("w{i}"), format!("b{i}"));
+        graph.constants.insert(
+            w.clone(),
+            Constant {
+                dims: dims.to_vec(),
+                data: (0..n)
+                    .map(|k| ((k * 37 + i * 11) % 23) as f32 / 23.0 - 0.45)
+                    .collect(),
+            },
+        );
+        graph.constants.insert(
+            b.clone(),
+            Constant {
+                dims: vec![dims[0]],
+                data: (0..dims[0]).map(|k| k as f32 * 0.05 - 0.1).collect(),
+            },
+        );
+        graph.nodes.push(Node {
+            name: format!("conv{i}"),
+            op,
+            inputs: vec![input.into(), w, b],
+            outputs: vec![output.into()],
+        });
+        if i < 3 {
+            graph.nodes.push(Node {
+                name: format!("clip{i}"),
+                op: clip.clone(),
+                inputs: vec![output.into()],
+                outputs: vec![format!("r{}", i + 1)],
+            });
+        }
+    }
+    let image = |seed: usize| Tensor {
+        dims: vec![1, channels, 6, 6],
+        data: (0..channels * 36)
+            .map(|k| ((k * 53 + seed * 17) % 97) as f32 / 24.0 - 1.0)
+            .collect(),
+    };
+    let recipe = Recipe::w8a8(Granularity::PerChannel, Observer::MinMax);
+    let calibration = [image(1), image(2)];
+    let compressed = compress_graph(&graph, &recipe, &calibration, &mut |_, _| Ok(())).unwrap();
+    let integer = CpuExecutor::compressed(&compressed).unwrap();
+    let used = integer.kernel_use();
+    assert_eq!((used.int8, used.chained), (4, 4), "{used:?}");
+    let held_out = image(3);
+    let ours = integer.run(&held_out).unwrap().remove(0);
+    let reference = run(&compressed.graph, &held_out);
+    let diff = relative_difference(&ours, &reference);
+    println!(
+        "dw → 1×1 → dw → 1×1 in two chains: max relative difference to the float form {diff:.1e}"
+    );
+    assert!(diff <= 1e-5, "{diff}");
+}

@@ -84,8 +84,11 @@ pub(super) fn plan_chains(
                 (reader, value) = (p, node.inputs[0].as_str());
                 continue;
             }
+            // A 1×1 layer that already ends an earlier chain (dw → 1×1 → dw → 1×1, as in
+            // MobileNet v1) stays there: its float input never exists.
             break conv(p)
                 .filter(|k| int8_pointwise(k).is_some() && relu6_at_most(k))
+                .filter(|_| plan[p] == Plan::Run)
                 .map(|_| p);
         };
         if expand.is_none() {
