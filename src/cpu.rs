@@ -180,13 +180,13 @@ impl Pointwise {
             }
             None => input,
         };
+        if let Some(int4) = &self.int4 {
+            let out = int4.product(input, pixels, &self.bias);
+            return self.epilogue(out, residual);
+        }
         let mut out = Vec::with_capacity(pixels * self.cout);
         for _ in 0..pixels {
             out.extend_from_slice(&self.bias);
-        }
-        if let Some(int4) = &self.int4 {
-            int4.accumulate(input, pixels, &mut out);
-            return self.epilogue(out, residual);
         }
         gemm_accumulate(&mut out, self.cout, input, &self.weight, pixels, self.cin);
         self.epilogue(out, residual)

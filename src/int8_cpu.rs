@@ -182,6 +182,7 @@ impl Int8Pointwise {
                 stride: cout,
                 width: PANEL.min(cout - tile.o0),
                 epilogue,
+                row_scales: None,
             };
             run_tile(n, tile, rows, dst);
         });
@@ -209,6 +210,7 @@ impl Int8Pointwise {
                 stride: PANEL,
                 width: PANEL,
                 epilogue: FusedEpilogue::default(),
+                row_scales: None,
             };
             run_tile(n, tile, rows, dst);
             let width = PANEL.min(cout - tile.o0);
@@ -280,7 +282,7 @@ impl PointwiseInput {
 
 /// `dst[i]` = `src[i]` quantized to `grid` and centred (|q − zp| ≤ 255 on an int8 grid),
 /// eight at a time with 128-bit lanes where the target has them.
-fn centre(src: &[f32], dst: &mut [i16], grid: &ActivationParams) {
+pub(crate) fn centre(src: &[f32], dst: &mut [i16], grid: &ActivationParams) {
     assert!(dst.len() == src.len());
     #[cfg(any(target_arch = "wasm32", target_arch = "x86_64"))]
     let whole = {
@@ -303,7 +305,7 @@ fn centre(src: &[f32], dst: &mut [i16], grid: &ActivationParams) {
 }
 
 /// One tile of `n` (1–4) pixels.
-fn run_tile(n: usize, tile: &Tile, rows: &[i16], dst: Dst) {
+pub(crate) fn run_tile(n: usize, tile: &Tile, rows: &[i16], dst: Dst) {
     match n {
         4 => lanes::run::<4>(tile, rows, dst),
         3 => lanes::run::<3>(tile, rows, dst),
@@ -314,12 +316,16 @@ fn run_tile(n: usize, tile: &Tile, rows: &[i16], dst: Dst) {
 
 /// Where a tile's results go: rows `stride` apart from the start of `out`, which is `at`
 /// of the whole output, `width` (≤ 8) outputs each; and what is fused into the writes.
-struct Dst<'a> {
-    out: &'a mut [f32],
-    at: usize,
-    stride: usize,
-    width: usize,
-    epilogue: FusedEpilogue<'a>,
+pub(crate) struct Dst<'a> {
+    pub(crate) out: &'a mut [f32],
+    pub(crate) at: usize,
+    pub(crate) stride: usize,
+    pub(crate) width: usize,
+    pub(crate) epilogue: FusedEpilogue<'a>,
+    /// One input scale per pixel of the tile (inputs on a grid of their own per pixel, as
+    /// the int4 kernel's): `y = s_pixel · Σ_segments s_w · Σ + bias`. `None`: the input
+    /// scale is in the tile's scales.
+    pub(crate) row_scales: Option<&'a [f32]>,
 }
 
 impl Dst<'_> {
@@ -339,16 +345,16 @@ impl Dst<'_> {
 
 /// One panel of 8 outputs and what its sums need: the scales of each input segment, the
 /// bias and whether ReLU6 follows.
-struct Tile<'a> {
+pub(crate) struct Tile<'a> {
     /// `[pairs][8][2]` i16.
-    panel: &'a [i16],
-    segments: &'a [(usize, usize)],
+    pub(crate) panel: &'a [i16],
+    pub(crate) segments: &'a [(usize, usize)],
     /// `[segments][scale_stride]`.
-    scales: &'a [f32],
-    scale_stride: usize,
-    o0: usize,
-    bias: &'a [f32],
-    relu6: bool,
+    pub(crate) scales: &'a [f32],
+    pub(crate) scale_stride: usize,
+    pub(crate) o0: usize,
+    pub(crate) bias: &'a [f32],
+    pub(crate) relu6: bool,
 }
 
 impl Tile<'_> {
@@ -365,7 +371,7 @@ impl Tile<'_> {
 /// The tile kernel: `P` consecutive rows of input pairs (from `rows`) × one panel, scaled,
 /// biased and clamped → `[P][8]` floats. 128-bit lanes on wasm (SIMD128) and x86-64 (SSE2).
 #[cfg(any(target_arch = "wasm32", target_arch = "x86_64"))]
-mod lanes {
+pub(crate) mod lanes {
     use super::{Dst, PANEL, Tile};
     use crate::compress::ActivationParams;
     #[cfg(target_arch = "wasm32")]
@@ -374,18 +380,18 @@ mod lanes {
     use core::arch::x86_64::*;
 
     #[cfg(target_arch = "wasm32")]
-    pub(super) type I = v128;
+    pub(crate) type I = v128;
     #[cfg(target_arch = "wasm32")]
-    pub(super) type F = v128;
+    pub(crate) type F = v128;
     #[cfg(target_arch = "x86_64")]
-    pub(super) type I = __m128i;
+    pub(crate) type I = __m128i;
     #[cfg(target_arch = "x86_64")]
-    pub(super) type F = __m128;
+    pub(crate) type F = __m128;
 
     // SAFETY (every x86 intrinsic below): SSE2 is part of the x86-64 baseline, and none
     // of these touches memory.
     #[inline(always)]
-    pub(super) fn zero() -> I {
+    pub(crate) fn zero() -> I {
         #[cfg(target_arch = "wasm32")]
         return i32x4_splat(0);
         #[cfg(target_arch = "x86_64")]
@@ -394,7 +400,7 @@ mod lanes {
 
     /// acc + pairwise products of i16 lanes (`i32x4.dot_i16x8_s` / `pmaddwd`).
     #[inline(always)]
-    pub(super) fn dot_add(acc: I, a: I, b: I) -> I {
+    pub(crate) fn dot_add(acc: I, a: I, b: I) -> I {
         #[cfg(target_arch = "wasm32")]
         return i32x4_add(acc, i32x4_dot_i16x8(a, b));
         #[cfg(target_arch = "x86_64")]
@@ -404,7 +410,7 @@ mod lanes {
     /// The i16 lanes of `a` and `b` interleaved: (a0, b0, a1, b1, a2, b2, a3, b3) and the
     /// same of lanes 4–7 (`punpcklwd` / `punpckhwd`).
     #[inline(always)]
-    pub(super) fn interleave_i16(a: I, b: I) -> (I, I) {
+    pub(crate) fn interleave_i16(a: I, b: I) -> (I, I) {
         #[cfg(target_arch = "wasm32")]
         return (
             i16x8_shuffle::<0, 8, 1, 9, 2, 10, 3, 11>(a, b),
@@ -417,7 +423,7 @@ mod lanes {
     /// # Safety
     /// `p` points at a readable i32.
     #[inline(always)]
-    unsafe fn splat_load(p: *const i32) -> I {
+    pub(crate) unsafe fn splat_load(p: *const i32) -> I {
         // SAFETY: the caller's contract; neither load needs alignment.
         #[cfg(target_arch = "wasm32")]
         return unsafe { v128_load32_splat(p as *const u32) };
@@ -426,7 +432,7 @@ mod lanes {
     }
 
     #[inline(always)]
-    pub(super) fn fsplat(x: f32) -> F {
+    pub(crate) fn fsplat(x: f32) -> F {
         #[cfg(target_arch = "wasm32")]
         return f32x4_splat(x);
         #[cfg(target_arch = "x86_64")]
@@ -435,7 +441,7 @@ mod lanes {
 
     /// acc + f32(v) · scale.
     #[inline(always)]
-    pub(super) fn scale_add(acc: F, v: I, scale: F) -> F {
+    pub(crate) fn scale_add(acc: F, v: I, scale: F) -> F {
         #[cfg(target_arch = "wasm32")]
         return f32x4_add(acc, f32x4_mul(f32x4_convert_i32x4(v), scale));
         #[cfg(target_arch = "x86_64")]
@@ -443,7 +449,7 @@ mod lanes {
     }
 
     #[inline(always)]
-    pub(super) fn clamp(v: F, lo: F, hi: F) -> F {
+    pub(crate) fn clamp(v: F, lo: F, hi: F) -> F {
         #[cfg(target_arch = "wasm32")]
         return f32x4_pmin(f32x4_pmax(v, lo), hi);
         #[cfg(target_arch = "x86_64")]
@@ -453,7 +459,7 @@ mod lanes {
     /// # Safety
     /// `p` points at 8 readable i16.
     #[inline(always)]
-    pub(super) unsafe fn load_i16(p: *const i16) -> I {
+    pub(crate) unsafe fn load_i16(p: *const i16) -> I {
         // SAFETY: the caller's contract; neither load needs alignment.
         #[cfg(target_arch = "wasm32")]
         return unsafe { v128_load(p as *const v128) };
@@ -463,7 +469,7 @@ mod lanes {
 
     /// Loads 4 f32 from a slice holding at least that many.
     #[inline(always)]
-    pub(super) fn load_f32(s: &[f32]) -> F {
+    pub(crate) fn load_f32(s: &[f32]) -> F {
         assert!(s.len() >= 4);
         // SAFETY: 4 readable f32 (asserted); neither load needs alignment.
         #[cfg(target_arch = "wasm32")]
@@ -473,13 +479,13 @@ mod lanes {
     }
 
     #[inline(always)]
-    pub(super) fn to_array(v: F) -> [f32; 4] {
+    pub(crate) fn to_array(v: F) -> [f32; 4] {
         // SAFETY: both vector types have the size and bit layout of four f32.
         unsafe { std::mem::transmute::<F, [f32; 4]>(v) }
     }
 
     #[inline(always)]
-    pub(super) fn store_f32(s: &mut [f32], v: F) {
+    pub(crate) fn store_f32(s: &mut [f32], v: F) {
         assert!(s.len() >= 4);
         // SAFETY: 4 writable f32 (asserted); neither store needs alignment.
         #[cfg(target_arch = "wasm32")]
@@ -495,7 +501,7 @@ mod lanes {
     /// [`ActivationParams::fake_quantize`] on four lanes (the same rounding: clamp to the
     /// integer bounds, then add and subtract 1.5·2²³).
     #[inline(always)]
-    pub(super) fn fake_quantize(v: F, grid: &ActivationParams) -> F {
+    pub(crate) fn fake_quantize(v: F, grid: &ActivationParams) -> F {
         const MAGIC: f32 = 12_582_912.0;
         let lo = fsplat((grid.qmin - grid.zero_point) as f32);
         let hi = fsplat((grid.qmax - grid.zero_point) as f32);
@@ -520,38 +526,56 @@ mod lanes {
     /// [`ActivationParams::centred`] on eight lanes, narrowed to i16 (the same arithmetic:
     /// divide, NaN → 0, clamp to the integer bounds, round by adding 1.5·2²³).
     #[inline(always)]
-    pub(super) fn centred_i16(a: F, b: F, grid: &ActivationParams) -> I {
-        const MAGIC: f32 = 12_582_912.0;
+    pub(crate) fn centred_i16(a: F, b: F, grid: &ActivationParams) -> I {
         let lo = fsplat((grid.qmin - grid.zero_point) as f32);
         let hi = fsplat((grid.qmax - grid.zero_point) as f32);
-        let (scale, magic) = (fsplat(grid.scale), fsplat(MAGIC));
+        let scale = fsplat(grid.scale);
+        #[cfg(target_arch = "wasm32")]
+        let (a, b) = (f32x4_div(a, scale), f32x4_div(b, scale));
+        #[cfg(target_arch = "x86_64")]
+        let (a, b) = unsafe { (_mm_div_ps(a, scale), _mm_div_ps(b, scale)) };
+        narrow_rounded(a, b, lo, hi)
+    }
+
+    /// `a · factor` and `b · factor` rounded to integers within ±`bound`, narrowed to i16
+    /// (NaN → 0).
+    #[inline(always)]
+    pub(crate) fn scaled_i16(a: F, b: F, factor: F, bound: f32) -> I {
+        let (lo, hi) = (fsplat(-bound), fsplat(bound));
+        narrow_rounded(fmul(a, factor), fmul(b, factor), lo, hi)
+    }
+
+    /// Eight lanes clamped to `lo..=hi` (NaN → 0), rounded half to even by adding
+    /// 1.5·2²³, narrowed to i16.
+    #[inline(always)]
+    fn narrow_rounded(a: F, b: F, lo: F, hi: F) -> I {
+        const MAGIC: f32 = 12_582_912.0;
+        let magic = fsplat(MAGIC);
         #[cfg(target_arch = "wasm32")]
         {
-            let centre = |v: F| {
-                let v = f32x4_div(v, scale);
+            let round = |v: F| {
                 let v = clamp(v128_and(v, f32x4_eq(v, v)), lo, hi);
                 i32x4_sub(f32x4_add(v, magic), i32x4_splat(MAGIC.to_bits() as i32))
             };
-            i16x8_narrow_i32x4(centre(a), centre(b))
+            i16x8_narrow_i32x4(round(a), round(b))
         }
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            let centre = |v: F| {
-                let v = _mm_div_ps(v, scale);
+            let round = |v: F| {
                 let v = clamp(_mm_and_ps(v, _mm_cmpeq_ps(v, v)), lo, hi);
                 _mm_sub_epi32(
                     _mm_castps_si128(_mm_add_ps(v, magic)),
                     _mm_set1_epi32(MAGIC.to_bits() as i32),
                 )
             };
-            _mm_packs_epi32(centre(a), centre(b))
+            _mm_packs_epi32(round(a), round(b))
         }
     }
 
     /// # Safety
     /// `p` points at 8 writable i16.
     #[inline(always)]
-    pub(super) unsafe fn store_i16(p: *mut i16, v: I) {
+    pub(crate) unsafe fn store_i16(p: *mut i16, v: I) {
         // SAFETY: the caller's contract; neither store needs alignment.
         #[cfg(target_arch = "wasm32")]
         unsafe {
@@ -564,11 +588,80 @@ mod lanes {
     }
 
     #[inline(always)]
-    pub(super) fn fadd(a: F, b: F) -> F {
+    pub(crate) fn fadd(a: F, b: F) -> F {
         #[cfg(target_arch = "wasm32")]
         return f32x4_add(a, b);
         #[cfg(target_arch = "x86_64")]
         return unsafe { _mm_add_ps(a, b) };
+    }
+
+    /// Eight bytes of packed int4 weights (each byte: two inputs of one output, the first in
+    /// the low nibble) as two vectors of sign-extended i16 pairs, outputs 0–3 and 4–7 (the
+    /// layout of an int8 weight panel): zero-extend the bytes to i16, then shift each nibble
+    /// to the top and back arithmetically.
+    ///
+    /// # Safety
+    /// `p` points at 8 readable bytes.
+    #[inline(always)]
+    pub(crate) unsafe fn nibble_pairs(p: *const u8) -> (I, I) {
+        // SAFETY: the caller's contract; neither load needs alignment.
+        #[cfg(target_arch = "wasm32")]
+        let (low, high) = unsafe {
+            let bytes = u16x8_extend_low_u8x16(v128_load64_zero(p as *const u64));
+            (
+                i16x8_shr(i16x8_shl(bytes, 12), 12),
+                i16x8_shr(i16x8_shl(bytes, 8), 12),
+            )
+        };
+        #[cfg(target_arch = "x86_64")]
+        let (low, high) = unsafe {
+            let bytes =
+                _mm_unpacklo_epi8(_mm_loadl_epi64(p as *const __m128i), _mm_setzero_si128());
+            (
+                _mm_srai_epi16(_mm_slli_epi16(bytes, 12), 12),
+                _mm_srai_epi16(_mm_slli_epi16(bytes, 8), 12),
+            )
+        };
+        interleave_i16(low, high)
+    }
+
+    #[inline(always)]
+    pub(crate) fn sub_i16(a: I, b: I) -> I {
+        #[cfg(target_arch = "wasm32")]
+        return i16x8_sub(a, b);
+        #[cfg(target_arch = "x86_64")]
+        return unsafe { _mm_sub_epi16(a, b) };
+    }
+
+    #[inline(always)]
+    pub(crate) fn fmul(a: F, b: F) -> F {
+        #[cfg(target_arch = "wasm32")]
+        return f32x4_mul(a, b);
+        #[cfg(target_arch = "x86_64")]
+        return unsafe { _mm_mul_ps(a, b) };
+    }
+
+    /// The largest |x| of `s` (NaN ignored), four lanes at a time.
+    pub(crate) fn max_abs(s: &[f32]) -> f32 {
+        let whole = s.len() / 4 * 4;
+        let mut m = fsplat(0.0);
+        for chunk in s[..whole].chunks_exact(4) {
+            let v = load_f32(chunk);
+            // |v| by clearing the sign bit; `max(m, |v|)` keeps m where |v| is NaN.
+            #[cfg(target_arch = "wasm32")]
+            {
+                m = f32x4_pmax(m, f32x4_abs(v));
+            }
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                m = _mm_max_ps(_mm_andnot_ps(_mm_set1_ps(-0.0), v), m);
+            }
+        }
+        let lanes = to_array(m);
+        s[whole..].iter().fold(
+            lanes[0].max(lanes[1]).max(lanes[2].max(lanes[3])),
+            |m, v| m.max(v.abs()),
+        )
     }
 
     #[inline(always)]
@@ -577,7 +670,12 @@ mod lanes {
         assert!(rows.len() >= 2 * P * pairs);
         // Two i16 of a row are one i32 pair (the first in the low half: little-endian).
         let rows = rows.as_ptr() as *const i32;
-        let mut sums = [[load_f32(&tile.bias[..4]), load_f32(&tile.bias[4..])]; P];
+        let bias = [load_f32(&tile.bias[..4]), load_f32(&tile.bias[4..])];
+        let mut sums = [if dst.row_scales.is_some() {
+            [fsplat(0.0); 2]
+        } else {
+            bias
+        }; P];
         for (s, &(k0, k1)) in tile.segments.iter().enumerate() {
             assert!(k0 <= k1 && k1 <= pairs);
             let mut acc = [[zero(); 2]; P];
@@ -600,6 +698,16 @@ mod lanes {
             for (sum, a) in sums.iter_mut().zip(&acc) {
                 sum[0] = scale_add(sum[0], a[0], s0);
                 sum[1] = scale_add(sum[1], a[1], s1);
+            }
+        }
+        if let Some(row_scales) = dst.row_scales {
+            assert!(row_scales.len() >= P);
+            for (sum, &s) in sums.iter_mut().zip(row_scales) {
+                let s = fsplat(s);
+                *sum = [
+                    fadd(fmul(sum[0], s), bias[0]),
+                    fadd(fmul(sum[1], s), bias[1]),
+                ];
             }
         }
         if tile.relu6 {
@@ -648,7 +756,11 @@ mod lanes {
             dst.write(
                 i,
                 std::array::from_fn(|j| {
-                    let mut y = tile.bias[j];
+                    let mut y = if dst.row_scales.is_some() {
+                        0.0
+                    } else {
+                        tile.bias[j]
+                    };
                     for (s, &(k0, k1)) in tile.segments.iter().enumerate() {
                         let dot: i32 = (k0..k1)
                             .map(|k| {
@@ -658,6 +770,9 @@ mod lanes {
                             })
                             .sum();
                         y += dot as f32 * tile.scale(s)[j];
+                    }
+                    if let Some(row_scales) = dst.row_scales {
+                        y = y * row_scales[i] + tile.bias[j];
                     }
                     if tile.relu6 { y.clamp(0.0, 6.0) } else { y }
                 }),

@@ -678,6 +678,12 @@ fn feature_matching_pulls_block_outputs_toward_the_teacher() {
 /// int4 weight-only per block of 32: the CPU path computes from the packed weights (33
 /// pointwise and 16 depthwise layers; the stem's 864 weights stay float), gives the float
 /// reference's logits, and holds a sixth of fp32's memory.
+///
+/// The pointwise layers round each pixel's inputs to 16 bits for their integer products.
+/// Measured on the 7 sample photos: at most 1.3e-4 of the largest logit apart from float on
+/// the dequantized weights (limit 3e-4), while the int4 weights themselves move the logits
+/// by 4.4–8.9 from fp32: the kernel's own rounding is under 1/1000 of what the recipe
+/// changes (measured 1/8 000 at most).
 #[test]
 fn int4_cpu_kernel_computes_from_packed_weights() {
     let original = store();
@@ -695,17 +701,19 @@ fn int4_cpu_kernel_computes_from_packed_weights() {
     let reference = CpuEfficientNet::from_compressed(&model, false).unwrap();
     let fp32 = CpuEfficientNet::from_store(&original).unwrap();
     assert_eq!((packed.int8_layers(), packed.int4_layers()), (0, 49));
+    let argmax = |v: &[f32]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j]));
     for image in &images {
         let a = packed.forward(image, 224, 224).unwrap();
         let b = reference.forward(image, 224, 224).unwrap();
-        // The same dequantized values, multiplied tile by tile instead of in one GEMM:
-        // only float summation order differs.
+        let full = fp32.forward(image, 224, 224).unwrap();
         let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let diff = max_abs_diff(&a, &b);
+        let (diff, recipe_diff) = (max_abs_diff(&a, &b), max_abs_diff(&b, &full));
         println!(
-            "int4 packed vs dequantized: max |logit| difference {diff:.1e} (largest logit {scale:.1})"
+            "int4 packed vs dequantized: max |logit| difference {diff:.1e} (largest logit {scale:.1}); int4 vs fp32 {recipe_diff:.2}"
         );
-        assert!(diff <= 1e-4 * scale, "{diff}");
+        assert!(diff <= 3e-4 * scale, "{diff}");
+        assert!(diff * 1000.0 <= recipe_diff, "{diff} vs {recipe_diff}");
+        assert_eq!(argmax(&a), argmax(&b));
     }
     let (held, held_fp32) = (packed.weight_bytes(), fp32.weight_bytes());
     println!(

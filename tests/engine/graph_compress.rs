@@ -342,7 +342,14 @@ fn integer_kernels_on_the_graph_compute_what_its_float_form_computes() {
                     "{name} {label}"
                 );
             }
-            assert!(diff <= 1e-5, "{name} {label}: {diff}");
+            // int8: exact integer sums, float rounding only. int4: the 1×1 and Gemm layers
+            // round each pixel's inputs to 16 bits (measured at most 9.2e-5, textdir).
+            let limit = if recipe.activations.is_some() {
+                1e-5
+            } else {
+                3e-4
+            };
+            assert!(diff <= limit, "{name} {label}: {diff}");
             assert!(agreement >= 0.99, "{name} {label}: {agreement}");
         }
     }

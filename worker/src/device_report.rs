@@ -18,7 +18,7 @@ use compresslab::prune::{ChannelPruning, ChannelRanking};
 use compresslab::quant::{Granularity, QuantScheme};
 
 use crate::error::{WorkerError, WorkerResult};
-use crate::lab::{EvalImage, eval_images, kernels_summary, latency, layer_kernels};
+use crate::lab::{EvalImage, KernelPlace, eval_images, kernels_summary, latency, layer_kernels};
 use crate::worker::{Loaded, now, post};
 use compresslab_spec::messages::{BackendKind, DeviceReport, DeviceRow, FromWorker};
 
@@ -140,7 +140,7 @@ fn graph_rows(
             compressed.layers.len(),
             quantized,
             (used.int8, used.int4),
-            false,
+            KernelPlace::Cpu,
         );
         rows.push(Built::new(
             format!("{name} on the graph interpreter"),
@@ -225,7 +225,7 @@ pub async fn run(loaded: Rc<Loaded>, runs: u32) -> WorkerResult<()> {
                 kernels_summary(
                     model,
                     classifier.integer_layers(),
-                    no_dot4 && device.is_some(),
+                    KernelPlace::new(device.is_some(), !no_dot4),
                 ),
                 Runnable::Classifier(classifier),
             ));

@@ -395,7 +395,7 @@ pub async fn measure(
     let kernels = kernels_summary(
         &model,
         variant.integer_layers(),
-        on_gpu && !loaded.backend.has_packed_dot4(),
+        KernelPlace::new(on_gpu, loaded.backend.has_packed_dot4()),
     );
     let report = CompressReport {
         recipe: model.recipe.clone(),
@@ -455,16 +455,38 @@ pub fn export() -> WorkerResult<()> {
     Ok(())
 }
 
+/// Where a variant's layers run, for [`layer_kernels`]' words.
+#[derive(Clone, Copy)]
+pub(crate) enum KernelPlace {
+    /// WebGPU; `no_dot4`: the adapter lacks WGSL's `packed_4x8_integer_dot_product`.
+    Gpu {
+        no_dot4: bool,
+    },
+    Cpu,
+}
+
+impl KernelPlace {
+    /// On WebGPU when `gpu`, else on the CPU.
+    pub(crate) fn new(gpu: bool, has_packed_dot4: bool) -> Self {
+        if gpu {
+            Self::Gpu {
+                no_dot4: !has_packed_dot4,
+            }
+        } else {
+            Self::Cpu
+        }
+    }
+}
+
 /// Which of `model`'s layers ran on an integer kernel and which as float, in words.
-/// `no_dot4`: the adapter lacks WGSL's `packed_4x8_integer_dot_product`.
 pub(crate) fn kernels_summary(
     model: &CompressedModel,
     (int8, int4): (usize, usize),
-    no_dot4: bool,
+    place: KernelPlace,
 ) -> String {
     let total = model.layers.len();
     let quantized = model.layers.iter().filter(|l| l.weights.is_some()).count();
-    layer_kernels(total, quantized, (int8, int4), no_dot4)
+    layer_kernels(total, quantized, (int8, int4), place)
 }
 
 /// [`kernels_summary`] from counts: `total` layers with weights, `quantized` of them
@@ -473,13 +495,16 @@ pub(crate) fn layer_kernels(
     total: usize,
     quantized: usize,
     (int8, int4): (usize, usize),
-    no_dot4: bool,
+    place: KernelPlace,
 ) -> String {
     if quantized == 0 {
         return format!("all {total} layers in float32 (no quantized weights)");
     }
     let mut text =
         format!("{int8} of {total} layers on the int8 kernel, {int4} on the int4 kernel");
+    if int4 > 0 && matches!(place, KernelPlace::Cpu) {
+        text += " (1×1 and Gemm as integer products with each pixel's inputs rounded to 16 bits, the others unpacked to float)";
+    }
     let float = quantized.saturating_sub(int8 + int4);
     match float {
         0 => {}
@@ -488,7 +513,7 @@ pub(crate) fn layer_kernels(
             text += &format!("; {float} quantized layers ran as float on their dequantized weights")
         }
     }
-    if no_dot4 {
+    if let KernelPlace::Gpu { no_dot4: true } = place {
         text += &format!(
             " (this adapter lacks WGSL {}, which the int8 kernel needs)",
             compresslab_spec::messages::PACKED_DOT4

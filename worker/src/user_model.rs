@@ -112,7 +112,7 @@ impl Runner {
     fn kernels_text(&self) -> String {
         let levels = "activations rounded to their integer levels where the recipe quantizes them (what the exported QDQ model computes)";
         let layers = |n: usize| format!("{n} layer{}", if n == 1 { "" } else { "s" });
-        let (int8, int4, float, place, float_why) = match self {
+        let (int8, int4, float, place, float_why, int4_how) = match self {
             Runner::Gpu {
                 model,
                 float_quantized,
@@ -130,6 +130,7 @@ impl Runner {
                     *float_quantized,
                     format!("{} through the burn interpreter", backend_name()),
                     why,
+                    "unpacked as they run",
                 )
             }
             Runner::Cpu(cpu) => {
@@ -140,6 +141,7 @@ impl Runner {
                     used.dequantized,
                     "CPU interpreter".to_string(),
                     "grouped, a depthwise block smaller than a channel, or int8 weights without int8 inputs",
+                    "1×1 and Gemm as integer products with each pixel's inputs rounded to 16 bits, the others unpacked to float as they run",
                 )
             }
         };
@@ -152,7 +154,7 @@ impl Runner {
         }
         if int4 > 0 {
             parts.push(format!(
-                "{} from packed int4 weights, unpacked as they run",
+                "{} from packed int4 weights ({int4_how})",
                 layers(int4)
             ));
         }

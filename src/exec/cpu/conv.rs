@@ -337,8 +337,7 @@ impl ConvKernel {
                 }
             }
             Weights::Int4(k) if pointwise => {
-                let mut out = self.bias_rows(len);
-                k.accumulate(&x.data, n * h * w, &mut out);
+                let mut out = k.product(&x.data, n * h * w, &self.bias);
                 self.epilogue.apply(&mut out, residual);
                 out
             }

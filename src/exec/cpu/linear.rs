@@ -123,11 +123,7 @@ impl LinearKernel {
             Weights::Int8Depthwise(_) => {
                 return Err(exec_err(node, "a depthwise kernel on a matrix product"));
             }
-            Weights::Int4(kernel) => {
-                let mut out = from_bias();
-                kernel.accumulate(&x.data, m, &mut out);
-                out
-            }
+            Weights::Int4(kernel) => kernel.product(&x.data, m, &self.bias),
         };
         Ok(Value::plain(out_dims.to_vec(), out))
     }
