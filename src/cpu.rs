@@ -546,7 +546,7 @@ impl CpuEfficientNet {
             dw.input_quant = layer.activation;
             if let (true, Some(q)) = (integer_kernels, &layer.weights) {
                 let taps = dw.kernel * dw.kernel;
-                dw.int4 = Int4Weights::new(q, taps, dw.channels);
+                dw.int4 = Int4Weights::unpacked_per_run(q, taps, dw.channels);
                 if let Some(grid) = &dw.input_quant {
                     dw.int8 = Int8Depthwise::new(q, grid, dw.channels, [dw.kernel, dw.kernel])?;
                 }

@@ -80,8 +80,19 @@ struct Panels {
 }
 
 impl Int4Weights {
-    /// `None` unless `q` holds 4-bit weights of a `[cout, cin]` layer.
+    /// A layer that multiplies (1×1, Gemm): on the integer kernel where it can take the
+    /// grid. `None` unless `q` holds 4-bit weights of a `[cout, cin]` layer.
     pub(crate) fn new(q: &QuantizedTensor, cin: usize, cout: usize) -> Option<Self> {
+        Self::build(q, cin, cout, true)
+    }
+
+    /// A layer that unpacks all its weights each run (depthwise, k×k): row-major, which
+    /// unpacks whole bytes at a time.
+    pub(crate) fn unpacked_per_run(q: &QuantizedTensor, cin: usize, cout: usize) -> Option<Self> {
+        Self::build(q, cin, cout, false)
+    }
+
+    fn build(q: &QuantizedTensor, cin: usize, cout: usize, integer: bool) -> Option<Self> {
         let n = cin.checked_mul(cout)?;
         if q.scheme.bits != 4 || q.values.len() != n || n == 0 {
             return None;
@@ -95,7 +106,7 @@ impl Int4Weights {
         {
             return None;
         }
-        let packing = match Panels::new(q, cin, cout) {
+        let packing = match integer.then(|| Panels::new(q, cin, cout)).flatten() {
             Some(panels) => Packing::Panels(panels),
             None => Packing::Rows(Rows {
                 packed: pack_int4(&q.values),
@@ -528,6 +539,19 @@ mod tests {
                     let kernel = Int4Weights::new(&q, cin, cout).expect("4-bit weights");
                     let integer = granularity != Granularity::PerBlock(5);
                     assert_eq!(kernel.is_integer(), integer, "{granularity:?}");
+                    // Both packings unpack to exactly the dequantized weights.
+                    let rows = Int4Weights::unpacked_per_run(&q, cin, cout).expect("4-bit");
+                    assert!(!rows.is_integer());
+                    assert_eq!(
+                        kernel.unpack_all(),
+                        dequantized,
+                        "{cin}×{cout} {granularity:?}"
+                    );
+                    assert_eq!(
+                        rows.unpack_all(),
+                        dequantized,
+                        "{cin}×{cout} {granularity:?}"
+                    );
                     for pixels in [1, 3, 9] {
                         let input: Vec<f32> = (0..pixels * cin).map(|_| next()).collect();
                         let out = kernel.product(&input, pixels, &vec![0.5; cout]);

@@ -664,18 +664,19 @@ pub(crate) mod lanes {
         )
     }
 
+    /// `init` + Σ over the tile's segments of (the segment's integer sums × its scales), for
+    /// `P` rows of `rows` (each `pairs` i16 pairs; the caller checks the lengths).
     #[inline(always)]
-    pub(super) fn run<const P: usize>(tile: &Tile, rows: &[i16], mut dst: Dst) {
+    pub(super) fn segment_sums<const P: usize>(
+        tile: &Tile,
+        rows: &[i16],
+        init: [F; 2],
+    ) -> [[F; 2]; P] {
         let pairs = tile.pairs();
         assert!(rows.len() >= 2 * P * pairs);
         // Two i16 of a row are one i32 pair (the first in the low half: little-endian).
         let rows = rows.as_ptr() as *const i32;
-        let bias = [load_f32(&tile.bias[..4]), load_f32(&tile.bias[4..])];
-        let mut sums = [if dst.row_scales.is_some() {
-            [fsplat(0.0); 2]
-        } else {
-            bias
-        }; P];
+        let mut sums = [init; P];
         for (s, &(k0, k1)) in tile.segments.iter().enumerate() {
             assert!(k0 <= k1 && k1 <= pairs);
             let mut acc = [[zero(); 2]; P];
@@ -700,6 +701,33 @@ pub(crate) mod lanes {
                 sum[1] = scale_add(sum[1], a[1], s1);
             }
         }
+        sums
+    }
+
+    #[inline(always)]
+    pub(super) fn run<const P: usize>(tile: &Tile, rows: &[i16], mut dst: Dst) {
+        let pairs = tile.pairs();
+        assert!(rows.len() >= 2 * P * pairs);
+        assert!(
+            tile.segments
+                .iter()
+                .all(|&(k0, k1)| k0 <= k1 && k1 <= pairs)
+        );
+        let bias = [load_f32(&tile.bias[..4]), load_f32(&tile.bias[4..])];
+        let init = if dst.row_scales.is_some() {
+            [fsplat(0.0); 2]
+        } else {
+            bias
+        };
+        #[cfg(target_arch = "x86_64")]
+        let mut sums = if super::avx2::available() {
+            // SAFETY: the CPU has AVX2 (just checked); rows and segments as asserted above.
+            unsafe { super::avx2::segment_sums::<P>(tile, rows, init) }
+        } else {
+            segment_sums::<P>(tile, rows, init)
+        };
+        #[cfg(target_arch = "wasm32")]
+        let mut sums = segment_sums::<P>(tile, rows, init);
         if let Some(row_scales) = dst.row_scales {
             assert!(row_scales.len() >= P);
             for (sum, &s) in sums.iter_mut().zip(row_scales) {
@@ -742,6 +770,64 @@ pub(crate) mod lanes {
             store_f32(&mut dst.out[at..at + 4], lo);
             store_f32(&mut dst.out[at + 4..at + 8], hi);
         }
+    }
+}
+
+/// The tile kernel's integer sums with 256-bit lanes where the CPU has AVX2 (chosen at run
+/// time): one panel row of 8 outputs × 2 inputs is one vector, so each `vpmaddwd` does the
+/// work of two SSE2 ones. Lane for lane the same arithmetic as the 128-bit kernel, so the
+/// results are identical.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use core::arch::x86_64::*;
+
+    use super::{PANEL, Tile};
+
+    /// Whether this CPU has AVX2 (the standard library caches the answer).
+    #[inline(always)]
+    pub(super) fn available() -> bool {
+        std::is_x86_feature_detected!("avx2")
+    }
+
+    /// [`super::lanes::segment_sums`] on 256-bit lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn segment_sums<const P: usize>(
+        tile: &Tile,
+        rows: &[i16],
+        init: [__m128; 2],
+    ) -> [[__m128; 2]; P] {
+        let pairs = tile.pairs();
+        assert!(rows.len() >= 2 * P * pairs);
+        let rows = rows.as_ptr() as *const i32;
+        let mut sums = [_mm256_set_m128(init[1], init[0]); P];
+        for (s, &(k0, k1)) in tile.segments.iter().enumerate() {
+            assert!(k0 <= k1 && k1 <= pairs);
+            let mut acc = [_mm256_setzero_si256(); P];
+            let panel = tile.panel[k0 * 2 * PANEL..k1 * 2 * PANEL].as_ptr();
+            for k in 0..k1 - k0 {
+                // SAFETY: as in the 128-bit kernel: 16 i16 per pair of the sliced panel, and
+                // `pairs` i32 per row with k1 ≤ pairs (asserted); no load needs alignment.
+                let w = unsafe { _mm256_loadu_si256(panel.add(16 * k) as *const __m256i) };
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let x =
+                        _mm256_set1_epi32(unsafe { rows.add(i * pairs + k0 + k).read_unaligned() });
+                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(x, w));
+                }
+            }
+            // SAFETY: `scale` returns 8 f32.
+            let scale = unsafe { _mm256_loadu_ps(tile.scale(s).as_ptr()) };
+            for (sum, a) in sums.iter_mut().zip(&acc) {
+                *sum = _mm256_add_ps(*sum, _mm256_mul_ps(_mm256_cvtepi32_ps(*a), scale));
+            }
+        }
+        let mut halves = [[_mm_setzero_ps(); 2]; P];
+        for (h, v) in halves.iter_mut().zip(sums) {
+            *h = [_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v)];
+        }
+        halves
     }
 }
 
@@ -883,5 +969,50 @@ mod tests {
             qmax: 127,
         };
         assert!(Int8Pointwise::new(&q, &act, 12, 2).unwrap().is_none());
+    }
+
+    /// The AVX2 sums are the 128-bit kernel's, bit for bit: per-block segments, 1–4 pixels,
+    /// extreme centred values, from a bias or from zero.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_sums_match_the_128_bit_kernel_bit_for_bit() {
+        assert!(avx2::available(), "this test needs an x86-64 CPU with AVX2");
+        let mut seed = 11u32;
+        let mut next = move |range: i32| {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as i32 % (2 * range + 1) - range
+        };
+        let pairs = 16;
+        let panel: Vec<i16> = (0..2 * PANEL * pairs).map(|_| next(255) as i16).collect();
+        let rows: Vec<i16> = (0..2 * 4 * pairs).map(|_| next(255) as i16).collect();
+        let segments = [(0, 5), (5, 13), (13, 16)];
+        let scales: Vec<f32> = (0..3 * PANEL).map(|_| next(1000) as f32 * 1e-5).collect();
+        let bias: Vec<f32> = (0..PANEL).map(|_| next(100) as f32 * 0.01).collect();
+        let tile = Tile {
+            panel: &panel,
+            segments: &segments,
+            scales: &scales,
+            scale_stride: PANEL,
+            o0: 0,
+            bias: &bias,
+            relu6: false,
+        };
+        let lanes =
+            |v: [[lanes::F; 2]; 4]| v.map(|[a, b]| (lanes::to_array(a), lanes::to_array(b)));
+        for init in [
+            [lanes::load_f32(&bias[..4]), lanes::load_f32(&bias[4..])],
+            [lanes::fsplat(0.0); 2],
+        ] {
+            let sse2 = lanes::segment_sums::<4>(&tile, &rows, init);
+            // SAFETY: AVX2 is available (asserted above).
+            let wide = unsafe { avx2::segment_sums::<4>(&tile, &rows, init) };
+            let (sse2, wide) = (lanes(sse2), lanes(wide));
+            for (a, b) in sse2.iter().zip(&wide) {
+                for (x, y) in a.0.iter().chain(&a.1).zip(b.0.iter().chain(&b.1)) {
+                    assert_eq!(x.to_bits(), y.to_bits(), "{x} vs {y}");
+                }
+            }
+            assert!(sse2.iter().any(|(a, _)| a[0] != 0.0));
+        }
     }
 }

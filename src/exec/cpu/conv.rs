@@ -221,7 +221,12 @@ impl ConvKernel {
                 return Ok(true);
             }
         }
-        if let Some(k) = Int4Weights::new(q, row, self.cout) {
+        let int4 = if self.taps == 1 && self.conv.group == 1 {
+            Int4Weights::new(q, row, self.cout)
+        } else {
+            Int4Weights::unpacked_per_run(q, row, self.cout)
+        };
+        if let Some(k) = int4 {
             self.weights = Weights::Int4(k);
             return Ok(true);
         }
