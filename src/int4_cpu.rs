@@ -138,25 +138,27 @@ impl Int4Weights {
         }
     }
 
-    /// All the weights as floats `[cout, cin]` (a depthwise layer's few thousand, for one
-    /// run).
+    /// All the weights as floats `[cout, cin]`, for one run (a depthwise or k×k layer, or a
+    /// strided 1×1 one).
     pub(crate) fn unpack_all(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.cout * self.cin];
         match &self.packing {
             Packing::Rows(r) => r.unpack(self.cin * self.cout, &mut out),
             Packing::Panels(p) => {
-                for (idx, v) in out.iter_mut().enumerate() {
-                    let (o, k) = (idx / self.cin, idx % self.cin);
-                    let byte = p.nibbles[nibble_index(p.pairs, self.cout, o, k)];
-                    let nibble = if k % 2 == 0 { byte << 4 } else { byte & 0xf0 };
-                    let segment = p
-                        .segments
-                        .iter()
-                        .position(|&(_, k1)| k / 2 < k1)
-                        .unwrap_or(0);
-                    let at = segment * self.cout + o;
-                    let zp = p.zero_points.get(at).map_or(0, |&z| i32::from(z));
-                    *v = ((nibble as i8 >> 4) as i32 - zp) as f32 * p.scales[at];
+                // Output by output, segment by segment: one scale and zero point per run.
+                for (o, row) in out.chunks_exact_mut(self.cin).enumerate() {
+                    for (s, &(k0, k1)) in p.segments.iter().enumerate() {
+                        let at = s * self.cout + o;
+                        let (scale, zp) = (
+                            p.scales[at],
+                            p.zero_points.get(at).map_or(0, |&z| i32::from(z)),
+                        );
+                        for (k, v) in row.iter_mut().enumerate().take(2 * k1).skip(2 * k0) {
+                            let byte = p.nibbles[nibble_index(p.pairs, self.cout, o, k)];
+                            let nibble = if k % 2 == 0 { byte << 4 } else { byte & 0xf0 };
+                            *v = ((nibble as i8 >> 4) as i32 - zp) as f32 * scale;
+                        }
+                    }
                 }
             }
         }
