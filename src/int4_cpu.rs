@@ -2,10 +2,10 @@
 //! and, when asymmetric, one zero point per group), so a running int4 layer holds 1/6–1/8 of
 //! its f32 weight memory.
 //!
-//! A 1×1 convolution or a matrix product computes straight from the packed bytes with integer
-//! dot products, on the int8 kernel's panels: eight output channels × two inputs per 8 bytes,
-//! each byte expanded to two sign-extended i16 inside the inner loop (no unpacked copy of the
-//! weights exists). Each pixel's inputs are rounded to 16 bits on a grid of its own (its
+//! A 1×1 convolution or a matrix product computes from the packed bytes with integer dot
+//! products, on the int8 kernel's tiles: the bytes lie in its panel order (eight output
+//! channels × two inputs per 8 bytes), and each panel is expanded to centred i16 once per
+//! chunk of pixels into one scratch panel (no unpacked copy of the layer's weights exists). Each pixel's inputs are rounded to 16 bits on a grid of its own (its
 //! largest |x| ↦ 32 767 at most), so the only rounding beyond the weights' is 2⁻¹⁶ of the
 //! pixel's range; the sums are exact in i32 (the grid is narrowed where a long row could
 //! overflow). `y = s_pixel · Σ_groups s_w · Σ_k q_in · (q_w − zp_w) + bias`.

@@ -282,7 +282,7 @@ impl PointwiseInput {
 
 /// `dst[i]` = `src[i]` quantized to `grid` and centred (|q − zp| ≤ 255 on an int8 grid),
 /// eight at a time with 128-bit lanes where the target has them.
-pub(crate) fn centre(src: &[f32], dst: &mut [i16], grid: &ActivationParams) {
+fn centre(src: &[f32], dst: &mut [i16], grid: &ActivationParams) {
     assert!(dst.len() == src.len());
     #[cfg(any(target_arch = "wasm32", target_arch = "x86_64"))]
     let whole = {
