@@ -1,29 +1,27 @@
 //! A loaded model plus labels: normalised input in, logits and top-k out.
 
-use burn::prelude::*;
+use burn::prelude::Device;
 
 use crate::compress::CompressedModel;
-use crate::cpu::CpuEfficientNet;
-use crate::efficientnet::{BatchNormMode, EfficientNetLite, INPUT_SIZE};
+use crate::efficientnet::INPUT_SIZE;
+use crate::efficientnet_graph::{build, build_compressed};
 use crate::error::{EngineError, Result};
-use crate::gpu_int::{GpuCompressedNet, GpuFeatures};
+use crate::exec::{CpuExecutor, GraphModel, Tensor};
+use crate::gpu_int::{GpuFeatures, quantized_graph_on_integer_kernels};
 use crate::labels::{Labels, Prediction, top_k};
 use crate::weights::TensorStore;
 
-/// Which implementation runs the network.
+/// Which executor runs the network's graph.
 enum Runner {
-    /// The burn model on a burn device (WebGPU, Vulkan, or burn's CPU backend).
+    /// The burn interpreter on a burn device (WebGPU, Vulkan, or burn's CPU backend), with
+    /// the WGSL integer kernels of `kernels/` for the layers they fit when asked for.
     Burn {
-        model: Box<EfficientNetLite>,
+        model: Box<GraphModel>,
         device: Device,
     },
-    /// A compressed model on wgpu with the integer kernels of `kernels/`.
-    GpuInt {
-        net: Box<GpuCompressedNet>,
-        device: Device,
-    },
-    /// The dedicated channels-last CPU path (`cpu.rs`).
-    Cpu(Box<CpuEfficientNet>),
+    /// The channels-last CPU interpreter (the browser's fallback), with its int8 and int4
+    /// kernels for a compressed variant's quantized layers.
+    Cpu(Box<CpuExecutor>),
 }
 
 pub struct ImageClassifier {
@@ -32,9 +30,9 @@ pub struct ImageClassifier {
 }
 
 impl ImageClassifier {
-    /// The burn model on `device`.
+    /// The float network on a burn `device`.
     pub fn new(weights: &TensorStore, labels: Labels, device: &Device) -> Result<Self> {
-        let model = EfficientNetLite::from_store(weights, device, BatchNormMode::Folded)?;
+        let model = GraphModel::new(&build(weights)?, device)?;
         Ok(Self {
             runner: Runner::Burn {
                 model: Box::new(model),
@@ -45,62 +43,66 @@ impl ImageClassifier {
     }
 
     /// A compressed model on `device`. With `integer_kernels` (the device must be wgpu:
-    /// WebGPU or Vulkan) quantized 1×1 layers run on the WGSL integer kernels the adapter's
-    /// features allow; the rest, or everything without it, runs as burn ops on dequantized
-    /// weights with inputs fake-quantized.
+    /// WebGPU or Vulkan) quantized 1×1 layers and the classifier run on the WGSL integer
+    /// kernels the adapter's features allow; the rest, or everything without it, runs as
+    /// burn ops on dequantized weights with inputs fake-quantized.
     pub fn new_compressed(
         model: &CompressedModel,
         labels: Labels,
         device: &Device,
         integer_kernels: Option<GpuFeatures>,
     ) -> Result<Self> {
-        let runner = if let Some(features) = integer_kernels {
-            Runner::GpuInt {
-                net: Box::new(GpuCompressedNet::new(model, device, features)?),
-                device: device.clone(),
+        let (graph, weights) = build_compressed(model)?;
+        let model = match integer_kernels {
+            Some(features) => {
+                quantized_graph_on_integer_kernels(&graph, &weights, device, features)?
             }
-        } else {
-            Runner::Burn {
-                model: Box::new(EfficientNetLite::from_compressed(model, device)?),
-                device: device.clone(),
-            }
+            None => GraphModel::new(&graph, device)?,
         };
-        Ok(Self { runner, labels })
-    }
-
-    /// Layers on integer kernels (int8, int4): the WGSL kernels on wgpu, the int8 kernel and
-    /// the packed int4 GEMM on the CPU path.
-    pub fn integer_layers(&self) -> (usize, usize) {
-        match &self.runner {
-            Runner::GpuInt { net, .. } => net.integer_layers(),
-            Runner::Cpu(cpu) => (cpu.int8_layers(), cpu.int4_layers()),
-            Runner::Burn { .. } => (0, 0),
-        }
-    }
-
-    /// Bytes the weights hold while this classifier runs: on the dedicated CPU path in the
-    /// heap, on wgpu in GPU buffers (packed int8 / int4 where a layer runs on an integer
-    /// kernel, f32 elsewhere; a layer on an integer kernel keeps no f32 copy).
-    pub fn held_weight_bytes(&self) -> usize {
-        match &self.runner {
-            Runner::Cpu(cpu) => cpu.weight_bytes(),
-            Runner::GpuInt { net, .. } => net.weight_bytes(),
-            Runner::Burn { model, .. } => model.num_params() * 4,
-        }
-    }
-
-    /// A compressed model on the dedicated CPU path, with its integer kernels.
-    pub fn new_compressed_cpu(model: &CompressedModel, labels: Labels) -> Result<Self> {
         Ok(Self {
-            runner: Runner::Cpu(Box::new(CpuEfficientNet::from_compressed(model, true)?)),
+            runner: Runner::Burn {
+                model: Box::new(model),
+                device: device.clone(),
+            },
             labels,
         })
     }
 
-    /// The dedicated CPU path (the browser's fallback).
+    /// Layers on integer kernels (int8, int4): the WGSL kernels on wgpu, the int8 and int4
+    /// kernels of the CPU interpreter.
+    pub fn integer_layers(&self) -> (usize, usize) {
+        match &self.runner {
+            Runner::Burn { model, .. } => model.kernel_layers(),
+            Runner::Cpu(cpu) => {
+                let used = cpu.kernel_use();
+                (used.int8, used.int4)
+            }
+        }
+    }
+
+    /// Bytes the weights hold while this classifier runs: on the CPU in the heap, on wgpu in
+    /// GPU buffers (packed int8 / int4 where a layer runs on an integer kernel, f32
+    /// elsewhere; a layer on an integer kernel keeps no f32 copy).
+    pub fn held_weight_bytes(&self) -> usize {
+        match &self.runner {
+            Runner::Cpu(cpu) => cpu.weight_bytes(),
+            Runner::Burn { model, .. } => model.held_bytes(),
+        }
+    }
+
+    /// A compressed model on the CPU interpreter, with its integer kernels.
+    pub fn new_compressed_cpu(model: &CompressedModel, labels: Labels) -> Result<Self> {
+        let (graph, weights) = build_compressed(model)?;
+        Ok(Self {
+            runner: Runner::Cpu(Box::new(CpuExecutor::quantized(&graph, &weights)?)),
+            labels,
+        })
+    }
+
+    /// The float network on the CPU interpreter (the browser's fallback).
     pub fn new_cpu(weights: &TensorStore, labels: Labels) -> Result<Self> {
         Ok(Self {
-            runner: Runner::Cpu(Box::new(CpuEfficientNet::from_store(weights)?)),
+            runner: Runner::Cpu(Box::new(CpuExecutor::new(&build(weights)?)?)),
             labels,
         })
     }
@@ -119,24 +121,19 @@ impl ImageClassifier {
                 expected,
             });
         }
-        let shape = [1, 3, INPUT_SIZE, INPUT_SIZE];
-        let logits = match &self.runner {
-            Runner::Cpu(cpu) => return cpu.forward(input, INPUT_SIZE, INPUT_SIZE),
-            Runner::Burn { model, device } => model.forward(Tensor::from_data(
-                TensorData::new(input.to_vec(), shape),
-                device,
-            )),
-            Runner::GpuInt { net, device } => net.forward(Tensor::from_data(
-                TensorData::new(input.to_vec(), shape),
-                device,
-            ))?,
+        let input = Tensor {
+            dims: vec![1, 3, INPUT_SIZE, INPUT_SIZE],
+            data: input.to_vec(),
         };
-        let data = logits
-            .into_data_async()
-            .await
-            .map_err(|e| EngineError::Execution(format!("{e:?}")))?;
-        data.try_into_vec::<f32>()
-            .map_err(|e| EngineError::Execution(format!("{e:?}")))
+        let outputs = match &self.runner {
+            Runner::Cpu(cpu) => cpu.run(&input)?,
+            Runner::Burn { model, device } => model.run(&input, device).await?,
+        };
+        outputs
+            .into_iter()
+            .next()
+            .map(|logits| logits.data)
+            .ok_or_else(|| EngineError::Execution("the network has no output".into()))
     }
 
     pub async fn classify(&self, input: &[f32], k: usize) -> Result<Vec<Prediction>> {

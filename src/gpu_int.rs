@@ -22,14 +22,14 @@ use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::{DType, Shape};
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use crate::compress::{ActivationParams, CompressedModel};
 use crate::efficientnet::{ConvUnit, EfficientNetLite, LayerKind};
 use crate::error::{EngineError, Result};
 use crate::exec::{ChannelKernel, GraphModel};
-use crate::graph::{CompressedGraph, Op, Padding};
+use crate::graph::{CompressedGraph, Graph, Op, Padding};
 use crate::quant::{Granularity, QuantizedTensor};
 
 macro_rules! wgsl_kernel {
@@ -381,7 +381,16 @@ pub fn graph_on_integer_kernels(
     device: &Device,
     features: GpuFeatures,
 ) -> Result<GraphModel> {
-    let graph = &compressed.graph;
+    quantized_graph_on_integer_kernels(&compressed.graph, &compressed.weights, device, features)
+}
+
+/// [`graph_on_integer_kernels`] for a graph and its integer weights by constant name.
+pub fn quantized_graph_on_integer_kernels(
+    graph: &Graph,
+    weights: &BTreeMap<String, QuantizedTensor>,
+    device: &Device,
+    features: GpuFeatures,
+) -> Result<GraphModel> {
     let producers: HashMap<&str, usize> = graph
         .nodes
         .iter()
@@ -390,7 +399,7 @@ pub fn graph_on_integer_kernels(
         .collect();
     let mut kernels: HashMap<usize, Arc<dyn ChannelKernel>> = HashMap::new();
     for (i, node) in graph.nodes.iter().enumerate() {
-        let Some(q) = node.inputs.get(1).and_then(|w| compressed.weights.get(w)) else {
+        let Some(q) = node.inputs.get(1).and_then(|w| weights.get(w)) else {
             continue;
         };
         let outputs = q.shape.first().copied().unwrap_or(0);

@@ -18,7 +18,6 @@ pub use depgraph::{ChannelGroup, channel_groups, mask_channels, prune_channels};
 pub use export::export_onnx;
 pub use fold::{batch_norm_affine, fold_batch_norms};
 pub use import::{MAX_MODEL_BYTES, import_onnx, transpose};
-pub(crate) use proto::Message as ProtoMessage;
 pub use shape::{
     Dim, Shapes, concrete as concrete_dims, element_count, known as known_dims, node_macs,
 };

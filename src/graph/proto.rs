@@ -188,6 +188,18 @@ mod tests {
         let huge = [0x12, 0xff, 0xff, 0xff, 0xff, 0x0f];
         assert!(Reader::new(&huge).next_field().is_err());
     }
+
+    #[test]
+    fn varints_encode_as_protobuf() {
+        let mut p = Message::default();
+        p.varint(1);
+        p.varint(300);
+        p.varint(u64::MAX);
+        assert_eq!(&p.0[..3], &[0x01, 0xac, 0x02]);
+        assert_eq!(p.0.len(), 3 + 10);
+        let mut r = Reader::new(&[0xac, 0x02]);
+        assert_eq!(r.varint().unwrap(), 300);
+    }
 }
 
 /// A protobuf message being written (the few wire types ONNX needs): our ONNX exports.

@@ -245,7 +245,8 @@ fn int8_integer_kernels_match_fake_quant_and_keep_top1() {
 fn int8_chains_on_the_graph_compute_what_its_float_form_computes() {
     use compresslab::exec::{CpuExecutor, Tensor};
     use compresslab::graph::{compress_graph, import_onnx};
-    let graph = import_onnx(&compresslab::onnx::export_onnx(&store()).unwrap()).unwrap();
+    let graph =
+        import_onnx(&compresslab::efficientnet_graph::export_onnx(&store()).unwrap()).unwrap();
     let tensor = |image: &Vec<f32>| Tensor {
         dims: vec![1, 3, 224, 224],
         data: image.clone(),
@@ -675,6 +676,18 @@ fn feature_matching_pulls_block_outputs_toward_the_teacher() {
     }
 }
 
+/// int4 weight-only, symmetric, per block of 32 weights.
+fn int4_per_block_32() -> Recipe {
+    Recipe {
+        weights: Some(QuantScheme {
+            bits: 4,
+            symmetric: true,
+            granularity: Granularity::PerBlock(32),
+        }),
+        ..Recipe::default()
+    }
+}
+
 /// int4 weight-only per block of 32: the CPU path computes from the packed weights (33
 /// pointwise and 16 depthwise layers; the stem's 864 weights stay float), gives the float
 /// reference's logits, and holds a sixth of fp32's memory.
@@ -688,15 +701,7 @@ fn feature_matching_pulls_block_outputs_toward_the_teacher() {
 fn int4_cpu_kernel_computes_from_packed_weights() {
     let original = store();
     let images = samples();
-    let recipe = Recipe {
-        weights: Some(QuantScheme {
-            bits: 4,
-            symmetric: true,
-            granularity: Granularity::PerBlock(32),
-        }),
-        ..Recipe::default()
-    };
-    let model = compress(&original, &recipe, &[], &mut no_progress).unwrap();
+    let model = compress(&original, &int4_per_block_32(), &[], &mut no_progress).unwrap();
     let packed = CpuEfficientNet::from_compressed(&model, true).unwrap();
     let reference = CpuEfficientNet::from_compressed(&model, false).unwrap();
     let fp32 = CpuEfficientNet::from_store(&original).unwrap();
@@ -721,4 +726,70 @@ fn int4_cpu_kernel_computes_from_packed_weights() {
         held_fp32 as f64 / held as f64
     );
     assert!(held * 6 <= held_fp32, "{held} vs {held_fp32}");
+}
+
+/// The photo classifier runs the network as a graph (the model builder's, on the graph
+/// engine's CPU interpreter), compressed variants included: the same integer layers, the
+/// same memory and the same logits as the dedicated CPU path it replaced, on photos that did
+/// not calibrate it.
+#[test]
+fn the_classifier_runs_the_graph_and_computes_what_the_dedicated_path_did() {
+    use compresslab::classifier::ImageClassifier;
+    use compresslab::labels::Labels;
+    use futures_lite::future::block_on;
+    let original = store();
+    let images = samples();
+    let (calibration, held_out) = images.split_at(4);
+    let int4 = int4_per_block_32();
+    let int8 = Recipe::w8a8(Granularity::PerChannel, Observer::MinMax);
+    for (name, recipe) in [
+        ("fp32", None),
+        ("int8 W8A8", Some(int8)),
+        ("int4", Some(int4)),
+    ] {
+        let model = match &recipe {
+            None => CompressedModel::original(&original).unwrap(),
+            Some(r) => compress(&original, r, calibration, &mut no_progress).unwrap(),
+        };
+        let graph = ImageClassifier::new_compressed_cpu(&model, Labels::default()).unwrap();
+        let dedicated = CpuEfficientNet::from_compressed(&model, true).unwrap();
+        // Every layer the dedicated path ran on an integer kernel, and the stem too: int8 on
+        // the interpreter's k×k int8 convolution, int4 kept packed and unpacked as it runs
+        // (the dedicated path ran the stem in float on its dequantized weights).
+        let integer = graph.integer_layers();
+        let dedicated_integer = (dedicated.int8_layers(), dedicated.int4_layers());
+        println!(
+            "{name}: layers on integer kernels (int8, int4) {integer:?} on the graph, {dedicated_integer:?} dedicated"
+        );
+        let expected = match dedicated_integer {
+            (0, 0) => (0, 0),
+            (int8, 0) => (int8 + 1, 0),
+            (0, int4) => (0, int4 + 1),
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(integer, expected, "{name}");
+        let (held, dedicated_held) = (graph.held_weight_bytes(), dedicated.weight_bytes());
+        println!("{name}: weights held {held} B on the graph, {dedicated_held} B dedicated");
+        assert!(
+            held.abs_diff(dedicated_held) * 100 <= dedicated_held,
+            "{name}: {held} vs {dedicated_held}"
+        );
+        for image in held_out {
+            let ours = block_on(graph.logits(image)).unwrap();
+            let theirs = dedicated.forward(image, 224, 224).unwrap();
+            let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(&ours, &theirs);
+            let (same, kl) = agreement(&theirs, &ours);
+            println!(
+                "{name}: graph vs dedicated max |logit| {diff:.1e} (largest {scale:.1}), top-1 same {same}, KL {kl:.1e}"
+            );
+            if recipe.is_some() {
+                // A float rounding difference can move a value across a quantization
+                // boundary (as between the integer kernel and its float reference).
+                assert!(same && kl < 1e-3, "{name}: {diff}, KL {kl}");
+            } else {
+                assert!(diff <= 1e-4 * scale, "{name}: {diff}");
+            }
+        }
+    }
 }

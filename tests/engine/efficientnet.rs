@@ -88,7 +88,7 @@ fn folded_batchnorm_matches_separate_batchnorm() {
 }
 
 #[test]
-fn dedicated_cpu_path_matches_burn() {
+fn cpu_interpreter_matches_burn() {
     let burn = ImageClassifier::new(&store(), labels(), &Device::flex()).unwrap();
     let cpu = ImageClassifier::new_cpu(&store(), labels()).unwrap();
     for name in ["coffee.png", "chelsea.png", "rocket.jpg"] {
@@ -96,7 +96,7 @@ fn dedicated_cpu_path_matches_burn() {
         let a = block_on(burn.logits(&input)).unwrap();
         let b = block_on(cpu.logits(&input)).unwrap();
         let diff = max_abs_diff(&a, &b);
-        println!("{name}: max |logit| burn Flex vs dedicated CPU path: {diff:.2e}");
+        println!("{name}: max |logit| burn interpreter (Flex) vs CPU interpreter: {diff:.2e}");
         assert!(diff < 1e-3, "{diff}");
     }
     let coffee = block_on(cpu.classify(&sample_input("coffee.png"), 1)).unwrap();

@@ -487,7 +487,8 @@ fn efficientnet_as_a_graph_matches_its_dedicated_cpu_path_and_compresses() {
     // Our own ONNX export of the built-in network, imported by the graph engine: the first
     // step of the built-in networks becoming graphs.
     let store = crate::store();
-    let graph = import_onnx(&compresslab::onnx::export_onnx(&store).unwrap()).unwrap();
+    let graph =
+        import_onnx(&compresslab::efficientnet_graph::export_onnx(&store).unwrap()).unwrap();
     let dedicated = compresslab::cpu::CpuEfficientNet::from_store(&store).unwrap();
     let executor = CpuExecutor::new(&graph).unwrap();
     let photos = sample_photos();

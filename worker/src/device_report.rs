@@ -3,22 +3,21 @@
 //! removed, each built on WebGPU (when the page runs there) and on the CPU fallback, and
 //! timed on the last photo: one cold run each, then warm runs taken round-robin across the
 //! variants of an executor, so a slow spell of the machine hits all of them alike. On the
-//! CPU, fp32 and int8 also run on the graph engine's interpreter (the network imported from
-//! our own ONNX export, compressed by the graph engine): what "Your model" runs, and what the
-//! built-in networks move to once it is as fast as their dedicated path.
+//! CPU, fp32 and int8 also run on the network's former dedicated forward (`cpu.rs`), to show
+//! that the graph interpreter the photo model now runs on costs nothing against it.
 
 use std::rc::Rc;
 
 use compresslab::classifier::ImageClassifier;
 use compresslab::compress::{CompressedModel, Observer, Recipe, compress};
-use compresslab::exec::{CpuExecutor, Tensor};
+use compresslab::cpu::CpuEfficientNet;
+use compresslab::efficientnet::INPUT_SIZE;
 use compresslab::gpu_int::GpuFeatures;
-use compresslab::graph::{compress_graph, import_onnx};
 use compresslab::prune::{ChannelPruning, ChannelRanking};
 use compresslab::quant::{Granularity, QuantScheme};
 
 use crate::error::{WorkerError, WorkerResult};
-use crate::lab::{EvalImage, KernelPlace, eval_images, kernels_summary, latency, layer_kernels};
+use crate::lab::{EvalImage, KernelPlace, eval_images, kernels_summary, latency};
 use crate::worker::{Loaded, now, post};
 use compresslab_spec::messages::{BackendKind, DeviceReport, DeviceRow, FromWorker};
 
@@ -57,8 +56,8 @@ fn variants() -> Vec<(&'static str, Option<Recipe>)> {
 /// What a row times.
 enum Runnable {
     Classifier(ImageClassifier),
-    /// The graph interpreter, and the input as its tensor.
-    Graph(Box<CpuExecutor>, Tensor),
+    /// The network's former dedicated CPU forward.
+    Dedicated(Box<CpuEfficientNet>),
 }
 
 impl Runnable {
@@ -67,8 +66,8 @@ impl Runnable {
             Runnable::Classifier(c) => {
                 c.logits(input).await?;
             }
-            Runnable::Graph(executor, tensor) => {
-                executor.run(tensor)?;
+            Runnable::Dedicated(net) => {
+                net.forward(input, INPUT_SIZE, INPUT_SIZE)?;
             }
         }
         Ok(())
@@ -106,48 +105,25 @@ impl Built {
     }
 }
 
-/// fp32 and int8 W8A8 on the graph interpreter (CPU only).
-fn graph_rows(
-    loaded: &Loaded,
-    calibration: &[Vec<f32>],
-    input: &[f32],
-) -> WorkerResult<Vec<Built>> {
-    let graph = import_onnx(&compresslab::onnx::export_onnx(&loaded.store)?)?;
-    let image = |data: &[f32]| Tensor {
-        dims: vec![1, 3, 224, 224],
-        data: data.to_vec(),
-    };
-    let batches: Vec<Tensor> = calibration.iter().map(|c| image(c)).collect();
+/// fp32 and int8 W8A8 (the first two of `models`) on the former dedicated CPU forward.
+fn dedicated_rows(models: &[(&str, bool, CompressedModel)]) -> WorkerResult<Vec<Built>> {
     let mut rows = Vec::new();
-    for (name, recipe) in [
-        ("fp32", Recipe::default()),
-        (
-            "int8 W8A8 per channel",
-            Recipe::w8a8(Granularity::PerChannel, Observer::MinMax),
-        ),
-    ] {
-        let compressed = compress_graph(&graph, &recipe, &batches, &mut |_, _| {
-            crate::cancel::check()
-        })?;
-        let executor = CpuExecutor::compressed(&compressed)?;
-        let used = executor.kernel_use();
-        let quantized = compressed
-            .layers
-            .iter()
-            .filter(|l| l.bits.is_some())
-            .count();
-        let ran = layer_kernels(
-            compressed.layers.len(),
-            quantized,
-            (used.int8, used.int4),
-            KernelPlace::Cpu,
-        );
+    for (name, original, model) in models.iter().take(2) {
+        let net = if *original {
+            CpuEfficientNet::from_store(&model.store)?
+        } else {
+            CpuEfficientNet::from_compressed(model, true)?
+        };
         rows.push(Built::new(
-            format!("{name} on the graph interpreter"),
-            compressed.graph.stats(&compressed.weights)?.weight_bytes,
-            executor.weight_bytes(),
-            ran,
-            Runnable::Graph(Box::new(executor), image(input)),
+            format!("{name} on the dedicated forward"),
+            model.stats()?.weight_bytes,
+            net.weight_bytes(),
+            kernels_summary(
+                model,
+                (net.int8_layers(), net.int4_layers()),
+                KernelPlace::new(false, true),
+            ),
+            Runnable::Dedicated(Box::new(net)),
         ));
     }
     Ok(rows)
@@ -231,11 +207,7 @@ pub async fn run(loaded: Rc<Loaded>, runs: u32) -> WorkerResult<()> {
             ));
         }
         if device.is_none() {
-            progress(
-                "Building the graph interpreter's variants".into(),
-                share(0.3),
-            );
-            built.extend(graph_rows(&loaded, &calibration, &input)?);
+            built.extend(dedicated_rows(&models)?);
         }
         for b in built.iter_mut() {
             let start = now();

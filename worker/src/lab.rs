@@ -491,7 +491,7 @@ pub(crate) fn kernels_summary(
 
 /// [`kernels_summary`] from counts: `total` layers with weights, `quantized` of them
 /// quantized, `int8` and `int4` of those on integer kernels.
-pub(crate) fn layer_kernels(
+fn layer_kernels(
     total: usize,
     quantized: usize,
     (int8, int4): (usize, usize),

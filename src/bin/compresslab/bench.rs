@@ -12,7 +12,7 @@ use compresslab::cpu::CpuEfficientNet;
 use compresslab::decode::decode_file;
 use compresslab::exec::{self, CpuExecutor};
 use compresslab::gpu_int::GpuFeatures;
-use compresslab::graph::{compress_graph, import_onnx};
+use compresslab::graph::compress_graph;
 use compresslab::labels::Labels;
 use compresslab::preprocess::imagenet_input;
 use compresslab::prune::{ChannelPruning, ChannelRanking};
@@ -210,7 +210,7 @@ pub fn bench_compress(args: &[String]) -> Result<()> {
     // The same network as a graph (our ONNX export imported), compressed by the graph
     // engine with the same recipes and run by the CPU interpreter: timed in turn with the
     // dedicated path, so both see the same machine.
-    let graph = import_onnx(&compresslab::onnx::export_onnx(&store)?)?;
+    let graph = compresslab::efficientnet_graph::build(&store)?;
     let batches: Vec<exec::Tensor> = calibration
         .iter()
         .map(|data| exec::Tensor {

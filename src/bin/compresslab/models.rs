@@ -235,7 +235,7 @@ pub fn graph_interpreter_timing(
     reference: &[f32],
     mut dedicated: impl FnMut() -> Result<()>,
 ) -> Result<InterleavedTiming> {
-    let graph = import_onnx(&compresslab::onnx::export_onnx(store)?)?;
+    let graph = compresslab::efficientnet_graph::build(store)?;
     let executor = CpuExecutor::new(&graph)?;
     let tensor = Tensor {
         dims: vec![1, 3, 224, 224],

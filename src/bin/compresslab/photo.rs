@@ -8,8 +8,8 @@ use burn::prelude::*;
 use compresslab::classifier::ImageClassifier;
 use compresslab::compress::{CompressedModel, Recipe, compress};
 use compresslab::decode::decode_file;
+use compresslab::efficientnet_graph;
 use compresslab::labels::Labels;
-use compresslab::onnx;
 use compresslab::preprocess::{imagenet_crop, imagenet_input};
 use compresslab::torch_legacy::read_legacy_state_dict;
 use compresslab::weights::TensorStore;
@@ -80,7 +80,10 @@ pub fn export_onnx(args: &[String]) -> Result<()> {
         source,
     })?;
     let store = TensorStore::from_safetensors(&read(&assets.join(WEIGHTS_FILE))?)?;
-    write(&out.join("model.onnx"), &onnx::export_onnx(&store)?)?;
+    write(
+        &out.join("model.onnx"),
+        &efficientnet_graph::export_onnx(&store)?,
+    )?;
     let input = imagenet_input(&decode_file(Path::new(image))?);
     let raw: Vec<u8> = input.iter().flat_map(|v| v.to_le_bytes()).collect();
     write(&out.join("input.bin"), &raw)?;

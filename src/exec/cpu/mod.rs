@@ -203,7 +203,12 @@ impl CpuExecutor {
     /// weights, as [`Self::new`] would. The outputs match [`Self::new`] on the same graph
     /// up to float summation order: the int8 kernel's products of grid values are exact.
     pub fn compressed(compressed: &CompressedGraph) -> Result<Self> {
-        Self::build(&compressed.graph, Some(&compressed.weights))
+        Self::quantized(&compressed.graph, &compressed.weights)
+    }
+
+    /// [`Self::compressed`] for a graph and its integer weights by constant name.
+    pub fn quantized(graph: &Graph, weights: &BTreeMap<String, QuantizedTensor>) -> Result<Self> {
+        Self::build(graph, Some(weights))
     }
 
     fn build(graph: &Graph, quantized: Option<&BTreeMap<String, QuantizedTensor>>) -> Result<Self> {
