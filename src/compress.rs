@@ -13,9 +13,10 @@ pub use compresslab_spec::stats::{
     ActivationParams, ChannelGrid, Histogram, LayerStats, ModelStats,
 };
 
-use crate::cpu::CpuEfficientNet;
 use crate::efficientnet::{INPUT_SIZE, LayerKind, block_strides, fold_batch_norms, weight_layers};
+use crate::efficientnet_graph;
 use crate::error::{EngineError, Result};
+use crate::exec::{CpuExecutor, Tensor};
 use crate::fashion::is_fashion;
 use crate::fashion_cpu::CpuFashionNet;
 use crate::prune::{magnitude_prune, prune_channels};
@@ -157,15 +158,30 @@ fn calibrate(
     progress: Progress,
 ) -> Result<Vec<ActivationParams>> {
     enum Net {
-        EfficientNet(Box<CpuEfficientNet>),
+        /// The graph on the CPU interpreter, and each layer's input value.
+        Graph(Box<CpuExecutor>, Vec<String>),
         Fashion(Box<CpuFashionNet>),
     }
+    let layers = weight_layers(store);
     let net = if is_fashion(store) {
         Net::Fashion(Box::new(CpuFashionNet::from_store(store)?))
     } else {
-        Net::EfficientNet(Box::new(CpuEfficientNet::from_store(store)?))
+        let graph = efficientnet_graph::build(store)?;
+        let inputs = layers
+            .iter()
+            .map(|l| {
+                let weight = format!("{}.weight", l.name);
+                graph
+                    .nodes
+                    .iter()
+                    .find(|n| n.inputs.get(1) == Some(&weight))
+                    .map(|n| n.inputs[0].clone())
+                    .ok_or_else(|| EngineError::Weights(format!("no layer reads {weight}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Net::Graph(Box::new(CpuExecutor::new(&graph)?), inputs)
     };
-    let n_layers = weight_layers(store).len();
+    let n_layers = layers.len();
     let mut min = vec![0f32; n_layers];
     let mut max = vec![0f32; n_layers];
     let mut samples: Vec<Vec<f32>> = vec![Vec::new(); n_layers];
@@ -185,8 +201,16 @@ fn calibrate(
             }
         };
         match &net {
-            Net::EfficientNet(n) => {
-                n.forward_observed(image, INPUT_SIZE, INPUT_SIZE, &mut observe)?;
+            Net::Graph(executor, inputs) => {
+                let input = Tensor {
+                    dims: vec![1, 3, INPUT_SIZE, INPUT_SIZE],
+                    data: image.clone(),
+                };
+                executor.run_observed(&input, &mut |name, values| {
+                    for (layer, _) in inputs.iter().enumerate().filter(|(_, i)| *i == name) {
+                        observe(layer, values);
+                    }
+                })?;
             }
             Net::Fashion(n) => {
                 n.forward_observed(image, &mut observe)?;
@@ -563,10 +587,11 @@ impl CompressedModel {
                     .into(),
             ));
         }
+        // The widths must chain from layer to layer (shape inference of the whole network).
         if is_fashion(&model.store) {
             CpuFashionNet::from_store(&model.store)?;
         } else {
-            CpuEfficientNet::from_store(&model.store)?;
+            efficientnet_graph::build(&model.store)?;
         }
         Ok(model)
     }

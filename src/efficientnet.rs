@@ -12,7 +12,6 @@ use burn::prelude::*;
 
 pub use compresslab_spec::stats::LayerKind;
 
-use crate::compress::{ActivationParams, CompressedModel};
 use crate::error::{EngineError, Result};
 use crate::weights::{NamedTensor, TensorStore};
 
@@ -43,27 +42,10 @@ pub struct ConvUnit {
     pub conv: Conv2d,
     pub bn: Option<BatchNorm>,
     pub relu6: bool,
-    /// Static quantization of the input (fake-quant: the float reference of int8 compute).
-    #[module(skip)]
-    pub input_quant: Option<ActivationParams>,
-}
-
-/// x̂ = (clamp(round_half_even(x/s) + zp, qmin, qmax) − zp)·s, as on the CPU path.
-pub fn fake_quantize_tensor<const D: usize>(x: Tensor<D>, q: &ActivationParams) -> Tensor<D> {
-    x.div_scalar(q.scale)
-        .round()
-        .add_scalar(q.zero_point)
-        .clamp(q.qmin, q.qmax)
-        .sub_scalar(q.zero_point)
-        .mul_scalar(q.scale)
 }
 
 impl ConvUnit {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = match &self.input_quant {
-            Some(q) => fake_quantize_tensor(x, q),
-            None => x,
-        };
         let mut x = self.conv.forward(x);
         if let Some(bn) = &self.bn {
             x = bn.forward(x);
@@ -99,8 +81,6 @@ pub struct EfficientNetLite {
     pub blocks: Vec<MbConv>,
     pub head: ConvUnit,
     pub classifier: Linear,
-    #[module(skip)]
-    pub classifier_input_quant: Option<ActivationParams>,
 }
 
 impl EfficientNetLite {
@@ -171,28 +151,7 @@ impl EfficientNetLite {
             blocks,
             head,
             classifier,
-            classifier_input_quant: None,
         })
-    }
-
-    /// The compressed model (pruned, dequantized weights; calibrated inputs fake-quantized).
-    pub fn from_compressed(model: &CompressedModel, device: &Device) -> Result<Self> {
-        let mut net = Self::from_store(&model.store, device, BatchNormMode::Folded)?;
-        let mut quant = model.layers.iter().map(|l| l.activation);
-        let mut units: Vec<&mut ConvUnit> = vec![&mut net.stem];
-        for block in &mut net.blocks {
-            if let Some(e) = &mut block.expand {
-                units.push(e);
-            }
-            units.push(&mut block.depthwise);
-            units.push(&mut block.project);
-        }
-        units.push(&mut net.head);
-        for unit in units {
-            unit.input_quant = quant.next().flatten();
-        }
-        net.classifier_input_quant = quant.next().flatten();
-        Ok(net)
     }
 
     /// Logits `[batch, classes]` for a normalised NCHW batch.
@@ -216,10 +175,7 @@ impl EfficientNetLite {
 
     /// Pooling and the classifier on the last feature map.
     fn classify(&self, features: Tensor<4>) -> Tensor<2> {
-        let mut pooled: Tensor<2> = features.mean_dim(3).mean_dim(2).flatten(1, 3);
-        if let Some(q) = &self.classifier_input_quant {
-            pooled = fake_quantize_tensor(pooled, q);
-        }
+        let pooled: Tensor<2> = features.mean_dim(3).mean_dim(2).flatten(1, 3);
         self.classifier.forward(pooled)
     }
 
@@ -367,7 +323,6 @@ fn conv_unit(
                 conv,
                 bn: Some(norm),
                 relu6,
-                input_quant: None,
             })
         }
         BatchNormMode::Folded => {
@@ -385,7 +340,6 @@ fn conv_unit(
                 conv,
                 bn: None,
                 relu6,
-                input_quant: None,
             })
         }
     }

@@ -71,7 +71,9 @@ impl CpuFashionNet {
         Ok(net)
     }
 
-    /// The compressed model; `integer_kernels` as in [`crate::cpu::CpuEfficientNet`].
+    /// The compressed model. With `integer_kernels` its int8 layers run on the int8 kernel
+    /// and its int4 layers from their packed weights; without, it is the float fake-quant
+    /// reference.
     pub fn from_compressed(model: &CompressedModel, integer_kernels: bool) -> Result<Self> {
         let mut net = Self::from_store(&model.store)?;
         if model.layers.len() != 5 {

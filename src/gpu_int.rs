@@ -3,13 +3,13 @@
 //! own GPU buffers (no CPU round trip).
 //!
 //! - int8 weights + int8 inputs: `quantize_pack_i8` packs the input four channels per word,
-//!   `matmul_i8_dot4` multiplies with `dot4I8Packed` and applies scale, bias, ReLU6 and the
-//!   residual in one pass.
+//!   `matmul_i8_dot4` multiplies with `dot4I8Packed` and applies scale and bias in one pass.
 //! - int4 weight-only: `matmul_int4_weight_only` reads the packed nibbles and unpacks them in
 //!   the kernel.
 //!
-//! These replace the 1×1 convolutions and the classifier; stem and depthwise layers run as
-//! burn ops on the dequantized weights (with inputs fake-quantized when calibrated).
+//! In a graph on the burn interpreter ([`graph_on_integer_kernels`]) these run the quantized
+//! plain 1×1 convolutions and Gemms; the other layers run as burn ops on the dequantized
+//! weights (with inputs fake-quantized when calibrated).
 
 use burn::backend::Wgpu;
 use burn::backend::wgpu::{
@@ -18,15 +18,13 @@ use burn::backend::wgpu::{
 use burn::cubecl::CubeCount;
 use burn::cubecl::prelude::KernelId;
 use burn::cubecl::server::{KernelArguments, MetadataBindingInfo};
-use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::{DType, Shape};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::compress::{ActivationParams, CompressedModel};
-use crate::efficientnet::{ConvUnit, EfficientNetLite, LayerKind};
+use crate::compress::ActivationParams;
 use crate::error::{EngineError, Result};
 use crate::exec::{ChannelKernel, GraphModel};
 use crate::graph::{CompressedGraph, Graph, Op, Padding};
@@ -226,23 +224,19 @@ impl IntLayer {
     }
 
     /// Runs the layer on `x` (`[channels, pixels]` contiguous); returns `[outputs, pixels]`.
-    fn forward(&self, x: Tensor<2>, relu6: bool, residual: Option<Tensor<2>>) -> Result<Tensor<2>> {
+    /// The kernels can also apply ReLU6 and add a residual as they write; the graph runs
+    /// those as nodes of their own, so both flags are off.
+    fn forward(&self, x: Tensor<2>) -> Result<Tensor<2>> {
         let [_, pixels] = x.dims();
         let x = cube(x.reshape([-1]))?;
         let (client, device) = (x.client.clone(), x.device.clone());
-        let flag = |b: bool| b as u32;
         let grid_x = (pixels as u32).div_ceil(WORKGROUP);
         let outputs = match self {
             Self::Int8 { outputs, .. } | Self::Int4 { outputs, .. } => *outputs,
         };
-        let res = residual.map(|r| cube(r.reshape([-1]))).transpose()?;
-        let has_residual = res.is_some();
         // Without a residual the kernel never reads binding `res`, but it must be bound: a
         // buffer of its own (WebGPU forbids aliasing writable bindings).
-        let res_binding = match res {
-            Some(r) => r.handle.binding(),
-            None => client.empty(16).binding(),
-        };
+        let res_binding = client.empty(16).binding();
         let out = client.empty(outputs * pixels * 4);
         match self {
             Self::Int8 {
@@ -295,8 +289,8 @@ impl IntLayer {
                             pixels as u32,
                             outputs as u32,
                             input.zero_point as u32,
-                            flag(relu6),
-                            flag(has_residual),
+                            0,
+                            0,
                         ])),
                 );
             }
@@ -338,8 +332,8 @@ impl IntLayer {
                             *words_per_row as u32,
                             *group_len as u32,
                             *groups as u32,
-                            flag(relu6),
-                            flag(has_residual),
+                            0,
+                            0,
                         ])),
                 );
             }
@@ -357,7 +351,7 @@ impl IntLayer {
 
 impl ChannelKernel for IntLayer {
     fn forward(&self, x: Tensor<2>) -> Result<Tensor<2>> {
-        IntLayer::forward(self, x, false, None)
+        IntLayer::forward(self, x)
     }
 
     fn weight_bits(&self) -> u8 {
@@ -471,203 +465,4 @@ fn int_tensor(v: Vec<i32>, device: &Device) -> Tensor<1, Int> {
 fn float_tensor(v: Vec<f32>, device: &Device) -> Tensor<1> {
     let n = v.len();
     Tensor::from_data(TensorData::new(v, [n]), device)
-}
-
-/// A 1×1 layer (or the classifier) as it runs: on an integer kernel, or as float burn ops.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-enum Pointwise<F> {
-    Int { layer: IntLayer, relu6: bool },
-    Float(F),
-}
-
-impl<F> Pointwise<F> {
-    fn int(&self) -> Option<&IntLayer> {
-        match self {
-            Self::Int { layer, .. } => Some(layer),
-            Self::Float(_) => None,
-        }
-    }
-}
-
-/// An MBConv block whose 1×1 layers may run on integer kernels.
-#[derive(Debug)]
-struct Block {
-    expand: Option<Pointwise<ConvUnit>>,
-    depthwise: ConvUnit,
-    project: Pointwise<ConvUnit>,
-    skip: bool,
-}
-
-/// The float classifier and its fake-quantized input, if calibrated.
-type FloatClassifier = (Linear, Option<ActivationParams>);
-
-/// The compressed model on the wgpu device with integer kernels where they apply. A layer on
-/// an integer kernel keeps only its packed weights: its dequantized f32 copy is dropped once
-/// the kernel's buffers exist, so an int variant holds less GPU memory than fp32.
-#[derive(Debug)]
-pub struct GpuCompressedNet {
-    stem: ConvUnit,
-    blocks: Vec<Block>,
-    head: Pointwise<ConvUnit>,
-    classifier: Pointwise<FloatClassifier>,
-}
-
-impl GpuCompressedNet {
-    pub fn new(model: &CompressedModel, device: &Device, features: GpuFeatures) -> Result<Self> {
-        // Built on the CPU first: only the layers that run as float move to the GPU, so the
-        // f32 weights of a layer with an integer kernel are never uploaded.
-        let net = EfficientNetLite::from_compressed(model, &Device::flex())?;
-        // In weight-layer order: the integer form of each quantized 1×1 layer a kernel fits.
-        let mut int_layers = model.layers.iter().map(|l| {
-            let pointwise = matches!(
-                l.kind,
-                LayerKind::Expand | LayerKind::Project | LayerKind::Head | LayerKind::Classifier
-            );
-            let q = l.weights.as_ref().filter(|_| pointwise)?;
-            let bias = model.store.get(&format!("{}.bias", l.name)).ok()?;
-            IntLayer::new(q, l.activation, &bias.data, device, features)
-        });
-        let mut next = || int_layers.next().flatten();
-        let pointwise = |unit: ConvUnit, int: Option<IntLayer>| match int {
-            Some(layer) => Pointwise::Int {
-                layer,
-                relu6: unit.relu6,
-            },
-            None => Pointwise::Float(unit.to_device(device)),
-        };
-        let EfficientNetLite {
-            stem,
-            blocks,
-            head,
-            classifier,
-            classifier_input_quant,
-        } = net;
-        // The stem and depthwise layers never have an integer kernel here.
-        let _ = next();
-        let blocks = blocks
-            .into_iter()
-            .map(|b| {
-                let expand = b.expand.map(|e| pointwise(e, next()));
-                let _ = next();
-                Block {
-                    expand,
-                    depthwise: b.depthwise.to_device(device),
-                    project: pointwise(b.project, next()),
-                    skip: b.skip,
-                }
-            })
-            .collect();
-        let head = pointwise(head, next());
-        let classifier = match next() {
-            Some(layer) => Pointwise::Int {
-                layer,
-                relu6: false,
-            },
-            None => Pointwise::Float((classifier.to_device(device), classifier_input_quant)),
-        };
-        Ok(Self {
-            stem: stem.to_device(device),
-            blocks,
-            head,
-            classifier,
-        })
-    }
-
-    /// The integer kernel of every 1×1 layer and the classifier (None: float).
-    fn pointwise_layers(&self) -> impl Iterator<Item = Option<&IntLayer>> {
-        self.blocks
-            .iter()
-            .flat_map(|b| b.expand.iter().map(Pointwise::int).chain([b.project.int()]))
-            .chain([self.head.int(), self.classifier.int()])
-    }
-
-    /// How many layers run on an integer kernel (int8, int4).
-    pub fn integer_layers(&self) -> (usize, usize) {
-        let count =
-            |f: fn(&IntLayer) -> bool| self.pointwise_layers().flatten().filter(|l| f(l)).count();
-        (
-            count(|l| matches!(l, IntLayer::Int8 { .. })),
-            count(|l| matches!(l, IntLayer::Int4 { .. })),
-        )
-    }
-
-    /// Bytes of the GPU buffers that hold the weights while the network runs: packed
-    /// integers with their scales and epilogues, f32 for the layers that run as float.
-    pub fn weight_bytes(&self) -> usize {
-        let float = |unit: &ConvUnit| unit.num_params() * 4;
-        let side = |p: &Pointwise<ConvUnit>| match p {
-            Pointwise::Int { layer, .. } => layer.bytes(),
-            Pointwise::Float(unit) => float(unit),
-        };
-        let blocks: usize = self
-            .blocks
-            .iter()
-            .map(|b| b.expand.as_ref().map_or(0, side) + float(&b.depthwise) + side(&b.project))
-            .sum();
-        let classifier = match &self.classifier {
-            Pointwise::Int { layer, .. } => layer.bytes(),
-            Pointwise::Float((linear, _)) => linear.num_params() * 4,
-        };
-        float(&self.stem) + blocks + side(&self.head) + classifier
-    }
-
-    /// One 1×1 layer on `x`, plus `residual` when given.
-    fn pointwise(
-        layer: &Pointwise<ConvUnit>,
-        x: Tensor<4>,
-        residual: Option<Tensor<4>>,
-    ) -> Result<Tensor<4>> {
-        match layer {
-            Pointwise::Int { layer, relu6 } => {
-                let [n, c, h, w] = x.dims();
-                if n != 1 {
-                    return Err(EngineError::Execution(
-                        "integer kernels take one image".into(),
-                    ));
-                }
-                let res = residual.map(|r| r.reshape([-1, (h * w) as i32]));
-                let y = layer.forward(x.reshape([c, h * w]), *relu6, res)?;
-                let [outputs, _] = y.dims();
-                Ok(y.reshape([1, outputs, h, w]))
-            }
-            Pointwise::Float(unit) => {
-                let y = unit.forward(x);
-                Ok(match residual {
-                    Some(r) => y + r,
-                    None => y,
-                })
-            }
-        }
-    }
-
-    /// Logits `[1, classes]` for one normalised image `[1, 3, 224, 224]`.
-    pub fn forward(&self, x: Tensor<4>) -> Result<Tensor<2>> {
-        let mut x = self.stem.forward(x);
-        for block in &self.blocks {
-            let input = x.clone();
-            let mut h = x;
-            if let Some(expand) = &block.expand {
-                h = Self::pointwise(expand, h, None)?;
-            }
-            h = block.depthwise.forward(h);
-            x = Self::pointwise(&block.project, h, block.skip.then_some(input))?;
-        }
-        x = Self::pointwise(&self.head, x, None)?;
-        let pooled: Tensor<2> = x.mean_dim(3).mean_dim(2).flatten(1, 3);
-        match &self.classifier {
-            Pointwise::Int { layer, .. } => {
-                let [_, features] = pooled.dims();
-                let logits = layer.forward(pooled.reshape([features, 1]), false, None)?;
-                Ok(logits.reshape([1, -1]))
-            }
-            Pointwise::Float((linear, input_quant)) => {
-                let pooled = match input_quant {
-                    Some(q) => crate::efficientnet::fake_quantize_tensor(pooled, q),
-                    None => pooled,
-                };
-                Ok(linear.forward(pooled))
-            }
-        }
-    }
 }

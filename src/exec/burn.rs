@@ -16,8 +16,8 @@ use burn::tensor::module::{avg_pool2d, conv2d, max_pool2d};
 use burn::tensor::ops::{AvgPoolOptions, ConvOptions, MaxPoolOptions};
 
 use super::{MAX_ACTIVATION_ELEMENTS, ShapeCache};
+use crate::compress::ActivationParams;
 use crate::distill::read_f32;
-use crate::efficientnet::fake_quantize_tensor;
 use crate::error::{EngineError, Result};
 use crate::graph::{Constant, Graph, Node, Op, concrete_dims};
 use crate::quant::QuantizedTensor;
@@ -78,6 +78,17 @@ pub struct GraphModel {
 struct Value {
     t: Tensor<RANK>,
     dims: Vec<usize>,
+}
+
+/// x̂ = (clamp(round_half_even(x/s) + zp, qmin, qmax) − zp)·s, as the CPU interpreter
+/// computes it.
+fn fake_quantize_tensor<const D: usize>(x: Tensor<D>, q: &ActivationParams) -> Tensor<D> {
+    x.div_scalar(q.scale)
+        .round()
+        .add_scalar(q.zero_point)
+        .clamp(q.qmin, q.qmax)
+        .sub_scalar(q.zero_point)
+        .mul_scalar(q.scale)
 }
 
 fn exec_err(node: &Node, msg: impl std::fmt::Display) -> EngineError {

@@ -6,7 +6,6 @@ pub mod burn;
 pub mod cpu;
 
 pub use burn::{ChannelKernel, GraphModel, Output};
-pub(crate) use cpu::tap_range;
 pub use cpu::{CpuExecutor, KernelUse};
 
 /// A dense f32 tensor in row-major (NCHW for images) order: what executors take and return.

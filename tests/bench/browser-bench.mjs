@@ -163,8 +163,3 @@ const int4Speedup = p50('fp32') / p50('int4');
 console.log(`target int8 W8A8 vs fp32 on the CPU fallback: ${int8Speedup.toFixed(2)}× (goal ≥ 1.5×) ${int8Speedup >= 1.5 ? 'met' : 'not met'}`);
 console.log(`target int4 weight-only vs fp32 speed on the CPU fallback: ${int4Speedup.toFixed(2)}× (goal ≥ 1.0×) ${int4Speedup >= 1.0 ? 'met' : 'not met'}`);
 console.log(`target int4 weight-only memory held while running on the CPU fallback: 1/${int4Memory.toFixed(1)} of fp32 (goal ≈ 1/7, ≥ 6×) ${int4Memory >= 6 ? 'met' : 'not met'}`);
-// The photo model runs on the graph interpreter (issue 13); its former dedicated forward is
-// timed in the same round-robin, for as long as it exists.
-const graphRatio = (variant) => p50(variant) / p50(`${variant} on the dedicated forward`);
-const [fp32Graph, int8Graph] = [graphRatio('fp32'), graphRatio('int8 W8A8 per channel')];
-console.log(`target graph interpreter ≤ 1.05× the dedicated path on the CPU fallback (warm p50): fp32 ${fp32Graph.toFixed(2)}×, int8 W8A8 ${int8Graph.toFixed(2)}× (goal ≤ 1.05×) ${Math.max(fp32Graph, int8Graph) <= 1.05 ? 'met' : 'not met'}`);

@@ -14,7 +14,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use compresslab::compress::{CompressedModel, Observer, Recipe, compress};
-use compresslab::cpu::CpuEfficientNet;
 use compresslab::fashion::{FashionSet, PIXELS, normalize};
 use compresslab::fashion_cpu::CpuFashionNet;
 use compresslab::prune::{ChannelPruning, ChannelRanking};
@@ -266,7 +265,11 @@ fn load_and_run_export(bytes: &[u8], input: &[f32]) -> Result<(), compresslab::E
     if model.layers.iter().any(|l| l.name == "conv1") {
         CpuFashionNet::from_compressed(&model, true)?.forward(input)?;
     } else {
-        CpuEfficientNet::from_compressed(&model, true)?.forward(input, 224, 224)?;
+        let classifier = compresslab::classifier::ImageClassifier::new_compressed_cpu(
+            &model,
+            compresslab::labels::Labels::default(),
+        )?;
+        futures_lite::future::block_on(classifier.logits(input))?;
     }
     Ok(())
 }

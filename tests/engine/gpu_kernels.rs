@@ -3,7 +3,6 @@
 
 use compresslab::classifier::{ImageClassifier, max_abs_diff};
 use compresslab::compress::{ActivationQuant, Observer, Recipe, agreement, compress};
-use compresslab::cpu::CpuEfficientNet;
 use compresslab::decode::decode_file;
 use compresslab::gpu_int::GpuFeatures;
 use compresslab::labels::Labels;
@@ -11,7 +10,7 @@ use compresslab::preprocess::imagenet_input;
 use compresslab::quant::{Granularity, QuantScheme};
 use futures_lite::future::block_on;
 
-use crate::{assets, store};
+use crate::{PhotoNet, assets, store};
 
 fn check(name: &str, recipe: Recipe, expect_int8: bool, expect_int4: bool) {
     check_on(name, recipe, GpuFeatures::NATIVE, expect_int8, expect_int4);
@@ -57,16 +56,23 @@ fn check_on(
     } else {
         assert_eq!(held, float);
     }
-    let reference = CpuEfficientNet::from_compressed(&model, false).unwrap();
+    let reference = PhotoNet::compressed(&model, false).unwrap();
     for image in &images {
-        let want = reference.forward(image, 224, 224).unwrap();
+        let want = reference.forward(image).unwrap();
         let got = block_on(gpu.logits(image)).unwrap();
         let (same, kl) = agreement(&want, &got);
+        let diff = max_abs_diff(&want, &got);
+        // Through 50 layers a float rounding difference can move a value across a
+        // quantization boundary: the logits then differ by up to ~0.1, and a photo whose two
+        // best classes are closer than that may swap them.
+        let mut sorted = want.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let margin = sorted[0] - sorted[1];
         println!(
-            "{name}: kernels vs fake-quant reference: max |logit| {:.2e}, top-1 same {same}, KL {kl:.2e}",
-            max_abs_diff(&want, &got)
+            "{name}: kernels vs fake-quant reference: max |logit| {diff:.2e}, top-1 same {same} (margin {margin:.2e}), KL {kl:.2e}"
         );
-        assert!(same && kl < 1e-3, "{name}: KL {kl}");
+        assert!(same || margin <= 2.0 * diff, "{name}: margin {margin}, diff {diff}");
+        assert!(kl < 1e-3, "{name}: KL {kl}");
     }
 }
 

@@ -483,26 +483,42 @@ fn sample_photos() -> Vec<(String, Tensor)> {
 }
 
 #[test]
-fn efficientnet_as_a_graph_matches_its_dedicated_cpu_path_and_compresses() {
-    // Our own ONNX export of the built-in network, imported by the graph engine: the first
-    // step of the built-in networks becoming graphs.
+fn efficientnet_as_a_graph_matches_its_burn_model_and_compresses() {
+    // The model builder's graph of the built-in network, and the same graph through our ONNX
+    // export and the importer: both against the burn model (the checkpoint's own form, with
+    // separate BatchNorm layers; what photo fine-tuning trains).
+    use burn::prelude::{Device, TensorData};
+    use compresslab::efficientnet::{BatchNormMode, EfficientNetLite};
     let store = crate::store();
+    let built = CpuExecutor::new(&compresslab::efficientnet_graph::build(&store).unwrap()).unwrap();
     let graph =
         import_onnx(&compresslab::efficientnet_graph::export_onnx(&store).unwrap()).unwrap();
-    let dedicated = compresslab::cpu::CpuEfficientNet::from_store(&store).unwrap();
     let executor = CpuExecutor::new(&graph).unwrap();
+    let device = Device::flex();
+    let burn = EfficientNetLite::from_store(&store, &device, BatchNormMode::Separate).unwrap();
     let photos = sample_photos();
     assert_eq!(photos.len(), 7);
     for (name, input) in &photos {
         let ours = executor.run(input).unwrap().remove(0);
-        let reference = dedicated.forward(&input.data, 224, 224).unwrap();
+        let direct = built.run(input).unwrap().remove(0);
+        let x = burn::tensor::Tensor::<4>::from_data(
+            TensorData::new(input.data.clone(), [1, 3, 224, 224]),
+            &device,
+        );
+        let reference = burn.forward(x).into_data().try_into_vec::<f32>().unwrap();
         let reference = Tensor {
             dims: vec![1, reference.len()],
             data: reference,
         };
-        let diff = relative_difference(&ours, &reference);
-        println!("{name}: graph interpreter vs dedicated CPU path {diff:.1e}");
+        let (diff, round_trip) = (
+            relative_difference(&ours, &reference),
+            relative_difference(&ours, &direct),
+        );
+        println!(
+            "{name}: graph interpreter vs the burn model {diff:.1e}; ONNX round trip vs the builder's graph {round_trip:.1e}"
+        );
         assert!(diff <= 1e-4, "{name}: {diff}");
+        assert!(round_trip <= 1e-6, "{name}: {round_trip}");
     }
 
     // Dependency groups: each MBConv block's expanded channels (expand → depthwise → project)

@@ -37,3 +37,46 @@ pub fn store() -> TensorStore {
     let bytes = std::fs::read(assets().join("models/efficientnet-lite0.safetensors")).unwrap();
     TensorStore::from_safetensors(&bytes).unwrap()
 }
+
+/// The photo model on the graph engine's CPU interpreter, as the tests run it.
+pub struct PhotoNet(compresslab::exec::CpuExecutor);
+
+impl PhotoNet {
+    /// The float network.
+    pub fn float(store: &TensorStore) -> compresslab::Result<Self> {
+        let graph = compresslab::efficientnet_graph::build(store)?;
+        Ok(Self(compresslab::exec::CpuExecutor::new(&graph)?))
+    }
+
+    /// A compressed variant: with `integer_kernels` its quantized layers run on the integer
+    /// kernels (what the page runs); without, it is the float fake-quant reference (dequantized
+    /// weights, activations rounded to their grids).
+    pub fn compressed(
+        model: &compresslab::compress::CompressedModel,
+        integer_kernels: bool,
+    ) -> compresslab::Result<Self> {
+        let (graph, weights) = compresslab::efficientnet_graph::build_compressed(model)?;
+        Ok(Self(if integer_kernels {
+            compresslab::exec::CpuExecutor::quantized(&graph, &weights)?
+        } else {
+            compresslab::exec::CpuExecutor::new(&graph)?
+        }))
+    }
+
+    /// Logits for one `[3, 224, 224]` input.
+    pub fn forward(&self, input: &[f32]) -> compresslab::Result<Vec<f32>> {
+        let tensor = compresslab::exec::Tensor {
+            dims: vec![1, 3, 224, 224],
+            data: input.to_vec(),
+        };
+        Ok(self.0.run(&tensor)?.remove(0).data)
+    }
+
+    pub fn kernel_use(&self) -> compresslab::exec::KernelUse {
+        self.0.kernel_use()
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.0.weight_bytes()
+    }
+}

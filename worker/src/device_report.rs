@@ -2,16 +2,12 @@
 //! fp32, int8 W8A8 per channel, int4 weight-only per block of 32 and 50 % of the channels
 //! removed, each built on WebGPU (when the page runs there) and on the CPU fallback, and
 //! timed on the last photo: one cold run each, then warm runs taken round-robin across the
-//! variants of an executor, so a slow spell of the machine hits all of them alike. On the
-//! CPU, fp32 and int8 also run on the network's former dedicated forward (`cpu.rs`), to show
-//! that the graph interpreter the photo model now runs on costs nothing against it.
+//! variants of an executor, so a slow spell of the machine hits all of them alike.
 
 use std::rc::Rc;
 
 use compresslab::classifier::ImageClassifier;
 use compresslab::compress::{CompressedModel, Observer, Recipe, compress};
-use compresslab::cpu::CpuEfficientNet;
-use compresslab::efficientnet::INPUT_SIZE;
 use compresslab::gpu_int::GpuFeatures;
 use compresslab::prune::{ChannelPruning, ChannelRanking};
 use compresslab::quant::{Granularity, QuantScheme};
@@ -53,34 +49,13 @@ fn variants() -> Vec<(&'static str, Option<Recipe>)> {
     ]
 }
 
-/// What a row times.
-enum Runnable {
-    Classifier(ImageClassifier),
-    /// The network's former dedicated CPU forward.
-    Dedicated(Box<CpuEfficientNet>),
-}
-
-impl Runnable {
-    async fn run(&self, input: &[f32]) -> WorkerResult<()> {
-        match self {
-            Runnable::Classifier(c) => {
-                c.logits(input).await?;
-            }
-            Runnable::Dedicated(net) => {
-                net.forward(input, INPUT_SIZE, INPUT_SIZE)?;
-            }
-        }
-        Ok(())
-    }
-}
-
 /// One built row before timing: its name, stored and held bytes, and what runs it.
 struct Built {
     variant: String,
     weight_bytes: usize,
     held_bytes: usize,
     ran: String,
-    runnable: Runnable,
+    classifier: ImageClassifier,
     cold_ms: f64,
     times: Vec<f64>,
 }
@@ -91,42 +66,18 @@ impl Built {
         weight_bytes: usize,
         held_bytes: usize,
         ran: String,
-        runnable: Runnable,
+        classifier: ImageClassifier,
     ) -> Self {
         Built {
             variant,
             weight_bytes,
             held_bytes,
             ran,
-            runnable,
+            classifier,
             cold_ms: 0.0,
             times: Vec::new(),
         }
     }
-}
-
-/// fp32 and int8 W8A8 (the first two of `models`) on the former dedicated CPU forward.
-fn dedicated_rows(models: &[(&str, bool, CompressedModel)]) -> WorkerResult<Vec<Built>> {
-    let mut rows = Vec::new();
-    for (name, original, model) in models.iter().take(2) {
-        let net = if *original {
-            CpuEfficientNet::from_store(&model.store)?
-        } else {
-            CpuEfficientNet::from_compressed(model, true)?
-        };
-        rows.push(Built::new(
-            format!("{name} on the dedicated forward"),
-            model.stats()?.weight_bytes,
-            net.weight_bytes(),
-            kernels_summary(
-                model,
-                (net.int8_layers(), net.int4_layers()),
-                KernelPlace::new(false, true),
-            ),
-            Runnable::Dedicated(Box::new(net)),
-        ));
-    }
-    Ok(rows)
 }
 
 fn progress(stage: String, fraction: f32) {
@@ -203,15 +154,12 @@ pub async fn run(loaded: Rc<Loaded>, runs: u32) -> WorkerResult<()> {
                     classifier.integer_layers(),
                     KernelPlace::new(device.is_some(), !no_dot4),
                 ),
-                Runnable::Classifier(classifier),
+                classifier,
             ));
-        }
-        if device.is_none() {
-            built.extend(dedicated_rows(&models)?);
         }
         for b in built.iter_mut() {
             let start = now();
-            b.runnable.run(&input).await?;
+            b.classifier.logits(&input).await?;
             b.cold_ms = now() - start;
         }
         for r in 0..runs {
@@ -222,7 +170,7 @@ pub async fn run(loaded: Rc<Loaded>, runs: u32) -> WorkerResult<()> {
             crate::cancel::checkpoint().await?;
             for b in built.iter_mut() {
                 let start = now();
-                b.runnable.run(&input).await?;
+                b.classifier.logits(&input).await?;
                 b.times.push(now() - start);
             }
         }

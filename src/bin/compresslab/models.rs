@@ -5,10 +5,9 @@ use std::time::Instant;
 
 use burn::prelude::{Device, DeviceKind};
 use compresslab::compress::Recipe;
-use compresslab::exec::{CpuExecutor, GraphModel, Tensor};
+use compresslab::exec::{CpuExecutor, GraphModel};
 use compresslab::graph::{Dim, channel_groups, compress_graph, export_onnx, import_onnx};
 use compresslab::npy::{read_npy, write_npy};
-use compresslab::weights::TensorStore;
 use compresslab::{EngineError, Result};
 
 use super::{read, usage_error, write};
@@ -213,58 +212,4 @@ pub fn compress(args: &[String]) -> Result<()> {
     write(Path::new(out), &bytes)?;
     println!("wrote {out} ({} bytes)", bytes.len());
     Ok(())
-}
-
-/// The graph interpreter's timing against the dedicated path's, in turn.
-pub struct InterleavedTiming {
-    /// The interpreter's first run, ms.
-    pub cold: f64,
-    /// Sorted warm ms of each.
-    pub interpreter: Vec<f64>,
-    pub dedicated: Vec<f64>,
-    /// The largest |logit difference| to the dedicated path's logits.
-    pub max_diff: f32,
-}
-
-/// EfficientNet-Lite0 imported from our own ONNX export and run by the graph engine's CPU
-/// interpreter, each warm run followed by one of `dedicated` (the network's own CPU path).
-pub fn graph_interpreter_timing(
-    store: &TensorStore,
-    input: &[f32],
-    runs: usize,
-    reference: &[f32],
-    mut dedicated: impl FnMut() -> Result<()>,
-) -> Result<InterleavedTiming> {
-    let graph = compresslab::efficientnet_graph::build(store)?;
-    let executor = CpuExecutor::new(&graph)?;
-    let tensor = Tensor {
-        dims: vec![1, 3, 224, 224],
-        data: input.to_vec(),
-    };
-    let start = Instant::now();
-    let logits = executor.run(&tensor)?.remove(0).data;
-    let cold = start.elapsed().as_secs_f64() * 1e3;
-    let mut interpreter = Vec::with_capacity(runs);
-    let mut dedicated_times = Vec::with_capacity(runs);
-    let ms = |start: Instant| start.elapsed().as_secs_f64() * 1e3;
-    for _ in 0..runs {
-        let start = Instant::now();
-        executor.run(&tensor)?;
-        interpreter.push(ms(start));
-        let start = Instant::now();
-        dedicated()?;
-        dedicated_times.push(ms(start));
-    }
-    interpreter.sort_by(f64::total_cmp);
-    dedicated_times.sort_by(f64::total_cmp);
-    let max_diff = logits
-        .iter()
-        .zip(reference)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    Ok(InterleavedTiming {
-        cold,
-        interpreter,
-        dedicated: dedicated_times,
-        max_diff,
-    })
 }

@@ -20,7 +20,6 @@ use crate::quant::QuantizedTensor;
 use chain::{Plan, plan_chains, run_chain};
 use conv::{ConvKernel, Epilogue, Weights};
 use linear::LinearKernel;
-pub(crate) use ops::tap_range;
 use ops::{apply_unary, broadcast_op, concat, pool, softmax};
 
 /// `[n, rows, cols]` → `[n, cols, rows]`: NCHW ↔ NHWC (the generic transpose costs several

@@ -354,3 +354,20 @@ pub(super) fn softmax(x: Value, axis: usize, legacy: bool) -> Value {
     }
     Value::plain(dims, data)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::tap_range;
+
+    #[test]
+    fn taps_clip_to_the_input() {
+        // 3×3 stride 2 at 224: pad 0 before, so the last output's third tap is padding.
+        assert_eq!(tap_range(0, 2, 1, 0, 3, 224), (0..3, 0));
+        assert_eq!(tap_range(111, 2, 1, 0, 3, 224), (0..2, 222));
+        // 5×5 stride 1, pad 2: the first output skips two taps.
+        assert_eq!(tap_range(0, 1, 1, 2, 5, 7), (2..5, -2));
+        assert_eq!(tap_range(6, 1, 1, 2, 5, 7), (0..3, 4));
+        // Dilation 2: taps 0, 2, 4 of a 3-tap window at pad 2 land at −2, 0, 2.
+        assert_eq!(tap_range(0, 1, 2, 2, 3, 7), (1..3, -2));
+    }
+}
