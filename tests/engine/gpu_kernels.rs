@@ -71,7 +71,10 @@ fn check_on(
         println!(
             "{name}: kernels vs fake-quant reference: max |logit| {diff:.2e}, top-1 same {same} (margin {margin:.2e}), KL {kl:.2e}"
         );
-        assert!(same || margin <= 2.0 * diff, "{name}: margin {margin}, diff {diff}");
+        assert!(
+            same || margin <= 2.0 * diff,
+            "{name}: margin {margin}, diff {diff}"
+        );
         assert!(kl < 1e-3, "{name}: KL {kl}");
     }
 }
