@@ -17,8 +17,10 @@ use crate::efficientnet::{INPUT_SIZE, LayerKind, block_strides, fold_batch_norms
 use crate::efficientnet_graph;
 use crate::error::{EngineError, Result};
 use crate::exec::{CpuExecutor, Tensor};
-use crate::fashion::is_fashion;
-use crate::fashion_cpu::CpuFashionNet;
+use crate::fashion::{PIXELS, SIDE, is_fashion};
+use crate::fashion_graph;
+use crate::graph::Graph;
+use crate::graph_builder::layer_inputs;
 use crate::prune::{magnitude_prune, prune_channels};
 use crate::quant::{
     Granularity, QuantScheme, QuantizedTensor, group_params, pack_int4, sqnr_db, unpack_int4,
@@ -149,6 +151,15 @@ pub(crate) fn percentile_sample(values: &[f32], budget: usize) -> impl Iterator<
         .step_by(values.len().div_ceil(budget.max(1)).max(1))
 }
 
+/// The network `store` holds (EfficientNet-Lite or the Fashion-MNIST CNN) as a graph.
+fn network_graph(store: &TensorStore) -> Result<Graph> {
+    if is_fashion(store) {
+        fashion_graph::build(store)
+    } else {
+        efficientnet_graph::build(store)
+    }
+}
+
 /// Observes every layer's input on the calibration images (float network, quantized
 /// weights) and derives per-tensor activation parameters.
 fn calibrate(
@@ -157,30 +168,12 @@ fn calibrate(
     images: &[Vec<f32>],
     progress: Progress,
 ) -> Result<Vec<ActivationParams>> {
-    enum Net {
-        /// The graph on the CPU interpreter, and each layer's input value.
-        Graph(Box<CpuExecutor>, Vec<String>),
-        Fashion(Box<CpuFashionNet>),
-    }
     let layers = weight_layers(store);
-    let net = if is_fashion(store) {
-        Net::Fashion(Box::new(CpuFashionNet::from_store(store)?))
-    } else {
-        let graph = efficientnet_graph::build(store)?;
-        let inputs = layers
-            .iter()
-            .map(|l| {
-                let weight = format!("{}.weight", l.name);
-                graph
-                    .nodes
-                    .iter()
-                    .find(|n| n.inputs.get(1) == Some(&weight))
-                    .map(|n| n.inputs[0].clone())
-                    .ok_or_else(|| EngineError::Weights(format!("no layer reads {weight}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Net::Graph(Box::new(CpuExecutor::new(&graph)?), inputs)
-    };
+    let graph = network_graph(store)?;
+    let names: Vec<String> = layers.iter().map(|l| l.name.clone()).collect();
+    let inputs = layer_inputs(&graph, &names)?;
+    let executor = CpuExecutor::new(&graph)?;
+    let fashion = is_fashion(store);
     let n_layers = layers.len();
     let mut min = vec![0f32; n_layers];
     let mut max = vec![0f32; n_layers];
@@ -200,22 +193,22 @@ fn calibrate(
                 samples[layer].extend(percentile_sample(values, per_image));
             }
         };
-        match &net {
-            Net::Graph(executor, inputs) => {
-                let input = Tensor {
-                    dims: vec![1, 3, INPUT_SIZE, INPUT_SIZE],
-                    data: image.clone(),
-                };
-                executor.run_observed(&input, &mut |name, values| {
-                    for (layer, _) in inputs.iter().enumerate().filter(|(_, i)| *i == name) {
-                        observe(layer, values);
-                    }
-                })?;
+        // An EfficientNet entry is one `[3, 224, 224]` image; a Fashion-MNIST entry any
+        // number of normalised 28×28 images.
+        let dims = if fashion {
+            vec![image.len() / PIXELS, 1, SIDE, SIDE]
+        } else {
+            vec![1, 3, INPUT_SIZE, INPUT_SIZE]
+        };
+        let input = Tensor {
+            dims,
+            data: image.clone(),
+        };
+        executor.run_observed(&input, &mut |name, values| {
+            for (layer, _) in inputs.iter().enumerate().filter(|(_, i)| *i == name) {
+                observe(layer, values);
             }
-            Net::Fashion(n) => {
-                n.forward_observed(image, &mut observe)?;
-            }
-        }
+        })?;
     }
     let scheme = QuantScheme {
         bits: act.bits,
@@ -588,11 +581,7 @@ impl CompressedModel {
             ));
         }
         // The widths must chain from layer to layer (shape inference of the whole network).
-        if is_fashion(&model.store) {
-            CpuFashionNet::from_store(&model.store)?;
-        } else {
-            efficientnet_graph::build(&model.store)?;
-        }
+        network_graph(&model.store)?;
         Ok(model)
     }
 }

@@ -17,6 +17,51 @@
 use crate::int8_cpu::{Dst, FusedEpilogue, Tile, run_tile};
 use crate::quant::{Granularity, QuantizedTensor, layout, pack_int4};
 
+/// `out[p][j] += Σ_k input[p][k] · weights[j][k]` for `pixels` rows of `cin` inputs and
+/// `weights.len() / cin` outputs, the rows of `out` `out_stride` apart (a tile of output
+/// columns writes into the whole layer's output).
+pub(crate) fn gemm_accumulate(
+    out: &mut [f32],
+    out_stride: usize,
+    input: &[f32],
+    weights: &[f32],
+    pixels: usize,
+    cin: usize,
+) {
+    let n = weights.len() / cin.max(1);
+    assert_eq!(input.len(), pixels * cin);
+    assert_eq!(weights.len(), n * cin);
+    assert!(n <= out_stride && out.len() >= pixels.saturating_sub(1) * out_stride + n);
+    if pixels == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: `input` holds `pixels × cin` and `weights` `n × cin` elements, and `out` holds
+    // `pixels` rows of `n` values `out_stride` apart, as the asserts check.
+    unsafe {
+        gemm::gemm(
+            pixels,
+            n,
+            cin,
+            out.as_mut_ptr(),
+            1,
+            out_stride as isize,
+            true,
+            input.as_ptr(),
+            1,
+            cin as isize,
+            weights.as_ptr(),
+            cin as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// Unpacked weights per tile of the float path: 256 KiB of floats, enough output channels
 /// that the GEMM still sees long rows, few enough that the tile stays in L2.
 const TILE_ELEMENTS: usize = 1 << 16;
@@ -241,7 +286,7 @@ impl Rows {
             let last = (first + tile_rows).min(cout);
             let weights = &mut tile[..(last - first) * cin];
             self.unpack_range(first * cin, last * cin, weights);
-            crate::cpu::gemm_accumulate(&mut out[first..], cout, input, weights, pixels, cin);
+            gemm_accumulate(&mut out[first..], cout, input, weights, pixels, cin);
         }
         out
     }

@@ -3,7 +3,6 @@
 
 pub mod classifier;
 pub mod compress;
-pub mod cpu;
 #[cfg(feature = "native")]
 pub mod decode;
 pub mod distill;
@@ -14,10 +13,12 @@ pub mod error;
 pub mod exec;
 pub mod fashion;
 pub mod fashion_cpu;
+pub mod fashion_graph;
 pub mod finetune_graph;
 pub mod finetune_photo;
 pub mod gpu_int;
 pub mod graph;
+pub mod graph_builder;
 mod int4_cpu;
 mod int8_cpu;
 pub mod labels;

@@ -117,7 +117,7 @@ pub async fn run(loaded: Rc<Loaded>, runs: u32) -> WorkerResult<()> {
         executors.push((BackendKind::WebGpu, Some(device)));
     }
     executors.push((BackendKind::Cpu, None));
-    let no_dot4 = loaded.device.is_some() && !loaded.backend.has_packed_dot4();
+    let packed_dot4 = loaded.backend.has_packed_dot4();
     let mut rows = Vec::new();
     for (e, (kind, device)) in executors.iter().enumerate() {
         let on = match kind {
@@ -138,9 +138,7 @@ pub async fn run(loaded: Rc<Loaded>, runs: u32) -> WorkerResult<()> {
                     model,
                     labels.clone(),
                     d,
-                    Some(GpuFeatures {
-                        packed_dot4: loaded.backend.has_packed_dot4(),
-                    }),
+                    Some(GpuFeatures { packed_dot4 }),
                 )?,
                 (None, true) => ImageClassifier::new_cpu(&loaded.store, labels.clone())?,
                 (None, false) => ImageClassifier::new_compressed_cpu(model, labels.clone())?,
@@ -152,7 +150,7 @@ pub async fn run(loaded: Rc<Loaded>, runs: u32) -> WorkerResult<()> {
                 kernels_summary(
                     model,
                     classifier.integer_layers(),
-                    KernelPlace::new(device.is_some(), !no_dot4),
+                    KernelPlace::new(device.is_some(), packed_dot4),
                 ),
                 classifier,
             ));
