@@ -94,7 +94,7 @@ impl ImageClassifier {
     pub fn new_compressed_cpu(model: &CompressedModel, labels: Labels) -> Result<Self> {
         let (graph, weights) = build_compressed(model)?;
         Ok(Self {
-            runner: Runner::Cpu(Box::new(CpuExecutor::quantized(&graph, &weights)?)),
+            runner: Runner::Cpu(Box::new(CpuExecutor::quantized(graph, &weights)?)),
             labels,
         })
     }
@@ -102,7 +102,7 @@ impl ImageClassifier {
     /// The float network on the CPU interpreter (the browser's fallback).
     pub fn new_cpu(weights: &TensorStore, labels: Labels) -> Result<Self> {
         Ok(Self {
-            runner: Runner::Cpu(Box::new(CpuExecutor::new(&build(weights)?)?)),
+            runner: Runner::Cpu(Box::new(CpuExecutor::from_graph(build(weights)?)?)),
             labels,
         })
     }

@@ -172,7 +172,7 @@ fn calibrate(
     let graph = network_graph(store)?;
     let names: Vec<String> = layers.iter().map(|l| l.name.clone()).collect();
     let inputs = layer_inputs(&graph, &names)?;
-    let executor = CpuExecutor::new(&graph)?;
+    let executor = CpuExecutor::from_graph(graph)?;
     let fashion = is_fashion(store);
     let n_layers = layers.len();
     let mut min = vec![0f32; n_layers];

@@ -17,6 +17,12 @@ pub struct CpuFashionNet {
     layer_inputs: Vec<String>,
 }
 
+/// The value each weight layer reads in `graph`, in [`weight_layers`] order.
+fn inputs_of_layers(graph: &crate::graph::Graph) -> Result<Vec<String>> {
+    let names: Vec<String> = weight_layers().into_iter().map(|l| l.name).collect();
+    layer_inputs(graph, &names)
+}
+
 /// Images per run in [`evaluate`].
 pub const EVAL_BATCH: usize = 100;
 
@@ -24,7 +30,11 @@ impl CpuFashionNet {
     /// From raw or folded weights.
     pub fn from_store(store: &TensorStore) -> Result<Self> {
         let graph = build(store)?;
-        Self::new(CpuExecutor::new(&graph)?, &graph)
+        let layer_inputs = inputs_of_layers(&graph)?;
+        Ok(Self {
+            executor: CpuExecutor::from_graph(graph)?,
+            layer_inputs,
+        })
     }
 
     /// The compressed model. With `integer_kernels` its int8 layers run on the int8 kernel
@@ -32,19 +42,15 @@ impl CpuFashionNet {
     /// reference.
     pub fn from_compressed(model: &CompressedModel, integer_kernels: bool) -> Result<Self> {
         let (graph, weights) = build_compressed(model)?;
+        let layer_inputs = inputs_of_layers(&graph)?;
         let executor = if integer_kernels {
-            CpuExecutor::quantized(&graph, &weights)?
+            CpuExecutor::quantized(graph, &weights)?
         } else {
-            CpuExecutor::new(&graph)?
+            CpuExecutor::from_graph(graph)?
         };
-        Self::new(executor, &graph)
-    }
-
-    fn new(executor: CpuExecutor, graph: &crate::graph::Graph) -> Result<Self> {
-        let names: Vec<String> = weight_layers().into_iter().map(|l| l.name).collect();
         Ok(Self {
             executor,
-            layer_inputs: layer_inputs(graph, &names)?,
+            layer_inputs,
         })
     }
 

@@ -268,7 +268,9 @@ impl GraphModel {
         Ok(GraphModel {
             constants,
             plan: Arc::new(Plan {
-                graph: graph.clone(),
+                // The weights live in `constants` (on the device) and in the kernels: the
+                // plan keeps only their dims.
+                graph: graph.without_weights(),
                 index,
                 quant,
                 frees,
@@ -346,7 +348,7 @@ impl GraphModel {
             return Err(exec_err(node, format!("input {input} must be a constant")));
         };
         let mut flat = self.constants[i].val();
-        if flat.dims()[0] != c.data.len() {
+        if flat.dims()[0] != crate::graph::element_count(&c.dims)? {
             return Err(exec_err(node, format!("input {input} is held by a kernel")));
         }
         if let Some(grid) = &self.plan.quant[i] {
@@ -385,7 +387,7 @@ impl GraphModel {
             .ok_or_else(|| exec_err(node, format!("`{name}` is not computed")))?;
         let i = self.plan.index[name.as_str()];
         let flat = self.constants[i].val();
-        if flat.dims()[0] != c.data.len() {
+        if flat.dims()[0] != crate::graph::element_count(&c.dims)? {
             return Err(exec_err(node, format!("`{name}` is held by a kernel")));
         }
         Ok(Value {

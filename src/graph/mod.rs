@@ -276,6 +276,34 @@ impl Graph {
         self.constants.get(name)
     }
 
+    /// The same graph with every constant's data dropped (its dims kept): what an executor
+    /// that holds the weights elsewhere needs for shapes and the node order.
+    pub fn without_weights(&self) -> Graph {
+        Graph {
+            name: self.name.clone(),
+            inputs: self.inputs.clone(),
+            outputs: self.outputs.clone(),
+            nodes: self.nodes.clone(),
+            constants: self
+                .constants
+                .iter()
+                .map(|(name, c)| {
+                    let dims = c.dims.clone();
+                    (
+                        name.clone(),
+                        Constant {
+                            dims,
+                            data: Vec::new(),
+                        },
+                    )
+                })
+                .collect(),
+            opset: self.opset,
+            producer: self.producer.clone(),
+            metadata: self.metadata.clone(),
+        }
+    }
+
     /// The single image input of a CNN (the executors take one input).
     pub fn input(&self) -> Result<&ValueInfo> {
         match self.inputs.as_slice() {

@@ -45,7 +45,7 @@ impl PhotoNet {
     /// The float network.
     pub fn float(store: &TensorStore) -> compresslab::Result<Self> {
         let graph = compresslab::efficientnet_graph::build(store)?;
-        Ok(Self(compresslab::exec::CpuExecutor::new(&graph)?))
+        Ok(Self(compresslab::exec::CpuExecutor::from_graph(graph)?))
     }
 
     /// A compressed variant: with `integer_kernels` its quantized layers run on the integer
@@ -57,9 +57,9 @@ impl PhotoNet {
     ) -> compresslab::Result<Self> {
         let (graph, weights) = compresslab::efficientnet_graph::build_compressed(model)?;
         Ok(Self(if integer_kernels {
-            compresslab::exec::CpuExecutor::quantized(&graph, &weights)?
+            compresslab::exec::CpuExecutor::quantized(graph, &weights)?
         } else {
-            compresslab::exec::CpuExecutor::new(&graph)?
+            compresslab::exec::CpuExecutor::from_graph(graph)?
         }))
     }
 

@@ -15,7 +15,7 @@ use std::rc::Rc;
 
 use super::{MAX_ACTIVATION_ELEMENTS, ShapeCache, Tensor};
 use crate::error::{EngineError, Result};
-use crate::graph::{CompressedGraph, Graph, Node, Op, batch_norm_affine, transpose};
+use crate::graph::{CompressedGraph, Constant, Graph, Node, Op, batch_norm_affine, transpose};
 use crate::quant::QuantizedTensor;
 use chain::{Plan, plan_chains, run_chain};
 use conv::{ConvKernel, Epilogue, Weights};
@@ -194,6 +194,12 @@ fn owned(v: Rc<Value>) -> Value {
 impl CpuExecutor {
     /// Runs `graph` in float.
     pub fn new(graph: &Graph) -> Result<Self> {
+        Self::build(graph.clone(), None)
+    }
+
+    /// [`Self::new`] taking the graph over: the kernels take the weights they run on, and
+    /// the graph's copy is freed as they do (no second copy of the model while it loads).
+    pub fn from_graph(graph: Graph) -> Result<Self> {
         Self::build(graph, None)
     }
 
@@ -202,35 +208,59 @@ impl CpuExecutor {
     /// weights, as [`Self::new`] would. The outputs match [`Self::new`] on the same graph
     /// up to float summation order: the int8 kernel's products of grid values are exact.
     pub fn compressed(compressed: &CompressedGraph) -> Result<Self> {
-        Self::quantized(&compressed.graph, &compressed.weights)
+        Self::quantized(compressed.graph.clone(), &compressed.weights)
     }
 
-    /// [`Self::compressed`] for a graph and its integer weights by constant name.
-    pub fn quantized(graph: &Graph, weights: &BTreeMap<String, QuantizedTensor>) -> Result<Self> {
+    /// [`Self::compressed`] for a graph (taken over, as [`Self::from_graph`] does) and its
+    /// integer weights by constant name.
+    pub fn quantized(graph: Graph, weights: &BTreeMap<String, QuantizedTensor>) -> Result<Self> {
         Self::build(graph, Some(weights))
     }
 
-    fn build(graph: &Graph, quantized: Option<&BTreeMap<String, QuantizedTensor>>) -> Result<Self> {
-        let mut graph = graph.clone();
-        let constant = |node: &Node, i: usize| {
+    fn build(
+        mut graph: Graph,
+        quantized: Option<&BTreeMap<String, QuantizedTensor>>,
+    ) -> Result<Self> {
+        fn constant<'g>(graph: &'g Graph, node: &Node, i: usize) -> Result<&'g Constant> {
             node.inputs
                 .get(i)
-                .and_then(|n| graph.constant(n))
+                .and_then(|n| graph.constants.get(n))
                 .ok_or_else(|| exec_err(node, format!("input {i} must be a constant")))
-        };
-        let optional = |node: &Node, i: usize| {
+        }
+        fn optional<'g>(graph: &'g Graph, node: &Node, i: usize) -> Result<Option<&'g Constant>> {
             if node.inputs.len() > i {
-                constant(node, i).map(Some)
+                constant(graph, node, i).map(Some)
             } else {
                 Ok(None)
             }
+        }
+        // A node with a kernel of its own (convolution, BatchNorm, Gemm, MatMul) copies its
+        // weights (the inputs after the first) into it. The graph keeps the data of only the
+        // constants other nodes read, and drops each of the others as soon as the last kernel
+        // that needs it has its copy: the model is never held twice while it loads.
+        let inputs_read = |op: &Op, inputs: usize| {
+            let owns_weights = matches!(
+                op,
+                Op::Conv(_) | Op::BatchNorm { .. } | Op::Gemm { .. } | Op::MatMul
+            );
+            if owns_weights { 1 } else { inputs }
         };
+        let mut read: HashSet<String> = HashSet::new();
+        let mut last_kernel: HashMap<String, usize> = HashMap::new();
+        for (n, node) in graph.nodes.iter().enumerate() {
+            let taken = inputs_read(&node.op, node.inputs.len());
+            read.extend(node.inputs.iter().take(taken).cloned());
+            for name in node.inputs.iter().skip(taken) {
+                last_kernel.insert(name.clone(), n);
+            }
+        }
         let mut kernels = Vec::with_capacity(graph.nodes.len());
-        for node in &graph.nodes {
-            kernels.push(match &node.op {
+        for n in 0..graph.nodes.len() {
+            let node = &graph.nodes[n];
+            let kernel = match &node.op {
                 Op::Conv(c) => {
-                    let bias = optional(node, 2)?;
-                    let w = constant(node, 1)?;
+                    let bias = optional(&graph, node, 2)?;
+                    let w = constant(&graph, node, 1)?;
                     let groups_fit = w.dims.len() == 4
                         && c.group >= 1
                         && w.dims[0] % c.group == 0
@@ -245,7 +275,7 @@ impl CpuExecutor {
                     Kernel::Conv(Box::new(ConvKernel::new(c, &w.dims, &w.data, bias)))
                 }
                 Op::BatchNorm { epsilon } => {
-                    let [g, b, m, v] = [1, 2, 3, 4].map(|i| constant(node, i));
+                    let [g, b, m, v] = [1, 2, 3, 4].map(|i| constant(&graph, node, i));
                     let (g, b, m, v) = (g?, b?, m?, v?);
                     if [b, m, v].iter().any(|p| p.data.len() != g.data.len()) {
                         return Err(exec_err(node, "BatchNorm parameters differ in length"));
@@ -260,20 +290,34 @@ impl CpuExecutor {
                     trans_b,
                 } => Kernel::Linear(Box::new(LinearKernel::new(
                     node,
-                    constant(node, 1)?,
-                    optional(node, 2)?,
+                    constant(&graph, node, 1)?,
+                    optional(&graph, node, 2)?,
                     [*alpha, *beta],
                     [*trans_a, *trans_b],
                 )?)),
                 Op::MatMul => Kernel::Linear(Box::new(LinearKernel::new(
                     node,
-                    constant(node, 1)?,
+                    constant(&graph, node, 1)?,
                     None,
                     [1.0, 1.0],
                     [false, false],
                 )?)),
                 _ => Kernel::Other,
-            });
+            };
+            kernels.push(kernel);
+            let node = &graph.nodes[n];
+            let copied: Vec<String> = node
+                .inputs
+                .iter()
+                .skip(inputs_read(&node.op, node.inputs.len()))
+                .filter(|name| !read.contains(*name) && last_kernel.get(*name) == Some(&n))
+                .cloned()
+                .collect();
+            for name in copied {
+                if let Some(c) = graph.constants.get_mut(&name) {
+                    c.data = Vec::new();
+                }
+            }
         }
         let producers: HashMap<&str, usize> = graph
             .nodes
@@ -325,17 +369,8 @@ impl CpuExecutor {
         fuse_epilogues(&graph, &mut kernels, &producers, &consumers, &outputs);
         let plan = plan_chains(&graph, &kernels, &producers, &consumers, &outputs);
         let frees = graph.last_readers();
-        // The kernels hold their own copies of the weights: the graph keeps the data of
-        // only the constants other nodes read (shape inference still sees every dims).
-        let mut read: HashSet<String> = HashSet::new();
-        for (node, kernel) in graph.nodes.iter().zip(&kernels) {
-            let owns_weights = matches!(
-                kernel,
-                Kernel::Conv(_) | Kernel::Affine { .. } | Kernel::Linear(_)
-            );
-            let inputs = if owns_weights { 1 } else { node.inputs.len() };
-            read.extend(node.inputs.iter().take(inputs).cloned());
-        }
+        // Whatever no node reads any more (the weights a kernel took over) is dropped;
+        // shape inference still sees every dims.
         for (name, c) in graph.constants.iter_mut() {
             if !read.contains(name) {
                 c.data = Vec::new();
