@@ -14,13 +14,10 @@ pub use compresslab_spec::stats::{
 };
 
 use crate::efficientnet::{INPUT_SIZE, LayerKind, block_strides, fold_batch_norms, weight_layers};
-use crate::efficientnet_graph;
 use crate::error::{EngineError, Result};
 use crate::exec::{CpuExecutor, Tensor};
 use crate::fashion::{PIXELS, SIDE, is_fashion};
-use crate::fashion_graph;
-use crate::graph::Graph;
-use crate::graph_builder::layer_inputs;
+use crate::graph_builder::{layer_inputs, network_graph};
 use crate::prune::{magnitude_prune, prune_channels};
 use crate::quant::{
     Granularity, QuantScheme, QuantizedTensor, group_params, pack_int4, sqnr_db, unpack_int4,
@@ -149,15 +146,6 @@ pub(crate) fn percentile_sample(values: &[f32], budget: usize) -> impl Iterator<
     values
         .iter()
         .step_by(values.len().div_ceil(budget.max(1)).max(1))
-}
-
-/// The network `store` holds (EfficientNet-Lite or the Fashion-MNIST CNN) as a graph.
-fn network_graph(store: &TensorStore) -> Result<Graph> {
-    if is_fashion(store) {
-        fashion_graph::build(store)
-    } else {
-        efficientnet_graph::build(store)
-    }
 }
 
 /// Observes every layer's input on the calibration images (float network, quantized

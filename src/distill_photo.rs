@@ -263,6 +263,15 @@ impl PhotoDistiller {
         let plain = device.clone().inner();
         let teacher = EfficientNetLite::from_store(teacher, &plain, BatchNormMode::Folded)?;
         let net = EfficientNetLite::from_store(student, device, BatchNormMode::Folded)?;
+        for &b in &cfg.feature_blocks {
+            let width = |n: &EfficientNetLite| n.blocks[b].project.conv.weight.dims()[0];
+            let (ours, theirs) = (width(&net), width(&teacher));
+            if ours != theirs {
+                return Err(EngineError::Config(format!(
+                    "feature matching at block {b}: channel pruning left the student {ours} of the teacher's {theirs} output channels there, so the two cannot be compared; fine-tune without feature matching"
+                )));
+            }
+        }
         let net = apply_masks(freeze(net, cfg.layers), &masks, device);
         Ok(Self {
             cfg,

@@ -27,6 +27,14 @@ pub fn block_strides() -> &'static [usize] {
     &BLOCK_STRIDES
 }
 
+/// Whether MBConv block `block` adds its input to its output: every block of a stage but the
+/// first. Fixed by the architecture, not read from the widths, which channel pruning can make
+/// equal by chance.
+pub fn block_has_skip(block: usize) -> bool {
+    const FIRST_OF_STAGE: [usize; 7] = [0, 1, 3, 5, 8, 11, 15];
+    block < BLOCK_STRIDES.len() && !FIRST_OF_STAGE.contains(&block)
+}
+
 /// How BatchNorm is represented in the built model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchNormMode {
@@ -131,11 +139,17 @@ impl EfficientNetLite {
                 None => depthwise.conv.weight.dims()[0],
             };
             let out_ch = project.conv.weight.dims()[0];
+            let skip = block_has_skip(i);
+            if skip && in_ch != out_ch {
+                return Err(EngineError::Weights(format!(
+                    "block {i} adds its input ({in_ch} channels) to its output ({out_ch} channels)"
+                )));
+            }
             blocks.push(MbConv {
                 expand,
                 depthwise,
                 project,
-                skip: stride == 1 && in_ch == out_ch,
+                skip,
             });
         }
         let head = conv_unit(store, "_conv_head", "_bn1", 1, 1, true, mode, device)?;

@@ -5,10 +5,12 @@
 use std::collections::BTreeMap;
 
 use crate::compress::CompressedModel;
-use crate::efficientnet::{INPUT_SIZE, block_strides, folded_conv};
-use crate::error::Result;
+use crate::efficientnet::{INPUT_SIZE, block_has_skip, block_strides};
+use crate::error::{EngineError, Result};
 use crate::graph::{Conv, Graph, Op, Padding};
-use crate::graph_builder::{Builder, build_float, build_quantized, known, weight_name};
+use crate::graph_builder::{
+    Builder, build_float, build_quantized, build_unfolded, known, weight_name,
+};
 use crate::quant::QuantizedTensor;
 use crate::weights::TensorStore;
 
@@ -20,6 +22,12 @@ pub const OUTPUT: &str = "logits";
 /// `logits` `[1, classes]`.
 pub fn build(store: &TensorStore) -> Result<Graph> {
     build_float(NAME, store, network)
+}
+
+/// The network with its BatchNorms as nodes (when `store` has them): every constant is a
+/// tensor of `store` under its name, for rewrites that map back onto the store.
+pub fn build_unfolded_graph(store: &TensorStore) -> Result<Graph> {
+    build_unfolded(NAME, store, network)
 }
 
 /// A compressed variant as a graph and its integer weights (by constant name): the
@@ -46,8 +54,17 @@ fn conv(
     relu6: bool,
     size: usize,
 ) -> Result<String> {
-    let (shape, weight, bias) = folded_conv(b.store, conv, bn)?;
-    let (out_ch, k) = (shape[0], shape[2]);
+    let shape = &b.store.get(&weight_name(conv))?.shape;
+    let (out_ch, k) = match shape[..] {
+        [out_ch, _, k, _] => (out_ch, k),
+        _ => {
+            return Err(EngineError::ShapeMismatch {
+                name: weight_name(conv),
+                found: shape.clone(),
+                expected: vec![0, 0, 0, 0],
+            });
+        }
+    };
     let out = size.div_ceil(stride);
     let total = ((out - 1) * stride + k).saturating_sub(size);
     let (before, after) = (total / 2, total - total / 2);
@@ -58,7 +75,7 @@ fn conv(
         padding: Padding::Explicit([before, before, after, after]),
         group: if depthwise { out_ch } else { 1 },
     });
-    let y = b.layer(conv, op, x, (shape, weight), bias, None);
+    let y = b.batch_normed_conv(conv, bn, op, x)?;
     Ok(if relu6 {
         let clip = Op::Clip { min: 0.0, max: 6.0 };
         b.node(&format!("{conv}.relu6"), clip, vec![y], None)
@@ -120,7 +137,12 @@ fn network(mut b: Builder) -> Result<Graph> {
             channels
         };
         let out_ch = store.get(&weight_name(&project))?.shape[0];
-        x = if stride == 1 && in_ch == out_ch {
+        x = if block_has_skip(i) {
+            if in_ch != out_ch {
+                return Err(EngineError::Weights(format!(
+                    "block {i} adds its input ({in_ch} channels) to its output ({out_ch} channels)"
+                )));
+            }
             b.node(&format!("{p}add"), Op::Add, vec![h, block_input], None)
         } else {
             h

@@ -5,12 +5,11 @@
 use std::collections::BTreeMap;
 
 use crate::compress::CompressedModel;
-use crate::efficientnet::folded_conv;
 use crate::efficientnet_graph::gemm_trans_b;
 use crate::error::{EngineError, Result};
 use crate::fashion::{CLASSES, SIDE};
 use crate::graph::{Conv, Dim, Graph, Op, Padding, Pool};
-use crate::graph_builder::{Builder, build_float, build_quantized};
+use crate::graph_builder::{Builder, build_float, build_quantized, build_unfolded, weight_name};
 use crate::quant::QuantizedTensor;
 use crate::weights::TensorStore;
 
@@ -21,6 +20,12 @@ pub const OUTPUT: &str = "logits";
 /// The float network from raw or folded weights.
 pub fn build(store: &TensorStore) -> Result<Graph> {
     build_float(NAME, store, network)
+}
+
+/// The network with its BatchNorms as nodes (when `store` has them): every constant is a
+/// tensor of `store` under its name.
+pub fn build_unfolded_graph(store: &TensorStore) -> Result<Graph> {
+    build_unfolded(NAME, store, network)
 }
 
 /// A compressed variant and its integer weights, as
@@ -45,11 +50,11 @@ fn network(mut b: Builder) -> Result<Graph> {
     let mut x = INPUT.to_string();
     for i in 1..=3 {
         let layer = format!("conv{i}");
-        let (shape, weight, bias) = folded_conv(store, &layer, &format!("bn{i}"))?;
+        let shape = &store.get(&weight_name(&layer))?.shape;
         if shape.len() != 4 || shape[2..] != [3, 3] {
             return Err(EngineError::ShapeMismatch {
-                name: format!("{layer}.weight"),
-                found: shape,
+                name: weight_name(&layer),
+                found: shape.clone(),
                 expected: vec![0, 0, 3, 3],
             });
         }
@@ -60,7 +65,7 @@ fn network(mut b: Builder) -> Result<Graph> {
             padding: Padding::Explicit([1; 4]),
             group: 1,
         });
-        let y = b.layer(&layer, conv, &x, (shape, weight), bias, None);
+        let y = b.batch_normed_conv(&layer, &format!("bn{i}"), conv, &x)?;
         let y = b.node(&format!("{layer}.relu6"), relu6(), vec![y], None);
         let pool = Op::MaxPool(Pool {
             kernel: [2, 2],

@@ -1,15 +1,20 @@
 //! What the built-in networks' model builders (`efficientnet_graph.rs`, `fashion_graph.rs`)
 //! share: a [`Graph`] written node by node from a [`TensorStore`], with a layer's constants
 //! named as in the store (`{layer}.weight`, `{layer}.bias`) and, for a compressed variant, a
-//! `QuantizeDequantize` node before each layer whose input the recipe quantizes.
+//! `QuantizeDequantize` node before each layer whose input the recipe quantizes. Unfolded,
+//! the graph keeps each BatchNorm as a node whose constants are the store's own tensors, so a
+//! rewrite of the graph's constants (channel pruning) maps back onto the store by name.
 
 use std::collections::BTreeMap;
 
 use crate::compress::{ActivationParams, CompressedModel};
+use crate::efficientnet::{BATCH_NORM_EPS, folded_conv};
 use crate::error::{EngineError, Result};
+use crate::fashion::is_fashion;
 use crate::graph::{Constant, Dim, Graph, Node, Op, ValueInfo};
 use crate::quant::QuantizedTensor;
 use crate::weights::TensorStore;
+use crate::{efficientnet_graph, fashion_graph};
 
 /// The graph `network` writes for the float weights of `store`.
 pub(crate) fn build_float(
@@ -18,6 +23,19 @@ pub(crate) fn build_float(
     network: fn(Builder) -> Result<Graph>,
 ) -> Result<Graph> {
     network(Builder::new(name, store, &BTreeMap::new()))
+}
+
+/// The graph `network` writes with every BatchNorm of `store` kept as a node: each constant is
+/// a tensor of `store` under the same name.
+pub(crate) fn build_unfolded(
+    name: &str,
+    store: &TensorStore,
+    network: fn(Builder) -> Result<Graph>,
+) -> Result<Graph> {
+    let none = BTreeMap::new();
+    let mut builder = Builder::new(name, store, &none);
+    builder.unfold_batch_norms = true;
+    network(builder)
 }
 
 /// The graph `network` writes for a compressed model (dequantized weights, a
@@ -32,6 +50,26 @@ pub(crate) fn build_quantized(
     let (activations, weights) = compressed_parts(model);
     let graph = network(Builder::new(name, &model.store, &activations))?;
     Ok((graph, weights))
+}
+
+/// The built-in network `store` holds (EfficientNet-Lite0 or the Fashion-MNIST CNN) as the
+/// graph the executors run.
+pub fn network_graph(store: &TensorStore) -> Result<Graph> {
+    if is_fashion(store) {
+        fashion_graph::build(store)
+    } else {
+        efficientnet_graph::build(store)
+    }
+}
+
+/// The built-in network `store` holds with its BatchNorms as nodes: every constant is a tensor
+/// of `store` under the same name.
+pub fn unfolded_network_graph(store: &TensorStore) -> Result<Graph> {
+    if is_fashion(store) {
+        fashion_graph::build_unfolded_graph(store)
+    } else {
+        efficientnet_graph::build_unfolded_graph(store)
+    }
 }
 
 /// A layer's weight constant (the store's name for it).
@@ -80,6 +118,8 @@ pub(crate) struct Builder<'a> {
     pub(crate) store: &'a TensorStore,
     /// The static input grid of each layer (by layer name) that has one.
     activations: &'a BTreeMap<String, ActivationParams>,
+    /// Write a convolution's BatchNorm as a node rather than folding it into the weights.
+    unfold_batch_norms: bool,
     graph: Graph,
 }
 
@@ -92,6 +132,7 @@ impl<'a> Builder<'a> {
         Self {
             store,
             activations,
+            unfold_batch_norms: false,
             graph: Graph {
                 name: name.into(),
                 producer: "compresslab".into(),
@@ -154,6 +195,36 @@ impl<'a> Builder<'a> {
         let w = self.constant(weight_name(layer), weight_dims, weight);
         let b = self.constant(format!("{layer}.bias"), vec![outputs], bias);
         self.node(layer, op, vec![input, w, b], output)
+    }
+
+    /// A convolution `layer` (`op`) on `x` followed by its BatchNorm `bn`: folded into the
+    /// weights and a bias, or, when building unfolded and the store still has the BatchNorm,
+    /// as a node of its own. Returns the output.
+    pub(crate) fn batch_normed_conv(
+        &mut self,
+        layer: &str,
+        bn: &str,
+        op: Op,
+        x: &str,
+    ) -> Result<String> {
+        let store = self.store;
+        let separate = self.unfold_batch_norms
+            && !store.contains(&format!("{layer}.bias"))
+            && store.contains(&format!("{bn}.weight"));
+        if !separate {
+            let (shape, weight, bias) = folded_conv(store, layer, bn)?;
+            return Ok(self.layer(layer, op, x, (shape, weight), bias, None));
+        }
+        let w = store.get(&weight_name(layer))?;
+        let w = self.constant(w.name.clone(), w.shape.clone(), w.data.clone());
+        let y = self.node(layer, op, vec![x.to_string(), w], None);
+        let mut inputs = vec![y];
+        for part in ["weight", "bias", "running_mean", "running_var"] {
+            let t = store.get(&format!("{bn}.{part}"))?;
+            inputs.push(self.constant(t.name.clone(), t.shape.clone(), t.data.clone()));
+        }
+        let epsilon = BATCH_NORM_EPS as f32;
+        Ok(self.node(bn, Op::BatchNorm { epsilon }, inputs, None))
     }
 
     /// Declares the input and output and checks that the shapes chain (a store whose widths

@@ -1,8 +1,9 @@
 //! Pruning: unstructured magnitude pruning (zeros inside the tensors) and structured
 //! channel pruning (channels physically removed, every coupled tensor rewritten).
 //!
-//! Both work on a [`TensorStore`] with the lukemelas names, raw (with BatchNorm) or folded
-//! (conv bias, no BatchNorm), and return a new store, so the result loads into every
+//! Both work on a built-in network's [`TensorStore`], raw (with BatchNorm) or folded (conv
+//! bias, no BatchNorm), through its graph (which layers have weights, which channels are
+//! coupled: found by walking the nodes, not from names), and return a new store, so the result loads into every
 //! executor (burn, the CPU path, ONNX export) and can be fine-tuned and pruned again
 //! (prune → fine-tune → prune: call these functions again on the fine-tuned store).
 
@@ -10,8 +11,9 @@ use serde::{Deserialize, Serialize};
 
 pub use compresslab_spec::recipe::{ChannelPruning, ChannelRanking, MagnitudePruning, PruneScope};
 
-use crate::efficientnet::{LayerKind, weight_layers};
 use crate::error::{EngineError, Result};
+use crate::graph::{self, Graph, Op, weight_nodes};
+use crate::graph_builder::unfolded_network_graph;
 use crate::weights::{NamedTensor, TensorStore};
 
 /// Sparsity actually reached in one layer.
@@ -30,17 +32,32 @@ impl LayerSparsity {
 
 /// Zero fraction of every weight layer's weight tensor.
 pub fn sparsity_report(store: &TensorStore) -> Result<Vec<LayerSparsity>> {
-    weight_layers(store)
-        .iter()
-        .map(|l| {
-            let w = store.get(&format!("{}.weight", l.name))?;
+    layer_weights(store)?
+        .into_iter()
+        .map(|(layer, weight)| {
+            let w = store.get(&weight)?;
             Ok(LayerSparsity {
-                layer: l.name.clone(),
+                layer,
                 zeros: w.data.iter().filter(|v| **v == 0.0).count(),
                 total: w.data.len(),
             })
         })
         .collect()
+}
+
+/// Each layer with weights (convolution or fully connected) in execution order, as its name
+/// and its weight tensor's name, read from the network's graph.
+fn layer_weights(store: &TensorStore) -> Result<Vec<(String, String)>> {
+    let graph = unfolded_network_graph(store)?;
+    Ok(weight_nodes(&graph)
+        .into_iter()
+        .map(|i| {
+            (
+                graph.nodes[i].name.clone(),
+                graph.nodes[i].inputs[1].clone(),
+            )
+        })
+        .collect())
 }
 
 fn check_fraction(what: &str, f: f32) -> Result<()> {
@@ -60,10 +77,10 @@ fn check_fraction(what: &str, f: f32) -> Result<()> {
 pub fn magnitude_prune(store: &TensorStore, cfg: &MagnitudePruning) -> Result<TensorStore> {
     check_fraction("sparsity", cfg.sparsity)?;
     let mut out = store.clone();
-    let names: Vec<String> = weight_layers(store)
+    let names: Vec<String> = layer_weights(store)?
         .into_iter()
-        .filter(|l| !cfg.exclude.contains(&l.name))
-        .map(|l| format!("{}.weight", l.name))
+        .filter(|(layer, _)| !cfg.exclude.contains(layer))
+        .map(|(_, weight)| weight)
         .collect();
     match cfg.scope {
         PruneScope::PerLayer => {
@@ -123,237 +140,53 @@ pub(crate) fn zero_smallest(slices: &mut [&mut [f32]], k: usize) {
     }
 }
 
-/// A set of channels that can be removed together, and every tensor coupled to them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChannelGroup {
-    /// The convolution producing the channels (expand conv of a block, or the head conv).
-    pub producer: String,
-    /// Per-channel tensors indexed along axis 0 (the producer and, in a block, the
-    /// depthwise conv, their BatchNorms or biases).
-    pub rows: Vec<String>,
-    /// Tensors consuming the channels along axis 1 (the project conv, or the classifier).
-    pub columns: Vec<String>,
-    /// The BatchNorm after the producer, for γ ranking (`None` once folded).
-    pub batch_norm: Option<String>,
-    /// Whether the architecture puts a BatchNorm after the producer at all (a hidden
-    /// linear layer does not; γ ranking then uses the L1 norm of its weights).
-    pub has_batch_norm: bool,
-    pub channels: usize,
+/// Removes the weakest channels of every group that the graph's dependency analysis finds
+/// ([`crate::graph::prune_channels`]): a smaller dense model, every coupled tensor rewritten.
+pub fn prune_channels(store: &TensorStore, cfg: &ChannelPruning) -> Result<TensorStore> {
+    through_graph(store, cfg, |graph| graph::prune_channels(graph, cfg))
 }
 
-/// The prunable channel groups: each block's expanded channels (expand → depthwise →
-/// project, inside the residual so block outputs keep their width) and the head's channels
-/// (head conv → classifier).
-pub fn channel_groups(store: &TensorStore) -> Result<Vec<ChannelGroup>> {
-    let per_channel = |prefix: &str, out: &mut Vec<String>| {
-        for suffix in [".weight", ".bias", ".running_mean", ".running_var"] {
-            let name = format!("{prefix}{suffix}");
-            if store.contains(&name) {
-                out.push(name);
-            }
-        }
-    };
-    let mut groups = Vec::new();
-    let fashion = crate::fashion::is_fashion(store);
-    for layer in weight_layers(store) {
-        let (rows_from, columns, bn) = match layer.kind {
-            // Fashion-MNIST: each conv's channels feed the next conv (or, flattened, fc1);
-            // fc1's units feed the classifier.
-            LayerKind::Conv if fashion => {
-                let i: usize = layer.name[4..].parse().unwrap_or(1);
-                let consumer = if i < 3 {
-                    format!("conv{}.weight", i + 1)
-                } else {
-                    "fc1.weight".into()
-                };
-                (
-                    vec![layer.name.clone(), format!("bn{i}")],
-                    vec![consumer],
-                    format!("bn{i}"),
-                )
-            }
-            LayerKind::Dense => (
-                vec![layer.name.clone()],
-                vec!["fc2.weight".into()],
-                String::new(),
-            ),
-            LayerKind::Expand => {
-                let p = format!("_blocks.{}.", layer.block.unwrap_or_default());
-                (
-                    vec![
-                        format!("{p}_expand_conv"),
-                        format!("{p}_bn0"),
-                        format!("{p}_depthwise_conv"),
-                        format!("{p}_bn1"),
-                    ],
-                    vec![format!("{p}_project_conv.weight")],
-                    format!("{p}_bn0"),
-                )
-            }
-            LayerKind::Head => (
-                vec!["_conv_head".into(), "_bn1".into()],
-                vec!["_fc.weight".into()],
-                "_bn1".into(),
-            ),
-            _ => continue,
-        };
-        let mut rows = Vec::new();
-        for prefix in &rows_from {
-            per_channel(prefix, &mut rows);
-        }
-        let channels = store.get(&format!("{}.weight", layer.name))?.shape[0];
-        let bn_weight = format!("{bn}.weight");
-        groups.push(ChannelGroup {
-            producer: layer.name.clone(),
-            rows,
-            columns,
-            batch_norm: store.contains(&bn_weight).then_some(bn.clone()),
-            has_batch_norm: !bn.is_empty(),
-            channels,
-        });
-    }
-    Ok(groups)
+/// The same selection as [`prune_channels`], with the removed channels zeroed in place, so
+/// they contribute nothing: the reference that the physically pruned model must match.
+pub fn mask_channels(store: &TensorStore, cfg: &ChannelPruning) -> Result<TensorStore> {
+    through_graph(store, cfg, |graph| graph::mask_channels(graph, cfg))
 }
 
-/// Channels kept in each group (sorted indices), chosen by `cfg`.
-pub fn select_channels(
+/// `rewrite` applied to the network's unfolded graph, whose constants are the store's
+/// tensors; the rewritten constants go back into the store under their names.
+fn through_graph(
     store: &TensorStore,
     cfg: &ChannelPruning,
-) -> Result<Vec<(ChannelGroup, Vec<usize>)>> {
+    rewrite: impl FnOnce(&Graph) -> Result<Graph>,
+) -> Result<TensorStore> {
     check_fraction("channel ratio", cfg.ratio)?;
-    channel_groups(store)?
-        .into_iter()
-        .map(|g| {
-            let ranking = match (cfg.ranking, g.has_batch_norm) {
-                (ChannelRanking::BatchNormGamma, false) => ChannelRanking::L1,
-                (r, _) => r,
-            };
-            let scores: Vec<f64> = match ranking {
-                ChannelRanking::L1 | ChannelRanking::L2 => {
-                    let w = store.get(&format!("{}.weight", g.producer))?;
-                    let per = w.data.len() / g.channels.max(1);
-                    w.data
-                        .chunks(per.max(1))
-                        .map(|row| match ranking {
-                            ChannelRanking::L1 => row.iter().map(|v| v.abs() as f64).sum(),
-                            _ => row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt(),
-                        })
-                        .collect()
-                }
-                ChannelRanking::BatchNormGamma => {
-                    let bn = g.batch_norm.as_ref().ok_or_else(|| {
-                        EngineError::Config(
-                            "BatchNorm γ ranking needs the unfolded model (this one has its BatchNorms folded); rank by L1 or L2".into(),
-                        )
-                    })?;
-                    store
-                        .get(&format!("{bn}.weight"))?
-                        .data
-                        .iter()
-                        .map(|v| v.abs() as f64)
-                        .collect()
-                }
-            };
-            let keep_count = ((1.0 - cfg.ratio as f64) * g.channels as f64)
-                .round()
-                .max(1.0) as usize;
-            let mut order: Vec<usize> = (0..g.channels).collect();
-            // Strongest first; ties keep the lower index.
-            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-            let mut keep = order[..keep_count.min(g.channels)].to_vec();
-            keep.sort_unstable();
-            Ok((g, keep))
-        })
-        .collect()
-}
-
-/// Removes the unselected channels: a smaller dense model.
-pub fn prune_channels(store: &TensorStore, cfg: &ChannelPruning) -> Result<TensorStore> {
+    let graph = unfolded_network_graph(store)?;
+    if cfg.ranking == ChannelRanking::BatchNormGamma
+        && !graph
+            .nodes
+            .iter()
+            .any(|n| matches!(n.op, Op::BatchNorm { .. }))
+    {
+        return Err(EngineError::Config(
+            "BatchNorm γ ranking needs the unfolded model (this one has its BatchNorms folded); rank by L1 or L2".into(),
+        ));
+    }
+    let rewritten = rewrite(&graph)?;
     let mut out = store.clone();
-    // Groups can share a tensor (fc1 consumes conv3's channels and produces its own
-    // units), so each gather reads the result of the previous ones.
-    for (group, keep) in select_channels(store, cfg)? {
-        for name in &group.rows {
-            let t = gather(out.get(name)?, 0, &keep)?;
-            out.push(t);
-        }
-        for name in &group.columns {
-            let t = gather_columns(out.get(name)?, group.channels, &keep)?;
-            out.push(t);
+    for (name, c) in rewritten.constants {
+        if store.contains(&name) {
+            out.push(NamedTensor {
+                name,
+                shape: c.dims,
+                data: c.data,
+            });
+        } else if !graph.constants.contains_key(&name) {
+            return Err(EngineError::Weights(format!(
+                "pruning made a tensor `{name}` that the model's weights have no place for"
+            )));
         }
     }
     Ok(out)
-}
-
-/// The same selection as [`prune_channels`], but the removed channels are zeroed in place
-/// (their producer filters, BatchNorm γ and β or biases, and depthwise filters), so they
-/// output exactly zero: the reference that the physically pruned model must match.
-pub fn mask_channels(store: &TensorStore, cfg: &ChannelPruning) -> Result<TensorStore> {
-    let mut out = store.clone();
-    for (group, keep) in select_channels(store, cfg)? {
-        let dropped: Vec<usize> = (0..group.channels)
-            .filter(|c| keep.binary_search(c).is_err())
-            .collect();
-        for name in &group.rows {
-            // Running statistics stay: with γ = β = 0 the BatchNorm outputs 0 whatever they are.
-            if name.ends_with(".running_mean") || name.ends_with(".running_var") {
-                continue;
-            }
-            let mut t = store.get(name)?.clone();
-            let per = t.data.len() / group.channels.max(1);
-            for &c in &dropped {
-                t.data[c * per..(c + 1) * per].fill(0.0);
-            }
-            out.push(t);
-        }
-    }
-    Ok(out)
-}
-
-/// Keeps the input channels `keep` of a consumer. A linear layer after a flatten has
-/// `channels × plane` inputs per output (`[out, channels·plane]`): it keeps whole planes.
-fn gather_columns(t: &NamedTensor, channels: usize, keep: &[usize]) -> Result<NamedTensor> {
-    match t.shape[..] {
-        [out, flat] if flat != channels && channels > 0 && flat.is_multiple_of(channels) => {
-            let plane = flat / channels;
-            let view = NamedTensor {
-                shape: vec![out, channels, plane],
-                ..t.clone()
-            };
-            let mut g = gather(&view, 1, keep)?;
-            g.shape = vec![out, keep.len() * plane];
-            Ok(g)
-        }
-        _ => gather(t, 1, keep),
-    }
-}
-
-/// Keeps the indices `keep` along `axis` (0 or 1) of a row-major tensor.
-fn gather(t: &NamedTensor, axis: usize, keep: &[usize]) -> Result<NamedTensor> {
-    let dim = *t
-        .shape
-        .get(axis)
-        .ok_or_else(|| EngineError::ShapeMismatch {
-            name: t.name.clone(),
-            found: t.shape.clone(),
-            expected: vec![0; axis + 1],
-        })?;
-    let outer: usize = t.shape[..axis].iter().product();
-    let inner: usize = t.shape[axis + 1..].iter().product();
-    let mut data = Vec::with_capacity(outer * keep.len() * inner);
-    for o in 0..outer {
-        for &k in keep {
-            let at = (o * dim + k) * inner;
-            data.extend_from_slice(&t.data[at..at + inner]);
-        }
-    }
-    let mut shape = t.shape.clone();
-    shape[axis] = keep.len();
-    Ok(NamedTensor {
-        name: t.name.clone(),
-        shape,
-        data,
-    })
 }
 
 #[cfg(test)]
@@ -370,20 +203,5 @@ mod tests {
         let mut c = vec![0.5, -0.25, 4.0];
         zero_smallest(&mut [&mut c[..]], 3);
         assert_eq!(c, vec![0.0, 0.0, 0.0]);
-    }
-
-    #[test]
-    fn gather_keeps_rows_and_columns() {
-        let t = NamedTensor {
-            name: "t".into(),
-            shape: vec![3, 2],
-            data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
-        };
-        assert_eq!(
-            gather(&t, 0, &[0, 2]).unwrap().data,
-            vec![1.0, 2.0, 5.0, 6.0]
-        );
-        let g = gather(&t, 1, &[1]).unwrap();
-        assert_eq!((g.shape.clone(), g.data), (vec![3, 1], vec![2.0, 4.0, 6.0]));
     }
 }

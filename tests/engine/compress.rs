@@ -578,9 +578,10 @@ fn own_classes_head_and_quantization_aware_photo_distillation() {
     assert!(after < before * 0.8, "{before} → {after}");
 }
 
-// Feature matching: with the outputs of blocks 5 and 10 added to the loss, a student
-// with 30 % of its expanded channels removed moves those block outputs toward the
-// teacher's, more than distillation on the logits alone does (same steps, same seed).
+// Feature matching: with the outputs of blocks 5 and 10 added to the loss, a student with
+// 60 % of its weights zeroed moves those block outputs toward the teacher's, more than
+// distillation on the logits alone does (same steps, same seed). A channel-pruned student,
+// whose block outputs are narrower than the teacher's, is refused with a reason.
 #[test]
 fn feature_matching_pulls_block_outputs_toward_the_teacher() {
     use compresslab::distill::{DistillConfig, student_for};
@@ -590,14 +591,40 @@ fn feature_matching_pulls_block_outputs_toward_the_teacher() {
     let photos = sample_photos();
     let inputs = samples();
     let recipe = Recipe {
+        magnitude_pruning: Some(MagnitudePruning {
+            sparsity: 0.6,
+            scope: PruneScope::PerLayer,
+            exclude: Vec::new(),
+        }),
+        ..Recipe::default()
+    };
+    let (student, masks) = student_for(&teacher, &recipe).unwrap();
+    let taps = [5usize, 10];
+    let thinner = Recipe {
         channel_pruning: Some(ChannelPruning {
             ratio: 0.3,
             ranking: ChannelRanking::L2,
         }),
         ..Recipe::default()
     };
-    let (student, masks) = student_for(&teacher, &recipe).unwrap();
-    let taps = [5usize, 10];
+    let (thin, thin_masks) = student_for(&teacher, &thinner).unwrap();
+    let refused = PhotoDistiller::new(
+        &teacher,
+        &thin,
+        thin_masks,
+        DistillConfig {
+            batch_size: 4,
+            feature_blocks: taps.to_vec(),
+            ..DistillConfig::default()
+        },
+        1,
+        &Device::flex().autodiff(),
+    );
+    assert!(
+        matches!(&refused, Err(compresslab::EngineError::Config(m)) if m.contains("feature matching at block 5")),
+        "{:?}",
+        refused.err()
+    );
     let device = Device::flex();
     let x = Tensor::<4>::from_data(
         TensorData::new(inputs.concat(), [inputs.len(), 3, 224, 224]),

@@ -298,7 +298,7 @@ pub fn LabPanel(
                         {move || if fashion() {
                             " of each convolution's channels and of fc1's units"
                         } else {
-                            " of each block's expanded channels and of the head's"
+                            " of every group of coupled channels: each block's expanded channels, each residual stream, the stem's and the head's"
                         }}
                     </label>
                     <label>"ranked by "
