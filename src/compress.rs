@@ -13,11 +13,11 @@ pub use compresslab_spec::stats::{
     ActivationParams, ChannelGrid, Histogram, LayerStats, ModelStats,
 };
 
-use crate::efficientnet::{INPUT_SIZE, LayerKind, block_strides, fold_batch_norms, weight_layers};
+use crate::efficientnet::{LayerKind, fold_batch_norms, weight_layers};
 use crate::error::{EngineError, Result};
 use crate::exec::{CpuExecutor, Tensor};
-use crate::fashion::{PIXELS, SIDE, is_fashion};
-use crate::graph_builder::{layer_inputs, network_graph};
+use crate::graph::batch_one_shapes;
+use crate::graph_builder::{bias_name, layer_inputs, network_graph, weight_name};
 use crate::prune::{magnitude_prune, prune_channels};
 use crate::quant::{
     Granularity, QuantScheme, QuantizedTensor, group_params, pack_int4, sqnr_db, unpack_int4,
@@ -50,9 +50,9 @@ pub struct CompressedModel {
 pub type Progress<'a> = &'a mut dyn FnMut(&str, f32) -> Result<()>;
 
 /// Applies `recipe` to the original (raw or folded) weights. `calibration` holds
-/// preprocessed images (`[3, 224, 224]` for EfficientNet; for the Fashion-MNIST network,
-/// normalised 28×28 images, any number per entry); it is needed only for activation
-/// quantization.
+/// preprocessed images of the network's input size (one `[3, 224, 224]` per entry for
+/// EfficientNet, whose graph takes a batch of one; any number of normalised 28×28 images per
+/// entry for the Fashion-MNIST network); it is needed only for activation quantization.
 pub fn compress(
     original: &TensorStore,
     recipe: &Recipe,
@@ -74,7 +74,7 @@ pub fn compress(
         let fp32 = recipe.keep_fp32.contains(&layer.name);
         let weights = match (&recipe.weights, fp32) {
             (Some(scheme), false) => {
-                let name = format!("{}.weight", layer.name);
+                let name = weight_name(&layer.name);
                 let w = store.get(&name)?;
                 let q = QuantizedTensor::quantize(&w.data, &w.shape, *scheme);
                 let data = q.dequantize();
@@ -160,8 +160,18 @@ fn calibrate(
     let graph = network_graph(store)?;
     let names: Vec<String> = layers.iter().map(|l| l.name.clone()).collect();
     let inputs = layer_inputs(&graph, &names)?;
+    // One image of the network's input size (any batch for a network that takes one).
+    let image_dims = graph
+        .input()?
+        .dims
+        .get(1..)
+        .unwrap_or_default()
+        .iter()
+        .map(|d| d.known())
+        .collect::<Option<Vec<usize>>>()
+        .ok_or_else(|| EngineError::Config("the network's input size is not fixed".into()))?;
+    let image_len: usize = image_dims.iter().product();
     let executor = CpuExecutor::from_graph(graph)?;
-    let fashion = is_fashion(store);
     let n_layers = layers.len();
     let mut min = vec![0f32; n_layers];
     let mut max = vec![0f32; n_layers];
@@ -181,13 +191,13 @@ fn calibrate(
                 samples[layer].extend(percentile_sample(values, per_image));
             }
         };
-        // An EfficientNet entry is one `[3, 224, 224]` image; a Fashion-MNIST entry any
-        // number of normalised 28×28 images.
-        let dims = if fashion {
-            vec![image.len() / PIXELS, 1, SIDE, SIDE]
-        } else {
-            vec![1, 3, INPUT_SIZE, INPUT_SIZE]
-        };
+        if image_len == 0 || !image.len().is_multiple_of(image_len) {
+            return Err(EngineError::Config(format!(
+                "a calibration entry of {} values does not hold whole images of {image_dims:?}",
+                image.len()
+            )));
+        }
+        let dims = [&[image.len() / image_len][..], &image_dims].concat();
         let input = Tensor {
             dims,
             data: image.clone(),
@@ -232,25 +242,28 @@ pub(crate) fn percentile_range(values: &mut [f32], p: f32) -> (f32, f32) {
     (values[rank(100.0 - p as f64)], values[rank(p as f64)])
 }
 
-/// Output size of every layer (for a 224×224 input to EfficientNet), in [`weight_layers`]
-/// order.
-fn output_sizes(store: &TensorStore) -> Vec<usize> {
-    if is_fashion(store) {
-        return crate::fashion::output_sides();
-    }
-    let mut size = INPUT_SIZE;
-    weight_layers(store)
+/// Output pixels of each of `layers` for one input of the network's size, read from the
+/// shapes of the network's graph (1 for a fully connected layer).
+fn output_pixels(store: &TensorStore, layers: &[CompressedLayer]) -> Result<Vec<u64>> {
+    let graph = network_graph(store)?;
+    let shapes = batch_one_shapes(&graph)?;
+    layers
         .iter()
-        .map(|l| {
-            match l.kind {
-                LayerKind::Stem => size = size.div_ceil(2),
-                LayerKind::Depthwise => {
-                    size = size.div_ceil(block_strides()[l.block.unwrap_or_default()])
-                }
-                LayerKind::Classifier => return 1,
-                _ => {}
-            }
-            size
+        .map(|layer| {
+            let weight = weight_name(&layer.name);
+            let dims = graph
+                .nodes
+                .iter()
+                .find(|n| n.inputs.get(1) == Some(&weight))
+                .and_then(|n| shapes.get(&n.outputs[0]))
+                .ok_or_else(|| EngineError::Weights(format!("no layer reads {weight}")))?;
+            dims.iter()
+                .skip(2)
+                .map(|d| d.known().map(|v| v as u64))
+                .product::<Option<u64>>()
+                .ok_or_else(|| {
+                    EngineError::Weights(format!("{}'s output size is not fixed", layer.name))
+                })
         })
         .collect()
 }
@@ -282,15 +295,14 @@ impl CompressedModel {
         &self,
         before_quantization: Option<&TensorStore>,
     ) -> Result<Vec<LayerStats>> {
-        let sizes = output_sizes(&self.store);
+        let sizes = output_pixels(&self.store, &self.layers)?;
         self.layers
             .iter()
             .zip(sizes)
-            .map(|(layer, out_size)| {
-                let w = self.store.get(&format!("{}.weight", layer.name))?;
-                let bias = self.store.get(&format!("{}.bias", layer.name))?;
+            .map(|(layer, pixels)| {
+                let w = self.store.get(&weight_name(&layer.name))?;
+                let bias = self.store.get(&bias_name(&layer.name))?;
                 let per_output: usize = w.shape[1..].iter().product();
-                let pixels = (out_size * out_size) as u64;
                 let macs = pixels * w.data.len() as u64;
                 let weight_bytes = 4 * bias.data.len()
                     + layer
@@ -329,7 +341,7 @@ impl CompressedModel {
     }
 
     pub fn stats(&self) -> Result<ModelStats> {
-        let sizes = output_sizes(&self.store);
+        let sizes = output_pixels(&self.store, &self.layers)?;
         let mut s = ModelStats {
             parameters: 0,
             nonzero_parameters: 0,
@@ -337,11 +349,10 @@ impl CompressedModel {
             macs: 0,
             nonzero_macs: 0,
         };
-        for (layer, out_size) in self.layers.iter().zip(sizes) {
-            let w = self.store.get(&format!("{}.weight", layer.name))?;
-            let bias = self.store.get(&format!("{}.bias", layer.name))?;
+        for (layer, pixels) in self.layers.iter().zip(sizes) {
+            let w = self.store.get(&weight_name(&layer.name))?;
+            let bias = self.store.get(&bias_name(&layer.name))?;
             let nonzero = w.data.iter().filter(|v| **v != 0.0).count();
-            let pixels = (out_size * out_size) as u64;
             s.parameters += w.data.len() + bias.data.len();
             s.nonzero_parameters += nonzero + bias.data.len();
             s.weight_bytes += 4 * bias.data.len()
@@ -363,8 +374,8 @@ impl CompressedModel {
         let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let mut layer_meta = Vec::new();
         for layer in &self.layers {
-            let w = self.store.get(&format!("{}.weight", layer.name))?;
-            let b = self.store.get(&format!("{}.bias", layer.name))?;
+            let w = self.store.get(&weight_name(&layer.name))?;
+            let b = self.store.get(&bias_name(&layer.name))?;
             match &layer.weights {
                 Some(q) => {
                     let (dtype, shape, raw) = if q.scheme.bits == 4 {
@@ -377,15 +388,15 @@ impl CompressedModel {
                             q.values.iter().map(|&v| v as u8).collect(),
                         )
                     };
-                    entries.push((format!("{}.weight.q", layer.name), dtype, shape, raw));
+                    entries.push((format!("{}.q", weight_name(&layer.name)), dtype, shape, raw));
                     entries.push((
-                        format!("{}.weight.scale", layer.name),
+                        format!("{}.scale", weight_name(&layer.name)),
                         Dtype::F32,
                         vec![q.scales.len()],
                         f32_bytes(&q.scales),
                     ));
                     entries.push((
-                        format!("{}.weight.zero_point", layer.name),
+                        format!("{}.zero_point", weight_name(&layer.name)),
                         Dtype::I8,
                         vec![q.zero_points.len()],
                         q.zero_points.iter().map(|&v| v as u8).collect(),
@@ -480,8 +491,6 @@ impl CompressedModel {
         let mut store = TensorStore::default();
         let mut layers = Vec::new();
         for l in &stored {
-            let kind =
-                layer_kind(&l.name).ok_or_else(|| bad(format!("unknown layer {}", l.name)))?;
             if let Some(a) = l.activation.filter(|a| !a.is_valid()) {
                 return Err(bad(format!(
                     "{}: activation grid {a:?} is not a signed 8-bit grid with a positive scale",
@@ -496,7 +505,7 @@ impl CompressedModel {
             let weights = match l.scheme {
                 Some(scheme) => {
                     let q = raw(
-                        &format!("{}.weight.q", l.name),
+                        &format!("{}.q", weight_name(&l.name)),
                         if scheme.bits == 4 {
                             Dtype::U8
                         } else {
@@ -508,8 +517,8 @@ impl CompressedModel {
                     } else {
                         q.iter().map(|&v| v as i8).collect()
                     };
-                    let scales = floats(&format!("{}.weight.scale", l.name))?;
-                    let zps = raw(&format!("{}.weight.zero_point", l.name), Dtype::I8)?
+                    let scales = floats(&format!("{}.scale", weight_name(&l.name)))?;
+                    let zps = raw(&format!("{}.zero_point", weight_name(&l.name)), Dtype::I8)?
                         .into_iter()
                         .map(|v| v as i8)
                         .collect();
@@ -518,56 +527,59 @@ impl CompressedModel {
                             bad(format!("{}: inconsistent quantized weights", l.name))
                         })?;
                     store.push(NamedTensor {
-                        name: format!("{}.weight", l.name),
+                        name: weight_name(&l.name),
                         shape: l.shape.clone(),
                         data: q.dequantize(),
                     });
                     Some(q)
                 }
                 None => {
-                    let data = floats(&format!("{}.weight", l.name))?;
+                    let data = floats(&weight_name(&l.name))?;
                     if data.len() != n {
-                        return Err(bad(format!("{}.weight has the wrong size", l.name)));
+                        return Err(bad(format!("{} has the wrong size", weight_name(&l.name))));
                     }
                     store.push(NamedTensor {
-                        name: format!("{}.weight", l.name),
+                        name: weight_name(&l.name),
                         shape: l.shape.clone(),
                         data,
                     });
                     None
                 }
             };
-            let bias = floats(&format!("{}.bias", l.name))?;
+            let bias = floats(&bias_name(&l.name))?;
             store.push(NamedTensor {
-                name: format!("{}.bias", l.name),
+                name: bias_name(&l.name),
                 shape: vec![bias.len()],
                 data: bias,
             });
-            layers.push(CompressedLayer {
-                name: l.name.clone(),
-                kind,
-                weights,
-                activation: l.activation,
-            });
+            layers.push((weights, l.activation));
         }
+        // The layer list must be exactly the network's (and loadable).
+        let network = weight_layers(&store);
+        if network.len() != stored.len()
+            || network.iter().zip(&stored).any(|(a, b)| a.name != b.name)
+        {
+            return Err(bad(
+                "the layer table does not describe EfficientNet-Lite0 or the Fashion-MNIST network"
+                    .into(),
+            ));
+        }
+        let layers = network
+            .into_iter()
+            .zip(layers)
+            .map(|(layer, (weights, activation))| CompressedLayer {
+                name: layer.name,
+                kind: layer.kind,
+                weights,
+                activation,
+            })
+            .collect();
         let model = Self {
             recipe,
             store,
             layers,
             seen_images,
         };
-        // The layer list must be exactly the network's (and loadable).
-        let expected: Vec<String> = weight_layers(&model.store)
-            .into_iter()
-            .map(|l| l.name)
-            .collect();
-        let found: Vec<String> = model.layers.iter().map(|l| l.name.clone()).collect();
-        if expected != found {
-            return Err(bad(
-                "the layer table does not describe EfficientNet-Lite0 or the Fashion-MNIST network"
-                    .into(),
-            ));
-        }
         // The widths must chain from layer to layer (shape inference of the whole network).
         network_graph(&model.store)?;
         Ok(model)
@@ -584,21 +596,6 @@ struct StoredLayer {
     shape: Vec<usize>,
     scheme: Option<QuantScheme>,
     activation: Option<ActivationParams>,
-}
-
-fn layer_kind(name: &str) -> Option<LayerKind> {
-    Some(match name {
-        "_conv_stem" => LayerKind::Stem,
-        "_conv_head" => LayerKind::Head,
-        "_fc" => LayerKind::Classifier,
-        n if n.ends_with("._expand_conv") => LayerKind::Expand,
-        n if n.ends_with("._depthwise_conv") => LayerKind::Depthwise,
-        n if n.ends_with("._project_conv") => LayerKind::Project,
-        "conv1" | "conv2" | "conv3" => LayerKind::Conv,
-        "fc1" => LayerKind::Dense,
-        "fc2" => LayerKind::Classifier,
-        _ => return None,
-    })
 }
 
 /// The output channel (rows of `per_output` values) with the smallest max|w| among those not

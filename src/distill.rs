@@ -16,10 +16,12 @@ use serde::{Deserialize, Serialize};
 pub use compresslab_spec::report::HeldOutReport;
 
 use crate::compress::{CompressedModel, Recipe, compress, pruned_and_folded};
+use crate::efficientnet::weight_layers;
 use crate::error::{EngineError, Result};
 use crate::fashion::{
     CLASSES, FashionCnn, FashionSet, PIXELS, SIDE, SplitMix, TrainLayers, normalize,
 };
+use crate::graph_builder::weight_name;
 use crate::quant::{Granularity, QuantScheme};
 use crate::weights::TensorStore;
 
@@ -182,12 +184,12 @@ pub fn distillation_loss(
     }
 }
 
-/// 1 where a weight may train, 0 where pruning zeroed it, for every tensor of `store`
-/// that has zeros (by name; the student's own shapes).
+/// 1 where a weight may train, 0 where pruning zeroed it, for every layer's weight tensor
+/// in `store` that has zeros (by name; the student's own shapes).
 pub fn zero_masks(store: &TensorStore) -> Masks {
-    store
+    weight_layers(store)
         .iter()
-        .filter(|t| t.name.ends_with(".weight") && t.shape.len() > 1)
+        .filter_map(|l| store.get(&weight_name(&l.name)).ok())
         .filter(|t| t.data.contains(&0.0))
         .map(|t| {
             (

@@ -20,37 +20,23 @@ use crate::distill::{
     DistillConfig, HeldOutReport, Masks, cosine_lr, distillation_loss, label_tensors, loss_value,
     read_f32, ste_fake_quant,
 };
-use crate::efficientnet::{BatchNormMode, ConvUnit, EfficientNetLite, block_strides};
+use crate::efficientnet::{BatchNormMode, CLASSIFIER, EfficientNetLite, block_strides};
 use crate::error::{EngineError, Result};
 use crate::fashion::{SplitMix, TrainLayers};
+use crate::graph_builder::{bias_name, weight_name};
 use crate::preprocess::{CROP, RgbImage, box_reduce, to_nchw};
 use crate::quant::QuantScheme;
 use crate::weights::{NamedTensor, TensorStore};
-
-/// The lukemelas names of every conv unit of `net`, in execution order, with the unit.
-fn units_mut(net: &mut EfficientNetLite) -> Vec<(String, &mut ConvUnit)> {
-    let mut out: Vec<(String, &mut ConvUnit)> = vec![("_conv_stem".into(), &mut net.stem)];
-    for (i, block) in net.blocks.iter_mut().enumerate() {
-        let p = format!("_blocks.{i}.");
-        if let Some(e) = &mut block.expand {
-            out.push((format!("{p}_expand_conv"), e));
-        }
-        out.push((format!("{p}_depthwise_conv"), &mut block.depthwise));
-        out.push((format!("{p}_project_conv"), &mut block.project));
-    }
-    out.push(("_conv_head".into(), &mut net.head));
-    out
-}
 
 /// A folded network's weights in lukemelas naming (conv weight + bias, `_fc`).
 pub async fn folded_store(net: &EfficientNetLite) -> Result<TensorStore> {
     let mut net = net.clone();
     let mut store = TensorStore::default();
-    for (name, unit) in units_mut(&mut net) {
+    for (name, unit) in net.units_mut() {
         let w = unit.conv.weight.val();
         let shape = w.dims().to_vec();
         store.push(NamedTensor {
-            name: format!("{name}.weight"),
+            name: weight_name(&name),
             shape,
             data: read_f32(w).await?,
         });
@@ -59,7 +45,7 @@ pub async fn folded_store(net: &EfficientNetLite) -> Result<TensorStore> {
         })?;
         let b = bias.val();
         store.push(NamedTensor {
-            name: format!("{name}.bias"),
+            name: bias_name(&name),
             shape: b.dims().to_vec(),
             data: read_f32(b).await?,
         });
@@ -67,14 +53,14 @@ pub async fn folded_store(net: &EfficientNetLite) -> Result<TensorStore> {
     // burn stores [in, out]; PyTorch [out, in].
     let w = net.classifier.weight.val().transpose();
     store.push(NamedTensor {
-        name: "_fc.weight".into(),
+        name: weight_name(CLASSIFIER),
         shape: w.dims().to_vec(),
         data: read_f32(w).await?,
     });
     if let Some(b) = &net.classifier.bias {
         let b = b.val();
         store.push(NamedTensor {
-            name: "_fc.bias".into(),
+            name: bias_name(CLASSIFIER),
             shape: b.dims().to_vec(),
             data: read_f32(b).await?,
         });
@@ -89,8 +75,8 @@ fn apply_masks(mut net: EfficientNetLite, masks: &Masks, device: &Device) -> Eff
         return net;
     }
     let find = |name: &str| masks.iter().find(|(n, _)| n == name).map(|(_, m)| m);
-    for (name, unit) in units_mut(&mut net) {
-        if let Some(m) = find(&format!("{name}.weight")) {
+    for (name, unit) in net.units_mut() {
+        if let Some(m) = find(&weight_name(&name)) {
             let m = Tensor::<1>::from_data(TensorData::new(m.clone(), [m.len()]), device);
             unit.conv.weight = unit.conv.weight.clone().map(|w| {
                 let dims = w.dims();
@@ -99,7 +85,7 @@ fn apply_masks(mut net: EfficientNetLite, masks: &Masks, device: &Device) -> Eff
             });
         }
     }
-    if let Some(m) = find("_fc.weight") {
+    if let Some(m) = find(&weight_name(CLASSIFIER)) {
         let m = Tensor::<1>::from_data(TensorData::new(m.clone(), [m.len()]), device);
         net.classifier.weight = net.classifier.weight.clone().map(|w| {
             let [cin, cout] = w.dims();
@@ -144,7 +130,7 @@ fn freeze(mut net: EfficientNetLite, layers: TrainLayers) -> EfficientNetLite {
 /// one forward pass; gradients reach the original parameters through `f`.
 fn mapped(net: &EfficientNetLite, f: &dyn Fn(&str, Tensor<2>) -> Tensor<2>) -> EfficientNetLite {
     let mut net = net.clone();
-    for (name, unit) in units_mut(&mut net) {
+    for (name, unit) in net.units_mut() {
         unit.conv.weight = unit.conv.weight.clone().map(|w| {
             let dims = w.dims();
             let rows: Tensor<2> = w.reshape([dims[0], dims[1] * dims[2] * dims[3]]);
@@ -155,7 +141,7 @@ fn mapped(net: &EfficientNetLite, f: &dyn Fn(&str, Tensor<2>) -> Tensor<2>) -> E
         .classifier
         .weight
         .clone()
-        .map(|w| f("_fc", w.transpose()).transpose());
+        .map(|w| f(CLASSIFIER, w.transpose()).transpose());
     net
 }
 
@@ -509,7 +495,7 @@ pub async fn fit_head(
     let head = head.valid();
     let w = head.weight.val().transpose();
     let weight = NamedTensor {
-        name: "_fc.weight".into(),
+        name: weight_name(CLASSIFIER),
         shape: w.dims().to_vec(),
         data: read_f32(w).await?,
     };
@@ -519,7 +505,7 @@ pub async fn fit_head(
         .ok_or_else(|| EngineError::Execution("the new head has no bias".into()))?
         .val();
     let bias = NamedTensor {
-        name: "_fc.bias".into(),
+        name: bias_name(CLASSIFIER),
         shape: b.dims().to_vec(),
         data: read_f32(b).await?,
     };

@@ -19,6 +19,9 @@ pub const BATCH_NORM_EPS: f64 = 1e-3;
 pub const INPUT_SIZE: usize = 224;
 pub const NUM_CLASSES: usize = 1000;
 
+/// The classifier's name in the store (`_fc.weight`, `_fc.bias`).
+pub const CLASSIFIER: &str = "_fc";
+
 /// Stride of each of Lite0's 16 MBConv blocks (stages 16/24/40/80/112/192/320).
 const BLOCK_STRIDES: [usize; 16] = [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1];
 
@@ -191,6 +194,21 @@ impl EfficientNetLite {
     fn classify(&self, features: Tensor<4>) -> Tensor<2> {
         let pooled: Tensor<2> = features.mean_dim(3).mean_dim(2).flatten(1, 3);
         self.classifier.forward(pooled)
+    }
+
+    /// Every conv unit with its name in the store (lukemelas naming), in execution order.
+    pub fn units_mut(&mut self) -> Vec<(String, &mut ConvUnit)> {
+        let mut out: Vec<(String, &mut ConvUnit)> = vec![("_conv_stem".into(), &mut self.stem)];
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            let p = format!("_blocks.{i}.");
+            if let Some(e) = &mut block.expand {
+                out.push((format!("{p}_expand_conv"), e));
+            }
+            out.push((format!("{p}_depthwise_conv"), &mut block.depthwise));
+            out.push((format!("{p}_project_conv"), &mut block.project));
+        }
+        out.push(("_conv_head".into(), &mut self.head));
+        out
     }
 
     /// The last feature map before pooling, `[batch, 1280, 7, 7]` at 224².
@@ -383,7 +401,6 @@ pub struct LayerRef {
     /// BatchNorm prefix (`None` for the classifier).
     pub bn: Option<String>,
     pub kind: LayerKind,
-    pub block: Option<usize>,
 }
 
 /// Every weight layer of the network in execution order (EfficientNet-Lite, or the
@@ -392,17 +409,11 @@ pub fn weight_layers(store: &TensorStore) -> Vec<LayerRef> {
     if crate::fashion::is_fashion(store) {
         return crate::fashion::weight_layers();
     }
-    let layer = |name: String, bn: Option<String>, kind, block| LayerRef {
-        name,
-        bn,
-        kind,
-        block,
-    };
+    let layer = |name: String, bn: Option<String>, kind| LayerRef { name, bn, kind };
     let mut out = vec![layer(
         "_conv_stem".into(),
         Some("_bn0".into()),
         LayerKind::Stem,
-        None,
     )];
     for i in 0..BLOCK_STRIDES.len() {
         let p = format!("_blocks.{i}.");
@@ -411,29 +422,25 @@ pub fn weight_layers(store: &TensorStore) -> Vec<LayerRef> {
                 format!("{p}_expand_conv"),
                 Some(format!("{p}_bn0")),
                 LayerKind::Expand,
-                Some(i),
             ));
         }
         out.push(layer(
             format!("{p}_depthwise_conv"),
             Some(format!("{p}_bn1")),
             LayerKind::Depthwise,
-            Some(i),
         ));
         out.push(layer(
             format!("{p}_project_conv"),
             Some(format!("{p}_bn2")),
             LayerKind::Project,
-            Some(i),
         ));
     }
     out.push(layer(
         "_conv_head".into(),
         Some("_bn1".into()),
         LayerKind::Head,
-        None,
     ));
-    out.push(layer("_fc".into(), None, LayerKind::Classifier, None));
+    out.push(layer("_fc".into(), None, LayerKind::Classifier));
     out
 }
 

@@ -35,8 +35,6 @@ const STD: f32 = 0.3530;
 /// Output channels of the three convolutions and the hidden fully connected layer.
 const WIDTHS: [usize; 3] = [32, 64, 128];
 const HIDDEN: usize = 256;
-/// Feature map side after each conv + 2×2 max pool (28 → 14 → 7 → 3).
-pub const CONV_SIDES: [usize; 3] = [28, 14, 7];
 const FLAT_SIDE: usize = 3;
 
 /// True when `store` holds this network (raw or folded).
@@ -51,27 +49,19 @@ pub fn weight_layers() -> Vec<LayerRef> {
             name: format!("conv{i}"),
             bn: Some(format!("bn{i}")),
             kind: LayerKind::Conv,
-            block: None,
         })
         .collect();
     out.push(LayerRef {
         name: "fc1".into(),
         bn: None,
         kind: LayerKind::Dense,
-        block: None,
     });
     out.push(LayerRef {
         name: "fc2".into(),
         bn: None,
         kind: LayerKind::Classifier,
-        block: None,
     });
     out
-}
-
-/// Output side of each weight layer (for MAC counts): the conv runs before its pool.
-pub fn output_sides() -> Vec<usize> {
-    vec![CONV_SIDES[0], CONV_SIDES[1], CONV_SIDES[2], 1, 1]
 }
 
 /// Normalised network input for 8-bit grey pixels.

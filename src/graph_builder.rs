@@ -77,6 +77,11 @@ pub(crate) fn weight_name(layer: &str) -> String {
     format!("{layer}.weight")
 }
 
+/// A layer's bias constant (the store's name for it, BatchNorm folded).
+pub(crate) fn bias_name(layer: &str) -> String {
+    format!("{layer}.bias")
+}
+
 /// The static input grid of each layer of a compressed model (by layer name), and its integer
 /// weights (by weight constant name).
 fn compressed_parts(
@@ -193,7 +198,7 @@ impl<'a> Builder<'a> {
         let input = self.layer_input(layer, x);
         let outputs = weight_dims.first().copied().unwrap_or(0);
         let w = self.constant(weight_name(layer), weight_dims, weight);
-        let b = self.constant(format!("{layer}.bias"), vec![outputs], bias);
+        let b = self.constant(bias_name(layer), vec![outputs], bias);
         self.node(layer, op, vec![input, w, b], output)
     }
 
@@ -209,7 +214,7 @@ impl<'a> Builder<'a> {
     ) -> Result<String> {
         let store = self.store;
         let separate = self.unfold_batch_norms
-            && !store.contains(&format!("{layer}.bias"))
+            && !store.contains(&bias_name(layer))
             && store.contains(&format!("{bn}.weight"));
         if !separate {
             let (shape, weight, bias) = folded_conv(store, layer, bn)?;

@@ -77,10 +77,13 @@ fn check_fraction(what: &str, f: f32) -> Result<()> {
 pub fn magnitude_prune(store: &TensorStore, cfg: &MagnitudePruning) -> Result<TensorStore> {
     check_fraction("sparsity", cfg.sparsity)?;
     let mut out = store.clone();
-    let names: Vec<String> = layer_weights(store)?
+    let layers = layer_weights(store)?;
+    let last = layers.len().saturating_sub(1);
+    let names: Vec<String> = layers
         .into_iter()
-        .filter(|(layer, _)| !cfg.exclude.contains(layer))
-        .map(|(_, weight)| weight)
+        .enumerate()
+        .filter(|(i, (layer, _))| !excluded(cfg, layer, *i, last))
+        .map(|(_, (_, weight))| weight)
         .collect();
     match cfg.scope {
         PruneScope::PerLayer => {
@@ -107,6 +110,13 @@ pub fn magnitude_prune(store: &TensorStore, cfg: &MagnitudePruning) -> Result<Te
         }
     }
     Ok(out)
+}
+
+/// Whether magnitude pruning leaves layer `layer` (at `position` of `0..=last` in graph
+/// order) alone.
+pub(crate) fn excluded(cfg: &MagnitudePruning, layer: &str, position: usize, last: usize) -> bool {
+    cfg.exclude.iter().any(|e| e == layer)
+        || (cfg.exclude_ends && (position == 0 || position == last))
 }
 
 /// Sets the `k` smallest |values| across `slices` to zero (ties: earlier positions first).

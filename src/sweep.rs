@@ -38,6 +38,7 @@ pub fn sweep_cases() -> Vec<SweepCase> {
                             sparsity: f,
                             scope: PruneScope::PerLayer,
                             exclude: Vec::new(),
+                            exclude_ends: false,
                         }),
                         ..Recipe::default()
                     },

@@ -133,6 +133,10 @@ pub struct MagnitudePruning {
     pub scope: PruneScope,
     /// Layer names (e.g. `_conv_stem`, `_fc`) left untouched.
     pub exclude: Vec<String>,
+    /// The first and the last layer with weights (in graph order: the stem and the
+    /// classifier of a CNN) left untouched as well, whatever they are called.
+    #[serde(default)]
+    pub exclude_ends: bool,
 }
 
 /// How channels are ranked before the weakest are removed.

@@ -15,7 +15,7 @@ use crate::compress::{
 };
 use crate::error::{EngineError, Result};
 use crate::exec::{CpuExecutor, Tensor};
-use crate::prune::{PruneScope, zero_smallest};
+use crate::prune::{PruneScope, excluded, zero_smallest};
 use crate::quant::{Granularity, QuantScheme, QuantizedTensor, group_params, sqnr_db};
 
 /// One layer with weights (a convolution or a fully connected layer) after compression.
@@ -76,7 +76,7 @@ pub fn weight_nodes(graph: &Graph) -> Vec<usize> {
 
 /// Dims of every value for one input (batch 1); image sizes the model leaves open stay
 /// unknown (MACs are then unknown too).
-fn batch_one_shapes(graph: &Graph) -> Result<super::Shapes> {
+pub(crate) fn batch_one_shapes(graph: &Graph) -> Result<super::Shapes> {
     graph.shapes(&batch_one(graph)?)
 }
 
@@ -174,10 +174,12 @@ pub fn compress_graph(
                 cfg.sparsity
             )));
         }
+        let last = layers.len().saturating_sub(1);
         let names: BTreeSet<String> = layers
             .iter()
-            .filter(|&&i| !cfg.exclude.contains(&g.nodes[i].name))
-            .map(|&i| weight_of(&g, i))
+            .enumerate()
+            .filter(|&(at, &i)| !excluded(cfg, &g.nodes[i].name, at, last))
+            .map(|(_, &i)| weight_of(&g, i))
             .collect();
         let mut tensors: Vec<(String, Vec<f32>)> = names
             .iter()

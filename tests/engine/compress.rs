@@ -107,6 +107,7 @@ fn magnitude_pruning_reaches_the_requested_sparsity() {
         sparsity: 0.6,
         scope: PruneScope::PerLayer,
         exclude: vec!["_conv_stem".into(), "_fc".into()],
+        exclude_ends: false,
     };
     let pruned = compresslab::prune::magnitude_prune(&folded, &cfg).unwrap();
     let before = sparsity_report(&folded).unwrap();
@@ -124,12 +125,28 @@ fn magnitude_pruning_reaches_the_requested_sparsity() {
             layer.fraction()
         );
     }
+    // "Leave the ends alone" without naming them: the first and last layers in graph order
+    // are the stem and the classifier, so the result is the same.
+    let by_position = compresslab::prune::magnitude_prune(
+        &folded,
+        &MagnitudePruning {
+            exclude: Vec::new(),
+            exclude_ends: true,
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        by_position.iter().collect::<Vec<_>>(),
+        pruned.iter().collect::<Vec<_>>()
+    );
     let global = compresslab::prune::magnitude_prune(
         &folded,
         &MagnitudePruning {
             sparsity: 0.5,
             scope: PruneScope::Global,
             exclude: vec![],
+            exclude_ends: false,
         },
     )
     .unwrap();
@@ -415,6 +432,7 @@ fn photo_distillation_recovers_a_pruned_student() {
             sparsity: 0.3,
             scope: PruneScope::PerLayer,
             exclude: vec!["_conv_stem".into(), "_fc".into()],
+            exclude_ends: false,
         }),
         ..Recipe::default()
     };
@@ -595,6 +613,7 @@ fn feature_matching_pulls_block_outputs_toward_the_teacher() {
             sparsity: 0.6,
             scope: PruneScope::PerLayer,
             exclude: Vec::new(),
+            exclude_ends: false,
         }),
         ..Recipe::default()
     };

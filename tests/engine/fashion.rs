@@ -271,6 +271,7 @@ fn distillation_recovers_a_pruned_student() {
             sparsity: 0.6,
             scope: PruneScope::PerLayer,
             exclude: Vec::new(),
+            exclude_ends: false,
         },
     )
     .unwrap();

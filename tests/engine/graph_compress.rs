@@ -13,7 +13,7 @@ use compresslab::graph::{
     prune_channels, weight_nodes,
 };
 use compresslab::npy::{read_npy, write_npy};
-use compresslab::prune::{ChannelPruning, ChannelRanking};
+use compresslab::prune::{ChannelPruning, ChannelRanking, MagnitudePruning, PruneScope};
 use compresslab::quant::{Granularity, QuantScheme};
 
 use super::graph::{import_mutations, models, npy, relative_difference};
@@ -248,6 +248,40 @@ fn w8a8_on_the_graph_agrees_with_fp32_on_held_out_inputs() {
 }
 
 /// int4 weight-only quantization in blocks of `block` input values.
+/// Magnitude pruning with "leave the ends alone" keeps the first and last layers with weights
+/// exactly as they were (found by position in the graph, not by name); the others reach the
+/// requested sparsity.
+#[test]
+fn magnitude_pruning_leaves_a_graphs_ends_alone_when_asked() {
+    for name in MODELS {
+        let graph = load(name);
+        let untouched = compress_graph(&graph, &Recipe::default(), &[], &mut |_, _| Ok(()))
+            .unwrap()
+            .layers;
+        let recipe = Recipe {
+            magnitude_pruning: Some(MagnitudePruning {
+                sparsity: 0.5,
+                scope: PruneScope::PerLayer,
+                exclude: Vec::new(),
+                exclude_ends: true,
+            }),
+            ..Recipe::default()
+        };
+        let pruned = compress_graph(&graph, &recipe, &[], &mut |_, _| Ok(()))
+            .unwrap()
+            .layers;
+        let last = pruned.len() - 1;
+        for (i, (a, b)) in pruned.iter().zip(&untouched).enumerate() {
+            if i == 0 || i == last {
+                assert_eq!(a.zeros, b.zeros, "{name}: {} was pruned", a.node);
+            } else {
+                let fraction = a.zeros as f64 / a.parameters as f64;
+                assert!(fraction > 0.3, "{name}: {} has {fraction:.2} zeros", a.node);
+            }
+        }
+    }
+}
+
 pub(crate) fn int4_blocks(symmetric: bool, block: usize) -> Recipe {
     Recipe {
         weights: Some(QuantScheme {

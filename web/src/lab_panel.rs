@@ -43,17 +43,6 @@ pub enum ModelChoice {
     Yours,
 }
 
-impl ModelChoice {
-    /// The first and last layers (left alone by "exclude ends").
-    fn ends(self) -> Vec<String> {
-        match self {
-            ModelChoice::Photos => vec!["_conv_stem".into(), "_fc".into()],
-            ModelChoice::Fashion => vec!["conv1".into(), "fc2".into()],
-            ModelChoice::Yours => Vec::new(),
-        }
-    }
-}
-
 /// Every control of the lab, as signals.
 #[derive(Clone, Copy)]
 struct Controls {
@@ -93,7 +82,7 @@ impl Controls {
         }
     }
 
-    fn recipe(&self, model: ModelChoice) -> Recipe {
+    fn recipe(&self) -> Recipe {
         let ratio = self.channel_ratio.get_untracked();
         let sparsity = self.sparsity.get_untracked();
         let bits: Option<u8> = self.weight_bits.get_untracked().parse().ok();
@@ -112,11 +101,8 @@ impl Controls {
                     "global" => PruneScope::Global,
                     _ => PruneScope::PerLayer,
                 },
-                exclude: if self.prune_exclude_ends.get_untracked() {
-                    model.ends()
-                } else {
-                    Vec::new()
-                },
+                exclude: Vec::new(),
+                exclude_ends: self.prune_exclude_ends.get_untracked(),
             }),
             weights: bits.map(|bits| QuantScheme {
                 bits,
@@ -161,6 +147,18 @@ impl Controls {
                 .as_ref()
                 .map_or(0, |m| (m.sparsity * 100.0).round() as u32),
         );
+        if let Some(m) = &r.magnitude_pruning {
+            self.prune_scope.set(
+                match m.scope {
+                    PruneScope::Global => "global",
+                    PruneScope::PerLayer => "layer",
+                }
+                .into(),
+            );
+            // Exports made before `exclude_ends` named the two layers instead.
+            self.prune_exclude_ends
+                .set(m.exclude_ends || !m.exclude.is_empty());
+        }
         self.weight_bits
             .set(r.weights.map_or("none".into(), |w| w.bits.to_string()));
         if let Some(w) = r.weights {
@@ -244,7 +242,7 @@ pub fn LabPanel(
     });
     let apply = move |_| {
         let choice = model.get_untracked();
-        let recipe = c.recipe(choice);
+        let recipe = c.recipe();
         let msg = match choice {
             ModelChoice::Photos | ModelChoice::Yours => ToWorker::Compress {
                 recipe,

@@ -294,6 +294,7 @@ fn recipe_for(preset: &str) -> Recipe {
                 sparsity: 0.5,
                 scope: PruneScope::PerLayer,
                 exclude: Vec::new(),
+                exclude_ends: false,
             }),
             ..Recipe::default()
         },
