@@ -17,7 +17,9 @@ use crate::efficientnet::{LayerKind, fold_batch_norms, weight_layers};
 use crate::error::{EngineError, Result};
 use crate::exec::{CpuExecutor, Tensor};
 use crate::graph::batch_one_shapes;
-use crate::graph_builder::{bias_name, layer_inputs, network_graph, weight_name};
+use crate::graph_builder::{
+    bias_name, compressed_network_graph, layer_inputs, network_graph, weight_name,
+};
 use crate::prune::{magnitude_prune, prune_channels};
 use crate::quant::{
     Granularity, QuantScheme, QuantizedTensor, group_params, pack_int4, sqnr_db, unpack_int4,
@@ -364,6 +366,18 @@ impl CompressedModel {
             s.nonzero_macs += pixels * nonzero as u64;
         }
         Ok(s)
+    }
+
+    /// The variant as an ONNX model other runtimes load: pruned channels removed, int8
+    /// weights and activations as QuantizeLinear/DequantizeLinear pairs, int4 blocks as
+    /// DequantizeLinear with `block_size` (opset 21); the recipe in the metadata.
+    pub fn to_onnx(&self) -> Result<Vec<u8>> {
+        let (graph, weights) = compressed_network_graph(self)?;
+        crate::graph::export_onnx(
+            &graph,
+            &weights,
+            &[(RECIPE_KEY.into(), self.recipe.to_json())],
+        )
     }
 
     /// Safetensors with integer weights (I8, or U8 with two int4 per byte), F32 scales,

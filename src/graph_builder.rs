@@ -62,6 +62,18 @@ pub fn network_graph(store: &TensorStore) -> Result<Graph> {
     }
 }
 
+/// A compressed variant of a built-in network as a graph and its integer weights by constant
+/// name (see [`efficientnet_graph::build_compressed`]).
+pub fn compressed_network_graph(
+    model: &CompressedModel,
+) -> Result<(Graph, BTreeMap<String, QuantizedTensor>)> {
+    if is_fashion(&model.store) {
+        fashion_graph::build_compressed(model)
+    } else {
+        efficientnet_graph::build_compressed(model)
+    }
+}
+
 /// The built-in network `store` holds with its BatchNorms as nodes: every constant is a tensor
 /// of `store` under the same name.
 pub fn unfolded_network_graph(store: &TensorStore) -> Result<Graph> {

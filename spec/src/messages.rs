@@ -47,6 +47,9 @@ pub enum ToWorker {
     },
     /// Send back the current variant as safetensors + its JSON recipe.
     Export,
+    /// Send back the current variant as ONNX (QDQ activations, integer weights, pruned
+    /// channels removed) + its JSON recipe: what other runtimes load.
+    ExportOnnx,
     /// Fashion-MNIST: compress with `recipe` and measure accuracy on the whole test set,
     /// next to the original network.
     FashionCompress {
@@ -148,6 +151,7 @@ impl ToWorker {
             Self::Init { .. }
             | Self::Classify { .. }
             | Self::Export
+            | Self::ExportOnnx
             | Self::DistilControl { .. }
             | Self::UserModelClassify { .. }
             | Self::UserModelClassNames { .. }

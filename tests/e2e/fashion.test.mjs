@@ -4,14 +4,18 @@
 // run the accuracy sweeps and read their charts. CPU executor (the page's Fashion path).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
 import path from 'node:path';
-import { serveSite, launch, waitReady, NO_WEBGPU_FLAGS, OUT, comparison } from './harness.mjs';
+import { serveSite, launch, waitReady, NO_WEBGPU_FLAGS, OUT, ROOT, comparison, writeNpy, onnxRuntime } from './harness.mjs';
 
 let site;
 before(async () => { site = await serveSite(); });
 after(() => site?.close());
 
 const percent = (s) => parseFloat(s);
+// ONNX Runtime runs the export's QuantizeLinear/DequantizeLinear in float where the page runs
+// integer kernels; a prediction on a rounding edge may differ: at most this many points.
+const ORT_MARGIN = 0.1;
 
 test('Fashion-MNIST: accuracy before/after int8, confusion matrix, export/load, sweeps', { timeout: 1_200_000 }, async () => {
   const { browser, page, logs } = await launch(NO_WEBGPU_FLAGS);
@@ -67,6 +71,30 @@ test('Fashion-MNIST: accuracy before/after int8, confusion matrix, export/load, 
     assert.equal(download.suggestedFilename(), 'compressed-fashion-mnist-cnn.safetensors');
     const exported = path.join(OUT, 'compressed-fashion.safetensors');
     await download.saveAs(exported);
+    // Export ONNX: ONNX Runtime scores the exported file on the same 10 000 test images.
+    const [onnxDownload] = await Promise.all([
+      page.waitForEvent('download', (d) => d.suggestedFilename().endsWith('.onnx')),
+      page.click('#lab-export-onnx'),
+    ]);
+    assert.equal(onnxDownload.suggestedFilename(), 'compressed-fashion-mnist-cnn.onnx');
+    const onnxFile = path.join(OUT, 'compressed-fashion.onnx');
+    await onnxDownload.saveAs(onnxFile);
+    const testSet = readFileSync(path.join(ROOT, 'assets/fashion/test.bin'));
+    const n = testSet.readUInt32LE(8);
+    const labels = testSet.subarray(12, 12 + n);
+    // The lab's normalisation of the training pixels (src/fashion.rs).
+    const images = Float32Array.from(testSet.subarray(12 + n), (p) => (p / 255 - 0.2860) / 0.3530);
+    const input = path.join(OUT, 'fashion-test.npy');
+    writeNpy(input, [n, 1, 28, 28], images);
+    const { data } = onnxRuntime(onnxFile, input, path.join(OUT, 'fashion-test.ort.npy'));
+    let right = 0;
+    for (let i = 0; i < n; i++) {
+      const row = data.subarray(10 * i, 10 * i + 10);
+      if (row.indexOf(Math.max(...row)) === labels[i]) right += 1;
+    }
+    console.log(`ONNX Runtime on the page's ONNX export: ${right}/${n} right; the page: ${c.accuracy.after}`);
+    assert.ok(Math.abs(right / n * 100 - int8) <= ORT_MARGIN, `ONNX Runtime ${right}/${n}, page ${int8} %`);
+
     await page.click('button[data-preset="channels-50"]');
     await page.setInputFiles('#lab-load', exported);
     await page.waitForSelector('#lab-state[data-state="done"] #lab-recipe:has-text("Loaded")', { timeout: 600_000 });

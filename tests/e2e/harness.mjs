@@ -1,9 +1,10 @@
 // Shared browser-test harness: serves dist/ on a free localhost port and launches
 // Debian's chromium through playwright-core (no browser download), with WebGPU on
 // SwiftShader unless asked otherwise.
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { createServer } from 'node:net';
-import { readFileSync, mkdirSync } from 'node:fs';
+import { readFileSync, mkdirSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
@@ -11,6 +12,39 @@ import { chromium } from 'playwright-core';
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const OUT = path.join(ROOT, 'tests/e2e/out');
 mkdirSync(OUT, { recursive: true });
+/** Where scripts/setup.sh --tests keeps the Python venv with ONNX Runtime. */
+export const CACHE = process.env.COMPRESSLAB_CACHE || path.join(os.homedir(), '.cache/compresslab');
+
+/** A float32 .npy file's shape and values. */
+export function readNpy(file) {
+  const bytes = readFileSync(file);
+  const headerLength = bytes.readUInt16LE(8);
+  const header = bytes.subarray(10, 10 + headerLength).toString();
+  const shape = header.match(/'shape': \(([^)]*)\)/)[1].split(',').filter((s) => s.trim()).map(Number);
+  const data = new Float32Array(bytes.buffer.slice(bytes.byteOffset + 10 + headerLength, bytes.byteOffset + bytes.length));
+  return { shape, data };
+}
+
+/** Writes `data` (a Float32Array) as a version-1 float32 .npy of `shape`. */
+export function writeNpy(file, shape, data) {
+  let header = `{'descr': '<f4', 'fortran_order': False, 'shape': (${shape.join(', ')},), }`;
+  header += ' '.repeat(63 - ((10 + header.length) % 64)) + '\n';
+  const prefix = Buffer.alloc(10);
+  prefix.write('\x93NUMPY', 0, 'latin1');
+  prefix.writeUInt8(1, 6);
+  prefix.writeUInt8(0, 7);
+  prefix.writeUInt16LE(header.length, 8);
+  writeFileSync(file, Buffer.concat([prefix, Buffer.from(header, 'latin1'), Buffer.from(data.buffer, data.byteOffset, data.byteLength)]));
+}
+
+/** ONNX Runtime (Python, CPU) on `model` for the batch in the .npy `input`: its first output. */
+export function onnxRuntime(model, input, output) {
+  const run = spawnSync(path.join(CACHE, 'venv/bin/python'), [
+    path.join(ROOT, 'tests/models/run_ort.py'), model, input, output,
+  ], { encoding: 'utf8' });
+  if (run.status !== 0) throw new Error(`ONNX Runtime failed on ${model}: ${run.stderr}`);
+  return readNpy(output);
+}
 
 const BASE_FLAGS = [
   '--headless', '--no-sandbox', '--disable-quic', '--no-first-run',

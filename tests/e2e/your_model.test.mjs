@@ -8,26 +8,14 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
-import { spawnSync } from 'node:child_process';
 import os from 'node:os';
-import { serveSite, launch, dropFiles, waitReady, NO_WEBGPU_FLAGS, WEBGPU_FLAGS, OUT, ROOT } from './harness.mjs';
+import { serveSite, launch, dropFiles, waitReady, NO_WEBGPU_FLAGS, WEBGPU_FLAGS, OUT, ROOT, readNpy, onnxRuntime } from './harness.mjs';
 
 const MODELS = path.join(ROOT, '.cache/onnx-models');
-const CACHE = process.env.COMPRESSLAB_CACHE || path.join(os.homedir(), '.cache/compresslab');
 
 let site;
 before(async () => { site = await serveSite(); });
 after(() => site?.close());
-
-/** A float32 .npy file's values. */
-function readNpy(file) {
-  const bytes = readFileSync(file);
-  const headerLength = bytes.readUInt16LE(8);
-  const header = bytes.subarray(10, 10 + headerLength).toString();
-  const shape = header.match(/'shape': \(([^)]*)\)/)[1].split(',').filter((s) => s.trim()).map(Number);
-  const data = new Float32Array(bytes.buffer.slice(bytes.byteOffset + 10 + headerLength, bytes.byteOffset + bytes.length));
-  return { shape, data };
-}
 
 async function yourModel(flags, backend) {
   const { browser, page, logs } = await launch(flags);
@@ -181,11 +169,7 @@ async function yourModel(flags, backend) {
     const exported = path.join(OUT, `textdir.compressed.${backend}.onnx`);
     await download.saveAs(exported);
     const out = path.join(OUT, `textdir.compressed.${backend}.out.npy`);
-    const run = spawnSync(path.join(CACHE, 'venv/bin/python'), [
-      path.join(ROOT, 'tests/models/run_ort.py'), exported, path.join(MODELS, 'textdir.input.npy'), out,
-    ], { encoding: 'utf8' });
-    assert.equal(run.status, 0, run.stderr);
-    const { shape, data } = readNpy(out);
+    const { shape, data } = onnxRuntime(exported, path.join(MODELS, 'textdir.input.npy'), out);
     const labels = readNpy(path.join(MODELS, 'textdir.labels.npy')).data;
     let ortRight = 0;
     for (let i = 0; i < shape[0]; i++) {

@@ -30,14 +30,14 @@ fn dir() -> PathBuf {
     dir
 }
 
-fn weights() -> TensorStore {
+pub(crate) fn weights() -> TensorStore {
     TensorStore::from_safetensors(
         &std::fs::read(dir().join("fashion-mnist-cnn.safetensors")).unwrap(),
     )
     .unwrap()
 }
 
-fn set(name: &str) -> FashionSet {
+pub(crate) fn set(name: &str) -> FashionSet {
     FashionSet::from_bytes(&std::fs::read(dir().join(name)).unwrap()).unwrap()
 }
 

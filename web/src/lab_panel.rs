@@ -401,6 +401,9 @@ pub fn LabPanel(
                 </label>
                 <button id="lab-export" disabled=move || !matches!(lab.get(), LabState::Done(_) | LabState::FashionDone(_))
                     on:click=move |_| send_lab(ToWorker::Export, None)>"Export (.safetensors + recipe.json)"</button>
+                <button id="lab-export-onnx" disabled=move || !matches!(lab.get(), LabState::Done(_) | LabState::FashionDone(_))
+                    title="QuantizeLinear/DequantizeLinear for int8, DequantizeLinear with block_size for int4 blocks, pruned channels removed: loads in ONNX Runtime and other runtimes"
+                    on:click=move |_| send_lab(ToWorker::ExportOnnx, None)>"Export ONNX"</button>
                 <label class="picker small">"Load a compressed model…"
                     <input id="lab-load" type="file" accept=".safetensors" on:change=on_load disabled=move || !can_apply()/>
                 </label>

@@ -429,23 +429,26 @@ pub async fn measure(
 }
 
 /// The current variant as safetensors + recipe.
-pub fn export() -> WorkerResult<()> {
+/// Posts the current variant as the lab's safetensors, or as ONNX for other runtimes.
+pub fn export(onnx: bool) -> WorkerResult<()> {
     let (weights, recipe_json, file_name) =
         VARIANT.with(|v| -> WorkerResult<(Vec<u8>, String, String)> {
             let v = v.borrow();
             let variant = v
                 .as_ref()
                 .ok_or_else(|| WorkerError::Message("apply a compression first".into()))?;
-            let file_name = if is_fashion(&variant.model.store) {
-                "compressed-fashion-mnist-cnn.safetensors"
+            let model = &variant.model;
+            let stem = if is_fashion(&model.store) {
+                "compressed-fashion-mnist-cnn"
             } else {
-                "compressed-efficientnet-lite0.safetensors"
+                "compressed-efficientnet-lite0"
             };
-            Ok((
-                variant.model.to_safetensors()?,
-                variant.model.recipe.to_json(),
-                file_name.to_string(),
-            ))
+            let (bytes, extension) = if onnx {
+                (model.to_onnx()?, "onnx")
+            } else {
+                (model.to_safetensors()?, "safetensors")
+            };
+            Ok((bytes, model.recipe.to_json(), format!("{stem}.{extension}")))
         })?;
     post(&FromWorker::Exported {
         weights,

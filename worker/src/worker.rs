@@ -224,7 +224,8 @@ impl Failure {
             ToWorker::Compress { .. }
             | ToWorker::LoadCompressed { .. }
             | ToWorker::FashionCompress { .. }
-            | ToWorker::Export => Self::Lab,
+            | ToWorker::Export
+            | ToWorker::ExportOnnx => Self::Lab,
             ToWorker::FashionSweep { .. } => Self::Sweep,
             ToWorker::DistilImages { .. }
             | ToWorker::DistilBuiltin { .. }
@@ -319,7 +320,8 @@ async fn run(msg: ToWorker, parts: &Array) -> WorkerResult<()> {
         ToWorker::BenchDistil { batch, steps } => {
             with_model(|m| distil::bench_photo(m, batch, steps)).await
         }
-        ToWorker::Export => lab::export(),
+        ToWorker::Export => lab::export(false),
+        ToWorker::ExportOnnx => lab::export(true),
         ToWorker::UserModelLoad { name, class_names } => {
             user_model::load(name, class_names, &blob()).await
         }
