@@ -162,16 +162,24 @@ fn calibrate(
     let graph = network_graph(store)?;
     let names: Vec<String> = layers.iter().map(|l| l.name.clone()).collect();
     let inputs = layer_inputs(&graph, &names)?;
-    // One image of the network's input size (any batch for a network that takes one).
-    let image_dims = graph
-        .input()?
-        .dims
-        .get(1..)
-        .unwrap_or_default()
-        .iter()
-        .map(|d| d.known())
-        .collect::<Option<Vec<usize>>>()
-        .ok_or_else(|| EngineError::Config("the network's input size is not fixed".into()))?;
+    // The network's input: a batch (fixed, or any size) of images of a fixed size.
+    let (batch, image_dims) = match graph.input()?.dims.split_first() {
+        Some((batch, image)) if !image.is_empty() => (
+            batch.known(),
+            image
+                .iter()
+                .map(|d| d.known())
+                .collect::<Option<Vec<usize>>>()
+                .ok_or_else(|| {
+                    EngineError::Config("the network's input size is not fixed".into())
+                })?,
+        ),
+        _ => {
+            return Err(EngineError::Config(
+                "the network's input has no image axes".into(),
+            ));
+        }
+    };
     let image_len: usize = image_dims.iter().product();
     let executor = CpuExecutor::from_graph(graph)?;
     let n_layers = layers.len();
@@ -193,13 +201,18 @@ fn calibrate(
                 samples[layer].extend(percentile_sample(values, per_image));
             }
         };
-        if image_len == 0 || !image.len().is_multiple_of(image_len) {
+        let images_in_entry = image.len().checked_div(image_len).unwrap_or(0);
+        if images_in_entry == 0
+            || images_in_entry * image_len != image.len()
+            || batch.is_some_and(|b| b != images_in_entry)
+        {
             return Err(EngineError::Config(format!(
-                "a calibration entry of {} values does not hold whole images of {image_dims:?}",
-                image.len()
+                "a calibration entry of {} values is not {} image(s) of {image_dims:?}",
+                image.len(),
+                batch.map_or_else(|| "whole".to_string(), |b| b.to_string())
             )));
         }
-        let dims = [&[image.len() / image_len][..], &image_dims].concat();
+        let dims = [&[images_in_entry][..], &image_dims].concat();
         let input = Tensor {
             dims,
             data: image.clone(),

@@ -22,8 +22,37 @@ pub const NUM_CLASSES: usize = 1000;
 /// The classifier's name in the store (`_fc.weight`, `_fc.bias`).
 pub const CLASSIFIER: &str = "_fc";
 
-/// Stride of each of Lite0's 16 MBConv blocks (stages 16/24/40/80/112/192/320).
-const BLOCK_STRIDES: [usize; 16] = [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1];
+/// Lite0's seven stages (outputs 16/24/40/80/112/192/320 channels): MBConv blocks in each,
+/// and the stride of its first block (the others have stride 1).
+const STAGES: [(usize, usize); 7] = [(1, 1), (2, 2), (2, 2), (3, 2), (3, 1), (4, 2), (1, 1)];
+const BLOCKS: usize = 16;
+
+/// Each block's stride and whether it opens its stage, from [`STAGES`].
+const BLOCK_LAYOUT: [(usize, bool); BLOCKS] = {
+    let mut out = [(1, false); BLOCKS];
+    let (mut block, mut stage) = (0, 0);
+    while stage < STAGES.len() {
+        let (blocks, stride) = STAGES[stage];
+        let mut i = 0;
+        while i < blocks {
+            out[block] = (if i == 0 { stride } else { 1 }, i == 0);
+            block += 1;
+            i += 1;
+        }
+        stage += 1;
+    }
+    out
+};
+
+const BLOCK_STRIDES: [usize; BLOCKS] = {
+    let mut out = [1; BLOCKS];
+    let mut i = 0;
+    while i < BLOCKS {
+        out[i] = BLOCK_LAYOUT[i].0;
+        i += 1;
+    }
+    out
+};
 
 /// The stride of each MBConv block, in order.
 pub fn block_strides() -> &'static [usize] {
@@ -32,10 +61,15 @@ pub fn block_strides() -> &'static [usize] {
 
 /// Whether MBConv block `block` adds its input to its output: every block of a stage but the
 /// first. Fixed by the architecture, not read from the widths, which channel pruning can make
-/// equal by chance.
-pub fn block_has_skip(block: usize) -> bool {
-    const FIRST_OF_STAGE: [usize; 7] = [0, 1, 3, 5, 8, 11, 15];
-    block < BLOCK_STRIDES.len() && !FIRST_OF_STAGE.contains(&block)
+/// equal by chance. A skip block whose input and output widths differ is an error.
+pub fn block_skip(block: usize, in_ch: usize, out_ch: usize) -> Result<bool> {
+    let skip = BLOCK_LAYOUT.get(block).is_some_and(|&(_, first)| !first);
+    if skip && in_ch != out_ch {
+        return Err(EngineError::Weights(format!(
+            "block {block} adds its input ({in_ch} channels) to its output ({out_ch} channels)"
+        )));
+    }
+    Ok(skip)
 }
 
 /// How BatchNorm is represented in the built model.
@@ -142,12 +176,7 @@ impl EfficientNetLite {
                 None => depthwise.conv.weight.dims()[0],
             };
             let out_ch = project.conv.weight.dims()[0];
-            let skip = block_has_skip(i);
-            if skip && in_ch != out_ch {
-                return Err(EngineError::Weights(format!(
-                    "block {i} adds its input ({in_ch} channels) to its output ({out_ch} channels)"
-                )));
-            }
+            let skip = block_skip(i, in_ch, out_ch)?;
             blocks.push(MbConv {
                 expand,
                 depthwise,
@@ -177,7 +206,8 @@ impl EfficientNetLite {
     }
 
     /// Logits and the outputs of the MBConv blocks `taps` (in block order), for matching
-    /// intermediate features. Block outputs keep their width under channel pruning.
+    /// intermediate features. Channel pruning narrows them too (residual streams are pruned
+    /// as groups), so a pruned student's taps cannot be compared with the teacher's.
     pub fn forward_tapped(&self, x: Tensor<4>, taps: &[usize]) -> (Tensor<2>, Vec<Tensor<4>>) {
         let mut x = self.stem.forward(x);
         let mut tapped = Vec::with_capacity(taps.len());

@@ -5,12 +5,10 @@
 use std::collections::BTreeMap;
 
 use crate::compress::CompressedModel;
-use crate::efficientnet::{INPUT_SIZE, block_has_skip, block_strides};
+use crate::efficientnet::{CLASSIFIER, INPUT_SIZE, block_skip, block_strides};
 use crate::error::{EngineError, Result};
 use crate::graph::{Conv, Graph, Op, Padding};
-use crate::graph_builder::{
-    Builder, build_float, build_quantized, build_unfolded, known, weight_name,
-};
+use crate::graph_builder::{Builder, bias_name, build_float, build_quantized, known, weight_name};
 use crate::quant::QuantizedTensor;
 use crate::weights::TensorStore;
 
@@ -24,12 +22,6 @@ pub fn build(store: &TensorStore) -> Result<Graph> {
     build_float(NAME, store, network)
 }
 
-/// The network with its BatchNorms as nodes (when `store` has them): every constant is a
-/// tensor of `store` under its name, for rewrites that map back onto the store.
-pub fn build_unfolded_graph(store: &TensorStore) -> Result<Graph> {
-    build_unfolded(NAME, store, network)
-}
-
 /// A compressed variant as a graph and its integer weights (by constant name): the
 /// dequantized weights, and a `QuantizeDequantize` node before each layer whose input the
 /// recipe quantizes. Executors given both run the quantized layers on their integer kernels.
@@ -39,10 +31,11 @@ pub fn build_compressed(
     build_quantized(NAME, model, network)
 }
 
-const NAME: &str = "efficientnet_lite0";
+pub(crate) const NAME: &str = "efficientnet_lite0";
 
-/// A folded convolution (+ ReLU6) with TF "SAME" padding (the odd pixel at the end) for a
-/// `size`×`size` input; returns its output.
+/// A convolution with its BatchNorm (folded, or a node of its own when building unfolded) and
+/// an optional ReLU6, with TF "SAME" padding (the odd pixel at the end) for a `size`×`size`
+/// input; returns its output.
 #[allow(clippy::too_many_arguments)]
 fn conv(
     b: &mut Builder,
@@ -84,7 +77,8 @@ fn conv(
     })
 }
 
-fn network(mut b: Builder) -> Result<Graph> {
+/// Writes the network node by node (folded or unfolded, as `b` is set up).
+pub(crate) fn network(mut b: Builder) -> Result<Graph> {
     let store = b.store;
     let mut size = INPUT_SIZE;
     let mut x = conv(&mut b, INPUT, "_conv_stem", "_bn0", 2, false, true, size)?;
@@ -108,7 +102,6 @@ fn network(mut b: Builder) -> Result<Graph> {
             )?;
         }
         let dw = format!("{p}_depthwise_conv");
-        let channels = store.get(&weight_name(&dw))?.shape[0];
         h = conv(
             &mut b,
             &h,
@@ -131,18 +124,14 @@ fn network(mut b: Builder) -> Result<Graph> {
             false,
             size,
         )?;
+        // conv() checked that these weights are 4-D.
         let in_ch = if expanded {
             store.get(&weight_name(&expand))?.shape[1]
         } else {
-            channels
+            store.get(&weight_name(&dw))?.shape[0]
         };
         let out_ch = store.get(&weight_name(&project))?.shape[0];
-        x = if block_has_skip(i) {
-            if in_ch != out_ch {
-                return Err(EngineError::Weights(format!(
-                    "block {i} adds its input ({in_ch} channels) to its output ({out_ch} channels)"
-                )));
-            }
+        x = if block_skip(i, in_ch, out_ch)? {
             b.node(&format!("{p}add"), Op::Add, vec![h, block_input], None)
         } else {
             h
@@ -151,11 +140,11 @@ fn network(mut b: Builder) -> Result<Graph> {
     x = conv(&mut b, &x, "_conv_head", "_bn1", 1, false, true, size)?;
     let pooled = b.node("pool", Op::GlobalAveragePool, vec![x], None);
     let flat = b.node("flatten", Op::Flatten { axis: 1 }, vec![pooled], None);
-    let fc_w = store.get("_fc.weight")?;
-    let fc_b = store.get("_fc.bias")?;
+    let fc_w = store.get(&weight_name(CLASSIFIER))?;
+    let fc_b = store.get(&bias_name(CLASSIFIER))?;
     let classes = fc_w.shape.first().copied().unwrap_or(0);
     b.layer(
-        "_fc",
+        CLASSIFIER,
         gemm_trans_b(),
         &flat,
         (fc_w.shape.clone(), fc_w.data.clone()),

@@ -9,7 +9,7 @@ use crate::efficientnet_graph::gemm_trans_b;
 use crate::error::{EngineError, Result};
 use crate::fashion::{CLASSES, SIDE};
 use crate::graph::{Conv, Dim, Graph, Op, Padding, Pool};
-use crate::graph_builder::{Builder, build_float, build_quantized, build_unfolded, weight_name};
+use crate::graph_builder::{Builder, build_float, build_quantized, weight_name};
 use crate::quant::QuantizedTensor;
 use crate::weights::TensorStore;
 
@@ -20,12 +20,6 @@ pub const OUTPUT: &str = "logits";
 /// The float network from raw or folded weights.
 pub fn build(store: &TensorStore) -> Result<Graph> {
     build_float(NAME, store, network)
-}
-
-/// The network with its BatchNorms as nodes (when `store` has them): every constant is a
-/// tensor of `store` under its name.
-pub fn build_unfolded_graph(store: &TensorStore) -> Result<Graph> {
-    build_unfolded(NAME, store, network)
 }
 
 /// A compressed variant and its integer weights, as
@@ -42,9 +36,10 @@ pub fn build_compressed(
     build_quantized(NAME, model, network)
 }
 
-const NAME: &str = "fashion_mnist_cnn";
+pub(crate) const NAME: &str = "fashion_mnist_cnn";
 
-fn network(mut b: Builder) -> Result<Graph> {
+/// Writes the network node by node (folded or unfolded, as `b` is set up).
+pub(crate) fn network(mut b: Builder) -> Result<Graph> {
     let store = b.store;
     let relu6 = || Op::Clip { min: 0.0, max: 6.0 };
     let mut x = INPUT.to_string();

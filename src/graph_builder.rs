@@ -52,14 +52,20 @@ pub(crate) fn build_quantized(
     Ok((graph, weights))
 }
 
-/// The built-in network `store` holds (EfficientNet-Lite0 or the Fashion-MNIST CNN) as the
-/// graph the executors run.
-pub fn network_graph(store: &TensorStore) -> Result<Graph> {
+/// The model builder of the built-in network `store` holds (EfficientNet-Lite0 or the
+/// Fashion-MNIST CNN): its graph's name and the function that writes its nodes.
+fn builder_of(store: &TensorStore) -> (&'static str, fn(Builder) -> Result<Graph>) {
     if is_fashion(store) {
-        fashion_graph::build(store)
+        (fashion_graph::NAME, fashion_graph::network)
     } else {
-        efficientnet_graph::build(store)
+        (efficientnet_graph::NAME, efficientnet_graph::network)
     }
+}
+
+/// The built-in network `store` holds as the graph the executors run.
+pub fn network_graph(store: &TensorStore) -> Result<Graph> {
+    let (name, network) = builder_of(store);
+    build_float(name, store, network)
 }
 
 /// A compressed variant of a built-in network as a graph and its integer weights by constant
@@ -75,13 +81,10 @@ pub fn compressed_network_graph(
 }
 
 /// The built-in network `store` holds with its BatchNorms as nodes: every constant is a tensor
-/// of `store` under the same name.
+/// of `store` under the same name, for rewrites that map back onto the store.
 pub fn unfolded_network_graph(store: &TensorStore) -> Result<Graph> {
-    if is_fashion(store) {
-        fashion_graph::build_unfolded_graph(store)
-    } else {
-        efficientnet_graph::build_unfolded_graph(store)
-    }
+    let (name, network) = builder_of(store);
+    build_unfolded(name, store, network)
 }
 
 /// A layer's weight constant (the store's name for it).

@@ -2,8 +2,9 @@
 //! channel pruning (channels physically removed, every coupled tensor rewritten).
 //!
 //! Both work on a built-in network's [`TensorStore`], raw (with BatchNorm) or folded (conv
-//! bias, no BatchNorm), through its graph (which layers have weights, which channels are
-//! coupled: found by walking the nodes, not from names), and return a new store, so the result loads into every
+//! bias, no BatchNorm): the model builder lists its layers, and channel pruning finds which
+//! channels are coupled by walking the network's graph, not from names. Both return a new
+//! store, so the result loads into every
 //! executor (burn, the CPU path, ONNX export) and can be fine-tuned and pruned again
 //! (prune → fine-tune → prune: call these functions again on the fine-tuned store).
 
@@ -11,9 +12,10 @@ use serde::{Deserialize, Serialize};
 
 pub use compresslab_spec::recipe::{ChannelPruning, ChannelRanking, MagnitudePruning, PruneScope};
 
+use crate::efficientnet::weight_layers;
 use crate::error::{EngineError, Result};
-use crate::graph::{self, Graph, Op, weight_nodes};
-use crate::graph_builder::unfolded_network_graph;
+use crate::graph::{self, Graph, Op};
+use crate::graph_builder::{unfolded_network_graph, weight_name};
 use crate::weights::{NamedTensor, TensorStore};
 
 /// Sparsity actually reached in one layer.
@@ -32,7 +34,7 @@ impl LayerSparsity {
 
 /// Zero fraction of every weight layer's weight tensor.
 pub fn sparsity_report(store: &TensorStore) -> Result<Vec<LayerSparsity>> {
-    layer_weights(store)?
+    layer_weights(store)
         .into_iter()
         .map(|(layer, weight)| {
             let w = store.get(&weight)?;
@@ -46,18 +48,15 @@ pub fn sparsity_report(store: &TensorStore) -> Result<Vec<LayerSparsity>> {
 }
 
 /// Each layer with weights (convolution or fully connected) in execution order, as its name
-/// and its weight tensor's name, read from the network's graph.
-fn layer_weights(store: &TensorStore) -> Result<Vec<(String, String)>> {
-    let graph = unfolded_network_graph(store)?;
-    Ok(weight_nodes(&graph)
+/// and its weight tensor's name, from the model builder.
+fn layer_weights(store: &TensorStore) -> Vec<(String, String)> {
+    weight_layers(store)
         .into_iter()
-        .map(|i| {
-            (
-                graph.nodes[i].name.clone(),
-                graph.nodes[i].inputs[1].clone(),
-            )
+        .map(|l| {
+            let weight = weight_name(&l.name);
+            (l.name, weight)
         })
-        .collect())
+        .collect()
 }
 
 fn check_fraction(what: &str, f: f32) -> Result<()> {
@@ -77,7 +76,7 @@ fn check_fraction(what: &str, f: f32) -> Result<()> {
 pub fn magnitude_prune(store: &TensorStore, cfg: &MagnitudePruning) -> Result<TensorStore> {
     check_fraction("sparsity", cfg.sparsity)?;
     let mut out = store.clone();
-    let layers = layer_weights(store)?;
+    let layers = layer_weights(store);
     let last = layers.len().saturating_sub(1);
     let names: Vec<String> = layers
         .into_iter()
@@ -181,20 +180,27 @@ fn through_graph(
             "BatchNorm γ ranking needs the unfolded model (this one has its BatchNorms folded); rank by L1 or L2".into(),
         ));
     }
-    let rewritten = rewrite(&graph)?;
-    let mut out = store.clone();
-    for (name, c) in rewritten.constants {
-        if store.contains(&name) {
-            out.push(NamedTensor {
-                name,
+    let mut rewritten = rewrite(&graph)?.constants;
+    if let Some(copy) = rewritten
+        .keys()
+        .find(|n| !store.contains(n) && !graph.constants.contains_key(*n))
+    {
+        return Err(EngineError::Weights(format!(
+            "pruning made a tensor `{copy}` that the model's weights have no place for"
+        )));
+    }
+    // At most the store, the graph and its rewrite at once: each tensor moves from the rewrite.
+    drop(graph);
+    let mut out = TensorStore::default();
+    for t in store.iter() {
+        out.push(match rewritten.remove(&t.name) {
+            Some(c) => NamedTensor {
+                name: t.name.clone(),
                 shape: c.dims,
                 data: c.data,
-            });
-        } else if !graph.constants.contains_key(&name) {
-            return Err(EngineError::Weights(format!(
-                "pruning made a tensor `{name}` that the model's weights have no place for"
-            )));
-        }
+            },
+            None => t.clone(),
+        });
     }
     Ok(out)
 }

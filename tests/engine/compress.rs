@@ -768,3 +768,53 @@ fn int4_cpu_kernel_computes_from_packed_weights() {
     );
     assert!(held * 6 <= held_fp32, "{held} vs {held_fp32}");
 }
+
+/// The lab's statistics (parameters, weight bytes, MACs from each layer's output size) are
+/// what an independent count over the variant's graph gives, for both built-in networks:
+/// original, channel-pruned and int8.
+#[test]
+fn lab_statistics_agree_with_the_graph() {
+    use compresslab::graph_builder::compressed_network_graph;
+    let recipes = [
+        ("fp32", Recipe::default()),
+        (
+            "50 % channels",
+            Recipe {
+                channel_pruning: Some(ChannelPruning {
+                    ratio: 0.5,
+                    ranking: ChannelRanking::L1,
+                }),
+                ..Recipe::default()
+            },
+        ),
+        (
+            "int8 weights",
+            Recipe {
+                weights: Some(QuantScheme {
+                    bits: 8,
+                    symmetric: true,
+                    granularity: Granularity::PerChannel,
+                }),
+                ..Recipe::default()
+            },
+        ),
+    ];
+    for (network, original) in [
+        ("EfficientNet-Lite0", store()),
+        ("Fashion", super::fashion::weights()),
+    ] {
+        for (label, recipe) in &recipes {
+            let model = compress(&original, recipe, &[], &mut no_progress).unwrap();
+            let lab = model.stats().unwrap();
+            let (graph, weights) = compressed_network_graph(&model).unwrap();
+            let counted = graph.stats(&weights).unwrap();
+            println!(
+                "{network} {label}: {} parameters, {} weight bytes, {} MACs",
+                lab.parameters, lab.weight_bytes, lab.macs
+            );
+            assert_eq!(lab.parameters, counted.parameters, "{network}");
+            assert_eq!(lab.weight_bytes, counted.weight_bytes, "{network}");
+            assert_eq!(Some(lab.macs), counted.macs, "{network}");
+        }
+    }
+}

@@ -437,7 +437,7 @@ pub fn DistilPanel(
                     </select>
                 </label>
                 {photos.then(|| view! {
-                    <label title="Mean squared error between the student's and the teacher's outputs of these MBConv blocks (0–15), added to the loss">
+                    <label title="Mean squared error between the student's and the teacher's outputs of these MBConv blocks (0–15), added to the loss. Not with channel pruning: it narrows every block's output, so there is nothing to compare channel by channel">
                         "Match features at blocks "
                         <input id="distil-features" type="text" placeholder="e.g. 5, 10, 15" size="10"
                             prop:value=move || feature_blocks.get() on:change=move |e| feature_blocks.set(event_target_value(&e))/>

@@ -428,7 +428,6 @@ pub async fn measure(
     Ok(())
 }
 
-/// The current variant as safetensors + recipe.
 /// Posts the current variant as the lab's safetensors, or as ONNX for other runtimes.
 pub fn export(onnx: bool) -> WorkerResult<()> {
     let (weights, recipe_json, file_name) =
