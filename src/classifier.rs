@@ -4,10 +4,10 @@ use burn::prelude::Device;
 
 use crate::compress::CompressedModel;
 use crate::efficientnet::INPUT_SIZE;
-use crate::efficientnet_graph::{build, build_compressed};
 use crate::error::{EngineError, Result};
 use crate::exec::{CpuExecutor, GraphModel, Tensor};
 use crate::gpu_int::{GpuFeatures, quantized_graph_on_integer_kernels};
+use crate::graph_builder::{compressed_network_graph, network_graph};
 use crate::labels::{Labels, Prediction, top_k};
 use crate::weights::TensorStore;
 
@@ -32,7 +32,7 @@ pub struct ImageClassifier {
 impl ImageClassifier {
     /// The float network on a burn `device`.
     pub fn new(weights: &TensorStore, labels: Labels, device: &Device) -> Result<Self> {
-        let model = GraphModel::new(&build(weights)?, device)?;
+        let model = GraphModel::new(&network_graph(weights)?, device)?;
         Ok(Self {
             runner: Runner::Burn {
                 model: Box::new(model),
@@ -52,7 +52,7 @@ impl ImageClassifier {
         device: &Device,
         integer_kernels: Option<GpuFeatures>,
     ) -> Result<Self> {
-        let (graph, weights) = build_compressed(model)?;
+        let (graph, weights) = compressed_network_graph(model)?;
         let model = match integer_kernels {
             Some(features) => {
                 quantized_graph_on_integer_kernels(&graph, &weights, device, features)?
@@ -92,7 +92,7 @@ impl ImageClassifier {
 
     /// A compressed model on the CPU interpreter, with its integer kernels.
     pub fn new_compressed_cpu(model: &CompressedModel, labels: Labels) -> Result<Self> {
-        let (graph, weights) = build_compressed(model)?;
+        let (graph, weights) = compressed_network_graph(model)?;
         Ok(Self {
             runner: Runner::Cpu(Box::new(CpuExecutor::quantized(graph, &weights)?)),
             labels,
@@ -102,7 +102,7 @@ impl ImageClassifier {
     /// The float network on the CPU interpreter (the browser's fallback).
     pub fn new_cpu(weights: &TensorStore, labels: Labels) -> Result<Self> {
         Ok(Self {
-            runner: Runner::Cpu(Box::new(CpuExecutor::from_graph(build(weights)?)?)),
+            runner: Runner::Cpu(Box::new(CpuExecutor::from_graph(network_graph(weights)?)?)),
             labels,
         })
     }

@@ -4,33 +4,19 @@
 
 use std::collections::BTreeMap;
 
-use crate::compress::CompressedModel;
 use crate::efficientnet::{CLASSIFIER, INPUT_SIZE, block_skip, block_strides};
 use crate::error::{EngineError, Result};
 use crate::graph::{Conv, Graph, Op, Padding};
-use crate::graph_builder::{Builder, bias_name, build_float, build_quantized, known, weight_name};
-use crate::quant::QuantizedTensor;
+use crate::graph_builder::{Builder, bias_name, build_float, known, weight_name};
 use crate::weights::TensorStore;
 
 /// The graph's input and output names.
 pub const INPUT: &str = "input";
 pub const OUTPUT: &str = "logits";
 
-/// The float network (BatchNorm folded into the convolutions), `input` `[1, 3, 224, 224]` →
-/// `logits` `[1, classes]`.
-pub fn build(store: &TensorStore) -> Result<Graph> {
-    build_float(NAME, store, network)
-}
-
-/// A compressed variant as a graph and its integer weights (by constant name): the
-/// dequantized weights, and a `QuantizeDequantize` node before each layer whose input the
-/// recipe quantizes. Executors given both run the quantized layers on their integer kernels.
-pub fn build_compressed(
-    model: &CompressedModel,
-) -> Result<(Graph, BTreeMap<String, QuantizedTensor>)> {
-    build_quantized(NAME, model, network)
-}
-
+/// The graph's name. [`crate::graph_builder::network_graph`] builds the float network
+/// (BatchNorm folded), `input` `[1, 3, 224, 224]` → `logits` `[1, classes]`, and
+/// [`crate::graph_builder::compressed_network_graph`] a compressed variant.
 pub(crate) const NAME: &str = "efficientnet_lite0";
 
 /// A convolution with its BatchNorm (folded, or a node of its own when building unfolded) and
@@ -170,5 +156,5 @@ pub(crate) fn gemm_trans_b() -> Op {
 /// The whole network as an ONNX model (opset of [`crate::graph::export_onnx`]): the float
 /// weights, for other runtimes (ONNX Runtime in the benchmark) and for developers.
 pub fn export_onnx(store: &TensorStore) -> Result<Vec<u8>> {
-    crate::graph::export_onnx(&build(store)?, &BTreeMap::new(), &[])
+    crate::graph::export_onnx(&build_float(NAME, store, network)?, &BTreeMap::new(), &[])
 }

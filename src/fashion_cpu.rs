@@ -7,8 +7,8 @@ use crate::compress::CompressedModel;
 use crate::error::{EngineError, Result};
 use crate::exec::{CpuExecutor, Tensor};
 use crate::fashion::{CLASSES, Evaluation, FashionSet, PIXELS, SIDE, normalize, weight_layers};
-use crate::fashion_graph::{build, build_compressed};
 use crate::graph_builder::layer_inputs;
+use crate::graph_builder::{compressed_network_graph, network_graph};
 use crate::weights::TensorStore;
 
 pub struct CpuFashionNet {
@@ -29,7 +29,7 @@ pub const EVAL_BATCH: usize = 100;
 impl CpuFashionNet {
     /// From raw or folded weights.
     pub fn from_store(store: &TensorStore) -> Result<Self> {
-        let graph = build(store)?;
+        let graph = network_graph(store)?;
         let layer_inputs = inputs_of_layers(&graph)?;
         Ok(Self {
             executor: CpuExecutor::from_graph(graph)?,
@@ -41,7 +41,7 @@ impl CpuFashionNet {
     /// and its int4 layers from their packed weights; without, it is the float fake-quant
     /// reference.
     pub fn from_compressed(model: &CompressedModel, integer_kernels: bool) -> Result<Self> {
-        let (graph, weights) = build_compressed(model)?;
+        let (graph, weights) = compressed_network_graph(model)?;
         let layer_inputs = inputs_of_layers(&graph)?;
         let executor = if integer_kernels {
             CpuExecutor::quantized(graph, &weights)?

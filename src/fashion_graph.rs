@@ -2,40 +2,18 @@
 //! 2×2 max pool), flatten, a hidden fully connected layer with ReLU6 and the classifier.
 //! This module and `fashion.rs` are the only places that know its tensor names.
 
-use std::collections::BTreeMap;
-
-use crate::compress::CompressedModel;
 use crate::efficientnet_graph::gemm_trans_b;
 use crate::error::{EngineError, Result};
 use crate::fashion::{CLASSES, SIDE};
 use crate::graph::{Conv, Dim, Graph, Op, Padding, Pool};
-use crate::graph_builder::{Builder, build_float, build_quantized, weight_name};
-use crate::quant::QuantizedTensor;
-use crate::weights::TensorStore;
+use crate::graph_builder::{Builder, weight_name};
 
 /// The graph's input (`[batch, 1, 28, 28]`, normalised) and output (`[batch, 10]` logits).
 pub const INPUT: &str = "images";
 pub const OUTPUT: &str = "logits";
 
-/// The float network from raw or folded weights.
-pub fn build(store: &TensorStore) -> Result<Graph> {
-    build_float(NAME, store, network)
-}
-
-/// A compressed variant and its integer weights, as
-/// [`crate::efficientnet_graph::build_compressed`] makes them.
-pub fn build_compressed(
-    model: &CompressedModel,
-) -> Result<(Graph, BTreeMap<String, QuantizedTensor>)> {
-    if model.layers.len() != 5 {
-        return Err(EngineError::Weights(format!(
-            "{} layer entries for a 5-layer network",
-            model.layers.len()
-        )));
-    }
-    build_quantized(NAME, model, network)
-}
-
+/// The graph's name (built through [`crate::graph_builder::network_graph`] and
+/// [`crate::graph_builder::compressed_network_graph`]).
 pub(crate) const NAME: &str = "fashion_mnist_cnn";
 
 /// Writes the network node by node (folded or unfolded, as `b` is set up).

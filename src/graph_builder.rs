@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use crate::compress::{ActivationParams, CompressedModel};
-use crate::efficientnet::{BATCH_NORM_EPS, folded_conv};
+use crate::efficientnet::{BATCH_NORM_EPS, folded_conv, weight_layers};
 use crate::error::{EngineError, Result};
 use crate::fashion::is_fashion;
 use crate::graph::{Constant, Dim, Graph, Node, Op, ValueInfo};
@@ -69,15 +69,21 @@ pub fn network_graph(store: &TensorStore) -> Result<Graph> {
 }
 
 /// A compressed variant of a built-in network as a graph and its integer weights by constant
-/// name (see [`efficientnet_graph::build_compressed`]).
+/// name: the dequantized weights, and a `QuantizeDequantize` node before each layer whose
+/// input the recipe quantizes. Executors given both run the quantized layers on their integer
+/// kernels.
 pub fn compressed_network_graph(
     model: &CompressedModel,
 ) -> Result<(Graph, BTreeMap<String, QuantizedTensor>)> {
-    if is_fashion(&model.store) {
-        fashion_graph::build_compressed(model)
-    } else {
-        efficientnet_graph::build_compressed(model)
+    let layers = weight_layers(&model.store).len();
+    if model.layers.len() != layers {
+        return Err(EngineError::Weights(format!(
+            "{} layer entries for a {layers}-layer network",
+            model.layers.len()
+        )));
     }
+    let (name, network) = builder_of(&model.store);
+    build_quantized(name, model, network)
 }
 
 /// The built-in network `store` holds with its BatchNorms as nodes: every constant is a tensor

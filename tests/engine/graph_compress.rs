@@ -619,7 +619,8 @@ fn efficientnet_as_a_graph_matches_its_burn_model_and_compresses() {
     use burn::prelude::{Device, TensorData};
     use compresslab::efficientnet::{BatchNormMode, EfficientNetLite};
     let store = crate::store();
-    let built = CpuExecutor::new(&compresslab::efficientnet_graph::build(&store).unwrap()).unwrap();
+    let built =
+        CpuExecutor::new(&compresslab::graph_builder::network_graph(&store).unwrap()).unwrap();
     let graph =
         import_onnx(&compresslab::efficientnet_graph::export_onnx(&store).unwrap()).unwrap();
     let executor = CpuExecutor::new(&graph).unwrap();

@@ -44,7 +44,7 @@ pub struct PhotoNet(compresslab::exec::CpuExecutor);
 impl PhotoNet {
     /// The float network.
     pub fn float(store: &TensorStore) -> compresslab::Result<Self> {
-        let graph = compresslab::efficientnet_graph::build(store)?;
+        let graph = compresslab::graph_builder::network_graph(store)?;
         Ok(Self(compresslab::exec::CpuExecutor::from_graph(graph)?))
     }
 
@@ -55,7 +55,7 @@ impl PhotoNet {
         model: &compresslab::compress::CompressedModel,
         integer_kernels: bool,
     ) -> compresslab::Result<Self> {
-        let (graph, weights) = compresslab::efficientnet_graph::build_compressed(model)?;
+        let (graph, weights) = compresslab::graph_builder::compressed_network_graph(model)?;
         Ok(Self(if integer_kernels {
             compresslab::exec::CpuExecutor::quantized(graph, &weights)?
         } else {

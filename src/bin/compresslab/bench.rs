@@ -185,7 +185,7 @@ pub fn bench_compress(args: &[String]) -> Result<()> {
     // The photo lab's variants (`compress`) and the graph engine's (`compress_graph`, what
     // "Your model" runs) with the same recipes, both on the CPU interpreter, timed in turn so
     // both see the same machine.
-    let graph = compresslab::efficientnet_graph::build(&store)?;
+    let graph = compresslab::graph_builder::network_graph(&store)?;
     let batches: Vec<exec::Tensor> = calibration
         .iter()
         .map(|data| exec::Tensor {
