@@ -7,7 +7,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { readFileSync } from 'node:fs';
-import { serveSite, launch, dropFiles, sample, waitReady, resultFor, NO_WEBGPU_FLAGS, OUT, comparison } from './harness.mjs';
+import { serveSite, launch, dropFiles, sample, waitReady, resultFor, NO_WEBGPU_FLAGS, OUT, comparison, downloadFrom } from './harness.mjs';
 
 let site;
 before(async () => { site = await serveSite(); });
@@ -69,12 +69,7 @@ test('lab on the CPU fallback: int8 per-channel, 50 % channels, export and reloa
     await page.screenshot({ path: path.join(OUT, 'lab-int8.png'), fullPage: true });
 
     // Export: the download is a safetensors file that loads back into the lab.
-    const [weights] = await Promise.all([
-      page.waitForEvent('download', (d) => d.suggestedFilename().endsWith('.safetensors')),
-      page.click('#lab-export'),
-    ]);
-    const exported = path.join(OUT, 'compressed.safetensors');
-    await weights.saveAs(exported);
+    const { file: exported } = await downloadFrom(page, '#lab-export', '.safetensors', 'compressed.safetensors');
     const bytes = readFileSync(exported);
     console.log(`exported ${bytes.length} bytes`);
     assert.ok(bytes.length < 6_000_000 && bytes.length > 4_000_000, `${bytes.length}`);

@@ -6,7 +6,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
-import { serveSite, launch, waitReady, NO_WEBGPU_FLAGS, OUT, ROOT, comparison, writeNpy, onnxRuntime } from './harness.mjs';
+import { serveSite, launch, waitReady, NO_WEBGPU_FLAGS, OUT, ROOT, comparison, writeNpy, onnxRuntime, downloadFrom } from './harness.mjs';
 
 let site;
 before(async () => { site = await serveSite(); });
@@ -66,21 +66,13 @@ test('Fashion-MNIST: accuracy before/after int8, confusion matrix, export/load, 
     await page.screenshot({ path: path.join(OUT, 'fashion-int8.png'), fullPage: true });
 
     // Export, then load it back: same accuracy, recipe shown in the controls.
-    const [download] = await Promise.all([
-      page.waitForEvent('download', (d) => d.suggestedFilename().endsWith('.safetensors')),
-      page.click('#lab-export'),
-    ]);
-    assert.equal(download.suggestedFilename(), 'compressed-fashion-mnist-cnn.safetensors');
-    const exported = path.join(OUT, 'compressed-fashion.safetensors');
-    await download.saveAs(exported);
+    const weights = await downloadFrom(page, '#lab-export', '.safetensors', 'compressed-fashion.safetensors');
+    assert.equal(weights.name, 'compressed-fashion-mnist-cnn.safetensors');
+    const exported = weights.file;
     // Export ONNX: ONNX Runtime scores the exported file on the same 10 000 test images.
-    const [onnxDownload] = await Promise.all([
-      page.waitForEvent('download', (d) => d.suggestedFilename().endsWith('.onnx')),
-      page.click('#lab-export-onnx'),
-    ]);
-    assert.equal(onnxDownload.suggestedFilename(), 'compressed-fashion-mnist-cnn.onnx');
-    const onnxFile = path.join(OUT, 'compressed-fashion.onnx');
-    await onnxDownload.saveAs(onnxFile);
+    const onnx = await downloadFrom(page, '#lab-export-onnx', '.onnx', 'compressed-fashion.onnx');
+    assert.equal(onnx.name, 'compressed-fashion-mnist-cnn.onnx');
+    const onnxFile = onnx.file;
     const testSet = readFileSync(path.join(ROOT, 'assets/fashion/test.bin'));
     const n = testSet.readUInt32LE(8);
     const labels = testSet.subarray(12, 12 + n);

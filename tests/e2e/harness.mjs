@@ -37,6 +37,20 @@ export function writeNpy(file, shape, data) {
   writeFileSync(file, Buffer.concat([prefix, Buffer.from(header, 'latin1'), Buffer.from(data.buffer, data.byteOffset, data.byteLength)]));
 }
 
+/**
+ * Clicks `button` and saves the download whose name ends in `extension` (an export also
+ * downloads recipe.json) as `file` under OUT; returns the name the page gave it and the path.
+ */
+export async function downloadFrom(page, button, extension, file) {
+  const [download] = await Promise.all([
+    page.waitForEvent('download', (d) => d.suggestedFilename().endsWith(extension)),
+    page.click(button),
+  ]);
+  const saved = path.join(OUT, file);
+  await download.saveAs(saved);
+  return { name: download.suggestedFilename(), file: saved };
+}
+
 /** ONNX Runtime (Python, CPU) on `model` for the batch in the .npy `input`: its first output. */
 export function onnxRuntime(model, input, output) {
   const run = spawnSync(path.join(CACHE, 'venv/bin/python'), [

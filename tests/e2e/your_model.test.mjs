@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
-import { serveSite, launch, dropFiles, waitReady, NO_WEBGPU_FLAGS, WEBGPU_FLAGS, OUT, ROOT, readNpy, onnxRuntime } from './harness.mjs';
+import { serveSite, launch, dropFiles, waitReady, NO_WEBGPU_FLAGS, WEBGPU_FLAGS, OUT, ROOT, readNpy, onnxRuntime, downloadFrom } from './harness.mjs';
 
 const MODELS = path.join(ROOT, '.cache/onnx-models');
 
@@ -161,13 +161,9 @@ async function yourModel(flags, backend) {
     await page.screenshot({ path: path.join(OUT, `your-model-${backend}.png`), fullPage: true });
 
     // The export is an ONNX file ONNX Runtime runs, and it still reads the text lines.
-    const [download] = await Promise.all([
-      page.waitForEvent('download', (d) => d.suggestedFilename().endsWith('.onnx')),
-      page.click('#user-export'),
-    ]);
-    assert.equal(download.suggestedFilename(), 'textdir.compressed.onnx');
-    const exported = path.join(OUT, `textdir.compressed.${backend}.onnx`);
-    await download.saveAs(exported);
+    const download = await downloadFrom(page, '#user-export', '.onnx', `textdir.compressed.${backend}.onnx`);
+    assert.equal(download.name, 'textdir.compressed.onnx');
+    const exported = download.file;
     const out = path.join(OUT, `textdir.compressed.${backend}.out.npy`);
     const { shape, data } = onnxRuntime(exported, path.join(MODELS, 'textdir.input.npy'), out);
     const labels = readNpy(path.join(MODELS, 'textdir.labels.npy')).data;
