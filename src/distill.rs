@@ -18,11 +18,12 @@ pub use compresslab_spec::report::HeldOutReport;
 use crate::compress::{CompressedModel, Recipe, compress, pruned_and_folded};
 use crate::efficientnet::weight_layers;
 use crate::error::{EngineError, Result};
+use crate::exec::ste_fake_quant;
 use crate::fashion::{
     CLASSES, FashionCnn, FashionSet, PIXELS, SIDE, SplitMix, TrainLayers, normalize,
 };
 use crate::graph_builder::weight_name;
-use crate::quant::{Granularity, QuantScheme};
+use crate::quant::QuantScheme;
 use crate::weights::TensorStore;
 
 /// Per weight tensor (by name), 1 where the weight may train and 0 where it stays zero.
@@ -591,67 +592,10 @@ pub fn requantize(
     Ok(model)
 }
 
-/// Fake quantization of an `[outputs, inputs]` weight matrix with `scheme`, with a
-/// straight-through gradient: the forward pass sees the quantized values, the backward
-/// pass the identity. A row's last block may be shorter, as in [`crate::quant`]. (The
-/// deployed model quantizes BatchNorm-folded weights; per-channel symmetric grids are the
-/// same either way, since folding scales each row by a positive factor.)
-pub fn ste_fake_quant(w: Tensor<2>, scheme: &QuantScheme) -> Tensor<2> {
-    let [rows, cols] = w.dims();
-    let (qmin, qmax) = scheme.qrange();
-    let (qmin, qmax) = (qmin as f64, qmax as f64);
-    // Zero padding completes a ragged last block without moving its range (the grids
-    // below always include 0).
-    let padded_cols = match scheme.granularity {
-        Granularity::PerBlock(b) if b > 0 => cols.div_ceil(b) * b,
-        _ => cols,
-    };
-    let padded = if padded_cols > cols {
-        let zeros = Tensor::<2>::zeros([rows, padded_cols - cols], &w.device());
-        Tensor::cat(vec![w.clone(), zeros], 1)
-    } else {
-        w.clone()
-    };
-    let groups: Tensor<2> = match scheme.granularity {
-        Granularity::PerTensor => padded.reshape([1, rows * cols]),
-        Granularity::PerBlock(b) if b > 0 => padded.reshape([rows * padded_cols / b, b]),
-        _ => padded,
-    };
-    let q = if scheme.symmetric {
-        let scale = groups
-            .clone()
-            .abs()
-            .max_dim(1)
-            .div_scalar(qmax)
-            .clamp_min(1e-12);
-        groups
-            .div(scale.clone())
-            .round()
-            .clamp(qmin, qmax)
-            .mul(scale)
-    } else {
-        let lo = groups.clone().min_dim(1).clamp_max(0.0);
-        let hi = groups.clone().max_dim(1).clamp_min(0.0);
-        let scale = (hi - lo.clone()).div_scalar(qmax - qmin).clamp_min(1e-12);
-        let zp = lo.div(scale.clone()).neg().add_scalar(qmin).round();
-        (groups.div(scale.clone()).round() + zp.clone())
-            .clamp(qmin, qmax)
-            .sub(zp)
-            .mul(scale)
-    };
-    let q: Tensor<2> = q.reshape([rows, padded_cols]);
-    let q = if padded_cols > cols {
-        q.slice([0..rows, 0..cols])
-    } else {
-        q
-    };
-    w.clone() + (q - w).detach()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::fake_quantize;
+    use crate::quant::{Granularity, fake_quantize};
 
     // The straight-through forward pass must be the deployed quantization, ragged blocks
     // included (rows of 40 in blocks of 32).

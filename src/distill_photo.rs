@@ -1,6 +1,7 @@
 //! Distillation for the photo model, EfficientNet-Lite0 at 224×224: the original network
 //! (fp32) is the teacher, the compressed one (pruned, BatchNorm-folded, as
-//! [`crate::distill::student_for`] makes it) the student. The same loss and the same
+//! [`crate::distill::student_for`] makes it) the student, both as the model builder's graphs
+//! on the burn interpreter ([`GraphModel`]). The same loss and the same
 //! step-at-a-time shape as the Fashion-MNIST [`crate::distill::Distiller`]; which layers
 //! learn is all, the last N MBConv blocks and what follows, the head (last 1×1 conv +
 //! classifier), or the classifier alone. Quantized students train with fake-quantized
@@ -9,162 +10,55 @@
 //! For the user's own classes, [`fit_head`] first trains a new classifier on the teacher's
 //! pooled features (transfer learning); teacher and student then both carry that head.
 
+use std::collections::{HashMap, HashSet};
+
 use burn::module::Module;
+use burn::nn::LinearConfig;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
-
-use burn::nn::LinearConfig;
 use burn::tensor::activation::log_softmax;
 
 use crate::distill::{
     DistillConfig, HeldOutReport, Masks, cosine_lr, distillation_loss, label_tensors, loss_value,
-    read_f32, ste_fake_quant,
+    read_f32,
 };
-use crate::efficientnet::{BatchNormMode, CLASSIFIER, EfficientNetLite, block_strides};
+use crate::efficientnet::{CLASSIFIER, reader_of_block, trained_layers, weight_layers};
 use crate::error::{EngineError, Result};
-use crate::fashion::{SplitMix, TrainLayers};
-use crate::graph_builder::{bias_name, weight_name};
+use crate::exec::GraphModel;
+use crate::fashion::SplitMix;
+use crate::graph::{Graph, batch_one_shapes};
+use crate::graph_builder::{bias_name, layer_inputs, network_graph, weight_name};
 use crate::preprocess::{CROP, RgbImage, box_reduce, to_nchw};
-use crate::quant::QuantScheme;
 use crate::weights::{NamedTensor, TensorStore};
 
-/// A folded network's weights in lukemelas naming (conv weight + bias, `_fc`).
-pub async fn folded_store(net: &EfficientNetLite) -> Result<TensorStore> {
-    let mut net = net.clone();
-    let mut store = TensorStore::default();
-    for (name, unit) in net.units_mut() {
-        let w = unit.conv.weight.val();
-        let shape = w.dims().to_vec();
-        store.push(NamedTensor {
-            name: weight_name(&name),
-            shape,
-            data: read_f32(w).await?,
-        });
-        let bias = unit.conv.bias.as_ref().ok_or_else(|| {
-            EngineError::Execution(format!("{name} has no bias: the student must be folded"))
-        })?;
-        let b = bias.val();
-        store.push(NamedTensor {
-            name: bias_name(&name),
-            shape: b.dims().to_vec(),
-            data: read_f32(b).await?,
-        });
-    }
-    // burn stores [in, out]; PyTorch [out, in].
-    let w = net.classifier.weight.val().transpose();
-    store.push(NamedTensor {
-        name: weight_name(CLASSIFIER),
-        shape: w.dims().to_vec(),
-        data: read_f32(w).await?,
-    });
-    if let Some(b) = &net.classifier.bias {
-        let b = b.val();
-        store.push(NamedTensor {
-            name: bias_name(CLASSIFIER),
-            shape: b.dims().to_vec(),
-            data: read_f32(b).await?,
-        });
-    }
-    Ok(store)
+/// The network `store` holds as a graph that takes batches of any size.
+fn batch_graph(store: &TensorStore) -> Result<Graph> {
+    Ok(network_graph(store)?.with_any_batch())
 }
 
-/// Multiplies the masked weights by their masks, keeping parameter ids (and whether they
-/// train), so the optimizer's state carries over.
-fn apply_masks(mut net: EfficientNetLite, masks: &Masks, device: &Device) -> EfficientNetLite {
-    if masks.is_empty() {
-        return net;
-    }
-    let find = |name: &str| masks.iter().find(|(n, _)| n == name).map(|(_, m)| m);
-    for (name, unit) in net.units_mut() {
-        if let Some(m) = find(&weight_name(&name)) {
-            let m = Tensor::<1>::from_data(TensorData::new(m.clone(), [m.len()]), device);
-            unit.conv.weight = unit.conv.weight.clone().map(|w| {
-                let dims = w.dims();
-                let trains = w.is_require_grad();
-                w.mul(m.reshape(dims)).detach().set_require_grad(trains)
-            });
-        }
-    }
-    if let Some(m) = find(&weight_name(CLASSIFIER)) {
-        let m = Tensor::<1>::from_data(TensorData::new(m.clone(), [m.len()]), device);
-        net.classifier.weight = net.classifier.weight.clone().map(|w| {
-            let [cin, cout] = w.dims();
-            let trains = w.is_require_grad();
-            let m: Tensor<2> = m.reshape([cout, cin]).transpose();
-            w.mul(m).detach().set_require_grad(trains)
-        });
-    }
-    net
-}
-
-/// Stops gradients to the layers `layers` leaves out.
-fn freeze(mut net: EfficientNetLite, layers: TrainLayers) -> EfficientNetLite {
-    let blocks = net.blocks.len();
-    let first_trained_block = match layers {
-        TrainLayers::All => return net,
-        TrainLayers::LastBlocks(n) => blocks.saturating_sub(usize::from(n)),
-        TrainLayers::Classifier | TrainLayers::LastLayer => blocks,
-    };
-    if first_trained_block > 0 {
-        net.stem = net.stem.no_grad();
-    }
-    net.blocks = net
-        .blocks
+/// The values feature matching compares: the outputs of MBConv blocks `blocks` (each the
+/// input of the layer after the block), with their channel counts.
+fn block_outputs(
+    store: &TensorStore,
+    graph: &Graph,
+    blocks: &[usize],
+) -> Result<Vec<(String, usize)>> {
+    let readers = blocks
+        .iter()
+        .map(|&b| reader_of_block(store, b))
+        .collect::<Result<Vec<_>>>()?;
+    let shapes = batch_one_shapes(graph)?;
+    layer_inputs(graph, &readers)?
         .into_iter()
-        .enumerate()
-        .map(|(i, b)| {
-            if i < first_trained_block {
-                b.no_grad()
-            } else {
-                b
-            }
+        .map(|value| {
+            let width = shapes
+                .get(&value)
+                .and_then(|d| d.get(1))
+                .and_then(|d| d.known())
+                .ok_or_else(|| EngineError::Execution(format!("`{value}` has no fixed width")))?;
+            Ok((value, width))
         })
-        .collect();
-    if layers == TrainLayers::LastLayer {
-        net.head = net.head.no_grad();
-    }
-    net
-}
-
-/// `net` with every weight passed through `f(layer name, [outputs, inputs] matrix)` for
-/// one forward pass; gradients reach the original parameters through `f`.
-fn mapped(net: &EfficientNetLite, f: &dyn Fn(&str, Tensor<2>) -> Tensor<2>) -> EfficientNetLite {
-    let mut net = net.clone();
-    for (name, unit) in net.units_mut() {
-        unit.conv.weight = unit.conv.weight.clone().map(|w| {
-            let dims = w.dims();
-            let rows: Tensor<2> = w.reshape([dims[0], dims[1] * dims[2] * dims[3]]);
-            f(&name, rows).reshape(dims)
-        });
-    }
-    net.classifier.weight = net
-        .classifier
-        .weight
-        .clone()
-        .map(|w| f(CLASSIFIER, w.transpose()).transpose());
-    net
-}
-
-/// The student's forward pass (logits and the outputs of the blocks `taps`): weights
-/// fake-quantized (straight-through) when `quant` is set, except the layers `fp32` names.
-fn student_forward(
-    net: &EfficientNetLite,
-    x: Tensor<4>,
-    quant: Option<&QuantScheme>,
-    fp32: &[String],
-    taps: &[usize],
-) -> (Tensor<2>, Vec<Tensor<4>>) {
-    match quant {
-        Some(scheme) => mapped(net, &|name, w| {
-            if fp32.iter().any(|l| l == name) {
-                w
-            } else {
-                ste_fake_quant(w, scheme)
-            }
-        })
-        .forward_tapped(x, taps),
-        None => net.forward_tapped(x, taps),
-    }
+        .collect()
 }
 
 /// A random resized crop (35–100 % of the area, aspect 3:4–4:3, bilinear) of `img` at
@@ -207,15 +101,19 @@ pub fn augment_photo(img: &RgbImage, rng: &mut SplitMix) -> Vec<f32> {
     })
 }
 
-/// Distils an EfficientNet-Lite0 student, one batch at a time.
+/// Distils an EfficientNet-Lite0 student, one batch at a time, both networks as graphs on
+/// the burn interpreter.
 pub struct PhotoDistiller {
     cfg: DistillConfig,
     device: Device,
     plain: Device,
-    teacher: EfficientNetLite,
-    student: Option<EfficientNetLite>,
+    teacher: GraphModel,
+    student: Option<GraphModel>,
+    /// The block outputs feature matching compares (the same names in both graphs).
+    taps: Vec<String>,
     optim: ModuleOptimizer,
-    masks: Masks,
+    /// Per weight constant, 1 where it may train and 0 where it stays zero.
+    masks: HashMap<String, Tensor<1>>,
     total_steps: usize,
     steps_done: usize,
 }
@@ -235,36 +133,49 @@ impl PhotoDistiller {
         let mut cfg = cfg;
         cfg.feature_blocks.sort_unstable();
         cfg.feature_blocks.dedup();
-        if let Some(&b) = cfg
-            .feature_blocks
-            .iter()
-            .find(|&&b| b >= block_strides().len())
-        {
-            return Err(EngineError::Config(format!(
-                "feature matching at block {b}: the network has blocks 0–{}",
-                block_strides().len() - 1
-            )));
-        }
         device.seed(cfg.seed);
         let plain = device.clone().inner();
-        let teacher = EfficientNetLite::from_store(teacher, &plain, BatchNormMode::Folded)?;
-        let net = EfficientNetLite::from_store(student, device, BatchNormMode::Folded)?;
-        for &b in &cfg.feature_blocks {
-            let width = |n: &EfficientNetLite| n.blocks[b].project.conv.weight.dims()[0];
-            let (ours, theirs) = (width(&net), width(&teacher));
-            if ours != theirs {
+        let teacher_graph = batch_graph(teacher)?;
+        let student_graph = batch_graph(student)?;
+        let theirs = block_outputs(teacher, &teacher_graph, &cfg.feature_blocks)?;
+        let ours = block_outputs(student, &student_graph, &cfg.feature_blocks)?;
+        for ((b, (mine, width)), (their, their_width)) in
+            cfg.feature_blocks.iter().zip(&ours).zip(&theirs)
+        {
+            if width != their_width || mine != their {
                 return Err(EngineError::Config(format!(
-                    "feature matching at block {b}: channel pruning left the student {ours} of the teacher's {theirs} output channels there, so the two cannot be compared; fine-tune without feature matching"
+                    "feature matching at block {b}: channel pruning left the student {width} of the teacher's {their_width} output channels there, so the two cannot be compared; fine-tune without feature matching"
                 )));
             }
         }
-        let net = apply_masks(freeze(net, cfg.layers), &masks, device);
+        let taps = ours.into_iter().map(|(value, _)| value).collect();
+        let trained: HashSet<String> = trained_layers(student, cfg.layers)
+            .iter()
+            .flat_map(|l| [weight_name(l), bias_name(l)])
+            .collect();
+        let mut net = GraphModel::new(&student_graph, device)?.freeze_except(&trained);
+        if let Some(scheme) = cfg.weight_quant {
+            let quantized: Vec<String> = weight_layers(student)
+                .into_iter()
+                .filter(|l| !cfg.fp32_layers.contains(&l.name))
+                .map(|l| weight_name(&l.name))
+                .collect();
+            net = net.with_live_weight_quantization(&quantized, scheme);
+        }
+        let masks: HashMap<String, Tensor<1>> = masks
+            .into_iter()
+            .map(|(name, m)| {
+                let n = m.len();
+                (name, Tensor::from_data(TensorData::new(m, [n]), device))
+            })
+            .collect();
         Ok(Self {
+            teacher: GraphModel::new(&teacher_graph, &plain)?,
+            student: Some(net.mask_zeros(&masks)),
+            taps,
             cfg,
             device: device.clone(),
             plain,
-            teacher,
-            student: Some(net),
             optim: AdamConfig::new().init(),
             masks,
             total_steps: total_steps.max(1),
@@ -288,11 +199,11 @@ impl PhotoDistiller {
             )));
         }
         let shape = [n, 3, CROP, CROP];
-        let taps = &self.cfg.feature_blocks;
-        let (teacher, teacher_features) = self.teacher.forward_tapped(
+        let taps = &self.taps;
+        let (teacher, teacher_features) = self.teacher.logits_tapped(
             Tensor::from_data(TensorData::new(images.clone(), shape), &self.plain),
             taps,
-        );
+        )?;
         let [_, classes] = teacher.dims();
         let teacher = Tensor::<2>::from_data(
             TensorData::new(read_f32(teacher).await?, [n, classes]),
@@ -303,13 +214,7 @@ impl PhotoDistiller {
             .take()
             .ok_or_else(|| EngineError::Execution("a failed step left no student".into()))?;
         let x = Tensor::<4>::from_data(TensorData::new(images, shape), &self.device);
-        let (logits, features) = student_forward(
-            &model,
-            x,
-            self.cfg.weight_quant.as_ref(),
-            &self.cfg.fp32_layers,
-            taps,
-        );
+        let (logits, features) = model.logits_tapped(x, taps)?;
         let mut loss = distillation_loss(
             logits,
             teacher,
@@ -321,10 +226,10 @@ impl PhotoDistiller {
             // Mean squared error of each tapped block's output, averaged over the blocks.
             let weight = self.cfg.feature_weight / taps.len() as f64;
             for (s, t) in features.into_iter().zip(teacher_features) {
-                let dims = t.dims();
-                let t =
-                    Tensor::<4>::from_data(TensorData::new(read_f32(t).await?, dims), &self.device);
-                let mse: Tensor<1> = (s - t).powf_scalar(2.0).mean().reshape([1]);
+                let t = read_f32(t.flat()?).await?;
+                let len = t.len();
+                let t = Tensor::<1>::from_data(TensorData::new(t, [len]), &self.device);
+                let mse: Tensor<1> = (s.flat()? - t).powf_scalar(2.0).mean().reshape([1]);
                 loss = loss + mse.mul_scalar(weight);
             }
         }
@@ -336,11 +241,7 @@ impl PhotoDistiller {
         let warmup = (self.total_steps / 10).max(1);
         let lr = cosine_lr(self.cfg.learning_rate, self.steps_done, self.total_steps)
             * ((self.steps_done + 1) as f64 / warmup as f64).min(1.0);
-        self.student = Some(apply_masks(
-            self.optim.step(lr, model, grads),
-            &self.masks,
-            &self.device,
-        ));
+        self.student = Some(self.optim.step(lr, model, grads).mask_zeros(&self.masks));
         self.steps_done += 1;
         Ok(value)
     }
@@ -354,14 +255,9 @@ impl PhotoDistiller {
             .ok_or_else(|| EngineError::Execution("a failed step left no student".into()))?
             .valid();
         let x = Tensor::<4>::from_data(TensorData::new(images, [n, 3, CROP, CROP]), &self.plain);
-        let (s, _) = student_forward(
-            &student,
-            x.clone(),
-            self.cfg.weight_quant.as_ref(),
-            &self.cfg.fp32_layers,
-            &[],
-        );
-        Ok((read_f32(s).await?, read_f32(self.teacher.forward(x)).await?))
+        let s = student.logits(x.clone())?;
+        let t = self.teacher.logits(x)?;
+        Ok((read_f32(s).await?, read_f32(t).await?))
     }
 
     /// The student as it stands on preprocessed images (one `[3, 224, 224]` input each),
@@ -419,7 +315,16 @@ impl PhotoDistiller {
             .as_ref()
             .ok_or_else(|| EngineError::Execution("a failed step left no student".into()))?
             .valid();
-        folded_store(&net).await
+        // The folded network's graph holds exactly its store's tensors, under their names.
+        let mut store = TensorStore::default();
+        for (name, c) in net.constants().await? {
+            store.push(NamedTensor {
+                name,
+                shape: c.dims,
+                data: c.data,
+            });
+        }
+        Ok(store)
     }
 }
 
@@ -463,15 +368,20 @@ pub async fn fit_head(
     }
     device.seed(11);
     let plain = device.clone().inner();
-    let backbone = EfficientNetLite::from_store(teacher, &plain, BatchNormMode::Folded)?;
+    let graph = batch_graph(teacher)?;
+    // The classifier's input: the pooled, flattened features.
+    let pooled = layer_inputs(&graph, &[CLASSIFIER.to_string()])?;
+    let backbone = GraphModel::new(&graph, &plain)?;
     let mut features = Vec::new();
     let mut ys = Vec::new();
     for (batch, batch_labels) in inputs.chunks(EVAL_BATCH).zip(labels.chunks(EVAL_BATCH)) {
         let n = batch.len();
         let x = Tensor::<4>::from_data(TensorData::new(batch.concat(), [n, 3, CROP, CROP]), &plain);
         for x in [x.clone(), x.flip([3])] {
-            let pooled: Tensor<2> = backbone.features(x).mean_dim(3).mean_dim(2).flatten(1, 3);
-            features.extend(read_f32(pooled).await?);
+            let (_, tapped) = backbone.logits_tapped(x, &pooled)?;
+            for t in tapped {
+                features.extend(read_f32(t.flat()?).await?);
+            }
             ys.extend(batch_labels.iter().map(|&y| y as i64));
         }
     }

@@ -20,7 +20,7 @@ use crate::compress::ActivationParams;
 use crate::distill::read_f32;
 use crate::error::{EngineError, Result};
 use crate::graph::{Constant, Graph, Node, Op, concrete_dims};
-use crate::quant::QuantizedTensor;
+use crate::quant::{Granularity, QuantScheme, QuantizedTensor};
 
 /// The highest rank a value may have.
 const RANK: usize = 6;
@@ -31,8 +31,8 @@ struct Plan {
     graph: Graph,
     /// Constant name → index into [`GraphModel::constants`].
     index: HashMap<String, usize>,
-    /// Per constant: a fixed weight grid to train through (straight-through estimator).
-    quant: Vec<Option<Grid>>,
+    /// Per constant: the quantization to train through (straight-through estimator).
+    quant: Vec<Option<WeightQuant>>,
     /// For each node, the values whose last reader it is.
     frees: Vec<Vec<String>>,
     shapes: ShapeCache,
@@ -62,6 +62,16 @@ struct Grid {
     zero_point: Tensor<1>,
     qmin: f32,
     qmax: f32,
+}
+
+/// How a weight is quantized in the forward pass while it trains.
+#[derive(Debug)]
+enum WeightQuant {
+    /// On a fixed grid (a variant whose scales are part of it).
+    Grid(Box<Grid>),
+    /// With a scheme whose grids follow the weights, each pass (a student quantized again
+    /// with its recipe after training).
+    Live(QuantScheme),
 }
 
 /// A graph on a burn device: its constants as parameters, its nodes interpreted.
@@ -245,7 +255,7 @@ impl GraphModel {
             constants.push(Param::from_tensor(t).set_require_grad(train));
         }
         let frees = graph.last_readers();
-        let quant = vec![None; constants.len()];
+        let quant = (0..constants.len()).map(|_| None).collect();
         let outputs: HashSet<&str> = graph.outputs.iter().map(|o| o.name.as_str()).collect();
         let consumers = graph.consumers();
         let passes = graph
@@ -302,25 +312,42 @@ impl GraphModel {
 
     /// Trains through the quantization of these weights (by constant name), on their grids:
     /// the forward pass sees the quantized values, gradients pass straight through.
-    pub fn with_weight_quantization(mut self, grids: &BTreeMap<String, QuantizedTensor>) -> Self {
-        let plan = &self.plan;
-        let mut quant = vec![None; self.constants.len()];
+    pub fn with_weight_quantization(self, grids: &BTreeMap<String, QuantizedTensor>) -> Self {
+        let mut quant: Vec<Option<WeightQuant>> = (0..self.constants.len()).map(|_| None).collect();
         for (name, q) in grids {
-            if let Some(&i) = plan.index.get(name)
+            if let Some(&i) = self.plan.index.get(name)
                 && q.values.len() == self.constants[i].val().dims()[0]
             {
                 let device = self.constants[i].val().device();
                 let (scale, zero_point) = q.element_grid();
                 let (qmin, qmax) = q.scheme.qrange();
                 let n = scale.len();
-                quant[i] = Some(Grid {
+                quant[i] = Some(WeightQuant::Grid(Box::new(Grid {
                     scale: Tensor::from_data(TensorData::new(scale, [n]), &device),
                     zero_point: Tensor::from_data(TensorData::new(zero_point, [n]), &device),
                     qmin: qmin as f32,
                     qmax: qmax as f32,
-                });
+                })));
             }
         }
+        self.with_quant(quant)
+    }
+
+    /// Trains through the quantization of these weights (by constant name) with `scheme`,
+    /// its grids computed from the weights as they stand in each forward pass (rows are
+    /// output channels); gradients pass straight through.
+    pub fn with_live_weight_quantization(self, weights: &[String], scheme: QuantScheme) -> Self {
+        let mut quant: Vec<Option<WeightQuant>> = (0..self.constants.len()).map(|_| None).collect();
+        for name in weights {
+            if let Some(&i) = self.plan.index.get(name) {
+                quant[i] = Some(WeightQuant::Live(scheme));
+            }
+        }
+        self.with_quant(quant)
+    }
+
+    fn with_quant(mut self, quant: Vec<Option<WeightQuant>>) -> Self {
+        let plan = &self.plan;
         self.plan = Arc::new(Plan {
             graph: plan.graph.clone(),
             index: plan.index.clone(),
@@ -330,6 +357,20 @@ impl GraphModel {
             kernels: plan.kernels.clone(),
             passes: plan.passes.clone(),
         });
+        self
+    }
+
+    /// Only the constants named in `trained` learn; the others keep their values.
+    pub fn freeze_except(mut self, trained: &HashSet<String>) -> Self {
+        let mut frozen = vec![false; self.constants.len()];
+        for (name, &i) in &self.plan.index {
+            frozen[i] = !trained.contains(name);
+        }
+        self.constants = std::mem::take(&mut self.constants)
+            .into_iter()
+            .zip(frozen)
+            .map(|(p, frozen)| if frozen { p.set_require_grad(false) } else { p })
+            .collect();
         self
     }
 
@@ -351,16 +392,39 @@ impl GraphModel {
         if flat.dims()[0] != crate::graph::element_count(&c.dims)? {
             return Err(exec_err(node, format!("input {input} is held by a kernel")));
         }
-        if let Some(grid) = &self.plan.quant[i] {
-            let q = flat
-                .clone()
-                .div(grid.scale.clone())
-                .round()
-                .add(grid.zero_point.clone())
-                .clamp(grid.qmin, grid.qmax)
-                .sub(grid.zero_point.clone())
-                .mul(grid.scale.clone());
-            flat = flat.clone() + (q - flat).detach();
+        match &self.plan.quant[i] {
+            Some(WeightQuant::Grid(grid)) => {
+                let q = flat
+                    .clone()
+                    .div(grid.scale.clone())
+                    .round()
+                    .add(grid.zero_point.clone())
+                    .clamp(grid.qmin, grid.qmax)
+                    .sub(grid.zero_point.clone())
+                    .mul(grid.scale.clone());
+                flat = flat.clone() + (q - flat).detach();
+            }
+            Some(WeightQuant::Live(scheme)) => {
+                // Rows are output channels: a Gemm or MatMul that reads B as [in, out] is
+                // quantized transposed.
+                let (rows, cols) = match c.dims.as_slice() {
+                    [] => (1, 1),
+                    [first, rest @ ..] => (*first, rest.iter().product()),
+                };
+                let columns_out = match node.op {
+                    Op::Gemm { trans_b, .. } => !trans_b,
+                    Op::MatMul => true,
+                    _ => false,
+                };
+                let w: Tensor<2> = flat.reshape([rows, cols]);
+                let q = if columns_out {
+                    ste_fake_quant(w.transpose(), scheme).transpose()
+                } else {
+                    ste_fake_quant(w, scheme)
+                };
+                flat = q.reshape([rows * cols]);
+            }
+            None => {}
         }
         let dims: [usize; D] = c.dims.clone().try_into().map_err(|_| {
             exec_err(
@@ -398,6 +462,17 @@ impl GraphModel {
 
     /// Runs the graph on an NCHW batch; returns the outputs in the graph's order.
     pub fn forward(&self, x: Tensor<4>) -> Result<Vec<Output>> {
+        Ok(self.forward_tapped(x, &[])?.0)
+    }
+
+    /// [`Self::forward`], also returning the values named in `taps` (intermediate results,
+    /// e.g. for feature matching), in that order.
+    pub fn forward_tapped(
+        &self,
+        x: Tensor<4>,
+        taps: &[String],
+    ) -> Result<(Vec<Output>, Vec<Output>)> {
+        let mut tapped: Vec<Option<Output>> = (0..taps.len()).map(|_| None).collect();
         let graph = &self.plan.graph;
         let info = graph.input()?;
         let dims = x.dims();
@@ -436,9 +511,19 @@ impl GraphModel {
             for f in frees {
                 values.remove(f.as_str());
             }
+            for (slot, _) in tapped
+                .iter_mut()
+                .zip(taps)
+                .filter(|(_, tap)| **tap == node.outputs[0])
+            {
+                *slot = Some(Output {
+                    t: t.clone(),
+                    dims: out_dims.clone(),
+                });
+            }
             values.insert(node.outputs[0].as_str(), Value { t, dims: out_dims });
         }
-        graph
+        let outputs = graph
             .outputs
             .iter()
             .map(|o| {
@@ -450,19 +535,30 @@ impl GraphModel {
                     dims: v.dims,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        let tapped = tapped
+            .into_iter()
+            .zip(taps)
+            .map(|(t, name)| {
+                t.ok_or_else(|| EngineError::Execution(format!("no node computes `{name}`")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((outputs, tapped))
     }
 
     /// The first output as `[batch, rest]`: a classifier's logits.
     pub fn logits(&self, x: Tensor<4>) -> Result<Tensor<2>> {
-        let out = self
-            .forward(x)?
+        Ok(self.logits_tapped(x, &[])?.0)
+    }
+
+    /// [`Self::logits`] and the values named in `taps` (see [`Self::forward_tapped`]).
+    pub fn logits_tapped(&self, x: Tensor<4>, taps: &[String]) -> Result<(Tensor<2>, Vec<Output>)> {
+        let (outputs, tapped) = self.forward_tapped(x, taps)?;
+        let out = outputs
             .into_iter()
             .next()
             .ok_or_else(|| EngineError::Execution("the model has no outputs".into()))?;
-        let batch = out.dims.first().copied().unwrap_or(1).max(1);
-        let len = crate::graph::element_count(&out.dims)?;
-        Ok(out.t.reshape([batch, len / batch]))
+        Ok((out.matrix()?, tapped))
     }
 
     /// [`Self::forward`] on a host tensor, read back: what the CPU interpreter's `run` does.
@@ -788,4 +884,75 @@ impl GraphModel {
 pub struct Output {
     pub t: Tensor<RANK>,
     pub dims: Vec<usize>,
+}
+
+impl Output {
+    /// As `[batch, rest]` (a batch of one for a scalar).
+    pub fn matrix(self) -> Result<Tensor<2>> {
+        let batch = self.dims.first().copied().unwrap_or(1).max(1);
+        let len = crate::graph::element_count(&self.dims)?;
+        Ok(self.t.reshape([batch, len / batch]))
+    }
+
+    /// Every value in one row.
+    pub fn flat(self) -> Result<Tensor<1>> {
+        Ok(self.t.reshape([crate::graph::element_count(&self.dims)?]))
+    }
+}
+
+/// Fake quantization of an `[outputs, inputs]` weight matrix with `scheme`, with a
+/// straight-through gradient: the forward pass sees the quantized values, the backward
+/// pass the identity. A row's last block may be shorter, as in [`crate::quant`]. (The
+/// deployed model quantizes BatchNorm-folded weights; per-channel symmetric grids are the
+/// same either way, since folding scales each row by a positive factor.)
+pub fn ste_fake_quant(w: Tensor<2>, scheme: &QuantScheme) -> Tensor<2> {
+    let [rows, cols] = w.dims();
+    let (qmin, qmax) = scheme.qrange();
+    let (qmin, qmax) = (qmin as f64, qmax as f64);
+    // Zero padding completes a ragged last block without moving its range (the grids
+    // below always include 0).
+    let padded_cols = match scheme.granularity {
+        Granularity::PerBlock(b) if b > 0 => cols.div_ceil(b) * b,
+        _ => cols,
+    };
+    let padded = if padded_cols > cols {
+        let zeros = Tensor::<2>::zeros([rows, padded_cols - cols], &w.device());
+        Tensor::cat(vec![w.clone(), zeros], 1)
+    } else {
+        w.clone()
+    };
+    let groups: Tensor<2> = match scheme.granularity {
+        Granularity::PerTensor => padded.reshape([1, rows * cols]),
+        Granularity::PerBlock(b) if b > 0 => padded.reshape([rows * padded_cols / b, b]),
+        _ => padded,
+    };
+    let q = if scheme.symmetric {
+        let scale = groups
+            .clone()
+            .abs()
+            .max_dim(1)
+            .div_scalar(qmax)
+            .clamp_min(1e-12);
+        groups
+            .div(scale.clone())
+            .round()
+            .clamp(qmin, qmax)
+            .mul(scale)
+    } else {
+        let lo = groups.clone().min_dim(1).clamp_max(0.0);
+        let hi = groups.clone().max_dim(1).clamp_min(0.0);
+        let scale = (hi - lo.clone()).div_scalar(qmax - qmin).clamp_min(1e-12);
+        let zp = lo.div(scale.clone()).neg().add_scalar(qmin).round();
+        (groups.div(scale.clone()).round() + zp.clone())
+            .clamp(qmin, qmax)
+            .sub(zp)
+            .mul(scale)
+    };
+    let q: Tensor<2> = q.reshape([rows, padded_cols]);
+    let q = if padded_cols > cols {
+        q.slice([0..rows, 0..cols])
+    } else {
+        q
+    };
+    w.clone() + (q - w).detach()
 }

@@ -5,7 +5,7 @@
 pub mod burn;
 pub mod cpu;
 
-pub use burn::{ChannelKernel, GraphModel, Output};
+pub use burn::{ChannelKernel, GraphModel, Output, ste_fake_quant};
 pub use cpu::{CpuExecutor, KernelUse};
 
 /// A dense f32 tensor in row-major (NCHW for images) order: what executors take and return.

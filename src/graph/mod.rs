@@ -316,6 +316,18 @@ impl Graph {
         }
     }
 
+    /// The graph taking batches of any size: the leading axis of its input and outputs
+    /// symbolic (the built-in networks declare a batch of one, what the page classifies;
+    /// training runs batches). Shape inference still decides whether a batch fits.
+    pub fn with_any_batch(mut self) -> Self {
+        for value in self.inputs.iter_mut().chain(self.outputs.iter_mut()) {
+            if let Some(batch) = value.dims.first_mut() {
+                *batch = Dim::Sym("batch".into());
+            }
+        }
+        self
+    }
+
     /// Shapes of every value for the given input dimensions (`Dim::Sym` where unknown).
     pub fn shapes(&self, input: &[Dim]) -> Result<Shapes> {
         shape::infer(self, input)

@@ -9,7 +9,7 @@ use compresslab::compress::{
     ActivationQuant, CompressedModel, Observer, Recipe, agreement, compress,
 };
 use compresslab::decode::decode_file;
-use compresslab::efficientnet::{BatchNormMode, EfficientNetLite, fold_batch_norms};
+use compresslab::efficientnet::fold_batch_norms;
 use compresslab::preprocess::imagenet_input;
 use compresslab::prune::{
     ChannelPruning, ChannelRanking, MagnitudePruning, PruneScope, mask_channels, prune_channels,
@@ -90,12 +90,17 @@ fn channel_pruned_model_equals_the_masked_original() {
         assert!(diff < 1e-4, "{diff}");
         // The masked model differs from the original (the test can fail).
         assert!(max_abs_diff(&b, &cpu_logits(&original, input)) > 1e-2);
-        // burn builds the thinner model from the same store and agrees.
+        // The burn interpreter runs the thinner graph built from the same store and agrees.
         let device = Device::flex();
-        let model =
-            EfficientNetLite::from_store(&pruned, &device, BatchNormMode::Separate).unwrap();
+        let graph = compresslab::graph_builder::network_graph(&pruned).unwrap();
+        let model = compresslab::exec::GraphModel::new(&graph, &device).unwrap();
         let x = Tensor::<4>::from_data(TensorData::new(input.clone(), [1, 3, 224, 224]), &device);
-        let burn = model.forward(x).into_data().try_into_vec::<f32>().unwrap();
+        let burn = model
+            .logits(x)
+            .unwrap()
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
         assert!(max_abs_diff(&burn, &a) < 1e-3);
     }
 }
@@ -649,9 +654,19 @@ fn feature_matching_pulls_block_outputs_toward_the_teacher() {
         TensorData::new(inputs.concat(), [inputs.len(), 3, 224, 224]),
         &device,
     );
-    let tapped = |s: &TensorStore| -> Vec<Tensor<4>> {
-        let net = EfficientNetLite::from_store(s, &device, BatchNormMode::Folded).unwrap();
-        net.forward_tapped(x.clone(), &taps).1
+    // Each block's output is the input of the layer after it, in the store's own graph.
+    let tapped = |s: &TensorStore| -> Vec<Tensor<1>> {
+        use compresslab::efficientnet::reader_of_block;
+        use compresslab::graph_builder::{layer_inputs, network_graph};
+        let graph = network_graph(s).unwrap().with_any_batch();
+        let readers: Vec<String> = taps
+            .iter()
+            .map(|&b| reader_of_block(s, b).unwrap())
+            .collect();
+        let values = layer_inputs(&graph, &readers).unwrap();
+        let net = compresslab::exec::GraphModel::new(&graph, &device).unwrap();
+        let (_, outputs) = net.forward_tapped(x.clone(), &values).unwrap();
+        outputs.into_iter().map(|o| o.flat().unwrap()).collect()
     };
     let reference = tapped(&teacher);
     let block_mse = |s: &TensorStore| -> Vec<f32> {

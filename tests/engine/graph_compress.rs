@@ -612,40 +612,44 @@ fn sample_photos() -> Vec<(String, Tensor)> {
 }
 
 #[test]
-fn efficientnet_as_a_graph_matches_its_burn_model_and_compresses() {
+fn efficientnet_as_a_graph_matches_onnx_runtime_and_compresses() {
     // The model builder's graph of the built-in network, and the same graph through our ONNX
-    // export and the importer: both against the burn model (the checkpoint's own form, with
-    // separate BatchNorm layers; what photo fine-tuning trains).
-    use burn::prelude::{Device, TensorData};
-    use compresslab::efficientnet::{BatchNormMode, EfficientNetLite};
+    // export and the importer, against ONNX Runtime running that export (on a batch: the
+    // export declares a batch of any size).
+    use compresslab::graph_builder::network_graph;
     let store = crate::store();
-    let built =
-        CpuExecutor::new(&compresslab::graph_builder::network_graph(&store).unwrap()).unwrap();
-    let graph =
-        import_onnx(&compresslab::efficientnet_graph::export_onnx(&store).unwrap()).unwrap();
+    let built_graph = network_graph(&store).unwrap();
+    let built = CpuExecutor::new(&built_graph).unwrap();
+    let bytes = export_onnx(
+        &built_graph.clone().with_any_batch(),
+        &std::collections::BTreeMap::new(),
+        &[],
+    )
+    .unwrap();
+    let graph = import_onnx(&bytes).unwrap();
     let executor = CpuExecutor::new(&graph).unwrap();
-    let device = Device::flex();
-    let burn = EfficientNetLite::from_store(&store, &device, BatchNormMode::Separate).unwrap();
     let photos = sample_photos();
     assert_eq!(photos.len(), 7);
-    for (name, input) in &photos {
+    let all = Tensor {
+        dims: vec![photos.len(), 3, 224, 224],
+        data: photos.iter().flat_map(|(_, x)| x.data.clone()).collect(),
+    };
+    let reference = onnx_runtime(&bytes, &all, "lite0-fp32");
+    let classes = reference.dims[1];
+    assert_eq!(reference.dims, vec![photos.len(), classes]);
+    for (i, (name, input)) in photos.iter().enumerate() {
         let ours = executor.run(input).unwrap().remove(0);
         let direct = built.run(input).unwrap().remove(0);
-        let x = burn::tensor::Tensor::<4>::from_data(
-            TensorData::new(input.data.clone(), [1, 3, 224, 224]),
-            &device,
-        );
-        let reference = burn.forward(x).into_data().try_into_vec::<f32>().unwrap();
-        let reference = Tensor {
-            dims: vec![1, reference.len()],
-            data: reference,
+        let ort = Tensor {
+            dims: vec![1, classes],
+            data: reference.data[i * classes..(i + 1) * classes].to_vec(),
         };
         let (diff, round_trip) = (
-            relative_difference(&ours, &reference),
+            relative_difference(&ours, &ort),
             relative_difference(&ours, &direct),
         );
         println!(
-            "{name}: graph interpreter vs the burn model {diff:.1e}; ONNX round trip vs the builder's graph {round_trip:.1e}"
+            "{name}: graph interpreter vs ONNX Runtime {diff:.1e}; ONNX round trip vs the builder's graph {round_trip:.1e}"
         );
         assert!(diff <= 1e-4, "{name}: {diff}");
         assert!(round_trip <= 1e-6, "{name}: {round_trip}");

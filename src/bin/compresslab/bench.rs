@@ -261,8 +261,10 @@ pub fn bench_compress(args: &[String]) -> Result<()> {
 pub fn bench_distil(args: &[String]) -> Result<()> {
     use compresslab::distill::DistillConfig;
     use compresslab::distill_photo::{PhotoDistiller, augment_photo};
-    use compresslab::efficientnet::{BatchNormMode, EfficientNetLite, fold_batch_norms};
+    use compresslab::efficientnet::fold_batch_norms;
+    use compresslab::exec::GraphModel;
     use compresslab::fashion::SplitMix;
+    use compresslab::graph_builder::network_graph;
     use compresslab::preprocess::CROP;
     let (batch, rest) = leading_flag::<usize>(args, "--batch")?;
     let (steps, rest) = leading_flag::<usize>(rest, "--steps")?;
@@ -282,20 +284,20 @@ pub fn bench_distil(args: &[String]) -> Result<()> {
             .collect()
     };
     let read_back = |t: Tensor<2>| futures_lite::future::block_on(t.into_data_async());
+    let mut started = Instant::now();
     for (name, device) in [
         ("Flex CPU", Device::flex()),
         ("wgpu", Device::wgpu(DeviceKind::DefaultDevice)),
     ] {
-        let net = EfficientNetLite::from_store(&folded, &device, BatchNormMode::Folded)?;
+        let net = GraphModel::new(&network_graph(&folded)?.with_any_batch(), &device)?;
         let shape = [batch, 3, CROP, CROP];
         // Inference: one warm-up batch (shader compilation on wgpu), then `steps` batches.
-        let _ =
-            read_back(net.forward(Tensor::from_data(TensorData::new(inputs(), shape), &device)));
-        let started = Instant::now();
-        for _ in 0..steps {
-            let _ = read_back(
-                net.forward(Tensor::from_data(TensorData::new(inputs(), shape), &device)),
-            );
+        for run in 0..=steps {
+            if run == 1 {
+                started = Instant::now();
+            }
+            let x = Tensor::from_data(TensorData::new(inputs(), shape), &device);
+            let _ = read_back(net.logits(x)?);
         }
         let infer = (batch * steps) as f64 / started.elapsed().as_secs_f64();
         let cfg = DistillConfig {
@@ -312,7 +314,7 @@ pub fn bench_distil(args: &[String]) -> Result<()> {
         )?;
         let labels = vec![None; batch];
         futures_lite::future::block_on(run.step(inputs(), &labels))?;
-        let started = Instant::now();
+        started = Instant::now();
         let mut last = 0.0;
         for _ in 0..steps {
             last = futures_lite::future::block_on(run.step(inputs(), &labels))?;
