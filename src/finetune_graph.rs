@@ -5,7 +5,7 @@
 //! pass, gradients pass straight through), pruned weights kept at zero. At the end the
 //! tuned weights are quantized again on the variant's own grids (scales fixed while training).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
@@ -14,7 +14,7 @@ use crate::distill::{cosine_lr, distillation_loss, label_tensors, loss_value};
 use crate::error::{EngineError, Result};
 use crate::exec::{GraphModel, Tensor as HostTensor};
 use crate::fashion::SplitMix;
-use crate::graph::{CompressedGraph, Graph, Op};
+use crate::graph::{CompressedGraph, Dim, Graph, Op, weight_nodes};
 
 /// The settings of a fine-tuning run, bounded so a run stays short in a browser tab.
 #[derive(Debug, Clone, PartialEq)]
@@ -150,9 +150,83 @@ pub struct GraphFineTuner {
     targets: Vec<Vec<f32>>,
     /// Each input's class, where it has one.
     labels: Vec<Option<usize>>,
+    features: Option<FeatureMatching>,
     order: Vec<usize>,
     rng: SplitMix,
     done: usize,
+}
+
+/// The most a feature-matching term may weigh against the distillation loss.
+pub const MAX_FEATURE_WEIGHT: f64 = 100.0;
+
+/// Feature matching: the original computes what some layers of the variant read, and the
+/// variant learns to read the same (mean squared error).
+struct FeatureMatching {
+    /// The original, float, on the training device (it does not train).
+    teacher: GraphModel,
+    /// The values compared, in the original's graph and in the variant's, pairwise.
+    teacher_values: Vec<String>,
+    student_values: Vec<String>,
+    weight: f64,
+}
+
+/// The value the layer with weights named `layer` reads (its first input) in `graph`, and its
+/// dims for an input of dims `input`.
+fn layer_input(
+    graph: &Graph,
+    input: &[Dim],
+    layer: &str,
+    side: &str,
+) -> Result<(String, Vec<Dim>)> {
+    let node = weight_nodes(graph)
+        .into_iter()
+        .map(|i| &graph.nodes[i])
+        .find(|n| n.name == layer)
+        .ok_or_else(|| {
+            EngineError::Config(format!(
+                "feature matching: the {side} has no layer with weights named `{layer}` (the names are those of the per-layer table)"
+            ))
+        })?;
+    // Before the layer's activation quantizer, if it has one: the features its earlier
+    // layers compute, without the rounding, which no training removes.
+    let mut value = node.inputs[0].clone();
+    if let Some(quantizer) = graph
+        .nodes
+        .iter()
+        .find(|n| n.outputs.first() == Some(&value) && matches!(n.op, Op::QuantizeDequantize(_)))
+    {
+        value = quantizer.inputs[0].clone();
+    }
+    let dims = graph
+        .shapes(input)?
+        .get(&value)
+        .cloned()
+        .ok_or_else(|| EngineError::Execution(format!("`{value}` has no shape")))?;
+    Ok((value, dims))
+}
+
+fn dims_text(dims: &[Dim]) -> String {
+    let parts: Vec<String> = dims.iter().map(ToString::to_string).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// `graph` taking batches of any size where its shapes allow (models are often exported
+/// with a fixed batch of one that nothing in them depends on), and whether batches of more
+/// than one image fit.
+fn batched(graph: &Graph) -> (Graph, bool) {
+    let any = graph.clone().with_any_batch();
+    let fits = any.input().is_ok_and(|input| {
+        let mut dims = input.dims.clone();
+        if let Some(batch) = dims.first_mut() {
+            *batch = Dim::Known(2);
+        }
+        any.shapes(&dims).is_ok()
+    });
+    if fits {
+        (any, true)
+    } else {
+        (graph.clone(), false)
+    }
 }
 
 impl GraphFineTuner {
@@ -188,6 +262,12 @@ impl GraphFineTuner {
         }
         device.seed(cfg.seed);
         let (graph, softmax_removed) = without_final_softmax(&variant.graph);
+        let (graph, batches) = batched(&graph);
+        let mut cfg = cfg;
+        if !batches {
+            // A model whose shapes fix a batch of one trains one image per step.
+            cfg.batch_size = 1;
+        }
         // The original's probabilities as logits: softmax(ln p) = p.
         let targets = if softmax_removed {
             targets
@@ -216,6 +296,7 @@ impl GraphFineTuner {
             masks,
             optim: AdamConfig::new().init(),
             labels: vec![None; inputs.len()],
+            features: None,
             inputs,
             targets,
             order,
@@ -236,6 +317,59 @@ impl GraphFineTuner {
         }
         self.labels = labels;
         Ok(self)
+    }
+
+    /// Also trains what the layers named `layers` read toward what the same layers read in
+    /// `original` (mean squared error, averaged over the layers, added to the loss with
+    /// `weight`). A layer whose input channel pruning narrowed cannot be compared and is
+    /// refused with the reason.
+    pub fn with_feature_matching(
+        mut self,
+        original: &Graph,
+        layers: &[String],
+        weight: f64,
+    ) -> Result<Self> {
+        if layers.is_empty() {
+            self.features = None;
+            return Ok(self);
+        }
+        if !(weight.is_finite() && (0.0..=MAX_FEATURE_WEIGHT).contains(&weight)) {
+            return Err(EngineError::Config(format!(
+                "the feature-matching weight must be in 0–{MAX_FEATURE_WEIGHT}, got {weight}"
+            )));
+        }
+        let student_graph = self.model()?.graph().clone();
+        let (teacher_graph, _) = batched(original);
+        let (mut teacher_values, mut student_values) = (Vec::new(), Vec::new());
+        // Compared at the size of the training images (the model may leave it open).
+        let input: Vec<Dim> = self.inputs[0].dims.iter().map(|&d| Dim::Known(d)).collect();
+        for layer in layers {
+            let (theirs, their_dims) = layer_input(&teacher_graph, &input, layer, "original")?;
+            let (ours, our_dims) = layer_input(&student_graph, &input, layer, "compressed model")?;
+            if their_dims != our_dims {
+                return Err(EngineError::Config(format!(
+                    "feature matching at `{layer}`: its input is {} in the compressed model and {} in the original (channel pruning narrowed it), so the two cannot be compared; choose a layer whose input keeps its width",
+                    dims_text(&our_dims),
+                    dims_text(&their_dims)
+                )));
+            }
+            teacher_values.push(theirs);
+            student_values.push(ours);
+        }
+        let teacher = GraphModel::new(&teacher_graph, &self.device)?.freeze_except(&HashSet::new());
+        self.features = Some(FeatureMatching {
+            teacher,
+            teacher_values,
+            student_values,
+            weight,
+        });
+        Ok(self)
+    }
+
+    fn model(&self) -> Result<&GraphModel> {
+        self.student
+            .as_ref()
+            .ok_or_else(|| EngineError::Execution("a failed step left no student".into()))
     }
 
     /// How many inputs carry a label.
@@ -274,7 +408,11 @@ impl GraphFineTuner {
         }
         let x = Tensor::<4>::from_data(TensorData::new(pixels, [n, c, h, w]), &self.device);
         let teacher = Tensor::<2>::from_data(TensorData::new(targets, [n, classes]), &self.device);
-        let logits = model.logits(x)?;
+        let student_values = self
+            .features
+            .as_ref()
+            .map_or(&[][..], |f| f.student_values.as_slice());
+        let (logits, student_features) = model.logits_tapped(x.clone(), student_values)?;
         if logits.dims() != [n, classes] {
             return Err(EngineError::Execution(format!(
                 "the variant's output {:?} is not the original's [{n}, {classes}]",
@@ -288,13 +426,25 @@ impl GraphFineTuner {
         } else {
             1.0
         };
-        Ok(distillation_loss(
+        let mut loss = distillation_loss(
             logits,
             teacher,
             Some(label_tensors(&labels, &self.device)),
             self.cfg.temperature,
             distillation_weight,
-        ))
+        );
+        if let Some(f) = &self.features {
+            let (_, teacher_features) = f.teacher.forward_tapped(x, &f.teacher_values)?;
+            let weight = f.weight / f.teacher_values.len() as f64;
+            for (s, t) in student_features.into_iter().zip(teacher_features) {
+                let mse: Tensor<1> = (s.flat()? - t.flat()?.detach())
+                    .powf_scalar(2.0)
+                    .mean()
+                    .reshape([1]);
+                loss = loss + mse.mul_scalar(weight);
+            }
+        }
+        Ok(loss)
     }
 
     /// The student's mean distillation loss over every training input, as it stands (what

@@ -121,6 +121,12 @@ pub enum ToWorker {
     UserModelFineTune {
         epochs: u32,
         learning_rate: f64,
+        /// Layers (node names, as in the per-layer table) whose inputs the variant also
+        /// learns to match to the original's (mean squared error, `feature_weight`).
+        #[serde(default)]
+        feature_layers: Vec<String>,
+        #[serde(default)]
+        feature_weight: f64,
     },
     /// Stop a fine-tune at its next step; the variant stays as it was before.
     UserModelStopTuning,

@@ -262,6 +262,31 @@ test('your model with folder labels (CPU fallback): accuracy on held-out labelle
     assert.match(tuned, /loss \(distillation \+ cross-entropy\) on those images/);
     console.log(`after fine-tuning: ${await page.innerText('#user-accuracy')}`);
     assert.ok(Number(await page.locator('#user-accuracy').getAttribute('data-variant')) >= 5);
+
+    // Feature matching on a damaged variant (half of every layer's weights zeroed), at two
+    // layers named in the per-layer table; a name that is not a layer is refused with the
+    // reason and leaves the variant as it was.
+    await page.selectOption('#user-recipe', 'sparse50');
+    await page.click('#user-compress');
+    await page.waitForSelector('#user-report:not(:has(#user-fine-tuned)), #user-error', { timeout: 300_000 });
+    if (await page.$('#user-error')) throw new Error(await page.innerText('#user-error'));
+    const layerNames = await page.locator('#user-layers tbody tr td:first-child').allInnerTexts();
+    const matched = [layerNames[Math.floor(layerNames.length / 3)], layerNames[Math.floor((2 * layerNames.length) / 3)]];
+    await page.fill('#user-features', 'no such layer');
+    await page.dispatchEvent('#user-features', 'change');
+    await page.click('#user-finetune');
+    await page.waitForSelector('#user-error', { timeout: 60_000 });
+    assert.match(await page.innerText('#user-error'), /no layer with weights named `no such layer`/);
+    await page.fill('#user-features', matched.join(', '));
+    await page.dispatchEvent('#user-features', 'change');
+    await page.click('#user-finetune');
+    await page.waitForSelector('#user-fine-tuned, #user-error', { timeout: 300_000 });
+    if (await page.$('#user-error')) throw new Error(await page.innerText('#user-error'));
+    const featured = await page.innerText('#user-fine-tuned');
+    console.log(featured);
+    assert.ok(featured.includes(`to read what the original reads at ${matched.join(', ')} (weight 1)`), featured);
+    const featureLoss = featured.match(/loss \(distillation \+ cross-entropy \+ feature matching\) on those images ([0-9.e+-]+) → ([0-9.e+-]+)/);
+    assert.ok(featureLoss && Number(featureLoss[2]) < Number(featureLoss[1]), featured);
     await page.screenshot({ path: path.join(OUT, 'your-model-folders.png'), fullPage: true });
   } catch (e) {
     console.log(logs.join('\n'));

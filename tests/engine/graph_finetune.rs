@@ -228,3 +228,238 @@ fn labelled_images_train_toward_their_labels() {
         "a class past the outputs is refused"
     );
 }
+
+/// What the layer named `layer` reads in `graph`, for each input, on the burn interpreter.
+fn layer_inputs_of(graph: &compresslab::graph::Graph, layer: &str, inputs: &[Tensor]) -> Vec<f32> {
+    use burn::prelude::{Tensor as BurnTensor, TensorData};
+    let node = graph.nodes.iter().find(|n| n.name == layer).unwrap();
+    let value = [node.inputs[0].clone()];
+    let device = Device::flex();
+    let model = compresslab::exec::GraphModel::new(graph, &device).unwrap();
+    let mut out = Vec::new();
+    for x in inputs {
+        let dims: [usize; 4] = x.dims.clone().try_into().unwrap();
+        let t = BurnTensor::<4>::from_data(TensorData::new(x.data.clone(), dims), &device);
+        let (_, tapped) = model.forward_tapped(t, &value).unwrap();
+        let flat = tapped.into_iter().next().unwrap().flat().unwrap();
+        out.extend(flat.into_data().try_into_vec::<f32>().unwrap());
+    }
+    out
+}
+
+fn mean_squared_difference(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(x - y).powi(2))
+        .sum::<f64>()
+        / a.len() as f64
+}
+
+/// Feature matching on any graph: with what two layers read added to the loss, a variant
+/// with 60 % of its weights zeroed moves those values toward the original's on held-out
+/// lines, more than distillation on the outputs alone does (same seed, same steps). A layer
+/// whose input channel pruning narrowed, or a name that is not a layer, is refused.
+#[test]
+fn feature_matching_pulls_a_graphs_layer_inputs_toward_the_original() {
+    use compresslab::prune::{MagnitudePruning, PruneScope};
+    let graph = import_onnx(&std::fs::read(models().join("textdir.onnx")).unwrap()).unwrap();
+    let lines = rows(&npy("textdir.input.npy"));
+    let (train, held_out) = lines.split_at(lines.len() / 2);
+    let original = CpuExecutor::new(&graph).unwrap();
+    let targets: Vec<Vec<f32>> = train
+        .iter()
+        .map(|x| original.run(x).unwrap().remove(0).data)
+        .collect();
+    let sparse = Recipe {
+        magnitude_pruning: Some(MagnitudePruning {
+            sparsity: 0.6,
+            scope: PruneScope::PerLayer,
+            exclude: Vec::new(),
+            exclude_ends: false,
+        }),
+        ..Default::default()
+    };
+    let variant = compress_graph(&graph, &sparse, &[], &mut |_, _| Ok(())).unwrap();
+    let names: Vec<String> = variant.layers.iter().map(|l| l.node.clone()).collect();
+    let layers = [
+        names[names.len() / 3].clone(),
+        names[2 * names.len() / 3].clone(),
+    ];
+    let cfg = GraphFineTuneConfig {
+        epochs: 10,
+        batch_size: 6,
+        learning_rate: 1e-3,
+        ..Default::default()
+    };
+    let device = Device::flex().autodiff();
+    let tuner = |variant: &compresslab::graph::CompressedGraph| {
+        GraphFineTuner::new(
+            variant,
+            train.to_vec(),
+            targets.clone(),
+            cfg.clone(),
+            &device,
+        )
+        .unwrap()
+    };
+    let tune = |features: &[String]| {
+        let mut run = tuner(&variant)
+            .with_feature_matching(&graph, features, 1.0)
+            .unwrap();
+        while !run.is_done() {
+            block_on(run.step()).unwrap();
+        }
+        block_on(run.finish()).unwrap()
+    };
+    let distance = |tuned: &compresslab::graph::CompressedGraph| -> Vec<f64> {
+        layers
+            .iter()
+            .map(|layer| {
+                mean_squared_difference(
+                    &layer_inputs_of(&tuned.graph, layer, held_out),
+                    &layer_inputs_of(&graph, layer, held_out),
+                )
+            })
+            .collect()
+    };
+    let before = distance(&variant);
+    let logits_only = distance(&tune(&[]));
+    let matched = distance(&tune(&layers));
+    println!(
+        "text direction, 60 % zero weights: mean squared difference to the original at the inputs of {layers:?} on {} held-out lines: compressed {before:.4?}, distilled on the outputs {logits_only:.4?}, with feature matching {matched:.4?}",
+        held_out.len()
+    );
+    for i in 0..layers.len() {
+        assert!(
+            matched[i] < before[i],
+            "{}: {before:?} → {matched:?}",
+            layers[i]
+        );
+        assert!(
+            matched[i] < logits_only[i],
+            "{}: outputs only {logits_only:?}, matched {matched:?}",
+            layers[i]
+        );
+    }
+
+    // 30 % of the channels removed: the first layer reads the image (its width stays), the
+    // ones after it read narrower values.
+    let thin = compress_graph(
+        &graph,
+        &Recipe {
+            channel_pruning: Some(ChannelPruning {
+                ratio: 0.3,
+                ranking: ChannelRanking::L1,
+            }),
+            ..Default::default()
+        },
+        &[],
+        &mut |_, _| Ok(()),
+    )
+    .unwrap();
+    let first = thin.layers[0].node.clone();
+    assert!(
+        tuner(&thin)
+            .with_feature_matching(&graph, std::slice::from_ref(&first), 1.0)
+            .is_ok()
+    );
+    let narrowed = thin
+        .layers
+        .iter()
+        .filter_map(|l| {
+            tuner(&thin)
+                .with_feature_matching(&graph, std::slice::from_ref(&l.node), 1.0)
+                .err()
+        })
+        .collect::<Vec<_>>();
+    println!(
+        "30 % channels: feature matching refused at {} of {} layers, e.g. {}",
+        narrowed.len(),
+        thin.layers.len(),
+        narrowed[0]
+    );
+    assert!(narrowed.len() * 2 > thin.layers.len());
+    assert!(
+        narrowed
+            .iter()
+            .all(|e| e.to_string().contains("channel pruning narrowed it"))
+    );
+    let unknown = tuner(&variant).with_feature_matching(&graph, &["no such layer".into()], 1.0);
+    assert!(
+        matches!(&unknown, Err(e) if e.to_string().contains("no layer with weights named `no such layer`")),
+        "{:?}",
+        unknown.err()
+    );
+}
+
+/// Models are often exported with a fixed batch of one. Where nothing in the shapes depends
+/// on it, fine-tuning still runs batches; where something does (a Reshape to a batch of one),
+/// it trains one image per step instead of failing.
+#[test]
+fn a_model_exported_for_a_batch_of_one_still_fine_tunes() {
+    use compresslab::graph::{Dim, Op};
+    let fixed = |name: &str| {
+        let mut graph =
+            import_onnx(&std::fs::read(models().join(format!("{name}.onnx"))).unwrap()).unwrap();
+        for value in graph.inputs.iter_mut().chain(graph.outputs.iter_mut()) {
+            value.dims[0] = Dim::Known(1);
+        }
+        graph
+    };
+    let resnet = fixed("resnet");
+    let mut shufflenet = fixed("shufflenet");
+    // The channel shuffle's Reshape back to [-1, 16, 20, 20], as an exporter writes it for a
+    // batch of one.
+    let mut baked = 0;
+    for node in &mut shufflenet.nodes {
+        if let Op::Reshape { shape } = &mut node.op
+            && shape.first() == Some(&-1)
+        {
+            shape[0] = 1;
+            baked += 1;
+        }
+    }
+    assert!(baked > 0, "no Reshape to a batch of -1");
+    for (name, graph, batches) in [("resnet", resnet, true), ("shufflenet", shufflenet, false)] {
+        let inputs: Vec<Tensor> = rows(&npy(&format!("{name}.input.npy")))
+            .into_iter()
+            .take(6)
+            .collect();
+        let recipe = Recipe {
+            weights: Some(QuantScheme {
+                bits: 8,
+                symmetric: true,
+                granularity: Granularity::PerChannel,
+            }),
+            ..Default::default()
+        };
+        let variant = compress_graph(&graph, &recipe, &[], &mut |_, _| Ok(())).unwrap();
+        let original = CpuExecutor::new(&graph).unwrap();
+        let targets: Vec<Vec<f32>> = inputs
+            .iter()
+            .map(|x| original.run(x).unwrap().remove(0).data)
+            .collect();
+        let cfg = GraphFineTuneConfig {
+            epochs: 1,
+            batch_size: 4,
+            ..Default::default()
+        };
+        let mut tuner =
+            GraphFineTuner::new(&variant, inputs, targets, cfg, &Device::flex().autodiff())
+                .unwrap();
+        let n = tuner.total_steps().max(1);
+        let images = rows(&npy(&format!("{name}.input.npy"))).len().min(6);
+        assert!(images >= 2);
+        let expected = if batches { images.div_ceil(4) } else { images };
+        assert_eq!(
+            tuner.steps_per_epoch(),
+            expected,
+            "{name}: {images} images, {n} steps"
+        );
+        while !tuner.is_done() {
+            block_on(tuner.step()).unwrap();
+        }
+        block_on(tuner.finish()).unwrap();
+    }
+}

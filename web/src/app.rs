@@ -1086,6 +1086,19 @@ fn SampleButton(sample: Sample, notice: RwSignal<Option<String>>) -> impl IntoVi
     }
 }
 
+/// A change handler for an `<input>` that stores its value in `signal` when it parses (a
+/// half-typed number leaves the last good value).
+pub(crate) fn set_parsed<T>(signal: RwSignal<T>) -> impl Fn(leptos::ev::Event) + Copy + 'static
+where
+    T: std::str::FromStr + Send + Sync + 'static,
+{
+    move |e| {
+        if let Ok(v) = event_target_value(&e).parse::<T>() {
+            signal.set(v);
+        }
+    }
+}
+
 fn megabytes(bytes: f64) -> String {
     format!("{:.1} MB", bytes / 1_048_576.0)
 }

@@ -10,7 +10,7 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, spawn_local};
 
-use crate::app::send_distil;
+use crate::app::{send_distil, set_parsed};
 use crate::fashion_panel::grey_bmp_url;
 use crate::lab_panel::{LabState, mb, recipe_summary};
 use compresslab_spec::messages::{
@@ -348,20 +348,6 @@ pub fn DistilPanel(
             }
         });
     };
-    let number = |signal: RwSignal<f64>| {
-        move |e: ev::Event| {
-            if let Ok(v) = event_target_value(&e).parse::<f64>() {
-                signal.set(v);
-            }
-        }
-    };
-    let integer = |signal: RwSignal<u32>| {
-        move |e: ev::Event| {
-            if let Ok(v) = event_target_value(&e).parse::<u32>() {
-                signal.set(v);
-            }
-        }
-    };
 
     let intro = if photos {
         "The original EfficientNet-Lite0 is the teacher, the compressed one (the recipe applied above) the student. Folder names that are ImageNet classes "
@@ -422,28 +408,24 @@ pub fn DistilPanel(
             {move || distil.get().data.map(|d| view! { <DataSummary data=d/> })}
             <fieldset class="distil-settings" id="distil-settings" prop:disabled=running>
                 <label>"Temperature T " <input id="distil-t" type="number" min="0.5" max="20" step="0.5"
-                    prop:value=move || temperature.get().to_string() on:change=number(temperature)/></label>
+                    prop:value=move || temperature.get().to_string() on:change=set_parsed(temperature)/></label>
                 <label>"α (teacher weight) " <input id="distil-alpha" type="number" min="0" max="1" step="0.1"
-                    prop:value=move || alpha.get().to_string() on:change=number(alpha)/></label>
+                    prop:value=move || alpha.get().to_string() on:change=set_parsed(alpha)/></label>
                 <label>"Learning rate " <input id="distil-lr" type="number" min="0.00001" max="0.1" step="0.0005"
-                    prop:value=move || learning_rate.get().to_string() on:change=number(learning_rate)/></label>
+                    prop:value=move || learning_rate.get().to_string() on:change=set_parsed(learning_rate)/></label>
                 <label>"Epochs " <input id="distil-epochs" type="number" min="1" max=DistilSettings::MAX_EPOCHS.to_string()
-                    prop:value=move || epochs.get().to_string() on:change=integer(epochs)/></label>
+                    prop:value=move || epochs.get().to_string() on:change=set_parsed(epochs)/></label>
                 <label>"Batch " <input id="distil-batch" type="number" min="1" max=target.max_batch().to_string()
-                    prop:value=move || batch_size.get().to_string() on:change=integer(batch_size)/></label>
+                    prop:value=move || batch_size.get().to_string() on:change=set_parsed(batch_size)/></label>
                 <label>"Layers that learn "
                     <select id="distil-layers" on:change=move |e| layers.set(event_target_value(&e))>
                         {layer_options}
                     </select>
                 </label>
                 {photos.then(|| view! {
-                    <label title="Mean squared error between the student's and the teacher's outputs of these MBConv blocks (0–15), added to the loss. Not with channel pruning: it narrows every block's output, so there is nothing to compare channel by channel">
-                        "Match features at blocks "
-                        <input id="distil-features" type="text" placeholder="e.g. 5, 10, 15" size="10"
-                            prop:value=move || feature_blocks.get() on:change=move |e| feature_blocks.set(event_target_value(&e))/>
-                    </label>
-                    <label>"weight " <input id="distil-feature-weight" type="number" min="0" max="100" step="0.1"
-                        prop:value=move || feature_weight.get().to_string() on:change=number(feature_weight)/></label>
+                    <FeatureMatching id="distil-features" at=feature_blocks weight=feature_weight
+                        label="Match features at blocks " placeholder="e.g. 5, 10, 15"
+                        title="Mean squared error between the student's and the teacher's outputs of these MBConv blocks (0–15), added to the loss. Not with channel pruning: it narrows every block's output, so there is nothing to compare channel by channel"/>
                 })}
                 <label><input id="distil-qat" type="checkbox" prop:checked=move || qat.get()
                     prop:disabled=move || recipe().is_none_or(|r| r.weights.is_none())
@@ -768,5 +750,28 @@ fn DistilResult(report: DistilReport) -> impl IntoView {
                 r.settings.temperature, r.settings.alpha, r.settings.learning_rate, r.settings.batch_size
             )}</p>
         </div>
+    }
+}
+
+/// Where feature matching applies (a comma-separated list the worker checks) and its weight
+/// in the loss. `id` names the list's field (`…-features`); the weight's is `…-feature-weight`.
+#[component]
+pub(crate) fn FeatureMatching(
+    id: &'static str,
+    at: RwSignal<String>,
+    weight: RwSignal<f64>,
+    label: &'static str,
+    placeholder: &'static str,
+    title: &'static str,
+) -> impl IntoView {
+    let weight_id = format!("{}-feature-weight", id.trim_end_matches("-features"));
+    view! {
+        <label title=title>
+            {label}
+            <input id=id type="text" placeholder=placeholder size="16"
+                prop:value=move || at.get() on:change=move |e| at.set(event_target_value(&e))/>
+        </label>
+        <label>"weight " <input id=weight_id type="number" min="0" max="100" step="0.1"
+            prop:value=move || weight.get().to_string() on:change=set_parsed(weight)/></label>
     }
 }

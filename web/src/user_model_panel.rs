@@ -14,8 +14,8 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::Blob;
 
-use crate::app::{cancel_long_job, draw_rgb, send_user_model};
-use crate::distil_panel::{capped_note, files_of_input, is_image_name};
+use crate::app::{cancel_long_job, draw_rgb, send_user_model, set_parsed};
+use crate::distil_panel::{FeatureMatching, capped_note, files_of_input, is_image_name};
 use crate::lab_panel::{WeightHistograms, speed_change};
 use compresslab_spec::messages::{
     FromWorker, ToWorker, UserClassification, UserCompressReport, UserModelInfo,
@@ -359,13 +359,6 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
     };
     let on_images = on_model;
     let on_labels = on_model;
-    let number = |signal: RwSignal<usize>| {
-        move |e: ev::Event| {
-            if let Ok(v) = event_target_value(&e).parse::<usize>() {
-                signal.set(v);
-            }
-        }
-    };
     let compress = move |_| {
         state.update(|s| {
             s.busy = Some("Compressing".into());
@@ -381,6 +374,8 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
     };
     let epochs = RwSignal::new(5usize);
     let learning_rate = RwSignal::new("1e-4".to_string());
+    let feature_layers = RwSignal::new(String::new());
+    let feature_weight = RwSignal::new(1.0f64);
     let fine_tune = move |_| {
         state.update(|s| {
             s.busy = Some("Fine-tuning: preparing".into());
@@ -390,6 +385,14 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
             ToWorker::UserModelFineTune {
                 epochs: epochs.get_untracked() as u32,
                 learning_rate: learning_rate.get_untracked().parse().unwrap_or(1e-4),
+                feature_layers: feature_layers
+                    .get_untracked()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                feature_weight: feature_weight.get_untracked(),
             },
             None,
         );
@@ -434,8 +437,8 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
             <Show when=loaded>
                 <fieldset class="preprocessing" id="user-preprocessing">
                     <legend>"How images become the model's input"</legend>
-                    <label>"Height " <input id="user-height" type="number" min="1" max="4096" prop:value=move || height.get().to_string() on:change=number(height)/></label>
-                    <label>"Width " <input id="user-width" type="number" min="1" max="4096" prop:value=move || width.get().to_string() on:change=number(width)/></label>
+                    <label>"Height " <input id="user-height" type="number" min="1" max="4096" prop:value=move || height.get().to_string() on:change=set_parsed(height)/></label>
+                    <label>"Width " <input id="user-width" type="number" min="1" max="4096" prop:value=move || width.get().to_string() on:change=set_parsed(width)/></label>
                     <label>"Resize "
                         <select id="user-resize" on:change=move |e| resize.set(event_target_value(&e)) prop:value=move || resize.get()>
                             <option value="crop">"shorter side, centre crop (ImageNet style)"</option>
@@ -491,7 +494,7 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
                 </fieldset>
                 <fieldset class="user-finetune">
                     <legend>"Fine-tune the compressed model"</legend>
-                    <label>"Epochs " <input id="user-epochs" type="number" min="1" max="50" prop:value=move || epochs.get().to_string() on:change=number(epochs)/></label>
+                    <label>"Epochs " <input id="user-epochs" type="number" min="1" max="50" prop:value=move || epochs.get().to_string() on:change=set_parsed(epochs)/></label>
                     <label>"Learning rate "
                         <select id="user-lr" on:change=move |e| learning_rate.set(event_target_value(&e)) prop:value=move || learning_rate.get()>
                             <option value="1e-5">"1e-5 (a light touch)"</option>
@@ -499,6 +502,9 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
                             <option value="1e-3">"1e-3 (for heavy compression)"</option>
                         </select>
                     </label>
+                    <FeatureMatching id="user-features" at=feature_layers weight=feature_weight
+                        label="Match features at the inputs of " placeholder="layer names from the table"
+                        title="Names from the per-layer table, separated by commas: the compressed model also learns to read, at each of these layers, what the original reads there (mean squared error). A layer whose input lost channels to channel pruning cannot be compared."/>
                     <button id="user-finetune" on:click=fine_tune disabled=move || !idle() || !has_variant()>"Fine-tune"</button>
                     <Show when=tuning>
                         <button id="user-tune-stop" on:click=stop>"Stop"</button>

@@ -533,7 +533,12 @@ pub fn stop_tuning() {
 
 /// Fine-tunes the variant toward the original on the images it calibrated on (or the first
 /// half of those classified), then reports it measured on the rest.
-pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WorkerResult<()> {
+pub async fn fine_tune(
+    epochs: u32,
+    learning_rate: f64,
+    feature_layers: &[String],
+    feature_weight: f64,
+) -> WorkerResult<()> {
     let _turn = Turn::wait().await;
     let m = current()?;
     let start = now();
@@ -600,7 +605,8 @@ pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WorkerResult<()> {
     };
     let epochs = cfg.epochs;
     let mut tuner = GraphFineTuner::new(&variant.compressed, train, targets, cfg, &device)?
-        .with_labels(labels)?;
+        .with_labels(labels)?
+        .with_feature_matching(&m.graph, feature_layers, feature_weight)?;
     STOP_TUNING.set(false);
     let before = tuner.training_loss().await?;
     while !tuner.is_done() {
@@ -621,10 +627,19 @@ pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WorkerResult<()> {
         });
     }
     let after = tuner.training_loss().await?;
-    let loss_name = if labelled == 0 {
-        "distillation loss"
+    let loss_name = match (labelled, feature_layers.is_empty()) {
+        (0, true) => "distillation loss",
+        (_, true) => "loss (distillation + cross-entropy)",
+        (0, false) => "loss (distillation + feature matching)",
+        (_, false) => "loss (distillation + cross-entropy + feature matching)",
+    };
+    let features = if feature_layers.is_empty() {
+        String::new()
     } else {
-        "loss (distillation + cross-entropy)"
+        format!(
+            ", and to read what the original reads at {} (weight {feature_weight})",
+            feature_layers.join(", ")
+        )
     };
     if after >= before {
         return Err(WorkerError::Message(format!(
@@ -640,7 +655,7 @@ pub async fn fine_tune(epochs: u32, learning_rate: f64) -> WorkerResult<()> {
         runner: Runner::compressed(&tuned)?,
         compressed: tuned,
         fine_tuned: Some(format!(
-            "fine-tuned for {} epochs ({steps} steps) on {} images ({which}) and their flipped copies, toward the original's outputs{}, learning rate {learning_rate:e}, on {}: {loss_name} on those images {} → {}, {seconds:.1} s in all",
+            "fine-tuned for {} epochs ({steps} steps) on {} images ({which}) and their flipped copies, toward the original's outputs{}{features}, learning rate {learning_rate:e}, on {}: {loss_name} on those images {} → {}, {seconds:.1} s in all",
             epochs,
             used.len(),
             if labelled == 0 {

@@ -336,7 +336,9 @@ async fn run(msg: ToWorker, parts: &Array) -> WorkerResult<()> {
         ToWorker::UserModelFineTune {
             epochs,
             learning_rate,
-        } => user_model::fine_tune(epochs, learning_rate).await,
+            feature_layers,
+            feature_weight,
+        } => user_model::fine_tune(epochs, learning_rate, &feature_layers, feature_weight).await,
         ToWorker::UserModelStopTuning => {
             user_model::stop_tuning();
             Ok(())
