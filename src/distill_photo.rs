@@ -27,13 +27,22 @@ use crate::error::{EngineError, Result};
 use crate::exec::GraphModel;
 use crate::fashion::SplitMix;
 use crate::graph::{Graph, batch_one_shapes};
-use crate::graph_builder::{bias_name, layer_inputs, network_graph, weight_name};
+use crate::graph_builder::{
+    bias_name, layer_inputs, network_graph, unfolded_network_graph, weight_name,
+};
 use crate::preprocess::{CROP, RgbImage, box_reduce, to_nchw};
+use crate::prune::{ChannelPruning, kept_channels};
 use crate::weights::{NamedTensor, TensorStore};
 
 /// The network `store` holds as a graph that takes batches of any size.
 fn batch_graph(store: &TensorStore) -> Result<Graph> {
     Ok(network_graph(store)?.with_any_batch())
+}
+
+/// [`batch_graph`] with the BatchNorms as nodes (the same outputs): the graph channel pruning
+/// analyses, so its values are the ones [`kept_channels`] names.
+fn unfolded_batch_graph(store: &TensorStore) -> Result<Graph> {
+    Ok(unfolded_network_graph(store)?.with_any_batch())
 }
 
 /// The values feature matching compares: the outputs of MBConv blocks `blocks` (each the
@@ -109,8 +118,12 @@ pub struct PhotoDistiller {
     plain: Device,
     teacher: GraphModel,
     student: Option<GraphModel>,
-    /// The block outputs feature matching compares (the same names in both graphs).
+    /// The block outputs feature matching compares, in the teacher's graph and in the
+    /// student's, and per block the teacher's channels the student kept where channel
+    /// pruning narrowed it.
+    teacher_taps: Vec<String>,
     taps: Vec<String>,
+    kept: Vec<Option<Tensor<1, Int>>>,
     optim: ModuleOptimizer,
     /// Per weight constant, 1 where it may train and 0 where it stays zero.
     masks: HashMap<String, Tensor<1>>,
@@ -119,12 +132,14 @@ pub struct PhotoDistiller {
 }
 
 impl PhotoDistiller {
-    /// `student` is a folded store (conv biases); `device` an autodiff device; the
-    /// learning rate follows a cosine over `total_steps`.
+    /// `student` is a folded store (conv biases) made of `teacher` with `pruning`'s channels
+    /// removed, if any (feature matching compares the channels it kept); `device` an
+    /// autodiff device; the learning rate follows a cosine over `total_steps`.
     pub fn new(
         teacher: &TensorStore,
         student: &TensorStore,
         masks: Masks,
+        pruning: Option<&ChannelPruning>,
         cfg: DistillConfig,
         total_steps: usize,
         device: &Device,
@@ -135,19 +150,39 @@ impl PhotoDistiller {
         cfg.feature_blocks.dedup();
         device.seed(cfg.seed);
         let plain = device.clone().inner();
-        let teacher_graph = batch_graph(teacher)?;
+        let pruned = match pruning {
+            Some(p) if p.ratio > 0.0 && !cfg.feature_blocks.is_empty() => {
+                kept_channels(teacher, p)?
+            }
+            _ => HashMap::new(),
+        };
+        // Where the teacher's channels are selected, its graph is the one pruning analysed
+        // (BatchNorms as nodes), whose value names the selection uses.
+        let teacher_graph = if pruned.is_empty() {
+            batch_graph(teacher)?
+        } else {
+            unfolded_batch_graph(teacher)?
+        };
         let student_graph = batch_graph(student)?;
         let theirs = block_outputs(teacher, &teacher_graph, &cfg.feature_blocks)?;
         let ours = block_outputs(student, &student_graph, &cfg.feature_blocks)?;
-        for ((b, (mine, width)), (their, their_width)) in
+        let mut kept = Vec::new();
+        for ((b, (_, width)), (their, their_width)) in
             cfg.feature_blocks.iter().zip(&ours).zip(&theirs)
         {
-            if width != their_width || mine != their {
+            let channels = pruned.get(their);
+            if *width != channels.map_or(*their_width, Vec::len) {
                 return Err(EngineError::Config(format!(
-                    "feature matching at block {b}: channel pruning left the student {width} of the teacher's {their_width} output channels there, so the two cannot be compared; fine-tune without feature matching"
+                    "feature matching at block {b}: the student has {width} output channels there and the teacher {their_width}, which its channel pruning does not explain"
                 )));
             }
+            kept.push(channels.map(|c| {
+                let indices: Vec<i64> = c.iter().map(|&i| i as i64).collect();
+                let n = indices.len();
+                Tensor::<1, Int>::from_data(TensorData::new(indices, [n]), &plain)
+            }));
         }
+        let teacher_taps = theirs.into_iter().map(|(value, _)| value).collect();
         let taps = ours.into_iter().map(|(value, _)| value).collect();
         let trained: HashSet<String> = trained_layers(student, cfg.layers)
             .iter()
@@ -172,7 +207,9 @@ impl PhotoDistiller {
         Ok(Self {
             teacher: GraphModel::new(&teacher_graph, &plain)?,
             student: Some(net.mask_zeros(&masks)),
+            teacher_taps,
             taps,
+            kept,
             cfg,
             device: device.clone(),
             plain,
@@ -202,7 +239,7 @@ impl PhotoDistiller {
         let taps = &self.taps;
         let (teacher, teacher_features) = self.teacher.logits_tapped(
             Tensor::from_data(TensorData::new(images.clone(), shape), &self.plain),
-            taps,
+            &self.teacher_taps,
         )?;
         let [_, classes] = teacher.dims();
         let teacher = Tensor::<2>::from_data(
@@ -225,7 +262,11 @@ impl PhotoDistiller {
         if !taps.is_empty() {
             // Mean squared error of each tapped block's output, averaged over the blocks.
             let weight = self.cfg.feature_weight / taps.len() as f64;
-            for (s, t) in features.into_iter().zip(teacher_features) {
+            for ((s, t), kept) in features.into_iter().zip(teacher_features).zip(&self.kept) {
+                let t = match kept {
+                    Some(channels) => t.select_channels(channels.clone())?,
+                    None => t,
+                };
                 let t = read_f32(t.flat()?).await?;
                 let len = t.len();
                 let t = Tensor::<1>::from_data(TensorData::new(t, [len]), &self.device);

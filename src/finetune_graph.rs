@@ -14,7 +14,7 @@ use crate::distill::{cosine_lr, distillation_loss, label_tensors, loss_value};
 use crate::error::{EngineError, Result};
 use crate::exec::{GraphModel, Tensor as HostTensor};
 use crate::fashion::SplitMix;
-use crate::graph::{CompressedGraph, Dim, Graph, Op, weight_nodes};
+use crate::graph::{CompressedGraph, Dim, Graph, Op, kept_channels, weight_nodes};
 
 /// The settings of a fine-tuning run, bounded so a run stays short in a browser tab.
 #[derive(Debug, Clone, PartialEq)]
@@ -167,6 +167,9 @@ struct FeatureMatching {
     /// The values compared, in the original's graph and in the variant's, pairwise.
     teacher_values: Vec<String>,
     student_values: Vec<String>,
+    /// Per pair, where channel pruning narrowed the value: the original's channels the
+    /// variant kept (compared with the variant's, in order).
+    kept: Vec<Option<Tensor<1, Int>>>,
     weight: f64,
 }
 
@@ -321,8 +324,8 @@ impl GraphFineTuner {
 
     /// Also trains what the layers named `layers` read toward what the same layers read in
     /// `original` (mean squared error, averaged over the layers, added to the loss with
-    /// `weight`). A layer whose input channel pruning narrowed cannot be compared and is
-    /// refused with the reason.
+    /// `weight`). `original` is the graph the variant was compressed from: where its channel
+    /// pruning narrowed a layer's input, the channels it kept are compared.
     pub fn with_feature_matching(
         mut self,
         original: &Graph,
@@ -340,19 +343,35 @@ impl GraphFineTuner {
         }
         let student_graph = self.model()?.graph().clone();
         let (teacher_graph, _) = batched(original);
-        let (mut teacher_values, mut student_values) = (Vec::new(), Vec::new());
+        // The same selection compress_graph made: which of the original's channels stayed.
+        let pruned = match &self.variant.recipe.channel_pruning {
+            Some(cfg) if cfg.ratio > 0.0 => kept_channels(original, cfg)?,
+            _ => HashMap::new(),
+        };
+        let (mut teacher_values, mut student_values, mut kept) =
+            (Vec::new(), Vec::new(), Vec::new());
         // Compared at the size of the training images (the model may leave it open).
         let input: Vec<Dim> = self.inputs[0].dims.iter().map(|&d| Dim::Known(d)).collect();
         for layer in layers {
             let (theirs, their_dims) = layer_input(&teacher_graph, &input, layer, "original")?;
             let (ours, our_dims) = layer_input(&student_graph, &input, layer, "compressed model")?;
-            if their_dims != our_dims {
+            let channels = pruned.get(&theirs);
+            let mut expected = their_dims.clone();
+            if let (Some(channels), Some(axis)) = (channels, expected.get_mut(1)) {
+                *axis = Dim::Known(channels.len());
+            }
+            if expected != our_dims {
                 return Err(EngineError::Config(format!(
-                    "feature matching at `{layer}`: its input is {} in the compressed model and {} in the original (channel pruning narrowed it), so the two cannot be compared; choose a layer whose input keeps its width",
+                    "feature matching at `{layer}`: its input is {} in the compressed model and {} in the original, which channel pruning does not explain: was the variant compressed from this model?",
                     dims_text(&our_dims),
                     dims_text(&their_dims)
                 )));
             }
+            kept.push(channels.map(|c| {
+                let indices: Vec<i64> = c.iter().map(|&i| i as i64).collect();
+                let n = indices.len();
+                Tensor::<1, Int>::from_data(TensorData::new(indices, [n]), &self.device)
+            }));
             teacher_values.push(theirs);
             student_values.push(ours);
         }
@@ -361,6 +380,7 @@ impl GraphFineTuner {
             teacher,
             teacher_values,
             student_values,
+            kept,
             weight,
         });
         Ok(self)
@@ -436,7 +456,15 @@ impl GraphFineTuner {
         if let Some(f) = &self.features {
             let (_, teacher_features) = f.teacher.forward_tapped(x, &f.teacher_values)?;
             let weight = f.weight / f.teacher_values.len() as f64;
-            for (s, t) in student_features.into_iter().zip(teacher_features) {
+            for ((s, t), kept) in student_features
+                .into_iter()
+                .zip(teacher_features)
+                .zip(&f.kept)
+            {
+                let t = match kept {
+                    Some(channels) => t.select_channels(channels.clone())?,
+                    None => t,
+                };
                 let mse: Tensor<1> = (s.flat()? - t.flat()?.detach())
                     .powf_scalar(2.0)
                     .mean()

@@ -203,7 +203,15 @@ impl PhotoFineTune {
         let (student, masks) = student_for(&teacher, recipe)?;
         let (batch, epochs, seed) = (cfg.batch_size, cfg.epochs, cfg.seed);
         let total = train.len().div_ceil(batch) * epochs;
-        let distiller = PhotoDistiller::new(&teacher, &student, masks, cfg, total, device)?;
+        let distiller = PhotoDistiller::new(
+            &teacher,
+            &student,
+            masks,
+            recipe.channel_pruning.as_ref(),
+            cfg,
+            total,
+            device,
+        )?;
         let mut rng = SplitMix::new(seed);
         let mut order = train.clone();
         rng.shuffle(&mut order);

@@ -161,6 +161,17 @@ pub fn mask_channels(store: &TensorStore, cfg: &ChannelPruning) -> Result<Tensor
     through_graph(store, cfg, |graph| graph::mask_channels(graph, cfg))
 }
 
+/// For each value of the network's unfolded graph (see
+/// [`crate::graph_builder::unfolded_network_graph`]) that [`prune_channels`] narrows, the
+/// channels that stay: where the pruned network's values come from in the original's.
+pub fn kept_channels(
+    store: &TensorStore,
+    cfg: &ChannelPruning,
+) -> Result<std::collections::HashMap<String, Vec<usize>>> {
+    check_fraction("channel ratio", cfg.ratio)?;
+    graph::kept_channels(&unfolded_network_graph(store)?, cfg)
+}
+
 /// `rewrite` applied to the network's unfolded graph, whose constants are the store's
 /// tensors; the rewritten constants go back into the store under their names.
 fn through_graph(

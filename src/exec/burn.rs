@@ -894,6 +894,23 @@ impl Output {
         Ok(self.t.reshape([batch, len / batch]))
     }
 
+    /// Only these positions along axis 1 (channels of an image, features of a row).
+    pub fn select_channels(self, positions: Tensor<1, Int>) -> Result<Self> {
+        let axis = RANK
+            .checked_sub(self.dims.len())
+            .map(|offset| offset + 1)
+            .filter(|_| self.dims.len() >= 2)
+            .ok_or_else(|| {
+                EngineError::Execution(format!("a value {:?} has no axis 1", self.dims))
+            })?;
+        let mut dims = self.dims;
+        dims[1] = positions.dims()[0];
+        Ok(Self {
+            t: self.t.select(axis, positions),
+            dims,
+        })
+    }
+
     /// Every value in one row.
     pub fn flat(self) -> Result<Tensor<1>> {
         Ok(self.t.reshape([crate::graph::element_count(&self.dims)?]))

@@ -546,6 +546,31 @@ pub fn prune_channels(graph: &Graph, cfg: &ChannelPruning) -> Result<Graph> {
     rewrite(graph, cfg, false)
 }
 
+/// For each value that [`prune_channels`] narrows (by name in `graph`), the positions along
+/// its axis 1 that stay, ascending: where the pruned graph's value came from in the
+/// original's, e.g. to compare the two channel by channel.
+pub fn kept_channels(graph: &Graph, cfg: &ChannelPruning) -> Result<HashMap<String, Vec<usize>>> {
+    let mut a = analyse(graph)?;
+    let removed = removed_classes(&mut a, graph, cfg)?;
+    let mut kept = HashMap::new();
+    if removed.is_empty() {
+        return Ok(kept);
+    }
+    let layouts = std::mem::take(&mut a.layouts);
+    for (name, layout) in layouts {
+        let keep: Vec<usize> = layout
+            .iter()
+            .enumerate()
+            .filter(|&(_, &s)| !removed.contains(&a.slots.find(s)))
+            .map(|(i, _)| i)
+            .collect();
+        if keep.len() < layout.len() {
+            kept.insert(name, keep);
+        }
+    }
+    Ok(kept)
+}
+
 /// The same selection as [`prune_channels`], with the removed channels zeroed in place (the
 /// producers' filters and biases, BatchNorm γ and β, per-channel constants and the consumers'
 /// columns), so they contribute nothing: the reference the pruned graph must match.

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 pub(crate) use compress::batch_one_shapes;
 pub use compress::{CompressedGraph, GraphLayer, GraphStats, compress_graph, weight_nodes};
-pub use depgraph::{ChannelGroup, channel_groups, mask_channels, prune_channels};
+pub use depgraph::{ChannelGroup, channel_groups, kept_channels, mask_channels, prune_channels};
 pub use export::export_onnx;
 pub use fold::{batch_norm_affine, fold_batch_norms};
 pub use import::{MAX_MODEL_BYTES, import_onnx, transpose};

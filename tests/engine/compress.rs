@@ -467,6 +467,7 @@ fn photo_distillation_recovers_a_pruned_student() {
         &teacher,
         &student,
         masks.clone(),
+        recipe.channel_pruning.as_ref(),
         cfg,
         steps,
         &Device::flex().autodiff(),
@@ -577,7 +578,8 @@ fn own_classes_head_and_quantization_aware_photo_distillation() {
         ..DistillConfig::default()
     };
     let steps = 16;
-    let mut run = PhotoDistiller::new(&teacher, &student, masks, cfg, steps, &device).unwrap();
+    let mut run =
+        PhotoDistiller::new(&teacher, &student, masks, None, cfg, steps, &device).unwrap();
     let held = futures_lite::future::block_on(run.evaluate(&inputs, &labels.map(Some))).unwrap();
     let mut rng = SplitMix::new(3);
     for _ in 0..steps {
@@ -601,41 +603,140 @@ fn own_classes_head_and_quantization_aware_photo_distillation() {
     assert!(after < before * 0.8, "{before} → {after}");
 }
 
-// Feature matching: with the outputs of blocks 5 and 10 added to the loss, a student with
-// 60 % of its weights zeroed moves those block outputs toward the teacher's, more than
-// distillation on the logits alone does (same steps, same seed). A channel-pruned student,
-// whose block outputs are narrower than the teacher's, is refused with a reason.
+// Feature matching: with the outputs of blocks 5 and 10 added to the loss, a student moves
+// those block outputs toward the teacher's, more than distillation on the logits alone does
+// (same steps, same seed): with 60 % of its weights zeroed, and with 30 % of the channels of
+// every group removed (the residual streams too, so block outputs are narrower: compared on
+// the teacher's channels the student kept). Without its pruning settings a thinner student is
+// refused with the reason.
 #[test]
 fn feature_matching_pulls_block_outputs_toward_the_teacher() {
     use compresslab::distill::{DistillConfig, student_for};
     use compresslab::distill_photo::{PhotoDistiller, augment_photo};
+    use compresslab::efficientnet::reader_of_block;
     use compresslab::fashion::SplitMix;
+    use compresslab::graph_builder::{layer_inputs, network_graph, unfolded_network_graph};
     let teacher = store();
     let photos = sample_photos();
     let inputs = samples();
-    let recipe = Recipe {
-        magnitude_pruning: Some(MagnitudePruning {
-            sparsity: 0.6,
-            scope: PruneScope::PerLayer,
-            exclude: Vec::new(),
-            exclude_ends: false,
-        }),
-        ..Recipe::default()
-    };
-    let (student, masks) = student_for(&teacher, &recipe).unwrap();
     let taps = [5usize, 10];
-    let thinner = Recipe {
-        channel_pruning: Some(ChannelPruning {
-            ratio: 0.3,
-            ranking: ChannelRanking::L2,
-        }),
-        ..Recipe::default()
+    let device = Device::flex();
+    let x = Tensor::<4>::from_data(
+        TensorData::new(inputs.concat(), [inputs.len(), 3, 224, 224]),
+        &device,
+    );
+    // Each block's output is the input of the layer after it, in the store's own graph, on
+    // `kept`'s channels where given.
+    let tapped = |s: &TensorStore,
+                  graph: compresslab::graph::Graph,
+                  kept: &std::collections::HashMap<String, Vec<usize>>|
+     -> Vec<Tensor<1>> {
+        let graph = graph.with_any_batch();
+        let readers: Vec<String> = taps
+            .iter()
+            .map(|&b| reader_of_block(s, b).unwrap())
+            .collect();
+        let values = layer_inputs(&graph, &readers).unwrap();
+        let net = compresslab::exec::GraphModel::new(&graph, &device).unwrap();
+        let (_, outputs) = net.forward_tapped(x.clone(), &values).unwrap();
+        outputs
+            .into_iter()
+            .zip(&values)
+            .map(|(o, value)| {
+                let o = match kept.get(value) {
+                    Some(channels) => {
+                        let ids: Vec<i64> = channels.iter().map(|&c| c as i64).collect();
+                        let n = ids.len();
+                        o.select_channels(Tensor::from_data(TensorData::new(ids, [n]), &device))
+                            .unwrap()
+                    }
+                    None => o,
+                };
+                o.flat().unwrap()
+            })
+            .collect()
     };
-    let (thin, thin_masks) = student_for(&teacher, &thinner).unwrap();
+    let check = |tag: &str, recipe: Recipe| {
+        let (student, masks) = student_for(&teacher, &recipe).unwrap();
+        let pruning = recipe.channel_pruning.as_ref();
+        let kept = match pruning {
+            Some(p) => compresslab::prune::kept_channels(&teacher, p).unwrap(),
+            None => Default::default(),
+        };
+        let reference = tapped(&teacher, unfolded_network_graph(&teacher).unwrap(), &kept);
+        let block_mse = |s: &TensorStore| -> Vec<f32> {
+            tapped(s, network_graph(s).unwrap(), &Default::default())
+                .into_iter()
+                .zip(&reference)
+                .map(|(a, b)| {
+                    (a - b.clone())
+                        .powf_scalar(2.0)
+                        .mean()
+                        .into_data()
+                        .try_into_vec::<f32>()
+                        .unwrap()[0]
+                })
+                .collect()
+        };
+        let train = |feature_blocks: Vec<usize>| -> TensorStore {
+            let cfg = DistillConfig {
+                alpha: 1.0,
+                temperature: 2.0,
+                learning_rate: 5e-4,
+                batch_size: 4,
+                feature_blocks,
+                ..DistillConfig::default()
+            };
+            let steps = 12;
+            let mut run = PhotoDistiller::new(
+                &teacher,
+                &student,
+                masks.clone(),
+                pruning,
+                cfg,
+                steps,
+                &Device::flex().autodiff(),
+            )
+            .unwrap();
+            let mut rng = SplitMix::new(3);
+            for _ in 0..steps {
+                let batch: Vec<f32> = (0..4)
+                    .flat_map(|_| augment_photo(&photos[rng.below(photos.len())], &mut rng))
+                    .collect();
+                futures_lite::future::block_on(run.step(batch, &[None; 4])).unwrap();
+            }
+            futures_lite::future::block_on(run.student()).unwrap()
+        };
+        let before = block_mse(&student);
+        let logits_only = block_mse(&train(Vec::new()));
+        let matched = block_mse(&train(taps.to_vec()));
+        println!(
+            "{tag}: block output MSE to the teacher (blocks {taps:?}): compressed {before:.4?}, distilled on logits {logits_only:.4?}, with feature matching {matched:.4?}"
+        );
+        for i in 0..taps.len() {
+            assert!(
+                matched[i] < before[i],
+                "{tag} block {}: {before:?} → {matched:?}",
+                taps[i]
+            );
+            assert!(
+                matched[i] < logits_only[i],
+                "{tag} block {}: logits only {logits_only:?}, matched {matched:?}",
+                taps[i]
+            );
+        }
+        (student, masks)
+    };
+    check("60 % zero weights", crate::zeroed_per_layer(0.6));
+    let (thin, thin_masks) = check(
+        "30 % channels removed",
+        crate::channels_removed(0.3, ChannelRanking::L2),
+    );
     let refused = PhotoDistiller::new(
         &teacher,
         &thin,
         thin_masks,
+        None,
         DistillConfig {
             batch_size: 4,
             feature_blocks: taps.to_vec(),
@@ -645,90 +746,10 @@ fn feature_matching_pulls_block_outputs_toward_the_teacher() {
         &Device::flex().autodiff(),
     );
     assert!(
-        matches!(&refused, Err(compresslab::EngineError::Config(m)) if m.contains("feature matching at block 5")),
+        matches!(&refused, Err(compresslab::EngineError::Config(m)) if m.contains("feature matching at block 5") && m.contains("does not explain")),
         "{:?}",
         refused.err()
     );
-    let device = Device::flex();
-    let x = Tensor::<4>::from_data(
-        TensorData::new(inputs.concat(), [inputs.len(), 3, 224, 224]),
-        &device,
-    );
-    // Each block's output is the input of the layer after it, in the store's own graph.
-    let tapped = |s: &TensorStore| -> Vec<Tensor<1>> {
-        use compresslab::efficientnet::reader_of_block;
-        use compresslab::graph_builder::{layer_inputs, network_graph};
-        let graph = network_graph(s).unwrap().with_any_batch();
-        let readers: Vec<String> = taps
-            .iter()
-            .map(|&b| reader_of_block(s, b).unwrap())
-            .collect();
-        let values = layer_inputs(&graph, &readers).unwrap();
-        let net = compresslab::exec::GraphModel::new(&graph, &device).unwrap();
-        let (_, outputs) = net.forward_tapped(x.clone(), &values).unwrap();
-        outputs.into_iter().map(|o| o.flat().unwrap()).collect()
-    };
-    let reference = tapped(&teacher);
-    let block_mse = |s: &TensorStore| -> Vec<f32> {
-        tapped(s)
-            .into_iter()
-            .zip(&reference)
-            .map(|(a, b)| {
-                (a - b.clone())
-                    .powf_scalar(2.0)
-                    .mean()
-                    .into_data()
-                    .try_into_vec::<f32>()
-                    .unwrap()[0]
-            })
-            .collect()
-    };
-    let train = |feature_blocks: Vec<usize>| -> TensorStore {
-        let cfg = DistillConfig {
-            alpha: 1.0,
-            temperature: 2.0,
-            learning_rate: 5e-4,
-            batch_size: 4,
-            feature_blocks,
-            ..DistillConfig::default()
-        };
-        let steps = 12;
-        let mut run = PhotoDistiller::new(
-            &teacher,
-            &student,
-            masks.clone(),
-            cfg,
-            steps,
-            &Device::flex().autodiff(),
-        )
-        .unwrap();
-        let mut rng = SplitMix::new(3);
-        for _ in 0..steps {
-            let batch: Vec<f32> = (0..4)
-                .flat_map(|_| augment_photo(&photos[rng.below(photos.len())], &mut rng))
-                .collect();
-            futures_lite::future::block_on(run.step(batch, &[None; 4])).unwrap();
-        }
-        futures_lite::future::block_on(run.student()).unwrap()
-    };
-    let before = block_mse(&student);
-    let logits_only = block_mse(&train(Vec::new()));
-    let matched = block_mse(&train(taps.to_vec()));
-    println!(
-        "block output MSE to the teacher (blocks {taps:?}): compressed {before:.4?}, distilled on logits {logits_only:.4?}, with feature matching {matched:.4?}"
-    );
-    for i in 0..taps.len() {
-        assert!(
-            matched[i] < before[i],
-            "block {}: {before:?} → {matched:?}",
-            taps[i]
-        );
-        assert!(
-            matched[i] < logits_only[i],
-            "block {}: logits only {logits_only:?}, matched {matched:?}",
-            taps[i]
-        );
-    }
 }
 
 /// int4 weight-only, symmetric, per block of 32 weights.
@@ -794,13 +815,7 @@ fn lab_statistics_agree_with_the_graph() {
         ("fp32", Recipe::default()),
         (
             "50 % channels",
-            Recipe {
-                channel_pruning: Some(ChannelPruning {
-                    ratio: 0.5,
-                    ranking: ChannelRanking::L1,
-                }),
-                ..Recipe::default()
-            },
+            crate::channels_removed(0.5, ChannelRanking::L1),
         ),
         (
             "int8 weights",

@@ -385,13 +385,7 @@ fn distiller_with_labels_and_a_held_out_split() {
     }
     // The same seed gives the same split.
     assert_eq!(data.stratified_split(0.2, 11).1, heldout_idx);
-    let recipe = Recipe {
-        channel_pruning: Some(ChannelPruning {
-            ratio: 0.5,
-            ranking: ChannelRanking::L2,
-        }),
-        ..Recipe::default()
-    };
+    let recipe = crate::channels_removed(0.5, ChannelRanking::L2);
     let student = pruned_and_folded(&teacher, &recipe).unwrap();
     let cfg = DistillConfig {
         alpha: 0.7,

@@ -229,8 +229,14 @@ fn labelled_images_train_toward_their_labels() {
     );
 }
 
-/// What the layer named `layer` reads in `graph`, for each input, on the burn interpreter.
-fn layer_inputs_of(graph: &compresslab::graph::Graph, layer: &str, inputs: &[Tensor]) -> Vec<f32> {
+/// What the layer named `layer` reads in `graph`, for each input, on the burn interpreter;
+/// with `kept`, only those channels (axis 1) of it.
+fn layer_inputs_of(
+    graph: &compresslab::graph::Graph,
+    layer: &str,
+    inputs: &[Tensor],
+    kept: Option<&[usize]>,
+) -> Vec<f32> {
     use burn::prelude::{Tensor as BurnTensor, TensorData};
     let node = graph.nodes.iter().find(|n| n.name == layer).unwrap();
     let value = [node.inputs[0].clone()];
@@ -241,8 +247,22 @@ fn layer_inputs_of(graph: &compresslab::graph::Graph, layer: &str, inputs: &[Ten
         let dims: [usize; 4] = x.dims.clone().try_into().unwrap();
         let t = BurnTensor::<4>::from_data(TensorData::new(x.data.clone(), dims), &device);
         let (_, tapped) = model.forward_tapped(t, &value).unwrap();
-        let flat = tapped.into_iter().next().unwrap().flat().unwrap();
-        out.extend(flat.into_data().try_into_vec::<f32>().unwrap());
+        let tapped = tapped.into_iter().next().unwrap();
+        let per_channel: usize = tapped.dims[2..].iter().product();
+        let data = tapped
+            .flat()
+            .unwrap()
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
+        match kept {
+            Some(channels) => {
+                for &c in channels {
+                    out.extend_from_slice(&data[c * per_channel..(c + 1) * per_channel]);
+                }
+            }
+            None => out.extend(data),
+        }
     }
     out
 }
@@ -257,12 +277,13 @@ fn mean_squared_difference(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Feature matching on any graph: with what two layers read added to the loss, a variant
-/// with 60 % of its weights zeroed moves those values toward the original's on held-out
-/// lines, more than distillation on the outputs alone does (same seed, same steps). A layer
-/// whose input channel pruning narrowed, or a name that is not a layer, is refused.
+/// moves those values toward the original's on held-out lines, more than distillation on
+/// the outputs alone does (same seed, same steps): with 60 % of its weights zeroed, and with
+/// 30 % of its channels removed (compared on the channels it kept). A name that is not a
+/// layer is refused.
 #[test]
 fn feature_matching_pulls_a_graphs_layer_inputs_toward_the_original() {
-    use compresslab::prune::{MagnitudePruning, PruneScope};
+    use compresslab::graph::{CompressedGraph, kept_channels};
     let graph = import_onnx(&std::fs::read(models().join("textdir.onnx")).unwrap()).unwrap();
     let lines = rows(&npy("textdir.input.npy"));
     let (train, held_out) = lines.split_at(lines.len() / 2);
@@ -271,21 +292,6 @@ fn feature_matching_pulls_a_graphs_layer_inputs_toward_the_original() {
         .iter()
         .map(|x| original.run(x).unwrap().remove(0).data)
         .collect();
-    let sparse = Recipe {
-        magnitude_pruning: Some(MagnitudePruning {
-            sparsity: 0.6,
-            scope: PruneScope::PerLayer,
-            exclude: Vec::new(),
-            exclude_ends: false,
-        }),
-        ..Default::default()
-    };
-    let variant = compress_graph(&graph, &sparse, &[], &mut |_, _| Ok(())).unwrap();
-    let names: Vec<String> = variant.layers.iter().map(|l| l.node.clone()).collect();
-    let layers = [
-        names[names.len() / 3].clone(),
-        names[2 * names.len() / 3].clone(),
-    ];
     let cfg = GraphFineTuneConfig {
         epochs: 10,
         batch_size: 6,
@@ -293,7 +299,7 @@ fn feature_matching_pulls_a_graphs_layer_inputs_toward_the_original() {
         ..Default::default()
     };
     let device = Device::flex().autodiff();
-    let tuner = |variant: &compresslab::graph::CompressedGraph| {
+    let tuner = |variant: &CompressedGraph| {
         GraphFineTuner::new(
             variant,
             train.to_vec(),
@@ -303,89 +309,74 @@ fn feature_matching_pulls_a_graphs_layer_inputs_toward_the_original() {
         )
         .unwrap()
     };
-    let tune = |features: &[String]| {
-        let mut run = tuner(&variant)
-            .with_feature_matching(&graph, features, 1.0)
-            .unwrap();
-        while !run.is_done() {
-            block_on(run.step()).unwrap();
-        }
-        block_on(run.finish()).unwrap()
-    };
-    let distance = |tuned: &compresslab::graph::CompressedGraph| -> Vec<f64> {
-        layers
+    let check = |tag: &str, recipe: Recipe| {
+        let variant = compress_graph(&graph, &recipe, &[], &mut |_, _| Ok(())).unwrap();
+        let names: Vec<String> = variant.layers.iter().map(|l| l.node.clone()).collect();
+        let layers = [
+            names[names.len() / 3].clone(),
+            names[2 * names.len() / 3].clone(),
+        ];
+        let kept = match &recipe.channel_pruning {
+            Some(cfg) => kept_channels(&graph, cfg).unwrap(),
+            None => Default::default(),
+        };
+        let tune = |features: &[String]| {
+            let mut run = tuner(&variant)
+                .with_feature_matching(&graph, features, 1.0)
+                .unwrap();
+            while !run.is_done() {
+                block_on(run.step()).unwrap();
+            }
+            block_on(run.finish()).unwrap()
+        };
+        let distance = |tuned: &CompressedGraph| -> Vec<f64> {
+            layers
+                .iter()
+                .map(|layer| {
+                    let node = graph.nodes.iter().find(|n| &n.name == layer).unwrap();
+                    let channels = kept.get(&node.inputs[0]).map(Vec::as_slice);
+                    mean_squared_difference(
+                        &layer_inputs_of(&tuned.graph, layer, held_out, None),
+                        &layer_inputs_of(&graph, layer, held_out, channels),
+                    )
+                })
+                .collect()
+        };
+        let narrowed = layers
             .iter()
-            .map(|layer| {
-                mean_squared_difference(
-                    &layer_inputs_of(&tuned.graph, layer, held_out),
-                    &layer_inputs_of(&graph, layer, held_out),
-                )
+            .filter(|l| {
+                let node = graph.nodes.iter().find(|n| &n.name == *l).unwrap();
+                kept.contains_key(&node.inputs[0])
             })
-            .collect()
+            .count();
+        let before = distance(&variant);
+        let outputs_only = distance(&tune(&[]));
+        let matched = distance(&tune(&layers));
+        println!(
+            "text direction, {tag}: mean squared difference to the original at the inputs of {layers:?} ({narrowed} narrowed) on {} held-out lines: compressed {before:.4?}, distilled on the outputs {outputs_only:.4?}, with feature matching {matched:.4?}",
+            held_out.len()
+        );
+        for i in 0..layers.len() {
+            assert!(
+                matched[i] < before[i],
+                "{tag} {}: {before:?} → {matched:?}",
+                layers[i]
+            );
+            assert!(
+                matched[i] < outputs_only[i],
+                "{tag} {}: outputs only {outputs_only:?}, matched {matched:?}",
+                layers[i]
+            );
+        }
+        (variant, narrowed)
     };
-    let before = distance(&variant);
-    let logits_only = distance(&tune(&[]));
-    let matched = distance(&tune(&layers));
-    println!(
-        "text direction, 60 % zero weights: mean squared difference to the original at the inputs of {layers:?} on {} held-out lines: compressed {before:.4?}, distilled on the outputs {logits_only:.4?}, with feature matching {matched:.4?}",
-        held_out.len()
+    let (sparse, _) = check("60 % zero weights", crate::zeroed_per_layer(0.6));
+    let (_, narrowed) = check(
+        "30 % channels removed",
+        crate::channels_removed(0.3, ChannelRanking::L1),
     );
-    for i in 0..layers.len() {
-        assert!(
-            matched[i] < before[i],
-            "{}: {before:?} → {matched:?}",
-            layers[i]
-        );
-        assert!(
-            matched[i] < logits_only[i],
-            "{}: outputs only {logits_only:?}, matched {matched:?}",
-            layers[i]
-        );
-    }
-
-    // 30 % of the channels removed: the first layer reads the image (its width stays), the
-    // ones after it read narrower values.
-    let thin = compress_graph(
-        &graph,
-        &Recipe {
-            channel_pruning: Some(ChannelPruning {
-                ratio: 0.3,
-                ranking: ChannelRanking::L1,
-            }),
-            ..Default::default()
-        },
-        &[],
-        &mut |_, _| Ok(()),
-    )
-    .unwrap();
-    let first = thin.layers[0].node.clone();
-    assert!(
-        tuner(&thin)
-            .with_feature_matching(&graph, std::slice::from_ref(&first), 1.0)
-            .is_ok()
-    );
-    let narrowed = thin
-        .layers
-        .iter()
-        .filter_map(|l| {
-            tuner(&thin)
-                .with_feature_matching(&graph, std::slice::from_ref(&l.node), 1.0)
-                .err()
-        })
-        .collect::<Vec<_>>();
-    println!(
-        "30 % channels: feature matching refused at {} of {} layers, e.g. {}",
-        narrowed.len(),
-        thin.layers.len(),
-        narrowed[0]
-    );
-    assert!(narrowed.len() * 2 > thin.layers.len());
-    assert!(
-        narrowed
-            .iter()
-            .all(|e| e.to_string().contains("channel pruning narrowed it"))
-    );
-    let unknown = tuner(&variant).with_feature_matching(&graph, &["no such layer".into()], 1.0);
+    assert_eq!(narrowed, 2, "both layers read pruned values");
+    let unknown = tuner(&sparse).with_feature_matching(&graph, &["no such layer".into()], 1.0);
     assert!(
         matches!(&unknown, Err(e) if e.to_string().contains("no layer with weights named `no such layer`")),
         "{:?}",

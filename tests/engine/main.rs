@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+use compresslab::compress::Recipe;
+use compresslab::prune::{ChannelPruning, ChannelRanking, MagnitudePruning, PruneScope};
 use compresslab::weights::TensorStore;
 
 /// Counts each thread's bytes, so the fuzz tests can bound what a crafted file makes the
@@ -30,6 +32,27 @@ pub fn assets() -> PathBuf {
         "model assets missing: run scripts/setup.sh first"
     );
     dir
+}
+
+/// A recipe that only zeroes `sparsity` of each layer's weights, by magnitude.
+pub fn zeroed_per_layer(sparsity: f32) -> Recipe {
+    Recipe {
+        magnitude_pruning: Some(MagnitudePruning {
+            sparsity,
+            scope: PruneScope::PerLayer,
+            exclude: Vec::new(),
+            exclude_ends: false,
+        }),
+        ..Recipe::default()
+    }
+}
+
+/// A recipe that only removes `ratio` of the channels, ranked by `ranking`.
+pub fn channels_removed(ratio: f32, ranking: ChannelRanking) -> Recipe {
+    Recipe {
+        channel_pruning: Some(ChannelPruning { ratio, ranking }),
+        ..Recipe::default()
+    }
 }
 
 /// The converted EfficientNet-Lite0 weights.

@@ -425,7 +425,7 @@ pub fn DistilPanel(
                 {photos.then(|| view! {
                     <FeatureMatching id="distil-features" at=feature_blocks weight=feature_weight
                         label="Match features at blocks " placeholder="e.g. 5, 10, 15"
-                        title="Mean squared error between the student's and the teacher's outputs of these MBConv blocks (0–15), added to the loss. Not with channel pruning: it narrows every block's output, so there is nothing to compare channel by channel"/>
+                        title="Mean squared error between the student's and the teacher's outputs of these MBConv blocks (0–15), added to the loss. With channel pruning, which narrows every block's output, the teacher's channels the student kept are compared"/>
                 })}
                 <label><input id="distil-qat" type="checkbox" prop:checked=move || qat.get()
                     prop:disabled=move || recipe().is_none_or(|r| r.weights.is_none())

@@ -504,7 +504,7 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
                     </label>
                     <FeatureMatching id="user-features" at=feature_layers weight=feature_weight
                         label="Match features at the inputs of " placeholder="layer names from the table"
-                        title="Names from the per-layer table, separated by commas: the compressed model also learns to read, at each of these layers, what the original reads there (mean squared error). A layer whose input lost channels to channel pruning cannot be compared."/>
+                        title="Names from the per-layer table, separated by commas: the compressed model also learns to read, at each of these layers, what the original reads there (mean squared error). Where channel pruning narrowed a layer's input, the channels it kept are compared."/>
                     <button id="user-finetune" on:click=fine_tune disabled=move || !idle() || !has_variant()>"Fine-tune"</button>
                     <Show when=tuning>
                         <button id="user-tune-stop" on:click=stop>"Stop"</button>

@@ -645,6 +645,7 @@ pub async fn bench_photo(loaded: Rc<Loaded>, batch: u32, steps: u32) -> WorkerRe
         &loaded.store,
         &folded,
         Vec::new(),
+        None,
         cfg,
         steps + 1,
         &device.autodiff(),

@@ -308,6 +308,7 @@ pub fn bench_distil(args: &[String]) -> Result<()> {
             &store,
             &folded,
             Vec::new(),
+            None,
             cfg,
             steps + 1,
             &device.clone().autodiff(),

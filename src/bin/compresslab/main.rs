@@ -60,7 +60,7 @@ const USAGE: &str = "usage:
       1000-way head, other folder names become your own classes (a head is fitted on the
       original first), no folders train label-free; 20 % held out; quantization-aware when
       the recipe quantizes weights; --features also matches those MBConv blocks' outputs
-      (mean squared error; not with channel pruning, which narrows every block's output); prints held-out loss per epoch and the deployed networks'
+      (mean squared error; with channel pruning, on the channels it kept); prints held-out loss per epoch and the deployed networks'
       accuracy / agreement before and after, and writes the fine-tuned compressed model
   compresslab bench-distil [--batch B] [--steps N] <assets-dir> <image>
       EfficientNet-Lite0 at 224²: distillation training images/s (teacher forward +
