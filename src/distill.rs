@@ -2,9 +2,13 @@
 //! compressed one the student. The student learns the teacher's softened outputs, and the
 //! labels when there are any, while keeping its compression: removed channels stay removed
 //! (it is built with the pruned widths) and pruned weights stay zero (masks re-applied after
-//! every step).
+//! every step). Both built-in networks distil the same way, as the model builder's graphs on
+//! the burn interpreter ([`NetworkDistiller`]); [`Distiller`] feeds it Fashion-MNIST
+//! epochs, `distill_photo` and `finetune_photo` feed it photos.
 //!
 //! Loss: α · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α) · CE(s, labels).
+
+use std::collections::{HashMap, HashSet};
 
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
@@ -16,15 +20,19 @@ use serde::{Deserialize, Serialize};
 pub use compresslab_spec::report::HeldOutReport;
 
 use crate::compress::{CompressedModel, Recipe, compress, pruned_and_folded};
-use crate::efficientnet::weight_layers;
+use crate::efficientnet::{reader_of_block, trained_layers, weight_layers};
 use crate::error::{EngineError, Result};
-use crate::exec::ste_fake_quant;
+use crate::exec::GraphModel;
 use crate::fashion::{
-    CLASSES, FashionCnn, FashionSet, PIXELS, SIDE, SplitMix, TrainLayers, normalize,
+    CLASSES, FashionSet, PIXELS, SIDE, SplitMix, TrainLayers, is_fashion, normalize,
 };
-use crate::graph_builder::weight_name;
+use crate::graph::{Graph, batch_one_shapes};
+use crate::graph_builder::{
+    bias_name, layer_inputs, network_graph, unfolded_network_graph, weight_name,
+};
+use crate::prune::{ChannelPruning, kept_channels};
 use crate::quant::QuantScheme;
-use crate::weights::TensorStore;
+use crate::weights::{NamedTensor, TensorStore};
 
 /// Per weight tensor (by name), 1 where the weight may train and 0 where it stays zero.
 pub type Masks = Vec<(String, Vec<f32>)>;
@@ -35,7 +43,8 @@ pub struct DistillConfig {
     pub temperature: f64,
     /// Weight α of the teacher term; 1.0 ignores the labels (label-free distillation).
     pub alpha: f64,
-    /// Adam's peak learning rate, decayed to 0 by a cosine over all steps.
+    /// Adam's peak learning rate, reached after a linear warm-up over the first tenth of the
+    /// steps and decayed to 0 by a cosine over all steps.
     pub learning_rate: f64,
     pub epochs: usize,
     pub batch_size: usize,
@@ -276,27 +285,375 @@ pub(crate) async fn read_f32<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
         .map_err(|e| EngineError::Execution(format!("{e:?}")))
 }
 
-fn argmax(row: &[f32]) -> usize {
+/// The network `store` holds as a graph that takes batches of any size.
+pub(crate) fn batch_graph(store: &TensorStore) -> Result<Graph> {
+    Ok(network_graph(store)?.with_any_batch())
+}
+
+/// [`batch_graph`] with the BatchNorms as nodes (the same outputs): the graph channel pruning
+/// analyses, so its values are the ones [`kept_channels`] names.
+fn unfolded_batch_graph(store: &TensorStore) -> Result<Graph> {
+    Ok(unfolded_network_graph(store)?.with_any_batch())
+}
+
+/// The values feature matching compares: the outputs of the photo model's MBConv blocks
+/// `blocks` (each the input of the layer after the block), with their channel counts.
+fn block_outputs(
+    store: &TensorStore,
+    graph: &Graph,
+    blocks: &[usize],
+) -> Result<Vec<(String, usize)>> {
+    let readers = blocks
+        .iter()
+        .map(|&b| reader_of_block(store, b))
+        .collect::<Result<Vec<_>>>()?;
+    let shapes = batch_one_shapes(graph)?;
+    layer_inputs(graph, &readers)?
+        .into_iter()
+        .map(|value| {
+            let width = shapes
+                .get(&value)
+                .and_then(|d| d.get(1))
+                .and_then(|d| d.known())
+                .ok_or_else(|| EngineError::Execution(format!("`{value}` has no fixed width")))?;
+            Ok((value, width))
+        })
+        .collect()
+}
+
+/// The shape of one input image of `graph` (its input without the batch).
+fn image_dims(graph: &Graph) -> Result<[usize; 3]> {
+    let dims: Vec<usize> = graph
+        .inputs
+        .first()
+        .map(|input| {
+            input
+                .dims
+                .iter()
+                .skip(1)
+                .filter_map(|d| d.known())
+                .collect()
+        })
+        .unwrap_or_default();
+    dims.try_into().map_err(|dims: Vec<usize>| {
+        EngineError::Execution(format!(
+            "the network's input is {dims:?} per image, not C×H×W"
+        ))
+    })
+}
+
+/// Values per forward pass when measuring (no gradients): eight photos at 224², at most
+/// [`MAX_EVAL_IMAGES`] smaller images.
+const EVAL_VALUES: usize = 8 * 3 * 224 * 224;
+const MAX_EVAL_IMAGES: usize = 100;
+
+/// Distils a compressed built-in network (EfficientNet-Lite0 or the Fashion-MNIST CNN) from
+/// its original, one batch at a time: teacher and student are the model builder's graphs on
+/// the burn interpreter ([`GraphModel`]). The student keeps its compression (built with the
+/// pruned widths, masks keep pruned weights at zero, quantized layers train fake-quantized);
+/// [`TrainLayers`] chooses which layers learn.
+pub struct NetworkDistiller {
+    cfg: DistillConfig,
+    device: Device,
+    plain: Device,
+    teacher: GraphModel,
+    student: Option<GraphModel>,
+    /// One input image's shape.
+    image: [usize; 3],
+    /// The block outputs feature matching compares, in the teacher's graph and in the
+    /// student's, and per block the teacher's channels the student kept where channel
+    /// pruning narrowed it.
+    teacher_taps: Vec<String>,
+    taps: Vec<String>,
+    kept: Vec<Option<Tensor<1, Int>>>,
+    optim: ModuleOptimizer,
+    /// Per weight constant, 1 where it may train and 0 where it stays zero.
+    masks: HashMap<String, Tensor<1>>,
+    total_steps: usize,
+    steps_done: usize,
+}
+
+impl NetworkDistiller {
+    /// `student` is made of `teacher` by a recipe (see [`student_for`]), with `pruning`'s
+    /// channels removed if any (feature matching compares the channels it kept); `masks`
+    /// (from [`zero_masks`]) keep pruned weights at zero; `device` is an autodiff device;
+    /// the learning rate warms up over the first tenth of `total_steps`, then follows a
+    /// cosine.
+    pub fn new(
+        teacher: &TensorStore,
+        student: &TensorStore,
+        masks: Masks,
+        pruning: Option<&ChannelPruning>,
+        cfg: DistillConfig,
+        total_steps: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut cfg = cfg;
+        if is_fashion(student) {
+            cfg.validate()?;
+            if !cfg.feature_blocks.is_empty() {
+                return Err(EngineError::Config(
+                    "feature matching is for the photo model's blocks; the Fashion-MNIST network distils on its outputs".into(),
+                ));
+            }
+        } else {
+            cfg.validate_photo()?;
+        }
+        cfg.feature_blocks.sort_unstable();
+        cfg.feature_blocks.dedup();
+        device.seed(cfg.seed);
+        let plain = device.clone().inner();
+        let pruned = match pruning {
+            Some(p) if p.ratio > 0.0 && !cfg.feature_blocks.is_empty() => {
+                kept_channels(teacher, p)?
+            }
+            _ => HashMap::new(),
+        };
+        // Where the teacher's channels are selected, its graph is the one pruning analysed
+        // (BatchNorms as nodes), whose value names the selection uses.
+        let teacher_graph = if pruned.is_empty() {
+            batch_graph(teacher)?
+        } else {
+            unfolded_batch_graph(teacher)?
+        };
+        let student_graph = batch_graph(student)?;
+        let image = image_dims(&student_graph)?;
+        if image_dims(&teacher_graph)? != image {
+            return Err(EngineError::Config(
+                "the student takes other images than the teacher".into(),
+            ));
+        }
+        let theirs = block_outputs(teacher, &teacher_graph, &cfg.feature_blocks)?;
+        let ours = block_outputs(student, &student_graph, &cfg.feature_blocks)?;
+        let mut kept = Vec::new();
+        for ((b, (_, width)), (their, their_width)) in
+            cfg.feature_blocks.iter().zip(&ours).zip(&theirs)
+        {
+            let channels = pruned.get(their);
+            if *width != channels.map_or(*their_width, Vec::len) {
+                return Err(EngineError::Config(format!(
+                    "feature matching at block {b}: the student has {width} output channels there and the teacher {their_width}, which its channel pruning does not explain"
+                )));
+            }
+            kept.push(channels.map(|c| {
+                let indices: Vec<i64> = c.iter().map(|&i| i as i64).collect();
+                let n = indices.len();
+                Tensor::<1, Int>::from_data(TensorData::new(indices, [n]), &plain)
+            }));
+        }
+        let teacher_taps = theirs.into_iter().map(|(value, _)| value).collect();
+        let taps = ours.into_iter().map(|(value, _)| value).collect();
+        let trained: HashSet<String> = trained_layers(student, cfg.layers)
+            .iter()
+            .flat_map(|l| [weight_name(l), bias_name(l)])
+            .collect();
+        let mut net = GraphModel::new(&student_graph, device)?.freeze_except(&trained);
+        if let Some(scheme) = cfg.weight_quant {
+            let quantized: Vec<String> = weight_layers(student)
+                .into_iter()
+                .filter(|l| !cfg.fp32_layers.contains(&l.name))
+                .map(|l| weight_name(&l.name))
+                .collect();
+            net = net.with_live_weight_quantization(&quantized, scheme);
+        }
+        let masks: HashMap<String, Tensor<1>> = masks
+            .into_iter()
+            .map(|(name, m)| {
+                let n = m.len();
+                (name, Tensor::from_data(TensorData::new(m, [n]), device))
+            })
+            .collect();
+        Ok(Self {
+            teacher: GraphModel::new(&teacher_graph, &plain)?,
+            student: Some(net.mask_zeros(&masks)),
+            image,
+            teacher_taps,
+            taps,
+            kept,
+            cfg,
+            device: device.clone(),
+            plain,
+            optim: AdamConfig::new().init(),
+            masks,
+            total_steps: total_steps.max(1),
+            steps_done: 0,
+        })
+    }
+
+    pub fn steps_done(&self) -> usize {
+        self.steps_done
+    }
+
+    /// One input image's values.
+    fn image_len(&self) -> usize {
+        self.image.iter().product()
+    }
+
+    /// `n` images' values as a batch tensor on `device`.
+    fn batch(&self, images: Vec<f32>, n: usize, device: &Device) -> Result<Tensor<4>> {
+        let [c, h, w] = self.image;
+        let expected = n.checked_mul(self.image_len());
+        if n == 0 || expected != Some(images.len()) {
+            return Err(EngineError::Config(format!(
+                "a batch of {n} images of {c}×{h}×{w} needs {} values, got {}",
+                expected.map_or("more".into(), |e| e.to_string()),
+                images.len()
+            )));
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(images, [n, c, h, w]),
+            device,
+        ))
+    }
+
+    fn model(&self) -> Result<&GraphModel> {
+        self.student
+            .as_ref()
+            .ok_or_else(|| EngineError::Execution("a failed step left no student".into()))
+    }
+
+    /// One Adam step on `labels.len()` preprocessed images (NCHW, flattened), with a class
+    /// per image where known. Returns the batch's loss.
+    pub async fn step(&mut self, images: Vec<f32>, labels: &[Option<usize>]) -> Result<f64> {
+        let n = labels.len();
+        let x = self.batch(images, n, &self.plain)?;
+        let taps = &self.taps;
+        let (teacher, teacher_features) =
+            self.teacher.logits_tapped(x.clone(), &self.teacher_taps)?;
+        let [_, classes] = teacher.dims();
+        let teacher = Tensor::<2>::from_data(
+            TensorData::new(read_f32(teacher).await?, [n, classes]),
+            &self.device,
+        );
+        let model = self
+            .student
+            .take()
+            .ok_or_else(|| EngineError::Execution("a failed step left no student".into()))?;
+        let (logits, features) = model.logits_tapped(x.to_device(&self.device), taps)?;
+        let mut loss = distillation_loss(
+            logits,
+            teacher,
+            Some(label_tensors(labels, &self.device)),
+            self.cfg.temperature,
+            self.cfg.alpha,
+        );
+        if !taps.is_empty() {
+            // Mean squared error of each tapped block's output, averaged over the blocks.
+            let weight = self.cfg.feature_weight / taps.len() as f64;
+            for ((s, t), kept) in features.into_iter().zip(teacher_features).zip(&self.kept) {
+                let t = match kept {
+                    Some(channels) => t.select_channels(channels.clone())?,
+                    None => t,
+                };
+                let t = read_f32(t.flat()?).await?;
+                let len = t.len();
+                let t = Tensor::<1>::from_data(TensorData::new(t, [len]), &self.device);
+                let mse: Tensor<1> = (s.flat()? - t).powf_scalar(2.0).mean().reshape([1]);
+                loss = loss + mse.mul_scalar(weight);
+            }
+        }
+        let step = self.steps_done + 1;
+        let value = loss_value(loss.clone(), || format!("step {step}")).await?;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        // A linear warm-up over the first tenth: Adam's first steps move every weight by
+        // about the full rate, which jolts a pretrained network.
+        let warmup = (self.total_steps / 10).max(1);
+        let lr = cosine_lr(self.cfg.learning_rate, self.steps_done, self.total_steps)
+            * ((self.steps_done + 1) as f64 / warmup as f64).min(1.0);
+        self.student = Some(self.optim.step(lr, model, grads).mask_zeros(&self.masks));
+        self.steps_done += 1;
+        Ok(value)
+    }
+
+    /// Student (fake-quantized when training is quantization-aware) and teacher logits
+    /// for `n` preprocessed images, without gradients.
+    pub async fn logits(&self, images: Vec<f32>, n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let student = self.model()?.valid();
+        let x = self.batch(images, n, &self.plain)?;
+        let s = student.logits(x.clone())?;
+        let t = self.teacher.logits(x)?;
+        Ok((read_f32(s).await?, read_f32(t).await?))
+    }
+
+    /// The student as it stands on preprocessed images (one NCHW image each), next to the
+    /// teacher: the distillation loss without augmentation (the output terms: feature
+    /// matching only guides training), accuracy on the labelled ones and top-1 agreement.
+    pub async fn evaluate(
+        &self,
+        inputs: &[Vec<f32>],
+        labels: &[Option<usize>],
+    ) -> Result<HeldOutReport> {
+        let (mut loss_sum, mut correct, mut teacher_correct, mut agree) = (0.0, 0, 0, 0);
+        let labelled = labels.iter().flatten().count();
+        let per_pass = (EVAL_VALUES / self.image_len().max(1)).clamp(1, MAX_EVAL_IMAGES);
+        for (batch, batch_labels) in inputs.chunks(per_pass).zip(labels.chunks(per_pass)) {
+            let n = batch.len();
+            let (s, t) = self.logits(batch.concat(), n).await?;
+            let classes = s.len() / n.max(1);
+            let tensor = |v: &[f32]| {
+                Tensor::<2>::from_data(TensorData::new(v.to_vec(), [n, classes]), &self.plain)
+            };
+            let loss = distillation_loss(
+                tensor(&s),
+                tensor(&t),
+                Some(label_tensors(batch_labels, &self.plain)),
+                self.cfg.temperature,
+                self.cfg.alpha,
+            );
+            loss_sum +=
+                f64::from(read_f32(loss).await?.first().copied().unwrap_or(f32::NAN)) * n as f64;
+            for (i, label) in batch_labels.iter().enumerate() {
+                let sp = argmax(&s[i * classes..(i + 1) * classes]);
+                let tp = argmax(&t[i * classes..(i + 1) * classes]);
+                agree += (sp == tp) as usize;
+                if let Some(y) = *label {
+                    correct += (sp == y) as usize;
+                    teacher_correct += (tp == y) as usize;
+                }
+            }
+        }
+        let images = inputs.len().max(1);
+        let share = |k: usize| (labelled > 0).then(|| k as f64 / labelled as f64);
+        Ok(HeldOutReport {
+            images: inputs.len(),
+            loss: loss_sum / images as f64,
+            accuracy: share(correct),
+            teacher_accuracy: share(teacher_correct),
+            agreement: agree as f64 / images as f64,
+        })
+    }
+
+    /// The student's weights (BatchNorm folded, masks applied), to re-quantize with its
+    /// recipe. QAT students are returned in float.
+    pub async fn student(&self) -> Result<TensorStore> {
+        let net = self.model()?.valid();
+        // The folded network's graph holds exactly its store's tensors, under their names.
+        let mut store = TensorStore::default();
+        for (name, c) in net.constants().await? {
+            store.push(NamedTensor {
+                name,
+                shape: c.dims,
+                data: c.data,
+            });
+        }
+        Ok(store)
+    }
+}
+
+/// Index of the largest value.
+pub fn argmax(row: &[f32]) -> usize {
     row.iter()
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1))
         .map_or(0, |(i, _)| i)
 }
 
-/// Images per forward pass when measuring (no gradients).
-const EVAL_BATCH: usize = 100;
-
-/// A distillation run, one step at a time, so the caller can report progress, pause,
-/// cancel or measure between steps. The student is built from its own (possibly pruned,
-/// possibly BatchNorm-folded) weights; the teacher runs on the plain device.
+/// Distillation of the Fashion-MNIST network on a labelled (or partly labelled) set: a
+/// [`NetworkDistiller`] fed shuffled, augmented batches epoch by epoch, so the caller can
+/// report progress, pause, cancel or measure between steps.
 pub struct Distiller {
+    run: NetworkDistiller,
     cfg: DistillConfig,
-    device: Device,
-    plain: Device,
-    teacher: FashionCnn,
-    student: Option<FashionCnn>,
-    optim: ModuleOptimizer,
-    masks: Vec<(String, Vec<f32>)>,
     train: FashionSet,
     order: Vec<usize>,
     rng: SplitMix,
@@ -311,7 +668,7 @@ impl Distiller {
     pub fn new(
         teacher: &TensorStore,
         student: &TensorStore,
-        masks: Vec<(String, Vec<f32>)>,
+        masks: Masks,
         train: FashionSet,
         cfg: DistillConfig,
         device: &Device,
@@ -320,34 +677,20 @@ impl Distiller {
         if train.is_empty() {
             return Err(EngineError::Config("distillation needs images".into()));
         }
-        if !cfg.feature_blocks.is_empty() {
-            // Its conv outputs are what channel pruning narrows: no common width to match.
-            return Err(EngineError::Config(
-                "feature matching is for the photo model's blocks; the Fashion-MNIST network distils on its outputs".into(),
-            ));
-        }
-        device.seed(cfg.seed);
-        let plain = device.clone().inner();
-        let teacher_net = FashionCnn::from_store(teacher, &plain)?;
-        let model = FashionCnn::from_store(student, device)?.freeze(cfg.layers);
-        let model = apply_masks(model, &masks, device);
+        let total = train.len().div_ceil(cfg.batch_size) * cfg.epochs;
+        let run = NetworkDistiller::new(teacher, student, masks, None, cfg.clone(), total, device)?;
         let mut rng = SplitMix::new(cfg.seed);
         let mut order: Vec<usize> = (0..train.len()).collect();
         rng.shuffle(&mut order);
         Ok(Self {
-            device: device.clone(),
-            plain,
-            teacher: teacher_net,
-            student: Some(model),
-            optim: AdamConfig::new().init(),
-            masks,
+            run,
+            cfg,
             train,
             order,
             rng,
             epoch: 0,
             step: 0,
             epoch_loss_sum: 0.0,
-            cfg,
         })
     }
 
@@ -360,31 +703,11 @@ impl Distiller {
     }
 
     pub fn steps_done(&self) -> usize {
-        self.epoch * self.steps_per_epoch() + self.step
+        self.run.steps_done()
     }
 
     pub fn is_done(&self) -> bool {
         self.epoch >= self.cfg.epochs
-    }
-
-    fn model(&self) -> Result<&FashionCnn> {
-        self.student
-            .as_ref()
-            .ok_or_else(|| EngineError::Execution("a failed step left no student".into()))
-    }
-
-    /// The student's logits, fake-quantized when training is quantization-aware.
-    fn student_logits(&self, model: &FashionCnn, x: Tensor<4>) -> Tensor<2> {
-        match &self.cfg.weight_quant {
-            Some(scheme) => model.forward_mapped(x, &|name, w| {
-                if self.cfg.fp32_layers.iter().any(|l| l == name) {
-                    w
-                } else {
-                    ste_fake_quant(w, scheme)
-                }
-            }),
-            None => model.forward(x),
-        }
     }
 
     /// One Adam step on the next batch.
@@ -394,12 +717,10 @@ impl Distiller {
         }
         let steps = self.steps_per_epoch();
         let bs = self.cfg.batch_size;
-        let batch: Vec<usize> =
-            self.order[self.step * bs..((self.step + 1) * bs).min(self.order.len())].to_vec();
-        let n = batch.len();
-        let mut pixels = Vec::with_capacity(n * PIXELS);
-        let mut labels = Vec::with_capacity(n);
-        for &i in &batch {
+        let batch = &self.order[self.step * bs..((self.step + 1) * bs).min(self.order.len())];
+        let mut pixels = Vec::with_capacity(batch.len() * PIXELS);
+        let mut labels = Vec::with_capacity(batch.len());
+        for &i in batch {
             if self.cfg.augment {
                 pixels.extend(augment(self.train.image(i), &mut self.rng));
             } else {
@@ -408,40 +729,7 @@ impl Distiller {
             let label = usize::from(self.train.labels[i]);
             labels.push((label < CLASSES).then_some(label));
         }
-        let shape = [n, 1, SIDE, SIDE];
-        let teacher = self.teacher.forward(Tensor::from_data(
-            TensorData::new(pixels.clone(), shape),
-            &self.plain,
-        ));
-        let teacher = Tensor::<2>::from_data(
-            TensorData::new(read_f32(teacher).await?, [n, CLASSES]),
-            &self.device,
-        );
-        let x = Tensor::<4>::from_data(TensorData::new(pixels, shape), &self.device);
-        let model = self
-            .student
-            .take()
-            .ok_or_else(|| EngineError::Execution("a failed step left no student".into()))?;
-        let loss = distillation_loss(
-            self.student_logits(&model, x),
-            teacher,
-            Some(label_tensors(&labels, &self.device)),
-            self.cfg.temperature,
-            self.cfg.alpha,
-        );
-        let (epoch, step) = (self.epoch + 1, self.step + 1);
-        let value = loss_value(loss.clone(), || format!("epoch {epoch} step {step}")).await?;
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let lr = cosine_lr(
-            self.cfg.learning_rate,
-            self.steps_done(),
-            self.total_steps(),
-        );
-        self.student = Some(apply_masks(
-            self.optim.step(lr, model, grads),
-            &self.masks,
-            &self.device,
-        ));
+        let value = self.run.step(pixels, &labels).await?;
         self.epoch_loss_sum += value;
         let report = StepReport {
             epoch: self.epoch,
@@ -449,7 +737,7 @@ impl Distiller {
             steps,
             loss: value,
             epoch_loss: self.epoch_loss_sum / (self.step + 1) as f64,
-            images: n,
+            images: labels.len(),
             epoch_done: self.step + 1 == steps,
         };
         self.step += 1;
@@ -464,58 +752,19 @@ impl Distiller {
 
     /// The student (as it stands, no augmentation, fake-quantized when QAT) on `set`.
     pub async fn evaluate(&self, set: &FashionSet) -> Result<HeldOutReport> {
-        let model = self.model()?.valid();
-        let (mut loss_sum, mut correct, mut teacher_correct, mut labelled, mut agree) =
-            (0.0, 0, 0, 0, 0);
-        for start in (0..set.len()).step_by(EVAL_BATCH) {
-            let end = (start + EVAL_BATCH).min(set.len());
-            let n = end - start;
-            let pixels = normalize(&set.images[start * PIXELS..end * PIXELS]);
-            let x =
-                Tensor::<4>::from_data(TensorData::new(pixels, [n, 1, SIDE, SIDE]), &self.plain);
-            let t = self.teacher.forward(x.clone());
-            let s = self.student_logits(&model, x);
-            let batch_labels = &set.labels[start..end];
-            let labels: Vec<Option<usize>> = batch_labels
-                .iter()
-                .map(|&l| (usize::from(l) < CLASSES).then_some(usize::from(l)))
-                .collect();
-            let loss = distillation_loss(
-                s.clone(),
-                t.clone(),
-                Some(label_tensors(&labels, &self.plain)),
-                self.cfg.temperature,
-                self.cfg.alpha,
-            );
-            loss_sum +=
-                f64::from(read_f32(loss).await?.first().copied().unwrap_or(f32::NAN)) * n as f64;
-            let (sv, tv) = (read_f32(s).await?, read_f32(t).await?);
-            for (i, &label) in batch_labels.iter().enumerate() {
-                let sp = argmax(&sv[i * CLASSES..(i + 1) * CLASSES]);
-                let tp = argmax(&tv[i * CLASSES..(i + 1) * CLASSES]);
-                agree += (sp == tp) as usize;
-                if usize::from(label) < CLASSES {
-                    labelled += 1;
-                    correct += (sp == usize::from(label)) as usize;
-                    teacher_correct += (tp == usize::from(label)) as usize;
-                }
-            }
-        }
-        let images = set.len().max(1);
-        let share = |k: usize| (labelled > 0).then(|| k as f64 / labelled as f64);
-        Ok(HeldOutReport {
-            images: set.len(),
-            loss: loss_sum / images as f64,
-            accuracy: share(correct),
-            teacher_accuracy: share(teacher_correct),
-            agreement: agree as f64 / images as f64,
-        })
+        let inputs: Vec<Vec<f32>> = (0..set.len()).map(|i| normalize(set.image(i))).collect();
+        let labels: Vec<Option<usize>> = set
+            .labels
+            .iter()
+            .map(|&l| (usize::from(l) < CLASSES).then_some(usize::from(l)))
+            .collect();
+        self.run.evaluate(&inputs, &labels).await
     }
 
-    /// The student's weights as they stand (masks applied; the same form it was given:
-    /// raw or folded). QAT students are returned in float: quantize them with the recipe.
+    /// The student's weights as they stand (masks applied, BatchNorm folded). QAT students
+    /// are returned in float: quantize them with the recipe.
     pub async fn student(&self) -> Result<TensorStore> {
-        self.model()?.valid().to_store().await
+        self.run.student().await
     }
 }
 
@@ -550,14 +799,6 @@ pub async fn distill_fashion(
     run.student().await
 }
 
-/// Zeroes the masked weights (the parameter keeps its id, so Adam's state follows it).
-fn apply_masks(model: FashionCnn, masks: &[(String, Vec<f32>)], device: &Device) -> FashionCnn {
-    if masks.is_empty() {
-        return model;
-    }
-    model.mask_weights(masks, device)
-}
-
 /// Share of each class held out to measure a fine-tune, and the split's seed (the page
 /// and the command line use the same).
 pub const HELDOUT_FRACTION: f64 = 0.2;
@@ -590,46 +831,4 @@ pub fn requantize(
     let mut model = compress(trained, &quantize_only, calibration, &mut |_, _| Ok(()))?;
     model.recipe = recipe.clone();
     Ok(model)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::quant::{Granularity, fake_quantize};
-
-    // The straight-through forward pass must be the deployed quantization, ragged blocks
-    // included (rows of 40 in blocks of 32).
-    #[test]
-    fn fake_quant_matches_the_deployed_grid() {
-        let device = Device::flex();
-        let (rows, cols) = (3, 40);
-        let data: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
-            .collect();
-        for granularity in [
-            Granularity::PerTensor,
-            Granularity::PerChannel,
-            Granularity::PerBlock(32),
-            Granularity::PerBlock(8),
-        ] {
-            for symmetric in [true, false] {
-                let scheme = QuantScheme {
-                    bits: 4,
-                    symmetric,
-                    granularity,
-                };
-                let w =
-                    Tensor::<2>::from_data(TensorData::new(data.clone(), [rows, cols]), &device);
-                let ours =
-                    futures_lite::future::block_on(read_f32(ste_fake_quant(w, &scheme))).unwrap();
-                let deployed = fake_quantize(&data, &[rows, cols], scheme);
-                let worst = ours
-                    .iter()
-                    .zip(&deployed)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0f32, f32::max);
-                assert!(worst < 1e-4, "{scheme:?}: off by {worst}");
-            }
-        }
-    }
 }

@@ -192,8 +192,12 @@ fn block_of(layer: &str) -> Option<usize> {
 
 /// The layers (by name, in [`weight_layers`] order) a fine-tune of `layers` updates: the
 /// last N MBConv blocks and everything after them (the stem too when every block learns),
-/// the head and the classifier, or the classifier alone.
+/// the head and the classifier, or the classifier alone (for the Fashion-MNIST network,
+/// [`crate::fashion::trained_layers`]).
 pub fn trained_layers(store: &TensorStore, layers: TrainLayers) -> Vec<String> {
+    if crate::fashion::is_fashion(store) {
+        return crate::fashion::trained_layers(layers);
+    }
     let first_trained_block = match layers {
         TrainLayers::All => 0,
         TrainLayers::LastBlocks(n) => BLOCKS.saturating_sub(usize::from(n)),

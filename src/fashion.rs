@@ -64,6 +64,24 @@ pub fn weight_layers() -> Vec<LayerRef> {
     out
 }
 
+/// The layers `layers` lets learn, in [`weight_layers`] order: every layer, the last N
+/// convolutions and the two dense layers, the dense layers (the classifier), or the last
+/// layer alone.
+pub fn trained_layers(layers: TrainLayers) -> Vec<String> {
+    let convs = 3;
+    let first = match layers {
+        TrainLayers::All => 0,
+        TrainLayers::LastBlocks(n) => convs - usize::from(n).min(convs),
+        TrainLayers::Classifier => convs,
+        TrainLayers::LastLayer => convs + 1,
+    };
+    weight_layers()
+        .into_iter()
+        .skip(first)
+        .map(|l| l.name)
+        .collect()
+}
+
 /// Normalised network input for 8-bit grey pixels.
 pub fn normalize(pixels: &[u8]) -> Vec<f32> {
     pixels
@@ -252,72 +270,12 @@ impl FashionCnn {
         self.fc2.forward(x)
     }
 
-    /// [`Self::forward`] with every weight passed through `weights` first, as an
-    /// `[outputs, inputs]` matrix (PyTorch layout): quantization-aware training's fake quant.
-    pub fn forward_mapped(
-        &self,
-        x: Tensor<4>,
-        weights: &dyn Fn(&str, Tensor<2>) -> Tensor<2>,
-    ) -> Tensor<2> {
-        use burn::tensor::module::conv2d;
-        use burn::tensor::ops::ConvOptions;
-        let mut x = x;
-        for (i, conv) in self.convs.iter().enumerate() {
-            let w = conv.weight.val();
-            let dims = w.dims();
-            let name = format!("conv{}", i + 1);
-            let w: Tensor<4> =
-                weights(&name, w.reshape([dims[0], dims[1] * dims[2] * dims[3]])).reshape(dims);
-            let bias = conv.bias.as_ref().map(|b| b.val());
-            let y = conv2d(x, w, bias, ConvOptions::new([1, 1], [1, 1], [1, 1], 1));
-            x = self.pool.forward(self.normed(i, y).clamp(0.0, 6.0));
-        }
-        let linear = |name: &str, fc: &Linear, x: Tensor<2>| -> Tensor<2> {
-            // burn stores [in, out].
-            let w = weights(name, fc.weight.val().transpose()).transpose();
-            let y = x.matmul(w);
-            match &fc.bias {
-                Some(b) => y + b.val().unsqueeze_dim(0),
-                None => y,
-            }
-        };
-        let x: Tensor<2> = x.flatten(1, 3);
-        let x = self
-            .dropout
-            .forward(linear("fc1", &self.fc1, x).clamp(0.0, 6.0));
-        linear("fc2", &self.fc2, x)
-    }
-
     /// The `i`-th convolution's output through its BatchNorm (none in folded form).
     fn normed(&self, i: usize, y: Tensor<4>) -> Tensor<4> {
         match self.norms.get(i) {
             Some(norm) => norm.forward(y),
             None => y,
         }
-    }
-
-    /// Stops gradients to every layer that `layers` leaves out (they keep their values).
-    pub fn freeze(mut self, layers: TrainLayers) -> Self {
-        let trains = |index: usize| match layers {
-            TrainLayers::All => true,
-            TrainLayers::Classifier => index >= 3,
-            TrainLayers::LastLayer => index >= 4,
-            TrainLayers::LastBlocks(n) => index + usize::from(n).min(3) >= 3,
-        };
-        for (i, conv) in self.convs.iter_mut().enumerate() {
-            if !trains(i) {
-                *conv = conv.clone().no_grad();
-            }
-        }
-        for (i, norm) in self.norms.iter_mut().enumerate() {
-            if !trains(i) {
-                *norm = norm.clone().no_grad();
-            }
-        }
-        if !trains(3) {
-            self.fc1 = self.fc1.clone().no_grad();
-        }
-        self
     }
 
     /// The weights in PyTorch layout and naming (BatchNorm kept separate).
@@ -372,37 +330,6 @@ impl FashionCnn {
             }
         }
         Ok(store)
-    }
-
-    /// Multiplies each weight named in `masks` (PyTorch layout, flattened) by its mask. The
-    /// parameters keep their ids, so optimizer state carries over.
-    pub fn mask_weights(mut self, masks: &[(String, Vec<f32>)], device: &Device) -> Self {
-        let mask = |name: &str| masks.iter().find(|(n, _)| n == name).map(|(_, m)| m);
-        let vec1 =
-            |m: &Vec<f32>| Tensor::<1>::from_data(TensorData::new(m.clone(), [m.len()]), device);
-        for (i, conv) in self.convs.iter_mut().enumerate() {
-            if let Some(m) = mask(&format!("conv{}.weight", i + 1)) {
-                let m = vec1(m);
-                conv.weight = conv.weight.clone().map(|w| {
-                    let dims = w.dims();
-                    let trains = w.is_require_grad();
-                    w.mul(m.reshape(dims)).detach().set_require_grad(trains)
-                });
-            }
-        }
-        for (name, fc) in [("fc1", &mut self.fc1), ("fc2", &mut self.fc2)] {
-            if let Some(m) = mask(&format!("{name}.weight")) {
-                let m = vec1(m);
-                fc.weight = fc.weight.clone().map(|w| {
-                    let [cin, cout] = w.dims();
-                    let trains = w.is_require_grad();
-                    // The mask is [out, in]; burn stores [in, out].
-                    let m: Tensor<2> = m.reshape([cout, cin]).transpose();
-                    w.mul(m).detach().set_require_grad(trains)
-                });
-            }
-        }
-        self
     }
 
     /// Loads weights written by [`Self::to_store`]: raw (BatchNorm separate) or folded

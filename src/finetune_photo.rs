@@ -8,9 +8,10 @@ use std::sync::Arc;
 use crate::classifier::ImageClassifier;
 use crate::compress::{CompressedModel, Recipe, compress};
 use crate::distill::{
-    DistillConfig, HELDOUT_FRACTION, HeldOutReport, SPLIT_SEED, StepReport, requantize, student_for,
+    DistillConfig, HELDOUT_FRACTION, HeldOutReport, NetworkDistiller, SPLIT_SEED, StepReport,
+    argmax, requantize, student_for,
 };
-use crate::distill_photo::{PhotoDistiller, argmax, augment_photo, fit_head, with_head};
+use crate::distill_photo::{augment_photo, fit_head, with_head};
 use crate::error::{EngineError, Result};
 use crate::fashion::{SplitMix, stratified_split};
 use crate::labels::Labels;
@@ -150,7 +151,7 @@ pub struct PhotoFineTune {
     heldout_inputs: Vec<Vec<f32>>,
     heldout_labels: Vec<Option<usize>>,
     teacher: TensorStore,
-    distiller: PhotoDistiller,
+    distiller: NetworkDistiller,
     order: Vec<usize>,
     rng: SplitMix,
     batch: usize,
@@ -203,7 +204,7 @@ impl PhotoFineTune {
         let (student, masks) = student_for(&teacher, recipe)?;
         let (batch, epochs, seed) = (cfg.batch_size, cfg.epochs, cfg.seed);
         let total = train.len().div_ceil(batch) * epochs;
-        let distiller = PhotoDistiller::new(
+        let distiller = NetworkDistiller::new(
             &teacher,
             &student,
             masks,

@@ -973,3 +973,46 @@ pub fn ste_fake_quant(w: Tensor<2>, scheme: &QuantScheme) -> Tensor<2> {
     };
     w.clone() + (q - w).detach()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::distill::read_f32;
+    use crate::quant::{Granularity, fake_quantize};
+
+    // The straight-through forward pass must be the deployed quantization, ragged blocks
+    // included (rows of 40 in blocks of 32).
+    #[test]
+    fn fake_quant_matches_the_deployed_grid() {
+        let device = Device::flex();
+        let (rows, cols) = (3, 40);
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+            .collect();
+        for granularity in [
+            Granularity::PerTensor,
+            Granularity::PerChannel,
+            Granularity::PerBlock(32),
+            Granularity::PerBlock(8),
+        ] {
+            for symmetric in [true, false] {
+                let scheme = QuantScheme {
+                    bits: 4,
+                    symmetric,
+                    granularity,
+                };
+                let w =
+                    Tensor::<2>::from_data(TensorData::new(data.clone(), [rows, cols]), &device);
+                let ours =
+                    futures_lite::future::block_on(read_f32(ste_fake_quant(w, &scheme))).unwrap();
+                let deployed = fake_quantize(&data, &[rows, cols], scheme);
+                let worst = ours
+                    .iter()
+                    .zip(&deployed)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(worst < 1e-4, "{scheme:?}: off by {worst}");
+            }
+        }
+    }
+}

@@ -422,8 +422,8 @@ fn int4_export_round_trip() {
 // and flips of them), at 224² on burn's Flex CPU backend; pruned weights stay zero.
 #[test]
 fn photo_distillation_recovers_a_pruned_student() {
-    use compresslab::distill::{DistillConfig, requantize, student_for};
-    use compresslab::distill_photo::{PhotoDistiller, augment_photo};
+    use compresslab::distill::{DistillConfig, NetworkDistiller, requantize, student_for};
+    use compresslab::distill_photo::augment_photo;
     use compresslab::fashion::SplitMix;
     let teacher = store();
     let photos = sample_photos();
@@ -463,7 +463,7 @@ fn photo_distillation_recovers_a_pruned_student() {
         ..DistillConfig::default()
     };
     let steps = 24;
-    let mut run = PhotoDistiller::new(
+    let mut run = NetworkDistiller::new(
         &teacher,
         &student,
         masks.clone(),
@@ -526,8 +526,8 @@ fn photo_distillation_recovers_a_pruned_student() {
 // distilled with fake-quantized weights; measured as deployed (re-quantized, CPU).
 #[test]
 fn own_classes_head_and_quantization_aware_photo_distillation() {
-    use compresslab::distill::{DistillConfig, requantize, student_for};
-    use compresslab::distill_photo::{PhotoDistiller, argmax, augment_photo, fit_head, with_head};
+    use compresslab::distill::{DistillConfig, NetworkDistiller, argmax, requantize, student_for};
+    use compresslab::distill_photo::{augment_photo, fit_head, with_head};
     use compresslab::fashion::SplitMix;
     let photos = sample_photos();
     let inputs = samples();
@@ -579,7 +579,7 @@ fn own_classes_head_and_quantization_aware_photo_distillation() {
     };
     let steps = 16;
     let mut run =
-        PhotoDistiller::new(&teacher, &student, masks, None, cfg, steps, &device).unwrap();
+        NetworkDistiller::new(&teacher, &student, masks, None, cfg, steps, &device).unwrap();
     let held = futures_lite::future::block_on(run.evaluate(&inputs, &labels.map(Some))).unwrap();
     let mut rng = SplitMix::new(3);
     for _ in 0..steps {
@@ -611,8 +611,8 @@ fn own_classes_head_and_quantization_aware_photo_distillation() {
 // refused with the reason.
 #[test]
 fn feature_matching_pulls_block_outputs_toward_the_teacher() {
-    use compresslab::distill::{DistillConfig, student_for};
-    use compresslab::distill_photo::{PhotoDistiller, augment_photo};
+    use compresslab::distill::{DistillConfig, NetworkDistiller, student_for};
+    use compresslab::distill_photo::augment_photo;
     use compresslab::efficientnet::reader_of_block;
     use compresslab::fashion::SplitMix;
     use compresslab::graph_builder::{layer_inputs, network_graph, unfolded_network_graph};
@@ -688,7 +688,7 @@ fn feature_matching_pulls_block_outputs_toward_the_teacher() {
                 ..DistillConfig::default()
             };
             let steps = 12;
-            let mut run = PhotoDistiller::new(
+            let mut run = NetworkDistiller::new(
                 &teacher,
                 &student,
                 masks.clone(),
@@ -732,7 +732,7 @@ fn feature_matching_pulls_block_outputs_toward_the_teacher() {
         "30 % channels removed",
         crate::channels_removed(0.3, ChannelRanking::L2),
     );
-    let refused = PhotoDistiller::new(
+    let refused = NetworkDistiller::new(
         &teacher,
         &thin,
         thin_masks,

@@ -235,8 +235,7 @@ fn training_learns_from_a_small_set() {
 
 #[test]
 fn distillation_recovers_a_pruned_student() {
-    use compresslab::distill::{DistillConfig, distill_fashion, zero_masks};
-    use compresslab::prune::{MagnitudePruning, PruneScope, magnitude_prune};
+    use compresslab::distill::{DistillConfig, distill_fashion, student_for};
     let teacher = weights();
     let test = set("test.bin");
     let data = set("calibration.bin");
@@ -257,26 +256,12 @@ fn distillation_recovers_a_pruned_student() {
         ..DistillConfig::default()
     };
     let device = Device::flex().autodiff();
-    let channels = prune_channels(
-        &teacher,
-        &ChannelPruning {
-            ratio: 0.5,
-            ranking: ChannelRanking::L2,
-        },
-    )
-    .unwrap();
-    let sparse = magnitude_prune(
-        &teacher,
-        &MagnitudePruning {
-            sparsity: 0.6,
-            scope: PruneScope::PerLayer,
-            exclude: Vec::new(),
-            exclude_ends: false,
-        },
-    )
-    .unwrap();
-    for (name, student) in [("50 % channels", channels), ("60 % sparsity", sparse)] {
-        let masks = zero_masks(&student);
+    // The students the page trains: pruned and BatchNorm-folded, with the masks that keep
+    // pruned weights at zero.
+    let channels =
+        student_for(&teacher, &crate::channels_removed(0.5, ChannelRanking::L2)).unwrap();
+    let sparse = student_for(&teacher, &crate::zeroed_per_layer(0.6)).unwrap();
+    for (name, (student, masks)) in [("50 % channels", channels), ("60 % sparsity", sparse)] {
         let before = accuracy(&student);
         let trained = block_on(distill_fashion(
             &teacher,

@@ -595,7 +595,8 @@ async fn train(loaded: &Loaded, recipe: Recipe, settings: DistilSettings) -> Wor
 /// original, batches of random crops of the last photo) and its inference, on the
 /// worker's backend.
 pub async fn bench_photo(loaded: Rc<Loaded>, batch: u32, steps: u32) -> WorkerResult<()> {
-    use compresslab::distill_photo::{PhotoDistiller, augment_photo};
+    use compresslab::distill::NetworkDistiller;
+    use compresslab::distill_photo::augment_photo;
     use compresslab::efficientnet::fold_batch_norms;
     use compresslab::fashion::SplitMix;
     use compresslab::preprocess::{CROP, RgbImage};
@@ -641,7 +642,7 @@ pub async fn bench_photo(loaded: Rc<Loaded>, batch: u32, steps: u32) -> WorkerRe
         batch_size: batch,
         ..DistillConfig::default()
     };
-    let mut run = PhotoDistiller::new(
+    let mut run = NetworkDistiller::new(
         &loaded.store,
         &folded,
         Vec::new(),

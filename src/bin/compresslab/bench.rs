@@ -259,8 +259,8 @@ pub fn bench_compress(args: &[String]) -> Result<()> {
 }
 
 pub fn bench_distil(args: &[String]) -> Result<()> {
-    use compresslab::distill::DistillConfig;
-    use compresslab::distill_photo::{PhotoDistiller, augment_photo};
+    use compresslab::distill::{DistillConfig, NetworkDistiller};
+    use compresslab::distill_photo::augment_photo;
     use compresslab::efficientnet::fold_batch_norms;
     use compresslab::exec::GraphModel;
     use compresslab::fashion::SplitMix;
@@ -304,7 +304,7 @@ pub fn bench_distil(args: &[String]) -> Result<()> {
             batch_size: batch,
             ..DistillConfig::default()
         };
-        let mut run = PhotoDistiller::new(
+        let mut run = NetworkDistiller::new(
             &store,
             &folded,
             Vec::new(),
