@@ -1,14 +1,18 @@
-//! Accuracy sweeps on the Fashion-MNIST network: one compression setting varied at a time
-//! (unstructured sparsity, channel ratio, weight bit width × granularity), each point
-//! measured on the labelled test set. The page plots them; `compresslab sweep` prints them.
+//! Sweeps: one compression setting varied at a time (unstructured sparsity, channel ratio,
+//! weight bit width × granularity, W8A8), each point measured. On the Fashion-MNIST network
+//! against the labelled test set (the page plots them; `compresslab sweep` prints them); on
+//! any graph ([`GraphSweep`], the "Your model" tab) against the original's top-1 on held-out
+//! inputs, and their labels where known.
 
-pub use compresslab_spec::report::{SweepAxis, SweepPoint};
+pub use compresslab_spec::report::{GraphSweepPoint, SweepAxis, SweepPoint};
 
 use crate::compress::{CompressedModel, Observer, Progress, Recipe, compress};
-use crate::error::Result;
+use crate::error::{EngineError, Result};
+use crate::exec::{CpuExecutor, Tensor};
 use crate::fashion::Evaluation;
 use crate::fashion::{FashionSet, PIXELS, normalize};
 use crate::fashion_cpu::{CpuFashionNet, EVAL_BATCH, evaluate_range};
+use crate::graph::{Dim, Graph, compress_graph};
 use crate::prune::{ChannelPruning, ChannelRanking, MagnitudePruning, PruneScope};
 use crate::quant::{Granularity, QuantScheme};
 use crate::weights::TensorStore;
@@ -154,4 +158,101 @@ pub fn run_case(
         weight_bytes: stats.weight_bytes,
         macs: stats.nonzero_macs,
     })
+}
+
+/// Index of the largest of the first output's values.
+fn top1(outputs: &[Tensor]) -> Result<usize> {
+    let first = outputs
+        .first()
+        .ok_or_else(|| EngineError::Execution("the model has no output".into()))?;
+    Ok(crate::distill::argmax(&first.data))
+}
+
+/// The sweep of one model: the original's top-1 on each held-out input (the CPU interpreter,
+/// as every case runs), the calibration inputs for the cases that quantize activations.
+pub struct GraphSweep<'a> {
+    graph: &'a Graph,
+    calibration: Vec<Tensor>,
+    held_out: Vec<Tensor>,
+    /// Per held-out input: the original's top-1, and the true class where known.
+    reference: Vec<usize>,
+    truths: Vec<Option<usize>>,
+    /// One input's dims with a batch of one, for MACs.
+    fed: Vec<Dim>,
+}
+
+impl<'a> GraphSweep<'a> {
+    /// `held_out`: the inputs every case is measured on (one image each), with their class
+    /// where known; `calibration`: other inputs, for the cases that quantize activations.
+    pub fn new(
+        graph: &'a Graph,
+        calibration: Vec<Tensor>,
+        held_out: Vec<(Tensor, Option<usize>)>,
+    ) -> Result<Self> {
+        let Some((first, _)) = held_out.first() else {
+            return Err(EngineError::Config(
+                "a sweep needs images to measure on that did not calibrate".into(),
+            ));
+        };
+        let fed = std::iter::once(Dim::Known(1))
+            .chain(first.dims.iter().skip(1).map(|&d| Dim::Known(d)))
+            .collect();
+        let original = CpuExecutor::new(graph)?;
+        let mut reference = Vec::with_capacity(held_out.len());
+        for (input, _) in &held_out {
+            reference.push(top1(&original.run(input)?)?);
+        }
+        let (held_out, truths) = held_out.into_iter().unzip();
+        Ok(Self {
+            graph,
+            calibration,
+            held_out,
+            reference,
+            truths,
+            fed,
+        })
+    }
+
+    /// The cases this model can run: all of [`sweep_cases`], less those that quantize
+    /// activations when there is nothing to calibrate on.
+    pub fn cases(&self) -> Vec<SweepCase> {
+        sweep_cases()
+            .into_iter()
+            .filter(|c| c.recipe.activations.is_none() || !self.calibration.is_empty())
+            .collect()
+    }
+
+    /// Compresses the model with the case's recipe (integer kernels where they fit, as the
+    /// lab runs it) and measures it; `progress` hears about the compression, and its error
+    /// stops the case.
+    pub fn run(&self, case: &SweepCase, progress: Progress) -> Result<GraphSweepPoint> {
+        let compressed = compress_graph(self.graph, &case.recipe, &self.calibration, progress)?;
+        let variant = CpuExecutor::compressed(&compressed)?;
+        let (mut same, mut labelled, mut right, mut original_right) = (0, 0, 0, 0);
+        for ((input, &reference), truth) in
+            self.held_out.iter().zip(&self.reference).zip(&self.truths)
+        {
+            progress("measuring", 1.0)?;
+            let top = top1(&variant.run(input)?)?;
+            same += usize::from(top == reference);
+            if let Some(truth) = *truth {
+                labelled += 1;
+                right += usize::from(top == truth);
+                original_right += usize::from(reference == truth);
+            }
+        }
+        let stats = compressed.graph.stats_at(&self.fed, &compressed.weights)?;
+        Ok(GraphSweepPoint {
+            axis: case.axis,
+            label: case.label.clone(),
+            x: case.x,
+            images: self.held_out.len(),
+            same,
+            labelled,
+            right,
+            original_right,
+            weight_bytes: stats.weight_bytes,
+            macs: stats.macs,
+        })
+    }
 }

@@ -3,7 +3,9 @@
 
 use crate::input::InputSpec;
 use crate::recipe::Recipe;
-use crate::report::{Evaluation, HeldOutReport, Prediction, SweepPoint, TrainLayers};
+use crate::report::{
+    Evaluation, GraphSweepPoint, HeldOutReport, Prediction, SweepPoint, TrainLayers,
+};
 use crate::stats::{ChannelGrid, Histogram, LayerStats, ModelStats};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -130,6 +132,10 @@ pub enum ToWorker {
     },
     /// Stop a fine-tune at its next step; the variant stays as it was before.
     UserModelStopTuning,
+    /// Every sweep case (sparsity, channels, weight bits, W8A8) applied to the user's model
+    /// in turn, each measured on the images classified so far that do not calibrate (the
+    /// other half calibrates W8A8). The current variant stays as it is.
+    UserModelSweep,
     /// Cancel the running long job at its next checkpoint. Sent only when the page could not
     /// share a counter with the worker (no cross-origin isolation): the shared counter works
     /// while the worker is busy, this message only when the job yields.
@@ -154,6 +160,7 @@ impl ToWorker {
             Self::UserModelLoad { .. } => "loading your model",
             Self::UserModelCompress { .. } => "compressing your model",
             Self::UserModelFineTune { .. } => "fine-tuning your model",
+            Self::UserModelSweep => "sweeping your model",
             Self::Init { .. }
             | Self::Classify { .. }
             | Self::Export
@@ -499,6 +506,13 @@ pub enum FromWorker {
         total: usize,
         loss: f64,
     },
+    /// One sweep case of the user's model measured (`done` of `total`).
+    UserSweepPoint {
+        point: GraphSweepPoint,
+        done: u32,
+        total: u32,
+    },
+    UserSweepDone,
     /// A load, compression or export of the user's model failed (`id`: the image, when
     /// classifying one failed).
     UserModelFailed {

@@ -104,6 +104,26 @@ pub struct SweepPoint {
     pub macs: u64,
 }
 
+/// One sweep case on any model (the "Your model" tab): its top-1 against the original's on
+/// held-out images, and against their labels where folders name them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GraphSweepPoint {
+    pub axis: SweepAxis,
+    pub label: String,
+    pub x: f32,
+    /// Held-out images, and on how many the compressed model's top-1 is the original's.
+    pub images: usize,
+    pub same: usize,
+    /// Held-out images a folder labels, and how many of them the compressed model gets right
+    /// (the original's count is the same for every case: see `original_right`).
+    pub labelled: usize,
+    pub right: usize,
+    pub original_right: usize,
+    pub weight_bytes: usize,
+    /// Multiply-accumulates of one image (zeroed weights included); None when a size is open.
+    pub macs: Option<u64>,
+}
+
 /// The student measured on a set of images, next to the teacher.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct HeldOutReport {

@@ -288,6 +288,27 @@ test('your model with folder labels (CPU fallback): accuracy on held-out labelle
     assert.ok(featured.includes(`to read what the original reads at ${matched.join(', ')} (weight 1)`), featured);
     const featureLoss = featured.match(/loss \(distillation \+ cross-entropy \+ feature matching\) on those images ([0-9.e+-]+) → ([0-9.e+-]+)/);
     assert.ok(featureLoss && Number(featureLoss[2]) < Number(featureLoss[1]), featured);
+
+    // The sweep: every setting on the held-out lines (the other half calibrates W8A8), the
+    // fine-tuned variant left as it is.
+    const sweepStart = Date.now();
+    await page.click('#user-sweep');
+    await page.waitForFunction(() => !document.querySelector('#user-busy') && (document.querySelectorAll('#user-sweep-table tbody tr').length > 0 || document.querySelector('#user-error')), null, { timeout: 300_000 });
+    if (await page.$('#user-error')) throw new Error(await page.innerText('#user-error'));
+    const sweep = await page.locator('#user-sweep-table tbody tr').evaluateAll((rows) => rows.map((r) => ({
+      setting: r.cells[0].innerText, same: Number(r.dataset.same), images: Number(r.dataset.images), right: r.cells[2].innerText,
+    })));
+    console.log(`sweep of ${sweep.length} settings: ${Date.now() - sweepStart} ms`, JSON.stringify(sweep));
+    assert.equal(sweep.length, 31, '12 sparsities, 12 channel ratios, 6 weight schemes and W8A8');
+    for (const p of sweep) assert.equal(p.images, 6);
+    const row = (setting) => sweep.find((p) => p.setting === setting);
+    assert.equal(row('0 % zero weights').same, 6);
+    assert.equal(row('0 % channels removed').same, 6);
+    assert.equal(row('int8 per-channel').same, 6);
+    assert.match(row('W8A8 per-channel').right, /^[56]\/6$/);
+    assert.match(await page.innerText('#user-sweep-caption'), /Measured on 6 held-out images \(6 labelled by their folders.*Too few for charts/);
+    assert.equal(await page.locator('#user-sweep-pruning').count(), 0, 'no percentages on 6 images');
+    assert.ok(featured === await page.innerText('#user-fine-tuned'), 'the sweep leaves the variant as it was');
     await page.screenshot({ path: path.join(OUT, 'your-model-folders.png'), fullPage: true });
   } catch (e) {
     console.log(logs.join('\n'));

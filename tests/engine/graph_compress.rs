@@ -786,3 +786,84 @@ fn alternating_depthwise_and_pointwise_layers_chain_in_pairs() {
     );
     assert!(diff <= 1e-5, "{diff}");
 }
+
+/// The "Your model" sweep on the text-direction model: every setting measured on the lines
+/// that did not calibrate, against the original's top-1 and the lines' true directions.
+/// Nothing removed changes nothing; int8 per channel keeps every line's answer; the weights
+/// shrink along both pruning axes; and without calibration lines W8A8 is left out.
+#[test]
+fn a_sweep_measures_every_setting_on_held_out_lines() {
+    use compresslab::sweep::{GraphSweep, SweepAxis, sweep_cases};
+    let graph = load("textdir");
+    let lines = super::graph_finetune::rows(&npy("textdir.input.npy"));
+    let truth = super::graph_finetune::line_directions();
+    let half = lines.len() / 2;
+    let held_out: Vec<(Tensor, Option<usize>)> = lines[half..]
+        .iter()
+        .cloned()
+        .zip(truth[half..].iter().map(|&t| Some(t)))
+        .collect();
+    let sweep = GraphSweep::new(&graph, lines[..half].to_vec(), held_out.clone()).unwrap();
+    let cases = sweep.cases();
+    assert_eq!(cases, sweep_cases());
+    let points: Vec<_> = cases
+        .iter()
+        .map(|c| sweep.run(c, &mut |_, _| Ok(())).unwrap())
+        .collect();
+    for p in &points {
+        println!(
+            "{:>24}: top-1 same {}/{}, right {}/{} (original {}), {} weight bytes",
+            p.label, p.same, p.images, p.right, p.labelled, p.original_right, p.weight_bytes
+        );
+    }
+    // The float model as deployed (BatchNorm folded into the convolutions).
+    let fp32 = compress_graph(&graph, &Recipe::default(), &[], &mut |_, _| Ok(()))
+        .unwrap()
+        .graph
+        .stats_at(
+            &[1, 3, 48, 192].map(compresslab::graph::Dim::Known),
+            &Default::default(),
+        )
+        .unwrap()
+        .weight_bytes;
+    let at = |label: &str| points.iter().find(|p| p.label == label).unwrap();
+    for p in &points {
+        assert_eq!(
+            (p.images, p.labelled),
+            (lines.len() - half, lines.len() - half)
+        );
+        assert_eq!(
+            p.original_right, p.labelled,
+            "ONNX Runtime reads every line right too"
+        );
+    }
+    for label in ["0 % zero weights", "0 % channels removed"] {
+        assert_eq!(at(label).same, at(label).images, "{label}");
+    }
+    assert_eq!(at("0 % channels removed").weight_bytes, fp32);
+    // Zeroed weights are still stored (dense): sparsity alone saves no bytes.
+    assert!(
+        points
+            .iter()
+            .filter(|p| p.axis == SweepAxis::Sparsity)
+            .all(|p| p.weight_bytes == fp32)
+    );
+    assert_eq!(at("int8 per-channel").same, at("int8 per-channel").images);
+    assert!(at("int8 per-channel").weight_bytes * 3 < fp32);
+    let channels: Vec<usize> = points
+        .iter()
+        .filter(|p| p.axis == SweepAxis::Channels)
+        .map(|p| p.weight_bytes)
+        .collect();
+    assert!(channels.windows(2).all(|w| w[1] <= w[0]), "{channels:?}");
+    assert!(channels[channels.len() - 1] * 10 < fp32, "{channels:?}");
+    // Without calibration lines, the cases that quantize activations are left out.
+    let uncalibrated = GraphSweep::new(&graph, Vec::new(), held_out).unwrap();
+    assert!(
+        uncalibrated
+            .cases()
+            .iter()
+            .all(|c| c.recipe.activations.is_none())
+    );
+    assert_eq!(uncalibrated.cases().len(), sweep_cases().len() - 1);
+}

@@ -15,7 +15,16 @@ use futures_lite::future::block_on;
 use super::graph::{models, npy};
 
 /// The rows of an `[n, …]` batch as `[1, …]` tensors.
-fn rows(batch: &Tensor) -> Vec<Tensor> {
+/// The true direction (class) of each rendered test line, in `textdir.input.npy`'s order.
+pub(crate) fn line_directions() -> Vec<usize> {
+    npy("textdir.labels.npy")
+        .data
+        .iter()
+        .map(|&v| v as usize)
+        .collect()
+}
+
+pub(crate) fn rows(batch: &Tensor) -> Vec<Tensor> {
     let n = batch.dims[0];
     let len = batch.data.len() / n;
     batch
@@ -136,11 +145,7 @@ fn fine_tuning_a_compressed_graph_brings_it_back_toward_the_original_on_held_out
 fn labelled_images_train_toward_their_labels() {
     let graph = import_onnx(&std::fs::read(models().join("textdir.onnx")).unwrap()).unwrap();
     let lines = rows(&npy("textdir.input.npy"));
-    let truth: Vec<usize> = npy("textdir.labels.npy")
-        .data
-        .iter()
-        .map(|&v| v as usize)
-        .collect();
+    let truth = line_directions();
     let half = lines.len() / 2;
     let recipe = Recipe::w8a8(
         Granularity::PerChannel,

@@ -424,6 +424,8 @@ fn on_worker_message(msg: FromWorker) {
         | FromWorker::UserModelClassified(_)
         | FromWorker::UserModelCompressed(_)
         | FromWorker::UserModelTuning { .. }
+        | FromWorker::UserSweepPoint { .. }
+        | FromWorker::UserSweepDone
         | FromWorker::UserModelFailed { .. }) => user_model_panel::on_message(c.user_model, msg),
         FromWorker::Benchmarked(report) => c.bench.set(BenchState::Done(report)),
         FromWorker::DeviceReportProgress { stage, fraction } => {

@@ -251,8 +251,8 @@ pub fn SweepPanel(sweep: RwSignal<SweepState>, can_run: Signal<bool>) -> impl In
                 let points = sweep.get().points;
                 (!points.is_empty()).then(|| view! {
                     <div class="sweep-charts">
-                        <PruningChart points=points.clone()/>
-                        <QuantChart points=points.clone()/>
+                        <PruningChart points=points.clone() metric="Accuracy" id="sweep-pruning"/>
+                        <QuantChart points=points.clone() metric="Accuracy" id="sweep-quant"/>
                     </div>
                     <SweepTable points=points/>
                 })
@@ -288,8 +288,13 @@ fn accuracy_ticks(y0: f64, y1: f64, y: impl Fn(f64) -> f64) -> impl IntoView {
         .collect_view()
 }
 
+/// Sweep points of both pruning axes as lines; `metric` names what `accuracy` holds.
 #[component]
-fn PruningChart(points: Vec<SweepPoint>) -> impl IntoView {
+pub fn PruningChart(
+    points: Vec<SweepPoint>,
+    metric: &'static str,
+    id: &'static str,
+) -> impl IntoView {
     let (y0, y1) = y_range(&points);
     let x = |v: f64| PAD + v / 100.0 * (CHART_W - PAD - 8.0);
     let y = move |a: f64| CHART_H - PAD - (a - y0) / (y1 - y0) * (CHART_H - PAD - 8.0);
@@ -327,11 +332,11 @@ fn PruningChart(points: Vec<SweepPoint>) -> impl IntoView {
         .collect_view();
     view! {
         <figure class="chart sweep">
-            <svg id="sweep-pruning" viewBox=format!("0 0 {CHART_W} {CHART_H}") role="img">
+            <svg id=id viewBox=format!("0 0 {CHART_W} {CHART_H}") role="img">
                 {ticks}{xticks}{lines}
             </svg>
             <figcaption>
-                "Accuracy vs pruning: "
+                {metric} " vs pruning: "
                 <span class="key sparsity">"■ unstructured (zero weights)"</span>" "
                 <span class="key channels">"■ channels removed"</span>
             </figcaption>
@@ -339,8 +344,13 @@ fn PruningChart(points: Vec<SweepPoint>) -> impl IntoView {
     }
 }
 
+/// The quantization points as bars; `metric` names what `accuracy` holds.
 #[component]
-fn QuantChart(points: Vec<SweepPoint>) -> impl IntoView {
+pub fn QuantChart(
+    points: Vec<SweepPoint>,
+    metric: &'static str,
+    id: &'static str,
+) -> impl IntoView {
     let quant: Vec<SweepPoint> = points
         .into_iter()
         .filter(|p| p.axis == SweepAxis::Quantization)
@@ -367,10 +377,10 @@ fn QuantChart(points: Vec<SweepPoint>) -> impl IntoView {
     let ticks = accuracy_ticks(y0, y1, y);
     view! {
         <figure class="chart sweep">
-            <svg id="sweep-quant" viewBox=format!("0 0 {CHART_W} {CHART_H}") role="img">
+            <svg id=id viewBox=format!("0 0 {CHART_W} {CHART_H}") role="img">
                 {ticks}{bars}
             </svg>
-            <figcaption>"Accuracy vs weight bits × granularity (blue: int8, orange: int4)"</figcaption>
+            <figcaption>{metric} " vs weight bits × granularity (blue: int8, orange: int4)"</figcaption>
         </figure>
     }
 }

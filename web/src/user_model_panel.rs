@@ -1,6 +1,6 @@
 //! "Your model", page side: drop or pick an `.onnx` file, see what it is, say how images
 //! become its input, classify images, compress it with a recipe (agreement measured on
-//! images that did not calibrate it) and download the compressed ONNX.
+//! images that did not calibrate it), sweep every setting, and download the compressed ONNX.
 
 use compresslab_spec::input::{InputSpec, Normalization, ResizeMode};
 use compresslab_spec::labels::{class_for_folder, parse_class_names};
@@ -16,10 +16,12 @@ use web_sys::Blob;
 
 use crate::app::{cancel_long_job, draw_rgb, send_user_model, set_parsed};
 use crate::distil_panel::{FeatureMatching, capped_note, files_of_input, is_image_name};
+use crate::fashion_panel::{PruningChart, QuantChart};
 use crate::lab_panel::{WeightHistograms, speed_change};
 use compresslab_spec::messages::{
     FromWorker, ToWorker, UserClassification, UserCompressReport, UserModelInfo,
 };
+use compresslab_spec::report::{GraphSweepPoint, SweepPoint};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct UserImage {
@@ -47,6 +49,8 @@ pub struct UserModelState {
     /// A compression or export in progress.
     pub busy: Option<String>,
     pub report: Option<UserCompressReport>,
+    /// The sweep's points measured so far (the last run's, until the model changes).
+    pub sweep: Vec<GraphSweepPoint>,
     pub error: Option<String>,
     /// What a drop or pick left out.
     pub notice: Option<String>,
@@ -70,6 +74,7 @@ pub fn on_message(state: RwSignal<UserModelState>, msg: FromWorker) {
             s.loading = None;
             s.error = None;
             s.report = None;
+            s.sweep.clear();
             s.images.clear();
             if !info.labels.is_empty() {
                 s.labels = info.labels.clone();
@@ -95,6 +100,11 @@ pub fn on_message(state: RwSignal<UserModelState>, msg: FromWorker) {
                 "Fine-tuning: step {done} of {total}, loss {loss:.4}"
             ));
         }
+        FromWorker::UserSweepPoint { point, done, total } => {
+            s.busy = Some(format!("Sweeping: {done} of {total} settings measured"));
+            s.sweep.push(point);
+        }
+        FromWorker::UserSweepDone => s.busy = None,
         FromWorker::Exported { .. } => s.busy = None,
         FromWorker::UserModelFailed {
             id: Some(id),
@@ -309,6 +319,10 @@ fn label_of(labels: &[String], class: usize) -> String {
         .unwrap_or_else(|| format!("class {class}"))
 }
 
+/// Below this many images a percentage moves in steps of 5 points or more: the page shows
+/// counts instead.
+const MIN_IMAGES_FOR_PERCENT: usize = 20;
+
 fn megabytes(bytes: usize) -> String {
     format!("{:.2} MB", bytes as f64 / 1_048_576.0)
 }
@@ -410,6 +424,14 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
         state.update(|s| s.busy = Some("Exporting".into()));
         send_user_model(ToWorker::UserModelExport, None);
     };
+    let sweep = move |_| {
+        state.update(|s| {
+            s.busy = Some("Sweeping".into());
+            s.error = None;
+            s.sweep.clear();
+        });
+        send_user_model(ToWorker::UserModelSweep, None);
+    };
     let loaded = move || state.with(|s| s.info.is_some());
     let idle = move || state.with(|s| s.busy.is_none() && s.loading.is_none() && !s.pending());
 
@@ -480,9 +502,9 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
                     <button id="user-compress" on:click=compress disabled=move || !idle()>"Compress"</button>
                     <button id="user-export" on:click=export disabled=move || !idle()>"Export ONNX"</button>
                     {move || state.with(|s| s.busy.clone()).map(|b| {
-                        // Compression reads the page's cancel counter between layers and
-                        // calibration batches; fine-tuning has its own Stop.
-                        let cancellable = b.starts_with("Compressing");
+                        // Compression and sweeps read the page's cancel counter between
+                        // layers and images; fine-tuning has its own Stop.
+                        let cancellable = b.starts_with("Compressing") || b.starts_with("Sweeping");
                         view! {
                             <span class="busy" id="user-busy">{b} "…"</span>
                             {cancellable.then(|| view! {
@@ -511,6 +533,15 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
                     </Show>
                     <p class="hint">"Trains the compressed variant toward the original's outputs through its quantization, and toward their class for images whose folder names one, on the images that calibrated it (or the first half) and their flipped copies (which learn from the original alone); agreement and accuracy are then measured on the rest. Runs on WebGPU when the page does."</p>
                 </fieldset>
+                <fieldset class="user-sweep">
+                    <legend>"Sweep"</legend>
+                    <button id="user-sweep" on:click=sweep disabled=move || !idle()>"Sweep every setting"</button>
+                    <p class="hint">"Compresses the model with each setting in turn — 0–95 % of weights zeroed, 0–95 % of channels removed, int8 / int4 weights per tensor, per channel and per block of 32, and int8 weights + activations — and measures each on the images you classified that do not calibrate (the other half calibrates the activations), on the CPU interpreter with its integer kernels. No fine-tuning: what compression alone costs. The variant above stays as it is."</p>
+                </fieldset>
+                {move || {
+                    let points = state.with(|s| s.sweep.clone());
+                    (!points.is_empty()).then(|| view! { <UserSweep points=points/> })
+                }}
                 {move || state.with(|s| s.report.clone()).map(|r| view! { <UserReport report=r/> })}
                 <Show when=move || state.with(|s| s.images.iter().any(|i| i.result.is_some() || i.error.is_some()))>
                     <button id="user-clear" class="clear" on:click=move |_| state.update(|s| {
@@ -523,6 +554,75 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
                     </For>
                 </section>
             </Show>
+        </section>
+    }
+}
+
+/// The sweep's points: agreement with the original on the held-out images as charts (the
+/// Fashion-MNIST sweep's, with agreement for accuracy), and a table with their counts and,
+/// where folders label images, accuracy.
+#[component]
+fn UserSweep(points: Vec<GraphSweepPoint>) -> impl IntoView {
+    let charted: Vec<SweepPoint> = points
+        .iter()
+        .map(|p| SweepPoint {
+            axis: p.axis,
+            label: p.label.clone(),
+            x: p.x,
+            accuracy: p.same as f64 / p.images.max(1) as f64,
+            images: p.images,
+            weight_bytes: p.weight_bytes,
+            macs: p.macs.unwrap_or(0),
+        })
+        .collect();
+    let labelled = points.first().map_or(0, |p| p.labelled);
+    let images = points.first().map_or(0, |p| p.images);
+    let labels = if labelled > 0 {
+        format!(
+            "{labelled} labelled by their folders, of which the original gets {} right",
+            points.first().map_or(0, |p| p.original_right)
+        )
+    } else {
+        "no folder labels them, so there is no accuracy".into()
+    };
+    let caption = format!(
+        "Measured on {images} held-out images ({labels}), against the original's top-1.{}",
+        if images < MIN_IMAGES_FOR_PERCENT {
+            format!(
+                " Too few for charts in percent (each image is {:.0} points): the counts are in the table; with {MIN_IMAGES_FOR_PERCENT} or more images that do not calibrate, the charts appear.",
+                100.0 / images.max(1) as f64
+            )
+        } else {
+            String::new()
+        }
+    );
+    view! {
+        <section class="user-sweep-result" id="user-sweep-result">
+            <p class="hint" id="user-sweep-caption">{caption}</p>
+            {(images >= MIN_IMAGES_FOR_PERCENT).then(|| view! {
+                <div class="sweep-charts">
+                    <PruningChart points=charted.clone() metric="Top-1 same as the original" id="user-sweep-pruning"/>
+                    <QuantChart points=charted metric="Top-1 same as the original" id="user-sweep-quant"/>
+                </div>
+            })}
+            <table class="layers" id="user-sweep-table">
+                <thead><tr>
+                    <th>"Setting"</th><th>"Top-1 same as the original"</th>
+                    {(labelled > 0).then(|| view! { <th>"Right (labelled)"</th> })}
+                    <th>"Weights"</th><th>"MACs per image (zeros included)"</th>
+                </tr></thead>
+                <tbody>
+                    {points.into_iter().map(|p| view! {
+                        <tr data-axis=format!("{:?}", p.axis) data-same=p.same.to_string() data-images=p.images.to_string()>
+                            <td>{p.label.clone()}</td>
+                            <td>{format!("{}/{}", p.same, p.images)}</td>
+                            {(labelled > 0).then(|| view! { <td>{format!("{}/{}", p.right, p.labelled)}</td> })}
+                            <td>{megabytes(p.weight_bytes)}</td>
+                            <td>{macs_text(p.macs)}</td>
+                        </tr>
+                    }).collect_view()}
+                </tbody>
+            </table>
         </section>
     }
 }
@@ -680,8 +780,7 @@ fn UserReport(report: UserCompressReport) -> impl IntoView {
                 data-held-out=report.held_out.to_string()>{agreement}</p>
             {report.labelled.map(|l| {
                 let share = |right: usize| {
-                    // Below 20 images a percentage moves in steps of 5 points or more.
-                    if l.images >= 20 {
+                    if l.images >= MIN_IMAGES_FOR_PERCENT {
                         format!(" ({:.1} %)", 100.0 * right as f64 / l.images as f64)
                     } else {
                         String::new()
@@ -696,7 +795,7 @@ fn UserReport(report: UserCompressReport) -> impl IntoView {
                         share(l.original),
                         l.variant,
                         share(l.variant),
-                        if l.images < 20 { " Too few images for a percentage: add more per class to make it firm." } else { "" }
+                        if l.images < MIN_IMAGES_FOR_PERCENT { " Too few images for a percentage: add more per class to make it firm." } else { "" }
                     )}</p>
                 }
             })}

@@ -18,6 +18,7 @@ use compresslab::graph::{
 };
 use compresslab::labels::class_for_folder;
 use compresslab::preprocess::{InputSpec, input_tensor};
+use compresslab::sweep::GraphSweep;
 use js_sys::Uint8Array;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::Blob;
@@ -524,6 +525,41 @@ pub async fn compress(recipe: Recipe, runs: u32) -> WorkerResult<()> {
     let report = report(&m, &variant, runs, now() - start).await?;
     m.variant.replace(Some(variant));
     post(&FromWorker::UserModelCompressed(Box::new(report)));
+    Ok(())
+}
+
+/// Runs every sweep case on the model, measured on the images classified so far that do not
+/// calibrate (the others calibrate W8A8), and posts each point as it is measured. The current
+/// variant stays as it is.
+pub async fn sweep() -> WorkerResult<()> {
+    let _turn = Turn::wait().await;
+    let m = current()?;
+    let inputs = m.inputs.borrow().clone();
+    if inputs.len() < 2 {
+        return Err(WorkerError::Message(
+            "the sweep measures on the images you classified, half of them calibrating: classify at least 2".into(),
+        ));
+    }
+    let used = m.training_serials(&inputs);
+    let (calibration, held_out): (Vec<&KeptInput>, Vec<&KeptInput>) =
+        inputs.iter().partition(|k| used.contains(&k.serial));
+    let sweep = GraphSweep::new(
+        &m.graph,
+        calibration.iter().map(|k| k.input.clone()).collect(),
+        held_out
+            .iter()
+            .map(|k| (k.input.clone(), m.truth(k.folder.as_deref())))
+            .collect(),
+    )?;
+    let cases = sweep.cases();
+    let total = cases.len() as u32;
+    for (done, case) in (1..).zip(&cases) {
+        // Yields, so the page's cancel lands between cases even without a shared counter.
+        crate::cancel::checkpoint().await?;
+        let point = sweep.run(case, &mut |_, _| crate::cancel::check())?;
+        post(&FromWorker::UserSweepPoint { point, done, total });
+    }
+    post(&FromWorker::UserSweepDone);
     Ok(())
 }
 

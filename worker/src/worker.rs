@@ -234,6 +234,7 @@ impl Failure {
             ToWorker::UserModelLoad { .. }
             | ToWorker::UserModelCompress { .. }
             | ToWorker::UserModelFineTune { .. }
+            | ToWorker::UserModelSweep
             | ToWorker::UserModelExport => Self::UserModel(None),
             ToWorker::DistilControl { .. }
             | ToWorker::UserModelStopTuning
@@ -344,6 +345,7 @@ async fn run(msg: ToWorker, parts: &Array) -> WorkerResult<()> {
             Ok(())
         }
         ToWorker::UserModelExport => user_model::export(),
+        ToWorker::UserModelSweep => user_model::sweep().await,
         ToWorker::CancelJob => {
             crate::cancel::requested_by_message();
             Ok(())
