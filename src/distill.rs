@@ -4,7 +4,7 @@
 //! (it is built with the pruned widths) and pruned weights stay zero (masks re-applied after
 //! every step). Both built-in networks distil the same way, as the model builder's graphs on
 //! the burn interpreter ([`NetworkDistiller`]); [`Distiller`] feeds it Fashion-MNIST
-//! epochs, `distill_photo` and `finetune_photo` feed it photos.
+//! epochs, `finetune_photo` photos (cropped by `distill_photo`).
 //!
 //! Loss: α · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α) · CE(s, labels).
 
@@ -365,7 +365,7 @@ pub struct NetworkDistiller {
     /// pruning narrowed it.
     teacher_taps: Vec<String>,
     taps: Vec<String>,
-    kept: Vec<Option<Tensor<1, Int>>>,
+    kept: Vec<Option<Vec<usize>>>,
     optim: ModuleOptimizer,
     /// Per weight constant, 1 where it may train and 0 where it stays zero.
     masks: HashMap<String, Tensor<1>>,
@@ -435,11 +435,7 @@ impl NetworkDistiller {
                     "feature matching at block {b}: the student has {width} output channels there and the teacher {their_width}, which its channel pruning does not explain"
                 )));
             }
-            kept.push(channels.map(|c| {
-                let indices: Vec<i64> = c.iter().map(|&i| i as i64).collect();
-                let n = indices.len();
-                Tensor::<1, Int>::from_data(TensorData::new(indices, [n]), &plain)
-            }));
+            kept.push(channels.cloned());
         }
         let teacher_taps = theirs.into_iter().map(|(value, _)| value).collect();
         let taps = ours.into_iter().map(|(value, _)| value).collect();
@@ -542,7 +538,7 @@ impl NetworkDistiller {
             let weight = self.cfg.feature_weight / taps.len() as f64;
             for ((s, t), kept) in features.into_iter().zip(teacher_features).zip(&self.kept) {
                 let t = match kept {
-                    Some(channels) => t.select_channels(channels.clone())?,
+                    Some(channels) => t.select_channels(channels)?,
                     None => t,
                 };
                 let t = read_f32(t.flat()?).await?;

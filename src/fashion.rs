@@ -219,9 +219,8 @@ impl FashionCnn {
         Self::with_widths(WIDTHS, HIDDEN, true, device)
     }
 
-    /// The same network with other widths (a channel-pruned student). Without
-    /// `batch_norm` the convolutions carry a bias instead: the BatchNorm-folded form the
-    /// deployed model runs, which quantization-aware training must see.
+    /// The same network with other widths (a channel-pruned one). Without `batch_norm` the
+    /// convolutions carry a bias instead: the BatchNorm-folded form the deployed model runs.
     pub fn with_widths(
         widths: [usize; 3],
         hidden: usize,

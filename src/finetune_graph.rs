@@ -169,7 +169,7 @@ struct FeatureMatching {
     student_values: Vec<String>,
     /// Per pair, where channel pruning narrowed the value: the original's channels the
     /// variant kept (compared with the variant's, in order).
-    kept: Vec<Option<Tensor<1, Int>>>,
+    kept: Vec<Option<Vec<usize>>>,
     weight: f64,
 }
 
@@ -367,11 +367,7 @@ impl GraphFineTuner {
                     dims_text(&their_dims)
                 )));
             }
-            kept.push(channels.map(|c| {
-                let indices: Vec<i64> = c.iter().map(|&i| i as i64).collect();
-                let n = indices.len();
-                Tensor::<1, Int>::from_data(TensorData::new(indices, [n]), &self.device)
-            }));
+            kept.push(channels.cloned());
             teacher_values.push(theirs);
             student_values.push(ours);
         }
@@ -462,7 +458,7 @@ impl GraphFineTuner {
                 .zip(&f.kept)
             {
                 let t = match kept {
-                    Some(channels) => t.select_channels(channels.clone())?,
+                    Some(channels) => t.select_channels(channels)?,
                     None => t,
                 };
                 let mse: Tensor<1> = (s.flat()? - t.flat()?.detach())

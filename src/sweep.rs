@@ -229,10 +229,11 @@ impl<'a> GraphSweep<'a> {
         let compressed = compress_graph(self.graph, &case.recipe, &self.calibration, progress)?;
         let variant = CpuExecutor::compressed(&compressed)?;
         let (mut same, mut labelled, mut right, mut original_right) = (0, 0, 0, 0);
-        for ((input, &reference), truth) in
-            self.held_out.iter().zip(&self.reference).zip(&self.truths)
+        let n = self.held_out.len();
+        for (i, ((input, &reference), truth)) in
+            (0..).zip(self.held_out.iter().zip(&self.reference).zip(&self.truths))
         {
-            progress("measuring", 1.0)?;
+            progress("measuring", i as f32 / n as f32)?;
             let top = top1(&variant.run(input)?)?;
             same += usize::from(top == reference);
             if let Some(truth) = *truth {

@@ -894,8 +894,8 @@ impl Output {
         Ok(self.t.reshape([batch, len / batch]))
     }
 
-    /// Only these positions along axis 1 (channels of an image, features of a row).
-    pub fn select_channels(self, positions: Tensor<1, Int>) -> Result<Self> {
+    /// Only these positions along axis 1 (channels of an image, features of a row), in order.
+    pub fn select_channels(self, positions: &[usize]) -> Result<Self> {
         let axis = RANK
             .checked_sub(self.dims.len())
             .map(|offset| offset + 1)
@@ -903,6 +903,11 @@ impl Output {
             .ok_or_else(|| {
                 EngineError::Execution(format!("a value {:?} has no axis 1", self.dims))
             })?;
+        let indices: Vec<i64> = positions.iter().map(|&i| i as i64).collect();
+        let positions = Tensor::<1, Int>::from_data(
+            TensorData::new(indices, [positions.len()]),
+            &self.t.device(),
+        );
         let mut dims = self.dims;
         dims[1] = positions.dims()[0];
         Ok(Self {

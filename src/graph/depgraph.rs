@@ -506,6 +506,18 @@ pub fn channel_groups(graph: &Graph) -> Result<Vec<ChannelGroup>> {
     Ok(a.groups(graph))
 }
 
+impl Analysis {
+    /// Per channel of value `name` (by position along axis 1), whether it stays when the
+    /// classes `removed` go: the one selection pruning, masking and [`kept_channels`] apply.
+    fn stays(&mut self, name: &str, removed: &std::collections::HashSet<usize>) -> Vec<bool> {
+        let layout = self.layouts.get(name).cloned().unwrap_or_default();
+        layout
+            .iter()
+            .map(|&s| !removed.contains(&self.slots.find(s)))
+            .collect()
+    }
+}
+
 /// Channels removed from each prunable group: the weakest `ratio` of them (at least one
 /// channel stays).
 fn removed_classes(
@@ -556,16 +568,12 @@ pub fn kept_channels(graph: &Graph, cfg: &ChannelPruning) -> Result<HashMap<Stri
     if removed.is_empty() {
         return Ok(kept);
     }
-    let layouts = std::mem::take(&mut a.layouts);
-    for (name, layout) in layouts {
-        let keep: Vec<usize> = layout
-            .iter()
-            .enumerate()
-            .filter(|&(_, &s)| !removed.contains(&a.slots.find(s)))
-            .map(|(i, _)| i)
-            .collect();
-        if keep.len() < layout.len() {
-            kept.insert(name, keep);
+    let names: Vec<String> = a.layouts.keys().cloned().collect();
+    for name in names {
+        let stays = a.stays(&name, &removed);
+        if stays.contains(&false) {
+            let positions = (0..stays.len()).filter(|&i| stays[i]).collect();
+            kept.insert(name, positions);
         }
     }
     Ok(kept)
@@ -586,13 +594,7 @@ fn rewrite(graph: &Graph, cfg: &ChannelPruning, mask: bool) -> Result<Graph> {
         return Ok(out);
     }
     let roles = a.roles.clone();
-    let mut keep_of = |name: &str| -> Vec<bool> {
-        let layout = a.layouts.get(name).cloned().unwrap_or_default();
-        layout
-            .iter()
-            .map(|&s| !removed.contains(&a.slots.find(s)))
-            .collect()
-    };
+    let mut keep_of = |name: &str| a.stays(name, &removed);
     // A constant read by two nodes is copied before the second node changes it.
     let mut claimed: HashMap<String, usize> = HashMap::new();
     for (i, k, role) in roles {

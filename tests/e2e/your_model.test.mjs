@@ -306,9 +306,8 @@ test('your model with folder labels (CPU fallback): accuracy on held-out labelle
     assert.equal(row('0 % channels removed').same, 6);
     assert.equal(row('int8 per-channel').same, 6);
     assert.match(row('W8A8 per-channel').right, /^[56]\/6$/);
-    assert.match(await page.innerText('#user-sweep-caption'), /Measured on 6 held-out images \(6 labelled by their folders.*Too few for charts/);
+    assert.match(await page.innerText('#user-sweep-caption'), /^31 of 31 settings measured on 6 held-out images \(6 labelled by their folders.*Too few for charts/);
     assert.equal(await page.locator('#user-sweep-pruning').count(), 0, 'no percentages on 6 images');
-    assert.ok(featured === await page.innerText('#user-fine-tuned'), 'the sweep leaves the variant as it was');
     await page.screenshot({ path: path.join(OUT, 'your-model-folders.png'), fullPage: true });
   } catch (e) {
     console.log(logs.join('\n'));

@@ -644,12 +644,7 @@ fn feature_matching_pulls_block_outputs_toward_the_teacher() {
             .zip(&values)
             .map(|(o, value)| {
                 let o = match kept.get(value) {
-                    Some(channels) => {
-                        let ids: Vec<i64> = channels.iter().map(|&c| c as i64).collect();
-                        let n = ids.len();
-                        o.select_channels(Tensor::from_data(TensorData::new(ids, [n]), &device))
-                            .unwrap()
-                    }
+                    Some(channels) => o.select_channels(channels).unwrap(),
                     None => o,
                 };
                 o.flat().unwrap()

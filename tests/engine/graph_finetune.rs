@@ -14,7 +14,6 @@ use futures_lite::future::block_on;
 
 use super::graph::{models, npy};
 
-/// The rows of an `[n, …]` batch as `[1, …]` tensors.
 /// The true direction (class) of each rendered test line, in `textdir.input.npy`'s order.
 pub(crate) fn line_directions() -> Vec<usize> {
     npy("textdir.labels.npy")
@@ -24,6 +23,7 @@ pub(crate) fn line_directions() -> Vec<usize> {
         .collect()
 }
 
+/// The rows of an `[n, …]` batch as `[1, …]` tensors.
 pub(crate) fn rows(batch: &Tensor) -> Vec<Tensor> {
     let n = batch.dims[0];
     let len = batch.data.len() / n;

@@ -49,8 +49,10 @@ pub struct UserModelState {
     /// A compression or export in progress.
     pub busy: Option<String>,
     pub report: Option<UserCompressReport>,
-    /// The sweep's points measured so far (the last run's, until the model changes).
+    /// The sweep's points measured so far (the last run's, until the model changes), and
+    /// how many settings it has in all.
     pub sweep: Vec<GraphSweepPoint>,
+    pub sweep_total: u32,
     pub error: Option<String>,
     /// What a drop or pick left out.
     pub notice: Option<String>,
@@ -102,6 +104,7 @@ pub fn on_message(state: RwSignal<UserModelState>, msg: FromWorker) {
         }
         FromWorker::UserSweepPoint { point, done, total } => {
             s.busy = Some(format!("Sweeping: {done} of {total} settings measured"));
+            s.sweep_total = total;
             s.sweep.push(point);
         }
         FromWorker::UserSweepDone => s.busy = None,
@@ -143,6 +146,7 @@ pub fn on_worker_lost(state: RwSignal<UserModelState>, message: &str) {
         s.busy = None;
         s.info = None;
         s.report = None;
+        s.sweep.clear();
         for image in s.images.iter_mut().filter(|i| i.result.is_none()) {
             image.error = Some("the model worker crashed".into());
         }
@@ -536,11 +540,11 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
                 <fieldset class="user-sweep">
                     <legend>"Sweep"</legend>
                     <button id="user-sweep" on:click=sweep disabled=move || !idle()>"Sweep every setting"</button>
-                    <p class="hint">"Compresses the model with each setting in turn — 0–95 % of weights zeroed, 0–95 % of channels removed, int8 / int4 weights per tensor, per channel and per block of 32, and int8 weights + activations — and measures each on the images you classified that do not calibrate (the other half calibrates the activations), on the CPU interpreter with its integer kernels. No fine-tuning: what compression alone costs. The variant above stays as it is."</p>
+                    <p class="hint">"Compresses the model with each setting in turn — 0–95 % of weights zeroed (per layer), 0–95 % of channels removed (dependency groups, L2 ranking, where the preset above ranks by L1), int8 / int4 weights per tensor, per channel and per block of 32, and int8 weights + activations — and measures every setting on the same images: those you classified that do not calibrate (the other half calibrates the activations), on the CPU interpreter with its integer kernels. No fine-tuning: what compression alone costs. The variant above stays as it is."</p>
                 </fieldset>
                 {move || {
-                    let points = state.with(|s| s.sweep.clone());
-                    (!points.is_empty()).then(|| view! { <UserSweep points=points/> })
+                    let (points, total) = state.with(|s| (s.sweep.clone(), s.sweep_total));
+                    (!points.is_empty()).then(|| view! { <UserSweep points=points total=total/> })
                 }}
                 {move || state.with(|s| s.report.clone()).map(|r| view! { <UserReport report=r/> })}
                 <Show when=move || state.with(|s| s.images.iter().any(|i| i.result.is_some() || i.error.is_some()))>
@@ -562,7 +566,7 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
 /// Fashion-MNIST sweep's, with agreement for accuracy), and a table with their counts and,
 /// where folders label images, accuracy.
 #[component]
-fn UserSweep(points: Vec<GraphSweepPoint>) -> impl IntoView {
+fn UserSweep(points: Vec<GraphSweepPoint>, total: u32) -> impl IntoView {
     let charted: Vec<SweepPoint> = points
         .iter()
         .map(|p| SweepPoint {
@@ -586,7 +590,8 @@ fn UserSweep(points: Vec<GraphSweepPoint>) -> impl IntoView {
         "no folder labels them, so there is no accuracy".into()
     };
     let caption = format!(
-        "Measured on {images} held-out images ({labels}), against the original's top-1.{}",
+        "{} of {total} settings measured on {images} held-out images ({labels}), against the original's top-1.{}",
+        points.len(),
         if images < MIN_IMAGES_FOR_PERCENT {
             format!(
                 " Too few for charts in percent (each image is {:.0} points): the counts are in the table; with {MIN_IMAGES_FOR_PERCENT} or more images that do not calibrate, the charts appear.",

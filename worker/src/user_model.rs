@@ -9,6 +9,7 @@ use std::rc::Rc;
 
 use burn::prelude::Device;
 use compresslab::compress::Recipe;
+use compresslab::distill::argmax;
 use compresslab::exec::{CpuExecutor, GraphModel, Tensor};
 use compresslab::finetune_graph::{GraphFineTuneConfig, GraphFineTuner, flipped_copies};
 use compresslab::gpu_int::graph_on_integer_kernels;
@@ -481,13 +482,6 @@ pub async fn classify(
     Ok(())
 }
 
-fn argmax(v: &[f32]) -> usize {
-    v.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i)
-}
-
 /// Applies `recipe`; the report measures agreement on the images that did not calibrate.
 pub async fn compress(recipe: Recipe, runs: u32) -> WorkerResult<()> {
     let _turn = Turn::wait().await;
@@ -535,21 +529,25 @@ pub async fn sweep() -> WorkerResult<()> {
     let _turn = Turn::wait().await;
     let m = current()?;
     let inputs = m.inputs.borrow().clone();
-    if inputs.len() < 2 {
+    let used = m.training_serials(&inputs);
+    let (calibration, held_out): (Vec<KeptInput>, Vec<KeptInput>) =
+        inputs.into_iter().partition(|k| used.contains(&k.serial));
+    if held_out.is_empty() {
         return Err(WorkerError::Message(
-            "the sweep measures on the images you classified, half of them calibrating: classify at least 2".into(),
+            "the sweep measures on images that do not calibrate, and the first half of each class a folder names (of the others, without a folder) calibrates: classify at least 2 images, 2 or more of each labelled class".into(),
         ));
     }
-    let used = m.training_serials(&inputs);
-    let (calibration, held_out): (Vec<&KeptInput>, Vec<&KeptInput>) =
-        inputs.iter().partition(|k| used.contains(&k.serial));
+    let held_out = held_out
+        .into_iter()
+        .map(|k| {
+            let truth = m.truth(k.folder.as_deref());
+            (k.input, truth)
+        })
+        .collect();
     let sweep = GraphSweep::new(
         &m.graph,
-        calibration.iter().map(|k| k.input.clone()).collect(),
-        held_out
-            .iter()
-            .map(|k| (k.input.clone(), m.truth(k.folder.as_deref())))
-            .collect(),
+        calibration.into_iter().map(|k| k.input).collect(),
+        held_out,
     )?;
     let cases = sweep.cases();
     let total = cases.len() as u32;
