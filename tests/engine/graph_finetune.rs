@@ -361,18 +361,7 @@ fn feature_matching_pulls_a_graphs_layer_inputs_toward_the_original() {
             "text direction, {tag}: mean squared difference to the original at the inputs of {layers:?} ({narrowed} narrowed) on {} held-out lines: compressed {before:.4?}, distilled on the outputs {outputs_only:.4?}, with feature matching {matched:.4?}",
             held_out.len()
         );
-        for i in 0..layers.len() {
-            assert!(
-                matched[i] < before[i],
-                "{tag} {}: {before:?} → {matched:?}",
-                layers[i]
-            );
-            assert!(
-                matched[i] < outputs_only[i],
-                "{tag} {}: outputs only {outputs_only:?}, matched {matched:?}",
-                layers[i]
-            );
-        }
+        crate::assert_feature_matching_helps(tag, &layers, &before, &outputs_only, &matched);
         (variant, narrowed)
     };
     let (sparse, _) = check("60 % zero weights", crate::zeroed_per_layer(0.6));

@@ -55,6 +55,28 @@ pub fn channels_removed(ratio: f32, ranking: ChannelRanking) -> Recipe {
     }
 }
 
+/// Feature matching's claim, per tapped place: the distance to the original after training
+/// with it (`matched`) is below the compressed model's (`before`) and below what training on
+/// the outputs alone reaches (`outputs_only`).
+pub fn assert_feature_matching_helps<T: PartialOrd + std::fmt::Debug>(
+    tag: &str,
+    places: &[impl std::fmt::Debug],
+    before: &[T],
+    outputs_only: &[T],
+    matched: &[T],
+) {
+    for (i, place) in places.iter().enumerate() {
+        assert!(
+            matched[i] < before[i],
+            "{tag} {place:?}: {before:?} → {matched:?}"
+        );
+        assert!(
+            matched[i] < outputs_only[i],
+            "{tag} {place:?}: outputs only {outputs_only:?}, matched {matched:?}"
+        );
+    }
+}
+
 /// The converted EfficientNet-Lite0 weights.
 pub fn store() -> TensorStore {
     let bytes = std::fs::read(assets().join("models/efficientnet-lite0.safetensors")).unwrap();
