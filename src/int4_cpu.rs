@@ -14,7 +14,7 @@
 //! to float instead: a depthwise layer its few thousand weights for one run, a GEMM a tile of
 //! output channels at a time.
 
-use crate::int8_cpu::{Dst, FusedEpilogue, Tile, run_tile};
+use crate::int8_cpu::{Dst, FusedEpilogue, Tile, WIDE_PIXELS, run_tile, wide_available};
 use crate::quant::{Granularity, QuantizedTensor, layout, pack_int4};
 
 /// `out[p][j] += Σ_k input[p][k] · weights[j][k]` for `pixels` rows of `cin` inputs and
@@ -384,8 +384,11 @@ impl Panels {
         let padded = cout.div_ceil(PANEL) * PANEL;
         let mut bias_padded = bias.to_vec();
         bias_padded.resize(padded, 0.0);
-        let mut weights = vec![0i16; 2 * PANEL * self.pairs];
-        // A tile reads 8 scales from its first output: the last one, when narrower, reads
+        // Two panels where the wide x86 kernel runs (see `int8_cpu`), else one.
+        let wide = wide_available();
+        let panel_len = 2 * PANEL * self.pairs;
+        let mut weights = vec![0i16; 2 * panel_len];
+        // A tile reads 8 scales per panel from its first output: the last one, when narrower, reads
         // past the end of the layer's.
         let with_slack;
         let scales = if cout.is_multiple_of(PANEL) {
@@ -395,35 +398,49 @@ impl Panels {
             &with_slack
         };
         let mut out = vec![0f32; pixels * cout];
-        let chunk = (ROWS_BYTES / (2 * row).max(1)).max(PIXELS) / PIXELS * PIXELS;
+        // A multiple of both tile heights.
+        let step = PIXELS * WIDE_PIXELS / 2;
+        let chunk = (ROWS_BYTES / (2 * row).max(1)).max(step) / step * step;
         for p0 in (0..pixels).step_by(chunk) {
             let p1 = (p0 + chunk).min(pixels);
-            for o0 in (0..padded).step_by(PANEL) {
-                self.unpack_panel(o0, cout, &mut weights);
+            let mut o0 = 0;
+            while o0 < padded {
+                let panels = if wide && o0 + 2 * PANEL <= padded {
+                    2
+                } else {
+                    1
+                };
+                let o1 = o0 + panels * PANEL;
+                for (i, panel) in weights.chunks_exact_mut(panel_len).take(panels).enumerate() {
+                    self.unpack_panel(o0 + i * PANEL, cout, panel);
+                }
                 let tile = Tile {
-                    panel: &weights,
+                    panel: &weights[..panels * panel_len],
+                    panels,
                     segments: &self.segments,
                     scales,
                     scale_stride: cout,
                     o0,
-                    bias: &bias_padded[o0..o0 + PANEL],
+                    bias: &bias_padded[o0..o1],
                     relu6: false,
                 };
+                let height = if panels == 2 { WIDE_PIXELS } else { PIXELS };
                 let mut p = p0;
                 while p < p1 {
-                    let n = (p1 - p).min(PIXELS);
+                    let n = (p1 - p).min(height);
                     let at = p * cout + o0;
                     let dst = Dst {
                         out: &mut out[at..],
                         at,
                         stride: cout,
-                        width: PANEL.min(cout - o0),
+                        width: (panels * PANEL).min(cout - o0),
                         epilogue: FusedEpilogue::default(),
                         row_scales: Some(&row_scales[p..p + n]),
                     };
                     run_tile(n, &tile, &rows[p * row..], dst);
                     p += n;
                 }
+                o0 = o1;
             }
         }
         out

@@ -11,6 +11,11 @@
 //! (scale, bias, ReLU6, residual, and the next layer's input quantization where the caller
 //! asks for it) runs on the accumulators while they are in registers:
 //! y = Σ_groups s_in · s_w · Σ_k (q_in − zp_in)(q_w − zp_w) + bias.
+//!
+//! On x86-64 with AVX2 (checked at run time) the wide kernels (module `wide`) take two
+//! panels × 6 pixels per tile, with AVX-512 VNNI's `vpdpwssd` where the CPU has it, and
+//! quantize an expansion's outputs for the depthwise layer in registers; their results are
+//! the 128-bit kernels' bit for bit.
 
 mod depthwise;
 
@@ -51,6 +56,17 @@ impl FusedEpilogue<'_> {
 const PANEL: usize = 8;
 /// Pixels sharing one pass over a panel (8 accumulator vectors: they stay in registers).
 const PIXELS: usize = 4;
+/// Pixels sharing one pass over two panels on the wide x86 kernel (12 accumulators of 256
+/// bits, two weight vectors and the broadcast input fill AVX2's 16 registers).
+pub(crate) const WIDE_PIXELS: usize = 6;
+
+/// Whether tiles of two panels run here (the wide x86 kernel).
+pub(crate) fn wide_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return wide::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
 /// Bytes of quantized input rows processed against every panel before moving on (the rows
 /// stay in L1 while the panels stream past).
 const ROWS_BYTES: usize = 16 * 1024;
@@ -170,23 +186,36 @@ impl Int8Pointwise {
         bias: &[f32],
         epilogue: FusedEpilogue,
     ) -> Vec<f32> {
+        let mut out = vec![0f32; input.pixels() * self.cout];
+        self.forward_input_into(input, bias, epilogue, &mut out);
+        out
+    }
+
+    /// [`Self::forward_input`] into `out` (`pixels × cout`), e.g. one image's part of a
+    /// batch's output, without a copy.
+    pub(crate) fn forward_input_into(
+        &self,
+        input: &PointwiseInput,
+        bias: &[f32],
+        epilogue: FusedEpilogue,
+        out: &mut [f32],
+    ) {
         let cout = self.cout;
         let pixels = input.pixels();
         assert!(epilogue.residual.is_none_or(|r| r.len() == pixels * cout));
-        let mut out = vec![0f32; pixels * cout];
+        assert!(out.len() == pixels * cout);
         self.each_tile(input, bias, epilogue.relu6, |tile, rows, p, n| {
             let at = p * cout + tile.o0;
             let dst = Dst {
                 out: &mut out[at..],
                 at,
                 stride: cout,
-                width: PANEL.min(cout - tile.o0),
+                width: tile.width().min(cout - tile.o0),
                 epilogue,
                 row_scales: None,
             };
             run_tile(n, tile, rows, dst);
         });
-        out
     }
 
     /// The outputs quantized to the depthwise layer's input grid, written straight into
@@ -201,27 +230,40 @@ impl Int8Pointwise {
         target: &mut DepthwiseInput,
     ) {
         let cout = self.cout;
-        let mut tile_out = [0f32; PIXELS * PANEL];
+        const STRIDE: usize = 2 * PANEL;
+        let mut tile_out = [0f32; WIDE_PIXELS * STRIDE];
         let input = self.quantize(input, pixels);
         self.each_tile(&input, bias, relu6, |tile, rows, p, n| {
+            #[cfg(target_arch = "x86_64")]
+            if tile.panels == 2 && tile.o0 + tile.width() <= cout {
+                let (starts, out, grid) = target.row_starts(p, n, tile.o0);
+                let grid = &grid;
+                return match n {
+                    6 => wide::run_centred::<6>(tile, rows, grid, out, &starts),
+                    5 => wide::run_centred::<5>(tile, rows, grid, out, &starts),
+                    4 => wide::run_centred::<4>(tile, rows, grid, out, &starts),
+                    3 => wide::run_centred::<3>(tile, rows, grid, out, &starts),
+                    2 => wide::run_centred::<2>(tile, rows, grid, out, &starts),
+                    _ => wide::run_centred::<1>(tile, rows, grid, out, &starts),
+                };
+            }
             let dst = Dst {
                 out: &mut tile_out,
                 at: 0,
-                stride: PANEL,
-                width: PANEL,
+                stride: STRIDE,
+                width: tile.width(),
                 epilogue: FusedEpilogue::default(),
                 row_scales: None,
             };
             run_tile(n, tile, rows, dst);
-            let width = PANEL.min(cout - tile.o0);
-            for (i, row) in tile_out.chunks_exact(PANEL).take(n).enumerate() {
-                target.write(p + i, tile.o0, &row[..width]);
-            }
+            let width = tile.width().min(cout - tile.o0);
+            target.write_rows(p, tile.o0, &tile_out, STRIDE, n, width);
         });
     }
 
-    /// Hands every tile (a panel of 8 outputs × up to 4 pixels, from pixel `p`) to `sink`
-    /// with the input rows from `p` on.
+    /// Hands every tile (a panel of 8 outputs × up to 4 pixels, or on the wide x86 kernel
+    /// two panels × up to 6 pixels, from pixel `p`) to `sink` with the input rows from `p`
+    /// on.
     fn each_tile(
         &self,
         input: &PointwiseInput,
@@ -235,25 +277,38 @@ impl Int8Pointwise {
         let padded = cout.div_ceil(PANEL) * PANEL;
         let mut bias_padded = bias.to_vec();
         bias_padded.resize(padded, 0.0);
-        let chunk = (ROWS_BYTES / (4 * pairs.max(1))).max(PIXELS) / PIXELS * PIXELS;
+        // A multiple of both tile heights.
+        let step = PIXELS * WIDE_PIXELS / 2;
+        let chunk = (ROWS_BYTES / (4 * pairs.max(1))).max(step) / step * step;
+        let wide = wide_available();
         for p0 in (0..pixels).step_by(chunk) {
             let p1 = (p0 + chunk).min(pixels);
-            for o0 in (0..padded).step_by(PANEL) {
+            let mut o0 = 0;
+            while o0 < padded {
+                let panels = if wide && o0 + 2 * PANEL <= padded {
+                    2
+                } else {
+                    1
+                };
+                let o1 = o0 + panels * PANEL;
                 let tile = Tile {
-                    panel: &self.panels[o0 * pairs * 2..(o0 + PANEL) * pairs * 2],
+                    panel: &self.panels[o0 * pairs * 2..o1 * pairs * 2],
+                    panels,
                     segments: &self.segments,
                     scales: &self.scales,
                     scale_stride: padded,
                     o0,
-                    bias: &bias_padded[o0..o0 + PANEL],
+                    bias: &bias_padded[o0..o1],
                     relu6,
                 };
+                let height = if panels == 2 { WIDE_PIXELS } else { PIXELS };
                 let mut p = p0;
                 while p < p1 {
-                    let n = (p1 - p).min(PIXELS);
+                    let n = (p1 - p).min(height);
                     sink(&tile, &rows[p * 2 * pairs..], p, n);
                     p += n;
                 }
+                o0 = o1;
             }
         }
     }
@@ -304,8 +359,20 @@ fn centre(src: &[f32], dst: &mut [i16], grid: &ActivationParams) {
     }
 }
 
-/// One tile of `n` (1–4) pixels.
+/// One tile of `n` pixels (1–4; 1–6 for two panels, which only the wide x86 kernel is
+/// given).
 pub(crate) fn run_tile(n: usize, tile: &Tile, rows: &[i16], dst: Dst) {
+    #[cfg(target_arch = "x86_64")]
+    if tile.panels == 2 {
+        return match n {
+            6 => wide::run::<6>(tile, rows, dst),
+            5 => wide::run::<5>(tile, rows, dst),
+            4 => wide::run::<4>(tile, rows, dst),
+            3 => wide::run::<3>(tile, rows, dst),
+            2 => wide::run::<2>(tile, rows, dst),
+            _ => wide::run::<1>(tile, rows, dst),
+        };
+    }
     match n {
         4 => lanes::run::<4>(tile, rows, dst),
         3 => lanes::run::<3>(tile, rows, dst),
@@ -315,7 +382,8 @@ pub(crate) fn run_tile(n: usize, tile: &Tile, rows: &[i16], dst: Dst) {
 }
 
 /// Where a tile's results go: rows `stride` apart from the start of `out`, which is `at`
-/// of the whole output, `width` (≤ 8) outputs each; and what is fused into the writes.
+/// of the whole output, `width` (≤ the tile's width) outputs each; and what is fused into
+/// the writes.
 pub(crate) struct Dst<'a> {
     pub(crate) out: &'a mut [f32],
     pub(crate) at: usize,
@@ -332,7 +400,7 @@ impl Dst<'_> {
     /// Writes row `i` of a tile (ReLU6 already applied; residual added, then
     /// fake-quantized).
     #[inline(always)]
-    fn write(&mut self, i: usize, values: [f32; PANEL]) {
+    fn write(&mut self, i: usize, values: &[f32]) {
         let at = i * self.stride;
         let width = self.width;
         self.epilogue.write_tail(
@@ -343,11 +411,13 @@ impl Dst<'_> {
     }
 }
 
-/// One panel of 8 outputs and what its sums need: the scales of each input segment, the
-/// bias and whether ReLU6 follows.
+/// One panel of 8 outputs (or two side by side) and what its sums need: the scales of each
+/// input segment, the bias and whether ReLU6 follows.
 pub(crate) struct Tile<'a> {
-    /// `[pairs][8][2]` i16.
+    /// `[panels][pairs][8][2]` i16.
     pub(crate) panel: &'a [i16],
+    /// 1, or 2 on the wide x86 kernel.
+    pub(crate) panels: usize,
     pub(crate) segments: &'a [(usize, usize)],
     /// `[segments][scale_stride]`.
     pub(crate) scales: &'a [f32],
@@ -359,12 +429,17 @@ pub(crate) struct Tile<'a> {
 
 impl Tile<'_> {
     fn pairs(&self) -> usize {
-        self.panel.len() / (2 * PANEL)
+        self.panel.len() / (2 * PANEL * self.panels.max(1))
+    }
+
+    /// Outputs: 8 per panel.
+    fn width(&self) -> usize {
+        PANEL * self.panels
     }
 
     fn scale(&self, segment: usize) -> &[f32] {
         let at = segment * self.scale_stride + self.o0;
-        &self.scales[at..at + PANEL]
+        &self.scales[at..at + self.width()]
     }
 }
 
@@ -704,71 +779,100 @@ pub(crate) mod lanes {
         sums
     }
 
+    /// Checks what every tile kernel relies on: `P` rows of `pairs` i16 pairs, segments
+    /// within the pairs.
     #[inline(always)]
-    pub(super) fn run<const P: usize>(tile: &Tile, rows: &[i16], mut dst: Dst) {
+    pub(super) fn check<const P: usize>(tile: &Tile, rows: &[i16]) {
         let pairs = tile.pairs();
         assert!(rows.len() >= 2 * P * pairs);
+        assert!(tile.panel.len() == 2 * PANEL * tile.panels * pairs);
         assert!(
             tile.segments
                 .iter()
                 .all(|&(k0, k1)| k0 <= k1 && k1 <= pairs)
         );
-        let bias = [load_f32(&tile.bias[..4]), load_f32(&tile.bias[4..])];
+    }
+
+    /// The tile's bias as `Q` vectors of four, and where the sums start: from the bias, or
+    /// from zero when each row has a scale of its own (the bias is added after it).
+    #[inline(always)]
+    pub(super) fn bias_and_init<const Q: usize>(tile: &Tile, dst: &Dst) -> ([F; Q], [F; Q]) {
+        let mut bias = [fsplat(0.0); Q];
+        for (q, b) in bias.iter_mut().enumerate() {
+            *b = load_f32(&tile.bias[4 * q..4 * q + 4]);
+        }
         let init = if dst.row_scales.is_some() {
-            [fsplat(0.0); 2]
+            [fsplat(0.0); Q]
         } else {
             bias
         };
+        (bias, init)
+    }
+
+    #[inline(always)]
+    pub(super) fn run<const P: usize>(tile: &Tile, rows: &[i16], dst: Dst) {
+        check::<P>(tile, rows);
+        let (bias, init) = bias_and_init::<2>(tile, &dst);
         #[cfg(target_arch = "x86_64")]
-        let mut sums = if super::avx2::available() {
-            // SAFETY: the CPU has AVX2 (just checked); rows and segments as asserted above.
+        let sums = if super::avx2::available() {
+            // SAFETY: the CPU has AVX2 (just checked); rows and segments as checked above.
             unsafe { super::avx2::segment_sums::<P>(tile, rows, init) }
         } else {
             segment_sums::<P>(tile, rows, init)
         };
         #[cfg(target_arch = "wasm32")]
-        let mut sums = segment_sums::<P>(tile, rows, init);
+        let sums = segment_sums::<P>(tile, rows, init);
+        finish(tile, sums, bias, dst);
+    }
+
+    /// The epilogue of `P` rows of `4·Q` sums: the row scales and bias where each row has
+    /// its own scale, ReLU6, then the residual and the next layer's grid, written to `dst`.
+    #[inline(always)]
+    pub(super) fn finish<const P: usize, const Q: usize>(
+        tile: &Tile,
+        mut sums: [[F; Q]; P],
+        bias: [F; Q],
+        mut dst: Dst,
+    ) {
         if let Some(row_scales) = dst.row_scales {
             assert!(row_scales.len() >= P);
             for (sum, &s) in sums.iter_mut().zip(row_scales) {
                 let s = fsplat(s);
-                *sum = [
-                    fadd(fmul(sum[0], s), bias[0]),
-                    fadd(fmul(sum[1], s), bias[1]),
-                ];
+                for (v, b) in sum.iter_mut().zip(bias) {
+                    *v = fadd(fmul(*v, s), b);
+                }
             }
         }
         if tile.relu6 {
             let (lo, hi) = (fsplat(0.0), fsplat(6.0));
-            for sum in &mut sums {
-                *sum = sum.map(|v| clamp(v, lo, hi));
+            for v in sums.as_flattened_mut() {
+                *v = clamp(*v, lo, hi);
             }
         }
-        for (i, [lo, hi]) in sums.into_iter().enumerate() {
+        for (i, mut sum) in sums.into_iter().enumerate() {
             let at = i * dst.stride;
-            if dst.width < PANEL {
-                let (lo, hi) = (to_array(lo), to_array(hi));
-                dst.write(
-                    i,
-                    std::array::from_fn(|j| if j < 4 { lo[j] } else { hi[j - 4] }),
-                );
+            if dst.width < 4 * Q {
+                let mut values = [[0f32; 4]; Q];
+                for (v, q) in values.iter_mut().zip(sum) {
+                    *v = to_array(q);
+                }
+                dst.write(i, values.as_flattened());
                 continue;
             }
-            let (mut lo, mut hi) = match dst.epilogue.residual {
-                Some(res) => {
-                    let from = dst.at + at;
-                    (
-                        fadd(lo, load_f32(&res[from..from + 4])),
-                        fadd(hi, load_f32(&res[from + 4..from + 8])),
-                    )
+            if let Some(res) = dst.epilogue.residual {
+                let from = dst.at + at;
+                for (q, v) in sum.iter_mut().enumerate() {
+                    *v = fadd(*v, load_f32(&res[from + 4 * q..from + 4 * q + 4]));
                 }
-                None => (lo, hi),
-            };
-            if let Some(grid) = dst.epilogue.grid {
-                (lo, hi) = (fake_quantize(lo, grid), fake_quantize(hi, grid));
             }
-            store_f32(&mut dst.out[at..at + 4], lo);
-            store_f32(&mut dst.out[at + 4..at + 8], hi);
+            if let Some(grid) = dst.epilogue.grid {
+                for v in &mut sum {
+                    *v = fake_quantize(*v, grid);
+                }
+            }
+            for (q, v) in sum.into_iter().enumerate() {
+                store_f32(&mut dst.out[at + 4 * q..at + 4 * q + 4], v);
+            }
         }
     }
 }
@@ -831,6 +935,296 @@ mod avx2 {
     }
 }
 
+/// Two panels (16 outputs) × up to 6 pixels per pass on x86-64 with AVX2, chosen at run
+/// time: each broadcast input pair meets two weight vectors, so a pass issues 12
+/// multiply-adds of 16 MACs for 2 weight loads and 6 broadcasts (the 128-bit and AVX2
+/// one-panel kernels: 4 for 1 and 4). Where the CPU has AVX-512 VNNI (with VL) the
+/// multiply and the add are one `vpdpwssd`. The sums are the one-panel kernels' lane for
+/// lane (the same integer products, the same float order), so results are identical.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod wide {
+    use core::arch::x86_64::*;
+
+    use super::lanes::{F, bias_and_init, check, finish};
+    use super::{Dst, PANEL, Tile};
+    use crate::compress::ActivationParams;
+
+    /// Whether this CPU runs the wide kernel (AVX2; the standard library caches it).
+    #[inline(always)]
+    pub(super) fn available() -> bool {
+        super::avx2::available() && !forced(Choice::Narrow)
+    }
+
+    /// Whether the wide kernels use AVX-512 VNNI's fused multiply-add of i16 pairs.
+    #[inline(always)]
+    pub(super) fn vnni() -> bool {
+        std::is_x86_feature_detected!("avx512vnni")
+            && std::is_x86_feature_detected!("avx512vl")
+            && !forced(Choice::NoVnni)
+    }
+
+    /// Kernels a test can hold back on its thread, to compare the others with them.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    #[cfg_attr(not(test), allow(dead_code))] // outside tests every kernel runs
+    pub(crate) enum Choice {
+        /// Every kernel the CPU has (the default).
+        Best,
+        NoVnni,
+        Narrow,
+    }
+
+    #[cfg(test)]
+    thread_local! {
+        pub(crate) static CHOICE: std::cell::Cell<Choice> = const { std::cell::Cell::new(Choice::Best) };
+    }
+
+    #[inline(always)]
+    fn forced(choice: Choice) -> bool {
+        #[cfg(test)]
+        return CHOICE.with(|c| c.get() == choice);
+        #[cfg(not(test))]
+        {
+            let _ = choice;
+            false
+        }
+    }
+
+    #[inline(always)]
+    pub(super) fn run<const P: usize>(tile: &Tile, rows: &[i16], dst: Dst) {
+        check::<P>(tile, rows);
+        assert!(tile.panels == 2 && available());
+        let (bias, init) = bias_and_init::<4>(tile, &dst);
+        let sums = if vnni() {
+            // SAFETY: the CPU has AVX-512 VNNI and VL (just checked); rows, panels and
+            // segments as checked above.
+            unsafe { sums_vnni::<P>(tile, rows, init) }
+        } else {
+            // SAFETY: the CPU has AVX2 (asserted); the rest as checked above.
+            unsafe { sums_avx2::<P>(tile, rows, init) }
+        };
+        finish(tile, sums, bias, dst);
+    }
+
+    /// A wide tile whose outputs go quantized to `grid` straight into the next layer's
+    /// centred i16 input: row `i` to `out[starts[i]..][..16]` (`None`: a pixel no one
+    /// reads). ReLU6 where the tile says, then `clamp(round(y / scale))` as
+    /// [`ActivationParams::centred`] computes it, on 8 lanes at a time: the same values as
+    /// [`run`] followed by [`super::centre`], without the float tile in between.
+    #[inline(always)]
+    pub(super) fn run_centred<const P: usize>(
+        tile: &Tile,
+        rows: &[i16],
+        grid: &ActivationParams,
+        out: &mut [i16],
+        starts: &[Option<usize>],
+    ) {
+        check::<P>(tile, rows);
+        assert!(tile.panels == 2 && available() && starts.len() >= P);
+        if vnni() {
+            // SAFETY: the CPU has AVX-512 VNNI and VL (just checked); rows, panels and
+            // segments as checked above.
+            unsafe { centred_vnni::<P>(tile, rows, grid, out, starts) }
+        } else {
+            // SAFETY: the CPU has AVX2 (asserted); the rest as checked above.
+            unsafe { centred_avx2::<P>(tile, rows, grid, out, starts) }
+        }
+    }
+
+    /// The wide kernels for one instruction set: the sums, the tile as floats, and the
+    /// tile quantized for the next layer. `$dot(acc, x, w)` = acc + pairwise products of
+    /// the i16 lanes of `x` and `w`.
+    macro_rules! wide_kernels {
+        ($sums:ident, $floats:ident, $centred:ident, $features:literal, |$acc:ident, $x:ident, $w:ident| $dot:expr) => {
+            /// `init` + Σ over the segments of (integer sums × scales), 16 outputs as two
+            /// vectors of 8, for `P` rows.
+            ///
+            /// # Safety
+            /// The CPU has the features named; [`check`] holds for `P`, and the tile has
+            /// two panels.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn $sums<const P: usize>(
+                tile: &Tile,
+                rows: &[i16],
+                init: [__m256; 2],
+            ) -> [[__m256; 2]; P] {
+                let pairs = tile.pairs();
+                let rows = rows.as_ptr() as *const i32;
+                let mut sums = [init; P];
+                for (s, &(k0, k1)) in tile.segments.iter().enumerate() {
+                    let mut acc = [[_mm256_setzero_si256(); 2]; P];
+                    let a = tile.panel[k0 * 2 * PANEL..k1 * 2 * PANEL].as_ptr();
+                    let second = pairs * 2 * PANEL;
+                    let b = tile.panel[second + k0 * 2 * PANEL..second + k1 * 2 * PANEL].as_ptr();
+                    for k in 0..k1 - k0 {
+                        // SAFETY: 16 i16 per pair of each sliced panel, and `pairs` i32 per
+                        // row with k1 ≤ pairs and P rows (checked by the caller); no load
+                        // needs alignment.
+                        let (wa, wb) = unsafe {
+                            (
+                                _mm256_loadu_si256(a.add(16 * k) as *const __m256i),
+                                _mm256_loadu_si256(b.add(16 * k) as *const __m256i),
+                            )
+                        };
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            let $x = _mm256_set1_epi32(unsafe {
+                                rows.add(i * pairs + k0 + k).read_unaligned()
+                            });
+                            acc[0] = {
+                                let ($acc, $w) = (acc[0], wa);
+                                $dot
+                            };
+                            acc[1] = {
+                                let ($acc, $w) = (acc[1], wb);
+                                $dot
+                            };
+                        }
+                    }
+                    let scale = tile.scale(s);
+                    // SAFETY: `scale` returns 16 f32 for two panels.
+                    let (sa, sb) = unsafe {
+                        (
+                            _mm256_loadu_ps(scale.as_ptr()),
+                            _mm256_loadu_ps(scale[8..].as_ptr()),
+                        )
+                    };
+                    for (sum, acc) in sums.iter_mut().zip(&acc) {
+                        sum[0] =
+                            _mm256_add_ps(sum[0], _mm256_mul_ps(_mm256_cvtepi32_ps(acc[0]), sa));
+                        sum[1] =
+                            _mm256_add_ps(sum[1], _mm256_mul_ps(_mm256_cvtepi32_ps(acc[1]), sb));
+                    }
+                }
+                sums
+            }
+
+            /// [`Self::$sums`] as the 128-bit quads [`finish`] takes.
+            ///
+            /// # Safety
+            /// As [`Self::$sums`].
+            #[target_feature(enable = $features)]
+            unsafe fn $floats<const P: usize>(
+                tile: &Tile,
+                rows: &[i16],
+                init: [F; 4],
+            ) -> [[F; 4]; P] {
+                let init = [
+                    _mm256_set_m128(init[1], init[0]),
+                    _mm256_set_m128(init[3], init[2]),
+                ];
+                // SAFETY: the caller's contract.
+                let sums = unsafe { $sums::<P>(tile, rows, init) };
+                let mut quads = [[_mm_setzero_ps(); 4]; P];
+                for (q, [a, b]) in quads.iter_mut().zip(sums) {
+                    *q = [
+                        _mm256_castps256_ps128(a),
+                        _mm256_extractf128_ps::<1>(a),
+                        _mm256_castps256_ps128(b),
+                        _mm256_extractf128_ps::<1>(b),
+                    ];
+                }
+                quads
+            }
+
+            /// See [`run_centred`].
+            ///
+            /// # Safety
+            /// As [`Self::$sums`], and `starts` holds at least `P` entries.
+            #[target_feature(enable = $features)]
+            unsafe fn $centred<const P: usize>(
+                tile: &Tile,
+                rows: &[i16],
+                grid: &ActivationParams,
+                out: &mut [i16],
+                starts: &[Option<usize>],
+            ) {
+                // SAFETY: 16 bias values for two panels; no load needs alignment.
+                let init = unsafe {
+                    [
+                        _mm256_loadu_ps(tile.bias.as_ptr()),
+                        _mm256_loadu_ps(tile.bias[8..16].as_ptr()),
+                    ]
+                };
+                // SAFETY: the caller's contract.
+                let sums = unsafe { $sums::<P>(tile, rows, init) };
+                let grid = Grid8::new(grid);
+                for (sum, start) in sums.into_iter().zip(starts) {
+                    let Some(start) = *start else { continue };
+                    let mut ints = [_mm256_setzero_si256(); 2];
+                    for (int, v) in ints.iter_mut().zip(sum) {
+                        *int = grid.centred(relu6_if(v, tile.relu6));
+                    }
+                    let [a, b] = ints;
+                    // Packing works within 128-bit halves: a0–3 b0–3 a4–7 b4–7 → a0–7 b0–7.
+                    let packed =
+                        _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(a, b));
+                    let dst = &mut out[start..start + 2 * PANEL];
+                    // SAFETY: `dst` holds 16 i16 (just sliced); no store needs alignment.
+                    unsafe { _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, packed) };
+                }
+            }
+        };
+    }
+
+    /// An activation grid on 8 lanes.
+    pub(super) struct Grid8 {
+        lo: __m256,
+        hi: __m256,
+        scale: __m256,
+    }
+
+    const MAGIC: f32 = 12_582_912.0;
+
+    impl Grid8 {
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub(super) fn new(grid: &ActivationParams) -> Self {
+            Self {
+                lo: _mm256_set1_ps((grid.qmin - grid.zero_point) as f32),
+                hi: _mm256_set1_ps((grid.qmax - grid.zero_point) as f32),
+                scale: _mm256_set1_ps(grid.scale),
+            }
+        }
+
+        /// [`ActivationParams::centred`] on 8 lanes, as i32 (the 128-bit
+        /// `lanes::centred_i16`'s arithmetic: divide, NaN → 0, clamp, round half to even
+        /// by adding 1.5·2²³).
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub(super) fn centred(&self, v: __m256) -> __m256i {
+            let v = _mm256_div_ps(v, self.scale);
+            let v = _mm256_and_ps(v, _mm256_cmp_ps::<_CMP_EQ_OQ>(v, v));
+            let v = _mm256_min_ps(_mm256_max_ps(v, self.lo), self.hi);
+            _mm256_sub_epi32(
+                _mm256_castps_si256(_mm256_add_ps(v, _mm256_set1_ps(MAGIC))),
+                _mm256_set1_epi32(MAGIC.to_bits() as i32),
+            )
+        }
+    }
+
+    /// ReLU6 (`min(max(v, 0), 6)`, as the 128-bit kernels clamp) where `relu6`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) fn relu6_if(v: __m256, relu6: bool) -> __m256 {
+        if relu6 {
+            _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), _mm256_set1_ps(6.0))
+        } else {
+            v
+        }
+    }
+
+    wide_kernels!(sums8_avx2, sums_avx2, centred_avx2, "avx2", |acc, x, w| {
+        _mm256_add_epi32(acc, _mm256_madd_epi16(x, w))
+    });
+    wide_kernels!(
+        sums8_vnni,
+        sums_vnni,
+        centred_vnni,
+        "avx2,avx512f,avx512vl,avx512vnni",
+        |acc, x, w| _mm256_dpwssd_epi32(acc, x, w)
+    );
+}
+
 /// The same tile in portable Rust (other native targets).
 #[cfg(not(any(target_arch = "wasm32", target_arch = "x86_64")))]
 mod lanes {
@@ -841,7 +1235,7 @@ mod lanes {
         for i in 0..P {
             dst.write(
                 i,
-                std::array::from_fn(|j| {
+                &std::array::from_fn::<f32, PANEL, _>(|j| {
                     let mut y = if dst.row_scales.is_some() {
                         0.0
                     } else {
@@ -990,6 +1384,7 @@ mod tests {
         let bias: Vec<f32> = (0..PANEL).map(|_| next(100) as f32 * 0.01).collect();
         let tile = Tile {
             panel: &panel,
+            panels: 1,
             segments: &segments,
             scales: &scales,
             scale_stride: PANEL,

@@ -10,6 +10,8 @@
 //! An odd tap count pairs the last tap with a zero weight. The epilogue (scale, bias,
 //! ReLU6, residual, the next layer's grid) runs on the sums in registers.
 
+#[cfg(target_arch = "x86_64")]
+use super::WIDE_PIXELS;
 use super::{FusedEpilogue, PointwiseInput};
 use crate::compress::ActivationParams;
 use crate::error::{EngineError, Result};
@@ -113,6 +115,56 @@ impl DepthwiseInput {
         }
         let at = (y * self.columns + x) * self.padded + channel;
         super::centre(values, &mut self.data[at..at + values.len()], &self.grid);
+    }
+
+    /// Where channel `channel` of each of the `n` (≤ [`WIDE_PIXELS`]) pixels from `pixel`
+    /// lies in the data (`None`: a pixel no output reads), the data to write them to and
+    /// the grid to quantize them to (for the wide x86 kernel's fused epilogue).
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn row_starts(
+        &mut self,
+        pixel: usize,
+        n: usize,
+        channel: usize,
+    ) -> ([Option<usize>; WIDE_PIXELS], &mut [i16], ActivationParams) {
+        let mut starts = [None; WIDE_PIXELS];
+        let (mut y, mut x) = (pixel / self.width, pixel % self.width);
+        for start in starts.iter_mut().take(n) {
+            let (by, bx) = (y + self.pads[0], x + self.pads[1]);
+            if by < self.rows && bx < self.columns {
+                *start = Some((by * self.columns + bx) * self.padded + channel);
+            }
+            x += 1;
+            if x == self.width {
+                (y, x) = (y + 1, 0);
+            }
+        }
+        (starts, &mut self.data, self.grid)
+    }
+
+    /// [`Self::write`] of `n` consecutive pixels from `pixel`, each `width` values from
+    /// `rows` (`stride` apart): one division for all of them (a tile's rows).
+    pub(crate) fn write_rows(
+        &mut self,
+        pixel: usize,
+        channel: usize,
+        rows: &[f32],
+        stride: usize,
+        n: usize,
+        width: usize,
+    ) {
+        let (mut y, mut x) = (pixel / self.width, pixel % self.width);
+        for values in rows.chunks(stride.max(1)).take(n) {
+            let (by, bx) = (y + self.pads[0], x + self.pads[1]);
+            if by < self.rows && bx < self.columns {
+                let at = (by * self.columns + bx) * self.padded + channel;
+                super::centre(&values[..width], &mut self.data[at..at + width], &self.grid);
+            }
+            x += 1;
+            if x == self.width {
+                (y, x) = (y + 1, 0);
+            }
+        }
     }
 }
 
@@ -384,7 +436,27 @@ mod kernel {
         }
         assert!(bias.len() == cp && layer.scales.len() == cp);
         assert!(layer.weights.len() == cp * pairs * 2);
-        let (zero6, six) = (fsplat(0.0), fsplat(6.0));
+        #[cfg(target_arch = "x86_64")]
+        if super::super::wide::available() {
+            let wide = Loop {
+                layer,
+                bordered,
+                bw,
+                g,
+                bias,
+                offsets: &offsets,
+            };
+            // SAFETY: the CPU has AVX2 (just checked); every load stays within the bounds
+            // asserted above, as in the loop below.
+            unsafe {
+                if super::super::wide::vnni() {
+                    wide.run_vnni(sink)
+                } else {
+                    wide.run_avx2(sink)
+                }
+            }
+            return;
+        }
         for oy in 0..oh {
             for ox in 0..ow {
                 let origin = ((oy * sy) * bw + ox * sx) * cp;
@@ -404,48 +476,210 @@ mod kernel {
                             sums[1] = dot_add(sums[1], hi, load_i16(weights.add(16 * p + 8)));
                         }
                     }
-                    let mut v = [0, 1].map(|half| {
-                        let s = step + 4 * half;
-                        scale_add(
-                            load_f32(&bias[s..]),
-                            sums[half],
-                            load_f32(&layer.scales[s..]),
-                        )
-                    });
-                    if relu6 {
-                        v = v.map(|v| clamp(v, zero6, six));
-                    }
-                    let width = LANES.min(c - step);
-                    match (&mut sink, width == LANES) {
-                        (Sink::Float { out, epilogue }, true) => {
-                            let dst = pixel * c + step;
-                            if let Some(res) = epilogue.residual {
-                                v[0] = fadd(v[0], load_f32(&res[dst..]));
-                                v[1] = fadd(v[1], load_f32(&res[dst + 4..]));
+                    finish_step(layer, bias, &mut sink, pixel, step, sums, relu6);
+                }
+            }
+        }
+    }
+
+    /// The epilogue of one step of 8 channels of one output pixel: scales and bias,
+    /// ReLU6, then into the sink (residual and next grid, or the next layer's input).
+    #[inline(always)]
+    fn finish_step(
+        layer: &Int8Depthwise,
+        bias: &[f32],
+        sink: &mut Sink,
+        pixel: usize,
+        step: usize,
+        sums: [I; 2],
+        relu6: bool,
+    ) {
+        let c = layer.channels;
+        let (zero6, six) = (fsplat(0.0), fsplat(6.0));
+        // Written out rather than `array::map`, which LLVM does not always inline.
+        let half = |h: usize| {
+            let s = step + 4 * h;
+            scale_add(load_f32(&bias[s..]), sums[h], load_f32(&layer.scales[s..]))
+        };
+        let mut v = [half(0), half(1)];
+        if relu6 {
+            v = [clamp(v[0], zero6, six), clamp(v[1], zero6, six)];
+        }
+        let width = LANES.min(c - step);
+        match (sink, width == LANES) {
+            (Sink::Float { out, epilogue }, true) => {
+                let dst = pixel * c + step;
+                if let Some(res) = epilogue.residual {
+                    v[0] = fadd(v[0], load_f32(&res[dst..]));
+                    v[1] = fadd(v[1], load_f32(&res[dst + 4..]));
+                }
+                if let Some(grid) = epilogue.grid {
+                    v = [fake_quantize(v[0], grid), fake_quantize(v[1], grid)];
+                }
+                store_f32(&mut out[dst..], v[0]);
+                store_f32(&mut out[dst + 4..], v[1]);
+            }
+            (Sink::Next { input, .. }, true) => {
+                let at = pixel * input.row + step;
+                let centred = centred_i16(v[0], v[1], &input.grid);
+                let dst = &mut input.data[at..at + LANES];
+                // SAFETY: `dst` holds 8 i16 (just sliced).
+                unsafe { store_i16(dst.as_mut_ptr(), centred) };
+            }
+            (sink, false) => {
+                let (lo, hi) = (to_array(v[0]), to_array(v[1]));
+                let values: [f32; LANES] =
+                    std::array::from_fn(|j| if j < 4 { lo[j] } else { hi[j - 4] });
+                sink.write(pixel, c, step, &values[..width]);
+            }
+        }
+    }
+
+    /// What the wide x86 loop reads (its bounds asserted by [`run`]).
+    #[cfg(target_arch = "x86_64")]
+    struct Loop<'a> {
+        layer: &'a Int8Depthwise,
+        bordered: &'a [i16],
+        bw: usize,
+        g: &'a DepthwiseGeometry,
+        bias: &'a [f32],
+        offsets: &'a [(usize, usize)],
+    }
+
+    /// The pixel loop on 256-bit lanes: 16 channels (two steps) per pass, each tap pair's
+    /// inputs interleaved within 128-bit halves (`vpunpcklwd` / `vpunpckhwd`) and its two
+    /// steps' weights side by side, so one multiply-add does two steps' work; a last step
+    /// of 8 runs on 128 bits. The integer sums and the float epilogue are the 128-bit
+    /// loop's, so the results are identical. `$dot(acc, x, w)` = acc + pairwise products.
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! wide_loop {
+        ($(#[$doc:meta])* $name:ident, $features:literal, |$acc:ident, $x:ident, $w:ident| $dot:expr) => {
+            $(#[$doc])*
+            ///
+            /// # Safety
+            /// The CPU has the features named, and [`run`]'s asserts hold.
+            #[target_feature(enable = $features)]
+            unsafe fn $name(&self, mut sink: Sink) {
+                use core::arch::x86_64::*;
+                use super::super::wide::{Grid8, relu6_if};
+                let Loop { layer, bordered, bw, g, bias, offsets } = *self;
+                let cp = layer.padded;
+                let [oh, ow] = g.output;
+                let [sy, sx] = g.strides;
+                let relu6 = sink.relu6();
+                let pairs = offsets.len();
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let origin = ((oy * sy) * bw + ox * sx) * cp;
+                        let pixel = oy * ow + ox;
+                        let mut step = 0;
+                        while step + 2 * LANES <= cp {
+                            let mut sums = [_mm256_setzero_si256(); 2];
+                            // SAFETY: as in the 128-bit loop: 16 i16 from origin + offset +
+                            // step ≤ last_origin + reach + cp, and 16 i16 per pair of
+                            // both steps' weights; no load needs alignment.
+                            unsafe {
+                                let first = layer.weights.as_ptr().add(step * pairs * 2);
+                                let second = first.add(LANES * pairs * 2);
+                                let inputs = bordered.as_ptr().add(origin + step);
+                                for (p, &(o0, o1)) in offsets.iter().enumerate() {
+                                    let x0 = _mm256_loadu_si256(inputs.add(o0) as *const __m256i);
+                                    let x1 = _mm256_loadu_si256(inputs.add(o1) as *const __m256i);
+                                    let weights = |half: usize| {
+                                        _mm256_loadu2_m128i(
+                                            second.add(16 * p + half) as *const __m128i,
+                                            first.add(16 * p + half) as *const __m128i,
+                                        )
+                                    };
+                                    sums[0] = {
+                                        let ($acc, $x, $w) =
+                                            (sums[0], _mm256_unpacklo_epi16(x0, x1), weights(0));
+                                        $dot
+                                    };
+                                    sums[1] = {
+                                        let ($acc, $x, $w) =
+                                            (sums[1], _mm256_unpackhi_epi16(x0, x1), weights(8));
+                                        $dot
+                                    };
+                                }
                             }
-                            if let Some(grid) = epilogue.grid {
-                                v = v.map(|v| fake_quantize(v, grid));
+                            let [lo, hi] = sums;
+                            if let (Sink::Next { input, .. }, true) =
+                                (&mut sink, step + 2 * LANES <= layer.channels)
+                            {
+                                // The epilogue on 8 lanes, straight to the next layer's
+                                // input: `lo` holds channels 0–3 and 8–11 of the two
+                                // steps, `hi` 4–7 and 12–15, so the scales and bias are
+                                // loaded in that order and packing puts 0–15 in place.
+                                let grid = Grid8::new(&input.grid);
+                                let (b, sc) = (&bias[step..step + 16], &layer.scales[step..step + 16]);
+                                let in_order = |v: &[f32], from: usize| {
+                                    // SAFETY: `v` holds 16 f32 (sliced above), from ≤ 4.
+                                    unsafe { _mm256_loadu2_m128(v[from + 8..].as_ptr(), v[from..].as_ptr()) }
+                                };
+                                let value = |sum: __m256i, from: usize| {
+                                    let v = _mm256_add_ps(
+                                        in_order(b, from),
+                                        _mm256_mul_ps(_mm256_cvtepi32_ps(sum), in_order(sc, from)),
+                                    );
+                                    grid.centred(relu6_if(v, relu6))
+                                };
+                                let packed = _mm256_packs_epi32(value(lo, 0), value(hi, 4));
+                                let at = pixel * input.row + step;
+                                let dst = &mut input.data[at..at + 2 * LANES];
+                                // SAFETY: `dst` holds 16 i16 (just sliced).
+                                unsafe { _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, packed) };
+                                step += 2 * LANES;
+                                continue;
                             }
-                            store_f32(&mut out[dst..], v[0]);
-                            store_f32(&mut out[dst + 4..], v[1]);
+                            for (s, half) in [(step, 0), (step + LANES, 1)] {
+                                let quads = if half == 0 {
+                                    [_mm256_castsi256_si128(lo), _mm256_castsi256_si128(hi)]
+                                } else {
+                                    [_mm256_extracti128_si256::<1>(lo), _mm256_extracti128_si256::<1>(hi)]
+                                };
+                                finish_step(layer, bias, &mut sink, pixel, s, quads, relu6);
+                            }
+                            step += 2 * LANES;
                         }
-                        (Sink::Next { input, .. }, true) => {
-                            let at = pixel * input.row + step;
-                            let centred = centred_i16(v[0], v[1], &input.grid);
-                            let dst = &mut input.data[at..at + LANES];
-                            // SAFETY: `dst` holds 8 i16 (just sliced).
-                            unsafe { store_i16(dst.as_mut_ptr(), centred) };
-                        }
-                        (sink, false) => {
-                            let (lo, hi) = (to_array(v[0]), to_array(v[1]));
-                            let values: [f32; LANES] =
-                                std::array::from_fn(|j| if j < 4 { lo[j] } else { hi[j - 4] });
-                            sink.write(pixel, c, step, &values[..width]);
+                        if step < cp {
+                            let mut sums = [zero(), zero()];
+                            // SAFETY: as in the 128-bit loop.
+                            unsafe {
+                                let weights = layer.weights.as_ptr().add(step * pairs * 2);
+                                let first = bordered.as_ptr().add(origin + step);
+                                for (p, &(o0, o1)) in offsets.iter().enumerate() {
+                                    let (lo, hi) = interleave_i16(
+                                        load_i16(first.add(o0)),
+                                        load_i16(first.add(o1)),
+                                    );
+                                    sums[0] = dot_add(sums[0], lo, load_i16(weights.add(16 * p)));
+                                    sums[1] =
+                                        dot_add(sums[1], hi, load_i16(weights.add(16 * p + 8)));
+                                }
+                            }
+                            finish_step(layer, bias, &mut sink, pixel, step, sums, relu6);
                         }
                     }
                 }
             }
-        }
+        };
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    impl Loop<'_> {
+        wide_loop!(
+            /// With `vpmaddwd` and `vpaddd`.
+            run_avx2,
+            "avx2",
+            |acc, x, w| _mm256_add_epi32(acc, _mm256_madd_epi16(x, w))
+        );
+        wide_loop!(
+            /// With AVX-512 VNNI's `vpdpwssd` on 256-bit lanes.
+            run_vnni,
+            "avx2,avx512f,avx512vl,avx512vnni",
+            |acc, x, w| _mm256_dpwssd_epi32(acc, x, w)
+        );
     }
 }
 
@@ -630,12 +864,44 @@ mod tests {
         }
     }
 
+    /// An int8 1×1 layer of `[cout, cin]` weights `w` quantized with `scheme`.
+    fn pointwise(
+        w: &[f32],
+        [cout, cin]: [usize; 2],
+        scheme: QuantScheme,
+        input: &ActivationParams,
+    ) -> crate::int8_cpu::Int8Pointwise {
+        let q = QuantizedTensor::quantize(w, &[cout, cin], scheme);
+        crate::int8_cpu::Int8Pointwise::new(&q, input, cin, cout)
+            .unwrap()
+            .unwrap()
+    }
+
+    /// A block's test data: `pixels` × `cin` inputs, `c` × `cin` expansion weights and `c`
+    /// depthwise filters of `kernel`.
+    fn block_data(
+        cin: usize,
+        c: usize,
+        pixels: usize,
+        kernel: [usize; 2],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let x = (0..pixels * cin)
+            .map(|i| ((i * 29 % 83) as f32) / 20.0 - 2.0)
+            .collect();
+        let expand = (0..c * cin)
+            .map(|i| ((i * 31 % 67) as f32 - 33.0) / 40.0)
+            .collect();
+        let depthwise = (0..c * kernel[0] * kernel[1])
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 60.0)
+            .collect();
+        (x, expand, depthwise)
+    }
+
     /// An int8 1×1 expansion writing its outputs quantized straight into the depthwise
     /// layer's input, and that layer into a 1×1 projection's, computes what the three
     /// layers compute one after the other through floats.
     #[test]
     fn fused_block_matches_the_layers_apart() {
-        use crate::int8_cpu::Int8Pointwise;
         let grid = |scale: f32, zero_point: i32| ActivationParams {
             scale,
             zero_point,
@@ -663,24 +929,9 @@ mod tests {
                 leading_pads,
             };
             let pixels = input[0] * input[1];
-            let x: Vec<f32> = (0..pixels * cin)
-                .map(|i| ((i * 29 % 83) as f32) / 20.0 - 2.0)
-                .collect();
-            let we: Vec<f32> = (0..c * cin)
-                .map(|i| ((i * 31 % 67) as f32 - 33.0) / 40.0)
-                .collect();
-            let wd: Vec<f32> = (0..c * kernel[0] * kernel[1])
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 60.0)
-                .collect();
+            let (x, we, wd) = block_data(cin, c, pixels, kernel);
             let (be, bd) = (vec![0.2f32; c], vec![-0.1f32; c]);
-            let expand = Int8Pointwise::new(
-                &QuantizedTensor::quantize(&we, &[c, cin], symmetric),
-                &expand_in,
-                cin,
-                c,
-            )
-            .unwrap()
-            .unwrap();
+            let expand = pointwise(&we, [c, cin], symmetric, &expand_in);
             let dw_weights =
                 QuantizedTensor::quantize(&wd, &[c, 1, kernel[0], kernel[1]], symmetric);
             let depthwise = Int8Depthwise::new(&dw_weights, &dw_in, c, kernel)
@@ -691,14 +942,7 @@ mod tests {
                 .map(|i| ((i * 23 % 59) as f32 - 29.0) / 30.0)
                 .collect();
             let bp = vec![0.05f32; cout];
-            let project = Int8Pointwise::new(
-                &QuantizedTensor::quantize(&wp, &[cout, c], symmetric),
-                &project_in,
-                c,
-                cout,
-            )
-            .unwrap()
-            .unwrap();
+            let project = pointwise(&wp, [cout, c], symmetric, &project_in);
             let relu6 = FusedEpilogue {
                 relu6: true,
                 ..FusedEpilogue::default()
@@ -725,6 +969,151 @@ mod tests {
                     (a - b).abs() < 1e-5 * (1.0 + b.abs()),
                     "{cin}→{c} {g:?}: {a} vs {b}"
                 );
+            }
+        }
+    }
+
+    /// The wide x86 kernels (two panels of 1×1 outputs, 16 depthwise channels per pass,
+    /// the epilogues on 8 lanes straight into the next layer's input), with AVX-512 VNNI
+    /// and with AVX2 alone, give the 128-bit kernels' results bit for bit: 1×1 layers at
+    /// every granularity with odd inputs and outputs that leave a one-panel tile and
+    /// pixel tails, the fused epilogue, the expansion into a depthwise input, and that
+    /// layer's float output and its output into a projection's input.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn wide_kernels_give_the_128_bit_results_bit_for_bit() {
+        use crate::int8_cpu::wide::{CHOICE, Choice};
+        assert!(
+            crate::int8_cpu::wide_available(),
+            "this test needs an x86-64 CPU with AVX2"
+        );
+        let grid = |scale: f32, zero_point: i32| ActivationParams {
+            scale,
+            zero_point,
+            qmin: -128,
+            qmax: 127,
+        };
+        let (expand_in, dw_in, next) = (grid(0.03, -20), grid(6.0 / 255.0, -128), grid(0.02, 5));
+        let mut choices = vec![Choice::NoVnni];
+        if std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl")
+        {
+            choices.push(Choice::Best);
+        }
+        // (1×1 inputs, channels, input rows × columns, kernel, strides)
+        for (cin, c, input, kernel, strides) in [
+            (33, 40, [5, 7], [3, 3], [1, 1]),
+            (16, 48, [9, 4], [5, 5], [2, 2]),
+            (7, 24, [3, 13], [3, 3], [2, 1]),
+        ] {
+            let pads = [kernel[0] / 2, kernel[1] / 2];
+            let output = [
+                (input[0] + 2 * pads[0] - kernel[0]) / strides[0] + 1,
+                (input[1] + 2 * pads[1] - kernel[1]) / strides[1] + 1,
+            ];
+            let g = DepthwiseGeometry {
+                input,
+                output,
+                kernel,
+                strides,
+                dilations: [1, 1],
+                leading_pads: pads,
+            };
+            let pixels = input[0] * input[1];
+            let (x, we, wd) = block_data(cin, c, pixels, kernel);
+            let be: Vec<f32> = (0..c).map(|o| o as f32 * 0.03 - 0.4).collect();
+            let residual: Vec<f32> = (0..pixels * c).map(|i| (i % 13) as f32 * 0.1).collect();
+            let dw_weights = QuantizedTensor::quantize(
+                &wd,
+                &[c, 1, kernel[0], kernel[1]],
+                QuantScheme {
+                    bits: 8,
+                    symmetric: false,
+                    granularity: Granularity::PerChannel,
+                },
+            );
+            let depthwise = Int8Depthwise::new(&dw_weights, &dw_in, c, kernel)
+                .unwrap()
+                .unwrap();
+            // Only its input grid matters: the depthwise layer writes into its input.
+            let project = pointwise(
+                &vec![0.5; 3 * c],
+                [3, c],
+                QuantScheme {
+                    bits: 8,
+                    symmetric: true,
+                    granularity: Granularity::PerTensor,
+                },
+                &next,
+            );
+            for (granularity, symmetric) in [
+                (Granularity::PerTensor, true),
+                (Granularity::PerChannel, false),
+                (Granularity::PerBlock(8), true),
+            ] {
+                let scheme = QuantScheme {
+                    bits: 8,
+                    symmetric,
+                    granularity,
+                };
+                let expand = pointwise(&we, [c, cin], scheme, &expand_in);
+                // Every output of one kernel choice, as bits.
+                let run = |choice: Choice| {
+                    CHOICE.with(|k| k.set(choice));
+                    let plain = expand.forward(&x, pixels, &be, FusedEpilogue::default());
+                    let fused = expand.forward(
+                        &x,
+                        pixels,
+                        &be,
+                        FusedEpilogue {
+                            relu6: true,
+                            residual: Some(&residual),
+                            grid: Some(&next),
+                        },
+                    );
+                    let mut dw_input = depthwise.input_for(&g).unwrap();
+                    expand.forward_centred(&x, pixels, &be, true, &mut dw_input);
+                    let dw_float = depthwise
+                        .run(
+                            &dw_input,
+                            &g,
+                            &be,
+                            FusedEpilogue {
+                                relu6: true,
+                                ..FusedEpilogue::default()
+                            },
+                        )
+                        .unwrap();
+                    let mut next_input = project.input_for(output[0] * output[1]);
+                    depthwise
+                        .run_into_next(&dw_input, &g, &be, true, &mut next_input)
+                        .unwrap();
+                    CHOICE.with(|k| k.set(Choice::Best));
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    (
+                        bits(&plain),
+                        bits(&fused),
+                        dw_input.data.clone(),
+                        bits(&dw_float),
+                        next_input.data,
+                    )
+                };
+                let narrow = run(Choice::Narrow);
+                assert!(narrow.2.iter().any(|&v| v != 0) && narrow.4.iter().any(|&v| v != 0));
+                for &choice in &choices {
+                    let wide = run(choice);
+                    let what = format!("{cin}→{c} {input:?} {kernel:?} {granularity:?} {choice:?}");
+                    assert!(wide.0 == narrow.0, "1×1 floats differ: {what}");
+                    assert!(wide.1 == narrow.1, "1×1 fused epilogue differs: {what}");
+                    assert!(
+                        wide.2 == narrow.2,
+                        "expansion into the depthwise input differs: {what}"
+                    );
+                    assert!(wide.3 == narrow.3, "depthwise floats differ: {what}");
+                    assert!(
+                        wide.4 == narrow.4,
+                        "depthwise into the next input differs: {what}"
+                    );
+                }
             }
         }
     }

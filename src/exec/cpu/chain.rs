@@ -237,12 +237,15 @@ pub(super) fn run_chain(
                 let mut next = k.input_for(oh * ow);
                 dw.run_into_next(&dw_input, &geometry, &dk.bias, relu6(dk), &mut next)?;
                 let span = b * out_image..(b + 1) * out_image;
-                let residual = residual.as_ref().map(|r| &r.data[span]);
+                let residual = residual.as_ref().map(|r| &r.data[span.clone()]);
                 let epilogue = ck
                     .epilogue
                     .as_int8(residual)
                     .ok_or_else(|| exec_err(&graph.nodes[*c], "epilogue not fusable"))?;
-                out.extend(k.forward_input(&next, &ck.bias, epilogue));
+                if out.len() < span.end {
+                    out.resize(span.end, 0.0);
+                }
+                k.forward_input_into(&next, &ck.bias, epilogue, &mut out[span]);
             }
             None => {
                 let epilogue = FusedEpilogue {
