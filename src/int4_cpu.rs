@@ -387,7 +387,7 @@ impl Panels {
         // Two panels where the wide x86 kernel runs (see `int8_cpu`), else one.
         let wide = wide_available();
         let panel_len = 2 * PANEL * self.pairs;
-        let mut weights = vec![0i16; 2 * panel_len];
+        let mut weights = vec![0i16; if wide { 2 } else { 1 } * panel_len];
         // A tile reads 8 scales per panel from its first output: the last one, when narrower, reads
         // past the end of the layer's.
         let with_slack;
@@ -398,8 +398,13 @@ impl Panels {
             &with_slack
         };
         let mut out = vec![0f32; pixels * cout];
-        // A multiple of both tile heights.
-        let step = PIXELS * WIDE_PIXELS / 2;
+        // A multiple of the tile heights that run (where only one-panel tiles run, the
+        // chunk stays as small as the rows' budget allows).
+        let step = if wide {
+            PIXELS * WIDE_PIXELS / 2
+        } else {
+            PIXELS
+        };
         let chunk = (ROWS_BYTES / (2 * row).max(1)).max(step) / step * step;
         for p0 in (0..pixels).step_by(chunk) {
             let p1 = (p0 + chunk).min(pixels);
@@ -616,9 +621,31 @@ mod tests {
                         dequantized,
                         "{cin}×{cout} {granularity:?}"
                     );
-                    for pixels in [1, 3, 9] {
+                    // Tails of 1–5 rows after whole tiles of 4 or 6.
+                    for pixels in [1, 3, 8, 9, 10, 11] {
                         let input: Vec<f32> = (0..pixels * cin).map(|_| next()).collect();
                         let out = kernel.product(&input, pixels, &vec![0.5; cout]);
+                        // The wide x86 kernel's two-panel tiles give the one-panel
+                        // tiles' results bit for bit.
+                        #[cfg(target_arch = "x86_64")]
+                        {
+                            use crate::int8_cpu::wide::{Choice, wide_choices, with_choice};
+                            let bits = |choice| {
+                                with_choice(choice, || {
+                                    kernel.product(&input, pixels, &vec![0.5; cout])
+                                })
+                                .iter()
+                                .map(|v| v.to_bits())
+                                .collect::<Vec<_>>()
+                            };
+                            let narrow = bits(Choice::Narrow);
+                            for choice in wide_choices() {
+                                assert!(
+                                    bits(choice) == narrow,
+                                    "{cin}×{cout} {granularity:?} {pixels} rows: {choice:?} differs"
+                                );
+                            }
+                        }
                         for p in 0..pixels {
                             let x = &input[p * cin..(p + 1) * cin];
                             let step = x.iter().fold(0f32, |m, v| m.max(v.abs())) / 32_767.0;

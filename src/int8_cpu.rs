@@ -191,6 +191,11 @@ impl Int8Pointwise {
         out
     }
 
+    /// Outputs for `pixels` pixels (`None` when the product overflows).
+    pub(crate) fn output_len(&self, pixels: usize) -> Option<usize> {
+        pixels.checked_mul(self.cout)
+    }
+
     /// [`Self::forward_input`] into `out` (`pixels × cout`), e.g. one image's part of a
     /// batch's output, without a copy.
     pub(crate) fn forward_input_into(
@@ -236,7 +241,7 @@ impl Int8Pointwise {
         self.each_tile(&input, bias, relu6, |tile, rows, p, n| {
             #[cfg(target_arch = "x86_64")]
             if tile.panels == 2 && tile.o0 + tile.width() <= cout {
-                let (starts, out, grid) = target.row_starts(p, n, tile.o0);
+                let (starts, out, grid) = target.row_starts(p, n, tile.o0, tile.width());
                 let grid = &grid;
                 return match n {
                     6 => wide::run_centred::<6>(tile, rows, grid, out, &starts),
@@ -277,10 +282,15 @@ impl Int8Pointwise {
         let padded = cout.div_ceil(PANEL) * PANEL;
         let mut bias_padded = bias.to_vec();
         bias_padded.resize(padded, 0.0);
-        // A multiple of both tile heights.
-        let step = PIXELS * WIDE_PIXELS / 2;
-        let chunk = (ROWS_BYTES / (4 * pairs.max(1))).max(step) / step * step;
         let wide = wide_available();
+        // A multiple of the tile heights that run (where only one-panel tiles run, the
+        // chunk stays as small as the rows' budget allows).
+        let step = if wide {
+            PIXELS * WIDE_PIXELS / 2
+        } else {
+            PIXELS
+        };
+        let chunk = (ROWS_BYTES / (4 * pairs.max(1))).max(step) / step * step;
         for p0 in (0..pixels).step_by(chunk) {
             let p1 = (p0 + chunk).min(pixels);
             let mut o0 = 0;
@@ -397,17 +407,13 @@ pub(crate) struct Dst<'a> {
 }
 
 impl Dst<'_> {
-    /// Writes row `i` of a tile (ReLU6 already applied; residual added, then
-    /// fake-quantized).
+    /// Writes `values` (ReLU6 already applied) as row `i`'s outputs from `column` on: the
+    /// residual added, then fake-quantized.
     #[inline(always)]
-    fn write(&mut self, i: usize, values: &[f32]) {
-        let at = i * self.stride;
-        let width = self.width;
-        self.epilogue.write_tail(
-            &values[..width],
-            &mut self.out[at..at + width],
-            self.at + at,
-        );
+    fn write_from(&mut self, i: usize, column: usize, values: &[f32]) {
+        let at = i * self.stride + column;
+        self.epilogue
+            .write_tail(values, &mut self.out[at..at + values.len()], self.at + at);
     }
 }
 
@@ -444,7 +450,8 @@ impl Tile<'_> {
 }
 
 /// The tile kernel: `P` consecutive rows of input pairs (from `rows`) × one panel, scaled,
-/// biased and clamped → `[P][8]` floats. 128-bit lanes on wasm (SIMD128) and x86-64 (SSE2).
+/// biased and clamped → `[P][8]` floats. 128-bit lanes on wasm (SIMD128) and x86-64 (SSE2);
+/// the epilogue ([`lanes::finish`]) also serves the wide x86 kernel's two panels.
 #[cfg(any(target_arch = "wasm32", target_arch = "x86_64"))]
 pub(crate) mod lanes {
     use super::{Dst, PANEL, Tile};
@@ -849,29 +856,35 @@ pub(crate) mod lanes {
                 *v = clamp(*v, lo, hi);
             }
         }
-        for (i, mut sum) in sums.into_iter().enumerate() {
-            let at = i * dst.stride;
-            if dst.width < 4 * Q {
-                let mut values = [[0f32; 4]; Q];
-                for (v, q) in values.iter_mut().zip(sum) {
-                    *v = to_array(q);
+        for (i, sum) in sums.into_iter().enumerate() {
+            // Panel by panel, as the one-panel kernel writes each (so two panels give its
+            // results exactly): a whole panel on lanes, a narrower one (a layer's last)
+            // value by value.
+            // (Indexed, not sliced: a slice of the sums would take them out of registers.)
+            for p in 0..Q / 2 {
+                let first = PANEL * p;
+                let width = dst.width.saturating_sub(first).min(PANEL);
+                let (lo, hi) = (sum[2 * p], sum[2 * p + 1]);
+                if width < PANEL {
+                    if width > 0 {
+                        let (lo, hi) = (to_array(lo), to_array(hi));
+                        let values = [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]];
+                        dst.write_from(i, first, &values[..width]);
+                    }
+                    continue;
                 }
-                dst.write(i, values.as_flattened());
-                continue;
-            }
-            if let Some(res) = dst.epilogue.residual {
-                let from = dst.at + at;
-                for (q, v) in sum.iter_mut().enumerate() {
-                    *v = fadd(*v, load_f32(&res[from + 4 * q..from + 4 * q + 4]));
+                let at = i * dst.stride + first;
+                let (mut lo, mut hi) = (lo, hi);
+                if let Some(res) = dst.epilogue.residual {
+                    let from = dst.at + at;
+                    lo = fadd(lo, load_f32(&res[from..from + 4]));
+                    hi = fadd(hi, load_f32(&res[from + 4..from + 8]));
                 }
-            }
-            if let Some(grid) = dst.epilogue.grid {
-                for v in &mut sum {
-                    *v = fake_quantize(*v, grid);
+                if let Some(grid) = dst.epilogue.grid {
+                    (lo, hi) = (fake_quantize(lo, grid), fake_quantize(hi, grid));
                 }
-            }
-            for (q, v) in sum.into_iter().enumerate() {
-                store_f32(&mut dst.out[at + 4 * q..at + 4 * q + 4], v);
+                store_f32(&mut dst.out[at..at + 4], lo);
+                store_f32(&mut dst.out[at + 4..at + 8], hi);
             }
         }
     }
@@ -958,7 +971,8 @@ pub(crate) mod wide {
     /// Whether the wide kernels use AVX-512 VNNI's fused multiply-add of i16 pairs.
     #[inline(always)]
     pub(super) fn vnni() -> bool {
-        std::is_x86_feature_detected!("avx512vnni")
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vnni")
             && std::is_x86_feature_detected!("avx512vl")
             && !forced(Choice::NoVnni)
     }
@@ -976,6 +990,30 @@ pub(crate) mod wide {
     #[cfg(test)]
     thread_local! {
         pub(crate) static CHOICE: std::cell::Cell<Choice> = const { std::cell::Cell::new(Choice::Best) };
+    }
+
+    /// `f` run with `choice` on this thread (back to the default after, panic or not).
+    #[cfg(test)]
+    pub(crate) fn with_choice<T>(choice: Choice, f: impl FnOnce() -> T) -> T {
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                CHOICE.with(|c| c.set(Choice::Best));
+            }
+        }
+        CHOICE.with(|c| c.set(choice));
+        let _reset = Reset;
+        f()
+    }
+
+    /// The kernel choices this CPU can compare with the 128-bit kernels.
+    #[cfg(test)]
+    pub(crate) fn wide_choices() -> Vec<Choice> {
+        let mut choices = vec![Choice::NoVnni];
+        if vnni() {
+            choices.push(Choice::Best);
+        }
+        choices
     }
 
     #[inline(always)]
@@ -1138,11 +1176,12 @@ pub(crate) mod wide {
                 out: &mut [i16],
                 starts: &[Option<usize>],
             ) {
-                // SAFETY: 16 bias values for two panels; no load needs alignment.
+                let bias = &tile.bias[..2 * PANEL];
+                // SAFETY: 16 bias values (just sliced); no load needs alignment.
                 let init = unsafe {
                     [
-                        _mm256_loadu_ps(tile.bias.as_ptr()),
-                        _mm256_loadu_ps(tile.bias[8..16].as_ptr()),
+                        _mm256_loadu_ps(bias.as_ptr()),
+                        _mm256_loadu_ps(bias[PANEL..].as_ptr()),
                     ]
                 };
                 // SAFETY: the caller's contract.
@@ -1233,30 +1272,29 @@ mod lanes {
     pub(super) fn run<const P: usize>(tile: &Tile, rows: &[i16], mut dst: Dst) {
         let pairs = tile.pairs();
         for i in 0..P {
-            dst.write(
-                i,
-                &std::array::from_fn::<f32, PANEL, _>(|j| {
-                    let mut y = if dst.row_scales.is_some() {
-                        0.0
-                    } else {
-                        tile.bias[j]
-                    };
-                    for (s, &(k0, k1)) in tile.segments.iter().enumerate() {
-                        let dot: i32 = (k0..k1)
-                            .map(|k| {
-                                let x = &rows[(i * pairs + k) * 2..];
-                                let w = &tile.panel[(k * PANEL + j) * 2..];
-                                x[0] as i32 * w[0] as i32 + x[1] as i32 * w[1] as i32
-                            })
-                            .sum();
-                        y += dot as f32 * tile.scale(s)[j];
-                    }
-                    if let Some(row_scales) = dst.row_scales {
-                        y = y * row_scales[i] + tile.bias[j];
-                    }
-                    if tile.relu6 { y.clamp(0.0, 6.0) } else { y }
-                }),
-            );
+            let values: [f32; PANEL] = std::array::from_fn(|j| {
+                let mut y = if dst.row_scales.is_some() {
+                    0.0
+                } else {
+                    tile.bias[j]
+                };
+                for (s, &(k0, k1)) in tile.segments.iter().enumerate() {
+                    let dot: i32 = (k0..k1)
+                        .map(|k| {
+                            let x = &rows[(i * pairs + k) * 2..];
+                            let w = &tile.panel[(k * PANEL + j) * 2..];
+                            x[0] as i32 * w[0] as i32 + x[1] as i32 * w[1] as i32
+                        })
+                        .sum();
+                    y += dot as f32 * tile.scale(s)[j];
+                }
+                if let Some(row_scales) = dst.row_scales {
+                    y = y * row_scales[i] + tile.bias[j];
+                }
+                if tile.relu6 { y.clamp(0.0, 6.0) } else { y }
+            });
+            let width = dst.width;
+            dst.write_from(i, 0, &values[..width]);
         }
     }
 }

@@ -8,7 +8,9 @@
 //! taps' weights, stored interleaved the same way, with `i32x4.dot_i16x8_s` (`pmaddwd`):
 //! 16 multiply-adds per 2 instructions where float needs 8 (wasm has no fused multiply-add).
 //! An odd tap count pairs the last tap with a zero weight. The epilogue (scale, bias,
-//! ReLU6, residual, the next layer's grid) runs on the sums in registers.
+//! ReLU6, residual, the next layer's grid) runs on the sums in registers. On x86-64 with
+//! AVX2 the loop takes 16 channels per pass (with AVX-512 VNNI's `vpdpwssd` where the CPU
+//! has it) and quantizes for the next 1×1 layer on 8 lanes; the results are the same.
 
 #[cfg(target_arch = "x86_64")]
 use super::WIDE_PIXELS;
@@ -117,8 +119,8 @@ impl DepthwiseInput {
         super::centre(values, &mut self.data[at..at + values.len()], &self.grid);
     }
 
-    /// Where channel `channel` of each of the `n` (≤ [`WIDE_PIXELS`]) pixels from `pixel`
-    /// lies in the data (`None`: a pixel no output reads), the data to write them to and
+    /// Where channels `channel..channel + width` of each of the `n` (≤ [`WIDE_PIXELS`])
+    /// pixels from `pixel` lie in the data (`None`: a pixel no output reads), the data to write them to and
     /// the grid to quantize them to (for the wide x86 kernel's fused epilogue).
     #[cfg(target_arch = "x86_64")]
     pub(crate) fn row_starts(
@@ -126,7 +128,10 @@ impl DepthwiseInput {
         pixel: usize,
         n: usize,
         channel: usize,
+        width: usize,
     ) -> ([Option<usize>; WIDE_PIXELS], &mut [i16], ActivationParams) {
+        // A wider write would run into the next pixel's channels.
+        assert!(channel + width <= self.padded && n <= WIDE_PIXELS);
         let mut starts = [None; WIDE_PIXELS];
         let (mut y, mut x) = (pixel / self.width, pixel % self.width);
         for start in starts.iter_mut().take(n) {
@@ -405,7 +410,8 @@ impl Int8Depthwise {
     }
 }
 
-/// The pixel loop with 128-bit lanes on wasm (SIMD128) and x86-64 (SSE2).
+/// The pixel loop with 128-bit lanes on wasm (SIMD128) and x86-64 (SSE2), and on x86-64
+/// with AVX2 (chosen at run time) the wide loop: 16 channels per pass.
 #[cfg(any(target_arch = "wasm32", target_arch = "x86_64"))]
 mod kernel {
     use super::super::lanes::*;
@@ -982,7 +988,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn wide_kernels_give_the_128_bit_results_bit_for_bit() {
-        use crate::int8_cpu::wide::{CHOICE, Choice};
+        use crate::int8_cpu::wide::{Choice, wide_choices, with_choice};
         assert!(
             crate::int8_cpu::wide_available(),
             "this test needs an x86-64 CPU with AVX2"
@@ -994,16 +1000,16 @@ mod tests {
             qmax: 127,
         };
         let (expand_in, dw_in, next) = (grid(0.03, -20), grid(6.0 / 255.0, -128), grid(0.02, 5));
-        let mut choices = vec![Choice::NoVnni];
-        if std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl")
-        {
-            choices.push(Choice::Best);
-        }
-        // (1×1 inputs, channels, input rows × columns, kernel, strides)
-        for (cin, c, input, kernel, strides) in [
-            (33, 40, [5, 7], [3, 3], [1, 1]),
-            (16, 48, [9, 4], [5, 5], [2, 2]),
-            (7, 24, [3, 13], [3, 3], [2, 1]),
+        // (1×1 inputs, channels, input rows × columns, kernel, strides, ReLU6): whole and
+        // partial two-panel tiles and 16-channel steps (30, 12 channels), tiles of 6 pixels
+        // and tails of 1–5 (35, 7, 8, 10, 36 and 39 pixels).
+        for (cin, c, input, kernel, strides, relu6) in [
+            (33, 40, [5, 7], [3, 3], [1, 1], true),
+            (16, 48, [9, 4], [5, 5], [2, 2], false),
+            (7, 24, [3, 13], [3, 3], [2, 1], true),
+            (20, 30, [1, 7], [3, 3], [1, 1], false),
+            (9, 12, [2, 4], [3, 3], [1, 1], true),
+            (40, 30, [2, 5], [5, 5], [2, 2], true),
         ] {
             let pads = [kernel[0] / 2, kernel[1] / 2];
             let output = [
@@ -1057,8 +1063,7 @@ mod tests {
                 };
                 let expand = pointwise(&we, [c, cin], scheme, &expand_in);
                 // Every output of one kernel choice, as bits.
-                let run = |choice: Choice| {
-                    CHOICE.with(|k| k.set(choice));
+                let outputs = || {
                     let plain = expand.forward(&x, pixels, &be, FusedEpilogue::default());
                     let fused = expand.forward(
                         &x,
@@ -1071,23 +1076,22 @@ mod tests {
                         },
                     );
                     let mut dw_input = depthwise.input_for(&g).unwrap();
-                    expand.forward_centred(&x, pixels, &be, true, &mut dw_input);
+                    expand.forward_centred(&x, pixels, &be, relu6, &mut dw_input);
                     let dw_float = depthwise
                         .run(
                             &dw_input,
                             &g,
                             &be,
                             FusedEpilogue {
-                                relu6: true,
+                                relu6,
                                 ..FusedEpilogue::default()
                             },
                         )
                         .unwrap();
                     let mut next_input = project.input_for(output[0] * output[1]);
                     depthwise
-                        .run_into_next(&dw_input, &g, &be, true, &mut next_input)
+                        .run_into_next(&dw_input, &g, &be, relu6, &mut next_input)
                         .unwrap();
-                    CHOICE.with(|k| k.set(Choice::Best));
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     (
                         bits(&plain),
@@ -1097,10 +1101,10 @@ mod tests {
                         next_input.data,
                     )
                 };
-                let narrow = run(Choice::Narrow);
+                let narrow = with_choice(Choice::Narrow, outputs);
                 assert!(narrow.2.iter().any(|&v| v != 0) && narrow.4.iter().any(|&v| v != 0));
-                for &choice in &choices {
-                    let wide = run(choice);
+                for choice in wide_choices() {
+                    let wide = with_choice(choice, outputs);
                     let what = format!("{cin}→{c} {input:?} {kernel:?} {granularity:?} {choice:?}");
                     assert!(wide.0 == narrow.0, "1×1 floats differ: {what}");
                     assert!(wide.1 == narrow.1, "1×1 fused epilogue differs: {what}");

@@ -17,31 +17,50 @@ let site;
 before(async () => { site = await serveSite(); });
 after(() => site?.close());
 
+// Opens "Your model", drops the text-direction model with its class names and sets
+// rapidocr's preprocessing: the file leaves height and width open; rapidocr feeds 48×192
+// text lines scaled to the height and padded right, in [−1, 1].
+async function openTextDirection(page) {
+  await page.goto(site.url);
+  await waitReady(page);
+  await page.click('#model-yours');
+  await dropFiles(page, [
+    { name: 'textdir.onnx', type: 'application/octet-stream', bytes: readFileSync(path.join(MODELS, 'textdir.onnx')) },
+    { name: 'labels.txt', type: 'text/plain', bytes: Buffer.from('upright 0°\nrotated 180°\n') },
+  ]);
+  await page.waitForSelector('#user-summary', { timeout: 60_000 });
+  await page.waitForSelector('#user-labels');
+  await page.fill('#user-height', '48');
+  await page.dispatchEvent('#user-height', 'change');
+  await page.fill('#user-width', '192');
+  await page.dispatchEvent('#user-width', 'change');
+  await page.selectOption('#user-resize', 'pad');
+  await page.selectOption('#user-normalization', 'unit');
+}
+
+// Runs the sweep and reads its table (the setting, top-1 same, held-out images and every
+// cell's text).
+async function runSweep(page) {
+  const start = Date.now();
+  await page.click('#user-sweep');
+  await page.waitForFunction(() => !document.querySelector('#user-busy') && (document.querySelectorAll('#user-sweep-table tbody tr').length > 0 || document.querySelector('#user-error')), null, { timeout: 300_000 });
+  if (await page.$('#user-error')) throw new Error(await page.innerText('#user-error'));
+  const sweep = await page.locator('#user-sweep-table tbody tr').evaluateAll((rows) => rows.map((r) => ({
+    setting: r.cells[0].innerText, same: Number(r.dataset.same), images: Number(r.dataset.images), cells: [...r.cells].map((c) => c.innerText),
+  })));
+  console.log(`sweep of ${sweep.length} settings: ${Date.now() - start} ms`, JSON.stringify(sweep));
+  return sweep;
+}
+
 async function yourModel(flags, backend) {
   const { browser, page, logs } = await launch(flags);
   try {
-    await page.goto(site.url);
-    await waitReady(page);
-    await page.click('#model-yours');
-    await dropFiles(page, [
-      { name: 'textdir.onnx', type: 'application/octet-stream', bytes: readFileSync(path.join(MODELS, 'textdir.onnx')) },
-      { name: 'labels.txt', type: 'text/plain', bytes: Buffer.from('upright 0°\nrotated 180°\n') },
-    ]);
-    await page.waitForSelector('#user-summary', { timeout: 60_000 });
+    await openTextDirection(page);
     const summary = await page.innerText('#user-summary');
     console.log(summary);
     assert.match(summary, /133628 parameters/);
     assert.match(await page.innerText('#user-ops'), /HardSwish ×18/);
     assert.match(await page.innerText('#user-labels'), /2 class names from labels\.txt/);
-
-    // The file leaves height and width open; rapidocr feeds 48×192 text lines scaled to the
-    // height and padded right, in [−1, 1].
-    await page.fill('#user-height', '48');
-    await page.dispatchEvent('#user-height', 'change');
-    await page.fill('#user-width', '192');
-    await page.dispatchEvent('#user-width', 'change');
-    await page.selectOption('#user-resize', 'pad');
-    await page.selectOption('#user-normalization', 'unit');
 
     const all = readdirSync(path.join(MODELS, 'lines')).filter((f) => f.endsWith('.png')).sort();
     assert.equal(all.length, 12);
@@ -210,21 +229,7 @@ test('your model with folder labels (CPU fallback): accuracy on held-out labelle
   writeFileSync(path.join(folder, 'notes.txt'), 'not class names\n');
   const { browser, page, logs } = await launch(NO_WEBGPU_FLAGS);
   try {
-    await page.goto(site.url);
-    await waitReady(page);
-    await page.click('#model-yours');
-    await dropFiles(page, [
-      { name: 'textdir.onnx', type: 'application/octet-stream', bytes: readFileSync(path.join(MODELS, 'textdir.onnx')) },
-      { name: 'labels.txt', type: 'text/plain', bytes: Buffer.from('upright 0°\nrotated 180°\n') },
-    ]);
-    await page.waitForSelector('#user-summary', { timeout: 60_000 });
-    await page.waitForSelector('#user-labels');
-    await page.fill('#user-height', '48');
-    await page.dispatchEvent('#user-height', 'change');
-    await page.fill('#user-width', '192');
-    await page.dispatchEvent('#user-width', 'change');
-    await page.selectOption('#user-resize', 'pad');
-    await page.selectOption('#user-normalization', 'unit');
+    await openTextDirection(page);
     await page.setInputFiles('#user-folder-input', folder);
     await page.waitForFunction(() => document.querySelectorAll('#user-results .user-card .top5, #user-results .user-card .error').length === 13, null, { timeout: 120_000 });
     assert.match(await page.innerText('#user-notice'), /1 file is not an image/);
@@ -291,21 +296,14 @@ test('your model with folder labels (CPU fallback): accuracy on held-out labelle
 
     // The sweep: every setting on the held-out lines (the other half calibrates W8A8), the
     // fine-tuned variant left as it is.
-    const sweepStart = Date.now();
-    await page.click('#user-sweep');
-    await page.waitForFunction(() => !document.querySelector('#user-busy') && (document.querySelectorAll('#user-sweep-table tbody tr').length > 0 || document.querySelector('#user-error')), null, { timeout: 300_000 });
-    if (await page.$('#user-error')) throw new Error(await page.innerText('#user-error'));
-    const sweep = await page.locator('#user-sweep-table tbody tr').evaluateAll((rows) => rows.map((r) => ({
-      setting: r.cells[0].innerText, same: Number(r.dataset.same), images: Number(r.dataset.images), right: r.cells[2].innerText,
-    })));
-    console.log(`sweep of ${sweep.length} settings: ${Date.now() - sweepStart} ms`, JSON.stringify(sweep));
+    const sweep = await runSweep(page);
     assert.equal(sweep.length, 31, '12 sparsities, 12 channel ratios, 6 weight schemes and W8A8');
     for (const p of sweep) assert.equal(p.images, 6);
     const row = (setting) => sweep.find((p) => p.setting === setting);
     assert.equal(row('0 % zero weights').same, 6);
     assert.equal(row('0 % channels removed').same, 6);
     assert.equal(row('int8 per-channel').same, 6);
-    assert.match(row('W8A8 per-channel').right, /^[56]\/6$/);
+    assert.match(row('W8A8 per-channel').cells[2], /^[56]\/6$/, 'the "Right (labelled)" column');
     assert.match(await page.innerText('#user-sweep-caption'), /^31 of 31 settings measured on 6 held-out images \(6 labelled by their folders.*Too few for charts/);
     assert.equal(await page.locator('#user-sweep-pruning').count(), 0, 'no percentages on 6 images');
     await page.screenshot({ path: path.join(OUT, 'your-model-folders.png'), fullPage: true });
@@ -315,5 +313,47 @@ test('your model with folder labels (CPU fallback): accuracy on held-out labelle
   } finally {
     await browser.close();
     rmSync(root, { recursive: true, force: true });
+  }
+});
+
+test('your model sweep with charts (CPU fallback): 48 unlabelled lines, 24 held out, charts that match the table', { timeout: 600_000 }, async () => {
+  // Other lines than the tests above (rendered by the set-up): half calibrate W8A8, and the
+  // other 24 are enough for the sweep to chart percentages.
+  const dir = path.join(MODELS, 'sweep-lines');
+  const lines = readdirSync(dir).filter((f) => f.endsWith('.png')).sort();
+  assert.equal(lines.length, 48);
+  const { browser, page, logs } = await launch(NO_WEBGPU_FLAGS);
+  try {
+    await openTextDirection(page);
+    await dropFiles(page, lines.map((name) => ({ name, type: 'image/png', bytes: readFileSync(path.join(dir, name)) })));
+    await page.waitForFunction((n) => document.querySelectorAll('#user-results .user-card .top5, #user-results .user-card .error').length === n, lines.length, { timeout: 120_000 });
+    const sweep = await runSweep(page);
+    assert.equal(sweep.length, 31, '12 sparsities, 12 channel ratios, 6 weight schemes and W8A8');
+    for (const p of sweep) assert.equal(p.images, 24);
+    const caption = await page.innerText('#user-sweep-caption');
+    console.log(caption);
+    assert.match(caption, /^31 of 31 settings measured on 24 held-out images \(no folder labels them, so there is no accuracy\), against the original's top-1\.$/);
+    const row = (setting) => sweep.find((p) => p.setting === setting);
+    assert.equal(row('0 % zero weights').same, 24);
+    assert.equal(row('0 % channels removed').same, 24);
+    assert.equal(row('int8 per-channel').same, 24);
+    // Measured 24/24 (W8A8) and 22/24 (int4 per block of 32), one and two images of margin.
+    assert.ok(row('W8A8 per-channel').same >= 23, JSON.stringify(row('W8A8 per-channel')));
+    assert.ok(row('int4 per-block 32').same >= 20, JSON.stringify(row('int4 per-block 32')));
+
+    // The charts show the table's counts as percentages: a dot per pruning setting, a bar
+    // per weight scheme and W8A8, each bar's title the share of the 24 images.
+    assert.equal(await page.locator('#user-sweep-pruning circle').count(), 24);
+    const bars = await page.locator('#user-sweep-quant rect title').evaluateAll((titles) => titles.map((t) => t.textContent));
+    console.log(bars.join('\n'));
+    const quantized = sweep.filter((p) => /^(int|W8A8)/.test(p.setting));
+    assert.equal(bars.length, 7);
+    assert.deepEqual(bars, quantized.map((p) => `${p.setting}: ${(100 * p.same / 24).toFixed(2)} %`));
+    await page.locator('#user-sweep-result').screenshot({ path: path.join(OUT, 'your-model-sweep.png') });
+  } catch (e) {
+    console.log(logs.join('\n'));
+    throw e;
+  } finally {
+    await browser.close();
   }
 });

@@ -149,12 +149,22 @@ def unsupported():
     return b.model("up")
 
 
-def render_lines(font_dir, png_dir=None):
+LINES = ["compresslab 2026", "Hello, world", "ONNX in the browser", "Rust + WebGPU", "int8 and int4", "Pruning channels"]
+# Other text for the sweep's browser test, which needs 20 or more held-out lines for its charts.
+SWEEP_LINES = [
+    "Quantize me", "Depthwise 3x3", "Squeeze excite", "Hard swish", "Batch norm folded",
+    "Residual add", "Stride two by one", "Text direction", "Calibrate first", "Held-out data",
+    "Seven bits", "Per block of 32", "Zero points", "Channels removed", "Fine-tune briefly",
+    "Teacher and student", "Feature matching", "Export to ONNX", "Dequantize linear",
+    "Right padded", "Forty-eight high", "Upside down", "Mean and std", "Top-1 agreement",
+]
+
+
+def render_lines(font_dir, png_dir=None, texts=LINES, prefix="line"):
     """Text lines as the text-direction model sees them: height 48, width ≤ 192, right-padded
     with zeros after (x/255 − 0.5)/0.5; each line upright (0) and rotated 180° (1). With
-    png_dir, also the rendered lines as PNG files (line-K-0.png, line-K-180.png) for the
+    png_dir, also the rendered lines as PNG files (PREFIX-K-0.png, PREFIX-K-180.png) for the
     browser test to drop on the page."""
-    texts = ["compresslab 2026", "Hello, world", "ONNX in the browser", "Rust + WebGPU", "int8 and int4", "Pruning channels"]
     fonts = ["DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf"]
     images, labels = [], []
     for i, text in enumerate(texts):
@@ -165,7 +175,7 @@ def render_lines(font_dir, png_dir=None):
         for rotated in (0, 1):
             im = img.rotate(180) if rotated else img
             if png_dir:
-                im.save(os.path.join(png_dir, f"line-{i}-{180 if rotated else 0}.png"))
+                im.save(os.path.join(png_dir, f"{prefix}-{i}-{180 if rotated else 0}.png"))
             w = min(192, int(round(48 * im.width / im.height)))
             arr = np.asarray(im.resize((w, 48), Image.BILINEAR), dtype=np.float32)
             arr = (arr / 255.0 - 0.5) / 0.5
@@ -205,7 +215,12 @@ def main():
     probs = reference(path, batch)
     np.save(os.path.join(out, "textdir.output.npy"), probs)
     right = int((probs.argmax(1) == labels).sum())
-    print(f"onnx test models written to {out}; ONNX Runtime gets {right}/{len(labels)} text lines' direction right")
+    sweep = os.path.join(out, "sweep-lines")
+    os.makedirs(sweep, exist_ok=True)
+    sweep_batch, sweep_labels = render_lines(font_dir, sweep, SWEEP_LINES, "sweep")
+    sweep_right = int((reference(path, sweep_batch).argmax(1) == sweep_labels).sum())
+    print(f"onnx test models written to {out}; ONNX Runtime gets {right}/{len(labels)} text lines' "
+          f"direction right, and {sweep_right}/{len(sweep_labels)} of the sweep's lines")
 
 
 if __name__ == "__main__":

@@ -242,6 +242,9 @@ pub(super) fn run_chain(
                     .epilogue
                     .as_int8(residual)
                     .ok_or_else(|| exec_err(&graph.nodes[*c], "epilogue not fusable"))?;
+                if k.output_len(oh * ow) != Some(out_image) {
+                    return Err(exec_err(last, "its output does not have its shape's size"));
+                }
                 if out.len() < span.end {
                     out.resize(span.end, 0.0);
                 }
