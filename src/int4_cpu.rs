@@ -5,7 +5,8 @@
 //! A 1×1 convolution or a matrix product computes from the packed bytes with integer dot
 //! products, on the int8 kernel's tiles: the bytes lie in its panel order (eight output
 //! channels × two inputs per 8 bytes), and each panel is expanded to centred i16 once per
-//! chunk of pixels into one scratch panel (no unpacked copy of the layer's weights exists). Each pixel's inputs are rounded to 16 bits on a grid of its own (its
+//! chunk of pixels into a scratch panel (two side by side for the wide x86 kernel; no
+//! unpacked copy of the layer's weights exists). Each pixel's inputs are rounded to 16 bits on a grid of its own (its
 //! largest |x| ↦ 32 767 at most), so the only rounding beyond the weights' is 2⁻¹⁶ of the
 //! pixel's range; the sums are exact in i32 (the grid is narrowed where a long row could
 //! overflow). `y = s_pixel · Σ_groups s_w · Σ_k q_in · (q_w − zp_w) + bias`.
@@ -14,7 +15,9 @@
 //! to float instead: a depthwise layer its few thousand weights for one run, a GEMM a tile of
 //! output channels at a time.
 
-use crate::int8_cpu::{Dst, FusedEpilogue, Tile, WIDE_PIXELS, run_tile, wide_available};
+use crate::int8_cpu::{
+    Dst, FusedEpilogue, Tile, WIDE_PIXELS, chunk_step, run_tile, wide_available,
+};
 use crate::quant::{Granularity, QuantizedTensor, layout, pack_int4};
 
 /// `out[p][j] += Σ_k input[p][k] · weights[j][k]` for `pixels` rows of `cin` inputs and
@@ -67,7 +70,8 @@ pub(crate) fn gemm_accumulate(
 const TILE_ELEMENTS: usize = 1 << 16;
 /// Output channels per panel of the integer path (as the int8 kernel's).
 const PANEL: usize = 8;
-/// Pixels sharing one pass over a panel.
+/// Pixels sharing one pass over a panel (over two panels on the wide x86 kernel:
+/// `WIDE_PIXELS`).
 const PIXELS: usize = 4;
 /// Bytes of 16-bit input rows run against each panel before the next chunk: a panel is
 /// expanded once per chunk, and the rows stay in L2.
@@ -387,7 +391,7 @@ impl Panels {
         // Two panels where the wide x86 kernel runs (see `int8_cpu`), else one.
         let wide = wide_available();
         let panel_len = 2 * PANEL * self.pairs;
-        let mut weights = vec![0i16; if wide { 2 } else { 1 } * panel_len];
+        let mut weights = vec![0i16; panel_len * if wide { 2 } else { 1 }];
         // A tile reads 8 scales per panel from its first output: the last one, when narrower, reads
         // past the end of the layer's.
         let with_slack;
@@ -398,13 +402,7 @@ impl Panels {
             &with_slack
         };
         let mut out = vec![0f32; pixels * cout];
-        // A multiple of the tile heights that run (where only one-panel tiles run, the
-        // chunk stays as small as the rows' budget allows).
-        let step = if wide {
-            PIXELS * WIDE_PIXELS / 2
-        } else {
-            PIXELS
-        };
+        let step = chunk_step(wide);
         let chunk = (ROWS_BYTES / (2 * row).max(1)).max(step) / step * step;
         for p0 in (0..pixels).step_by(chunk) {
             let p1 = (p0 + chunk).min(pixels);
@@ -630,6 +628,10 @@ mod tests {
                         #[cfg(target_arch = "x86_64")]
                         {
                             use crate::int8_cpu::wide::{Choice, wide_choices, with_choice};
+                            assert!(
+                                crate::int8_cpu::wide_available(),
+                                "this test needs an x86-64 CPU with AVX2"
+                            );
                             let bits = |choice| {
                                 with_choice(choice, || {
                                     kernel.product(&input, pixels, &vec![0.5; cout])

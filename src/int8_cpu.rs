@@ -60,6 +60,14 @@ const PIXELS: usize = 4;
 /// bits, two weight vectors and the broadcast input fill AVX2's 16 registers).
 pub(crate) const WIDE_PIXELS: usize = 6;
 
+/// Pixel chunks are a multiple of both tile heights where two-panel tiles run (else of
+/// the one-panel tiles' only, so the chunk stays as small as the rows' budget allows).
+pub(crate) fn chunk_step(wide: bool) -> usize {
+    const BOTH: usize = 12;
+    const _: () = assert!(BOTH.is_multiple_of(PIXELS) && BOTH.is_multiple_of(WIDE_PIXELS));
+    if wide { BOTH } else { PIXELS }
+}
+
 /// Whether tiles of two panels run here (the wide x86 kernel).
 pub(crate) fn wide_available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -283,13 +291,7 @@ impl Int8Pointwise {
         let mut bias_padded = bias.to_vec();
         bias_padded.resize(padded, 0.0);
         let wide = wide_available();
-        // A multiple of the tile heights that run (where only one-panel tiles run, the
-        // chunk stays as small as the rows' budget allows).
-        let step = if wide {
-            PIXELS * WIDE_PIXELS / 2
-        } else {
-            PIXELS
-        };
+        let step = chunk_step(wide);
         let chunk = (ROWS_BYTES / (4 * pairs.max(1))).max(step) / step * step;
         for p0 in (0..pixels).step_by(chunk) {
             let p1 = (p0 + chunk).min(pixels);
@@ -450,8 +452,9 @@ impl Tile<'_> {
 }
 
 /// The tile kernel: `P` consecutive rows of input pairs (from `rows`) × one panel, scaled,
-/// biased and clamped → `[P][8]` floats. 128-bit lanes on wasm (SIMD128) and x86-64 (SSE2);
-/// the epilogue ([`lanes::finish`]) also serves the wide x86 kernel's two panels.
+/// biased and clamped → `[P][8]` floats. 128-bit lanes on wasm (SIMD128) and x86-64 (SSE2;
+/// the sums on AVX2 where the CPU has it); the checks and the epilogue ([`lanes::finish`])
+/// also serve the wide x86 kernel's two panels.
 #[cfg(any(target_arch = "wasm32", target_arch = "x86_64"))]
 pub(crate) mod lanes {
     use super::{Dst, PANEL, Tile};
@@ -874,7 +877,7 @@ pub(crate) mod lanes {
                     continue;
                 }
                 let at = i * dst.stride + first;
-                let (mut lo, mut hi) = (lo, hi);
+                let (mut lo, mut hi) = (lo, hi); // (the panel's own copies)
                 if let Some(res) = dst.epilogue.residual {
                     let from = dst.at + at;
                     lo = fadd(lo, load_f32(&res[from..from + 4]));
@@ -950,8 +953,9 @@ mod avx2 {
 
 /// Two panels (16 outputs) × up to 6 pixels per pass on x86-64 with AVX2, chosen at run
 /// time: each broadcast input pair meets two weight vectors, so a pass issues 12
-/// multiply-adds of 16 MACs for 2 weight loads and 6 broadcasts (the 128-bit and AVX2
-/// one-panel kernels: 4 for 1 and 4). Where the CPU has AVX-512 VNNI (with VL) the
+/// multiply-adds of 16 MACs for 2 weight loads and 6 broadcasts (the AVX2 one-panel
+/// kernel: 4 for 1 and 4; the 128-bit one: 8 of 8 MACs for 2 and 4). Where the CPU has
+/// AVX-512 VNNI (with VL) the
 /// multiply and the add are one `vpdpwssd`. The sums are the one-panel kernels' lane for
 /// lane (the same integer products, the same float order), so results are identical.
 #[cfg(target_arch = "x86_64")]
@@ -1035,10 +1039,10 @@ pub(crate) mod wide {
         let sums = if vnni() {
             // SAFETY: the CPU has AVX-512 VNNI and VL (just checked); rows, panels and
             // segments as checked above.
-            unsafe { sums_vnni::<P>(tile, rows, init) }
+            unsafe { quads_vnni::<P>(tile, rows, init) }
         } else {
             // SAFETY: the CPU has AVX2 (asserted); the rest as checked above.
-            unsafe { sums_avx2::<P>(tile, rows, init) }
+            unsafe { quads_avx2::<P>(tile, rows, init) }
         };
         finish(tile, sums, bias, dst);
     }
@@ -1136,10 +1140,10 @@ pub(crate) mod wide {
                 sums
             }
 
-            /// [`Self::$sums`] as the 128-bit quads [`finish`] takes.
+            /// The wide sums as the 128-bit quads [`finish`] takes.
             ///
             /// # Safety
-            /// As [`Self::$sums`].
+            /// As for the wide sums.
             #[target_feature(enable = $features)]
             unsafe fn $floats<const P: usize>(
                 tile: &Tile,
@@ -1167,7 +1171,7 @@ pub(crate) mod wide {
             /// See [`run_centred`].
             ///
             /// # Safety
-            /// As [`Self::$sums`], and `starts` holds at least `P` entries.
+            /// As for the wide sums, and `starts` holds at least `P` entries.
             #[target_feature(enable = $features)]
             unsafe fn $centred<const P: usize>(
                 tile: &Tile,
@@ -1252,12 +1256,16 @@ pub(crate) mod wide {
         }
     }
 
-    wide_kernels!(sums8_avx2, sums_avx2, centred_avx2, "avx2", |acc, x, w| {
-        _mm256_add_epi32(acc, _mm256_madd_epi16(x, w))
-    });
     wide_kernels!(
-        sums8_vnni,
-        sums_vnni,
+        wide_sums_avx2,
+        quads_avx2,
+        centred_avx2,
+        "avx2",
+        |acc, x, w| _mm256_add_epi32(acc, _mm256_madd_epi16(x, w))
+    );
+    wide_kernels!(
+        wide_sums_vnni,
+        quads_vnni,
         centred_vnni,
         "avx2,avx512f,avx512vl,avx512vnni",
         |acc, x, w| _mm256_dpwssd_epi32(acc, x, w)
@@ -1403,8 +1411,10 @@ mod tests {
         assert!(Int8Pointwise::new(&q, &act, 12, 2).unwrap().is_none());
     }
 
-    /// The AVX2 sums are the 128-bit kernel's, bit for bit: per-block segments, 1–4 pixels,
-    /// extreme centred values, from a bias or from zero.
+    /// The AVX2 one-panel sums are the 128-bit kernel's (SSE2), bit for bit: per-block
+    /// segments, a tile of 4 pixels (each row's code is the same), extreme centred values,
+    /// from a bias or from zero. With the wide kernels' test against the one-panel kernels
+    /// this ties every x86 kernel to the 128-bit one that wasm runs too.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx2_sums_match_the_128_bit_kernel_bit_for_bit() {

@@ -468,24 +468,43 @@ mod kernel {
                 let origin = ((oy * sy) * bw + ox * sx) * cp;
                 let pixel = oy * ow + ox;
                 for step in (0..cp).step_by(LANES) {
-                    let mut sums = [zero(), zero()];
                     // SAFETY: every input load reads 8 i16 from origin + offset + step, at
                     // most last_origin + reach + cp (asserted above); the weights hold
-                    // 16 i16 per pair of each step (asserted); no load needs alignment.
-                    unsafe {
-                        let weights = layer.weights.as_ptr().add(step * pairs * 2);
-                        let first = bordered.as_ptr().add(origin + step);
-                        for (p, &(o0, o1)) in offsets.iter().enumerate() {
-                            let (lo, hi) =
-                                interleave_i16(load_i16(first.add(o0)), load_i16(first.add(o1)));
-                            sums[0] = dot_add(sums[0], lo, load_i16(weights.add(16 * p)));
-                            sums[1] = dot_add(sums[1], hi, load_i16(weights.add(16 * p + 8)));
-                        }
-                    }
+                    // 16 i16 per pair of each step (asserted).
+                    let sums = unsafe { step_sums(layer, bordered, &offsets, origin + step, step) };
                     finish_step(layer, bias, &mut sink, pixel, step, sums, relu6);
                 }
             }
         }
+    }
+
+    /// The integer sums of one step of 8 channels of one output pixel whose first input is
+    /// at `first` of `bordered`: each tap pair's inputs interleaved and multiplied into its
+    /// weights, channels 0–3 and 4–7.
+    ///
+    /// # Safety
+    /// `bordered` holds 8 i16 from `first` + each offset; the weights hold 16 i16 per pair
+    /// from `step`'s.
+    #[inline(always)]
+    unsafe fn step_sums(
+        layer: &Int8Depthwise,
+        bordered: &[i16],
+        offsets: &[(usize, usize)],
+        first: usize,
+        step: usize,
+    ) -> [I; 2] {
+        let mut sums = [zero(), zero()];
+        // SAFETY: the caller's contract; no load needs alignment.
+        unsafe {
+            let weights = layer.weights.as_ptr().add(step * offsets.len() * 2);
+            let first = bordered.as_ptr().add(first);
+            for (p, &(o0, o1)) in offsets.iter().enumerate() {
+                let (lo, hi) = interleave_i16(load_i16(first.add(o0)), load_i16(first.add(o1)));
+                sums[0] = dot_add(sums[0], lo, load_i16(weights.add(16 * p)));
+                sums[1] = dot_add(sums[1], hi, load_i16(weights.add(16 * p + 8)));
+            }
+        }
+        sums
     }
 
     /// The epilogue of one step of 8 channels of one output pixel: scales and bias,
@@ -574,6 +593,10 @@ mod kernel {
                 let [sy, sx] = g.strides;
                 let relu6 = sink.relu6();
                 let pairs = offsets.len();
+                let next_grid = match &sink {
+                    Sink::Next { input, .. } => Some(Grid8::new(&input.grid)),
+                    Sink::Float { .. } => None,
+                };
                 for oy in 0..oh {
                     for ox in 0..ow {
                         let origin = ((oy * sy) * bw + ox * sx) * cp;
@@ -610,15 +633,15 @@ mod kernel {
                                 }
                             }
                             let [lo, hi] = sums;
-                            if let (Sink::Next { input, .. }, true) =
-                                (&mut sink, step + 2 * LANES <= layer.channels)
+                            if let (Sink::Next { input, .. }, Some(grid), true) =
+                                (&mut sink, &next_grid, step + 2 * LANES <= layer.channels)
                             {
                                 // The epilogue on 8 lanes, straight to the next layer's
                                 // input: `lo` holds channels 0–3 and 8–11 of the two
                                 // steps, `hi` 4–7 and 12–15, so the scales and bias are
                                 // loaded in that order and packing puts 0–15 in place.
-                                let grid = Grid8::new(&input.grid);
-                                let (b, sc) = (&bias[step..step + 16], &layer.scales[step..step + 16]);
+                                let channels = step..step + 2 * LANES;
+                                let (b, sc) = (&bias[channels.clone()], &layer.scales[channels]);
                                 let in_order = |v: &[f32], from: usize| {
                                     // SAFETY: `v` holds 16 f32 (sliced above), from ≤ 4.
                                     unsafe { _mm256_loadu2_m128(v[from + 8..].as_ptr(), v[from..].as_ptr()) }
@@ -649,21 +672,8 @@ mod kernel {
                             step += 2 * LANES;
                         }
                         if step < cp {
-                            let mut sums = [zero(), zero()];
                             // SAFETY: as in the 128-bit loop.
-                            unsafe {
-                                let weights = layer.weights.as_ptr().add(step * pairs * 2);
-                                let first = bordered.as_ptr().add(origin + step);
-                                for (p, &(o0, o1)) in offsets.iter().enumerate() {
-                                    let (lo, hi) = interleave_i16(
-                                        load_i16(first.add(o0)),
-                                        load_i16(first.add(o1)),
-                                    );
-                                    sums[0] = dot_add(sums[0], lo, load_i16(weights.add(16 * p)));
-                                    sums[1] =
-                                        dot_add(sums[1], hi, load_i16(weights.add(16 * p + 8)));
-                                }
-                            }
+                            let sums = unsafe { step_sums(layer, bordered, offsets, origin + step, step) };
                             finish_step(layer, bias, &mut sink, pixel, step, sums, relu6);
                         }
                     }

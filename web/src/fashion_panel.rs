@@ -309,19 +309,24 @@ pub fn PruningChart(
     let lines = series
         .iter()
         .map(|&(axis, class, _)| {
-            let pts: Vec<(f64, f64)> = points
+            let pts: Vec<(f64, f64, String)> = points
                 .iter()
                 .filter(|p| p.axis == axis)
-                .map(|p| (x(p.x as f64), y(p.accuracy)))
+                .map(|p| {
+                    let title = format!("{}: {:.2} %", p.label, 100.0 * p.accuracy);
+                    (x(p.x as f64), y(p.accuracy), title)
+                })
                 .collect();
             let path = pts
                 .iter()
-                .map(|(a, b)| format!("{a:.1},{b:.1}"))
+                .map(|(a, b, _)| format!("{a:.1},{b:.1}"))
                 .collect::<Vec<_>>()
                 .join(" ");
             view! {
                 <polyline class=format!("series {class}") points=path/>
-                {pts.into_iter().map(|(a, b)| view! { <circle class=format!("dot {class}") cx=format!("{a:.1}") cy=format!("{b:.1}") r="3"/> }).collect_view()}
+                {pts.into_iter().map(|(a, b, title)| view! {
+                    <circle class=format!("dot {class}") cx=format!("{a:.1}") cy=format!("{b:.1}") r="3"><title>{title}</title></circle>
+                }).collect_view()}
             }
         })
         .collect_view();
