@@ -1,8 +1,10 @@
-//! A compression recipe applied to the model: channel pruning → BatchNorm folding →
-//! magnitude pruning → weight quantization → activation calibration. The result keeps the
+//! A compression recipe applied to a built-in network's weights: channel pruning → BatchNorm
+//! folding on the store, then the rest (magnitude pruning → weight quantization → activation
+//! calibration) as [`crate::graph::compress_graph`] on the model builder's graph. The result keeps the
 //! integer weights (for size accounting, export and the integer kernels) next to the
 //! dequantized float weights (for the float executors), plus per-layer statistics.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -15,15 +17,12 @@ pub use compresslab_spec::stats::{
 
 use crate::efficientnet::{LayerKind, fold_batch_norms, weight_layers};
 use crate::error::{EngineError, Result};
-use crate::exec::{CpuExecutor, Tensor};
-use crate::graph::batch_one_shapes;
-use crate::graph_builder::{
-    bias_name, compressed_network_graph, layer_inputs, network_graph, weight_name,
-};
-use crate::prune::{magnitude_prune, prune_channels};
-use crate::quant::{
-    Granularity, QuantScheme, QuantizedTensor, group_params, pack_int4, sqnr_db, unpack_int4,
-};
+use crate::exec::Tensor;
+use crate::graph::{Calibration, compress_graph_with};
+use crate::graph::{CompressedGraph, Graph, batch_one_shapes};
+use crate::graph_builder::{bias_name, compressed_network_graph, network_graph, weight_name};
+use crate::prune::prune_channels;
+use crate::quant::{QuantScheme, QuantizedTensor, pack_int4, sqnr_db, unpack_int4};
 use crate::weights::{NamedTensor, TensorStore};
 
 /// One weight layer after compression.
@@ -55,6 +54,10 @@ pub type Progress<'a> = &'a mut dyn FnMut(&str, f32) -> Result<()>;
 /// preprocessed images of the network's input size (one `[3, 224, 224]` per entry for
 /// EfficientNet, whose graph takes a batch of one; any number of normalised 28×28 images per
 /// entry for the Fashion-MNIST network); it is needed only for activation quantization.
+///
+/// Channel pruning and BatchNorm folding rewrite the store (BatchNorm γ ranking needs the
+/// unfolded network); everything after runs as [`crate::graph::compress_graph`] on the model builder's
+/// graph, the same compression any imported model gets.
 pub fn compress(
     original: &TensorStore,
     recipe: &Recipe,
@@ -62,73 +65,97 @@ pub fn compress(
     progress: Progress,
 ) -> Result<CompressedModel> {
     recipe.validate()?;
-    progress("pruning", 0.05)?;
-    let mut store = pruned_and_folded(original, recipe)?;
-    let mut layers = Vec::new();
-    let all = weight_layers(&store);
-    let count = all.len();
-    for (i, layer) in all.into_iter().enumerate() {
-        // Per layer, so a cancel lands between layers.
-        progress(
-            "quantizing weights",
-            0.3 + 0.1 * i as f32 / count.max(1) as f32,
-        )?;
-        let fp32 = recipe.keep_fp32.contains(&layer.name);
-        let weights = match (&recipe.weights, fp32) {
-            (Some(scheme), false) => {
-                let name = weight_name(&layer.name);
-                let w = store.get(&name)?;
-                let q = QuantizedTensor::quantize(&w.data, &w.shape, *scheme);
-                let data = q.dequantize();
-                store.push(NamedTensor { data, ..w.clone() });
-                Some(q)
-            }
-            _ => None,
-        };
-        layers.push(CompressedLayer {
-            name: layer.name,
-            kind: layer.kind,
-            weights,
-            activation: None,
-        });
-    }
-    let mut model = CompressedModel {
-        recipe: recipe.clone(),
-        store,
-        layers,
-        seen_images: Vec::new(),
+    progress("pruning channels", 0.05)?;
+    let store = channel_pruned_and_folded(original, recipe)?;
+    let graph = network_graph(&store)?;
+    let batch_dims = match recipe.activations {
+        Some(_) => calibration_dims(&graph, calibration)?,
+        None => Vec::new(),
     };
-    if let Some(act) = &recipe.activations {
-        if calibration.is_empty() {
-            return Err(EngineError::Config(
-                "activation quantization needs at least one calibration image".into(),
-            ));
-        }
-        let params = calibrate(&model.store, act, calibration, progress)?;
-        for (layer, p) in model.layers.iter_mut().zip(params) {
-            if !recipe.keep_fp32.contains(&layer.name) {
-                layer.activation = Some(p);
-            }
-        }
-    }
-    progress("done", 1.0)?;
-    Ok(model)
+    let after_channels = Recipe {
+        channel_pruning: None,
+        ..recipe.clone()
+    };
+    let batch = |i: usize| -> Result<Cow<Tensor>> {
+        Ok(Cow::Owned(Tensor {
+            dims: batch_dims.get(i).cloned().unwrap_or_default(),
+            data: calibration.get(i).cloned().unwrap_or_default(),
+        }))
+    };
+    let calibration = Calibration {
+        batches: batch_dims.len(),
+        batch: &batch,
+    };
+    let compressed = compress_graph_with(&graph, &after_channels, calibration, progress)?;
+    drop(graph);
+    CompressedModel::from_graph(store, compressed, recipe)
 }
 
 /// The recipe's pruning applied and BatchNorm folded: the float model that quantization
 /// starts from (and that per-layer SQNR is measured against).
 pub fn pruned_and_folded(original: &TensorStore, recipe: &Recipe) -> Result<TensorStore> {
-    let mut store = match &recipe.channel_pruning {
-        Some(cfg) if cfg.ratio > 0.0 => prune_channels(original, cfg)?,
-        _ => original.clone(),
+    let pruning_only = Recipe {
+        weights: None,
+        activations: None,
+        ..recipe.clone()
     };
-    store = fold_batch_norms(&store)?;
-    if let Some(cfg) = &recipe.magnitude_pruning
-        && cfg.sparsity > 0.0
-    {
-        store = magnitude_prune(&store, cfg)?;
+    Ok(compress(original, &pruning_only, &[], &mut |_, _| Ok(()))?.store)
+}
+
+/// Channel pruning (on the unfolded network, so every ranking is available) and BatchNorm
+/// folding.
+fn channel_pruned_and_folded(original: &TensorStore, recipe: &Recipe) -> Result<TensorStore> {
+    let pruned = match &recipe.channel_pruning {
+        Some(cfg) if cfg.ratio > 0.0 => Some(prune_channels(original, cfg)?),
+        _ => None,
+    };
+    fold_batch_norms(pruned.as_ref().unwrap_or(original))
+}
+
+/// The dims of each calibration entry as an input batch of `graph`: each entry is a whole
+/// number of images of the input's fixed image size (exactly the batch, when the graph fixes
+/// one).
+fn calibration_dims(graph: &Graph, calibration: &[Vec<f32>]) -> Result<Vec<Vec<usize>>> {
+    if calibration.is_empty() {
+        return Err(EngineError::Config(
+            "activation quantization needs at least one calibration image".into(),
+        ));
     }
-    Ok(store)
+    let (batch, image_dims) = match graph.input()?.dims.split_first() {
+        Some((batch, image)) if !image.is_empty() => (
+            batch.known(),
+            image
+                .iter()
+                .map(|d| d.known())
+                .collect::<Option<Vec<usize>>>()
+                .ok_or_else(|| {
+                    EngineError::Config("the network's input size is not fixed".into())
+                })?,
+        ),
+        _ => {
+            return Err(EngineError::Config(
+                "the network's input has no image axes".into(),
+            ));
+        }
+    };
+    let image_len: usize = image_dims.iter().product();
+    calibration
+        .iter()
+        .map(|entry| {
+            let images = entry.len().checked_div(image_len).unwrap_or(0);
+            if images == 0
+                || images * image_len != entry.len()
+                || batch.is_some_and(|b| b != images)
+            {
+                return Err(EngineError::Config(format!(
+                    "a calibration entry of {} values is not {} image(s) of {image_dims:?}",
+                    entry.len(),
+                    batch.map_or_else(|| "whole".to_string(), |b| b.to_string())
+                )));
+            }
+            Ok([&[images][..], &image_dims].concat())
+        })
+        .collect()
 }
 
 /// At most this many values per image and layer feed a percentile observer.
@@ -148,102 +175,6 @@ pub(crate) fn percentile_sample(values: &[f32], budget: usize) -> impl Iterator<
     values
         .iter()
         .step_by(values.len().div_ceil(budget.max(1)).max(1))
-}
-
-/// Observes every layer's input on the calibration images (float network, quantized
-/// weights) and derives per-tensor activation parameters.
-fn calibrate(
-    store: &TensorStore,
-    act: &ActivationQuant,
-    images: &[Vec<f32>],
-    progress: Progress,
-) -> Result<Vec<ActivationParams>> {
-    let layers = weight_layers(store);
-    let graph = network_graph(store)?;
-    let names: Vec<String> = layers.iter().map(|l| l.name.clone()).collect();
-    let inputs = layer_inputs(&graph, &names)?;
-    // The network's input: a batch (fixed, or any size) of images of a fixed size.
-    let (batch, image_dims) = match graph.input()?.dims.split_first() {
-        Some((batch, image)) if !image.is_empty() => (
-            batch.known(),
-            image
-                .iter()
-                .map(|d| d.known())
-                .collect::<Option<Vec<usize>>>()
-                .ok_or_else(|| {
-                    EngineError::Config("the network's input size is not fixed".into())
-                })?,
-        ),
-        _ => {
-            return Err(EngineError::Config(
-                "the network's input has no image axes".into(),
-            ));
-        }
-    };
-    let image_len: usize = image_dims.iter().product();
-    let executor = CpuExecutor::from_graph(graph)?;
-    let n_layers = layers.len();
-    let mut min = vec![0f32; n_layers];
-    let mut max = vec![0f32; n_layers];
-    let mut samples: Vec<Vec<f32>> = vec![Vec::new(); n_layers];
-    let per_image = percentile_samples_per_image(n_layers, images.len());
-    for (i, image) in images.iter().enumerate() {
-        progress(
-            &format!("calibrating activations ({}/{})", i + 1, images.len()),
-            0.4 + 0.55 * i as f32 / images.len() as f32,
-        )?;
-        let mut observe = |layer: usize, values: &[f32]| {
-            for &v in values {
-                min[layer] = min[layer].min(v);
-                max[layer] = max[layer].max(v);
-            }
-            if let Observer::Percentile(_) = act.observer {
-                samples[layer].extend(percentile_sample(values, per_image));
-            }
-        };
-        let images_in_entry = image.len().checked_div(image_len).unwrap_or(0);
-        if images_in_entry == 0
-            || images_in_entry * image_len != image.len()
-            || batch.is_some_and(|b| b != images_in_entry)
-        {
-            return Err(EngineError::Config(format!(
-                "a calibration entry of {} values is not {} image(s) of {image_dims:?}",
-                image.len(),
-                batch.map_or_else(|| "whole".to_string(), |b| b.to_string())
-            )));
-        }
-        let dims = [&[images_in_entry][..], &image_dims].concat();
-        let input = Tensor {
-            dims,
-            data: image.clone(),
-        };
-        executor.run_observed(&input, &mut |name, values| {
-            for (layer, _) in inputs.iter().enumerate().filter(|(_, i)| *i == name) {
-                observe(layer, values);
-            }
-        })?;
-    }
-    let scheme = QuantScheme {
-        bits: act.bits,
-        symmetric: act.symmetric,
-        granularity: Granularity::PerTensor,
-    };
-    let (qmin, qmax) = scheme.qrange();
-    Ok((0..n_layers)
-        .map(|l| {
-            let (lo, hi) = match act.observer {
-                Observer::MinMax => (min[l], max[l]),
-                Observer::Percentile(p) => percentile_range(&mut samples[l], p),
-            };
-            let (scale, zero_point) = group_params(&[lo, hi], &scheme);
-            ActivationParams {
-                scale,
-                zero_point,
-                qmin,
-                qmax,
-            }
-        })
-        .collect())
 }
 
 /// The `p`-th percentile from below and `(100 − p)`-th from above (nearest rank).
@@ -284,6 +215,57 @@ fn output_pixels(store: &TensorStore, layers: &[CompressedLayer]) -> Result<Vec<
 }
 
 impl CompressedModel {
+    /// The built-in network of `folded` as [`crate::graph::compress_graph`] compressed it: each layer's
+    /// weight and bias from the compressed graph's constants (the store's names, which the
+    /// model builder gives them), its integer weights and its input's grid.
+    fn from_graph(
+        folded: TensorStore,
+        compressed: CompressedGraph,
+        recipe: &Recipe,
+    ) -> Result<Self> {
+        let CompressedGraph {
+            graph,
+            mut weights,
+            layers: reports,
+            ..
+        } = compressed;
+        let mut constants = graph.constants;
+        let mut store = TensorStore::default();
+        let mut layers = Vec::new();
+        for layer in weight_layers(&folded) {
+            for name in [weight_name(&layer.name), bias_name(&layer.name)] {
+                let before = folded.get(&name)?;
+                let c = constants
+                    .remove(&name)
+                    .filter(|c| c.dims == before.shape)
+                    .ok_or_else(|| {
+                        EngineError::Weights(format!("the compressed graph has no `{name}`"))
+                    })?;
+                store.push(NamedTensor {
+                    name,
+                    shape: c.dims,
+                    data: c.data,
+                });
+            }
+            let activation = reports
+                .iter()
+                .find(|r| r.node == layer.name)
+                .and_then(|r| r.activation);
+            layers.push(CompressedLayer {
+                weights: weights.remove(&weight_name(&layer.name)),
+                name: layer.name,
+                kind: layer.kind,
+                activation,
+            });
+        }
+        Ok(Self {
+            recipe: recipe.clone(),
+            store,
+            layers,
+            seen_images: Vec::new(),
+        })
+    }
+
     /// The uncompressed model in the same form (for "before" statistics).
     pub fn original(store: &TensorStore) -> Result<Self> {
         let store = fold_batch_norms(store)?;

@@ -69,48 +69,6 @@ fn check_fraction(what: &str, f: f32) -> Result<()> {
     }
 }
 
-/// Zeroes the smallest-magnitude weights of every included layer.
-///
-/// Exactly `round(sparsity × n)` weights are zeroed per layer (per-layer scope) or over all
-/// included layers together (global scope); ties at the threshold are broken by position.
-pub fn magnitude_prune(store: &TensorStore, cfg: &MagnitudePruning) -> Result<TensorStore> {
-    check_fraction("sparsity", cfg.sparsity)?;
-    let mut out = store.clone();
-    let layers = layer_weights(store);
-    let last = layers.len().saturating_sub(1);
-    let names: Vec<String> = layers
-        .into_iter()
-        .enumerate()
-        .filter(|(i, (layer, _))| !excluded(cfg, layer, *i, last))
-        .map(|(_, (_, weight))| weight)
-        .collect();
-    match cfg.scope {
-        PruneScope::PerLayer => {
-            for name in &names {
-                let t = store.get(name)?;
-                let k = (cfg.sparsity as f64 * t.data.len() as f64).round() as usize;
-                let mut data = t.data.clone();
-                zero_smallest(&mut [&mut data[..]], k);
-                out.push(NamedTensor { data, ..t.clone() });
-            }
-        }
-        PruneScope::Global => {
-            let mut tensors: Vec<NamedTensor> = names
-                .iter()
-                .map(|n| store.get(n).cloned())
-                .collect::<Result<_>>()?;
-            let total: usize = tensors.iter().map(|t| t.data.len()).sum();
-            let k = (cfg.sparsity as f64 * total as f64).round() as usize;
-            let mut slices: Vec<&mut [f32]> = tensors.iter_mut().map(|t| &mut t.data[..]).collect();
-            zero_smallest(&mut slices, k);
-            for t in tensors {
-                out.push(t);
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// Whether magnitude pruning leaves layer `layer` (at `position` of `0..=last` in graph
 /// order) alone.
 pub(crate) fn excluded(cfg: &MagnitudePruning, layer: &str, position: usize, last: usize) -> bool {

@@ -4,6 +4,7 @@
 //! executor runs (dequantized weights, `QuantizeDequantize` nodes before each quantized
 //! layer's input), plus the integer weights the ONNX export writes.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::depgraph::prune_channels;
@@ -155,6 +156,31 @@ pub fn compress_graph(
     calibration: &[Tensor],
     progress: Progress,
 ) -> Result<CompressedGraph> {
+    compress_graph_with(
+        graph,
+        recipe,
+        Calibration {
+            batches: calibration.len(),
+            batch: &|i| Ok(Cow::Borrowed(&calibration[i])),
+        },
+        progress,
+    )
+}
+
+/// Calibration batches made one at a time (so a long calibration set is not copied whole).
+pub(crate) struct Calibration<'a> {
+    pub batches: usize,
+    /// Batch `i` of `0..batches`.
+    pub batch: &'a dyn Fn(usize) -> Result<Cow<'a, Tensor>>,
+}
+
+/// [`compress_graph`] with its calibration batches made as they are needed.
+pub(crate) fn compress_graph_with(
+    graph: &Graph,
+    recipe: &Recipe,
+    calibration: Calibration,
+    progress: Progress,
+) -> Result<CompressedGraph> {
     recipe.validate()?;
     progress("pruning channels", 0.05)?;
     let mut g = match &recipe.channel_pruning {
@@ -243,7 +269,7 @@ pub fn compress_graph(
 
     let mut activations: HashMap<String, ActivationParams> = HashMap::new();
     if let Some(act) = &recipe.activations {
-        if calibration.is_empty() {
+        if calibration.batches == 0 {
             return Err(EngineError::Config(
                 "activation quantization needs at least one calibration input".into(),
             ));
@@ -254,13 +280,18 @@ pub fn compress_graph(
             .collect();
         let executor = CpuExecutor::new(&g)?;
         let mut ranges: HashMap<String, (f32, f32, Vec<f32>)> = HashMap::new();
-        let per_image = percentile_samples_per_image(observed.len(), calibration.len());
-        for (k, batch) in calibration.iter().enumerate() {
+        let per_image = percentile_samples_per_image(observed.len(), calibration.batches);
+        for k in 0..calibration.batches {
             progress(
-                &format!("calibrating activations ({}/{})", k + 1, calibration.len()),
-                0.4 + 0.55 * k as f32 / calibration.len() as f32,
+                &format!(
+                    "calibrating activations ({}/{})",
+                    k + 1,
+                    calibration.batches
+                ),
+                0.4 + 0.55 * k as f32 / calibration.batches as f32,
             )?;
-            executor.run_observed(batch, &mut |name, values| {
+            let batch = (calibration.batch)(k)?;
+            executor.run_observed(&batch, &mut |name, values| {
                 if !observed.contains(name) {
                     return;
                 }

@@ -13,7 +13,7 @@ mod shape;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-pub(crate) use compress::batch_one_shapes;
+pub(crate) use compress::{Calibration, batch_one_shapes, compress_graph_with};
 pub use compress::{CompressedGraph, GraphLayer, GraphStats, compress_graph, weight_nodes};
 pub use depgraph::{ChannelGroup, channel_groups, kept_channels, mask_channels, prune_channels};
 pub use export::export_onnx;

@@ -105,6 +105,15 @@ fn channel_pruned_model_equals_the_masked_original() {
     }
 }
 
+/// The folded network with `cfg` applied, as the lab's recipe applies it.
+fn magnitude_pruned(cfg: &MagnitudePruning) -> TensorStore {
+    let recipe = Recipe {
+        magnitude_pruning: Some(cfg.clone()),
+        ..Recipe::default()
+    };
+    compresslab::compress::pruned_and_folded(&store(), &recipe).unwrap()
+}
+
 #[test]
 fn magnitude_pruning_reaches_the_requested_sparsity() {
     let folded = fold_batch_norms(&store()).unwrap();
@@ -114,7 +123,7 @@ fn magnitude_pruning_reaches_the_requested_sparsity() {
         exclude: vec!["_conv_stem".into(), "_fc".into()],
         exclude_ends: false,
     };
-    let pruned = compresslab::prune::magnitude_prune(&folded, &cfg).unwrap();
+    let pruned = magnitude_pruned(&cfg);
     let before = sparsity_report(&folded).unwrap();
     for (layer, untouched) in sparsity_report(&pruned).unwrap().iter().zip(&before) {
         // Excluded layers keep whatever exact zeros the checkpoint has.
@@ -132,29 +141,21 @@ fn magnitude_pruning_reaches_the_requested_sparsity() {
     }
     // "Leave the ends alone" without naming them: the first and last layers in graph order
     // are the stem and the classifier, so the result is the same.
-    let by_position = compresslab::prune::magnitude_prune(
-        &folded,
-        &MagnitudePruning {
-            exclude: Vec::new(),
-            exclude_ends: true,
-            ..cfg.clone()
-        },
-    )
-    .unwrap();
+    let by_position = magnitude_pruned(&MagnitudePruning {
+        exclude: Vec::new(),
+        exclude_ends: true,
+        ..cfg.clone()
+    });
     assert_eq!(
         by_position.iter().collect::<Vec<_>>(),
         pruned.iter().collect::<Vec<_>>()
     );
-    let global = compresslab::prune::magnitude_prune(
-        &folded,
-        &MagnitudePruning {
-            sparsity: 0.5,
-            scope: PruneScope::Global,
-            exclude: vec![],
-            exclude_ends: false,
-        },
-    )
-    .unwrap();
+    let global = magnitude_pruned(&MagnitudePruning {
+        sparsity: 0.5,
+        scope: PruneScope::Global,
+        exclude: vec![],
+        exclude_ends: false,
+    });
     let report = sparsity_report(&global).unwrap();
     let zeros: usize = report.iter().map(|l| l.zeros).sum();
     let total: usize = report.iter().map(|l| l.total).sum();
