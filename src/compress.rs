@@ -22,7 +22,7 @@ use crate::graph::{Calibration, compress_graph_with};
 use crate::graph::{CompressedGraph, Graph, batch_one_shapes};
 use crate::graph_builder::{bias_name, compressed_network_graph, network_graph, weight_name};
 use crate::prune::prune_channels;
-use crate::quant::{QuantScheme, QuantizedTensor, pack_int4, sqnr_db, unpack_int4};
+use crate::quant::{QuantScheme, QuantizedTensor, pack_int4, unpack_int4};
 use crate::weights::{NamedTensor, TensorStore};
 
 /// One weight layer after compression.
@@ -32,6 +32,18 @@ pub struct CompressedLayer {
     pub kind: LayerKind,
     pub weights: Option<QuantizedTensor>,
     pub activation: Option<ActivationParams>,
+    /// What compression saw of the float weights it quantized; `None` where they are gone
+    /// (a loaded export) or there was nothing to quantize.
+    pub before_quantization: Option<WeightsBefore>,
+}
+
+/// A layer's float weights as compression found them, before quantizing them.
+#[derive(Debug, Clone)]
+pub struct WeightsBefore {
+    /// Of the quantized weights against these (`None`: the layer stayed float).
+    pub sqnr_db: Option<f64>,
+    pub histogram: Histogram,
+    pub narrowest_channel: Option<ChannelGrid>,
 }
 
 #[derive(Debug, Clone)]
@@ -86,8 +98,8 @@ pub fn compress(
         batches: batch_dims.len(),
         batch: &batch,
     };
-    let compressed = compress_graph_with(&graph, &after_channels, calibration, progress)?;
-    drop(graph);
+    let compressed =
+        compress_graph_with(Cow::Owned(graph), &after_channels, calibration, progress)?;
     CompressedModel::from_graph(store, compressed, recipe)
 }
 
@@ -247,15 +259,17 @@ impl CompressedModel {
                     data: c.data,
                 });
             }
-            let activation = reports
-                .iter()
-                .find(|r| r.node == layer.name)
-                .and_then(|r| r.activation);
+            let report = reports.iter().find(|r| r.node == layer.name);
             layers.push(CompressedLayer {
                 weights: weights.remove(&weight_name(&layer.name)),
                 name: layer.name,
                 kind: layer.kind,
-                activation,
+                activation: report.and_then(|r| r.activation),
+                before_quantization: report.map(|r| WeightsBefore {
+                    sqnr_db: r.sqnr_db,
+                    histogram: r.histogram.clone(),
+                    narrowest_channel: r.narrowest_channel.clone(),
+                }),
             });
         }
         Ok(Self {
@@ -276,6 +290,7 @@ impl CompressedModel {
                 kind: l.kind,
                 weights: None,
                 activation: None,
+                before_quantization: None,
             })
             .collect();
         Ok(Self {
@@ -286,12 +301,10 @@ impl CompressedModel {
         })
     }
 
-    /// Per-layer statistics; `reference` is the folded store before quantization, for SQNR
-    /// (pass `None` after loading an export, where the float weights are gone).
-    pub fn layer_stats(
-        &self,
-        before_quantization: Option<&TensorStore>,
-    ) -> Result<Vec<LayerStats>> {
+    /// Per-layer statistics: SQNR and the weight histograms from the float weights
+    /// compression quantized; after loading an export, where those are gone, no SQNR and the
+    /// histograms of the dequantized weights.
+    pub fn layer_stats(&self) -> Result<Vec<LayerStats>> {
         let sizes = output_pixels(&self.store, &self.layers)?;
         self.layers
             .iter()
@@ -306,19 +319,14 @@ impl CompressedModel {
                         .weights
                         .as_ref()
                         .map_or(4 * w.data.len(), |q| q.storage_bytes());
-                let sqnr = match (&layer.weights, before_quantization) {
-                    (Some(_), Some(reference)) => {
-                        let r = reference.get(&w.name)?;
-                        (r.shape == w.shape).then(|| sqnr_db(&r.data, &w.data))
-                    }
-                    _ => None,
+                let before = layer.before_quantization.as_ref();
+                let (histogram, narrowest_channel) = match before {
+                    Some(b) => (b.histogram.clone(), b.narrowest_channel.clone()),
+                    None => (
+                        Histogram::of(&w.data, 64),
+                        narrowest_channel(&w.data, per_output, layer.weights.as_ref()),
+                    ),
                 };
-                let source = match before_quantization {
-                    Some(r) => &r.get(&w.name)?.data,
-                    None => &w.data,
-                };
-                let narrowest_channel =
-                    narrowest_channel(source, per_output, layer.weights.as_ref());
                 Ok(LayerStats {
                     name: layer.name.clone(),
                     kind: layer.kind,
@@ -328,8 +336,8 @@ impl CompressedModel {
                     macs,
                     weight_bytes,
                     bits: layer.weights.as_ref().map(|q| q.scheme.bits),
-                    sqnr_db: sqnr,
-                    histogram: Histogram::of(source, 64),
+                    sqnr_db: before.and_then(|b| b.sqnr_db),
+                    histogram,
                     narrowest_channel,
                     activation: layer.activation,
                 })
@@ -581,6 +589,7 @@ impl CompressedModel {
                 kind: layer.kind,
                 weights,
                 activation,
+                before_quantization: None,
             })
             .collect();
         let model = Self {

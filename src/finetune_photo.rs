@@ -343,12 +343,9 @@ impl PhotoFineTune {
     }
 
     /// The recipe's network before fine-tuning and the fine-tuned one, both quantized
-    /// as deployed (activations calibrated on the first training photos), and the
-    /// fine-tuned float weights (the reference of its per-layer error).
-    pub async fn finish(
-        &self,
-        recipe: &Recipe,
-    ) -> Result<(CompressedModel, CompressedModel, TensorStore)> {
+    /// as deployed (activations calibrated on the first training photos); the fine-tuned
+    /// one's per-layer error is against its fine-tuned float weights.
+    pub async fn finish(&self, recipe: &Recipe) -> Result<(CompressedModel, CompressedModel)> {
         let calibration: Vec<Vec<f32>> = self
             .train
             .iter()
@@ -358,7 +355,7 @@ impl PhotoFineTune {
         let trained = self.distiller.student().await?;
         let after = requantize(&trained, recipe, &calibration)?;
         let before = compress(&self.teacher, recipe, &calibration, &mut |_, _| Ok(()))?;
-        Ok((before, after, trained))
+        Ok((before, after))
     }
 }
 

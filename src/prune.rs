@@ -1,15 +1,14 @@
-//! Pruning: unstructured magnitude pruning (zeros inside the tensors) and structured
-//! channel pruning (channels physically removed, every coupled tensor rewritten).
-//!
-//! Both work on a built-in network's [`TensorStore`], raw (with BatchNorm) or folded (conv
-//! bias, no BatchNorm): the model builder lists its layers, and channel pruning finds which
-//! channels are coupled by walking the network's graph, not from names. Both return a new
-//! store, so the result loads into every
-//! executor (burn, the CPU path, ONNX export) and can be fine-tuned and pruned again
-//! (prune → fine-tune → prune: call these functions again on the fine-tuned store).
+//! Pruning on a built-in network's [`TensorStore`], raw (with BatchNorm) or folded (conv bias,
+//! no BatchNorm): structured channel pruning (channels physically removed, every coupled
+//! tensor rewritten), found by walking the network's graph, not from names, and returned as a
+//! new store, so the result loads into every executor (burn, the CPU path, ONNX export) and
+//! can be fine-tuned and pruned again (prune → fine-tune → prune). Magnitude pruning (zeros
+//! inside the tensors) runs on the graph, in [`crate::graph::compress_graph`]; the helpers it
+//! shares with the sparsity report live here.
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) use compresslab_spec::recipe::check_fraction;
 pub use compresslab_spec::recipe::{ChannelPruning, ChannelRanking, MagnitudePruning, PruneScope};
 
 use crate::efficientnet::weight_layers;
@@ -57,16 +56,6 @@ fn layer_weights(store: &TensorStore) -> Vec<(String, String)> {
             (l.name, weight)
         })
         .collect()
-}
-
-fn check_fraction(what: &str, f: f32) -> Result<()> {
-    if (0.0..=0.95).contains(&f) {
-        Ok(())
-    } else {
-        Err(EngineError::Config(format!(
-            "{what} must be between 0 and 0.95, got {f}"
-        )))
-    }
 }
 
 /// Whether magnitude pruning leaves layer `layer` (at `position` of `0..=last` in graph

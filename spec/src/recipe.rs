@@ -62,6 +62,12 @@ impl Recipe {
     }
 
     pub fn validate(&self) -> Result<()> {
+        if let Some(m) = &self.magnitude_pruning {
+            check_fraction("sparsity", m.sparsity)?;
+        }
+        if let Some(c) = &self.channel_pruning {
+            check_fraction("channel ratio", c.ratio)?;
+        }
         if let Some(w) = &self.weights {
             check_scheme("weights", w.bits, w.granularity)?;
         }
@@ -76,6 +82,17 @@ impl Recipe {
             }
         }
         Ok(())
+    }
+}
+
+/// A pruning fraction: 0 to 0.95 (NaN is not one).
+pub fn check_fraction(what: &str, f: f32) -> Result<()> {
+    if (0.0..=0.95).contains(&f) {
+        Ok(())
+    } else {
+        Err(SpecError::Config(format!(
+            "{what} must be between 0 and 0.95, got {f}"
+        )))
     }
 }
 
@@ -155,4 +172,37 @@ pub struct ChannelPruning {
     /// Fraction of each prunable group's channels removed, 0.0–0.95.
     pub ratio: f32,
     pub ranking: ChannelRanking,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pruning_fractions_outside_0_to_0_95_are_refused_before_any_work() {
+        let with = |sparsity: f32, ratio: f32| Recipe {
+            magnitude_pruning: Some(MagnitudePruning {
+                sparsity,
+                scope: PruneScope::PerLayer,
+                exclude: Vec::new(),
+                exclude_ends: false,
+            }),
+            channel_pruning: Some(ChannelPruning {
+                ratio,
+                ranking: ChannelRanking::L1,
+            }),
+            ..Recipe::default()
+        };
+        assert!(with(0.0, 0.0).validate().is_ok());
+        assert!(with(0.95, 0.95).validate().is_ok());
+        for (s, r) in [
+            (-0.1, 0.0),
+            (0.0, -0.1),
+            (f32::NAN, 0.0),
+            (0.0, f32::NAN),
+            (0.96, 0.0),
+        ] {
+            assert!(with(s, r).validate().is_err(), "sparsity {s}, ratio {r}");
+        }
+    }
 }

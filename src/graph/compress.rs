@@ -157,7 +157,7 @@ pub fn compress_graph(
     progress: Progress,
 ) -> Result<CompressedGraph> {
     compress_graph_with(
-        graph,
+        Cow::Borrowed(graph),
         recipe,
         Calibration {
             batches: calibration.len(),
@@ -174,9 +174,10 @@ pub(crate) struct Calibration<'a> {
     pub batch: &'a dyn Fn(usize) -> Result<Cow<'a, Tensor>>,
 }
 
-/// [`compress_graph`] with its calibration batches made as they are needed.
+/// [`compress_graph`] with its calibration batches made as they are needed, on a graph it may
+/// take (so the weights are not copied when nothing prunes channels).
 pub(crate) fn compress_graph_with(
-    graph: &Graph,
+    graph: Cow<Graph>,
     recipe: &Recipe,
     calibration: Calibration,
     progress: Progress,
@@ -184,8 +185,8 @@ pub(crate) fn compress_graph_with(
     recipe.validate()?;
     progress("pruning channels", 0.05)?;
     let mut g = match &recipe.channel_pruning {
-        Some(cfg) => prune_channels(graph, cfg)?,
-        None => graph.clone(),
+        Some(cfg) => prune_channels(&graph, cfg)?,
+        None => graph.into_owned(),
     };
     fold_batch_norms(&mut g);
     weights_output_major(&mut g)?;
@@ -194,22 +195,17 @@ pub(crate) fn compress_graph_with(
 
     if let Some(cfg) = &recipe.magnitude_pruning {
         progress("magnitude pruning", 0.15)?;
-        if !(0.0..=0.95).contains(&cfg.sparsity) {
-            return Err(EngineError::Config(format!(
-                "sparsity must be between 0 and 0.95, got {}",
-                cfg.sparsity
-            )));
-        }
         let last = layers.len().saturating_sub(1);
-        let names: BTreeSet<String> = layers
+        // In graph order, each shared weight once: ties at a global threshold go to the
+        // earlier layer.
+        let mut seen = BTreeSet::new();
+        let mut tensors: Vec<(String, Vec<f32>)> = layers
             .iter()
             .enumerate()
             .filter(|&(at, &i)| !excluded(cfg, &g.nodes[i].name, at, last))
             .map(|(_, &i)| weight_of(&g, i))
-            .collect();
-        let mut tensors: Vec<(String, Vec<f32>)> = names
-            .iter()
-            .filter_map(|n| g.constant(n).map(|c| (n.clone(), c.data.clone())))
+            .filter(|n| seen.insert(n.clone()))
+            .filter_map(|n| g.constant(&n).map(|c| (n.clone(), c.data.clone())))
             .collect();
         let fraction = f64::from(cfg.sparsity);
         match cfg.scope {

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use super::shape::Dim;
 use super::{Constant, Graph, Op};
 use crate::error::{EngineError, Result};
-use crate::prune::{ChannelPruning, ChannelRanking};
+use crate::prune::{ChannelPruning, ChannelRanking, check_fraction};
 
 /// Channels that are removed together, and the nodes whose output channels they are.
 #[derive(Debug, Clone, PartialEq)]
@@ -525,12 +525,7 @@ fn removed_classes(
     graph: &Graph,
     cfg: &ChannelPruning,
 ) -> Result<std::collections::HashSet<usize>> {
-    if !(0.0..=0.95).contains(&cfg.ratio) {
-        return Err(EngineError::Config(format!(
-            "channel ratio must be between 0 and 0.95, got {}",
-            cfg.ratio
-        )));
-    }
+    check_fraction("channel ratio", cfg.ratio)?;
     let mut removed = std::collections::HashSet::new();
     for group in a.groups(graph) {
         if group.fixed.is_some() || group.channels < 2 {

@@ -296,7 +296,7 @@ fn per_tensor_int8_starves_small_depthwise_channels() {
     let stats = |g| {
         compress(&original, &int8_recipe(g, false), &[], &mut no_progress)
             .unwrap()
-            .layer_stats(Some(&fold_batch_norms(&original).unwrap()))
+            .layer_stats()
             .unwrap()
     };
     let (t, c) = (

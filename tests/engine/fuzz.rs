@@ -261,7 +261,7 @@ fn fashion_set(name: &str) -> FashionSet {
 fn load_and_run_export(bytes: &[u8], input: &[f32]) -> Result<(), compresslab::EngineError> {
     let model = CompressedModel::from_safetensors(bytes)?;
     model.stats()?;
-    model.layer_stats(None)?;
+    model.layer_stats()?;
     if model.layers.iter().any(|l| l.name == "conv1") {
         CpuFashionNet::from_compressed(&model, true)?.forward(input)?;
     } else {

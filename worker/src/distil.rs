@@ -293,8 +293,7 @@ async fn side(
     let net = CpuFashionNet::from_compressed(model, true)?;
     let (heldout_accuracy, heldout_agreement) =
         heldout_scores(&predict(&net, heldout)?, teacher_heldout, heldout);
-    let report =
-        fashion_lab::evaluate_variant(a, original, model, "distilled".into(), None, 0.0).await?;
+    let report = fashion_lab::evaluate_variant(a, original, model, "distilled".into(), 0.0).await?;
     Ok((
         DistilSide {
             heldout_accuracy,

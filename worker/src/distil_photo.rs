@@ -265,7 +265,7 @@ pub async fn train(
     let seconds = trained_run.seconds;
 
     stage("Re-quantizing the fine-tuned network");
-    let (before_model, mut after_model, trained) = run.finish(&recipe).await?;
+    let (before_model, mut after_model) = run.finish(&recipe).await?;
     stage("Measuring the networks as deployed (CPU executor)");
     let own = data.set.own_classes().map(|n| n.to_vec());
     let labels = match &own {
@@ -315,7 +315,6 @@ pub async fn train(
                 loaded,
                 after_model,
                 "distilled".into(),
-                Some(trained),
                 // Timing runs: SwiftShader-like adapters take seconds per run.
                 if loaded.device.is_some() { 3 } else { 20 },
                 seconds * 1000.0,

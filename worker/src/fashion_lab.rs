@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use compresslab::compress::{CompressedModel, Recipe, compress, pruned_and_folded};
+use compresslab::compress::{CompressedModel, Recipe, compress};
 use compresslab::fashion::{Evaluation, FashionSet};
 use compresslab::fashion_cpu::CpuFashionNet;
 use compresslab::sweep::{calibration_batches, run_case, sweep_cases};
@@ -162,27 +162,18 @@ pub async fn run(
     let a = assets(asset_base).await?;
     let before = original(&a).await?;
     let start = now();
-    let (model, source, reference) = match (recipe, loaded) {
-        (_, Some((name, model))) => (model, name, None),
+    let (model, source) = match (recipe, loaded) {
+        (_, Some((name, model))) => (model, name),
         (Some(recipe), None) => {
             let model = compress(&a.store, &recipe, &a.calibration, &mut |stage, f| {
                 progress(&format!("Compressing: {stage}"), 0.4 + 0.1 * f);
                 crate::cancel::check()
             })?;
-            let reference = pruned_and_folded(&a.store, &recipe)?;
-            (model, "recipe".to_string(), Some(reference))
+            (model, "recipe".to_string())
         }
         (None, None) => return Err(WorkerError::Message("nothing to compress".into())),
     };
-    let report = evaluate_variant(
-        &a,
-        &before,
-        &model,
-        source,
-        reference.as_ref(),
-        now() - start,
-    )
-    .await?;
+    let report = evaluate_variant(&a, &before, &model, source, now() - start).await?;
     VARIANT.with(|v| *v.borrow_mut() = Some(Variant { model }));
     post(&FromWorker::FashionCompressed(Box::new(report)));
     Ok(())
@@ -194,7 +185,6 @@ pub(crate) async fn evaluate_variant(
     before: &Original,
     model: &CompressedModel,
     source: String,
-    reference: Option<&TensorStore>,
     build_ms: f64,
 ) -> WorkerResult<FashionReport> {
     let net = CpuFashionNet::from_compressed(model, true)?;
@@ -240,7 +230,7 @@ pub(crate) async fn evaluate_variant(
         same_prediction,
         integer_layers: net.integer_layers(),
         build_ms,
-        layers: model.layer_stats(reference)?,
+        layers: model.layer_stats()?,
         changed,
     })
 }

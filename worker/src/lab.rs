@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::collections::HashSet;
 
 use compresslab::classifier::{ImageClassifier, max_abs_diff};
-use compresslab::compress::{CompressedModel, Recipe, agreement, compress, pruned_and_folded};
+use compresslab::compress::{CompressedModel, Recipe, agreement, compress};
 use compresslab::fashion::is_fashion;
 use compresslab::gpu_int::GpuFeatures;
 use compresslab::labels::top_k;
@@ -242,11 +242,11 @@ pub async fn run(
         }
         None => None,
     };
-    let (model, source, reference, measured, seen) = match (recipe, exported) {
+    let (model, source, measured, seen) = match (recipe, exported) {
         (_, Some((name, model))) => {
             // A loaded export lists the photos it saw: it is measured on the others.
             let (measured, seen) = eval_images(loaded, &progress, &model.seen_images).await?;
-            (model, name, None, measured, seen)
+            (model, name, measured, seen)
         }
         (Some(recipe), None) => {
             let (mut eval, _) = eval_images(loaded, &progress, &[]).await?;
@@ -266,17 +266,13 @@ pub async fn run(
                 .iter()
                 .map(|e| file_name(&e.name).to_string())
                 .collect();
-            let reference = pruned_and_folded(&loaded.store, &recipe)?;
             let seen = calibrating.len();
-            (model, "recipe".to_string(), Some(reference), eval, seen)
+            (model, "recipe".to_string(), eval, seen)
         }
         (None, None) => return Err(WorkerError::Message("nothing to compress".into())),
     };
     let elapsed = now() - start;
-    measure(
-        loaded, model, source, reference, runs, elapsed, &measured, seen,
-    )
-    .await
+    measure(loaded, model, source, runs, elapsed, &measured, seen).await
 }
 
 /// `folder/…/name.jpg` → `name.jpg`.
@@ -319,7 +315,6 @@ pub async fn measure(
     loaded: &Loaded,
     model: CompressedModel,
     source: String,
-    reference: Option<compresslab::weights::TensorStore>,
     runs: u32,
     build_ms: f64,
     eval: &[EvalImage],
@@ -419,7 +414,7 @@ pub async fn measure(
         top1_agreement: agree,
         mean_kl: kl_sum / eval.len().max(1) as f64,
         build_ms,
-        layers: model.layer_stats(reference.as_ref())?,
+        layers: model.layer_stats()?,
         cross_check,
         kernels,
     };

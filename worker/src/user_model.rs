@@ -814,7 +814,9 @@ async fn report(
             zeros: l.zeros,
             bits: l.bits,
             sqnr_db: l.sqnr_db.filter(|v| v.is_finite()),
-            activation_bits: l.activation.map(|a| if a.qmax <= 7 { 4 } else { 8 }),
+            activation_bits: l
+                .activation
+                .map(|a| if a.qmax - a.qmin <= 15 { 4 } else { 8 }),
             histogram: l.histogram.clone(),
             narrowest_channel: l.narrowest_channel.clone(),
         })

@@ -229,7 +229,7 @@ pub fn distil_photos(args: &[String]) -> Result<()> {
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    let (before, after, _) = futures_lite::future::block_on(run.finish(&recipe))?;
+    let (before, after) = futures_lite::future::block_on(run.finish(&recipe))?;
     let labels = match set.own_classes() {
         Some(names) => Labels::from_names(names.to_vec())?,
         None => imagenet,
