@@ -32,8 +32,9 @@ pub struct CompressedLayer {
     pub kind: LayerKind,
     pub weights: Option<QuantizedTensor>,
     pub activation: Option<ActivationParams>,
-    /// What compression saw of the float weights it quantized; `None` where they are gone
-    /// (a loaded export) or there was nothing to quantize.
+    /// What compression saw of the layer's float weights before quantizing them (every layer
+    /// it compressed, float ones too); `None` where they are gone (a loaded export) or for the
+    /// uncompressed original.
     pub before_quantization: Option<WeightsBefore>,
 }
 

@@ -714,7 +714,13 @@ pub(crate) fn SqnrChart(layers: Vec<LayerStats>, selected: RwSignal<usize>) -> i
         .fold(10.0f64, f64::max)
         .ceil();
     if layers.iter().all(|l| l.sqnr_db.is_none()) {
-        return view! { <p class="hint">"No layer is quantized: weight SQNR is not applicable."</p> }.into_any();
+        let why = if layers.iter().all(|l| l.bits.is_none()) {
+            "No layer is quantized: weight SQNR is not applicable."
+        } else {
+            // A loaded export holds only the integer weights.
+            "Weight SQNR compares quantized weights with the floats they were quantized from, which an export does not hold: not shown."
+        };
+        return view! { <p class="hint">{why}</p> }.into_any();
     }
     let bars = layers
         .iter()
