@@ -3,17 +3,14 @@
 //! user's own classes [`fit_head`], which first trains a new classifier on the teacher's
 //! pooled features (transfer learning); teacher and student then both carry that head.
 
-use burn::module::Module;
-use burn::nn::LinearConfig;
-use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 
-use crate::distill::{batch_graph, cosine_lr, read_f32};
+use crate::distill::{batch_graph, read_f32};
 use crate::efficientnet::CLASSIFIER;
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 use crate::exec::GraphModel;
 use crate::fashion::SplitMix;
+use crate::finetune_graph::{check_head_labels, fit_linear_classifier};
 use crate::graph_builder::{bias_name, layer_inputs, weight_name};
 use crate::preprocess::{CROP, RgbImage, box_reduce, to_nchw};
 use crate::weights::{NamedTensor, TensorStore};
@@ -61,10 +58,6 @@ pub fn augment_photo(img: &RgbImage, rng: &mut SplitMix) -> Vec<f32> {
 /// Photos per forward pass when [`fit_head`] computes their features.
 const FEATURE_BATCH: usize = 8;
 
-/// Full-batch Adam steps [`fit_head`] takes.
-const HEAD_STEPS: usize = 300;
-const HEAD_LEARNING_RATE: f64 = 5e-3;
-
 /// A new classifier for the user's own `classes` (transfer learning): trained with
 /// cross-entropy on the pooled features `teacher` computes for each preprocessed input
 /// and its mirror image, the backbone unchanged. Returns `_fc.weight` `[classes, 1280]`
@@ -76,19 +69,7 @@ pub async fn fit_head(
     classes: usize,
     device: &Device,
 ) -> Result<(NamedTensor, NamedTensor)> {
-    if classes < 2 || inputs.is_empty() || inputs.len() != labels.len() {
-        return Err(EngineError::Config(format!(
-            "a new head needs two or more classes and a label per image (got {classes} classes, {} images, {} labels)",
-            inputs.len(),
-            labels.len()
-        )));
-    }
-    if let Some(&bad) = labels.iter().find(|&&y| y >= classes) {
-        return Err(EngineError::Config(format!(
-            "label {bad} is not one of {classes} classes"
-        )));
-    }
-    device.seed(11);
+    check_head_labels(inputs.len(), labels, classes)?;
     let plain = device.clone().inner();
     let graph = batch_graph(teacher)?;
     // The classifier's input: the pooled, flattened features.
@@ -107,44 +88,24 @@ pub async fn fit_head(
             for t in tapped {
                 features.extend(read_f32(t.flat()?).await?);
             }
-            ys.extend(batch_labels.iter().map(|&y| y as i64));
+            ys.extend_from_slice(batch_labels);
         }
     }
     let rows = ys.len();
-    let width = features.len() / rows;
-    let x = Tensor::<2>::from_data(TensorData::new(features, [rows, width]), device);
-    let y = Tensor::<1, Int>::from_data(TensorData::new(ys, [rows]), device);
-    let mut head = LinearConfig::new(width, classes).init(device);
-    let mut optim = AdamConfig::new().init();
-    for step in 0..HEAD_STEPS {
-        let log_p = log_softmax(head.forward(x.clone()), 1);
-        let loss: Tensor<1> = log_p
-            .gather(1, y.clone().unsqueeze_dim(1))
-            .mean()
-            .neg()
-            .reshape([1]);
-        let grads = GradientsParams::from_grads(loss.backward(), &head);
-        let lr = cosine_lr(HEAD_LEARNING_RATE, step, HEAD_STEPS);
-        head = optim.step(lr, head, grads);
-    }
-    let head = head.valid();
-    let w = head.weight.val().transpose();
-    let weight = NamedTensor {
-        name: weight_name(CLASSIFIER),
-        shape: w.dims().to_vec(),
-        data: read_f32(w).await?,
-    };
-    let b = head
-        .bias
-        .as_ref()
-        .ok_or_else(|| EngineError::Execution("the new head has no bias".into()))?
-        .val();
-    let bias = NamedTensor {
-        name: bias_name(CLASSIFIER),
-        shape: b.dims().to_vec(),
-        data: read_f32(b).await?,
-    };
-    Ok((weight, bias))
+    let (weight, bias) = fit_linear_classifier(&features, rows, &ys, classes, device).await?;
+    let width = weight.len() / classes;
+    Ok((
+        NamedTensor {
+            name: weight_name(CLASSIFIER),
+            shape: vec![classes, width],
+            data: weight,
+        },
+        NamedTensor {
+            name: bias_name(CLASSIFIER),
+            shape: vec![classes],
+            data: bias,
+        },
+    ))
 }
 
 /// `store` with its classifier replaced by `head` (from [`fit_head`]).

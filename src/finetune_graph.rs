@@ -7,14 +7,17 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use burn::module::Module;
+use burn::nn::LinearConfig;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
 
-use crate::distill::{cosine_lr, distillation_loss, label_tensors, loss_value};
+use crate::distill::{argmax, cosine_lr, distillation_loss, label_tensors, loss_value, read_f32};
 use crate::error::{EngineError, Result};
-use crate::exec::{GraphModel, Tensor as HostTensor};
+use crate::exec::{CpuExecutor, GraphModel, Tensor as HostTensor};
 use crate::fashion::SplitMix;
-use crate::graph::{CompressedGraph, Dim, Graph, Op, kept_channels, weight_nodes};
+use crate::graph::{ClassifierHead, CompressedGraph, Dim, Graph, Op, kept_channels, weight_nodes};
 
 /// The settings of a fine-tuning run, bounded so a run stays short in a browser tab.
 #[derive(Debug, Clone, PartialEq)]
@@ -124,6 +127,140 @@ pub fn flipped_copies(images: &[HostTensor]) -> Vec<HostTensor> {
         }
     }
     out
+}
+
+/// Full-batch Adam steps [`fit_linear_classifier`] takes.
+const HEAD_STEPS: usize = 300;
+const HEAD_LEARNING_RATE: f64 = 5e-3;
+
+/// Errors unless there are two or more classes and a class below `classes` for each of
+/// `inputs` images.
+pub fn check_head_labels(inputs: usize, labels: &[usize], classes: usize) -> Result<()> {
+    if classes < 2 || inputs == 0 || inputs != labels.len() {
+        return Err(EngineError::Config(format!(
+            "a new head needs two or more classes and a label per image (got {classes} classes, {inputs} images, {} labels)",
+            labels.len()
+        )));
+    }
+    match labels.iter().find(|&&y| y >= classes) {
+        Some(bad) => Err(EngineError::Config(format!(
+            "label {bad} is not one of {classes} classes"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A linear classifier (softmax regression) for `classes` trained with cross-entropy on
+/// `rows` feature vectors (row-major in `features`) and their labels, on `device`
+/// (autodiff), from a fixed seed. Returns the weight `[classes, width]` row-major and the
+/// bias `[classes]`.
+pub async fn fit_linear_classifier(
+    features: &[f32],
+    rows: usize,
+    labels: &[usize],
+    classes: usize,
+    device: &Device,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    check_head_labels(rows, labels, classes)?;
+    if features.is_empty() || !features.len().is_multiple_of(rows) {
+        return Err(EngineError::Config(format!(
+            "{} feature values do not split into {rows} rows",
+            features.len()
+        )));
+    }
+    let width = features.len() / rows;
+    device.seed(11);
+    let x = Tensor::<2>::from_data(TensorData::new(features.to_vec(), [rows, width]), device);
+    let ys: Vec<i64> = labels.iter().map(|&y| y as i64).collect();
+    let y = Tensor::<1, Int>::from_data(TensorData::new(ys, [rows]), device);
+    let mut head = LinearConfig::new(width, classes).init(device);
+    let mut optim = AdamConfig::new().init();
+    for step in 0..HEAD_STEPS {
+        let log_p = log_softmax(head.forward(x.clone()), 1);
+        let loss: Tensor<1> = log_p
+            .gather(1, y.clone().unsqueeze_dim(1))
+            .mean()
+            .neg()
+            .reshape([1]);
+        let grads = GradientsParams::from_grads(loss.backward(), &head);
+        let lr = cosine_lr(HEAD_LEARNING_RATE, step, HEAD_STEPS);
+        head = optim.step(lr, head, grads);
+    }
+    let head = head.valid();
+    // burn's Linear holds `[width, classes]`.
+    let weight = read_f32(head.weight.val().transpose()).await?;
+    let bias = head
+        .bias
+        .as_ref()
+        .ok_or_else(|| EngineError::Execution("the new head has no bias".into()))?
+        .val();
+    Ok((weight, read_f32(bias).await?))
+}
+
+/// A new head fitted on the user's own classes, and how well it does.
+pub struct FittedHead {
+    /// The model with its head replaced (class names in its metadata).
+    pub graph: Graph,
+    /// Training images the new head gets right (of all of them).
+    pub training_right: usize,
+}
+
+/// `graph` with its classifier head ([`ClassifierHead`]) replaced by one fitted on the
+/// features the original computes for `inputs` (each `[1, C, H, W]`, run on the CPU
+/// interpreter) and their `labels` in `class_names` (transfer learning: everything before
+/// the head stays as it was). `device` is an autodiff device for the fit.
+pub async fn fit_new_head(
+    graph: &Graph,
+    inputs: &[HostTensor],
+    labels: &[usize],
+    class_names: &[String],
+    device: &Device,
+) -> Result<FittedHead> {
+    check_head_labels(inputs.len(), labels, class_names.len())?;
+    let input_dims = &inputs[0].dims;
+    let head = ClassifierHead::find(graph, input_dims)?;
+    let backbone = CpuExecutor::new(&head.feature_graph(graph))?;
+    let mut features = Vec::with_capacity(inputs.len() * head.width);
+    for input in inputs {
+        let out = backbone
+            .run(input)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| EngineError::Execution("no features".into()))?;
+        if out.data.len() != head.width {
+            return Err(EngineError::Execution(format!(
+                "{} features for one image where the head reads {}",
+                out.data.len(),
+                head.width
+            )));
+        }
+        features.extend(out.data);
+    }
+    let classes = class_names.len();
+    let (weight, bias) =
+        fit_linear_classifier(&features, inputs.len(), labels, classes, device).await?;
+    let graph = head.replaced(graph, &weight, &bias, class_names, input_dims)?;
+    let training_right = features
+        .chunks(head.width)
+        .zip(labels)
+        .filter(|&(f, &y)| {
+            let logits: Vec<f32> = (0..classes)
+                .map(|k| {
+                    bias[k]
+                        + weight[k * head.width..(k + 1) * head.width]
+                            .iter()
+                            .zip(f)
+                            .map(|(w, x)| w * x)
+                            .sum::<f32>()
+                })
+                .collect();
+            argmax(&logits) == y
+        })
+        .count();
+    Ok(FittedHead {
+        graph,
+        training_right,
+    })
 }
 
 /// One step's outcome.

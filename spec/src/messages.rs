@@ -132,6 +132,10 @@ pub enum ToWorker {
     },
     /// Stop a fine-tune at its next step; the variant stays as it was before.
     UserModelStopTuning,
+    /// Teach the user's model the classes its images' folders name (two or more): a new last
+    /// layer fitted on the features the model computes for the first half of each folder's
+    /// images, measured on the rest. The model then has those classes (any variant is gone).
+    UserModelNewHead,
     /// Every sweep case (sparsity, channels, weight bits, W8A8) applied to the user's model
     /// in turn, each measured on the images classified so far that do not calibrate (the
     /// other half calibrates W8A8). The current variant stays as it is.
@@ -161,6 +165,7 @@ impl ToWorker {
             Self::UserModelCompress { .. } => "compressing your model",
             Self::UserModelFineTune { .. } => "fine-tuning your model",
             Self::UserModelSweep => "sweeping your model",
+            Self::UserModelNewHead => "teaching your model your classes",
             Self::Init { .. }
             | Self::Classify { .. }
             | Self::Export
@@ -513,6 +518,12 @@ pub enum FromWorker {
         total: u32,
     },
     UserSweepDone,
+    /// The user's model has a new head for the folders' classes: what it now is, and how
+    /// the head did.
+    UserModelNewHead {
+        info: Box<UserModelInfo>,
+        report: NewHeadReport,
+    },
     /// A load, compression or export of the user's model failed (`id`: the image, when
     /// classifying one failed).
     UserModelFailed {
@@ -704,6 +715,23 @@ pub struct UserModelInfo {
     pub labels: Vec<String>,
     pub prunable_groups: usize,
     pub fixed_groups: usize,
+}
+
+/// A head fitted on the user's own classes (transfer learning): on how many images, and
+/// how many it gets right of those it trained on and of the others.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NewHeadReport {
+    /// The layer replaced (node name) and the classes it now computes, in order.
+    pub layer: String,
+    pub classes: Vec<String>,
+    pub training: usize,
+    pub training_right: usize,
+    /// Labelled images that did not train the head, and how many it reads right.
+    pub held_out: usize,
+    pub held_out_right: usize,
+    /// Images classified so far without a folder that names a class (not used).
+    pub unlabelled: usize,
+    pub ms: f64,
 }
 
 /// One image through the user's model.

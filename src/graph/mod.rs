@@ -7,6 +7,7 @@ mod compress;
 mod depgraph;
 mod export;
 mod fold;
+mod head;
 mod import;
 mod proto;
 mod shape;
@@ -18,6 +19,7 @@ pub use compress::{CompressedGraph, GraphLayer, GraphStats, compress_graph, weig
 pub use depgraph::{ChannelGroup, channel_groups, kept_channels, mask_channels, prune_channels};
 pub use export::export_onnx;
 pub use fold::{batch_norm_affine, fold_batch_norms};
+pub use head::ClassifierHead;
 pub use import::{MAX_MODEL_BYTES, import_onnx, transpose};
 pub use shape::{
     Dim, Shapes, concrete as concrete_dims, element_count, known as known_dims, node_macs,
@@ -27,6 +29,10 @@ pub use compresslab_spec::labels::parse_class_names;
 
 pub use crate::compress::ActivationParams;
 use crate::error::{EngineError, Result};
+
+/// Metadata keys exporters put class names under (compared in lower case).
+pub(crate) const CLASS_NAME_KEYS: [&str; 5] =
+    ["labels", "classes", "class_names", "names", "id2label"];
 
 /// A weight or other constant, stored as f32 (ONNX's integer constants are folded away at
 /// import, where they only ever describe shapes).
@@ -388,10 +394,9 @@ impl Graph {
     /// `names`, `id2label`): a JSON list, a JSON or Python dict from index to name, or one
     /// name per line / comma. Empty when there are none.
     pub fn class_names(&self) -> Vec<String> {
-        const KEYS: [&str; 5] = ["labels", "classes", "class_names", "names", "id2label"];
         self.metadata
             .iter()
-            .filter(|(k, _)| KEYS.contains(&k.to_ascii_lowercase().as_str()))
+            .filter(|(k, _)| CLASS_NAME_KEYS.contains(&k.to_ascii_lowercase().as_str()))
             .map(|(_, v)| parse_class_names(v))
             .find(|names| !names.is_empty())
             .unwrap_or_default()

@@ -38,6 +38,28 @@ async function openTextDirection(page) {
   await page.selectOption('#user-normalization', 'unit');
 }
 
+// Compresses the loaded model with one of the panel's recipes and waits for the report (or
+// for `report`, a selector that tells the new one from the one before).
+async function compressWith(page, recipe, report = '#user-report') {
+  await page.selectOption('#user-recipe', recipe);
+  await page.click('#user-compress');
+  await page.waitForSelector(`${report}, #user-error`, { timeout: 300_000 });
+  if (await page.$('#user-error')) throw new Error(await page.innerText('#user-error'));
+}
+
+// Lines of textdir.input.npy an exported two-class model reads right in ONNX Runtime, and
+// how many lines there are; `classOf(direction)` is the output that stands for a direction.
+function linesRightInOnnxRuntime(file, out, classOf) {
+  const { shape, data } = onnxRuntime(file, path.join(MODELS, 'textdir.input.npy'), out);
+  const directions = readNpy(path.join(MODELS, 'textdir.labels.npy')).data;
+  let right = 0;
+  for (let i = 0; i < shape[0]; i++) {
+    const predicted = data[2 * i + 1] > data[2 * i] ? 1 : 0;
+    if (predicted === classOf(directions[i])) right += 1;
+  }
+  return { right, lines: shape[0] };
+}
+
 // Runs the sweep and reads its table (the setting, top-1 same, held-out images and every
 // cell's text).
 async function runSweep(page) {
@@ -88,10 +110,7 @@ async function yourModel(flags, backend) {
     // int8 W8A8: the first half of the lines calibrates, the other half measures agreement
     // (measured 6/6 on the CPU, 2/2 on WebGPU; one miss in six allowed).
     const enough = Math.ceil((half * 5) / 6);
-    await page.selectOption('#user-recipe', 'w8a8');
-    await page.click('#user-compress');
-    await page.waitForSelector('#user-report, #user-error', { timeout: 300_000 });
-    if (await page.$('#user-error')) throw new Error(await page.innerText('#user-error'));
+    await compressWith(page, 'w8a8');
     const agreement = page.locator('#user-agreement');
     const same = Number(await agreement.getAttribute('data-same'));
     const heldOut = Number(await agreement.getAttribute('data-held-out'));
@@ -183,16 +202,9 @@ async function yourModel(flags, backend) {
     const download = await downloadFrom(page, '#user-export', '.onnx', `textdir.compressed.${backend}.onnx`);
     assert.equal(download.name, 'textdir.compressed.onnx');
     const exported = download.file;
-    const out = path.join(OUT, `textdir.compressed.${backend}.out.npy`);
-    const { shape, data } = onnxRuntime(exported, path.join(MODELS, 'textdir.input.npy'), out);
-    const labels = readNpy(path.join(MODELS, 'textdir.labels.npy')).data;
-    let ortRight = 0;
-    for (let i = 0; i < shape[0]; i++) {
-      const predicted = data[2 * i + 1] > data[2 * i] ? 1 : 0;
-      if (predicted === labels[i]) ortRight += 1;
-    }
-    console.log(`ONNX Runtime on the page's int8 export: ${ortRight}/${shape[0]} lines right, ${readFileSync(exported).length} bytes`);
-    assert.ok(ortRight >= shape[0] - 1, `${ortRight}/${shape[0]}`);
+    const ort = linesRightInOnnxRuntime(exported, path.join(OUT, `textdir.compressed.${backend}.out.npy`), (d) => d);
+    console.log(`ONNX Runtime on the page's int8 export: ${ort.right}/${ort.lines} lines right, ${readFileSync(exported).length} bytes`);
+    assert.ok(ort.right >= ort.lines - 1, `${ort.right}/${ort.lines}`);
 
     // The finished cards can be cleared; the model and its compressed variant stay.
     await page.click('#user-clear');
@@ -243,10 +255,7 @@ test('your model with folder labels (CPU fallback): accuracy on held-out labelle
 
     // Half of each class calibrates (3 + 3, and 1 of the unsorted line's group of one); the
     // other 3 + 3 lines are held out and measure accuracy.
-    await page.selectOption('#user-recipe', 'w8a8');
-    await page.click('#user-compress');
-    await page.waitForSelector('#user-report, #user-error', { timeout: 300_000 });
-    if (await page.$('#user-error')) throw new Error(await page.innerText('#user-error'));
+    await compressWith(page, 'w8a8');
     const accuracy = page.locator('#user-accuracy');
     console.log(await accuracy.innerText());
     assert.equal(await accuracy.getAttribute('data-images'), '6');
@@ -272,10 +281,7 @@ test('your model with folder labels (CPU fallback): accuracy on held-out labelle
     // layers read narrower inputs than the original's: compared on the channels it kept), at
     // two layers named in the per-layer table; a name that is not a layer is refused with the
     // reason and leaves the variant as it was.
-    await page.selectOption('#user-recipe', 'channels30');
-    await page.click('#user-compress');
-    await page.waitForSelector('#user-report:not(:has(#user-fine-tuned)), #user-error', { timeout: 300_000 });
-    if (await page.$('#user-error')) throw new Error(await page.innerText('#user-error'));
+    await compressWith(page, 'channels30', '#user-report:not(:has(#user-fine-tuned))');
     const layerNames = await page.locator('#user-layers tbody tr td:first-child').allInnerTexts();
     const matched = [layerNames[Math.floor(layerNames.length / 3)], layerNames[Math.floor((2 * layerNames.length) / 3)]];
     await page.fill('#user-features', 'no such layer');
@@ -307,6 +313,81 @@ test('your model with folder labels (CPU fallback): accuracy on held-out labelle
     assert.match(await page.innerText('#user-sweep-caption'), /^31 of 31 settings measured on 6 held-out images \(6 labelled by their folders.*Too few for charts/);
     assert.equal(await page.locator('#user-sweep-pruning').count(), 0, 'no percentages on 6 images');
     await page.screenshot({ path: path.join(OUT, 'your-model-folders.png'), fullPage: true });
+  } catch (e) {
+    console.log(logs.join('\n'));
+    throw e;
+  } finally {
+    await browser.close();
+    rmSync(root, { recursive: true, force: true });
+  }
+});
+
+test('your model learns your own classes (CPU fallback): a new head on folders of lines, measured on held-out lines, compressed and exported', { timeout: 600_000 }, async () => {
+  // The 48 sweep lines in two folders of the user's own names, which the model does not
+  // have; sorted, "backwards" (the turned lines) comes first where the model has 0° first.
+  const root = mkdtempSync(path.join(os.tmpdir(), 'textdir-own-classes-'));
+  const folder = path.join(root, 'directions');
+  const dir = path.join(MODELS, 'sweep-lines');
+  const sweepLines = readdirSync(dir).filter((f) => f.endsWith('.png')).sort();
+  for (const [name, suffix] of [['forwards', '-0.png'], ['backwards', '-180.png']]) {
+    mkdirSync(path.join(folder, name), { recursive: true });
+    for (const f of sweepLines.filter((l) => l.endsWith(suffix))) copyFileSync(path.join(dir, f), path.join(folder, name, f));
+  }
+  const { browser, page, logs } = await launch(NO_WEBGPU_FLAGS);
+  try {
+    await openTextDirection(page);
+    assert.ok(await page.isDisabled('#user-new-head'), 'no folders yet');
+    await page.setInputFiles('#user-folder-input', folder);
+    await page.waitForFunction(() => document.querySelectorAll('#user-results .user-card .top5, #user-results .user-card .error').length === 48, null, { timeout: 180_000 });
+    const truths = await page.locator('#user-results .truth').allInnerTexts();
+    assert.equal(truths.filter((t) => /names no class of this model/.test(t)).length, 48);
+    assert.match(await page.innerText('.user-new-head'), /Your images come from 2 folders/);
+
+    await page.click('#user-new-head');
+    await page.waitForSelector('#user-new-head-report, #user-error', { timeout: 300_000 });
+    if (await page.$('#user-error')) throw new Error(await page.innerText('#user-error'));
+    const report = await page.innerText('#user-new-head-report');
+    console.log(report);
+    assert.match(report, /New head in place of `[^`]+`: 2 classes \(backwards, forwards\), fitted on 24 images \((\d+) right\)/);
+    const held = (await page.innerText('#user-new-head-held-out')).match(/On the (\d+) images that did not train it: (\d+) right \(([\d.]+) %\)/);
+    assert.ok(held, report);
+    assert.equal(Number(held[1]), 24);
+    // Measured 24/24 (the original reads every line right, and its features separate them).
+    assert.ok(Number(held[2]) >= 23, report);
+    assert.match(await page.innerText('#user-labels'), /2 class names from your folders \(the new head\)/);
+    assert.match(await page.innerText('#user-notice'), /The 48 earlier result cards were cleared/);
+    assert.equal(await page.locator('#user-results .user-card').count(), 0);
+
+    // Lines the head never saw, dropped without folders: its classes, in its order.
+    const lines = readdirSync(path.join(MODELS, 'lines')).filter((f) => f.endsWith('.png')).sort();
+    await dropFiles(page, lines.map((name) => ({ name, type: 'image/png', bytes: readFileSync(path.join(MODELS, 'lines', name)) })));
+    await page.waitForFunction((n) => document.querySelectorAll('#user-results .user-card .top5, #user-results .user-card .error').length === n, lines.length, { timeout: 120_000 });
+    let right = 0;
+    for (const name of lines) {
+      const top = await page.locator(`#user-results .user-card[data-name="${name}"] .prediction .label`).first().innerText();
+      if (top === (name.endsWith('-180.png') ? 'backwards' : 'forwards')) right += 1;
+      else console.log(`${name}: ${top}`);
+    }
+    console.log(`the new head on 12 other lines: ${right}/12`);
+    assert.ok(right >= 11, `${right}/12`);
+
+    // Compressed as any model: int8 W8A8, accuracy on the folders' held-out half in the new
+    // classes (the first half trained the head and calibrates).
+    await compressWith(page, 'w8a8');
+    const accuracy = page.locator('#user-accuracy');
+    console.log(await accuracy.innerText());
+    assert.equal(await accuracy.getAttribute('data-images'), '24');
+    assert.ok(Number(await accuracy.getAttribute('data-variant')) >= 23);
+
+    // The export carries the new head and its class names; ONNX Runtime reads the lines in
+    // the new order (backwards = 0).
+    const download = await downloadFrom(page, '#user-export', '.onnx', 'textdir.own-classes.onnx');
+    const bytes = readFileSync(download.file);
+    assert.ok(bytes.includes('["backwards","forwards"]'), 'class names in the metadata');
+    const ort = linesRightInOnnxRuntime(download.file, path.join(OUT, 'textdir.own-classes.out.npy'), (d) => 1 - d);
+    console.log(`ONNX Runtime on the new-head W8A8 export: ${ort.right}/${ort.lines}`);
+    assert.ok(ort.right >= ort.lines - 1, `${ort.right}/${ort.lines}`);
+    await page.screenshot({ path: path.join(OUT, 'your-model-own-classes.png'), fullPage: true });
   } catch (e) {
     console.log(logs.join('\n'));
     throw e;

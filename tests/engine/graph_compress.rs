@@ -407,7 +407,7 @@ fn python() -> Option<PathBuf> {
 }
 
 /// ONNX Runtime's first output for `model` on `input` (the venv from scripts/setup.sh --tests).
-fn onnx_runtime(model: &[u8], input: &Tensor, tag: &str) -> Tensor {
+pub(crate) fn onnx_runtime(model: &[u8], input: &Tensor, tag: &str) -> Tensor {
     let python = python().expect("the ONNX Runtime venv is missing: run scripts/setup.sh --tests");
     let dir = std::env::temp_dir().join(format!("compresslab-export-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

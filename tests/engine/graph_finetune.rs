@@ -448,3 +448,114 @@ fn a_model_exported_for_a_batch_of_one_still_fine_tunes() {
         block_on(tuner.finish()).unwrap();
     }
 }
+
+/// The user's own classes on the text-direction model: a new head fitted on the original's
+/// features for the first half of the lines, in classes of the user's own names and order
+/// ("upright" second, where the model has 0° first), reads every held-out line right.
+#[test]
+fn a_new_head_learns_the_users_own_classes() {
+    use compresslab::finetune_graph::fit_new_head;
+    let graph = import_onnx(&std::fs::read(models().join("textdir.onnx")).unwrap()).unwrap();
+    let lines = rows(&npy("textdir.input.npy"));
+    let ours: Vec<usize> = line_directions().iter().map(|&d| 1 - d).collect();
+    let names = vec!["turned over".to_string(), "upright".to_string()];
+    let half = lines.len() / 2;
+    let device = Device::flex().autodiff();
+    let fitted = block_on(fit_new_head(
+        &graph,
+        &lines[..half],
+        &ours[..half],
+        &names,
+        &device,
+    ))
+    .unwrap();
+    assert_eq!(fitted.training_right, half);
+    assert_eq!(fitted.graph.class_names(), names);
+    let net = CpuExecutor::new(&fitted.graph).unwrap();
+    for (x, &truth) in lines[half..].iter().zip(&ours[half..]) {
+        let out = net.run(x).unwrap().remove(0);
+        assert_eq!(out.dims, [1, 2]);
+        // The model's Softmax stays at the end.
+        assert!((out.data.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        assert_eq!(compresslab::distill::argmax(&out.data), truth);
+    }
+    // Not every model has a head to replace: too few classes is refused with a reason.
+    let one = block_on(fit_new_head(
+        &graph,
+        &lines[..2],
+        &[0, 0],
+        &names[..1],
+        &device,
+    ));
+    assert!(one.is_err());
+}
+
+/// A head replaced on each synthetic topology (Gemm after Flatten, MatMul + Add + Softmax):
+/// the new graph computes the features times the new weights plus the new bias, declares
+/// the new class count, keeps the class names through an ONNX export, and ONNX Runtime
+/// computes the same outputs from that export.
+#[test]
+fn a_replaced_head_computes_its_weights_on_the_original_features() {
+    use compresslab::graph::{ClassifierHead, export_onnx};
+    for name in ["resnet", "shufflenet", "mobilenet", "densenet"] {
+        let graph =
+            import_onnx(&std::fs::read(models().join(format!("{name}.onnx"))).unwrap()).unwrap();
+        let x = rows(&npy(&format!("{name}.input.npy"))).remove(0);
+        let head = ClassifierHead::find(&graph, &x.dims).unwrap();
+        let classes = 3;
+        let weight: Vec<f32> = (0..classes * head.width)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 200.0)
+            .collect();
+        let bias = vec![0.5, -0.25, 0.125];
+        let names: Vec<String> = ["cat", "dog, small", "bird"].map(String::from).to_vec();
+        let replaced = head
+            .replaced(&graph, &weight, &bias, &names, &x.dims)
+            .unwrap();
+        assert_eq!(replaced.class_names(), names, "{name}");
+        let features = CpuExecutor::new(&head.feature_graph(&graph))
+            .unwrap()
+            .run(&x)
+            .unwrap()
+            .remove(0)
+            .data;
+        let mut expected: Vec<f32> = (0..classes)
+            .map(|k| {
+                bias[k]
+                    + weight[k * head.width..(k + 1) * head.width]
+                        .iter()
+                        .zip(&features)
+                        .map(|(w, f)| w * f)
+                        .sum::<f32>()
+            })
+            .collect();
+        let ends_in_softmax = graph
+            .nodes
+            .iter()
+            .any(|n| matches!(n.op, compresslab::graph::Op::Softmax { .. }));
+        if ends_in_softmax {
+            expected = softmax(&expected);
+        }
+        let ours = CpuExecutor::new(&replaced)
+            .unwrap()
+            .run(&x)
+            .unwrap()
+            .remove(0);
+        assert_eq!(ours.dims, [1, classes], "{name}");
+        for (a, b) in ours.data.iter().zip(&expected) {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                "{name}: {ours:?} vs {expected:?}"
+            );
+        }
+        let export = export_onnx(&replaced, &Default::default(), &[]).unwrap();
+        assert_eq!(import_onnx(&export).unwrap().class_names(), names, "{name}");
+        let ort = super::graph_compress::onnx_runtime(&export, &x, &format!("{name}-new-head"));
+        assert_eq!(ort.dims, [1, classes], "{name}");
+        for (a, b) in ort.data.iter().zip(&ours.data) {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                "{name}: ORT {ort:?} vs ours {ours:?}"
+            );
+        }
+    }
+}

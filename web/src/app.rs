@@ -426,6 +426,7 @@ fn on_worker_message(msg: FromWorker) {
         | FromWorker::UserModelTuning { .. }
         | FromWorker::UserSweepPoint { .. }
         | FromWorker::UserSweepDone
+        | FromWorker::UserModelNewHead { .. }
         | FromWorker::UserModelFailed { .. }) => user_model_panel::on_message(c.user_model, msg),
         FromWorker::Benchmarked(report) => c.bench.set(BenchState::Done(report)),
         FromWorker::DeviceReportProgress { stage, fraction } => {

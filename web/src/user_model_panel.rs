@@ -3,7 +3,7 @@
 //! images that did not calibrate it), sweep every setting, and download the compressed ONNX.
 
 use compresslab_spec::input::{InputSpec, Normalization, ResizeMode};
-use compresslab_spec::labels::{class_for_folder, parse_class_names};
+use compresslab_spec::labels::{class_for_folder, name_key, parse_class_names};
 use compresslab_spec::recipe::{
     ChannelPruning, ChannelRanking, Granularity, MagnitudePruning, Observer, PruneScope,
     QuantScheme, Recipe,
@@ -19,7 +19,7 @@ use crate::distil_panel::{FeatureMatching, capped_note, files_of_input, is_image
 use crate::fashion_panel::{PruningChart, QuantChart};
 use crate::lab_panel::{WeightHistograms, speed_change};
 use compresslab_spec::messages::{
-    FromWorker, ToWorker, UserClassification, UserCompressReport, UserModelInfo,
+    FromWorker, NewHeadReport, ToWorker, UserClassification, UserCompressReport, UserModelInfo,
 };
 use compresslab_spec::report::{GraphSweepPoint, SweepPoint};
 
@@ -36,6 +36,9 @@ pub struct UserImage {
 /// Where the class names come from when the model names its classes itself (those win over
 /// a labels file, here and in the worker).
 const FROM_METADATA: &str = "the model's metadata";
+/// Where they come from after a new head learnt the folders' classes (also in the model's
+/// metadata from then on).
+const FROM_NEW_HEAD: &str = "your folders (the new head)";
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct UserModelState {
@@ -53,6 +56,8 @@ pub struct UserModelState {
     /// how many settings it has in all.
     pub sweep: Vec<GraphSweepPoint>,
     pub sweep_total: u32,
+    /// The head last fitted on the folders' classes (until another model loads).
+    pub new_head: Option<NewHeadReport>,
     pub error: Option<String>,
     /// What a drop or pick left out.
     pub notice: Option<String>,
@@ -61,6 +66,26 @@ pub struct UserModelState {
 }
 
 impl UserModelState {
+    /// Whether the model itself names its classes (a labels file then does not apply).
+    fn named_by_model(&self) -> bool {
+        matches!(
+            self.labels_from.as_deref(),
+            Some(FROM_METADATA | FROM_NEW_HEAD)
+        )
+    }
+
+    /// Distinct folder names of the images classified so far (as labels match them).
+    fn folder_classes(&self) -> usize {
+        let keys: std::collections::BTreeSet<String> = self
+            .images
+            .iter()
+            .filter_map(|i| i.folder.as_deref())
+            .map(name_key)
+            .filter(|k| !k.is_empty())
+            .collect();
+        keys.len()
+    }
+
     fn pending(&self) -> bool {
         self.images
             .iter()
@@ -76,12 +101,13 @@ pub fn on_message(state: RwSignal<UserModelState>, msg: FromWorker) {
             s.loading = None;
             s.error = None;
             s.report = None;
+            s.new_head = None;
             s.sweep.clear();
             s.images.clear();
             if !info.labels.is_empty() {
                 s.labels = info.labels.clone();
                 s.labels_from = Some(FROM_METADATA.into());
-            } else if s.labels_from.as_deref() == Some(FROM_METADATA) {
+            } else if s.named_by_model() {
                 s.labels.clear();
                 s.labels_from = None;
             }
@@ -108,6 +134,24 @@ pub fn on_message(state: RwSignal<UserModelState>, msg: FromWorker) {
             s.sweep.push(point);
         }
         FromWorker::UserSweepDone => s.busy = None,
+        FromWorker::UserModelNewHead { info, report } => {
+            s.busy = None;
+            s.error = None;
+            // The variant and the sweep were of the model with its old classes.
+            s.report = None;
+            s.sweep.clear();
+            s.labels = report.classes.clone();
+            s.labels_from = Some(FROM_NEW_HEAD.into());
+            // Finished cards name the old classes; the images stay in the worker.
+            let cleared = s.images.len();
+            s.images.retain(|i| i.result.is_none() && i.error.is_none());
+            let cleared = cleared - s.images.len();
+            s.notice = (cleared > 0).then(|| format!(
+                "The {cleared} earlier result cards were cleared (they named the old classes); the images stay with the model, to calibrate, fine-tune and measure it. Classify more to see the new classes."
+            ));
+            s.new_head = Some(report);
+            s.info = Some(*info);
+        }
         FromWorker::Exported { .. } => s.busy = None,
         FromWorker::UserModelFailed {
             id: Some(id),
@@ -146,6 +190,7 @@ pub fn on_worker_lost(state: RwSignal<UserModelState>, message: &str) {
         s.busy = None;
         s.info = None;
         s.report = None;
+        s.new_head = None;
         s.sweep.clear();
         for image in s.images.iter_mut().filter(|i| i.result.is_none()) {
             image.error = Some("the model worker crashed".into());
@@ -178,7 +223,7 @@ pub fn take_files(state: RwSignal<UserModelState>, files: Vec<(String, Blob)>, s
             });
             // A labels file the user gave goes with it (the model's own names win).
             let class_names = state.with_untracked(|s| {
-                let from_file = s.labels_from.as_deref().is_some_and(|f| f != FROM_METADATA);
+                let from_file = s.labels_from.is_some() && !s.named_by_model();
                 if from_file {
                     s.labels.clone()
                 } else {
@@ -198,8 +243,7 @@ pub fn take_files(state: RwSignal<UserModelState>, files: Vec<(String, Blob)>, s
                     state.update(|s| {
                         s.error = Some(format!("{name} holds no class names (one per line)"))
                     });
-                } else if state.with_untracked(|s| s.labels_from.as_deref() == Some(FROM_METADATA))
-                {
+                } else if state.with_untracked(UserModelState::named_by_model) {
                     state.update(|s| {
                         s.notice = Some(format!(
                             "{name} is not used: the model names its classes itself"
@@ -436,6 +480,14 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
         });
         send_user_model(ToWorker::UserModelSweep, None);
     };
+    let new_head = move |_| {
+        state.update(|s| {
+            s.busy = Some("Teaching your classes".into());
+            s.error = None;
+        });
+        send_user_model(ToWorker::UserModelNewHead, None);
+    };
+    let folders = move || state.with(UserModelState::folder_classes);
     let loaded = move || state.with(|s| s.info.is_some());
     let idle = move || state.with(|s| s.busy.is_none() && s.loading.is_none() && !s.pending());
 
@@ -494,6 +546,17 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
                     )}</span>
                 </div>
                 {move || state.with(|s| s.notice.clone()).map(|n| view! { <p class="notice" id="user-notice">{n}</p> })}
+                <fieldset class="user-new-head">
+                    <legend>"Your own classes"</legend>
+                    <button id="user-new-head" on:click=new_head disabled=move || !idle() || folders() < 2>"Learn my folders' classes"</button>
+                    <span class="hint">{move || match folders() {
+                        0 => "Classify a folder that holds one folder per class (two or more classes).".to_string(),
+                        1 => "Your images come from one folder: a head needs two classes or more.".to_string(),
+                        n => format!("Your images come from {n} folders: each becomes a class."),
+                    }}</span>
+                    <p class="hint">"Replaces the model's last layer (transfer learning): a new one is fitted on what the model computes before it, for the first half of each folder's images; the other half measure it. Everything before that layer stays as it was. The model then has your classes: compress, fine-tune (with your folders as labels), sweep and export it as usual; the export names the classes in its metadata."</p>
+                    {move || state.with(|s| s.new_head.clone()).map(|r| view! { <NewHead report=r/> })}
+                </fieldset>
                 <fieldset class="user-compress">
                     <legend>"Compress"</legend>
                     <select id="user-recipe" on:change=move |e| preset.set(event_target_value(&e)) prop:value=move || preset.get()>
@@ -559,6 +622,49 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
                 </section>
             </Show>
         </section>
+    }
+}
+
+/// What the new head learnt, and how well it reads the images that did not train it.
+#[component]
+fn NewHead(report: NewHeadReport) -> impl IntoView {
+    let measured = if report.held_out == 0 {
+        "No image was left to measure it on: give each class two images or more.".to_string()
+    } else {
+        format!(
+            "On the {} images that did not train it: {} right{}.",
+            report.held_out,
+            report.held_out_right,
+            if report.held_out >= MIN_IMAGES_FOR_PERCENT {
+                format!(
+                    " ({:.1} %)",
+                    100.0 * report.held_out_right as f64 / report.held_out as f64
+                )
+            } else {
+                String::new()
+            }
+        )
+    };
+    let unlabelled = (report.unlabelled > 0).then(|| {
+        format!(
+            " {} images without a class folder were not used.",
+            report.unlabelled
+        )
+    });
+    view! {
+        <p class="new-head" id="user-new-head-report">
+            {format!(
+                "New head in place of `{}`: {} classes ({}), fitted on {} images ({} right) in {:.1} s. ",
+                report.layer,
+                report.classes.len(),
+                report.classes.join(", "),
+                report.training,
+                report.training_right,
+                report.ms / 1e3
+            )}
+            <strong id="user-new-head-held-out">{measured}</strong>
+            {unlabelled}
+        </p>
     }
 }
 

@@ -11,15 +11,18 @@ use burn::prelude::Device;
 use compresslab::compress::Recipe;
 use compresslab::distill::argmax;
 use compresslab::exec::{CpuExecutor, GraphModel, Tensor};
-use compresslab::finetune_graph::{GraphFineTuneConfig, GraphFineTuner, flipped_copies};
+use compresslab::finetune_graph::{
+    GraphFineTuneConfig, GraphFineTuner, fit_new_head, flipped_copies,
+};
 use compresslab::gpu_int::graph_on_integer_kernels;
 use compresslab::graph::{
-    CompressedGraph, Dim, Graph, MAX_MODEL_BYTES, channel_groups, compress_graph, export_onnx,
-    fold_batch_norms, import_onnx,
+    ClassifierHead, CompressedGraph, Dim, Graph, MAX_MODEL_BYTES, channel_groups, compress_graph,
+    export_onnx, fold_batch_norms, import_onnx,
 };
 use compresslab::labels::class_for_folder;
 use compresslab::preprocess::{InputSpec, input_tensor};
 use compresslab::sweep::GraphSweep;
+use compresslab_spec::labels::{class_for_name, name_key};
 use js_sys::Uint8Array;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::Blob;
@@ -29,8 +32,8 @@ use crate::lab::percentile;
 use crate::worker::sleep_ms;
 use crate::worker::{decode_blob, now, post, webgpu, webgpu_features};
 use compresslab_spec::messages::{
-    FromWorker, LabelledAccuracy, UserClassification, UserCompressReport, UserLayer, UserModelInfo,
-    UserSide,
+    FromWorker, LabelledAccuracy, NewHeadReport, UserClassification, UserCompressReport, UserLayer,
+    UserModelInfo, UserSide,
 };
 
 /// After 3 timing pairs, no more are started once this much time has gone by.
@@ -194,6 +197,8 @@ struct KeptInput {
 
 struct UserModel {
     name: String,
+    /// Size of the file it came from.
+    file_bytes: usize,
     graph: Graph,
     original: Runner,
     /// The model's outputs per image (what a class number must stay below; known once it
@@ -262,22 +267,27 @@ impl UserModel {
             .iter()
             .map(|k| self.truth(k.folder.as_deref()))
             .collect();
-        let mut totals: BTreeMap<Option<usize>, usize> = BTreeMap::new();
-        for key in &keys {
-            *totals.entry(*key).or_default() += 1;
-        }
-        let mut seen: BTreeMap<Option<usize>, usize> = BTreeMap::new();
-        inputs
-            .iter()
-            .zip(&keys)
-            .filter(|(_, key)| {
-                let n = seen.entry(**key).or_default();
-                *n += 1;
-                *n <= totals[*key].div_ceil(2)
-            })
-            .map(|(k, _)| k.serial)
-            .collect()
+        first_halves(inputs, &keys)
     }
+}
+
+/// The first half of the inputs of each key (their class, or `None`), in the order they came.
+fn first_halves(inputs: &[KeptInput], keys: &[Option<usize>]) -> BTreeSet<u64> {
+    let mut totals: BTreeMap<Option<usize>, usize> = BTreeMap::new();
+    for key in keys {
+        *totals.entry(*key).or_default() += 1;
+    }
+    let mut seen: BTreeMap<Option<usize>, usize> = BTreeMap::new();
+    inputs
+        .iter()
+        .zip(keys)
+        .filter(|(_, key)| {
+            let n = seen.entry(**key).or_default();
+            *n += 1;
+            *n <= totals[*key].div_ceil(2)
+        })
+        .map(|(k, _)| k.serial)
+        .collect()
 }
 
 fn current() -> WorkerResult<Rc<UserModel>> {
@@ -304,19 +314,9 @@ async fn blob_bytes(blob: &Blob) -> WorkerResult<Vec<u8>> {
     Ok(Uint8Array::new(&buffer).to_vec())
 }
 
-/// Imports the model file and reports what it is.
-pub async fn load(name: String, class_names: Vec<String>, blob: &Blob) -> WorkerResult<()> {
-    let _turn = Turn::wait().await;
-    if blob.size() > MAX_MODEL_BYTES as f64 {
-        return Err(WorkerError::Message(format!(
-            "{name} is {:.0} MB; models up to {} MB are read",
-            blob.size() / 1_048_576.0,
-            MAX_MODEL_BYTES >> 20
-        )));
-    }
-    let bytes = blob_bytes(blob).await?;
-    let graph = import_onnx(&bytes)?;
-    let original = Runner::new(&graph)?;
+/// What the page shows about `graph` (from a file of `file_bytes`), and its outputs per image
+/// (`usize::MAX` while a size is open).
+fn describe(name: &str, file_bytes: usize, graph: &Graph) -> WorkerResult<(UserModelInfo, usize)> {
     let declared = graph.input()?.dims.clone();
     let batch_one: Vec<Dim> = declared
         .iter()
@@ -327,7 +327,7 @@ pub async fn load(name: String, class_names: Vec<String>, blob: &Blob) -> Worker
         })
         .collect();
     let summary = graph.summary(&batch_one)?;
-    let groups = channel_groups(&graph)?;
+    let groups = channel_groups(graph)?;
     let prunable = groups.iter().filter(|g| g.fixed.is_none()).count();
     let input_size = match (
         declared.get(2).and_then(Dim::known),
@@ -342,9 +342,6 @@ pub async fn load(name: String, class_names: Vec<String>, blob: &Blob) -> Worker
             dims_text(&declared).join(", ")
         )));
     }
-    // As the page does: the model's own class names when it has them, else the user's.
-    let names = graph.class_names();
-    CLASS_NAMES.set(if names.is_empty() { class_names } else { names });
     // Every value per image of the first output (a [1, 1000, 1, 1] output has 1 000).
     let classes = summary
         .outputs
@@ -357,8 +354,8 @@ pub async fn load(name: String, class_names: Vec<String>, blob: &Blob) -> Worker
         })
         .unwrap_or(usize::MAX);
     let info = UserModelInfo {
-        name: name.clone(),
-        file_bytes: bytes.len(),
+        name: name.to_string(),
+        file_bytes,
         producer: graph.producer.clone(),
         opset: graph.opset,
         input: dims_text(&declared),
@@ -376,9 +373,30 @@ pub async fn load(name: String, class_names: Vec<String>, blob: &Blob) -> Worker
         prunable_groups: prunable,
         fixed_groups: groups.len() - prunable,
     };
+    Ok((info, classes))
+}
+
+/// Imports the model file and reports what it is.
+pub async fn load(name: String, class_names: Vec<String>, blob: &Blob) -> WorkerResult<()> {
+    let _turn = Turn::wait().await;
+    if blob.size() > MAX_MODEL_BYTES as f64 {
+        return Err(WorkerError::Message(format!(
+            "{name} is {:.0} MB; models up to {} MB are read",
+            blob.size() / 1_048_576.0,
+            MAX_MODEL_BYTES >> 20
+        )));
+    }
+    let bytes = blob_bytes(blob).await?;
+    let graph = import_onnx(&bytes)?;
+    let (info, classes) = describe(&name, bytes.len(), &graph)?;
+    let original = Runner::new(&graph)?;
+    // As the page does: the model's own class names when it has them, else the user's.
+    let names = graph.class_names();
+    CLASS_NAMES.set(if names.is_empty() { class_names } else { names });
     USER.with(|u| {
         *u.borrow_mut() = Some(Rc::new(UserModel {
             name,
+            file_bytes: bytes.len(),
             graph,
             original,
             classes: Cell::new(classes),
@@ -558,6 +576,107 @@ pub async fn sweep() -> WorkerResult<()> {
         post(&FromWorker::UserSweepPoint { point, done, total });
     }
     post(&FromWorker::UserSweepDone);
+    Ok(())
+}
+
+/// Teaches the model the classes its images' folders name: a new head fitted on the
+/// features the model computes for the first half of each folder's images (the rest
+/// measure it). The model is replaced by the one with the new head; any variant is dropped.
+pub async fn new_head() -> WorkerResult<()> {
+    let _turn = Turn::wait().await;
+    let m = current()?;
+    let start = now();
+    let inputs = m.inputs.borrow().clone();
+    // One class per folder name (folders whose names match, as labels are matched, are one).
+    let mut by_key: BTreeMap<String, String> = BTreeMap::new();
+    for folder in inputs.iter().filter_map(|k| k.folder.as_deref()) {
+        let key = name_key(folder);
+        if !key.is_empty() {
+            by_key.entry(key).or_insert_with(|| folder.to_string());
+        }
+    }
+    let names: Vec<String> = by_key.into_values().collect();
+    let keys: Vec<Option<usize>> = inputs
+        .iter()
+        .map(|k| class_for_name(&names, k.folder.as_deref()?))
+        .collect();
+    let counts: Vec<usize> = (0..names.len())
+        .map(|c| keys.iter().filter(|k| **k == Some(c)).count())
+        .collect();
+    if names.len() < 2 || counts.iter().any(|&n| n < 2) {
+        return Err(WorkerError::Message(format!(
+            "a new head learns the classes your folders name: drop a folder holding one folder per class, two classes or more, two images or more in each (half train the head, half measure it); the images classified so far come from {} folder{}{}",
+            names.len(),
+            if names.len() == 1 { "" } else { "s" },
+            if names.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({})",
+                    names
+                        .iter()
+                        .zip(&counts)
+                        .map(|(n, c)| format!("{n}: {c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        )));
+    }
+    let training = first_halves(&inputs, &keys);
+    let (mut train, mut labels, mut held_out) = (Vec::new(), Vec::new(), Vec::new());
+    for (kept, key) in inputs.iter().zip(&keys) {
+        let Some(class) = *key else { continue };
+        if training.contains(&kept.serial) {
+            train.push(kept.input.clone());
+            labels.push(class);
+        } else {
+            held_out.push((&kept.input, class));
+        }
+    }
+    crate::cancel::checkpoint().await?;
+    let device = match webgpu() {
+        Some((device, _)) => device.autodiff(),
+        None => Device::flex().autodiff(),
+    };
+    let fitted = fit_new_head(&m.graph, &train, &labels, &names, &device).await?;
+    let head = ClassifierHead::find(&m.graph, &train[0].dims)?;
+    let original = Runner::new(&fitted.graph)?;
+    let mut held_out_right = 0;
+    for (input, class) in &held_out {
+        crate::cancel::checkpoint().await?;
+        held_out_right += usize::from(argmax(&original.run(input).await?) == *class);
+    }
+    let (info, _) = describe(&m.name, m.file_bytes, &fitted.graph)?;
+    let report = NewHeadReport {
+        layer: head.node,
+        classes: names.clone(),
+        training: train.len(),
+        training_right: fitted.training_right,
+        held_out: held_out.len(),
+        held_out_right,
+        unlabelled: keys.iter().filter(|k| k.is_none()).count(),
+        ms: now() - start,
+    };
+    drop(train);
+    CLASS_NAMES.set(names.clone());
+    USER.with(|u| {
+        *u.borrow_mut() = Some(Rc::new(UserModel {
+            name: m.name.clone(),
+            file_bytes: m.file_bytes,
+            graph: fitted.graph,
+            original,
+            classes: Cell::new(names.len()),
+            inputs: RefCell::new(inputs),
+            next_serial: Cell::new(m.next_serial.get()),
+            variant: RefCell::new(None),
+            warm: Cell::new(false),
+        }))
+    });
+    post(&FromWorker::UserModelNewHead {
+        info: Box::new(info),
+        report,
+    });
     Ok(())
 }
 

@@ -235,6 +235,7 @@ impl Failure {
             | ToWorker::UserModelCompress { .. }
             | ToWorker::UserModelFineTune { .. }
             | ToWorker::UserModelSweep
+            | ToWorker::UserModelNewHead
             | ToWorker::UserModelExport => Self::UserModel(None),
             ToWorker::DistilControl { .. }
             | ToWorker::UserModelStopTuning
@@ -346,6 +347,7 @@ async fn run(msg: ToWorker, parts: &Array) -> WorkerResult<()> {
         }
         ToWorker::UserModelExport => user_model::export(),
         ToWorker::UserModelSweep => user_model::sweep().await,
+        ToWorker::UserModelNewHead => user_model::new_head().await,
         ToWorker::CancelJob => {
             crate::cancel::requested_by_message();
             Ok(())
