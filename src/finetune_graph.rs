@@ -13,6 +13,7 @@ use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 
+use crate::compress::Progress;
 use crate::distill::{argmax, cosine_lr, distillation_loss, label_tensors, loss_value, read_f32};
 use crate::error::{EngineError, Result};
 use crate::exec::{CpuExecutor, GraphModel, Tensor as HostTensor};
@@ -208,20 +209,23 @@ pub struct FittedHead {
 /// `graph` with its classifier head ([`ClassifierHead`]) replaced by one fitted on the
 /// features the original computes for `inputs` (each `[1, C, H, W]`, run on the CPU
 /// interpreter) and their `labels` in `class_names` (transfer learning: everything before
-/// the head stays as it was). `device` is an autodiff device for the fit.
+/// the head stays as it was). `device` is an autodiff device for the fit. `progress` hears
+/// before each image's features, and its error stops the work.
 pub async fn fit_new_head(
     graph: &Graph,
     inputs: &[HostTensor],
     labels: &[usize],
     class_names: &[String],
     device: &Device,
+    progress: Progress<'_>,
 ) -> Result<FittedHead> {
     check_head_labels(inputs.len(), labels, class_names.len())?;
     let input_dims = &inputs[0].dims;
     let head = ClassifierHead::find(graph, input_dims)?;
     let backbone = CpuExecutor::new(&head.feature_graph(graph))?;
     let mut features = Vec::with_capacity(inputs.len() * head.width);
-    for input in inputs {
+    for (i, input) in inputs.iter().enumerate() {
+        progress("computing features", i as f32 / inputs.len() as f32)?;
         let out = backbone
             .run(input)?
             .into_iter()

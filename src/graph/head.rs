@@ -3,7 +3,7 @@
 //! classes): the features it reads stay, its weight and bias change width, and what follows
 //! it (Softmax, Flatten, Reshape, Identity) carries the new class count to the output.
 
-use super::{CLASS_NAME_KEYS, Constant, Dim, Graph, Op, ValueInfo};
+use super::{CLASS_NAME_KEYS, Constant, Dim, Graph, Node, Op, ValueInfo};
 use crate::error::{EngineError, Result};
 
 /// How the head's weight matrix is laid out.
@@ -26,9 +26,12 @@ pub struct ClassifierHead {
     pub width: usize,
     /// Outputs per image today.
     pub classes: usize,
+    /// Its index in the graph's nodes, and its weight constant's name.
+    at: usize,
     weight: String,
-    /// The bias constant: the Gemm's or Conv's own, or an Add's right after a MatMul.
-    bias: Option<String>,
+    /// Where the bias constant is read: (node index, input index) of the Gemm's or Conv's
+    /// own, or of the Add right after a MatMul.
+    bias: Option<(usize, usize)>,
     layout: Layout,
     /// Reshapes between the head and the output whose target shape spells out the class
     /// count (by node index): rewritten to the new count.
@@ -90,7 +93,8 @@ impl ClassifierHead {
                         .partition(|v| graph.constant(v).is_none());
                     match (computed.as_slice(), constant.as_slice()) {
                         ([x], [b]) => {
-                            bias = Some((*b).clone());
+                            let input = node.inputs.iter().position(|v| v == *b).unwrap_or(1);
+                            bias = Some((i, input));
                             at = producer(x);
                         }
                         _ => {
@@ -120,11 +124,16 @@ impl ClassifierHead {
                 ))
             })?;
         let weight = &graph.constants[weight_name];
-        let own_bias = node
-            .inputs
-            .get(2)
-            .filter(|b| graph.constant(b).is_some())
-            .cloned();
+        let own_bias = match node.inputs.get(2).filter(|b| !b.is_empty()) {
+            Some(b) if graph.constant(b).is_some() => Some((i, 2)),
+            Some(b) => {
+                return Err(unsupported(format!(
+                    "`{}` adds a computed value `{b}` to its output",
+                    node.name
+                )));
+            }
+            None => None,
+        };
         let (layout, classes, width, bias) = match (&node.op, weight.dims.as_slice()) {
             (
                 Op::Gemm {
@@ -154,7 +163,8 @@ impl ClassifierHead {
                 )));
             }
         };
-        if let Some(b) = &bias {
+        if let Some((n, k)) = bias {
+            let b = &graph.nodes[n].inputs[k];
             let count = graph.constants[b].data.len();
             if count != classes {
                 return Err(unsupported(format!(
@@ -174,6 +184,7 @@ impl ClassifierHead {
             features: node.inputs[0].clone(),
             width,
             classes,
+            at: i,
             weight: weight_name.clone(),
             bias,
             layout,
@@ -191,6 +202,11 @@ impl ClassifierHead {
                 head.node, dims
             ))),
         }
+    }
+
+    /// Whether replacing the head adds an Add node for its bias (a MatMul without one).
+    fn adds_bias_node(&self, graph: &Graph) -> bool {
+        self.bias.is_none() && matches!(graph.nodes[self.at].op, Op::MatMul)
     }
 
     /// Errors unless `graph`'s first output holds `classes` values per image for `input`.
@@ -224,8 +240,8 @@ impl ClassifierHead {
     }
 
     /// `graph` with this head replaced: `weight` is `[classes, width]` row-major, `bias`
-    /// `[classes]`; the class names go into the metadata (`labels`, one per line, replacing
-    /// any the model had, as a JSON list), and the output's declared class count follows.
+    /// `[classes]`; the class names go into the metadata (`labels`, a JSON list, replacing
+    /// any the model had), and the output's declared class count follows.
     pub fn replaced(
         &self,
         graph: &Graph,
@@ -259,30 +275,58 @@ impl ClassifierHead {
                 super::transpose(&[classes, self.width], weight, &[1, 0]).1,
             ),
         };
+        // Fresh names: the old constants may be read elsewhere too (a shared initializer).
+        let fresh = |g: &Graph, what: &str| {
+            let base = format!("{}::new_head_{what}", self.node);
+            (0..)
+                .map(|k| {
+                    if k == 0 {
+                        base.clone()
+                    } else {
+                        format!("{base}.{k}")
+                    }
+                })
+                .find(|n| !g.constants.contains_key(n))
+                .unwrap_or(base)
+        };
+        let weight_name = fresh(&g, "weight");
         g.constants
-            .insert(self.weight.clone(), Constant { dims, data });
-        let bias_name = match &self.bias {
-            Some(name) => name.clone(),
+            .insert(weight_name.clone(), Constant { dims, data });
+        g.nodes[self.at].inputs[1] = weight_name;
+        let bias_name = fresh(&g, "bias");
+        let bias_dims = match self.bias {
+            Some((n, k)) => {
+                let old = &g.nodes[n].inputs[k];
+                let mut dims = g.constants[old].dims.clone();
+                if let Some(last) = dims.last_mut() {
+                    *last = classes;
+                }
+                g.nodes[n].inputs[k] = bias_name.clone();
+                dims
+            }
+            None if self.adds_bias_node(graph) => {
+                // A MatMul has no bias input: an Add after it takes the fitted one.
+                let head = &mut g.nodes[self.at];
+                let out = head.outputs[0].clone();
+                let product = format!("{out}::without_bias");
+                head.outputs[0] = product.clone();
+                let add = Node {
+                    name: format!("{}::new_head_bias_add", self.node),
+                    op: Op::Add,
+                    inputs: vec![product, bias_name.clone()],
+                    outputs: vec![out],
+                };
+                g.nodes.insert(self.at + 1, add);
+                vec![classes]
+            }
             None => {
                 // A Gemm or Conv without a bias gets one (the fitted head has one).
-                let name = format!("{}.new_head_bias", self.node);
-                let node = g
-                    .nodes
-                    .iter_mut()
-                    .find(|n| n.name == self.node)
-                    .ok_or_else(|| EngineError::Config(format!("no node `{}`", self.node)))?;
-                node.inputs.truncate(2);
-                node.inputs.push(name.clone());
-                name
+                let inputs = &mut g.nodes[self.at].inputs;
+                inputs.truncate(2);
+                inputs.push(bias_name.clone());
+                vec![classes]
             }
         };
-        let mut bias_dims = g
-            .constants
-            .get(&bias_name)
-            .map_or_else(|| vec![classes], |c| c.dims.clone());
-        if let Some(last) = bias_dims.last_mut() {
-            *last = classes;
-        }
         g.constants.insert(
             bias_name,
             Constant {
@@ -291,13 +335,13 @@ impl ClassifierHead {
             },
         );
         // A Gemm's alpha and beta would scale the fitted values.
-        for node in g.nodes.iter_mut().filter(|n| n.name == self.node) {
-            if let Op::Gemm { alpha, beta, .. } = &mut node.op {
-                (*alpha, *beta) = (1.0, 1.0);
-            }
+        if let Op::Gemm { alpha, beta, .. } = &mut g.nodes[self.at].op {
+            (*alpha, *beta) = (1.0, 1.0);
         }
+        // The reshapes come after the head: an inserted Add moved them one place on.
+        let shift = usize::from(self.adds_bias_node(graph));
         for &r in &self.reshapes {
-            if let Op::Reshape { shape } = &mut g.nodes[r].op {
+            if let Op::Reshape { shape } = &mut g.nodes[r + shift].op {
                 for d in shape.iter_mut().filter(|d| **d == self.classes as i64) {
                     *d = classes as i64;
                 }
@@ -313,6 +357,7 @@ impl ClassifierHead {
         let names = serde_json::to_string(class_names)
             .map_err(|e| EngineError::Config(format!("class names: {e}")))?;
         g.metadata.push(("labels".into(), names));
+        g.prune_unused();
         self.check_outputs(&g, input, classes)?;
         Ok(g)
     }

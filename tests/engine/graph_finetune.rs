@@ -123,10 +123,12 @@ fn fine_tuning_a_compressed_graph_brings_it_back_toward_the_original_on_held_out
     }
     assert_ne!(tuned.weights, variant.weights, "the weights moved");
     println!("loss on the training images {start:.3} → {end:.3}");
-    // Measured (seed 7, lr 1e-3, grids fixed): training loss 2.57 → 1.45 (0.56×), held-out
-    // KL 0.161 → 0.096 (0.60×), agreement 3 → 5 of 6.
+    // Measured (seed 7, lr 1e-3, grids fixed): training loss 2.51 → 2.14 (0.85×), held-out
+    // KL 0.154 → 0.104 (0.68×), agreement 3 → 5 of 6. (With channels ranked by their raw
+    // filters, before BatchNorm scales counted, the variant started elsewhere: 2.57 → 1.45,
+    // KL 0.161 → 0.096.)
     assert!(
-        end < 0.7 * start,
+        end < 0.92 * start,
         "training loss {start} → {end}: {losses:?}"
     );
     assert!(
@@ -467,6 +469,7 @@ fn a_new_head_learns_the_users_own_classes() {
         &ours[..half],
         &names,
         &device,
+        &mut |_, _| Ok(()),
     ))
     .unwrap();
     assert_eq!(fitted.training_right, half);
@@ -486,21 +489,57 @@ fn a_new_head_learns_the_users_own_classes() {
         &[0, 0],
         &names[..1],
         &device,
+        &mut |_, _| Ok(()),
     ));
     assert!(one.is_err());
 }
 
-/// A head replaced on each synthetic topology (Gemm after Flatten, MatMul + Add + Softmax):
+/// A head replaced on each synthetic topology (Gemm after Flatten, MatMul + Add + Softmax, a
+/// MatMul without a bias):
 /// the new graph computes the features times the new weights plus the new bias, declares
 /// the new class count, keeps the class names through an ONNX export, and ONNX Runtime
 /// computes the same outputs from that export.
 #[test]
 fn a_replaced_head_computes_its_weights_on_the_original_features() {
-    use compresslab::graph::{ClassifierHead, export_onnx};
-    for name in ["resnet", "shufflenet", "mobilenet", "densenet"] {
-        let graph =
-            import_onnx(&std::fs::read(models().join(format!("{name}.onnx"))).unwrap()).unwrap();
-        let x = rows(&npy(&format!("{name}.input.npy"))).remove(0);
+    use compresslab::graph::{ClassifierHead, Op, export_onnx};
+    for name in [
+        "resnet",
+        "shufflenet",
+        "mobilenet",
+        "densenet",
+        "matmul-no-bias",
+    ] {
+        let file = if name == "matmul-no-bias" {
+            "shufflenet"
+        } else {
+            name
+        };
+        let mut graph =
+            import_onnx(&std::fs::read(models().join(format!("{file}.onnx"))).unwrap()).unwrap();
+        if name == "matmul-no-bias" {
+            // The shuffle net's MatMul with its bias Add taken out: the new head adds one.
+            let product = |n: &compresslab::graph::Node| {
+                graph
+                    .nodes
+                    .iter()
+                    .any(|m| matches!(m.op, Op::MatMul) && m.outputs[0] == n.inputs[0])
+            };
+            let add = graph
+                .nodes
+                .iter()
+                .position(|n| matches!(n.op, Op::Add) && product(n))
+                .unwrap();
+            let removed = graph.nodes.remove(add);
+            for node in &mut graph.nodes {
+                for input in &mut node.inputs {
+                    if *input == removed.outputs[0] {
+                        *input = removed.inputs[0].clone();
+                    }
+                }
+            }
+            graph.prune_unused();
+        }
+        let x = rows(&npy(&format!("{file}.input.npy"))).remove(0);
         let head = ClassifierHead::find(&graph, &x.dims).unwrap();
         let classes = 3;
         let weight: Vec<f32> = (0..classes * head.width)
@@ -531,7 +570,7 @@ fn a_replaced_head_computes_its_weights_on_the_original_features() {
         let ends_in_softmax = graph
             .nodes
             .iter()
-            .any(|n| matches!(n.op, compresslab::graph::Op::Softmax { .. }));
+            .any(|n| matches!(n.op, Op::Softmax { .. }));
         if ends_in_softmax {
             expected = softmax(&expected);
         }

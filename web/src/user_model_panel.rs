@@ -58,6 +58,9 @@ pub struct UserModelState {
     pub sweep_total: u32,
     /// The head last fitted on the folders' classes (until another model loads).
     pub new_head: Option<NewHeadReport>,
+    /// Folder names (as labels match them) of the images the worker classified and keeps
+    /// for this model, cleared cards included.
+    pub folders: std::collections::BTreeSet<String>,
     pub error: Option<String>,
     /// What a drop or pick left out.
     pub notice: Option<String>,
@@ -74,16 +77,9 @@ impl UserModelState {
         )
     }
 
-    /// Distinct folder names of the images classified so far (as labels match them).
+    /// Distinct folder names of the images the model has classified (as labels match them).
     fn folder_classes(&self) -> usize {
-        let keys: std::collections::BTreeSet<String> = self
-            .images
-            .iter()
-            .filter_map(|i| i.folder.as_deref())
-            .map(name_key)
-            .filter(|k| !k.is_empty())
-            .collect();
-        keys.len()
+        self.folders.len()
     }
 
     fn pending(&self) -> bool {
@@ -102,6 +98,7 @@ pub fn on_message(state: RwSignal<UserModelState>, msg: FromWorker) {
             s.error = None;
             s.report = None;
             s.new_head = None;
+            s.folders.clear();
             s.sweep.clear();
             s.images.clear();
             if !info.labels.is_empty() {
@@ -115,6 +112,10 @@ pub fn on_message(state: RwSignal<UserModelState>, msg: FromWorker) {
         }
         FromWorker::UserModelClassified(result) => {
             if let Some(image) = s.images.iter_mut().find(|i| i.id == result.id) {
+                let key = image.folder.as_deref().map(name_key);
+                if let Some(key) = key.filter(|k| !k.is_empty()) {
+                    s.folders.insert(key);
+                }
                 image.result = Some(result);
             }
         }
@@ -191,6 +192,7 @@ pub fn on_worker_lost(state: RwSignal<UserModelState>, message: &str) {
         s.info = None;
         s.report = None;
         s.new_head = None;
+        s.folders.clear();
         s.sweep.clear();
         for image in s.images.iter_mut().filter(|i| i.result.is_none()) {
             image.error = Some("the model worker crashed".into());
@@ -569,9 +571,11 @@ pub fn UserModelPanel(state: RwSignal<UserModelState>) -> impl IntoView {
                     <button id="user-compress" on:click=compress disabled=move || !idle()>"Compress"</button>
                     <button id="user-export" on:click=export disabled=move || !idle()>"Export ONNX"</button>
                     {move || state.with(|s| s.busy.clone()).map(|b| {
-                        // Compression and sweeps read the page's cancel counter between
-                        // layers and images; fine-tuning has its own Stop.
-                        let cancellable = b.starts_with("Compressing") || b.starts_with("Sweeping");
+                        // Compression, sweeps and a new head read the page's cancel counter
+                        // between layers and images; fine-tuning has its own Stop.
+                        let cancellable = ["Compressing", "Sweeping", "Teaching"]
+                            .iter()
+                            .any(|job| b.starts_with(job));
                         view! {
                             <span class="busy" id="user-busy">{b} "…"</span>
                             {cancellable.then(|| view! {

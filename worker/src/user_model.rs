@@ -639,7 +639,10 @@ pub async fn new_head() -> WorkerResult<()> {
         Some((device, _)) => device.autodiff(),
         None => Device::flex().autodiff(),
     };
-    let fitted = fit_new_head(&m.graph, &train, &labels, &names, &device).await?;
+    let fitted = fit_new_head(&m.graph, &train, &labels, &names, &device, &mut |_, _| {
+        crate::cancel::check()
+    })
+    .await?;
     let head = ClassifierHead::find(&m.graph, &train[0].dims)?;
     let original = Runner::new(&fitted.graph)?;
     let mut held_out_right = 0;
