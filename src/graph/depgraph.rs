@@ -100,9 +100,6 @@ struct Analysis {
     roles: Vec<(usize, usize, Role)>,
     /// Per slot: the sum of |γ| of the BatchNorms its channel passes through, if any.
     gamma: HashMap<usize, f64>,
-    /// Per slot a BatchNorm reads: the factor the first one multiplies the channel by,
-    /// |γ| / √(var + ε) (what folding multiplies the filter that computes the channel by).
-    batch_norm_scale: HashMap<usize, f64>,
 }
 
 fn channel_dim(dims: &[Dim]) -> Option<usize> {
@@ -139,7 +136,6 @@ fn analyse(graph: &Graph) -> Result<Analysis> {
     let mut layouts: HashMap<String, Vec<usize>> = HashMap::new();
     let mut roles = Vec::new();
     let mut gamma: HashMap<usize, f64> = HashMap::new();
-    let mut batch_norm_scale: HashMap<usize, f64> = HashMap::new();
     let dims_of = |name: &str| -> Result<&Vec<Dim>> {
         shapes
             .get(name)
@@ -275,7 +271,7 @@ fn analyse(graph: &Graph) -> Result<Analysis> {
                     producer(&mut slots, n)
                 }
             }
-            Op::BatchNorm { epsilon } => {
+            Op::BatchNorm { .. } => {
                 for k in 1..5 {
                     // γ and β zeroed (the masked channel outputs 0); mean and variance kept.
                     roles.push((
@@ -291,17 +287,6 @@ fn analyse(graph: &Graph) -> Result<Analysis> {
                     for (&s, v) in x.iter().zip(&g.data) {
                         let root = slots.find(s);
                         *gamma.entry(root).or_default() += f64::from(v.abs());
-                    }
-                    if let Some(var) = node.inputs.get(4).and_then(|v| graph.constant(v)) {
-                        for ((&s, g), v) in x.iter().zip(&g.data).zip(&var.data) {
-                            let scale =
-                                f64::from(g.abs()) / (f64::from(*v) + f64::from(*epsilon)).sqrt();
-                            // The first BatchNorm after the filter that made the channel
-                            // (a depthwise convolution passes the channel on to its own).
-                            if scale.is_finite() {
-                                batch_norm_scale.entry(s).or_insert(scale);
-                            }
-                        }
                     }
                 }
                 x
@@ -409,7 +394,6 @@ fn analyse(graph: &Graph) -> Result<Analysis> {
         layouts,
         roles,
         gamma,
-        batch_norm_scale,
     })
 }
 
@@ -453,9 +437,7 @@ impl Analysis {
         groups
     }
 
-    /// Importance of each class: the summed L1 / L2 norms of its producers' filters as they
-    /// compute (a filter whose channel a BatchNorm then scales counts times that scale, as
-    /// if the BatchNorm were folded in, so a model ranks the same folded or not), or the
+    /// Importance of each class: the summed L1 / L2 norms of its producers' filters, or the
     /// summed |γ| of the BatchNorms it passes (L1 where a group has no BatchNorm).
     fn scores(&mut self, graph: &Graph, group: &ChannelGroup, ranking: ChannelRanking) -> Vec<f64> {
         let class: HashMap<usize, usize> = group
@@ -488,16 +470,14 @@ impl Analysis {
                 _ => 0,
             };
             let row = lane(w, axis, channel);
-            let scale = self.batch_norm_scale.get(&s).copied().unwrap_or(1.0);
-            by_norm[k] += scale
-                * match ranking {
-                    ChannelRanking::L2 => row
-                        .iter()
-                        .map(|v| f64::from(*v).powi(2))
-                        .sum::<f64>()
-                        .sqrt(),
-                    _ => row.iter().map(|v| f64::from(v.abs())).sum(),
-                };
+            by_norm[k] += match ranking {
+                ChannelRanking::L2 => row
+                    .iter()
+                    .map(|v| f64::from(*v).powi(2))
+                    .sum::<f64>()
+                    .sqrt(),
+                _ => row.iter().map(|v| f64::from(v.abs())).sum(),
+            };
         }
         if ranking == ChannelRanking::BatchNormGamma && saw_gamma {
             by_gamma

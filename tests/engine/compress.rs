@@ -105,26 +105,32 @@ fn channel_pruned_model_equals_the_masked_original() {
     }
 }
 
-/// L1 and L2 rank a filter as it computes: a channel its BatchNorm scales counts with that
-/// scale, so the lab (which ranks the unfolded network, for BatchNorm-γ ranking) keeps the
-/// same channels as the graph engine does on the folded network. Before, the lab ranked raw
-/// filters and its 50 % L2 model was further from the original (KL 12.03 against 6.74 on
-/// coffee.png in `compresslab bench-compress`).
+/// The lab (channel pruning on the store's network with its BatchNorms as nodes, then
+/// folding) and the graph engine given that network as an exported ONNX model has it prune
+/// the same channels. L1 and L2 rank the filters as stored, before their BatchNorm: ranking
+/// them with the BatchNorm's scale folded in was tried and measured worse on the Fashion CNN
+/// (`compresslab sweep assets/fashion`, 10 000 test images, 10 / 30 / 50 % channels by L2:
+/// 90.33 / 77.35 / 66.02 % against 91.64 / 82.67 / 68.51 %) and on the text-direction model
+/// (10 % channels, 24 held-out lines: 12 against 16 top-1 unchanged), though better on
+/// EfficientNet-Lite0 (50 %, KL on coffee.png 6.74 against 12.03).
 #[test]
-fn channel_ranking_is_the_same_with_batch_norms_folded_or_not() {
+fn the_graph_engine_prunes_the_channels_the_lab_prunes() {
     use compresslab::graph::compress_graph;
-    use compresslab::graph_builder::network_graph;
+    use compresslab::graph_builder::unfolded_network_graph;
     let original = store();
-    let folded = fold_batch_norms(&original).unwrap();
     let input = &samples()[1];
-    for (ratio, ranking) in [(0.5, ChannelRanking::L2), (0.3, ChannelRanking::L1)] {
+    for (ratio, ranking) in [
+        (0.5, ChannelRanking::L2),
+        (0.3, ChannelRanking::L1),
+        (0.5, ChannelRanking::BatchNormGamma),
+    ] {
         let recipe = Recipe {
             channel_pruning: Some(ChannelPruning { ratio, ranking }),
             ..Recipe::default()
         };
         let lab = compress(&original, &recipe, &[], &mut no_progress).unwrap();
         let graph = compress_graph(
-            &network_graph(&folded).unwrap(),
+            &unfolded_network_graph(&original).unwrap(),
             &recipe,
             &[],
             &mut no_progress,
@@ -143,7 +149,7 @@ fn channel_ranking_is_the_same_with_batch_norms_folded_or_not() {
             .data;
         let in_lab = cpu_logits(&lab.store, input);
         let diff = max_abs_diff(&in_lab, &on_graph);
-        println!("{ratio:.2} {ranking:?}: lab vs folded graph max |logit| difference {diff:.2e}");
+        println!("{ratio:.2} {ranking:?}: lab vs graph engine max |logit| difference {diff:.2e}");
         assert!(diff < 1e-3, "{diff}");
         assert_eq!(
             lab.store.parameter_count(),

@@ -123,12 +123,10 @@ fn fine_tuning_a_compressed_graph_brings_it_back_toward_the_original_on_held_out
     }
     assert_ne!(tuned.weights, variant.weights, "the weights moved");
     println!("loss on the training images {start:.3} → {end:.3}");
-    // Measured (seed 7, lr 1e-3, grids fixed): training loss 2.51 → 2.14 (0.85×), held-out
-    // KL 0.154 → 0.104 (0.68×), agreement 3 → 5 of 6. (With channels ranked by their raw
-    // filters, before BatchNorm scales counted, the variant started elsewhere: 2.57 → 1.45,
-    // KL 0.161 → 0.096.)
+    // Measured (seed 7, lr 1e-3, grids fixed): training loss 2.57 → 1.45 (0.56×), held-out
+    // KL 0.161 → 0.096 (0.60×), agreement 3 → 5 of 6.
     assert!(
-        end < 0.92 * start,
+        end < 0.7 * start,
         "training loss {start} → {end}: {losses:?}"
     );
     assert!(

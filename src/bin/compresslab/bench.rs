@@ -185,7 +185,9 @@ pub fn bench_compress(args: &[String]) -> Result<()> {
     // The photo lab's variants (`compress`) and the graph engine's (`compress_graph`, what
     // "Your model" runs) with the same recipes, both on the CPU interpreter, timed in turn so
     // both see the same machine.
-    let graph = compresslab::graph_builder::network_graph(&store)?;
+    // With its BatchNorms as nodes, as an exported ONNX model has them: channel ranking sees
+    // the filters as stored, as the lab's does.
+    let graph = compresslab::graph_builder::unfolded_network_graph(&store)?;
     let batches: Vec<exec::Tensor> = calibration
         .iter()
         .map(|data| exec::Tensor {
