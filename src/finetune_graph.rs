@@ -202,6 +202,8 @@ pub async fn fit_linear_classifier(
 pub struct FittedHead {
     /// The model with its head replaced (class names in its metadata).
     pub graph: Graph,
+    /// The node that was replaced.
+    pub layer: String,
     /// Training images the new head gets right (of all of them).
     pub training_right: usize,
 }
@@ -263,6 +265,7 @@ pub async fn fit_new_head(
         .count();
     Ok(FittedHead {
         graph,
+        layer: head.node,
         training_right,
     })
 }

@@ -18,6 +18,7 @@ use crate::labels::Labels;
 use crate::preprocess::{CROP, RESIZE_SHORTER, RgbImage, box_reduce, resize_and_crop, to_nchw};
 use crate::weights::TensorStore;
 use burn::prelude::*;
+use compresslab_spec::labels::{class_for_name, folder_classes};
 
 /// What the folder names make of the labels.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,12 +62,13 @@ pub fn resolve_labels(
             .collect();
         return (labels, LabelMode::ImageNet);
     }
+    let names = folder_classes(folders.iter().flatten().map(String::as_str));
     if names.len() < 2 {
         return (vec![None; folders.len()], LabelMode::Unlabelled);
     }
     let labels = folders
         .iter()
-        .map(|f| f.as_ref().and_then(|n| names.iter().position(|c| c == n)))
+        .map(|f| class_for_name(&names, f.as_deref()?))
         .collect();
     (labels, LabelMode::Own(names))
 }
@@ -384,6 +386,13 @@ mod tests {
             LabelMode::Own(vec!["espresso".into(), "holiday".into()])
         );
         assert_eq!(labels, vec![Some(0), Some(1), Some(0)]);
+        // Folder names compared as labels are: "Cats" and "cats" are one class.
+        let (labels, mode) = resolve_labels(
+            &f(&[Some("Cats"), Some("dogs"), Some("cats"), None]),
+            &imagenet,
+        );
+        assert_eq!(mode, LabelMode::Own(vec!["Cats".into(), "dogs".into()]));
+        assert_eq!(labels, vec![Some(0), Some(1), Some(0), None]);
         let (labels, mode) = resolve_labels(&f(&[Some("holiday"), None]), &imagenet);
         assert_eq!(mode, LabelMode::Unlabelled);
         assert_eq!(labels, vec![None, None]);

@@ -72,6 +72,21 @@ pub fn class_for_folder(names: &[String], classes: usize, folder: &str) -> Optio
     class.filter(|&c| c < classes)
 }
 
+/// The user's own classes that `folders` name: one per distinct name as [`name_key`] compares
+/// them ("Cats" and "cats" are one class), in that key's order, each spelt as its first
+/// folder; a name with no letter or digit names none. [`class_for_name`] finds each
+/// folder's class among them.
+pub fn folder_classes<'a>(folders: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut by_key: BTreeMap<String, String> = BTreeMap::new();
+    for folder in folders {
+        let key = name_key(folder);
+        if !key.is_empty() {
+            by_key.entry(key).or_insert_with(|| folder.to_string());
+        }
+    }
+    by_key.into_values().collect()
+}
+
 /// Lower-case letters and digits of `name` (what folder-name matching compares).
 pub fn name_key(name: &str) -> String {
     name.chars()

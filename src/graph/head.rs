@@ -79,6 +79,14 @@ impl ClassifierHead {
             };
             let node = &graph.nodes[i];
             match &node.op {
+                // An Add is a bias only right after the layer, not after a Softmax or reshape.
+                op if passes_classes(op) && bias.is_some() => {
+                    return Err(unsupported(format!(
+                        "a constant is added after `{}` ({}), not to the layer's output",
+                        node.name,
+                        op.name()
+                    )));
+                }
                 op if passes_classes(op) => {
                     if matches!(op, Op::Reshape { .. }) {
                         reshapes.push(i);
@@ -175,7 +183,7 @@ impl ClassifierHead {
         let reshapes = reshapes
             .into_iter()
             .filter(|&r| match &graph.nodes[r].op {
-                Op::Reshape { shape } => shape.contains(&(classes as i64)),
+                Op::Reshape { shape } => shape.iter().skip(1).any(|&d| d == classes as i64),
                 _ => false,
             })
             .collect();
@@ -230,9 +238,15 @@ impl ClassifierHead {
     /// `graph` ending at the features the head reads (`[N, width]` or `[N, width, 1, 1]`).
     pub fn feature_graph(&self, graph: &Graph) -> Graph {
         let mut g = graph.clone();
+        let inferred = graph
+            .input()
+            .and_then(|input| graph.shapes(&input.dims))
+            .ok()
+            .and_then(|shapes| shapes.get(&self.features).cloned());
         g.outputs = vec![ValueInfo {
             name: self.features.clone(),
-            dims: vec![Dim::Sym("batch".into()), Dim::Known(self.width)],
+            dims: inferred
+                .unwrap_or_else(|| vec![Dim::Sym("batch".into()), Dim::Known(self.width)]),
         }];
         g.metadata.clear();
         g.prune_unused();
@@ -261,6 +275,12 @@ impl ClassifierHead {
                 class_names.len(),
                 self.width,
                 weight.len()
+            )));
+        }
+        if graph.nodes.get(self.at).map(|n| &n.name) != Some(&self.node) {
+            return Err(EngineError::Config(format!(
+                "the head `{}` was found in another graph",
+                self.node
             )));
         }
         let mut g = graph.clone();
@@ -342,15 +362,22 @@ impl ClassifierHead {
         let shift = usize::from(self.adds_bias_node(graph));
         for &r in &self.reshapes {
             if let Op::Reshape { shape } = &mut g.nodes[r + shift].op {
-                for d in shape.iter_mut().filter(|d| **d == self.classes as i64) {
+                // Past the batch axis (a fixed batch may equal the class count).
+                for d in shape
+                    .iter_mut()
+                    .skip(1)
+                    .filter(|d| **d == self.classes as i64)
+                {
                     *d = classes as i64;
                 }
             }
         }
-        let output = g.outputs[0].name.clone();
+        // Every output's declared dims follow (a second output may read the logits too).
         let inferred = g.shapes(&g.input()?.dims.clone())?;
-        if let Some(dims) = inferred.get(&output) {
-            g.outputs[0].dims = dims.clone();
+        for output in &mut g.outputs {
+            if let Some(dims) = inferred.get(&output.name) {
+                output.dims = dims.clone();
+            }
         }
         g.metadata
             .retain(|(k, _)| !CLASS_NAME_KEYS.contains(&k.to_ascii_lowercase().as_str()));

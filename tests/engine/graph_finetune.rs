@@ -480,7 +480,7 @@ fn a_new_head_learns_the_users_own_classes() {
         assert!((out.data.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         assert_eq!(compresslab::distill::argmax(&out.data), truth);
     }
-    // Not every model has a head to replace: too few classes is refused with a reason.
+    // A head for fewer than two classes is refused with a reason.
     let one = block_on(fit_new_head(
         &graph,
         &lines[..2],
@@ -492,31 +492,33 @@ fn a_new_head_learns_the_users_own_classes() {
     assert!(one.is_err());
 }
 
-/// A head replaced on each synthetic topology (Gemm after Flatten, MatMul + Add + Softmax, a
-/// MatMul without a bias):
-/// the new graph computes the features times the new weights plus the new bias, declares
-/// the new class count, keeps the class names through an ONNX export, and ONNX Runtime
-/// computes the same outputs from that export.
-#[test]
-fn a_replaced_head_computes_its_weights_on_the_original_features() {
-    use compresslab::graph::{ClassifierHead, Op, export_onnx};
-    for name in [
-        "resnet",
-        "shufflenet",
-        "mobilenet",
-        "densenet",
-        "matmul-no-bias",
-    ] {
-        let file = if name == "matmul-no-bias" {
-            "shufflenet"
-        } else {
-            name
-        };
-        let mut graph =
-            import_onnx(&std::fs::read(models().join(format!("{file}.onnx"))).unwrap()).unwrap();
-        if name == "matmul-no-bias" {
+/// A test graph with a head of another form: the synthetic models as they are, or rewritten
+/// to a MatMul without a bias, a 1×1 Conv head (GlobalAveragePool → Conv → Flatten), or a
+/// Gemm without `transB` whose weight a second output reads too. Returns it and the model
+/// whose inputs it takes.
+fn head_variant(name: &str) -> (compresslab::graph::Graph, &'static str) {
+    use compresslab::graph::{Conv, Dim, Node, Op, Padding, ValueInfo};
+    let file = match name {
+        "matmul-no-bias" => "shufflenet",
+        "conv-head" => "resnet",
+        "gemm-shared" => "mobilenet",
+        "resnet" => "resnet",
+        "shufflenet" => "shufflenet",
+        "mobilenet" => "mobilenet",
+        _ => "densenet",
+    };
+    let mut graph =
+        import_onnx(&std::fs::read(models().join(format!("{file}.onnx"))).unwrap()).unwrap();
+    let gemm = |g: &compresslab::graph::Graph| {
+        g.nodes
+            .iter()
+            .position(|n| matches!(n.op, Op::Gemm { .. }))
+            .unwrap()
+    };
+    match name {
+        "matmul-no-bias" => {
             // The shuffle net's MatMul with its bias Add taken out: the new head adds one.
-            let product = |n: &compresslab::graph::Node| {
+            let product = |n: &Node| {
                 graph
                     .nodes
                     .iter()
@@ -537,6 +539,86 @@ fn a_replaced_head_computes_its_weights_on_the_original_features() {
             }
             graph.prune_unused();
         }
+        "conv-head" => {
+            // Flatten → Gemm(transB) becomes a 1×1 Conv on the pooled map, then Flatten.
+            let at = gemm(&graph);
+            let head = graph.nodes.remove(at);
+            let flatten = graph.nodes.remove(at - 1);
+            assert!(matches!(flatten.op, Op::Flatten { .. }));
+            let w = graph.constants.get_mut(&head.inputs[1]).unwrap();
+            w.dims.extend([1, 1]);
+            let conv = Node {
+                name: "head_conv".into(),
+                op: Op::Conv(Conv {
+                    kernel: [1, 1],
+                    strides: [1, 1],
+                    dilations: [1, 1],
+                    padding: Padding::Explicit([0; 4]),
+                    group: 1,
+                }),
+                inputs: vec![
+                    flatten.inputs[0].clone(),
+                    head.inputs[1].clone(),
+                    head.inputs[2].clone(),
+                ],
+                outputs: vec!["head_conv.out".into()],
+            };
+            let flat = Node {
+                name: "head_flatten".into(),
+                op: Op::Flatten { axis: 1 },
+                inputs: vec!["head_conv.out".into()],
+                outputs: head.outputs.clone(),
+            };
+            graph.nodes.extend([conv, flat]);
+        }
+        "gemm-shared" => {
+            // The Gemm's weight stored [features, classes] (no transB), and read by a second
+            // Gemm that computes a second output.
+            let at = gemm(&graph);
+            let w = graph
+                .constants
+                .get_mut(&graph.nodes[at].inputs[1].clone())
+                .unwrap();
+            let (k, f) = (w.dims[0], w.dims[1]);
+            let (dims, data) = compresslab::graph::transpose(&w.dims, &w.data, &[1, 0]);
+            (w.dims, w.data) = (dims, data);
+            if let Op::Gemm { trans_b, .. } = &mut graph.nodes[at].op {
+                *trans_b = false;
+            }
+            let mut second = graph.nodes[at].clone();
+            second.name = "second_reader".into();
+            second.outputs = vec!["second_output".into()];
+            graph.nodes.push(second);
+            graph.outputs.push(ValueInfo {
+                name: "second_output".into(),
+                dims: vec![Dim::Known(1), Dim::Known(k)],
+            });
+            assert!(f > k);
+        }
+        _ => {}
+    }
+    (graph, file)
+}
+
+/// A head replaced on each synthetic topology (Gemm after Flatten, MatMul + Add + Softmax) and
+/// on rewritten ones ([`head_variant`]: a MatMul without a bias, a 1×1 Conv, a Gemm without
+/// `transB` sharing its weight with a second output):
+/// the new graph computes the features times the new weights plus the new bias, declares
+/// the new class count, keeps the class names through an ONNX export, and ONNX Runtime
+/// computes the same outputs from that export.
+#[test]
+fn a_replaced_head_computes_its_weights_on_the_original_features() {
+    use compresslab::graph::{ClassifierHead, Op, export_onnx};
+    for name in [
+        "resnet",
+        "shufflenet",
+        "mobilenet",
+        "densenet",
+        "matmul-no-bias",
+        "conv-head",
+        "gemm-shared",
+    ] {
+        let (graph, file) = head_variant(name);
         let x = rows(&npy(&format!("{file}.input.npy"))).remove(0);
         let head = ClassifierHead::find(&graph, &x.dims).unwrap();
         let classes = 3;
@@ -584,6 +666,20 @@ fn a_replaced_head_computes_its_weights_on_the_original_features() {
                 "{name}: {ours:?} vs {expected:?}"
             );
         }
+        if name == "gemm-shared" {
+            // The other reader of the shared weight still computes what it did.
+            let before = CpuExecutor::new(&graph).unwrap().run(&x).unwrap().remove(1);
+            let after = CpuExecutor::new(&replaced)
+                .unwrap()
+                .run(&x)
+                .unwrap()
+                .remove(1);
+            assert_eq!(before, after);
+            assert_eq!(
+                replaced.outputs[1].dims.last(),
+                graph.outputs[1].dims.last()
+            );
+        }
         let export = export_onnx(&replaced, &Default::default(), &[]).unwrap();
         assert_eq!(import_onnx(&export).unwrap().class_names(), names, "{name}");
         let ort = super::graph_compress::onnx_runtime(&export, &x, &format!("{name}-new-head"));
@@ -595,4 +691,26 @@ fn a_replaced_head_computes_its_weights_on_the_original_features() {
             );
         }
     }
+    // A constant added after the Softmax is no bias of the layer: refused with the reason.
+    let (mut graph, file) = head_variant("matmul-no-bias");
+    let probabilities = graph.outputs[0].name.clone();
+    graph.constants.insert(
+        "late".into(),
+        compresslab::graph::Constant {
+            dims: vec![1],
+            data: vec![0.5],
+        },
+    );
+    graph.nodes.push(compresslab::graph::Node {
+        name: "late_add".into(),
+        op: Op::Add,
+        inputs: vec![probabilities, "late".into()],
+        outputs: vec!["late_out".into()],
+    });
+    graph.outputs[0].name = "late_out".into();
+    let x = rows(&npy(&format!("{file}.input.npy"))).remove(0);
+    let refused = ClassifierHead::find(&graph, &x.dims)
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("added after"), "{refused}");
 }

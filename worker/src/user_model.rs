@@ -16,13 +16,13 @@ use compresslab::finetune_graph::{
 };
 use compresslab::gpu_int::graph_on_integer_kernels;
 use compresslab::graph::{
-    ClassifierHead, CompressedGraph, Dim, Graph, MAX_MODEL_BYTES, channel_groups, compress_graph,
-    export_onnx, fold_batch_norms, import_onnx,
+    CompressedGraph, Dim, Graph, MAX_MODEL_BYTES, channel_groups, compress_graph, export_onnx,
+    fold_batch_norms, import_onnx,
 };
 use compresslab::labels::class_for_folder;
 use compresslab::preprocess::{InputSpec, input_tensor};
 use compresslab::sweep::GraphSweep;
-use compresslab_spec::labels::{class_for_name, name_key};
+use compresslab_spec::labels::{class_for_name, folder_classes};
 use js_sys::Uint8Array;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::Blob;
@@ -587,15 +587,7 @@ pub async fn new_head() -> WorkerResult<()> {
     let m = current()?;
     let start = now();
     let inputs = m.inputs.borrow().clone();
-    // One class per folder name (folders whose names match, as labels are matched, are one).
-    let mut by_key: BTreeMap<String, String> = BTreeMap::new();
-    for folder in inputs.iter().filter_map(|k| k.folder.as_deref()) {
-        let key = name_key(folder);
-        if !key.is_empty() {
-            by_key.entry(key).or_insert_with(|| folder.to_string());
-        }
-    }
-    let names: Vec<String> = by_key.into_values().collect();
+    let names = folder_classes(inputs.iter().filter_map(|k| k.folder.as_deref()));
     let keys: Vec<Option<usize>> = inputs
         .iter()
         .map(|k| class_for_name(&names, k.folder.as_deref()?))
@@ -643,7 +635,6 @@ pub async fn new_head() -> WorkerResult<()> {
         crate::cancel::check()
     })
     .await?;
-    let head = ClassifierHead::find(&m.graph, &train[0].dims)?;
     let original = Runner::new(&fitted.graph)?;
     let mut held_out_right = 0;
     for (input, class) in &held_out {
@@ -652,7 +643,7 @@ pub async fn new_head() -> WorkerResult<()> {
     }
     let (info, _) = describe(&m.name, m.file_bytes, &fitted.graph)?;
     let report = NewHeadReport {
-        layer: head.node,
+        layer: fitted.layer.clone(),
         classes: names.clone(),
         training: train.len(),
         training_right: fitted.training_right,
