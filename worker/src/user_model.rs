@@ -627,10 +627,10 @@ pub async fn new_head() -> WorkerResult<()> {
         }
     }
     crate::cancel::checkpoint().await?;
-    let device = match webgpu() {
-        Some((device, _)) => device.autodiff(),
-        None => Device::flex().autodiff(),
-    };
+    // On the CPU even when the page runs on WebGPU: the features come from the CPU
+    // interpreter, and 300 small full-batch steps cost more in GPU dispatches than in
+    // arithmetic (67.7 s for 4 text lines on SwiftShader).
+    let device = Device::flex().autodiff();
     let fitted = fit_new_head(&m.graph, &train, &labels, &names, &device, &mut |_, _| {
         crate::cancel::check()
     })
