@@ -65,7 +65,7 @@ pub async fn checkpoint() -> Result<(), EngineError> {
     if by_message && AT_START.with(Cell::get).is_some() {
         let now = crate::worker::now();
         if now - LAST_YIELD.with(Cell::get) >= YIELD_EVERY_MS {
-            crate::worker::sleep_ms(0).await;
+            crate::worker::yield_now().await;
             LAST_YIELD.with(|t| t.set(crate::worker::now()));
         }
     }

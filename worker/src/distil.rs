@@ -509,7 +509,7 @@ pub(crate) async fn drive(
             }));
         }
         // Lets pause / cancel messages in between steps.
-        crate::worker::sleep_ms(0).await;
+        crate::worker::yield_now().await;
     }
     Ok(Some(Trained {
         seconds: (now() - start) / 1000.0,

@@ -85,19 +85,18 @@ pub(crate) async fn assets(asset_base: &str) -> WorkerResult<Rc<FashionAssets>> 
     Ok(a)
 }
 
-/// The test set's accuracy, predictions and wall time per image with `net` (serialized as
-/// `serialized` for the pool's helpers), reporting progress in `[from, to]`; and how many
-/// workers shared it.
+/// The test set's accuracy, predictions and wall time per image with `net` (with the pool's
+/// helpers of `loading`), reporting progress in `[from, to]`; and how many workers shared it.
 async fn run_test_set(
     net: &CpuFashionNet,
-    serialized: (ModelFormat, &[u8]),
+    loading: pool::Loading,
     test: &FashionSet,
     what: &str,
     (from, to): (f32, f32),
 ) -> WorkerResult<TestSetRun> {
     let total = test.len();
     let mut last_shown = 0.0;
-    let run = pool::fashion_predictions(net, serialized, &test.images, &mut |done| {
+    let run = pool::fashion_predictions(net, loading, &test.images, &mut |done| {
         // Progress in steps of about 5 % (the fraction counts every worker's chunks).
         if done - last_shown >= 0.05 || done >= 1.0 {
             last_shown = done;
@@ -131,15 +130,9 @@ pub(crate) async fn original(a: &FashionAssets) -> WorkerResult<Rc<Original>> {
     if let Some(o) = ORIGINAL.with(|o| o.borrow().clone()) {
         return Ok(o);
     }
+    let loading = pool::load_network((ModelFormat::Weights, &a.weights_bytes)).await;
     let net = CpuFashionNet::from_store(&a.store)?;
-    let run = run_test_set(
-        &net,
-        (ModelFormat::Weights, &a.weights_bytes),
-        &a.test,
-        "the original",
-        (0.05, 0.4),
-    )
-    .await?;
+    let run = run_test_set(&net, loading, &a.test, "the original", (0.05, 0.4)).await?;
     let o = Rc::new(Original {
         side: FashionSide {
             stats: CompressedModel::original(&a.store)?.stats()?,
@@ -187,11 +180,11 @@ pub(crate) async fn evaluate_variant(
     source: String,
     build_ms: f64,
 ) -> WorkerResult<FashionReport> {
+    let loading = pool::load_network((ModelFormat::Compressed, &model.to_safetensors()?)).await;
     let net = CpuFashionNet::from_compressed(model, true)?;
-    let serialized = model.to_safetensors()?;
     let run = run_test_set(
         &net,
-        (ModelFormat::Compressed, &serialized),
+        loading,
         &a.test,
         "the compressed network",
         (0.5, 0.98),

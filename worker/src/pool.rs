@@ -8,7 +8,6 @@
 //! never a result.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::rc::Rc;
 
 use compresslab::compress::CompressedModel;
@@ -23,7 +22,7 @@ use wasm_bindgen_futures::JsFuture;
 use web_sys::{MessageEvent, Worker, WorkerOptions, WorkerType};
 
 use crate::error::{WorkerError, WorkerResult};
-use crate::worker::scope;
+use crate::worker::{Resolvers, scope};
 
 /// The name a helper is started under (how it knows it is one).
 pub const HELPER_NAME: &str = "compresslab-helper";
@@ -64,9 +63,9 @@ enum HelperReply {
 
 struct Helper {
     worker: Worker,
-    /// Resolvers of the jobs posted and not answered yet, oldest first (a helper answers
-    /// its messages in order).
-    waiting: Rc<RefCell<VecDeque<Function>>>,
+    /// Resolvers of the jobs posted and not answered yet (a helper answers its messages in
+    /// order).
+    waiting: Resolvers,
     alive: Rc<Cell<bool>>,
     /// Whether it computed a chunk of the current job.
     used: Cell<bool>,
@@ -81,7 +80,7 @@ impl Helper {
         options.set_name(HELPER_NAME);
         let worker = Worker::new_with_options("./worker_loader.js", &options)
             .map_err(|e| WorkerError::js("start a helper worker", e))?;
-        let waiting: Rc<RefCell<VecDeque<Function>>> = Rc::new(RefCell::new(VecDeque::new()));
+        let waiting = Resolvers::default();
         let alive = Rc::new(Cell::new(true));
         let on_message = {
             let waiting = waiting.clone();
@@ -237,9 +236,10 @@ async fn helpers() -> Vec<Rc<Helper>> {
     })
 }
 
-/// Images per chunk of work: small enough that the workers finish together (the last
-/// chunk is the imbalance), large enough that messages cost little (2 batches, ~0.25 s).
-const CHUNK: usize = 2 * EVAL_BATCH;
+/// Images per chunk of work: one evaluation batch (~0.1 s here), so the workers finish
+/// within a batch of each other; a chunk's messages (its pixels there, its classes back)
+/// cost well under a millisecond.
+const CHUNK: usize = EVAL_BATCH;
 
 /// The work of one batch job: chunks not yet taken, and each chunk's result.
 struct Chunks {
@@ -265,13 +265,37 @@ impl Chunks {
     }
 }
 
-/// The predicted class of each raw Fashion-MNIST image in `pixels` by `net` (serialized as
-/// `serialized` for the helpers), with the pool's helpers taking chunks as they finish
-/// their last (this worker computes too, yielding between chunks so the helpers' replies
-/// are read). `progress` gets the fraction done.
+/// The pool's helpers, each loading the network posted to it.
+pub struct Loading {
+    helpers: Vec<(Rc<Helper>, Promise)>,
+}
+
+/// Posts the network `serialized` to the pool's helpers (starting them if they are not
+/// yet) and returns without waiting for them to build it: they build theirs while this
+/// worker builds its own.
+pub async fn load_network(serialized: (ModelFormat, &[u8])) -> Loading {
+    let (format, bytes) = serialized;
+    let helpers = helpers()
+        .await
+        .into_iter()
+        .filter_map(|helper| {
+            helper.used.set(false);
+            let loaded = helper
+                .post(&HelperJob::FashionLoad { format }, &[bytes])
+                .ok()?;
+            Some((helper, loaded))
+        })
+        .collect();
+    Loading { helpers }
+}
+
+/// The predicted class of each raw Fashion-MNIST image in `pixels` by `net`, with the
+/// helpers of `loading` (given the same network) taking chunks as they finish their last
+/// (this worker computes too, yielding between chunks so the helpers' replies are read).
+/// `progress` gets the fraction done.
 pub async fn fashion_predictions(
     net: &CpuFashionNet,
-    serialized: (ModelFormat, &[u8]),
+    loading: Loading,
     pixels: &[u8],
     progress: &mut dyn FnMut(f32),
 ) -> WorkerResult<PoolRun> {
@@ -289,17 +313,12 @@ pub async fn fashion_predictions(
         helpers_used: 0,
     }));
     let pixels: Rc<[u8]> = Rc::from(pixels);
-    let helpers = helpers().await;
-    // The clock starts once the helpers are up: starting them is a one-time cost of the
-    // page, not of this evaluation.
+    // The clock starts once this worker has its network, as with no helpers: starting
+    // them is a one-time cost of the page, and the time a helper still needs to build its
+    // network after this worker built its own is counted.
     let start = crate::worker::now();
-    let (format, bytes) = serialized;
     let running = Rc::new(Cell::new(0u32));
-    for helper in helpers {
-        helper.used.set(false);
-        let Ok(loaded) = helper.post(&HelperJob::FashionLoad { format }, &[bytes]) else {
-            continue;
-        };
+    for (helper, loaded) in loading.helpers {
         running.set(running.get() + 1);
         let (chunks, pixels, running) = (chunks.clone(), pixels.clone(), running.clone());
         wasm_bindgen_futures::spawn_local(async move {
@@ -341,7 +360,7 @@ pub async fn fashion_predictions(
                 all.returned.clear();
             }
             while running.get() > 0 {
-                crate::worker::sleep_ms(0).await;
+                crate::worker::sleep_ms(1).await;
             }
             return Err(cancelled.into());
         }
@@ -350,16 +369,19 @@ pub async fn fashion_predictions(
             Some(c) => {
                 let range = chunks.borrow().ranges[c].clone();
                 let classes = predict_range(net, &pixels, range.clone())?;
-                let mut all = chunks.borrow_mut();
-                all.results[c] = Some(classes);
-                all.done_images += range.len();
-                progress(all.done_images as f32 / count.max(1) as f32);
+                {
+                    let mut all = chunks.borrow_mut();
+                    all.results[c] = Some(classes);
+                    all.done_images += range.len();
+                    progress(all.done_images as f32 / count.max(1) as f32);
+                }
+                // Let the helpers' replies in (they are tasks of this worker's event loop).
+                crate::worker::yield_now().await;
             }
             None if running.get() == 0 => break,
-            None => {}
+            // Only helpers are computing: wait for their replies without spinning.
+            None => crate::worker::sleep_ms(1).await,
         }
-        // Let the helpers' replies in (they are tasks of this worker's event loop).
-        crate::worker::sleep_ms(0).await;
     }
     let workers = 1 + chunks.borrow().helpers_used;
     let results = std::mem::take(&mut chunks.borrow_mut().results);

@@ -29,8 +29,8 @@ use web_sys::Blob;
 
 use crate::error::{WorkerError, WorkerResult};
 use crate::lab::percentile;
-use crate::worker::sleep_ms;
 use crate::worker::{decode_blob, now, post, webgpu, webgpu_features};
+use crate::worker::{sleep_ms, yield_now};
 use compresslab_spec::messages::{
     FromWorker, LabelledAccuracy, NewHeadReport, UserClassification, UserCompressReport, UserLayer,
     UserModelInfo, UserSide,
@@ -758,7 +758,7 @@ pub async fn fine_tune(
     let before = tuner.training_loss().await?;
     while !tuner.is_done() {
         // Lets a stop message in between steps.
-        sleep_ms(0).await;
+        yield_now().await;
         if STOP_TUNING.replace(false) {
             return Err(WorkerError::Message(format!(
                 "fine-tuning stopped after {} of {} steps; the compressed variant is unchanged",
