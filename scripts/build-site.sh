@@ -13,7 +13,10 @@ WASM=$CARGO_TARGET_DIR/wasm32-unknown-unknown/site
 # A module linked as a "command" runs every static constructor (cubecl registers ~4 900) at
 # the start of each export, so each call from JS into the worker cost ~0.15 ms; main() runs
 # them once instead (worker/src/main.rs) and the linker then wraps no export.
-if grep -q -a "command_export" "$WASM/worker.wasm"; then
+if ! grep -q -a "__wasm_call_ctors" "$WASM/worker.wasm"; then
+  echo "worker.wasm has no name section: cannot check how it was linked" >&2
+  exit 1
+elif grep -q -a "command_export" "$WASM/worker.wasm"; then
   echo "worker.wasm was linked as a command (exports rerun the constructors): main must call __wasm_call_ctors" >&2
   exit 1
 fi

@@ -237,8 +237,8 @@ async fn helpers() -> Vec<Rc<Helper>> {
 }
 
 /// Images per chunk of work: one evaluation batch (~0.1 s here), so the workers finish
-/// within a batch of each other; a chunk's messages (its pixels there, its classes back)
-/// cost well under a millisecond.
+/// within two batches of each other (a helper holds up to two chunks); a chunk's messages
+/// (its pixels there, its classes back) cost well under a millisecond.
 const CHUNK: usize = EVAL_BATCH;
 
 /// The work of one batch job: chunks not yet taken, and each chunk's result.
@@ -352,23 +352,20 @@ pub async fn fashion_predictions(
     // Our share: chunk by chunk until none is left, then whatever a helper gave back.
     loop {
         if let Err(cancelled) = crate::cancel::check() {
-            // No new chunks for anyone; the helpers' chunks in flight finish first, so the
-            // pool is idle for the next job.
-            {
-                let mut all = chunks.borrow_mut();
-                all.next = all.ranges.len();
-                all.returned.clear();
-            }
-            while running.get() > 0 {
-                crate::worker::sleep_ms(1).await;
-            }
+            stop_helpers(&chunks, &running).await;
             return Err(cancelled.into());
         }
         let next = chunks.borrow_mut().take();
         match next {
             Some(c) => {
                 let range = chunks.borrow().ranges[c].clone();
-                let classes = predict_range(net, &pixels, range.clone())?;
+                let classes = match predict_range(net, &pixels, range.clone()) {
+                    Ok(classes) => classes,
+                    Err(e) => {
+                        stop_helpers(&chunks, &running).await;
+                        return Err(e);
+                    }
+                };
                 {
                     let mut all = chunks.borrow_mut();
                     all.results[c] = Some(classes);
@@ -383,6 +380,8 @@ pub async fn fashion_predictions(
             None => crate::worker::sleep_ms(1).await,
         }
     }
+    // The helpers' last chunks count too.
+    progress(chunks.borrow().done_images as f32 / count.max(1) as f32);
     let workers = 1 + chunks.borrow().helpers_used;
     let results = std::mem::take(&mut chunks.borrow_mut().results);
     let mut classes = Vec::with_capacity(count);
@@ -401,8 +400,21 @@ pub struct PoolRun {
     pub classes: Vec<usize>,
     /// How many workers computed it (this one included).
     pub workers: u32,
-    /// Wall time from handing out the first chunk to the last result.
+    /// Wall time from this worker having its network to the last result.
     pub ms: f64,
+}
+
+/// Ends a batch job early: no new chunks for anyone, and the helpers' chunks in flight
+/// finish first, so the pool is idle for the next job.
+async fn stop_helpers(chunks: &RefCell<Chunks>, running: &Cell<u32>) {
+    {
+        let mut all = chunks.borrow_mut();
+        all.next = all.ranges.len();
+        all.returned.clear();
+    }
+    while running.get() > 0 {
+        crate::worker::sleep_ms(1).await;
+    }
 }
 
 /// Hands `helper` chunks until none is left; a failed chunk goes back to the queue and the
