@@ -11,7 +11,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${COMPRESSLAB_CACHE:-$HOME/.cache/co
 cargo build --profile site --target wasm32-unknown-unknown -p compresslab-web -p compresslab-worker --bins
 WASM=$CARGO_TARGET_DIR/wasm32-unknown-unknown/site
 # A module linked as a "command" runs every static constructor (cubecl registers ~4 900) at
-# the start of each export, so each call from JS into the worker cost ~0.15 ms; main() runs
+# the start of each export, so each call from JS into the worker cost 0.15–0.3 ms; main() runs
 # them once instead (worker/src/main.rs) and the linker then wraps no export.
 if ! grep -q -a "__wasm_call_ctors" "$WASM/worker.wasm"; then
   echo "worker.wasm has no name section: cannot check how it was linked" >&2
